@@ -1,0 +1,1112 @@
+// mot.h — Mixture-of-Transformers: the model definition shared by the CPU and GPU paths,
+// the plain C++ CPU reference (forward, backward, AdamW) and the file formats.
+//
+// Read this file top to bottom. The math is ../shared/MOT_SPEC.md; in short: every weight
+// (Q/K/V/O, QK-norm gains, FFN, norm gains) has one copy per modality ("tower"), attention is
+// global over the whole interleaved sequence, and the embedding and output head are shared.
+// The dense baseline is this same code with one tower.
+//
+// Layout of the file:
+//   1. vocabulary and config          5. the CPU reference: layers, forward and backward side by side
+//   2. parameter table                6. AdamW and the learning-rate schedule
+//   3. batches and modality grouping  7. files: token shards and loader, checkpoint, debug state
+//   4. matmul (the one fast routine)
+//
+// Everything is a template on the scalar type S: float for training, double for gradient checks.
+// The header is self-contained (no implementation define needed): all functions are inline.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+#include <glob.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else
+inline int omp_in_parallel() { return 0; }
+inline int omp_get_max_threads() { return 1; }
+#endif
+
+// ============================================================================================
+// 1. Vocabulary and config
+// ============================================================================================
+// One vocabulary of V ids in contiguous ranges: special tokens, text (BPE), image codes, speech
+// units. Special tokens count as text. modality(id) is a pure function of the id.
+enum MotSpecial { MOT_PAD = 0, MOT_BOS = 1, MOT_EOS = 2, MOT_BOI = 3, MOT_EOI = 4, MOT_BOA = 5, MOT_EOA = 6,
+                  MOT_N_SPECIAL = 8 };
+enum MotModality { MOD_TEXT = 0, MOD_IMAGE = 1, MOD_SPEECH = 2, MOT_N_MOD = 3 };
+static const char* const MOT_MOD_NAME[MOT_N_MOD] = {"text", "image", "speech"};
+static const int32_t MOT_IGNORE = -1;  // a target that contributes nothing to the loss
+
+struct MotVocab {
+    int32_t vocab = 0;         // V: ids are [0, V)
+    int32_t image_begin = 0;   // text (with the specials) is [0, image_begin)
+    int32_t speech_begin = 0;  // image is [image_begin, speech_begin), speech is [speech_begin, V)
+};
+
+struct MotConfig {
+    int32_t n_layer = 4, d_model = 256, n_head = 8, d_ff = 768;
+    int32_t vocab = 4096, image_begin = 2048, speech_begin = 3072;
+    int32_t max_seq = 256;
+    int32_t n_tower = 3;                           // 3 = MoT (one tower per modality), 1 = dense
+    int32_t tie_attn = 0, tie_ffn = 0, tie_norm = 0;  // 1 = that component has one shared copy
+};
+enum { MOT_CONFIG_INTS = 12 };
+static const char* const MOT_CONFIG_NAMES[MOT_CONFIG_INTS] = {
+    "n_layer", "d_model", "n_head", "d_ff", "vocab", "image_begin", "speech_begin",
+    "max_seq", "n_tower", "tie_attn", "tie_ffn", "tie_norm"};
+inline void mot_config_to_ints(const MotConfig& c, int32_t o[MOT_CONFIG_INTS]) {
+    int32_t v[MOT_CONFIG_INTS] = {c.n_layer, c.d_model, c.n_head, c.d_ff, c.vocab, c.image_begin,
+                                  c.speech_begin, c.max_seq, c.n_tower, c.tie_attn, c.tie_ffn, c.tie_norm};
+    memcpy(o, v, sizeof v);
+}
+inline MotConfig mot_config_from_ints(const int32_t v[MOT_CONFIG_INTS]) {
+    MotConfig c;
+    c.n_layer = v[0]; c.d_model = v[1]; c.n_head = v[2]; c.d_ff = v[3]; c.vocab = v[4];
+    c.image_begin = v[5]; c.speech_begin = v[6]; c.max_seq = v[7]; c.n_tower = v[8];
+    c.tie_attn = v[9]; c.tie_ffn = v[10]; c.tie_norm = v[11];
+    return c;
+}
+inline MotVocab mot_vocab(const MotConfig& c) { return MotVocab{c.vocab, c.image_begin, c.speech_begin}; }
+
+inline int mot_modality(const MotConfig& c, int id) {
+    return id < c.image_begin ? MOD_TEXT : id < c.speech_begin ? MOD_IMAGE : MOD_SPEECH;
+}
+
+// Returns "" when the config is usable, else what is wrong with it.
+inline std::string mot_config_error(const MotConfig& c) {
+    char b[200];
+    if (c.n_layer < 1 || c.d_model < 2 || c.n_head < 1 || c.d_ff < 1 || c.max_seq < 1)
+        return "sizes must be positive";
+    if (c.d_model % c.n_head) { snprintf(b, sizeof b, "d_model %d is not a multiple of n_head %d", c.d_model, c.n_head); return b; }
+    if ((c.d_model / c.n_head) % 2) return "head dimension d_model/n_head must be even (RoPE rotates pairs)";
+    if (c.n_tower != 1 && c.n_tower != MOT_N_MOD) return "n_tower must be 1 (dense) or 3 (MoT)";
+    if (!(MOT_N_SPECIAL <= c.image_begin && c.image_begin <= c.speech_begin && c.speech_begin <= c.vocab))
+        return "vocabulary ranges must satisfy 8 <= image_begin <= speech_begin <= vocab";
+    if (c.vocab > 65536) return "vocab must be at most 65536 (shards store uint16 ids)";
+    for (int t : {c.tie_attn, c.tie_ffn, c.tie_norm})
+        if (t != 0 && t != 1) return "tie switches must be 0 or 1";
+    return "";
+}
+
+// ============================================================================================
+// 2. Parameter table: every tensor, its shape, its number of tower copies, decayed or not.
+// All parameters live in one allocation, in this order; tensor p of layer l, copy c starts at
+// offset + (l * copies + c) * rows * cols. Gradients and Adam moments use the same layout.
+// ============================================================================================
+enum MotParam { P_EMB, P_WQ, P_WK, P_WV, P_WO, P_GQ, P_GK, P_GATTN, P_W1, P_W3, P_W2, P_GFFN, P_GOUT, P_HEAD,
+                P_COUNT };
+enum MotPart { PART_SHARED, PART_ATTN, PART_FFN, PART_NORM };  // which tying switch governs it
+
+struct MotParamInfo {
+    const char* name;
+    int part;                  // MotPart
+    int layers, copies, rows, cols;
+    bool decay;                // AdamW weight decay: matrices and embedding yes, gains no
+    size_t offset;             // in elements, from the start of the allocation
+    size_t each() const { return (size_t)rows * cols; }
+    size_t size() const { return (size_t)layers * copies * rows * cols; }
+    size_t at(int layer, int copy) const { return offset + ((size_t)layer * copies + copy) * each(); }
+};
+struct MotParamTable {
+    MotParamInfo p[P_COUNT];
+    size_t total;
+};
+
+inline MotParamTable mot_param_table(const MotConfig& c) {
+    const int D = c.d_model, Dh = c.d_model / c.n_head, F = c.d_ff, V = c.vocab, L = c.n_layer, K = c.n_tower;
+    const int ka = c.tie_attn ? 1 : K, kf = c.tie_ffn ? 1 : K, kn = c.tie_norm ? 1 : K;
+    MotParamTable t{{
+        {"emb",    PART_SHARED, 1, 1,  V, D,  true,  0},
+        {"wq",     PART_ATTN,   L, ka, D, D,  true,  0},
+        {"wk",     PART_ATTN,   L, ka, D, D,  true,  0},
+        {"wv",     PART_ATTN,   L, ka, D, D,  true,  0},
+        {"wo",     PART_ATTN,   L, ka, D, D,  true,  0},
+        {"gq",     PART_ATTN,   L, ka, 1, Dh, false, 0},
+        {"gk",     PART_ATTN,   L, ka, 1, Dh, false, 0},
+        {"g_attn", PART_NORM,   L, kn, 1, D,  false, 0},
+        {"w1",     PART_FFN,    L, kf, D, F,  true,  0},
+        {"w3",     PART_FFN,    L, kf, D, F,  true,  0},
+        {"w2",     PART_FFN,    L, kf, F, D,  true,  0},
+        {"g_ffn",  PART_NORM,   L, kn, 1, D,  false, 0},
+        {"g_out",  PART_NORM,   1, kn, 1, D,  false, 0},
+        {"head",   PART_SHARED, 1, 1,  D, V,  true,  0},
+    }, 0};
+    for (int i = 0; i < P_COUNT; i++) { t.p[i].offset = t.total; t.total += t.p[i].size(); }
+    return t;
+}
+
+// Deterministic random numbers (splitmix64): the same stream on every machine and compiler.
+inline uint64_t mot_rand_u64(uint64_t* s) {
+    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+inline double mot_rand_uniform(uint64_t* s) { return (mot_rand_u64(s) >> 11) * (1.0 / 9007199254740992.0); }
+inline double mot_rand_normal(uint64_t* s) {  // Box-Muller; one draw per call keeps the stream simple
+    double u1 = mot_rand_uniform(s), u2 = mot_rand_uniform(s);
+    return sqrt(-2.0 * log(u1 + 1e-300)) * cos(6.283185307179586 * u2);
+}
+
+// ============================================================================================
+// 3. Batches and grouping by modality
+// ============================================================================================
+// A batch is B rows of T tokens with their next-token targets, in original order (index b*T+t).
+// All model activations are kept in GROUPED order: rows sorted by modality (stable), so each
+// tower's rows are one contiguous range and every per-tower projection is one plain matmul.
+// The grouping is an index list computed once per batch, on the host, before the step starts.
+struct MotBatch {
+    int B = 0, T = 0;
+    std::vector<int32_t> tokens, targets;  // [B*T], original order; target MOT_IGNORE = no loss
+    std::vector<int32_t> order;            // grouped row r -> original index b*T+t
+    std::vector<int32_t> row_of;           // original index -> grouped row
+    int32_t group[MOT_N_MOD + 1] = {0, 0, 0, 0};  // rows [group[m], group[m+1]) have modality m
+};
+
+inline void mot_group(const MotConfig& c, MotBatch* b) {
+    const int N = b->B * b->T;
+    b->order.resize(N);
+    b->row_of.resize(N);
+    int count[MOT_N_MOD] = {0, 0, 0};
+    for (int i = 0; i < N; i++) count[mot_modality(c, b->tokens[i])]++;
+    b->group[0] = 0;
+    for (int m = 0; m < MOT_N_MOD; m++) b->group[m + 1] = b->group[m] + count[m];
+    int next[MOT_N_MOD] = {b->group[0], b->group[1], b->group[2]};
+    for (int i = 0; i < N; i++) {
+        int r = next[mot_modality(c, b->tokens[i])]++;
+        b->order[r] = i;
+        b->row_of[i] = r;
+    }
+}
+
+// Calls fn(copy, r0, r1) for each contiguous row range that uses one copy of a component:
+// one call over all rows when the component is tied (or dense), else one per present modality.
+template <class Fn>
+inline void mot_for_each_copy(int copies, const int32_t* group, Fn fn) {
+    if (copies == 1) {
+        if (group[MOT_N_MOD] > 0) fn(0, 0, group[MOT_N_MOD]);
+        return;
+    }
+    for (int m = 0; m < MOT_N_MOD; m++)
+        if (group[m + 1] > group[m]) fn(m, group[m], group[m + 1]);
+}
+
+// ============================================================================================
+// 4. matmul: the one routine where the CPU speed lives
+// ============================================================================================
+// C[M x N] = (accumulate ? C : 0) + op(A) * op(B), row-major with leading dimensions.
+// op(A) is M x K: A[i*lda + k] when !transA, A[k*lda + i] when transA.
+// op(B) is K x N: B[k*ldb + j] when !transB, B[j*ldb + k] when transB.
+template <typename T>
+void matmul(T* C, int ldc, const T* A, int lda, bool transA, const T* B, int ldb, bool transB, int M, int N,
+            int K, bool accumulate) {
+    // Simple, correct version; the tuned BLIS-style version replaces it.
+#pragma omp parallel for schedule(static) if (!omp_in_parallel() && (size_t)M * N * K > 32768)
+    for (int i = 0; i < M; i++) {
+        T* c = C + (size_t)i * ldc;
+        if (!accumulate) for (int j = 0; j < N; j++) c[j] = 0;
+        for (int k = 0; k < K; k++) {
+            T a = transA ? A[(size_t)k * lda + i] : A[(size_t)i * lda + k];
+            if (!transB) {
+                const T* b = B + (size_t)k * ldb;
+                for (int j = 0; j < N; j++) c[j] += a * b[j];
+            } else {
+                for (int j = 0; j < N; j++) c[j] += a * B[(size_t)j * ldb + k];
+            }
+        }
+    }
+}
+
+// ============================================================================================
+// 5. The CPU reference
+// ============================================================================================
+// Activations for one batch (B x T, N = B*T rows in grouped order), carved out of one allocation.
+// Per-layer arrays are [L][...]. The CPU keeps the full attention matrix for the backward pass;
+// the GPU path recomputes it instead.
+template <typename S>
+struct MotActs {
+    S *x;               // (L+1) x N x D   residual stream: x[0] = embedding, x[l+1] = output of layer l
+    S *q, *k, *v;       // L x N x D       raw projections x Wq, x Wk, x Wv
+    S *q_rstd, *k_rstd; // L x N x H       1/rms of each head of q and k (QK-norm)
+    S *qr, *kr;         // L x N x D       q, k after QK-norm and RoPE
+    S *att;             // L x B x H x T x T  softmax probabilities (row t, column j <= t)
+    S *o;               // L x N x D       attention output, heads concatenated
+    S *a, *a_rstd;      // L x N x D, L x N   o Wo, and 1/rms(a)
+    S *h;               // L x N x D       x + rmsnorm(a) * g_attn
+    S *u1, *u3, *u;     // L x N x F       h W1, h W3, silu(u1) * u3
+    S *y2, *y2_rstd;    // L x N x D, L x N   u W2, and 1/rms(y2)
+    S *z, *z_rstd;      // N x D, N        final norm output
+    S *logits;          // N x V           grouped order
+    S *dlogits;         // N x V           gradient of the loss wrt the logits
+};
+
+template <typename S>
+struct MotModel {
+    MotConfig cfg;
+    MotParamTable tab;
+    std::vector<S> params, grads, adam_m, adam_v;  // one allocation each, table order
+    int B = 0, T = 0;                              // the batch shape the activations are sized for
+    std::vector<S> act_mem, scratch_mem;
+    MotActs<S> act{};
+    std::vector<S> rope_cos, rope_sin;  // max_seq x Dh/2
+    // results of the last forward
+    double loss = 0, loss_mod[MOT_N_MOD] = {0, 0, 0};
+    int n_valid = 0, n_mod[MOT_N_MOD] = {0, 0, 0};
+
+    S* param(int p, int layer = 0, int copy = 0) { return params.data() + tab.p[p].at(layer, copy); }
+    S* grad(int p, int layer = 0, int copy = 0) { return grads.data() + tab.p[p].at(layer, copy); }
+};
+
+// Builds a model with freshly initialised parameters: matrices and embedding N(0, 0.02), gains 1.
+// The draws are made in double from one seeded stream, so float and double models start equal.
+template <typename S>
+void mot_init(MotModel<S>* m, const MotConfig& c, uint64_t seed) {
+    m->cfg = c;
+    m->tab = mot_param_table(c);
+    m->params.assign(m->tab.total, S(0));
+    m->grads.assign(m->tab.total, S(0));
+    m->adam_m.assign(m->tab.total, S(0));
+    m->adam_v.assign(m->tab.total, S(0));
+    uint64_t rng = seed;
+    for (int p = 0; p < P_COUNT; p++) {
+        const MotParamInfo& info = m->tab.p[p];
+        S* w = m->params.data() + info.offset;
+        for (size_t i = 0; i < info.size(); i++) w[i] = info.decay ? S(0.02 * mot_rand_normal(&rng)) : S(1);
+    }
+    const int half = c.d_model / c.n_head / 2;
+    m->rope_cos.resize((size_t)c.max_seq * half);
+    m->rope_sin.resize((size_t)c.max_seq * half);
+    for (int pos = 0; pos < c.max_seq; pos++)
+        for (int j = 0; j < half; j++) {
+            double ang = pos * pow(10000.0, -2.0 * j / (2 * half));
+            m->rope_cos[(size_t)pos * half + j] = S(cos(ang));
+            m->rope_sin[(size_t)pos * half + j] = S(sin(ang));
+        }
+    m->B = m->T = 0;
+}
+
+// Sizes the activation memory for a B x T batch (only reallocates when the shape changes).
+template <typename S>
+void mot_alloc_acts(MotModel<S>* m, int B, int T) {
+    if (m->B == B && m->T == T) return;
+    const MotConfig& c = m->cfg;
+    const size_t L = c.n_layer, D = c.d_model, H = c.n_head, F = c.d_ff, V = c.vocab, N = (size_t)B * T;
+    const size_t sizes[] = {(L + 1) * N * D, L * N * D, L * N * D, L * N * D, L * N * H, L * N * H, L * N * D,
+                            L * N * D, L * B * H * T * T, L * N * D, L * N * D, L * N, L * N * D, L * N * F,
+                            L * N * F, L * N * F, L * N * D, L * N, N * D, N, N * V, N * V};
+    S** ptrs[] = {&m->act.x, &m->act.q, &m->act.k, &m->act.v, &m->act.q_rstd, &m->act.k_rstd, &m->act.qr,
+                  &m->act.kr, &m->act.att, &m->act.o, &m->act.a, &m->act.a_rstd, &m->act.h, &m->act.u1,
+                  &m->act.u3, &m->act.u, &m->act.y2, &m->act.y2_rstd, &m->act.z, &m->act.z_rstd,
+                  &m->act.logits, &m->act.dlogits};
+    size_t total = 0;
+    for (size_t s : sizes) total += s;
+    m->act_mem.assign(total, S(0));
+    S* p = m->act_mem.data();
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) { *ptrs[i] = p; p += sizes[i]; }
+    // backward scratch: dx, dh, dt, dq, dk, dv, dO (N x D each) and du1, du3, du (N x F each)
+    m->scratch_mem.assign(7 * N * D + 3 * N * F, S(0));
+    m->B = B;
+    m->T = T;
+}
+
+// ---- linear layer with per-tower weights ---------------------------------------------------
+// y[rows] = x[rows] W[copy]: one matmul per contiguous row range (section 3).
+template <typename S>
+void linear_forward(S* y, const S* x, const S* W, const MotParamInfo& info, int layer, const int32_t* group) {
+    const int in = info.rows, out = info.cols;
+    const S* Wl = W + ((size_t)layer * info.copies) * info.each();
+    mot_for_each_copy(info.copies, group, [&](int c, int r0, int r1) {
+        matmul(y + (size_t)r0 * out, out, x + (size_t)r0 * in, in, false, Wl + c * info.each(), out, false,
+               r1 - r0, out, in, false);
+    });
+}
+// dx[rows] (+)= dy[rows] W[copy]^T,  dW[copy] += x[rows]^T dy[rows]
+template <typename S>
+void linear_backward(S* dx, bool dx_accumulate, S* dW, const S* dy, const S* x, const S* W,
+                     const MotParamInfo& info, int layer, const int32_t* group) {
+    const int in = info.rows, out = info.cols;
+    const size_t base = ((size_t)layer * info.copies) * info.each();
+    mot_for_each_copy(info.copies, group, [&](int c, int r0, int r1) {
+        const size_t w = base + c * info.each();
+        matmul(dx + (size_t)r0 * in, in, dy + (size_t)r0 * out, out, false, W + w, out, true, r1 - r0, in, out,
+               dx_accumulate);
+        matmul(dW + w, out, x + (size_t)r0 * in, in, true, dy + (size_t)r0 * out, out, false, in, out, r1 - r0,
+               true);
+    });
+}
+
+// ---- RMSNorm with per-tower gains ------------------------------------------------------------
+// y = x / sqrt(mean(x^2) + eps) * g[copy]. Rows are vectors of length C; `per_pos` rows share one
+// position (QK-norm normalises each of the H heads of a position separately), so the copy of row
+// i is the tower of position i / per_pos.
+static const double MOT_NORM_EPS = 1e-5;
+
+inline int mot_copy_of_row(int copies, const int32_t* group, int pos) {
+    if (copies == 1) return 0;
+    return pos < group[1] ? 0 : pos < group[2] ? 1 : 2;
+}
+
+template <typename S>
+void rmsnorm_forward(S* y, S* rstd, const S* x, const S* g, int copies, const int32_t* group, int rows, int C,
+                     int per_pos) {
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < rows; i++) {
+        const S* xi = x + (size_t)i * C;
+        const S* gi = g + (size_t)mot_copy_of_row(copies, group, i / per_pos) * C;
+        S ss = 0;
+        for (int j = 0; j < C; j++) ss += xi[j] * xi[j];
+        S r = S(1) / std::sqrt(ss / C + S(MOT_NORM_EPS));
+        rstd[i] = r;
+        for (int j = 0; j < C; j++) y[(size_t)i * C + j] = xi[j] * r * gi[j];
+    }
+}
+// dx (+)= r * (g dy) - r^3 / C * x * sum(x * g dy);   dg[copy] += dy * x * r
+template <typename S>
+void rmsnorm_backward(S* dx, bool dx_accumulate, S* dg, const S* dy, const S* x, const S* rstd, const S* g,
+                      int copies, const int32_t* group, int rows, int C, int per_pos) {
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < rows; i++) {
+        const S *xi = x + (size_t)i * C, *dyi = dy + (size_t)i * C;
+        const S* gi = g + (size_t)mot_copy_of_row(copies, group, i / per_pos) * C;
+        S r = rstd[i], dot = 0;
+        for (int j = 0; j < C; j++) dot += xi[j] * gi[j] * dyi[j];
+        S* dxi = dx + (size_t)i * C;
+        for (int j = 0; j < C; j++) {
+            S v = r * gi[j] * dyi[j] - r * r * r / C * xi[j] * dot;
+            dxi[j] = dx_accumulate ? dxi[j] + v : v;
+        }
+    }
+    // gain gradients: columns in parallel, rows in order, so the sums are deterministic
+    for (int c = 0; c < copies; c++) {
+        int p0 = copies == 1 ? 0 : group[c], p1 = copies == 1 ? group[MOT_N_MOD] : group[c + 1];
+        S* dgc = dg + (size_t)c * C;
+#pragma omp parallel for schedule(static)
+        for (int j = 0; j < C; j++) {
+            S acc = 0;
+            for (int i = p0 * per_pos; i < p1 * per_pos; i++) acc += dy[(size_t)i * C + j] * x[(size_t)i * C + j] * rstd[i];
+            dgc[j] += acc;
+        }
+    }
+}
+
+// ---- RoPE (rotate-half pairing: dims j and j + Dh/2) -----------------------------------------
+// Forward rotates by +angle; the backward rotates the gradient by -angle (the inverse).
+template <typename S>
+void rope_apply(S* x, const MotModel<S>& m, const MotBatch& b, int sign) {
+    const int N = b.B * b.T, D = m.cfg.d_model, H = m.cfg.n_head, half = D / H / 2;
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < N; r++) {
+        const int pos = b.order[r] % b.T;
+        const S *cs = m.rope_cos.data() + (size_t)pos * half, *sn = m.rope_sin.data() + (size_t)pos * half;
+        for (int h = 0; h < H; h++) {
+            S* xh = x + (size_t)r * D + h * 2 * half;
+            for (int j = 0; j < half; j++) {
+                S x1 = xh[j], x2 = xh[j + half], s = sign * sn[j];
+                xh[j] = x1 * cs[j] - x2 * s;
+                xh[j + half] = x1 * s + x2 * cs[j];
+            }
+        }
+    }
+}
+
+// ---- causal self-attention over the whole sequence (all modalities together) ---------------
+// Rows are in grouped order, so each (b, h) first gathers its T query/key/value vectors into
+// contiguous buffers in sequence order; causality is over sequence positions.
+template <typename S>
+void attention_forward(S* o, S* att, const S* q, const S* k, const S* v, const MotBatch& b, int D, int H) {
+    const int T = b.T, Dh = D / H;
+    const S scale = S(1) / std::sqrt(S(Dh));
+#pragma omp parallel
+    {
+        std::vector<S> qh((size_t)T * Dh), kh((size_t)T * Dh), vh((size_t)T * Dh), oh(Dh);
+#pragma omp for schedule(dynamic)
+        for (int bh = 0; bh < b.B * H; bh++) {
+            const int bi = bh / H, h = bh % H;
+            for (int t = 0; t < T; t++) {
+                size_t src = (size_t)b.row_of[bi * T + t] * D + h * Dh;
+                std::copy(q + src, q + src + Dh, &qh[(size_t)t * Dh]);
+                std::copy(k + src, k + src + Dh, &kh[(size_t)t * Dh]);
+                std::copy(v + src, v + src + Dh, &vh[(size_t)t * Dh]);
+            }
+            S* A = att + (size_t)bh * T * T;
+            for (int t = 0; t < T; t++) {
+                S* p = A + (size_t)t * T;
+                S mx = -INFINITY;
+                for (int j = 0; j <= t; j++) {
+                    S s = 0;
+                    for (int d = 0; d < Dh; d++) s += qh[(size_t)t * Dh + d] * kh[(size_t)j * Dh + d];
+                    p[j] = s * scale;
+                    mx = std::max(mx, p[j]);
+                }
+                S sum = 0;
+                for (int j = 0; j <= t; j++) { p[j] = std::exp(p[j] - mx); sum += p[j]; }
+                for (int j = 0; j <= t; j++) p[j] /= sum;
+                for (int j = t + 1; j < T; j++) p[j] = 0;
+                std::fill(oh.begin(), oh.end(), S(0));
+                for (int j = 0; j <= t; j++)
+                    for (int d = 0; d < Dh; d++) oh[d] += p[j] * vh[(size_t)j * Dh + d];
+                std::copy(oh.begin(), oh.end(), o + (size_t)b.row_of[bi * T + t] * D + h * Dh);
+            }
+        }
+    }
+}
+// dp_j = dO . v_j;  ds_j = p_j (dp_j - sum_k p_k dp_k);  dq = scale sum_j ds_j k_j;
+// dk_j += scale ds_j q;  dv_j += p_j dO.   Each (b, h) owns its rows, so (b, h) run in parallel.
+template <typename S>
+void attention_backward(S* dq, S* dk, S* dv, const S* dO, const S* att, const S* q, const S* k, const S* v,
+                        const MotBatch& b, int D, int H) {
+    const int T = b.T, Dh = D / H;
+    const S scale = S(1) / std::sqrt(S(Dh));
+#pragma omp parallel
+    {
+        std::vector<S> qh((size_t)T * Dh), kh((size_t)T * Dh), vh((size_t)T * Dh), doh((size_t)T * Dh),
+            dqh((size_t)T * Dh), dkh((size_t)T * Dh), dvh((size_t)T * Dh), dp(T);
+#pragma omp for schedule(dynamic)
+        for (int bh = 0; bh < b.B * H; bh++) {
+            const int bi = bh / H, h = bh % H;
+            for (int t = 0; t < T; t++) {
+                size_t src = (size_t)b.row_of[bi * T + t] * D + h * Dh;
+                std::copy(q + src, q + src + Dh, &qh[(size_t)t * Dh]);
+                std::copy(k + src, k + src + Dh, &kh[(size_t)t * Dh]);
+                std::copy(v + src, v + src + Dh, &vh[(size_t)t * Dh]);
+                std::copy(dO + src, dO + src + Dh, &doh[(size_t)t * Dh]);
+            }
+            std::fill(dqh.begin(), dqh.end(), S(0));
+            std::fill(dkh.begin(), dkh.end(), S(0));
+            std::fill(dvh.begin(), dvh.end(), S(0));
+            const S* A = att + (size_t)bh * T * T;
+            for (int t = 0; t < T; t++) {
+                const S* p = A + (size_t)t * T;
+                const S* dot = &doh[(size_t)t * Dh];
+                S sum = 0;
+                for (int j = 0; j <= t; j++) {
+                    S s = 0;
+                    for (int d = 0; d < Dh; d++) s += dot[d] * vh[(size_t)j * Dh + d];
+                    dp[j] = s;
+                    sum += p[j] * s;
+                    for (int d = 0; d < Dh; d++) dvh[(size_t)j * Dh + d] += p[j] * dot[d];
+                }
+                for (int j = 0; j <= t; j++) {
+                    S ds = p[j] * (dp[j] - sum) * scale;
+                    for (int d = 0; d < Dh; d++) {
+                        dqh[(size_t)t * Dh + d] += ds * kh[(size_t)j * Dh + d];
+                        dkh[(size_t)j * Dh + d] += ds * qh[(size_t)t * Dh + d];
+                    }
+                }
+            }
+            for (int t = 0; t < T; t++) {
+                size_t dst = (size_t)b.row_of[bi * T + t] * D + h * Dh;
+                std::copy(&dqh[(size_t)t * Dh], &dqh[(size_t)t * Dh] + Dh, dq + dst);
+                std::copy(&dkh[(size_t)t * Dh], &dkh[(size_t)t * Dh] + Dh, dk + dst);
+                std::copy(&dvh[(size_t)t * Dh], &dvh[(size_t)t * Dh] + Dh, dv + dst);
+            }
+        }
+    }
+}
+
+// ---- SwiGLU: u = silu(u1) * u3, silu(z) = z sigmoid(z) ---------------------------------------
+template <typename S>
+void swiglu_forward(S* u, const S* u1, const S* u3, size_t n) {
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) u[i] = u1[i] / (S(1) + std::exp(-u1[i])) * u3[i];
+}
+// du1 = du * u3 * silu'(u1), silu'(z) = s (1 + z (1 - s));  du3 = du * silu(u1)
+template <typename S>
+void swiglu_backward(S* du1, S* du3, const S* du, const S* u1, const S* u3, size_t n) {
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        S s = S(1) / (S(1) + std::exp(-u1[i]));
+        du1[i] = du[i] * u3[i] * s * (S(1) + u1[i] * (S(1) - s));
+        du3[i] = du[i] * u1[i] * s;
+    }
+}
+
+// ---- output head and cross-entropy ---------------------------------------------------------
+// loss = mean over valid targets of logsumexp(logits) - logits[target]; loss_m restricts the
+// mean to positions whose TARGET has modality m. Writes dlogits = (softmax - onehot) / n_valid.
+template <typename S>
+void cross_entropy(MotModel<S>* m, const MotBatch& b) {
+    const int N = b.B * b.T, V = m->cfg.vocab;
+    std::vector<double> row_loss(N, 0.0);
+    int n_valid = 0;
+    for (int r = 0; r < N; r++) n_valid += b.targets[b.order[r]] >= 0;
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < N; r++) {
+        const int tgt = b.targets[b.order[r]];
+        const S* lg = m->act.logits + (size_t)r * V;
+        S* dl = m->act.dlogits + (size_t)r * V;
+        if (tgt < 0) { std::fill(dl, dl + V, S(0)); continue; }
+        S mx = lg[0];
+        for (int j = 1; j < V; j++) mx = std::max(mx, lg[j]);
+        S sum = 0;
+        for (int j = 0; j < V; j++) { dl[j] = std::exp(lg[j] - mx); sum += dl[j]; }
+        row_loss[r] = double(std::log(sum) + mx - lg[tgt]);
+        const S inv = S(1) / (sum * n_valid);
+        for (int j = 0; j < V; j++) dl[j] *= inv;
+        dl[tgt] -= S(1) / n_valid;
+    }
+    // summed in row order so the loss is the same whatever the thread count
+    double total = 0, mod_sum[MOT_N_MOD] = {0, 0, 0};
+    int mod_n[MOT_N_MOD] = {0, 0, 0};
+    for (int r = 0; r < N; r++) {
+        const int tgt = b.targets[b.order[r]];
+        if (tgt < 0) continue;
+        const int md = mot_modality(m->cfg, tgt);
+        total += row_loss[r];
+        mod_sum[md] += row_loss[r];
+        mod_n[md]++;
+    }
+    m->n_valid = n_valid;
+    m->loss = n_valid ? total / n_valid : 0.0;
+    for (int md = 0; md < MOT_N_MOD; md++) {
+        m->n_mod[md] = mod_n[md];
+        m->loss_mod[md] = mod_n[md] ? mod_sum[md] / mod_n[md] : 0.0;
+    }
+}
+
+// ---- the whole model -----------------------------------------------------------------------
+// Forward pass: fills the activations, the logits (grouped order) and the losses; returns loss.
+template <typename S>
+double mot_forward(MotModel<S>* m, const MotBatch& b) {
+    const MotConfig& c = m->cfg;
+    mot_alloc_acts(m, b.B, b.T);
+    const int N = b.B * b.T, D = c.d_model, H = c.n_head, Dh = D / H, F = c.d_ff, V = c.vocab;
+    const int32_t* g = b.group;
+    const MotParamTable& tab = m->tab;
+    MotActs<S>& A = m->act;
+    const size_t ND = (size_t)N * D, NF = (size_t)N * F;
+
+    for (int r = 0; r < N; r++) {  // embedding, gathered straight into grouped order
+        const S* e = m->param(P_EMB) + (size_t)b.tokens[b.order[r]] * D;
+        std::copy(e, e + D, A.x + (size_t)r * D);
+    }
+    for (int l = 0; l < c.n_layer; l++) {
+        const S* x = A.x + l * ND;
+        S *q = A.q + l * ND, *k = A.k + l * ND, *v = A.v + l * ND, *qr = A.qr + l * ND, *kr = A.kr + l * ND;
+        S *o = A.o + l * ND, *a = A.a + l * ND, *h = A.h + l * ND, *y2 = A.y2 + l * ND;
+        S *u1 = A.u1 + l * NF, *u3 = A.u3 + l * NF, *u = A.u + l * NF;
+        S* y = A.x + (l + 1) * ND;
+        const int ka = tab.p[P_GQ].copies, kn = tab.p[P_GATTN].copies;
+        // attention sublayer: h = x + rmsnorm(attn(x) Wo) * g_attn
+        linear_forward(q, x, m->params.data() + tab.p[P_WQ].offset, tab.p[P_WQ], l, g);
+        linear_forward(k, x, m->params.data() + tab.p[P_WK].offset, tab.p[P_WK], l, g);
+        linear_forward(v, x, m->params.data() + tab.p[P_WV].offset, tab.p[P_WV], l, g);
+        rmsnorm_forward(qr, A.q_rstd + (size_t)l * N * H, q, m->param(P_GQ, l), ka, g, N * H, Dh, H);
+        rmsnorm_forward(kr, A.k_rstd + (size_t)l * N * H, k, m->param(P_GK, l), ka, g, N * H, Dh, H);
+        rope_apply(qr, *m, b, +1);
+        rope_apply(kr, *m, b, +1);
+        attention_forward(o, A.att + (size_t)l * b.B * H * b.T * b.T, qr, kr, v, b, D, H);
+        linear_forward(a, o, m->params.data() + tab.p[P_WO].offset, tab.p[P_WO], l, g);
+        rmsnorm_forward(h, A.a_rstd + (size_t)l * N, a, m->param(P_GATTN, l), kn, g, N, D, 1);
+#pragma omp parallel for schedule(static)
+        for (size_t i = 0; i < ND; i++) h[i] += x[i];
+        // FFN sublayer: y = h + rmsnorm(swiglu(h) W2) * g_ffn
+        linear_forward(u1, h, m->params.data() + tab.p[P_W1].offset, tab.p[P_W1], l, g);
+        linear_forward(u3, h, m->params.data() + tab.p[P_W3].offset, tab.p[P_W3], l, g);
+        swiglu_forward(u, u1, u3, NF);
+        linear_forward(y2, u, m->params.data() + tab.p[P_W2].offset, tab.p[P_W2], l, g);
+        rmsnorm_forward(y, A.y2_rstd + (size_t)l * N, y2, m->param(P_GFFN, l), kn, g, N, D, 1);
+#pragma omp parallel for schedule(static)
+        for (size_t i = 0; i < ND; i++) y[i] += h[i];
+    }
+    rmsnorm_forward(A.z, A.z_rstd, A.x + c.n_layer * ND, m->param(P_GOUT), tab.p[P_GOUT].copies, g, N, D, 1);
+    matmul(A.logits, V, A.z, D, false, m->param(P_HEAD), V, false, N, V, D, false);
+    cross_entropy(m, b);
+    return m->loss;
+}
+
+// Backward pass: ACCUMULATES into m->grads (call mot_zero_grad first; accumulation over several
+// batches is gradient accumulation). Needs the activations of the forward pass of the same batch.
+template <typename S>
+void mot_backward(MotModel<S>* m, const MotBatch& b) {
+    const MotConfig& c = m->cfg;
+    const int N = b.B * b.T, D = c.d_model, H = c.n_head, Dh = D / H, F = c.d_ff, V = c.vocab;
+    const int32_t* g = b.group;
+    const MotParamTable& tab = m->tab;
+    MotActs<S>& A = m->act;
+    const size_t ND = (size_t)N * D, NF = (size_t)N * F;
+    S* s = m->scratch_mem.data();
+    S *dx = s, *dh = s + ND, *dt = s + 2 * ND, *dq = s + 3 * ND, *dk = s + 4 * ND, *dv = s + 5 * ND,
+      *dO = s + 6 * ND, *du1 = s + 7 * ND, *du3 = du1 + NF, *du = du3 + NF;
+    const S* P = m->params.data();
+    S* G = m->grads.data();
+
+    // head and final norm
+    matmul(m->grad(P_HEAD), V, A.z, D, true, A.dlogits, V, false, D, V, N, true);
+    matmul(dt, D, A.dlogits, V, false, m->param(P_HEAD), V, true, N, D, V, false);
+    rmsnorm_backward(dx, false, m->grad(P_GOUT), dt, A.x + c.n_layer * ND, A.z_rstd, m->param(P_GOUT),
+                     tab.p[P_GOUT].copies, g, N, D, 1);
+    for (int l = c.n_layer - 1; l >= 0; l--) {
+        const S* x = A.x + l * ND;
+        const S *q = A.q + l * ND, *k = A.k + l * ND, *v = A.v + l * ND, *qr = A.qr + l * ND, *kr = A.kr + l * ND;
+        const S *o = A.o + l * ND, *a = A.a + l * ND, *h = A.h + l * ND, *y2 = A.y2 + l * ND;
+        const S *u1 = A.u1 + l * NF, *u3 = A.u3 + l * NF, *u = A.u + l * NF;
+        const int ka = tab.p[P_GQ].copies, kn = tab.p[P_GATTN].copies;
+        // FFN sublayer; dx holds dL/dy. The residual passes dy straight to dh.
+        rmsnorm_backward(dt, false, m->grad(P_GFFN, l), dx, y2, A.y2_rstd + (size_t)l * N, m->param(P_GFFN, l),
+                         kn, g, N, D, 1);  // dt = dL/dy2
+        linear_backward(du, false, G + tab.p[P_W2].offset, dt, u, P + tab.p[P_W2].offset, tab.p[P_W2], l, g);
+        swiglu_backward(du1, du3, du, u1, u3, NF);
+        std::copy(dx, dx + ND, dh);
+        linear_backward(dh, true, G + tab.p[P_W1].offset, du1, h, P + tab.p[P_W1].offset, tab.p[P_W1], l, g);
+        linear_backward(dh, true, G + tab.p[P_W3].offset, du3, h, P + tab.p[P_W3].offset, tab.p[P_W3], l, g);
+        // attention sublayer; dh holds dL/dh. The residual passes dh straight to dx.
+        rmsnorm_backward(dt, false, m->grad(P_GATTN, l), dh, a, A.a_rstd + (size_t)l * N, m->param(P_GATTN, l),
+                         kn, g, N, D, 1);  // dt = dL/da
+        linear_backward(dO, false, G + tab.p[P_WO].offset, dt, o, P + tab.p[P_WO].offset, tab.p[P_WO], l, g);
+        attention_backward(dq, dk, dv, dO, A.att + (size_t)l * b.B * H * b.T * b.T, qr, kr, v, b, D, H);
+        rope_apply(dq, *m, b, -1);
+        rope_apply(dk, *m, b, -1);
+        // QK-norm backward, in place through dt: dq <- dL/dq_raw
+        rmsnorm_backward(dt, false, m->grad(P_GQ, l), dq, q, A.q_rstd + (size_t)l * N * H, m->param(P_GQ, l), ka,
+                         g, N * H, Dh, H);
+        std::copy(dt, dt + ND, dq);
+        rmsnorm_backward(dt, false, m->grad(P_GK, l), dk, k, A.k_rstd + (size_t)l * N * H, m->param(P_GK, l), ka,
+                         g, N * H, Dh, H);
+        std::copy(dt, dt + ND, dk);
+        std::copy(dh, dh + ND, dx);
+        linear_backward(dx, true, G + tab.p[P_WQ].offset, dq, x, P + tab.p[P_WQ].offset, tab.p[P_WQ], l, g);
+        linear_backward(dx, true, G + tab.p[P_WK].offset, dk, x, P + tab.p[P_WK].offset, tab.p[P_WK], l, g);
+        linear_backward(dx, true, G + tab.p[P_WV].offset, dv, x, P + tab.p[P_WV].offset, tab.p[P_WV], l, g);
+    }
+    // embedding: rows in order, since two rows may share a token
+    S* dE = m->grad(P_EMB);
+    for (int r = 0; r < N; r++) {
+        S* e = dE + (size_t)b.tokens[b.order[r]] * D;
+        for (int j = 0; j < D; j++) e[j] += dx[(size_t)r * D + j];
+    }
+}
+
+template <typename S>
+void mot_zero_grad(MotModel<S>* m) { std::fill(m->grads.begin(), m->grads.end(), S(0)); }
+
+// Logit of original position i (= b*T + t) for vocabulary entry j, after a forward pass.
+template <typename S>
+S mot_logit(const MotModel<S>& m, const MotBatch& b, int i, int j) {
+    return m.act.logits[(size_t)b.row_of[i] * m.cfg.vocab + j];
+}
+
+// ============================================================================================
+// 6. AdamW and the learning-rate schedule
+// ============================================================================================
+// Defaults follow the paper's Transfusion recipe: betas (0.9, 0.95), eps 1e-8, weight decay 0.1
+// (decoupled, on matrices and the embedding only), global-norm clipping at 1.0, linear warmup,
+// then cosine decay to min_lr_frac of the peak at the last step.
+struct MotOptim {
+    double lr = 3e-3, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.1, grad_clip = 1.0;
+    double min_lr_frac = 0.05;
+    int warmup = 20, steps = 200;
+};
+
+// Learning rate of step `step` (0-based): warmup ramps (step+1)/warmup * peak; after it, cosine
+// from the peak (at step = warmup) to the floor (at step = steps - 1).
+inline double mot_lr_at(const MotOptim& o, int step) {
+    if (step < o.warmup) return o.lr * (step + 1) / o.warmup;
+    const double floor_lr = o.lr * o.min_lr_frac;
+    const int span = std::max(1, o.steps - 1 - o.warmup);
+    const double progress = std::min(1.0, double(step - o.warmup) / span);
+    return floor_lr + 0.5 * (o.lr - floor_lr) * (1.0 + cos(M_PI * progress));
+}
+
+template <typename S>
+double mot_grad_norm(const MotModel<S>& m) {
+    double ss = 0;  // in order, in double: deterministic and accurate
+    for (size_t i = 0; i < m.grads.size(); i++) ss += double(m.grads[i]) * double(m.grads[i]);
+    return sqrt(ss);
+}
+
+// One AdamW update for step `step` (0-based; bias correction uses t = step + 1). Clips the
+// gradients to global norm grad_clip first (as torch.nn.utils.clip_grad_norm_). Returns the
+// gradient norm before clipping.
+template <typename S>
+double mot_adamw_step(MotModel<S>* m, const MotOptim& o, int step) {
+    const double norm = mot_grad_norm(*m);
+    const double clip = (o.grad_clip > 0 && norm > o.grad_clip) ? o.grad_clip / (norm + 1e-6) : 1.0;
+    const double lr = mot_lr_at(o, step), t = step + 1;
+    const double bc1 = 1.0 - pow(o.beta1, t), bc2 = 1.0 - pow(o.beta2, t);
+    for (int p = 0; p < P_COUNT; p++) {
+        const MotParamInfo& info = m->tab.p[p];
+        const double decay = info.decay ? lr * o.weight_decay : 0.0;
+        S *w = m->params.data() + info.offset, *gr = m->grads.data() + info.offset;
+        S *mm = m->adam_m.data() + info.offset, *vv = m->adam_v.data() + info.offset;
+        const long n = (long)info.size();
+#pragma omp parallel for schedule(static)
+        for (long i = 0; i < n; i++) {
+            const S gi = S(gr[i] * clip);
+            mm[i] = S(o.beta1) * mm[i] + S(1 - o.beta1) * gi;
+            vv[i] = S(o.beta2) * vv[i] + S(1 - o.beta2) * gi * gi;
+            const S mhat = mm[i] / S(bc1), vhat = vv[i] / S(bc2);
+            w[i] -= S(decay) * w[i];
+            w[i] -= S(lr) * mhat / (std::sqrt(vhat) + S(o.eps));
+        }
+    }
+    return norm;
+}
+
+// ============================================================================================
+// 7. Files. All little-endian. Every reader checks magic, version, sizes, and the value ranges,
+// and reports "<path>: <what is wrong>" through `err` (it never exits).
+// ============================================================================================
+inline bool mot_fail(std::string* err, const std::string& path, const std::string& what) {
+    if (err) *err = path + ": " + what;
+    return false;
+}
+inline long mot_file_size(FILE* f) {
+    if (fseek(f, 0, SEEK_END) != 0) return -1;
+    long n = ftell(f);
+    if (fseek(f, 0, SEEK_SET) != 0) return -1;
+    return n;
+}
+// Writes to path.tmp then renames: a reader (or a killed run) never sees a half-written file.
+template <class Fn>
+inline bool mot_write_atomic(const std::string& path, std::string* err, Fn write_body) {
+    const std::string tmp = path + ".tmp";
+    FILE* f = fopen(tmp.c_str(), "wb");
+    if (!f) return mot_fail(err, tmp, std::string("cannot open for writing: ") + strerror(errno));
+    bool ok = write_body(f);
+    ok = (fflush(f) == 0) && ok;
+    ok = (fclose(f) == 0) && ok;
+    if (!ok) { remove(tmp.c_str()); return mot_fail(err, tmp, "write failed (disk full?)"); }
+    if (rename(tmp.c_str(), path.c_str()) != 0) {
+        remove(tmp.c_str());
+        return mot_fail(err, path, std::string("cannot rename temp file into place: ") + strerror(errno));
+    }
+    return true;
+}
+inline bool mot_put(FILE* f, const void* p, size_t bytes) { return fwrite(p, 1, bytes, f) == bytes; }
+inline bool mot_get(FILE* f, void* p, size_t bytes) { return fread(p, 1, bytes, f) == bytes; }
+
+// ---- token shard (.bin) ----------------------------------------------------------------------
+//   offset  size  field
+//   0       4     magic "MOTS"
+//   4       4     uint32 version = 1
+//   8       4     uint32 vocab          (V)
+//   12      4     uint32 image_begin    (text, specials included, is [0, image_begin))
+//   16      4     uint32 speech_begin   (image is [image_begin, speech_begin), speech [speech_begin, V))
+//   20      4     uint32 reserved = 0
+//   24      8     uint64 n_tokens
+//   32      2*n   uint16 token ids: documents one after another, each BOS ... EOS
+enum { MOT_SHARD_VERSION = 1, MOT_SHARD_HEADER = 32 };
+
+struct MotShard {
+    std::string path;
+    MotVocab vocab;
+    std::vector<uint16_t> tokens;
+};
+
+inline bool mot_write_shard(const std::string& path, const MotVocab& v, const uint16_t* tokens, size_t n,
+                            std::string* err) {
+    for (size_t i = 0; i < n; i++)
+        if (tokens[i] >= v.vocab)
+            return mot_fail(err, path, "token " + std::to_string(tokens[i]) + " at position " + std::to_string(i) +
+                                           " is outside the vocabulary (size " + std::to_string(v.vocab) + ")");
+    return mot_write_atomic(path, err, [&](FILE* f) {
+        uint32_t h[6] = {0, MOT_SHARD_VERSION, (uint32_t)v.vocab, (uint32_t)v.image_begin, (uint32_t)v.speech_begin, 0};
+        memcpy(h, "MOTS", 4);
+        uint64_t nt = n;
+        return mot_put(f, h, sizeof h) && mot_put(f, &nt, 8) && mot_put(f, tokens, n * 2);
+    });
+}
+
+inline bool mot_read_shard(const std::string& path, MotShard* out, std::string* err) {
+    FILE* f = fopen(path.c_str(), "rb");
+    if (!f) return mot_fail(err, path, std::string("cannot open: ") + strerror(errno));
+    struct Closer { FILE* f; ~Closer() { fclose(f); } } closer{f};
+    const long size = mot_file_size(f);
+    uint32_t h[6];
+    uint64_t n;
+    if (size < MOT_SHARD_HEADER || !mot_get(f, h, sizeof h) || !mot_get(f, &n, 8))
+        return mot_fail(err, path, "truncated: shorter than the 32-byte shard header");
+    if (memcmp(h, "MOTS", 4) != 0) return mot_fail(err, path, "not a mot token shard (bad magic, expected MOTS)");
+    if (h[1] != MOT_SHARD_VERSION)
+        return mot_fail(err, path, "unsupported shard version " + std::to_string(h[1]) + " (expected 1)");
+    MotVocab v{(int32_t)h[2], (int32_t)h[3], (int32_t)h[4]};
+    if (!(MOT_N_SPECIAL <= v.image_begin && v.image_begin <= v.speech_begin && v.speech_begin <= v.vocab &&
+          v.vocab <= 65536))
+        return mot_fail(err, path, "bad vocabulary ranges in header");
+    if ((uint64_t)size != MOT_SHARD_HEADER + 2 * n)
+        return mot_fail(err, path, "truncated or padded: header says " + std::to_string(n) + " tokens (" +
+                                       std::to_string(MOT_SHARD_HEADER + 2 * n) + " bytes) but the file has " +
+                                       std::to_string(size) + " bytes");
+    out->path = path;
+    out->vocab = v;
+    out->tokens.resize(n);
+    if (!mot_get(f, out->tokens.data(), 2 * n)) return mot_fail(err, path, "read error");
+    for (size_t i = 0; i < n; i++)
+        if (out->tokens[i] >= v.vocab)
+            return mot_fail(err, path, "token " + std::to_string(out->tokens[i]) + " at position " +
+                                           std::to_string(i) + " is outside the vocabulary (size " +
+                                           std::to_string(v.vocab) + ")");
+    return true;
+}
+
+// ---- data loader -------------------------------------------------------------------------------
+// Samples B windows of T+1 tokens at uniform random offsets over all shards (each window inside
+// one shard). Deterministic for a seed: the only state is the RNG, which checkpoints can save.
+struct MotLoader {
+    std::vector<MotShard> shards;
+    std::vector<uint64_t> windows;  // cumulative number of valid window starts per shard
+    MotVocab vocab;
+    uint64_t rng = 0;
+};
+
+inline bool mot_loader_open(MotLoader* ld, const std::string& pattern, int T, uint64_t seed, std::string* err) {
+    glob_t gl;
+    int rc = glob(pattern.c_str(), 0, nullptr, &gl);
+    if (rc != 0) {
+        if (rc == GLOB_NOMATCH) return mot_fail(err, pattern, "no file matches this data pattern");
+        return mot_fail(err, pattern, "cannot read the data pattern");
+    }
+    std::vector<std::string> paths(gl.gl_pathv, gl.gl_pathv + gl.gl_pathc);
+    globfree(&gl);
+    ld->shards.clear();
+    ld->windows.clear();
+    uint64_t total = 0;
+    for (const std::string& p : paths) {
+        MotShard s;
+        if (!mot_read_shard(p, &s, err)) return false;
+        if (!ld->shards.empty() && memcmp(&s.vocab, &ld->shards[0].vocab, sizeof(MotVocab)) != 0)
+            return mot_fail(err, p, "vocabulary layout differs from " + ld->shards[0].path);
+        if (s.tokens.size() < (size_t)T + 1)
+            return mot_fail(err, p, "has " + std::to_string(s.tokens.size()) + " tokens, fewer than one window of " +
+                                        std::to_string(T + 1) + " (sequence length + 1)");
+        total += s.tokens.size() - T;
+        ld->windows.push_back(total);
+        ld->shards.push_back(std::move(s));
+    }
+    ld->vocab = ld->shards[0].vocab;
+    ld->rng = seed;
+    return true;
+}
+
+// Fills a batch (tokens, targets, grouping). A PAD target is ignored.
+inline void mot_loader_next(MotLoader* ld, const MotConfig& c, int B, int T, MotBatch* b) {
+    b->B = B;
+    b->T = T;
+    b->tokens.resize((size_t)B * T);
+    b->targets.resize((size_t)B * T);
+    for (int bi = 0; bi < B; bi++) {
+        uint64_t w = mot_rand_u64(&ld->rng) % ld->windows.back();
+        size_t s = std::upper_bound(ld->windows.begin(), ld->windows.end(), w) - ld->windows.begin();
+        uint64_t off = w - (s ? ld->windows[s - 1] : 0);
+        const uint16_t* tok = ld->shards[s].tokens.data() + off;
+        for (int t = 0; t < T; t++) {
+            b->tokens[(size_t)bi * T + t] = tok[t];
+            b->targets[(size_t)bi * T + t] = tok[t + 1] == MOT_PAD ? MOT_IGNORE : tok[t + 1];
+        }
+    }
+    mot_group(c, b);
+}
+
+// ---- checkpoint (.ckpt) ------------------------------------------------------------------------
+//   offset  size  field
+//   0       4     magic "MOTC"
+//   4       4     uint32 version = 1
+//   8       48    int32 config[12]: n_layer d_model n_head d_ff vocab image_begin speech_begin
+//                 max_seq n_tower tie_attn tie_ffn tie_norm
+//   56      4     uint32 has_optimizer (1: Adam moments follow the parameters)
+//   60      4     uint32 reserved = 0
+//   64      8     int64 step (number of optimizer steps taken)
+//   72      8     uint64 data loader RNG state
+//   80      4*P   float32 parameters, in parameter-table order (P = table total)
+//   ...     4*P   float32 Adam first moments   (if has_optimizer)
+//   ...     4*P   float32 Adam second moments  (if has_optimizer)
+enum { MOT_CKPT_VERSION = 1, MOT_CKPT_HEADER = 80 };
+
+struct MotTrainState {
+    int64_t step = 0;
+    uint64_t data_rng = 0;
+};
+
+template <typename S>
+inline bool mot_put_floats(FILE* f, const std::vector<S>& v) {
+    std::vector<float> buf(v.begin(), v.end());
+    return mot_put(f, buf.data(), buf.size() * 4);
+}
+template <typename S>
+inline bool mot_get_floats(FILE* f, std::vector<S>* v, size_t n) {
+    std::vector<float> buf(n);
+    if (!mot_get(f, buf.data(), n * 4)) return false;
+    v->assign(buf.begin(), buf.end());
+    return true;
+}
+
+template <typename S>
+bool mot_save_checkpoint(const std::string& path, const MotModel<S>& m, const MotTrainState& st, bool with_optimizer,
+                         std::string* err) {
+    return mot_write_atomic(path, err, [&](FILE* f) {
+        uint32_t h[2] = {0, MOT_CKPT_VERSION};
+        memcpy(h, "MOTC", 4);
+        int32_t cfg[MOT_CONFIG_INTS];
+        mot_config_to_ints(m.cfg, cfg);
+        uint32_t flags[2] = {with_optimizer ? 1u : 0u, 0};
+        bool ok = mot_put(f, h, 8) && mot_put(f, cfg, sizeof cfg) && mot_put(f, flags, 8) &&
+                  mot_put(f, &st.step, 8) && mot_put(f, &st.data_rng, 8) && mot_put_floats(f, m.params);
+        if (with_optimizer) ok = ok && mot_put_floats(f, m.adam_m) && mot_put_floats(f, m.adam_v);
+        return ok;
+    });
+}
+
+// Says which config field differs, or "" when they match.
+inline std::string mot_config_mismatch(const MotConfig& file, const MotConfig& want) {
+    int32_t a[MOT_CONFIG_INTS], b[MOT_CONFIG_INTS];
+    mot_config_to_ints(file, a);
+    mot_config_to_ints(want, b);
+    for (int i = 0; i < MOT_CONFIG_INTS; i++)
+        if (a[i] != b[i])
+            return std::string("config does not match: ") + MOT_CONFIG_NAMES[i] + " is " + std::to_string(a[i]) +
+                   " in the file but " + std::to_string(b[i]) + " is wanted";
+    return "";
+}
+
+// Reads only the config of a checkpoint (so a trainer can build the model to load into).
+inline bool mot_read_checkpoint_config(const std::string& path, MotConfig* cfg, std::string* err) {
+    FILE* f = fopen(path.c_str(), "rb");
+    if (!f) return mot_fail(err, path, std::string("cannot open: ") + strerror(errno));
+    uint32_t h[2];
+    int32_t c[MOT_CONFIG_INTS];
+    bool ok = mot_get(f, h, 8) && mot_get(f, c, sizeof c);
+    fclose(f);
+    if (!ok) return mot_fail(err, path, "truncated: shorter than the checkpoint header");
+    if (memcmp(h, "MOTC", 4) != 0) return mot_fail(err, path, "not a mot checkpoint (bad magic, expected MOTC)");
+    if (h[1] != MOT_CKPT_VERSION)
+        return mot_fail(err, path, "unsupported checkpoint version " + std::to_string(h[1]) + " (expected 1)");
+    *cfg = mot_config_from_ints(c);
+    std::string bad = mot_config_error(*cfg);
+    if (!bad.empty()) return mot_fail(err, path, "bad config in header: " + bad);
+    return true;
+}
+
+// Loads a checkpoint into a model already built (mot_init) with the config the caller wants;
+// a checkpoint made with any other config is refused, naming the first field that differs.
+template <typename S>
+bool mot_load_checkpoint(const std::string& path, MotModel<S>* m, MotTrainState* st, bool* has_optimizer,
+                         std::string* err) {
+    MotConfig fc;
+    if (!mot_read_checkpoint_config(path, &fc, err)) return false;
+    std::string mis = mot_config_mismatch(fc, m->cfg);
+    if (!mis.empty()) return mot_fail(err, path, mis);
+    FILE* f = fopen(path.c_str(), "rb");
+    if (!f) return mot_fail(err, path, std::string("cannot open: ") + strerror(errno));
+    struct Closer { FILE* f; ~Closer() { fclose(f); } } closer{f};
+    const long size = mot_file_size(f);
+    uint8_t head[56];
+    uint32_t flags[2];
+    MotTrainState s;
+    if (!mot_get(f, head, 56) || !mot_get(f, flags, 8) || !mot_get(f, &s.step, 8) || !mot_get(f, &s.data_rng, 8))
+        return mot_fail(err, path, "truncated: shorter than the checkpoint header");
+    if (flags[0] > 1) return mot_fail(err, path, "bad has_optimizer flag");
+    const size_t P = m->tab.total, want = MOT_CKPT_HEADER + 4 * P * (flags[0] ? 3 : 1);
+    if ((size_t)size != want)
+        return mot_fail(err, path, "truncated or padded: expected " + std::to_string(want) + " bytes, found " +
+                                       std::to_string(size));
+    if (!mot_get_floats(f, &m->params, P)) return mot_fail(err, path, "read error in parameters");
+    if (flags[0] && (!mot_get_floats(f, &m->adam_m, P) || !mot_get_floats(f, &m->adam_v, P)))
+        return mot_fail(err, path, "read error in optimizer state");
+    if (st) *st = s;
+    if (has_optimizer) *has_optimizer = flags[0] != 0;
+    return true;
+}
+
+// ---- debug state (.dbg): one batch with everything a second implementation must reproduce ----
+//   offset  size   field
+//   0       4      magic "MOTD"
+//   4       4      uint32 version = 1
+//   8       48     int32 config[12] (as in the checkpoint)
+//   56      4      int32 B
+//   60      4      int32 T
+//   64      4*P    float32 parameters (table order)
+//   ...     4*B*T  int32 input tokens, original order (b*T + t)
+//   ...     4*B*T  int32 targets (-1 = ignored)
+//   ...     4*B*T*V float32 logits, original order
+//   ...     4      float32 loss
+//   ...     12     float32 loss per modality (text, image, speech; 0 when no target of it)
+//   ...     12     int32 number of targets per modality
+//   ...     4*P    float32 gradient of the loss wrt every parameter (table order)
+enum { MOT_DEBUG_VERSION = 1 };
+
+struct MotDebugState {
+    MotConfig cfg;
+    int B = 0, T = 0;
+    std::vector<float> params, logits, grads;
+    std::vector<int32_t> tokens, targets;
+    float loss = 0, loss_mod[MOT_N_MOD] = {0, 0, 0};
+    int32_t n_mod[MOT_N_MOD] = {0, 0, 0};
+};
+
+// Captures the state after mot_forward + mot_backward on batch b (grads must hold that batch only).
+template <typename S>
+MotDebugState mot_debug_capture(const MotModel<S>& m, const MotBatch& b) {
+    MotDebugState d;
+    d.cfg = m.cfg;
+    d.B = b.B;
+    d.T = b.T;
+    d.params.assign(m.params.begin(), m.params.end());
+    d.grads.assign(m.grads.begin(), m.grads.end());
+    d.tokens = b.tokens;
+    d.targets = b.targets;
+    const int N = b.B * b.T, V = m.cfg.vocab;
+    d.logits.resize((size_t)N * V);
+    for (int i = 0; i < N; i++)
+        for (int j = 0; j < V; j++) d.logits[(size_t)i * V + j] = float(mot_logit(m, b, i, j));
+    d.loss = float(m.loss);
+    for (int md = 0; md < MOT_N_MOD; md++) { d.loss_mod[md] = float(m.loss_mod[md]); d.n_mod[md] = m.n_mod[md]; }
+    return d;
+}
+
+inline bool mot_write_debug_state(const std::string& path, const MotDebugState& d, std::string* err) {
+    return mot_write_atomic(path, err, [&](FILE* f) {
+        uint32_t h[2] = {0, MOT_DEBUG_VERSION};
+        memcpy(h, "MOTD", 4);
+        int32_t cfg[MOT_CONFIG_INTS];
+        mot_config_to_ints(d.cfg, cfg);
+        int32_t bt[2] = {d.B, d.T};
+        return mot_put(f, h, 8) && mot_put(f, cfg, sizeof cfg) && mot_put(f, bt, 8) &&
+               mot_put(f, d.params.data(), 4 * d.params.size()) && mot_put(f, d.tokens.data(), 4 * d.tokens.size()) &&
+               mot_put(f, d.targets.data(), 4 * d.targets.size()) &&
+               mot_put(f, d.logits.data(), 4 * d.logits.size()) && mot_put(f, &d.loss, 4) &&
+               mot_put(f, d.loss_mod, 12) && mot_put(f, d.n_mod, 12) && mot_put(f, d.grads.data(), 4 * d.grads.size());
+    });
+}
+
+inline bool mot_read_debug_state(const std::string& path, MotDebugState* d, std::string* err) {
+    FILE* f = fopen(path.c_str(), "rb");
+    if (!f) return mot_fail(err, path, std::string("cannot open: ") + strerror(errno));
+    struct Closer { FILE* f; ~Closer() { fclose(f); } } closer{f};
+    const long size = mot_file_size(f);
+    uint32_t h[2];
+    int32_t cfg[MOT_CONFIG_INTS], bt[2];
+    if (!mot_get(f, h, 8) || !mot_get(f, cfg, sizeof cfg) || !mot_get(f, bt, 8))
+        return mot_fail(err, path, "truncated: shorter than the debug-state header");
+    if (memcmp(h, "MOTD", 4) != 0) return mot_fail(err, path, "not a mot debug state (bad magic, expected MOTD)");
+    if (h[1] != MOT_DEBUG_VERSION)
+        return mot_fail(err, path, "unsupported debug-state version " + std::to_string(h[1]) + " (expected 1)");
+    d->cfg = mot_config_from_ints(cfg);
+    std::string bad = mot_config_error(d->cfg);
+    if (!bad.empty()) return mot_fail(err, path, "bad config in header: " + bad);
+    d->B = bt[0];
+    d->T = bt[1];
+    if (d->B < 1 || d->T < 1 || d->T > d->cfg.max_seq) return mot_fail(err, path, "bad batch shape in header");
+    const size_t P = mot_param_table(d->cfg).total, N = (size_t)d->B * d->T, V = d->cfg.vocab;
+    const size_t want = 64 + 4 * P * 2 + 4 * N * 2 + 4 * N * V + 4 + 12 + 12;
+    if ((size_t)size != want)
+        return mot_fail(err, path, "truncated or padded: expected " + std::to_string(want) + " bytes, found " +
+                                       std::to_string(size));
+    d->params.resize(P); d->grads.resize(P); d->tokens.resize(N); d->targets.resize(N); d->logits.resize(N * V);
+    bool ok = mot_get(f, d->params.data(), 4 * P) && mot_get(f, d->tokens.data(), 4 * N) &&
+              mot_get(f, d->targets.data(), 4 * N) && mot_get(f, d->logits.data(), 4 * N * V) &&
+              mot_get(f, &d->loss, 4) && mot_get(f, d->loss_mod, 12) && mot_get(f, d->n_mod, 12) &&
+              mot_get(f, d->grads.data(), 4 * P);
+    if (!ok) return mot_fail(err, path, "read error");
+    for (size_t i = 0; i < N; i++) {
+        if (d->tokens[i] < 0 || d->tokens[i] >= (int32_t)V)
+            return mot_fail(err, path, "token id " + std::to_string(d->tokens[i]) + " outside the vocabulary");
+        if (d->targets[i] < MOT_IGNORE || d->targets[i] >= (int32_t)V)
+            return mot_fail(err, path, "target id " + std::to_string(d->targets[i]) + " outside the vocabulary");
+    }
+    return true;
+}

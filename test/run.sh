@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs each doctest binary given, then prints one summary line "N passed, N failed" over all of
+# them (test cases), counting a binary that crashed or printed no summary as one failure.
+passed=0; failed=0; skipped=0
+for t in "$@"; do
+  echo "=== $t"
+  out=$("./$t" 2>&1); rc=$?
+  printf '%s\n' "$out" | tail -n 40
+  line=$(printf '%s\n' "$out" | grep -E '^\[doctest\] test cases:' | tail -n 1)
+  if [ -z "$line" ]; then echo "$t: no doctest summary (exit $rc)"; failed=$((failed + 1)); continue; fi
+  p=$(sed -E 's/.*\| *([0-9]+) passed.*/\1/' <<<"$line"); f=$(sed -E 's/.*\| *([0-9]+) failed.*/\1/' <<<"$line")
+  s=$(sed -nE 's/.*\| *([0-9]+) skipped.*/\1/p' <<<"$line")
+  passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + ${s:-0}))
+  if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then echo "$t: exit $rc"; failed=$((failed + 1)); fi
+done
+echo "${passed} passed, ${failed} failed, ${skipped} skipped"
+[ "$failed" -eq 0 ]

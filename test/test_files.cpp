@@ -1,0 +1,295 @@
+// test_files.cpp — shards, loader, checkpoints and debug states: round trips and every bad-input
+// path, both through the library (error strings) and through the ./train command (exit codes).
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include <doctest/doctest.h>
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "mot.h"
+
+static const MotVocab VOC{64, 24, 48};  // text [0,24) image [24,48) speech [48,64)
+
+static std::string tmpdir() {
+    static std::string d;
+    if (d.empty()) {
+        char t[] = "/tmp/mot_test_XXXXXX";
+        REQUIRE(mkdtemp(t) != nullptr);
+        d = t;
+    }
+    return d;
+}
+static std::string tmp(const std::string& name) { return tmpdir() + "/" + name; }
+
+// Documents that mix the three modalities the way the dataset does: BOS text BOI image EOI ... EOS.
+static std::vector<uint16_t> make_tokens(size_t n, uint64_t seed) {
+    std::vector<uint16_t> t;
+    while (t.size() < n) {
+        t.push_back(MOT_BOS);
+        for (int i = 0; i < 5; i++) t.push_back(8 + mot_rand_u64(&seed) % 16);
+        t.push_back(MOT_BOI);
+        for (int i = 0; i < 6; i++) t.push_back(24 + mot_rand_u64(&seed) % 24);
+        t.push_back(MOT_EOI);
+        t.push_back(MOT_BOA);
+        for (int i = 0; i < 4; i++) t.push_back(48 + mot_rand_u64(&seed) % 16);
+        t.push_back(MOT_EOA);
+        t.push_back(MOT_EOS);
+    }
+    t.resize(n);
+    return t;
+}
+
+static void write_bytes(const std::string& path, const std::string& bytes) {
+    FILE* f = fopen(path.c_str(), "wb");
+    REQUIRE(f);
+    fwrite(bytes.data(), 1, bytes.size(), f);
+    fclose(f);
+}
+static std::string read_bytes(const std::string& path) {
+    FILE* f = fopen(path.c_str(), "rb");
+    REQUIRE(f);
+    std::string s;
+    char buf[65536];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, f)) > 0) s.append(buf, n);
+    fclose(f);
+    return s;
+}
+
+// Runs a command, returns its exit status and (merged) output.
+static int run(const std::string& cmd, std::string* out) {
+    FILE* p = popen((cmd + " 2>&1").c_str(), "r");
+    REQUIRE(p);
+    char buf[4096];
+    out->clear();
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, p)) > 0) out->append(buf, n);
+    int st = pclose(p);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
+}
+static int count_lines(const std::string& s) { return (int)std::count(s.begin(), s.end(), '\n'); }
+
+TEST_CASE("shard: write and read back, loader windows and targets") {
+    auto toks = make_tokens(5000, 1);
+    std::string err;
+    REQUIRE(mot_write_shard(tmp("a.bin"), VOC, toks.data(), toks.size(), &err));
+    MotShard s;
+    REQUIRE(mot_read_shard(tmp("a.bin"), &s, &err));
+    CHECK(s.tokens == toks);
+    CHECK(s.vocab.vocab == 64);
+    CHECK(s.vocab.speech_begin == 48);
+    MotLoader ld;
+    REQUIRE(mot_loader_open(&ld, tmp("a.bin"), 32, 123, &err));
+    MotConfig c;
+    c.vocab = 64; c.image_begin = 24; c.speech_begin = 48;
+    MotBatch b1, b2;
+    mot_loader_next(&ld, c, 4, 32, &b1);
+    int seen[3] = {0, 0, 0};
+    for (int i = 0; i < 4 * 32; i++) {
+        seen[mot_modality(c, b1.tokens[i])]++;
+        if (i % 32 != 31) CHECK(b1.targets[i] == b1.tokens[i + 1]);  // targets are the next token
+    }
+    CHECK(seen[0] > 0); CHECK(seen[1] > 0); CHECK(seen[2] > 0);
+    MotLoader ld2;  // deterministic for a seed
+    REQUIRE(mot_loader_open(&ld2, tmp("a.bin"), 32, 123, &err));
+    mot_loader_next(&ld2, c, 4, 32, &b2);
+    CHECK(b1.tokens == b2.tokens);
+    CHECK(b1.order == b2.order);
+}
+
+TEST_CASE("shard: every bad input gets an error naming the file") {
+    auto toks = make_tokens(100, 2);
+    std::string err, good;
+    REQUIRE(mot_write_shard(tmp("g.bin"), VOC, toks.data(), toks.size(), &err));
+    good = read_bytes(tmp("g.bin"));
+    MotShard s;
+    auto bad = [&](const std::string& name, const std::string& bytes, const std::string& expect) {
+        write_bytes(tmp(name), bytes);
+        CHECK_FALSE(mot_read_shard(tmp(name), &s, &err));
+        INFO(err);
+        CHECK(err.find(tmp(name)) == 0);
+        CHECK(err.find(expect) != std::string::npos);
+    };
+    std::string b = good; b[0] = 'X';
+    bad("magic.bin", b, "bad magic");
+    b = good; b[4] = 9;
+    bad("version.bin", b, "version 9");
+    bad("trunc.bin", good.substr(0, good.size() - 3), "truncated");
+    bad("short.bin", good.substr(0, 10), "truncated");
+    bad("empty.bin", "", "truncated");
+    b = good; b[32] = (char)0xff; b[33] = 0x7f;  // token 32767 >= 64
+    bad("oov.bin", b, "outside the vocabulary");
+    CHECK_FALSE(mot_read_shard(tmp("missing.bin"), &s, &err));
+    CHECK(err.find("missing.bin: cannot open") != std::string::npos);
+    std::vector<uint16_t> oov = {1, 2, 64};
+    CHECK_FALSE(mot_write_shard(tmp("w.bin"), VOC, oov.data(), 3, &err));  // the writer refuses too
+    CHECK(err.find("outside the vocabulary") != std::string::npos);
+    MotLoader ld;
+    CHECK_FALSE(mot_loader_open(&ld, tmp("nothing_*.bin"), 8, 1, &err));
+    CHECK(err.find("no file matches") != std::string::npos);
+    CHECK_FALSE(mot_loader_open(&ld, tmp("g.bin"), 500, 1, &err));
+    CHECK(err.find("fewer than one window") != std::string::npos);
+}
+
+static MotConfig small_config() {
+    MotConfig c;
+    c.n_layer = 2; c.d_model = 16; c.n_head = 2; c.d_ff = 32;
+    c.vocab = 64; c.image_begin = 24; c.speech_begin = 48; c.max_seq = 16;
+    return c;
+}
+
+TEST_CASE("checkpoint: round trip of parameters, optimizer state and train state; atomic write") {
+    MotModel<float> a, b;
+    mot_init(&a, small_config(), 1);
+    for (size_t i = 0; i < a.adam_m.size(); i++) { a.adam_m[i] = i * 1e-3f; a.adam_v[i] = i * 1e-4f; }
+    std::string err;
+    REQUIRE(mot_save_checkpoint(tmp("m.ckpt"), a, MotTrainState{42, 0xABCDEF}, true, &err));
+    CHECK(access(tmp("m.ckpt.tmp").c_str(), F_OK) != 0);  // the temp file was renamed away
+    mot_init(&b, small_config(), 2);
+    MotTrainState st;
+    bool has_opt = false;
+    REQUIRE(mot_load_checkpoint(tmp("m.ckpt"), &b, &st, &has_opt, &err));
+    CHECK(has_opt);
+    CHECK(st.step == 42);
+    CHECK(st.data_rng == 0xABCDEF);
+    CHECK(a.params == b.params);
+    CHECK(a.adam_m == b.adam_m);
+    CHECK(a.adam_v == b.adam_v);
+}
+
+TEST_CASE("checkpoint: wrong magic, version, truncation, other config, missing file") {
+    MotModel<float> a;
+    mot_init(&a, small_config(), 1);
+    std::string err;
+    REQUIRE(mot_save_checkpoint(tmp("c.ckpt"), a, MotTrainState{}, false, &err));
+    const std::string good = read_bytes(tmp("c.ckpt"));
+    auto bad = [&](const std::string& name, const std::string& bytes, const std::string& expect) {
+        write_bytes(tmp(name), bytes);
+        CHECK_FALSE(mot_load_checkpoint(tmp(name), &a, nullptr, nullptr, &err));
+        INFO(err);
+        CHECK(err.find(tmp(name)) == 0);
+        CHECK(err.find(expect) != std::string::npos);
+    };
+    std::string b = good; b[1] = 'X';
+    bad("magic.ckpt", b, "bad magic");
+    b = good; b[4] = 3;
+    bad("version.ckpt", b, "version 3");
+    bad("trunc.ckpt", good.substr(0, good.size() - 1), "truncated");
+    bad("head.ckpt", good.substr(0, 20), "truncated");
+    MotModel<float> other;
+    MotConfig oc = small_config();
+    oc.d_model = 32;
+    mot_init(&other, oc, 1);
+    CHECK_FALSE(mot_load_checkpoint(tmp("c.ckpt"), &other, nullptr, nullptr, &err));
+    CHECK(err.find("d_model is 16 in the file but 32") != std::string::npos);
+    CHECK_FALSE(mot_load_checkpoint(tmp("none.ckpt"), &a, nullptr, nullptr, &err));
+    CHECK(err.find("cannot open") != std::string::npos);
+}
+
+TEST_CASE("debug state: round trip, and bad files are refused") {
+    MotConfig c = small_config();
+    MotModel<float> m;
+    mot_init(&m, c, 3);
+    auto toks = make_tokens(40, 3);
+    MotBatch b;
+    b.B = 2; b.T = 16;
+    for (int i = 0; i < 32; i++) { b.tokens.push_back(toks[i]); b.targets.push_back(toks[i + 1]); }
+    mot_group(c, &b);
+    mot_forward(&m, b);
+    mot_zero_grad(&m);
+    mot_backward(&m, b);
+    MotDebugState d = mot_debug_capture(m, b), e;
+    std::string err;
+    REQUIRE(mot_write_debug_state(tmp("d.dbg"), d, &err));
+    REQUIRE(mot_read_debug_state(tmp("d.dbg"), &e, &err));
+    CHECK(e.params == d.params);
+    CHECK(e.grads == d.grads);
+    CHECK(e.logits == d.logits);
+    CHECK(e.tokens == d.tokens);
+    CHECK(e.targets == d.targets);
+    CHECK(e.loss == d.loss);
+    CHECK(e.n_mod[1] == d.n_mod[1]);
+    CHECK(mot_config_mismatch(e.cfg, c).empty());
+    const std::string good = read_bytes(tmp("d.dbg"));
+    std::string x = good; x[0] = 'Q';
+    write_bytes(tmp("x.dbg"), x);
+    CHECK_FALSE(mot_read_debug_state(tmp("x.dbg"), &e, &err));
+    CHECK(err.find("bad magic") != std::string::npos);
+    write_bytes(tmp("t.dbg"), good.substr(0, good.size() - 7));
+    CHECK_FALSE(mot_read_debug_state(tmp("t.dbg"), &e, &err));
+    CHECK(err.find("truncated") != std::string::npos);
+}
+
+// ---- the trainer command ----------------------------------------------------------------------
+// Every failure is one line on stderr naming the flag or file, with a non-zero exit, never a crash.
+static void expect_error(const std::string& args, const std::string& expect, int code = -1) {
+    std::string out;
+    int rc = run("./train " + args, &out);
+    INFO("./train ", args, "\n", out);
+    CHECK(rc != 0);
+    CHECK(rc < 128);  // an exit, not a signal
+    if (code >= 0) CHECK(rc == code);
+    CHECK(count_lines(out) == 1);
+    CHECK(out.find("error: ") == 0);
+    CHECK(out.find(expect) != std::string::npos);
+}
+
+TEST_CASE("train: trains on a shard, loss falls, writes checkpoint and debug state; resume works") {
+    REQUIRE(access("./train", X_OK) == 0);
+    auto toks = make_tokens(20000, 5);
+    std::string err, out;
+    REQUIRE(mot_write_shard(tmp("train_0.bin"), VOC, toks.data(), toks.size(), &err));
+    const std::string base = "--data " + tmp("train_0.bin") + " --layers 2 --dim 32 --heads 4 --seq 32 --batch 4"
+                             " --lr 3e-3 --warmup 5 --threads 2";
+    int rc = run("./train " + base + " --steps 40 --save " + tmp("r.ckpt") + " --debug-state " + tmp("r.dbg") +
+                     " --log " + tmp("r.csv"),
+                 &out);
+    INFO(out);
+    REQUIRE(rc == 0);
+    CHECK(out.find("step    40/40") != std::string::npos);
+    std::string csv = read_bytes(tmp("r.csv"));
+    CHECK(count_lines(csv) == 41);
+    double first = atof(csv.substr(csv.find("\n1,") + 3).c_str());
+    double last = atof(csv.substr(csv.find("\n40,") + 4).c_str());
+    MESSAGE("train loss ", first, " -> ", last);
+    CHECK(last < first - 0.5);
+    MotDebugState d;
+    REQUIRE(mot_read_debug_state(tmp("r.dbg"), &d, &err));
+    CHECK(d.cfg.d_model == 32);
+    // resume: flags that agree are accepted; steps continue from the checkpoint
+    rc = run("./train " + base + " --steps 45 --init-from " + tmp("r.ckpt"), &out);
+    CHECK(rc == 0);
+    CHECK(out.find("resumed from") != std::string::npos);
+    CHECK(out.find("step    45/45") != std::string::npos);
+    CHECK(out.find("step     1/") == std::string::npos);
+    // and ones that disagree are refused, naming the field
+    expect_error(base + " --dim 64 --init-from " + tmp("r.ckpt"), "d_model is 32 in the checkpoint but 64");
+    expect_error("--data " + tmp("train_0.bin") + " --seq 16 --init-from " + tmp("r.ckpt"), "max_seq");
+}
+
+TEST_CASE("train: bad flags, bad values, missing and broken files") {
+    auto toks = make_tokens(2000, 6);
+    std::string err;
+    REQUIRE(mot_write_shard(tmp("ok_0.bin"), VOC, toks.data(), toks.size(), &err));
+    const std::string data = "--data " + tmp("ok_0.bin") + " --steps 1 --seq 16 --batch 1 --layers 1 --dim 8 --heads 2";
+    expect_error("--bogus", "unknown flag '--bogus'", 2);
+    expect_error("--dim abc", "bad value for --dim: 'abc'", 2);
+    expect_error("--lr -1", "bad value for --lr", 2);
+    expect_error("--steps", "--steps needs a value", 2);
+    expect_error(data + " --heads 3", "not a multiple of n_head", 2);
+    expect_error("--data " + tmp("nope_*.bin"), "no file matches");
+    write_bytes(tmp("bad_0.bin"), "MOTX garbage");
+    expect_error("--data " + tmp("bad_0.bin"), "bad_0.bin: truncated");
+    std::string g = read_bytes(tmp("ok_0.bin"));
+    g[0] = 'Z';
+    write_bytes(tmp("magic_0.bin"), g);
+    expect_error("--data " + tmp("magic_0.bin"), "bad magic");
+    g = read_bytes(tmp("ok_0.bin"));
+    g[40] = (char)0xff; g[41] = (char)0xff;
+    write_bytes(tmp("oov_0.bin"), g);
+    expect_error("--data " + tmp("oov_0.bin"), "token 65535 at position 4 is outside the vocabulary");
+    expect_error(data + " --init-from " + tmp("missing.ckpt"), "missing.ckpt: cannot open");
+    write_bytes(tmp("junk.ckpt"), "MOTC\x01");
+    expect_error(data + " --init-from " + tmp("junk.ckpt"), "junk.ckpt: truncated");
+    expect_error(data + " --save /nonexistent/dir/x.ckpt", "/nonexistent/dir/x.ckpt.tmp: cannot open for writing");
+}

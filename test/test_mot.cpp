@@ -1,0 +1,280 @@
+// test_mot.cpp — the model's math: gradients against finite differences, causality, MoT vs
+// dense equivalence, tower isolation, AdamW and the schedule, and overfitting one batch.
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include <doctest/doctest.h>
+
+#include "mot.h"
+
+// A tiny config whose vocabulary has all three modalities: text [0,12), image [12,18), speech [18,24).
+static MotConfig tiny(int towers, int tie_attn = 0, int tie_ffn = 0, int tie_norm = 0) {
+    MotConfig c;
+    c.n_layer = 2; c.d_model = 8; c.n_head = 2; c.d_ff = 12;
+    c.vocab = 24; c.image_begin = 12; c.speech_begin = 18; c.max_seq = 10;
+    c.n_tower = towers; c.tie_attn = tie_attn; c.tie_ffn = tie_ffn; c.tie_norm = tie_norm;
+    return c;
+}
+
+// Random tokens drawn from `mods` (a list of modalities), random targets likewise, one ignored.
+static MotBatch random_batch(const MotConfig& c, int B, int T, uint64_t seed, std::vector<int> mods = {0, 1, 2}) {
+    MotBatch b;
+    b.B = B; b.T = T;
+    auto draw = [&](uint64_t* s) {
+        int m = mods[mot_rand_u64(s) % mods.size()];
+        int lo = m == 0 ? 0 : m == 1 ? c.image_begin : c.speech_begin;
+        int hi = m == 0 ? c.image_begin : m == 1 ? c.speech_begin : c.vocab;
+        return lo + (int)(mot_rand_u64(s) % (hi - lo));
+    };
+    for (int i = 0; i < B * T; i++) { b.tokens.push_back(draw(&seed)); b.targets.push_back(draw(&seed)); }
+    b.targets[1] = MOT_IGNORE;
+    mot_group(c, &b);
+    return b;
+}
+
+// Well-scaled random parameters (std 0.3 matrices, gains near 1) so that no gradient is tiny and
+// the finite differences are not dominated by rounding.
+template <typename S>
+static void randomize(MotModel<S>* m, uint64_t seed) {
+    for (int p = 0; p < P_COUNT; p++) {
+        const MotParamInfo& in = m->tab.p[p];
+        for (size_t i = 0; i < in.size(); i++)
+            m->params[in.offset + i] = S(in.decay ? 0.3 * mot_rand_normal(&seed) : 1.0 + 0.2 * mot_rand_normal(&seed));
+    }
+}
+
+// For every tensor of every layer and tower: ||fd - analytic|| / ||analytic|| <= 1e-6 (central
+// differences, step 1e-5, double precision: this lands near 1e-9).
+static void gradient_check(const MotConfig& c) {
+    omp_set_num_threads(1);  // thousands of tiny forward passes: threads only add overhead
+    MotModel<double> m;
+    mot_init(&m, c, 7);
+    randomize(&m, 11);
+    MotBatch b = random_batch(c, 2, 9, 3);
+    REQUIRE(b.group[1] > b.group[0]);  // every modality present
+    REQUIRE(b.group[2] > b.group[1]);
+    REQUIRE(b.group[3] > b.group[2]);
+    mot_forward(&m, b);
+    mot_zero_grad(&m);
+    mot_backward(&m, b);
+    const double h = 1e-5;
+    for (int p = 0; p < P_COUNT; p++) {
+        const MotParamInfo& info = m.tab.p[p];
+        for (int l = 0; l < info.layers; l++)
+            for (int k = 0; k < info.copies; k++) {
+                double num = 0, den = 0;
+                for (size_t i = 0; i < info.each(); i++) {
+                    const size_t idx = info.at(l, k) + i;
+                    const double w = m.params[idx];
+                    m.params[idx] = w + h;
+                    const double lp = mot_forward(&m, b);
+                    m.params[idx] = w - h;
+                    const double lm = mot_forward(&m, b);
+                    m.params[idx] = w;
+                    const double fd = (lp - lm) / (2 * h), an = m.grads[idx];
+                    num += (fd - an) * (fd - an);
+                    den += an * an;
+                }
+                INFO(info.name, " layer ", l, " copy ", k);
+                REQUIRE(den > 0);
+                CHECK(std::sqrt(num / den) <= 1e-6);
+            }
+    }
+    omp_set_num_threads(omp_get_num_procs());
+}
+
+TEST_CASE("gradient check: MoT") { gradient_check(tiny(3)); }
+TEST_CASE("gradient check: dense") { gradient_check(tiny(1)); }
+TEST_CASE("gradient check: MoT, attention tied") { gradient_check(tiny(3, 1, 0, 0)); }
+TEST_CASE("gradient check: MoT, FFN tied") { gradient_check(tiny(3, 0, 1, 0)); }
+TEST_CASE("gradient check: MoT, norms tied") { gradient_check(tiny(3, 0, 0, 1)); }
+
+TEST_CASE("parameter table: copies follow the tying switches; each extra tower adds 4D^2 + 3DF + gains per layer") {
+    MotConfig c = tiny(3, 0, 1, 0);
+    MotParamTable t = mot_param_table(c);
+    CHECK(t.p[P_WQ].copies == 3);
+    CHECK(t.p[P_W1].copies == 1);
+    CHECK(t.p[P_GATTN].copies == 3);
+    CHECK(t.p[P_EMB].copies == 1);
+    CHECK(t.p[P_HEAD].copies == 1);
+    CHECK(t.p[P_HEAD].offset + t.p[P_HEAD].size() == t.total);
+    MotConfig d = tiny(1), k3 = tiny(3);
+    const size_t D = 24, F = 64, Dh = 12, L = d.n_layer;  // F = 8D/3: matrices add 12 D^2 per tower
+    d.d_model = k3.d_model = D; d.d_ff = k3.d_ff = F; d.n_head = k3.n_head = 2;
+    const size_t extra = mot_param_table(k3).total - mot_param_table(d).total;
+    const size_t per_layer = 4 * D * D + 3 * D * F + 2 * Dh + 2 * D;  // Wq Wk Wv Wo, W1 W3 W2, gq gk, g_attn g_ffn
+    CHECK(4 * D * D + 3 * D * F == 12 * D * D);
+    CHECK(extra == 2 * (L * per_layer + D));                           // + g_out, for 2 extra towers
+}
+
+TEST_CASE("causality: changing the token at position j changes no logit before j") {
+    MotConfig c = tiny(3);
+    MotModel<double> m;
+    mot_init(&m, c, 1);
+    randomize(&m, 2);
+    MotBatch b = random_batch(c, 1, 10, 5);
+    mot_forward(&m, b);
+    std::vector<double> before;
+    for (int i = 0; i < 10; i++)
+        for (int v = 0; v < c.vocab; v++) before.push_back(mot_logit(m, b, i, v));
+    const int j = 6;
+    MotBatch b2 = b;
+    b2.tokens[j] = (b.tokens[j] + 7) % c.vocab;  // likely another modality: the grouping changes too
+    mot_group(c, &b2);
+    mot_forward(&m, b2);
+    bool same_before = true, changed_at = false;
+    for (int i = 0; i < 10; i++)
+        for (int v = 0; v < c.vocab; v++) {
+            const double x = mot_logit(m, b2, i, v);
+            if (i < j && x != before[(size_t)i * c.vocab + v]) same_before = false;
+            if (i == j && x != before[(size_t)i * c.vocab + v]) changed_at = true;
+        }
+    CHECK(same_before);
+    CHECK(changed_at);
+}
+
+TEST_CASE("MoT with identical towers equals dense; per-tower gradients sum to dense gradients") {
+    MotConfig cm = tiny(3), cd = tiny(1);
+    MotModel<double> dense, mot;
+    mot_init(&dense, cd, 1);
+    randomize(&dense, 4);
+    mot_init(&mot, cm, 1);
+    for (int p = 0; p < P_COUNT; p++) {  // copy dense tensor into every tower copy
+        const MotParamInfo &di = dense.tab.p[p], &mi = mot.tab.p[p];
+        for (int l = 0; l < mi.layers; l++)
+            for (int k = 0; k < mi.copies; k++)
+                std::copy(dense.params.begin() + di.at(l, 0), dense.params.begin() + di.at(l, 0) + di.each(),
+                          mot.params.begin() + mi.at(l, k));
+    }
+    MotBatch b = random_batch(cm, 2, 10, 8);
+    double ld = mot_forward(&dense, b), lm = mot_forward(&mot, b);
+    CHECK(ld == lm);
+    bool exact = true;
+    for (int i = 0; i < b.B * b.T; i++)
+        for (int v = 0; v < cm.vocab; v++) exact &= mot_logit(dense, b, i, v) == mot_logit(mot, b, i, v);
+    CHECK(exact);
+    mot_zero_grad(&dense); mot_backward(&dense, b);
+    mot_zero_grad(&mot); mot_backward(&mot, b);
+    for (int p = 0; p < P_COUNT; p++) {
+        const MotParamInfo &di = dense.tab.p[p], &mi = mot.tab.p[p];
+        double worst = 0;
+        for (int l = 0; l < mi.layers; l++)
+            for (size_t i = 0; i < di.each(); i++) {
+                double sum = 0;
+                for (int k = 0; k < mi.copies; k++) sum += mot.grads[mi.at(l, k) + i];
+                const double ref = dense.grads[di.at(l, 0) + i];
+                worst = std::max(worst, std::fabs(sum - ref) / (std::fabs(ref) + 1e-12));
+            }
+        INFO(di.name);
+        CHECK(worst < 1e-9);
+    }
+}
+
+TEST_CASE("isolation: a batch with no image tokens leaves every image-tower gradient exactly zero") {
+    MotConfig c = tiny(3);
+    MotModel<double> m;
+    mot_init(&m, c, 1);
+    randomize(&m, 3);
+    MotBatch b = random_batch(c, 2, 10, 9, {MOD_TEXT, MOD_SPEECH});
+    REQUIRE(b.group[2] == b.group[1]);
+    mot_forward(&m, b);
+    mot_zero_grad(&m);
+    mot_backward(&m, b);
+    for (int p = 0; p < P_COUNT; p++) {
+        const MotParamInfo& in = m.tab.p[p];
+        if (in.copies == 1) continue;
+        for (int l = 0; l < in.layers; l++) {
+            double img = 0, txt = 0;
+            for (size_t i = 0; i < in.each(); i++) {
+                img += std::fabs(m.grads[in.at(l, MOD_IMAGE) + i]);
+                txt += std::fabs(m.grads[in.at(l, MOD_TEXT) + i]);
+            }
+            INFO(in.name, " layer ", l);
+            CHECK(img == 0.0);
+            CHECK(txt > 0.0);
+        }
+    }
+}
+
+TEST_CASE("AdamW: one step against the formula worked by hand") {
+    MotModel<double> m;
+    mot_init(&m, tiny(1), 1);
+    MotOptim o;
+    o.lr = 0.01; o.warmup = 1; o.steps = 10; o.grad_clip = 0;
+    std::fill(m.grads.begin(), m.grads.end(), 0.0);
+    const size_t iw = m.tab.p[P_WQ].offset, ig = m.tab.p[P_GQ].offset;  // a decayed matrix, a gain
+    m.params[iw] = 0.5; m.grads[iw] = 0.2;
+    m.params[ig] = 1.5; m.grads[ig] = -0.4;
+    mot_adamw_step(&m, o, 0);
+    // step 1: m = 0.1 g, v = 0.05 g^2; mhat = g, vhat = g^2; update = lr * g / (|g| + eps)
+    const double lr = 0.01;  // warmup 1: the first step is at peak
+    CHECK(m.params[iw] == doctest::Approx(0.5 - lr * 0.1 * 0.5 - lr * 0.2 / (0.2 + 1e-8)).epsilon(1e-14));
+    CHECK(m.params[ig] == doctest::Approx(1.5 + lr * 0.4 / (0.4 + 1e-8)).epsilon(1e-14));
+    CHECK(m.adam_m[iw] == doctest::Approx(0.1 * 0.2));
+    CHECK(m.adam_v[iw] == doctest::Approx(0.05 * 0.04));
+    // second step with the same gradient: m = 0.19 g, v = 0.0975 g^2, bias corrections 0.19, 0.0975
+    const double w1 = m.params[iw];
+    mot_adamw_step(&m, o, 1);
+    const double lr2 = mot_lr_at(o, 1);
+    CHECK(m.params[iw] == doctest::Approx(w1 - lr2 * 0.1 * w1 - lr2 * 0.2 / (0.2 + 1e-8)).epsilon(1e-12));
+}
+
+TEST_CASE("AdamW: global-norm clipping scales every gradient by clip / norm") {
+    MotModel<double> m;
+    mot_init(&m, tiny(1), 1);
+    MotOptim o;
+    o.grad_clip = 1.0; o.weight_decay = 0; o.warmup = 1;
+    std::fill(m.grads.begin(), m.grads.end(), 0.0);
+    const size_t i0 = m.tab.p[P_WQ].offset, i1 = m.tab.p[P_HEAD].offset;
+    m.grads[i0] = 3; m.grads[i1] = 4;  // norm 5
+    double norm = mot_adamw_step(&m, o, 0);
+    CHECK(norm == doctest::Approx(5.0));
+    CHECK(m.adam_m[i0] == doctest::Approx(0.1 * 3 / (5 + 1e-6)));
+    CHECK(m.adam_m[i1] == doctest::Approx(0.1 * 4 / (5 + 1e-6)));
+    m.grads[i0] = 0.3; m.grads[i1] = 0.4; m.adam_m[i0] = 0;  // norm 0.5: not clipped
+    mot_adamw_step(&m, o, 1);
+    CHECK(m.adam_m[i0] == doctest::Approx(0.1 * 0.3));
+}
+
+TEST_CASE("schedule: linear warmup, peak, cosine to the floor") {
+    MotOptim o;
+    o.lr = 1e-3; o.warmup = 10; o.steps = 110; o.min_lr_frac = 0.05;
+    CHECK(mot_lr_at(o, 0) == doctest::Approx(1e-4));
+    CHECK(mot_lr_at(o, 4) == doctest::Approx(5e-4));
+    CHECK(mot_lr_at(o, 9) == doctest::Approx(1e-3));
+    CHECK(mot_lr_at(o, 10) == doctest::Approx(1e-3));                      // peak
+    CHECK(mot_lr_at(o, 59) == doctest::Approx(0.5 * (1e-3 + 5e-5)).epsilon(1e-2));  // half way
+    CHECK(mot_lr_at(o, 109) == doctest::Approx(5e-5));                     // end: floor
+}
+
+TEST_CASE("a small model overfits one batch: loss from ~log(V) to below 0.05 in 150 steps") {
+    MotConfig c = tiny(3);
+    c.d_model = 32; c.n_head = 4; c.d_ff = 64; c.vocab = 48; c.image_begin = 24; c.speech_begin = 36; c.max_seq = 16;
+    MotModel<float> m;
+    mot_init(&m, c, 1);
+    MotBatch b = random_batch(c, 2, 16, 21);
+    MotOptim o;
+    o.lr = 1e-2; o.warmup = 10; o.steps = 150; o.weight_decay = 0;
+    const double first = mot_forward(&m, b);
+    CHECK(first == doctest::Approx(std::log(48.0)).epsilon(0.1));
+    double last = first;
+    for (int s = 0; s < o.steps; s++) {
+        last = mot_forward(&m, b);
+        mot_zero_grad(&m);
+        mot_backward(&m, b);
+        mot_adamw_step(&m, o, s);
+    }
+    last = mot_forward(&m, b);
+    MESSAGE("overfit: loss ", first, " -> ", last);
+    CHECK(last < 0.05);
+}
+
+TEST_CASE("grouping: rows sorted by modality, stable, and the index lists invert each other") {
+    MotConfig c = tiny(3);
+    MotBatch b = random_batch(c, 3, 10, 77);
+    for (int r = 0; r < 30; r++) {
+        CHECK(b.row_of[b.order[r]] == r);
+        int md = mot_modality(c, b.tokens[b.order[r]]);
+        CHECK(r >= b.group[md]);
+        CHECK(r < b.group[md + 1]);
+        if (r > 0 && mot_modality(c, b.tokens[b.order[r - 1]]) == md) CHECK(b.order[r - 1] < b.order[r]);
+    }
+}
