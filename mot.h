@@ -714,8 +714,18 @@ inline double mot_lr_at(const MotOptim& o, int step) {
 
 template <typename S>
 double mot_grad_norm(const MotModel<S>& m) {
-    double ss = 0;  // in order, in double: deterministic and accurate
-    for (size_t i = 0; i < m.grads.size(); i++) ss += double(m.grads[i]) * double(m.grads[i]);
+    // Fixed chunks summed in double, then the chunk sums in order: the same result whatever the
+    // number of threads (a resumed run must reproduce an uninterrupted one bit for bit).
+    const size_t n = m.grads.size(), chunk = 1 << 16, nchunks = (n + chunk - 1) / chunk;
+    std::vector<double> part(nchunks, 0.0);
+#pragma omp parallel for schedule(static)
+    for (long c = 0; c < (long)nchunks; c++) {
+        double ss = 0;
+        for (size_t i = c * chunk; i < std::min(n, (c + 1) * chunk); i++) ss += double(m.grads[i]) * double(m.grads[i]);
+        part[c] = ss;
+    }
+    double ss = 0;
+    for (double p : part) ss += p;
     return sqrt(ss);
 }
 
@@ -728,20 +738,20 @@ double mot_adamw_step(MotModel<S>* m, const MotOptim& o, int step) {
     const double clip = (o.grad_clip > 0 && norm > o.grad_clip) ? o.grad_clip / (norm + 1e-6) : 1.0;
     const double lr = mot_lr_at(o, step), t = step + 1;
     const double bc1 = 1.0 - pow(o.beta1, t), bc2 = 1.0 - pow(o.beta2, t);
+    const S b1 = S(o.beta1), b2 = S(o.beta2), inv_bc1 = S(1 / bc1), inv_bc2 = S(1 / bc2), eps = S(o.eps);
+    const S lr_s = S(lr), scale = S(clip);
     for (int p = 0; p < P_COUNT; p++) {
         const MotParamInfo& info = m->tab.p[p];
-        const double decay = info.decay ? lr * o.weight_decay : 0.0;
+        const S keep = S(1.0 - (info.decay ? lr * o.weight_decay : 0.0));  // decoupled weight decay
         S *w = m->params.data() + info.offset, *gr = m->grads.data() + info.offset;
         S *mm = m->adam_m.data() + info.offset, *vv = m->adam_v.data() + info.offset;
         const long n = (long)info.size();
 #pragma omp parallel for schedule(static)
         for (long i = 0; i < n; i++) {
-            const S gi = S(gr[i] * clip);
-            mm[i] = S(o.beta1) * mm[i] + S(1 - o.beta1) * gi;
-            vv[i] = S(o.beta2) * vv[i] + S(1 - o.beta2) * gi * gi;
-            const S mhat = mm[i] / S(bc1), vhat = vv[i] / S(bc2);
-            w[i] -= S(decay) * w[i];
-            w[i] -= S(lr) * mhat / (std::sqrt(vhat) + S(o.eps));
+            const S gi = gr[i] * scale;
+            mm[i] = b1 * mm[i] + (S(1) - b1) * gi;
+            vv[i] = b2 * vv[i] + (S(1) - b2) * gi * gi;
+            w[i] = w[i] * keep - lr_s * (mm[i] * inv_bc1) / (std::sqrt(vv[i] * inv_bc2) + eps);
         }
     }
     return norm;
