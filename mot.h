@@ -1120,3 +1120,114 @@ inline bool mot_read_debug_state(const std::string& path, MotDebugState* d, std:
     }
     return true;
 }
+
+// ============================================================================================
+// 8. Generation: one token at a time with a KV cache
+// ============================================================================================
+// The same math as mot_forward for a single sequence, fed one token per call: each layer keeps
+// the keys (after QK-norm and RoPE) and values of every earlier position, so a new token costs
+// one row of every projection plus attention over the cache.
+template <typename S>
+struct MotKVCache {
+    int len = 0, cap = 0;
+    std::vector<S> k, v;  // L x cap x D
+};
+
+template <typename S>
+void mot_kv_init(MotKVCache<S>* kv, const MotConfig& c, int cap) {
+    kv->len = 0;
+    kv->cap = std::min(cap, c.max_seq);
+    kv->k.assign((size_t)c.n_layer * kv->cap * c.d_model, S(0));
+    kv->v.assign((size_t)c.n_layer * kv->cap * c.d_model, S(0));
+}
+
+// Feeds `token` at position kv->len and writes the next-token logits (V values). Returns false
+// when the cache is full (the position would reach max_seq).
+template <typename S>
+bool mot_decode_step(MotModel<S>* m, MotKVCache<S>* kv, int token, S* logits) {
+    const MotConfig& c = m->cfg;
+    if (kv->len >= kv->cap) return false;
+    const int D = c.d_model, H = c.n_head, Dh = D / H, half = Dh / 2, F = c.d_ff, pos = kv->len;
+    const int md = mot_modality(c, token);
+    const MotParamTable& t = m->tab;
+    auto copy = [&](int p) { return t.p[p].copies == 1 ? 0 : md; };
+    auto W = [&](int p, int l) { return m->param(p, l, copy(p)); };
+    std::vector<S> x(m->param(P_EMB) + (size_t)token * D, m->param(P_EMB) + (size_t)(token + 1) * D);
+    std::vector<S> q(D), k(D), v(D), o(D), a(D), h(D), y(D), u1(F), u3(F), u(F), y2(D), rs(H);
+    const int32_t one_row[MOT_N_MOD + 1] = {0, md >= 1 ? 0 : 1, md >= 2 ? 0 : 1, 1};  // a batch of one row
+    auto lin = [&](S* out, const S* in, int p, int l) {
+        matmul(out, t.p[p].cols, in, t.p[p].rows, false, W(p, l), t.p[p].cols, false, 1, t.p[p].cols, t.p[p].rows, false);
+    };
+    const S scale = S(1) / std::sqrt(S(Dh));
+    for (int l = 0; l < c.n_layer; l++) {
+        lin(q.data(), x.data(), P_WQ, l);
+        lin(k.data(), x.data(), P_WK, l);
+        lin(v.data(), x.data(), P_WV, l);
+        rmsnorm_forward(q.data(), rs.data(), q.data(), m->param(P_GQ, l), t.p[P_GQ].copies, one_row, H, Dh, H);
+        rmsnorm_forward(k.data(), rs.data(), k.data(), m->param(P_GK, l), t.p[P_GK].copies, one_row, H, Dh, H);
+        const S *cs = m->rope_cos.data() + (size_t)pos * half, *sn = m->rope_sin.data() + (size_t)pos * half;
+        for (S* z : {q.data(), k.data()})
+            for (int hh = 0; hh < H; hh++)
+                for (int j = 0; j < half; j++) {
+                    S *z1 = z + hh * Dh + j, *z2 = z1 + half, a1 = *z1, a2 = *z2;
+                    *z1 = a1 * cs[j] - a2 * sn[j];
+                    *z2 = a1 * sn[j] + a2 * cs[j];
+                }
+        S* Kc = kv->k.data() + (size_t)l * kv->cap * D;
+        S* Vc = kv->v.data() + (size_t)l * kv->cap * D;
+        std::copy(k.begin(), k.end(), Kc + (size_t)pos * D);
+        std::copy(v.begin(), v.end(), Vc + (size_t)pos * D);
+        std::vector<S> p(pos + 1);
+        for (int hh = 0; hh < H; hh++) {
+            S mx = -INFINITY, sum = 0;
+            for (int j = 0; j <= pos; j++) {
+                S s = 0;
+                for (int d = 0; d < Dh; d++) s += q[hh * Dh + d] * Kc[(size_t)j * D + hh * Dh + d];
+                p[j] = s * scale;
+                mx = std::max(mx, p[j]);
+            }
+            for (int j = 0; j <= pos; j++) { p[j] = std::exp(p[j] - mx); sum += p[j]; }
+            for (int d = 0; d < Dh; d++) o[hh * Dh + d] = 0;
+            for (int j = 0; j <= pos; j++)
+                for (int d = 0; d < Dh; d++) o[hh * Dh + d] += p[j] / sum * Vc[(size_t)j * D + hh * Dh + d];
+        }
+        lin(a.data(), o.data(), P_WO, l);
+        rmsnorm_forward(h.data(), rs.data(), a.data(), m->param(P_GATTN, l), t.p[P_GATTN].copies, one_row, 1, D, 1);
+        for (int j = 0; j < D; j++) h[j] += x[j];
+        lin(u1.data(), h.data(), P_W1, l);
+        lin(u3.data(), h.data(), P_W3, l);
+        swiglu_forward(u.data(), u1.data(), u3.data(), F);
+        lin(y2.data(), u.data(), P_W2, l);
+        rmsnorm_forward(x.data(), rs.data(), y2.data(), m->param(P_GFFN, l), t.p[P_GFFN].copies, one_row, 1, D, 1);
+        for (int j = 0; j < D; j++) x[j] += h[j];
+    }
+    rmsnorm_forward(y.data(), rs.data(), x.data(), m->param(P_GOUT), t.p[P_GOUT].copies, one_row, 1, D, 1);
+    matmul(logits, c.vocab, y.data(), D, false, m->param(P_HEAD), c.vocab, false, 1, c.vocab, D, false);
+    kv->len++;
+    return true;
+}
+
+// Samples an id in [lo, hi) from softmax(logits / temperature), keeping the top_k most likely
+// (top_k <= 0: all). temperature <= 0 is greedy (ties go to the lowest id). Deterministic for rng.
+template <typename S>
+int mot_sample(const S* logits, int lo, int hi, double temperature, int top_k, uint64_t* rng) {
+    int best = lo;
+    for (int j = lo; j < hi; j++)
+        if (logits[j] > logits[best]) best = j;
+    if (temperature <= 0 || hi - lo == 1) return best;
+    std::vector<std::pair<double, int>> c;
+    for (int j = lo; j < hi; j++) c.push_back({double(logits[j]), j});
+    if (top_k > 0 && top_k < (int)c.size()) {
+        std::partial_sort(c.begin(), c.begin() + top_k, c.end(), [](auto& a, auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+        c.resize(top_k);
+    }
+    double mx = c[0].first, sum = 0;
+    for (auto& e : c) mx = std::max(mx, e.first);
+    for (auto& e : c) { e.first = exp((e.first - mx) / temperature); sum += e.first; }
+    double u = mot_rand_uniform(rng) * sum;
+    for (auto& e : c) {
+        if (u < e.first) return e.second;
+        u -= e.first;
+    }
+    return c.back().second;
+}

@@ -278,3 +278,37 @@ TEST_CASE("grouping: rows sorted by modality, stable, and the index lists invert
         if (r > 0 && mot_modality(c, b.tokens[b.order[r - 1]]) == md) CHECK(b.order[r - 1] < b.order[r]);
     }
 }
+
+TEST_CASE("generation: the KV-cache decode gives the logits of the full forward, position by position") {
+    for (int towers : {3, 1}) {
+        MotConfig c = tiny(towers);
+        MotModel<double> m;
+        mot_init(&m, c, 1);
+        randomize(&m, 5);
+        MotBatch b = random_batch(c, 1, 10, 13);
+        mot_forward(&m, b);
+        MotKVCache<double> kv;
+        mot_kv_init(&kv, c, c.max_seq);
+        std::vector<double> lg(c.vocab);
+        double worst = 0;
+        for (int i = 0; i < 10; i++) {
+            REQUIRE(mot_decode_step(&m, &kv, b.tokens[i], lg.data()));
+            for (int v = 0; v < c.vocab; v++) worst = std::max(worst, std::fabs(lg[v] - mot_logit(m, b, i, v)));
+        }
+        CHECK(worst < 1e-12);
+        CHECK_FALSE(mot_decode_step(&m, &kv, 0, lg.data()));  // cache full at max_seq
+    }
+}
+
+TEST_CASE("sampling: greedy takes the argmax, top-k 1 equals greedy, the range is respected") {
+    std::vector<float> lg = {0.1f, 3.0f, 2.0f, 5.0f, -1.0f};
+    uint64_t rng = 1;
+    CHECK(mot_sample(lg.data(), 0, 5, 0.0, 0, &rng) == 3);
+    CHECK(mot_sample(lg.data(), 0, 3, 0.0, 0, &rng) == 1);
+    CHECK(mot_sample(lg.data(), 0, 5, 1.0, 1, &rng) == 3);
+    int counts[5] = {0, 0, 0, 0, 0};
+    for (int i = 0; i < 2000; i++) counts[mot_sample(lg.data(), 1, 4, 1.0, 2, &rng)]++;
+    CHECK(counts[0] == 0); CHECK(counts[2] == 0); CHECK(counts[4] == 0);
+    CHECK(counts[3] > counts[1]);  // p(3) / p(1) = e^2
+    CHECK(counts[1] > 100);
+}
