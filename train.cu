@@ -10,6 +10,7 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <sys/stat.h>
 #ifdef __CUDACC__
 #include <cuda_runtime.h>
 #endif
@@ -19,8 +20,9 @@ struct Args {
     MotOptim opt;
     int batch = 8, seq = 128, accum = 1;
     uint64_t seed = 1;
-    std::string data = "data/default/train_*.bin", val, init_from, save, debug_state, log;
-    int save_every = 0, eval_every = 0, eval_batches = 4, log_every = 1, threads = 0;
+    std::string data = "data/default/train_*.bin", val, init_from, save, debug_state, log, out;
+    int save_every = 0, keep = 3, eval_every = 0, eval_batches = 4, log_every = 1, threads = 0;
+    bool resume = false;
     std::vector<std::string> set;  // the model-shape flags the user gave (checked against --init-from)
 };
 
@@ -51,13 +53,16 @@ static void usage(FILE* f) {
             "  --clip X          global gradient-norm clip, 0 = off        (1.0)\n"
             "  --seed N          initialisation and data order             (1)\n"
             "checkpoints, evaluation and logs:\n"
-            "  --init-from FILE  start from a checkpoint (resumes its step and optimizer)\n"
-            "  --save FILE       write a checkpoint at the end (atomically)\n"
+            "  --out DIR         run folder: log.csv, step_NNNNNN.ckpt every --save-every steps, model.ckpt\n"
+            "  --resume          continue from the newest DIR/step_*.ckpt (with --out)\n"
+            "  --init-from FILE  start from a checkpoint (resumes its step, optimizer and data order)\n"
+            "  --save FILE       write a checkpoint at the end (atomically)  (DIR/model.ckpt with --out)\n"
             "  --save-every N    also every N steps                        (0 = only at the end)\n"
+            "  --keep N          periodic checkpoints kept in DIR          (3)\n"
             "  --eval-every N    validation loss every N steps (with --val) (0 = only at the end)\n"
             "  --eval-batches N  batches per validation                    (4)\n"
             "  --debug-state F   write the debug state of the first batch (see README)\n"
-            "  --log FILE        also append one CSV line per step to FILE\n"
+            "  --log FILE        append one CSV line per step to FILE      (DIR/log.csv with --out)\n"
             "  --log-every N     print every N steps                       (1)\n"
             "  --threads N       OpenMP threads                            (all cores)\n");
 }
@@ -112,7 +117,7 @@ static Args parse_args(int argc, char** argv) {
         else if (f == "--seq") a.seq = parse_int("--seq", val(), 1, 1 << 20);
         else if (f == "--accum") a.accum = parse_int("--accum", val(), 1, 1 << 16);
         else if (f == "--steps") a.opt.steps = parse_int("--steps", val(), 0, 1 << 30);
-        else if (f == "--lr") a.opt.lr = parse_float("--lr", val(), 0, 10);
+        else if (f == "--lr") a.opt.lr = parse_float("--lr", val(), 0, 1e38);
         else if (f == "--warmup") a.opt.warmup = parse_int("--warmup", val(), 1, 1 << 30);
         else if (f == "--min-lr") a.opt.min_lr_frac = parse_float("--min-lr", val(), 0, 1);
         else if (f == "--wd") a.opt.weight_decay = parse_float("--wd", val(), 0, 10);
@@ -120,6 +125,9 @@ static Args parse_args(int argc, char** argv) {
         else if (f == "--seed") a.seed = parse_int("--seed", val(), 0, 0x7fffffffffffffffL);
         else if (f == "--init-from") a.init_from = val();
         else if (f == "--save") a.save = val();
+        else if (f == "--out") a.out = val();
+        else if (f == "--resume") a.resume = true;
+        else if (f == "--keep") a.keep = parse_int("--keep", val(), 1, 1 << 20);
         else if (f == "--save-every") a.save_every = parse_int("--save-every", val(), 0, 1 << 30);
         else if (f == "--eval-every") a.eval_every = parse_int("--eval-every", val(), 0, 1 << 30);
         else if (f == "--eval-batches") a.eval_batches = parse_int("--eval-batches", val(), 1, 1 << 20);
@@ -130,8 +138,22 @@ static Args parse_args(int argc, char** argv) {
         else die("unknown flag '" + f + "' (see train --help)", 2);
     }
     if (!ffn_set) a.cfg.d_ff = 3 * a.cfg.d_model;
+    if (a.resume && a.out.empty()) die("--resume needs --out DIR (the run folder to resume)", 2);
+    if (a.resume && !a.init_from.empty()) die("give either --resume or --init-from, not both", 2);
     a.cfg.max_seq = a.seq;
     return a;
+}
+
+// The periodic checkpoints of a run folder, oldest first (names sort by step).
+static std::vector<std::string> periodic_checkpoints(const std::string& dir) {
+    std::vector<std::string> out;
+    glob_t gl;
+    if (glob((dir + "/step_*.ckpt").c_str(), 0, nullptr, &gl) == 0) {
+        out.assign(gl.gl_pathv, gl.gl_pathv + gl.gl_pathc);
+        globfree(&gl);
+    }
+    std::sort(out.begin(), out.end());
+    return out;
 }
 
 static double now_s() {
@@ -179,6 +201,16 @@ int main(int argc, char** argv) {
     if (a.threads) omp_set_num_threads(a.threads);
 #endif
     std::string err;
+    if (!a.out.empty()) {
+        if (mkdir(a.out.c_str(), 0755) != 0 && errno != EEXIST) die(a.out + ": cannot create the run folder: " + strerror(errno));
+        if (a.log.empty()) a.log = a.out + "/log.csv";
+        if (a.save.empty()) a.save = a.out + "/model.ckpt";
+        if (a.resume) {
+            std::vector<std::string> ck = periodic_checkpoints(a.out);
+            if (ck.empty()) printf("resume: no checkpoint in %s yet, starting fresh\n", a.out.c_str());
+            else a.init_from = ck.back();
+        }
+    }
     if (!a.save.empty()) {  // find an unwritable --save now, not after hours of training
         FILE* f = fopen((a.save + ".tmp").c_str(), "wb");
         if (!f) die(a.save + ".tmp: cannot open for writing: " + strerror(errno));
@@ -238,16 +270,29 @@ int main(int argc, char** argv) {
 
     FILE* logf = nullptr;
     if (!a.log.empty()) {
+        struct stat sb;
+        const bool fresh = stat(a.log.c_str(), &sb) != 0 || sb.st_size == 0;
         logf = fopen(a.log.c_str(), "a");
         if (!logf) die(a.log + ": cannot open for appending: " + strerror(errno));
-        fprintf(logf, "step,loss,loss_text,loss_image,loss_speech,lr,grad_norm,tokens_per_s,val_loss,val_text,"
+        if (fresh) fprintf(logf, "step,loss,loss_text,loss_image,loss_speech,lr,grad_norm,tokens_per_s,val_loss,val_text,"
                       "val_image,val_speech\n");
     }
-    auto save = [&](int64_t step) {
-        if (a.save.empty()) return;
+    auto save = [&](const std::string& path, int64_t step) {
         MotTrainState s{step, loader.rng};
-        if (!mot_save_checkpoint(a.save, model, s, true, &err)) die(err);
-        printf("saved %s (step %lld)\n", a.save.c_str(), (long long)step);
+        if (!mot_save_checkpoint(path, model, s, true, &err)) die(err);
+        printf("saved %s (step %lld)\n", path.c_str(), (long long)step);
+    };
+    // Periodic: DIR/step_NNNNNN.ckpt keeping the newest --keep, or overwrite --save without --out.
+    auto save_periodic = [&](int64_t step) {
+        if (a.out.empty()) {
+            if (!a.save.empty()) save(a.save, step);
+            return;
+        }
+        char name[64];
+        snprintf(name, sizeof name, "/step_%06lld.ckpt", (long long)step);
+        save(a.out + name, step);
+        std::vector<std::string> ck = periodic_checkpoints(a.out);
+        for (size_t i = 0; i + a.keep < ck.size(); i++) remove(ck[i].c_str());
     };
 
     MotBatch batch;
@@ -291,12 +336,12 @@ int main(int argc, char** argv) {
                 printf("val  %5d | loss %.4f | text %.3f image %.3f speech %.3f\n", step + 1, vl, vm[0], vm[1], vm[2]);
         }
         if (logf) {
-            fprintf(logf, "%d,%.6f", step + 1, loss);
+            fprintf(logf, "%d,%.17g", step + 1, loss);  // exact: resumed runs are compared bit for bit
             for (int md = 0; md < 3; md++) fprintf(logf, ",%.6f", nmod[md] ? lmod[md] / nmod[md] : NAN);
             fprintf(logf, ",%.6e,%.6f,%.1f,%.6f,%.6f,%.6f,%.6f\n", lr, norm, tokens_per_step / dt, vl, vm[0], vm[1], vm[2]);
             fflush(logf);
         }
-        if (a.save_every && (step + 1) % a.save_every == 0 && !last) save(step + 1);
+        if (a.save_every && (step + 1) % a.save_every == 0) save_periodic(step + 1);
     }
     if (!a.debug_state.empty() && st.step >= a.opt.steps) {  // no step ran: still write the debug state
         mot_loader_next(&loader, a.cfg, a.batch, a.seq, &batch);
@@ -306,7 +351,7 @@ int main(int argc, char** argv) {
         if (!mot_write_debug_state(a.debug_state, mot_debug_capture(model, batch), &err)) die(err);
         printf("wrote debug state %s\n", a.debug_state.c_str());
     }
-    save(std::max<int64_t>(st.step, a.opt.steps));
+    if (!a.save.empty()) save(a.save, std::max<int64_t>(st.step, a.opt.steps));
     if (logf) fclose(logf);
     return 0;
 }

@@ -6,6 +6,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <map>
+
 #include "mot.h"
 
 static const MotVocab VOC{64, 24, 48};  // text [0,24) image [24,48) speech [48,64)
@@ -292,4 +294,77 @@ TEST_CASE("train: bad flags, bad values, missing and broken files") {
     write_bytes(tmp("junk.ckpt"), "MOTC\x01");
     expect_error(data + " --init-from " + tmp("junk.ckpt"), "junk.ckpt: truncated");
     expect_error(data + " --save /nonexistent/dir/x.ckpt", "/nonexistent/dir/x.ckpt.tmp: cannot open for writing");
+}
+
+// The loss column of a log.csv, as exact text, by step.
+static std::map<int, std::string> losses(const std::string& csv) {
+    std::map<int, std::string> out;
+    size_t pos = csv.find('\n') + 1;
+    while (pos < csv.size()) {
+        size_t end = csv.find('\n', pos);
+        std::string line = csv.substr(pos, end - pos);
+        size_t c1 = line.find(','), c2 = line.find(',', c1 + 1);
+        out[atoi(line.c_str())] = line.substr(c1 + 1, c2 - c1 - 1);
+        pos = end + 1;
+    }
+    return out;
+}
+
+TEST_CASE("train: a resumed run's losses are bitwise identical to an uninterrupted run's") {
+    auto toks = make_tokens(20000, 8);
+    std::string err, out;
+    REQUIRE(mot_write_shard(tmp("res_0.bin"), VOC, toks.data(), toks.size(), &err));
+    const std::string base = "./train --data " + tmp("res_0.bin") +
+                             " --layers 2 --dim 32 --heads 4 --seq 32 --batch 4 --warmup 5 --steps 24 --threads 2";
+    REQUIRE(run(base + " --out " + tmp("runA"), &out) == 0);
+    // run B saves every 4 steps, keeping the newest 2
+    REQUIRE(run(base + " --out " + tmp("runB") + " --save-every 4 --keep 2", &out) == 0);
+    std::string outc;
+    REQUIRE(run("ls " + tmp("runB"), &outc) == 0);
+    CHECK(outc.find("step_000020.ckpt") != std::string::npos);
+    CHECK(outc.find("step_000024.ckpt") != std::string::npos);
+    CHECK(outc.find("step_000016.ckpt") == std::string::npos);
+    // resume B from step 20 into a fresh folder and compare steps 21..24 with run A
+    REQUIRE(run("rm -rf " + tmp("runD") + " && mkdir " + tmp("runD") + " && cp " + tmp("runB") + "/step_000020.ckpt " +
+                tmp("runD") + "/", &outc) == 0);
+    REQUIRE(run(base + " --out " + tmp("runD") + " --resume", &out) == 0);
+    CHECK(out.find("resumed from") != std::string::npos);
+    auto a = losses(read_bytes(tmp("runA/log.csv"))), d = losses(read_bytes(tmp("runD/log.csv")));
+    REQUIRE(d.size() == 4);
+    for (int s = 21; s <= 24; s++) {
+        INFO("step ", s);
+        CHECK(d[s] == a[s]);
+    }
+    MotModel<float> ma, md;
+    MotConfig c;
+    REQUIRE(mot_read_checkpoint_config(tmp("runA/model.ckpt"), &c, &err));
+    mot_init(&ma, c, 1);
+    mot_init(&md, c, 1);
+    REQUIRE(mot_load_checkpoint(tmp("runA/model.ckpt"), &ma, nullptr, nullptr, &err));
+    REQUIRE(mot_load_checkpoint(tmp("runD/model.ckpt"), &md, nullptr, nullptr, &err));
+    CHECK(ma.params == md.params);  // and so are the final weights
+}
+
+TEST_CASE("train: a NaN or Inf loss stops the run with a message and keeps the last good checkpoint") {
+    auto toks = make_tokens(5000, 9);
+    std::string err, out;
+    REQUIRE(mot_write_shard(tmp("nan_0.bin"), VOC, toks.data(), toks.size(), &err));
+    // lr 1e30: after one update the weights overflow float and the next loss is not finite
+    int rc = run("./train --data " + tmp("nan_0.bin") + " --layers 1 --dim 16 --heads 2 --seq 16 --batch 2"
+                 " --warmup 1 --clip 0 --lr 1e30 --steps 10 --save-every 1 --out " + tmp("runN"), &out);
+    INFO(out);
+    CHECK(rc == 1);
+    CHECK(out.find("error: loss is") != std::string::npos);
+    CHECK(out.find("stopping") != std::string::npos);
+    MotConfig c;
+    REQUIRE(mot_read_checkpoint_config(tmp("runN/step_000001.ckpt"), &c, &err));
+    MotModel<float> m;
+    mot_init(&m, c, 1);
+    MotTrainState st;
+    REQUIRE(mot_load_checkpoint(tmp("runN/step_000001.ckpt"), &m, &st, nullptr, &err));
+    CHECK(st.step == 1);
+    bool finite = true;
+    for (float w : m.params) finite &= std::isfinite(w);
+    CHECK(finite);
+    CHECK(access(tmp("runN/model.ckpt").c_str(), F_OK) != 0);  // no final checkpoint of a broken model
 }
