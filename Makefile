@@ -4,8 +4,8 @@ CXXFLAGS ?= -std=c++17 -O3 -march=native -fopenmp -Wall -Wextra
 # nvcc if the CUDA toolkit is installed (on PATH or in /usr/local/cuda), else a g++-only build
 NVCC     ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 NVFLAGS  ?= -std=c++17 -O3 -Xcompiler -O3,-march=native,-fopenmp,-Wall -lgomp
-TESTBINS  = test/test_mot test/test_files test/test_bpe test/test_speech
-TOOLS     = tokenizers/bpe tokenizers/speech
+TESTBINS  = test/test_mot test/test_files test/test_bpe test/test_vq test/test_speech
+TOOLS     = tokenizers/bpe tokenizers/vq tokenizers/speech
 
 .PHONY: all test train bench clean
 all: train $(TOOLS)
