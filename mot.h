@@ -444,6 +444,7 @@ struct MotModel {
     // results of the last forward
     double loss = 0, loss_mod[MOT_N_MOD] = {0, 0, 0};
     int n_valid = 0, n_mod[MOT_N_MOD] = {0, 0, 0};
+    std::vector<double> pos_loss;  // -log p(target) per position, original order (0 where ignored)
 
     S* param(int p, int layer = 0, int copy = 0) { return params.data() + tab.p[p].at(layer, copy); }
     S* grad(int p, int layer = 0, int copy = 0) { return grads.data() + tab.p[p].at(layer, copy); }
@@ -748,6 +749,8 @@ void cross_entropy(MotModel<S>* m, const MotBatch& b) {
         mod_sum[md] += row_loss[r];
         mod_n[md]++;
     }
+    m->pos_loss.assign(N, 0.0);
+    for (int r = 0; r < N; r++) m->pos_loss[b.order[r]] = row_loss[r];
     m->n_valid = n_valid;
     m->loss = n_valid ? total / n_valid : 0.0;
     for (int md = 0; md < MOT_N_MOD; md++) {
@@ -1329,6 +1332,16 @@ void mot_kv_init(MotKVCache<S>* kv, const MotConfig& c, int cap) {
     kv->v.assign((size_t)c.n_layer * kv->cap * c.d_model, S(0));
 }
 
+// y[out] = x[in] W[in x out] for one row: no packing, since each weight is read once anyway.
+template <typename S>
+void mot_matvec(S* y, const S* x, const S* W, int in, int out) {
+    std::fill(y, y + out, S(0));
+    for (int k = 0; k < in; k++) {
+        const S xk = x[k], *w = W + (size_t)k * out;
+        for (int j = 0; j < out; j++) y[j] += xk * w[j];
+    }
+}
+
 // Feeds `token` at position kv->len and writes the next-token logits (V values). Returns false
 // when the cache is full (the position would reach max_seq).
 template <typename S>
@@ -1343,9 +1356,7 @@ bool mot_decode_step(MotModel<S>* m, MotKVCache<S>* kv, int token, S* logits) {
     std::vector<S> x(m->param(P_EMB) + (size_t)token * D, m->param(P_EMB) + (size_t)(token + 1) * D);
     std::vector<S> q(D), k(D), v(D), o(D), a(D), h(D), y(D), u1(F), u3(F), u(F), y2(D), rs(H);
     const int32_t one_row[MOT_N_MOD + 1] = {0, md >= 1 ? 0 : 1, md >= 2 ? 0 : 1, 1};  // a batch of one row
-    auto lin = [&](S* out, const S* in, int p, int l) {
-        matmul(out, t.p[p].cols, in, t.p[p].rows, false, W(p, l), t.p[p].cols, false, 1, t.p[p].cols, t.p[p].rows, false);
-    };
+    auto lin = [&](S* out, const S* in, int p, int l) { mot_matvec(out, in, W(p, l), t.p[p].rows, t.p[p].cols); };
     const S scale = S(1) / std::sqrt(S(Dh));
     for (int l = 0; l < c.n_layer; l++) {
         lin(q.data(), x.data(), P_WQ, l);
@@ -1390,7 +1401,7 @@ bool mot_decode_step(MotModel<S>* m, MotKVCache<S>* kv, int token, S* logits) {
         for (int j = 0; j < D; j++) x[j] += h[j];
     }
     rmsnorm_forward(y.data(), rs.data(), x.data(), m->param(P_GOUT), t.p[P_GOUT].copies, one_row, 1, D, 1);
-    matmul(logits, c.vocab, y.data(), D, false, m->param(P_HEAD), c.vocab, false, 1, c.vocab, D, false);
+    mot_matvec(logits, y.data(), m->param(P_HEAD), D, c.vocab);
     kv->len++;
     return true;
 }

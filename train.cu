@@ -5,12 +5,25 @@
 // GPU it says that the GPU path is not part of this build yet.
 //
 //   ./train --help                      all flags with their defaults
+//   ./train sample --help               generation from a checkpoint (text, image, speech)
 //   ./train --data 'data/x/train_*.bin' --steps 200 --save run/model.ckpt
 #include "mot.h"
+#define STB_IMAGE_IMPLEMENTATION
+#include <stb/stb_image.h>
+#define STB_IMAGE_WRITE_IMPLEMENTATION
+#include <stb/stb_image_write.h>
+#define BPE_IMPLEMENTATION
+#include "tokenizers/bpe.h"
+#define VQ_IMPLEMENTATION
+#include "tokenizers/vq.h"
+#define SPEECH_IMPLEMENTATION
+#include "tokenizers/speech.h"
 
 #include <chrono>
 #include <cstdlib>
+#include <map>
 #include <sys/stat.h>
+#include <unistd.h>
 #ifdef __CUDACC__
 #include <cuda_runtime.h>
 #endif
@@ -22,6 +35,8 @@ struct Args {
     uint64_t seed = 1;
     std::string data = "data/default/train_*.bin", val, init_from, save, debug_state, log, out;
     int save_every = 0, keep = 3, eval_every = 0, eval_batches = 4, log_every = 1, threads = 0;
+    int eval_items = 100, eval_gen = 2;
+    std::string tokenizers;  // dataset folder with text.bpe, image.vq, speech.sp (default: --data's folder)
     bool resume = false;
     std::vector<std::string> set;  // the model-shape flags the user gave (checked against --init-from)
 };
@@ -61,6 +76,10 @@ static void usage(FILE* f) {
             "  --keep N          periodic checkpoints kept in DIR          (3)\n"
             "  --eval-every N    validation loss every N steps (with --val) (0 = only at the end)\n"
             "  --eval-batches N  batches per validation                    (4)\n"
+            "  --eval-items N    items per downstream eval (image/speech -> caption)  (100)\n"
+            "  --eval-gen N      images generated per class for caption -> image, final eval  (2)\n"
+            "  --tokenizers DIR  dataset folder with the tokenizers, classes and eval sets\n"
+            "                    (default: the folder of --data); enables downstream eval and samples\n"
             "  --debug-state F   write the debug state of the first batch (see README)\n"
             "  --log FILE        append one CSV line per step to FILE      (DIR/log.csv with --out)\n"
             "  --log-every N     print every N steps                       (1)\n"
@@ -131,6 +150,9 @@ static Args parse_args(int argc, char** argv) {
         else if (f == "--save-every") a.save_every = parse_int("--save-every", val(), 0, 1 << 30);
         else if (f == "--eval-every") a.eval_every = parse_int("--eval-every", val(), 0, 1 << 30);
         else if (f == "--eval-batches") a.eval_batches = parse_int("--eval-batches", val(), 1, 1 << 20);
+        else if (f == "--eval-items") a.eval_items = parse_int("--eval-items", val(), 0, 1 << 20);
+        else if (f == "--eval-gen") a.eval_gen = parse_int("--eval-gen", val(), 0, 1 << 20);
+        else if (f == "--tokenizers") a.tokenizers = val();
         else if (f == "--debug-state") a.debug_state = val();
         else if (f == "--log") a.log = val();
         else if (f == "--log-every") a.log_every = parse_int("--log-every", val(), 1, 1 << 30);
@@ -180,6 +202,420 @@ static void evaluate(MotModel<float>* m, const std::string& pattern, const Args&
     for (int md = 0; md < 3; md++) mod[md] = mn[md] ? ms[md] / mn[md] : NAN;
 }
 
+
+// ============================================================================================
+// The dataset folder: tokenizers, classes, downstream eval sets (written by data/build.sh)
+// ============================================================================================
+struct DataDir {
+    std::string dir;
+    Bpe bpe;
+    VqModel vq;
+    SpeechModel sp;
+    std::vector<std::string> class_name, class_caption;  // per class, from classes.txt
+    std::vector<std::vector<uint16_t>> eval_image, eval_speech;  // documents BOS ... EOS
+    std::vector<int> eval_image_class, eval_speech_class;
+};
+
+// The folder of a glob pattern ("data/default/train_*.bin" -> "data/default").
+static std::string dir_of(const std::string& pattern) {
+    size_t p = pattern.rfind('/');
+    return p == std::string::npos ? "." : pattern.substr(0, p);
+}
+
+static bool load_tokenizers(const std::string& dir, const MotConfig& c, DataDir* d, std::string* err) {
+    d->dir = dir;
+    if (!bpe_load(&d->bpe, (dir + "/text.bpe").c_str(), err)) return false;
+    if (!vq_model_load((dir + "/image.vq").c_str(), &d->vq, err)) return false;
+    if (!speech_model_load(&d->sp, (dir + "/speech.sp").c_str(), err)) return false;
+    if (MOT_N_SPECIAL + bpe_vocab_size(d->bpe) > c.image_begin || c.image_begin + d->vq.codes > c.speech_begin ||
+        c.speech_begin + d->sp.K > c.vocab)
+        return mot_fail(err, dir, "tokenizer sizes do not fit the model's vocabulary layout");
+    return true;
+}
+
+// classes.txt: "index<TAB>name<TAB>caption" per line; eval_*.txt: "class<TAB>..." per document.
+static bool read_lines(const std::string& path, std::vector<std::vector<std::string>>* rows, std::string* err) {
+    FILE* f = fopen(path.c_str(), "r");
+    if (!f) return mot_fail(err, path, std::string("cannot open: ") + strerror(errno));
+    char line[4096];
+    while (fgets(line, sizeof line, f)) {
+        std::vector<std::string> cols;
+        std::string l = line;
+        while (!l.empty() && (l.back() == '\n' || l.back() == '\r')) l.pop_back();
+        size_t p = 0;
+        while (true) {
+            size_t q = l.find('\t', p);
+            cols.push_back(l.substr(p, q == std::string::npos ? std::string::npos : q - p));
+            if (q == std::string::npos) break;
+            p = q + 1;
+        }
+        rows->push_back(cols);
+    }
+    fclose(f);
+    return true;
+}
+
+static bool load_eval_set(const std::string& base, const MotConfig& c, int n_classes,
+                          std::vector<std::vector<uint16_t>>* docs, std::vector<int>* cls, std::string* err) {
+    MotShard s;
+    if (!mot_read_shard(base + ".bin", &s, err)) return false;
+    if (s.vocab.vocab != c.vocab || s.vocab.image_begin != c.image_begin || s.vocab.speech_begin != c.speech_begin)
+        return mot_fail(err, base + ".bin", "vocabulary layout differs from the model's");
+    for (size_t i = 0; i < s.tokens.size(); i++) {
+        if (s.tokens[i] == MOT_BOS) docs->push_back({});
+        if (!docs->empty()) docs->back().push_back(s.tokens[i]);
+    }
+    std::vector<std::vector<std::string>> rows;
+    if (!read_lines(base + ".txt", &rows, err)) return false;
+    if (rows.size() != docs->size())
+        return mot_fail(err, base + ".txt", std::to_string(rows.size()) + " labels for " + std::to_string(docs->size()) +
+                                                " documents in " + base + ".bin");
+    for (auto& r : rows) {
+        int k = atoi(r[0].c_str());
+        if (k < 0 || k >= n_classes) return mot_fail(err, base + ".txt", "class " + r[0] + " out of range");
+        cls->push_back(k);
+    }
+    return true;
+}
+
+// Loads classes and eval sets when the folder has them (returns false only on a broken file).
+static bool load_eval_sets(DataDir* d, const MotConfig& c, std::string* err) {
+    std::vector<std::vector<std::string>> rows;
+    const std::string cp = d->dir + "/classes.txt";
+    if (access(cp.c_str(), R_OK) != 0) return true;
+    if (!read_lines(cp, &rows, err)) return false;
+    for (auto& r : rows) {
+        if (r.size() < 3) return mot_fail(err, cp, "expected index<TAB>name<TAB>caption on every line");
+        d->class_name.push_back(r[1]);
+        d->class_caption.push_back(r[2]);
+    }
+    if (access((d->dir + "/eval_image.bin").c_str(), R_OK) == 0 &&
+        !load_eval_set(d->dir + "/eval_image", c, (int)rows.size(), &d->eval_image, &d->eval_image_class, err))
+        return false;
+    if (access((d->dir + "/eval_speech.bin").c_str(), R_OK) == 0 &&
+        !load_eval_set(d->dir + "/eval_speech", c, (int)rows.size(), &d->eval_speech, &d->eval_speech_class, err))
+        return false;
+    return true;
+}
+
+static std::vector<uint16_t> encode_text(DataDir* d, const std::string& text) {
+    std::vector<int> ids;
+    bpe_encode(&d->bpe, text.data(), text.size(), &ids);
+    std::vector<uint16_t> out;
+    for (int id : ids) out.push_back((uint16_t)(MOT_N_SPECIAL + id));
+    return out;
+}
+static std::string decode_text(DataDir* d, const std::vector<int>& ids) {
+    std::vector<int> local;
+    for (int id : ids)
+        if (id >= MOT_N_SPECIAL) local.push_back(id - MOT_N_SPECIAL);
+    std::string s, err;
+    bpe_decode(d->bpe, local.data(), local.size(), &s, &err);
+    return s;
+}
+
+// ============================================================================================
+// Scoring and generation
+// ============================================================================================
+// Mean -log p per token of each candidate continuation after a shared prefix, all candidates in
+// one batch (PAD after the shorter ones: causal attention never looks at it).
+static std::vector<double> score_candidates(MotModel<float>* m, std::vector<uint16_t> prefix,
+                                            const std::vector<std::vector<uint16_t>>& cands) {
+    size_t longest = 0;
+    for (auto& c : cands) longest = std::max(longest, c.size());
+    const size_t room = (size_t)m->cfg.max_seq + 1;
+    if (prefix.size() + longest > room) prefix.erase(prefix.begin(), prefix.end() - (room - longest));
+    MotBatch b;
+    b.B = (int)cands.size();
+    b.T = (int)(prefix.size() + longest - 1);
+    b.tokens.assign((size_t)b.B * b.T, MOT_PAD);
+    b.targets.assign((size_t)b.B * b.T, MOT_IGNORE);
+    for (int i = 0; i < b.B; i++) {
+        std::vector<uint16_t> seq = prefix;
+        seq.insert(seq.end(), cands[i].begin(), cands[i].end());
+        for (size_t t = 0; t + 1 < seq.size(); t++) {
+            b.tokens[(size_t)i * b.T + t] = seq[t];
+            if (t + 1 >= prefix.size()) b.targets[(size_t)i * b.T + t] = seq[t + 1];
+        }
+    }
+    mot_group(m->cfg, &b);
+    mot_forward(m, b);
+    std::vector<double> out(b.B, 0.0);
+    for (int i = 0; i < b.B; i++) {
+        for (int t = 0; t < b.T; t++) out[i] += m->pos_loss[(size_t)i * b.T + t];
+        out[i] /= cands[i].size();
+    }
+    return out;
+}
+
+// Continues `prompt` with up to max_new tokens drawn from [lo, hi); `stop` (if >= 0) may also be
+// drawn and ends the continuation (it is not returned). Greedy when temperature <= 0.
+static std::vector<int> generate(MotModel<float>* m, const std::vector<uint16_t>& prompt, int lo, int hi, int stop,
+                                 int max_new, double temperature, int top_k, uint64_t* rng) {
+    const int V = m->cfg.vocab;
+    MotKVCache<float> kv;
+    mot_kv_init(&kv, m->cfg, m->cfg.max_seq);
+    std::vector<float> logits(V), masked(V);
+    for (uint16_t t : prompt)
+        if (!mot_decode_step(m, &kv, t, logits.data())) return {};
+    std::vector<int> out;
+    while ((int)out.size() < max_new) {
+        std::fill(masked.begin(), masked.end(), -INFINITY);
+        std::copy(logits.begin() + lo, logits.begin() + hi, masked.begin() + lo);
+        if (stop >= 0) masked[stop] = logits[stop];
+        const int next = mot_sample(masked.data(), 0, V, temperature, top_k, rng);
+        if (next == stop) break;
+        out.push_back(next);
+        if (!mot_decode_step(m, &kv, next, logits.data())) break;  // context full
+    }
+    return out;
+}
+
+static std::vector<uint16_t> prompt_for(DataDir* d, const std::string& text, int begin_token) {
+    std::vector<uint16_t> p = {MOT_BOS};
+    std::vector<uint16_t> t = encode_text(d, text);
+    p.insert(p.end(), t.begin(), t.end());
+    if (begin_token >= 0) p.push_back((uint16_t)begin_token);
+    return p;
+}
+
+// Image codes (unified ids) -> pixels; false if any id is not an image code.
+static bool image_pixels(DataDir* d, const MotConfig& c, const std::vector<int>& ids, std::vector<uint8_t>* px) {
+    std::vector<int32_t> codes;
+    for (int id : ids) codes.push_back(id - c.image_begin);
+    px->assign((size_t)d->vq.side * d->vq.side, 0);
+    std::string err;
+    return (int)codes.size() == vq_tokens(d->vq) && vq_decode(d->vq, codes.data(), codes.size(), px->data(), &err);
+}
+
+// k-nearest-neighbour vote (k = 5, Euclidean on pixels) against the held-out real images.
+static int knn_class(const std::vector<std::vector<uint8_t>>& ref, const std::vector<int>& ref_cls,
+                     const std::vector<uint8_t>& px, int skip = -1) {
+    std::vector<std::pair<double, int>> dist;
+    for (size_t i = 0; i < ref.size(); i++) {
+        if ((int)i == skip) continue;
+        double s = 0;
+        for (size_t j = 0; j < px.size(); j++) { double e = double(px[j]) - ref[i][j]; s += e * e; }
+        dist.push_back({s, ref_cls[i]});
+    }
+    const size_t k = std::min<size_t>(5, dist.size());
+    std::partial_sort(dist.begin(), dist.begin() + k, dist.end());
+    std::map<int, int> votes;
+    int best = -1;
+    for (size_t i = 0; i < k; i++)
+        if (++votes[dist[i].second] > (best < 0 ? 0 : votes[best])) best = dist[i].second;
+    return best;
+}
+
+struct Downstream {
+    double img2cap = NAN, sp2cap = NAN, cap2img = NAN, knn_ceiling = NAN;
+    int n_img = 0, n_sp = 0, n_gen = 0;
+};
+
+// Image -> caption and speech -> caption: pick the class whose caption the model finds most
+// likely after the image (or the speech); caption -> image: generate an image for each class's
+// caption and classify it with a k-NN on held-out real images.
+static Downstream eval_downstream(MotModel<float>* m, DataDir* d, int max_items, int gen_per_class, uint64_t seed) {
+    Downstream r;
+    const int C = (int)d->class_caption.size();
+    if (C == 0) return r;
+    std::vector<std::vector<uint16_t>> caps;
+    for (int k = 0; k < C; k++) {
+        caps.push_back(encode_text(d, d->class_caption[k]));
+        caps.back().push_back(MOT_EOS);
+    }
+    auto classify = [&](const std::vector<std::vector<uint16_t>>& docs, const std::vector<int>& cls, int* n) {
+        int right = 0;
+        *n = std::min<int>(max_items, (int)docs.size());
+        for (int i = 0; i < *n; i++) {
+            std::vector<uint16_t> prefix(docs[i].begin(), docs[i].end() - 1);  // drop EOS
+            std::vector<double> s = score_candidates(m, prefix, caps);
+            right += (int)(std::min_element(s.begin(), s.end()) - s.begin()) == cls[i];
+        }
+        return *n ? double(right) / *n : NAN;
+    };
+    if (!d->eval_image.empty()) r.img2cap = classify(d->eval_image, d->eval_image_class, &r.n_img);
+    if (!d->eval_speech.empty()) r.sp2cap = classify(d->eval_speech, d->eval_speech_class, &r.n_sp);
+    if (gen_per_class > 0 && !d->eval_image.empty()) {
+        std::vector<std::vector<uint8_t>> ref;
+        std::vector<int> ref_cls;
+        for (size_t i = 0; i < d->eval_image.size(); i++) {
+            const auto& doc = d->eval_image[i];
+            std::vector<int> ids;
+            for (uint16_t t : doc)
+                if (t >= m->cfg.image_begin && t < m->cfg.speech_begin) ids.push_back(t);
+            std::vector<uint8_t> px;
+            if (image_pixels(d, m->cfg, ids, &px)) { ref.push_back(px); ref_cls.push_back(d->eval_image_class[i]); }
+        }
+        int right = 0;
+        for (size_t i = 0; i < ref.size(); i++) right += knn_class(ref, ref_cls, ref[i], (int)i) == ref_cls[i];
+        r.knn_ceiling = ref.empty() ? NAN : double(right) / ref.size();
+        uint64_t rng = seed;
+        right = 0;
+        for (int k = 0; k < C; k++)
+            for (int g = 0; g < gen_per_class; g++) {
+                std::vector<int> ids = generate(m, prompt_for(d, d->class_caption[k], MOT_BOI), m->cfg.image_begin,
+                                                m->cfg.speech_begin, -1, vq_tokens(d->vq), 1.0, 0, &rng);
+                std::vector<uint8_t> px;
+                r.n_gen++;
+                if (image_pixels(d, m->cfg, ids, &px)) right += knn_class(ref, ref_cls, px) == k;
+            }
+        r.cap2img = r.n_gen ? double(right) / r.n_gen : NAN;
+    }
+    return r;
+}
+
+static void print_downstream(const Downstream& r, int step) {
+    printf("eval %5d | image->caption %.3f (%d) | speech->caption %.3f (%d)", step, r.img2cap, r.n_img, r.sp2cap, r.n_sp);
+    if (r.n_gen) printf(" | caption->image %.3f (%d; k-NN on real images %.3f)", r.cap2img, r.n_gen, r.knn_ceiling);
+    printf("\n");
+}
+
+// ---- samples for the run folder: an image per class, a spoken caption, a text continuation ----
+static void write_samples(MotModel<float>* m, DataDir* d, const std::string& out, uint64_t seed) {
+    const std::string dir = out + "/samples";
+    if (mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) die(dir + ": cannot create: " + strerror(errno));
+    uint64_t rng = seed ^ 0x5A5A;
+    std::string err;
+    FILE* f = fopen((dir + "/samples.txt").c_str(), "w");
+    if (!f) die(dir + "/samples.txt: cannot open for writing: " + strerror(errno));
+    const MotConfig& c = m->cfg;
+    const int side = d->vq.side;
+    for (size_t k = 0; k < d->class_caption.size(); k++) {  // caption -> image
+        std::vector<int> ids = generate(m, prompt_for(d, d->class_caption[k], MOT_BOI), c.image_begin, c.speech_begin,
+                                        -1, vq_tokens(d->vq), 1.0, 0, &rng);
+        std::vector<uint8_t> px;
+        if (!image_pixels(d, c, ids, &px)) continue;
+        char name[64];
+        snprintf(name, sizeof name, "/image_%02zu.png", k);
+        if (!vq_write_png((dir + name).c_str(), px.data(), side, side, &err)) die(err);
+        fprintf(f, "image_%02zu.png\t%s\n", k, d->class_caption[k].c_str());
+    }
+    const std::string said = d->class_caption.empty() ? "a handwritten seven" : d->class_caption[7 % d->class_caption.size()];
+    std::vector<int> units = generate(m, prompt_for(d, said, MOT_BOA), c.speech_begin, c.vocab, MOT_EOA,
+                                      std::min(200, c.max_seq / 2), 1.0, 0, &rng);
+    for (int& u : units) u -= c.speech_begin;
+    std::vector<float> wav;
+    if (!units.empty() && speech_decode(d->sp, units.data(), units.size(), SpeechDecodeOptions(), &wav, &err) &&
+        speech_wav_write((dir + "/speech.wav").c_str(), wav.data(), wav.size(), d->sp.s.sample_rate, &err))
+        fprintf(f, "speech.wav\t%s\t(%zu units, %.2f s)\n", said.c_str(), units.size(), wav.size() / double(d->sp.s.sample_rate));
+    const char* prompt = "In the beginning";
+    std::vector<int> text = generate(m, prompt_for(d, prompt, -1), MOT_N_SPECIAL, c.image_begin, MOT_EOS, 60, 0.8, 40, &rng);
+    std::string t = decode_text(d, text);
+    for (char& ch : t) if (ch == '\n' || ch == '\t') ch = ' ';
+    fprintf(f, "text\t%s%s\n", prompt, t.c_str());
+    fclose(f);
+    printf("wrote samples to %s\n", dir.c_str());
+}
+
+// ============================================================================================
+// ./train sample: generation from a checkpoint
+// ============================================================================================
+static void sample_usage(FILE* f) {
+    fprintf(f,
+            "usage: train sample --ckpt FILE --task TASK [flags]\n"
+            "  --task text        continue --prompt TEXT                    (prints the text)\n"
+            "  --task image       caption --prompt TEXT to an image          (writes --output PNG)\n"
+            "  --task speech      caption --prompt TEXT to speech            (writes --output WAV)\n"
+            "  --task caption     image --input PNG/JPEG to a caption        (prints the text)\n"
+            "  --task transcript  speech --input WAV to its transcript       (prints the text)\n"
+            "  --tokenizers DIR   folder with text.bpe, image.vq, speech.sp  (data/default)\n"
+            "  --temp X           sampling temperature, 0 = greedy           (1.0 for image/speech, 0 for text)\n"
+            "  --top-k N          sample among the N most likely, 0 = all    (0)\n"
+            "  --max-tokens N     longest text or speech continuation        (100)\n"
+            "  --seed N           sampling seed                              (1)\n");
+}
+
+static int sample_main(int argc, char** argv) {
+    std::string ckpt, task, prompt, input, output, tokdir = "data/default";
+    double temp = -1;
+    int top_k = 0, max_tokens = 100;
+    uint64_t seed = 1;
+    for (int i = 2; i < argc; i++) {
+        const std::string f = argv[i];
+        auto val = [&]() -> const char* {
+            if (i + 1 >= argc) die("flag " + f + " needs a value", 2);
+            return argv[++i];
+        };
+        if (f == "--help" || f == "-h") { sample_usage(stdout); return 0; }
+        else if (f == "--ckpt") ckpt = val();
+        else if (f == "--task") task = val();
+        else if (f == "--prompt") prompt = val();
+        else if (f == "--input") input = val();
+        else if (f == "--output") output = val();
+        else if (f == "--tokenizers") tokdir = val();
+        else if (f == "--temp") temp = parse_float("--temp", val(), 0, 100);
+        else if (f == "--top-k") top_k = parse_int("--top-k", val(), 0, 1 << 20);
+        else if (f == "--max-tokens") max_tokens = parse_int("--max-tokens", val(), 1, 1 << 20);
+        else if (f == "--seed") seed = parse_int("--seed", val(), 0, 0x7fffffffffffffffL);
+        else die("unknown flag '" + f + "' (see train sample --help)", 2);
+    }
+    const bool text_in = task == "text" || task == "image" || task == "speech";
+    if (task.empty()) die("train sample needs --task (text, image, speech, caption or transcript)", 2);
+    if (!text_in && task != "caption" && task != "transcript") die("bad value for --task: '" + task + "'", 2);
+    if (ckpt.empty()) die("train sample needs --ckpt FILE", 2);
+    if (text_in && prompt.empty()) die("--task " + task + " needs --prompt TEXT", 2);
+    if (!text_in && input.empty()) die("--task " + task + " needs --input FILE", 2);
+    if ((task == "image" || task == "speech") && output.empty()) die("--task " + task + " needs --output FILE", 2);
+    if (temp < 0) temp = task == "image" || task == "speech" ? 1.0 : 0.0;
+    std::string err;
+    MotConfig c;
+    if (!mot_read_checkpoint_config(ckpt, &c, &err)) die(err);
+    MotModel<float> m;
+    mot_init(&m, c, 1);
+    if (!mot_load_checkpoint(ckpt, &m, nullptr, nullptr, &err)) die(err);
+    DataDir d;
+    if (!load_tokenizers(tokdir, c, &d, &err)) die(err);
+    uint64_t rng = seed;
+    if (task == "text") {
+        std::vector<int> ids = generate(&m, prompt_for(&d, prompt, -1), MOT_N_SPECIAL, c.image_begin, MOT_EOS,
+                                        max_tokens, temp, top_k, &rng);
+        printf("%s%s\n", prompt.c_str(), decode_text(&d, ids).c_str());
+    } else if (task == "image") {
+        std::vector<int> ids = generate(&m, prompt_for(&d, prompt, MOT_BOI), c.image_begin, c.speech_begin, -1,
+                                        vq_tokens(d.vq), temp, top_k, &rng);
+        std::vector<uint8_t> px;
+        if (!image_pixels(&d, c, ids, &px)) die("the model's context is too short for a whole image after this prompt");
+        if (!vq_write_png(output.c_str(), px.data(), d.vq.side, d.vq.side, &err)) die(err);
+        printf("wrote %s\n", output.c_str());
+    } else if (task == "speech") {
+        std::vector<int> units = generate(&m, prompt_for(&d, prompt, MOT_BOA), c.speech_begin, c.vocab, MOT_EOA,
+                                          max_tokens, temp, top_k, &rng);
+        for (int& u : units) u -= c.speech_begin;
+        std::vector<float> wav;
+        if (units.empty()) die("the model ended the speech at once (no units generated)");
+        if (!speech_decode(d.sp, units.data(), units.size(), SpeechDecodeOptions(), &wav, &err) ||
+            !speech_wav_write(output.c_str(), wav.data(), wav.size(), d.sp.s.sample_rate, &err))
+            die(err);
+        printf("wrote %s (%zu units, %.2f s)\n", output.c_str(), units.size(), wav.size() / double(d.sp.s.sample_rate));
+    } else {
+        std::vector<uint16_t> p = {MOT_BOS};
+        if (task == "caption") {
+            std::vector<uint8_t> px;
+            if (!vq_load_image(input.c_str(), d.vq.side, &px, &err)) die(err);
+            std::vector<int32_t> codes(vq_tokens(d.vq));
+            vq_encode(d.vq, px.data(), codes.data());
+            p.push_back(MOT_BOI);
+            for (int32_t k : codes) p.push_back((uint16_t)(c.image_begin + k));
+            p.push_back(MOT_EOI);
+        } else {
+            std::vector<float> wav;
+            std::vector<int> units;
+            if (!speech_wav_load(input.c_str(), d.sp.s.sample_rate, &wav, &err) ||
+                !speech_encode(d.sp, wav.data(), wav.size(), d.sp.s.sample_rate, &units, &err))
+                die(err);
+            p.push_back(MOT_BOA);
+            for (int u : units) p.push_back((uint16_t)(c.speech_begin + u));
+            p.push_back(MOT_EOA);
+        }
+        if ((int)p.size() >= c.max_seq) die(input + ": too long for the model's context (" + std::to_string(p.size()) +
+                                            " tokens, max_seq " + std::to_string(c.max_seq) + ")");
+        std::vector<int> ids = generate(&m, p, MOT_N_SPECIAL, c.image_begin, MOT_EOS, max_tokens, temp, top_k, &rng);
+        printf("%s\n", decode_text(&d, ids).c_str());
+    }
+    return 0;
+}
+
 static void report_device() {
 #ifdef __CUDACC__
     int n = 0;
@@ -196,6 +632,7 @@ static void report_device() {
 
 int main(int argc, char** argv) {
     setvbuf(stdout, nullptr, _IOLBF, 0);
+    if (argc > 1 && std::string(argv[1]) == "sample") return sample_main(argc, argv);
     Args a = parse_args(argc, argv);
 #ifdef _OPENMP
     if (a.threads) omp_set_num_threads(a.threads);
@@ -264,6 +701,28 @@ int main(int argc, char** argv) {
     size_t ntok = 0;
     for (auto& s : loader.shards) ntok += s.tokens.size();
     printf("data: %zu shard(s), %zu tokens from %s\n", loader.shards.size(), ntok, a.data.c_str());
+    // Tokenizers and eval sets: optional (a bare folder of shards trains fine), but a broken file is an error.
+    DataDir dd;
+    bool have_tok = false;
+    {
+        const std::string dir = a.tokenizers.empty() ? dir_of(a.data) : a.tokenizers;
+        const bool present = access((dir + "/text.bpe").c_str(), F_OK) == 0;
+        if (!a.tokenizers.empty() || present) {
+            if (!load_tokenizers(dir, a.cfg, &dd, &err) || !load_eval_sets(&dd, a.cfg, &err)) die(err);
+            have_tok = true;
+            printf("tokenizers: %s (%zu classes, eval: %zu images, %zu speech clips)\n", dir.c_str(),
+                   dd.class_caption.size(), dd.eval_image.size(), dd.eval_speech.size());
+        }
+    }
+    FILE* evalf = nullptr;
+    if (have_tok && !a.out.empty() && !dd.class_caption.empty()) {
+        const std::string p = a.out + "/eval.csv";
+        struct stat sb;
+        const bool fresh = stat(p.c_str(), &sb) != 0 || sb.st_size == 0;
+        evalf = fopen(p.c_str(), "a");
+        if (!evalf) die(p + ": cannot open for appending: " + strerror(errno));
+        if (fresh) fprintf(evalf, "step,image_to_caption,speech_to_caption,caption_to_image,knn_ceiling\n");
+    }
 #ifdef _OPENMP
     printf("threads: %d\n", omp_get_max_threads());
 #endif
@@ -323,7 +782,16 @@ int main(int argc, char** argv) {
         const double dt = now_s() - t0;
         double vl = NAN, vm[3] = {NAN, NAN, NAN};
         const bool last = step + 1 == a.opt.steps;
-        if (!a.val.empty() && ((a.eval_every && (step + 1) % a.eval_every == 0) || last)) evaluate(&model, a.val, a, &vl, vm);
+        const bool eval_now = (a.eval_every && (step + 1) % a.eval_every == 0) || last;
+        if (!a.val.empty() && eval_now) evaluate(&model, a.val, a, &vl, vm);
+        if (have_tok && eval_now && a.eval_items > 0 && !dd.class_caption.empty()) {
+            Downstream r = eval_downstream(&model, &dd, a.eval_items, last ? a.eval_gen : 0, a.seed);
+            print_downstream(r, step + 1);
+            if (evalf) {
+                fprintf(evalf, "%d,%.4f,%.4f,%.4f,%.4f\n", step + 1, r.img2cap, r.sp2cap, r.cap2img, r.knn_ceiling);
+                fflush(evalf);
+            }
+        }
         if ((step + 1) % a.log_every == 0 || last || step == (int)st.step) {
             char mods[128] = "", *p = mods;
             for (int md = 0; md < 3; md++)
@@ -353,5 +821,7 @@ int main(int argc, char** argv) {
     }
     if (!a.save.empty()) save(a.save, std::max<int64_t>(st.step, a.opt.steps));
     if (logf) fclose(logf);
+    if (evalf) fclose(evalf);
+    if (have_tok && !a.out.empty()) write_samples(&model, &dd, a.out, a.seed);
     return 0;
 }
