@@ -1,16 +1,28 @@
-# mot — build, test, train.   make | make test | make train | make bench
+# mot — build, test, train.
+#   make             build ./mot (the trainer, from train.cu) and the tokenizer tools
+#   make test        build everything and run every test; ends with "N passed, N failed"
+#   make train       the main job: build the default dataset if missing, train, evaluate, sample,
+#                    plot, all into the run folder $(RUN)
+#   make bench       CPU benchmark (MoT vs dense step time)
 CXX      ?= g++
 CXXFLAGS ?= -std=c++17 -O3 -march=native -fopenmp -Wall -Wextra
 # nvcc if the CUDA toolkit is installed (on PATH or in /usr/local/cuda), else a g++-only build
 NVCC     ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 NVFLAGS  ?= -std=c++17 -O3 -Xcompiler -O3,-march=native,-fopenmp,-Wall -lgomp
+TOKH      = tokenizers/bpe.h tokenizers/vq.h tokenizers/speech.h
 TESTBINS  = test/test_mot test/test_files test/test_bpe test/test_vq test/test_speech
 TOOLS     = tokenizers/bpe tokenizers/vq tokenizers/speech
 
-.PHONY: all test train bench clean
-all: train $(TOOLS)
+DATA     ?= data/default
+RUN      ?= runs/default
+# The main job's model on the CPU reference (about 10 minutes on 2 cores; see README).
+TRAIN_FLAGS ?= --layers 4 --dim 128 --heads 4 --seq 128 --batch 16 --steps 1500 --lr 3e-3 --warmup 100 \
+               --eval-every 250 --eval-items 100 --eval-gen 3 --save-every 250
 
-train: train.cu mot.h
+.PHONY: all test train bench clean
+all: mot $(TOOLS)
+
+mot: train.cu mot.h $(TOKH)
 ifneq ($(NVCC),)
 	$(NVCC) $(NVFLAGS) train.cu -o $@
 else
@@ -18,7 +30,7 @@ else
 	$(CXX) $(CXXFLAGS) -x c++ train.cu -o $@
 endif
 
-test/%: test/%.cpp mot.h $(wildcard tokenizers/*.h)
+test/%: test/%.cpp mot.h $(TOKH)
 	$(CXX) $(CXXFLAGS) -I. $< -o $@
 
 tokenizers/%: tokenizers/%.cpp tokenizers/%.h
@@ -27,11 +39,20 @@ tokenizers/%: tokenizers/%.cpp tokenizers/%.h
 dev/bench_cpu: dev/bench_cpu.cpp mot.h
 	$(CXX) $(CXXFLAGS) -I. $< -o $@
 
+test: mot $(TOOLS) $(TESTBINS)
+	@bash test/run.sh $(TESTBINS)
+
+$(DATA)/manifest.txt:
+	bash data/build.sh $(DATA)
+
+train: mot $(DATA)/manifest.txt
+	./mot --data '$(DATA)/train_*.bin' --val '$(DATA)/val_*.bin' --out $(RUN) --resume $(TRAIN_FLAGS)
+	bash dev/plot.sh loss $(RUN)/loss.png MoT=$(RUN)
+	bash dev/plot.sh samples $(RUN)
+	@echo "run folder: $(RUN) (log.csv, eval.csv, loss.png, model.ckpt, samples/grid.png, samples/speech.wav)"
+
 bench: dev/bench_cpu
 	./dev/bench_cpu
 
-test: train $(TOOLS) $(TESTBINS)
-	@bash test/run.sh $(TESTBINS)
-
 clean:
-	rm -f train $(TESTBINS) $(TOOLS) dev/bench_cpu
+	rm -f mot $(TESTBINS) $(TOOLS) dev/bench_cpu

@@ -1,12 +1,12 @@
-// train.cu — the mot trainer: flags, data loader, training loop, evaluation, checkpoints, logging.
+// train.cu — the mot trainer (binary: ./mot): flags, data loader, training loop, evaluation, checkpoints, logging.
 //
 // Built by nvcc when the CUDA toolkit is present and by g++ otherwise (the file is plain C++ unless
 // __CUDACC__ is defined). This version trains with the CPU reference in mot.h; on a machine with a
 // GPU it says that the GPU path is not part of this build yet.
 //
-//   ./train --help                      all flags with their defaults
-//   ./train sample --help               generation from a checkpoint (text, image, speech)
-//   ./train --data 'data/x/train_*.bin' --steps 200 --save run/model.ckpt
+//   ./mot --help                        all flags with their defaults
+//   ./mot sample --help               generation from a checkpoint (text, image, speech)
+//   ./mot --data 'data/x/train_*.bin' --steps 200 --save run/model.ckpt
 #include "mot.h"
 #define STB_IMAGE_IMPLEMENTATION
 #include <stb/stb_image.h>
@@ -43,7 +43,7 @@ struct Args {
 
 static void usage(FILE* f) {
     fprintf(f,
-            "usage: train [flags]\n"
+            "usage: mot [flags]   (train a MoT or dense model; mot sample --help for generation)\n"
             "model (the dense baseline is the same model with one tower):\n"
             "  --layers N        transformer layers                        (4)\n"
             "  --dim N           model width D                             (256)\n"
@@ -157,7 +157,7 @@ static Args parse_args(int argc, char** argv) {
         else if (f == "--log") a.log = val();
         else if (f == "--log-every") a.log_every = parse_int("--log-every", val(), 1, 1 << 30);
         else if (f == "--threads") a.threads = parse_int("--threads", val(), 1, 4096);
-        else die("unknown flag '" + f + "' (see train --help)", 2);
+        else die("unknown flag '" + f + "' (see mot --help)", 2);
     }
     if (!ffn_set) a.cfg.d_ff = 3 * a.cfg.d_model;
     if (a.resume && a.out.empty()) die("--resume needs --out DIR (the run folder to resume)", 2);
@@ -509,11 +509,11 @@ static void write_samples(MotModel<float>* m, DataDir* d, const std::string& out
 }
 
 // ============================================================================================
-// ./train sample: generation from a checkpoint
+// ./mot sample: generation from a checkpoint
 // ============================================================================================
 static void sample_usage(FILE* f) {
     fprintf(f,
-            "usage: train sample --ckpt FILE --task TASK [flags]\n"
+            "usage: mot sample --ckpt FILE --task TASK [flags]\n"
             "  --task text        continue --prompt TEXT                    (prints the text)\n"
             "  --task image       caption --prompt TEXT to an image          (writes --output PNG)\n"
             "  --task speech      caption --prompt TEXT to speech            (writes --output WAV)\n"
@@ -548,12 +548,12 @@ static int sample_main(int argc, char** argv) {
         else if (f == "--top-k") top_k = parse_int("--top-k", val(), 0, 1 << 20);
         else if (f == "--max-tokens") max_tokens = parse_int("--max-tokens", val(), 1, 1 << 20);
         else if (f == "--seed") seed = parse_int("--seed", val(), 0, 0x7fffffffffffffffL);
-        else die("unknown flag '" + f + "' (see train sample --help)", 2);
+        else die("unknown flag '" + f + "' (see mot sample --help)", 2);
     }
     const bool text_in = task == "text" || task == "image" || task == "speech";
-    if (task.empty()) die("train sample needs --task (text, image, speech, caption or transcript)", 2);
+    if (task.empty()) die("mot sample needs --task (text, image, speech, caption or transcript)", 2);
     if (!text_in && task != "caption" && task != "transcript") die("bad value for --task: '" + task + "'", 2);
-    if (ckpt.empty()) die("train sample needs --ckpt FILE", 2);
+    if (ckpt.empty()) die("mot sample needs --ckpt FILE", 2);
     if (text_in && prompt.empty()) die("--task " + task + " needs --prompt TEXT", 2);
     if (!text_in && input.empty()) die("--task " + task + " needs --input FILE", 2);
     if ((task == "image" || task == "speech") && output.empty()) die("--task " + task + " needs --output FILE", 2);

@@ -1,5 +1,5 @@
 // test_files.cpp — shards, loader, checkpoints and debug states: round trips and every bad-input
-// path, both through the library (error strings) and through the ./train command (exit codes).
+// path, both through the library (error strings) and through the ./mot command (exit codes).
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 
@@ -226,8 +226,8 @@ TEST_CASE("debug state: round trip, and bad files are refused") {
 // Every failure is one line on stderr naming the flag or file, with a non-zero exit, never a crash.
 static void expect_error(const std::string& args, const std::string& expect, int code = -1) {
     std::string out;
-    int rc = run("./train " + args, &out);
-    INFO("./train ", args, "\n", out);
+    int rc = run("./mot " + args, &out);
+    INFO("./mot ", args, "\n", out);
     CHECK(rc != 0);
     CHECK(rc < 128);  // an exit, not a signal
     if (code >= 0) CHECK(rc == code);
@@ -236,14 +236,14 @@ static void expect_error(const std::string& args, const std::string& expect, int
     CHECK(out.find(expect) != std::string::npos);
 }
 
-TEST_CASE("train: trains on a shard, loss falls, writes checkpoint and debug state; resume works") {
-    REQUIRE(access("./train", X_OK) == 0);
+TEST_CASE("mot: trains on a shard, loss falls, writes checkpoint and debug state; resume works") {
+    REQUIRE(access("./mot", X_OK) == 0);
     auto toks = make_tokens(20000, 5);
     std::string err, out;
     REQUIRE(mot_write_shard(tmp("train_0.bin"), VOC, toks.data(), toks.size(), &err));
     const std::string base = "--data " + tmp("train_0.bin") + " --layers 2 --dim 32 --heads 4 --seq 32 --batch 4"
                              " --lr 3e-3 --warmup 5 --threads 2";
-    int rc = run("./train " + base + " --steps 40 --save " + tmp("r.ckpt") + " --debug-state " + tmp("r.dbg") +
+    int rc = run("./mot " + base + " --steps 40 --save " + tmp("r.ckpt") + " --debug-state " + tmp("r.dbg") +
                      " --log " + tmp("r.csv"),
                  &out);
     INFO(out);
@@ -259,7 +259,7 @@ TEST_CASE("train: trains on a shard, loss falls, writes checkpoint and debug sta
     REQUIRE(mot_read_debug_state(tmp("r.dbg"), &d, &err));
     CHECK(d.cfg.d_model == 32);
     // resume: flags that agree are accepted; steps continue from the checkpoint
-    rc = run("./train " + base + " --steps 45 --init-from " + tmp("r.ckpt"), &out);
+    rc = run("./mot " + base + " --steps 45 --init-from " + tmp("r.ckpt"), &out);
     CHECK(rc == 0);
     CHECK(out.find("resumed from") != std::string::npos);
     CHECK(out.find("step    45/45") != std::string::npos);
@@ -269,7 +269,7 @@ TEST_CASE("train: trains on a shard, loss falls, writes checkpoint and debug sta
     expect_error("--data " + tmp("train_0.bin") + " --seq 16 --init-from " + tmp("r.ckpt"), "max_seq");
 }
 
-TEST_CASE("train: bad flags, bad values, missing and broken files") {
+TEST_CASE("mot: bad flags, bad values, missing and broken files") {
     auto toks = make_tokens(2000, 6);
     std::string err;
     REQUIRE(mot_write_shard(tmp("ok_0.bin"), VOC, toks.data(), toks.size(), &err));
@@ -310,11 +310,11 @@ static std::map<int, std::string> losses(const std::string& csv) {
     return out;
 }
 
-TEST_CASE("train: a resumed run's losses are bitwise identical to an uninterrupted run's") {
+TEST_CASE("mot: a resumed run's losses are bitwise identical to an uninterrupted run's") {
     auto toks = make_tokens(20000, 8);
     std::string err, out;
     REQUIRE(mot_write_shard(tmp("res_0.bin"), VOC, toks.data(), toks.size(), &err));
-    const std::string base = "./train --data " + tmp("res_0.bin") +
+    const std::string base = "./mot --data " + tmp("res_0.bin") +
                              " --layers 2 --dim 32 --heads 4 --seq 32 --batch 4 --warmup 5 --steps 24 --threads 2";
     REQUIRE(run(base + " --out " + tmp("runA"), &out) == 0);
     // run B saves every 4 steps, keeping the newest 2
@@ -345,12 +345,12 @@ TEST_CASE("train: a resumed run's losses are bitwise identical to an uninterrupt
     CHECK(ma.params == md.params);  // and so are the final weights
 }
 
-TEST_CASE("train: a NaN or Inf loss stops the run with a message and keeps the last good checkpoint") {
+TEST_CASE("mot: a NaN or Inf loss stops the run with a message and keeps the last good checkpoint") {
     auto toks = make_tokens(5000, 9);
     std::string err, out;
     REQUIRE(mot_write_shard(tmp("nan_0.bin"), VOC, toks.data(), toks.size(), &err));
     // lr 1e30: after one update the weights overflow float and the next loss is not finite
-    int rc = run("./train --data " + tmp("nan_0.bin") + " --layers 1 --dim 16 --heads 2 --seq 16 --batch 2"
+    int rc = run("./mot --data " + tmp("nan_0.bin") + " --layers 1 --dim 16 --heads 2 --seq 16 --batch 2"
                  " --warmup 1 --clip 0 --lr 1e30 --steps 10 --save-every 1 --out " + tmp("runN"), &out);
     INFO(out);
     CHECK(rc == 1);
