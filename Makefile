@@ -8,9 +8,15 @@ CXX      ?= g++
 CXXFLAGS ?= -std=c++17 -O3 -march=native -fopenmp -Wall -Wextra
 # nvcc if the CUDA toolkit is installed (on PATH or in /usr/local/cuda), else a g++-only build
 NVCC     ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
-NVFLAGS  ?= -std=c++17 -O3 -Xcompiler -O3,-march=native,-fopenmp,-Wall -lgomp
+# CUDA code is compiled for A100 (sm_80) and H100 (sm_90)
+NVARCH   ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
+NVFLAGS  ?= -std=c++17 -O3 $(NVARCH) -Xcompiler -O3,-march=native,-fopenmp,-Wall -I.
+NVLIBS    = -lcublas -lcublasLt -lgomp
 TOKH      = tokenizers/bpe.h tokenizers/vq.h tokenizers/speech.h
 TESTBINS  = test/test_mot test/test_files test/test_bpe test/test_vq test/test_speech
+ifneq ($(NVCC),)
+TESTBINS += test/test_gpu
+endif
 TOOLS     = tokenizers/bpe tokenizers/vq tokenizers/speech
 
 DATA     ?= data/default
@@ -19,12 +25,12 @@ RUN      ?= runs/default
 TRAIN_FLAGS ?= --layers 4 --dim 128 --heads 4 --seq 128 --batch 16 --steps 1500 --lr 3e-3 --warmup 100 \
                --eval-every 250 --eval-items 100 --eval-gen 3 --save-every 250
 
-.PHONY: all test train bench clean
+.PHONY: all test train bench bench-gpu clean
 all: mot $(TOOLS)
 
-mot: train.cu mot.h $(TOKH)
+mot: train.cu mot.h mot.cu $(TOKH)
 ifneq ($(NVCC),)
-	$(NVCC) $(NVFLAGS) train.cu -o $@
+	$(NVCC) $(NVFLAGS) train.cu -o $@ $(NVLIBS)
 else
 	@echo "nvcc not found: building the CPU-only trainer with $(CXX)"
 	$(CXX) $(CXXFLAGS) -x c++ train.cu -o $@
@@ -35,6 +41,12 @@ test/%: test/%.cpp mot.h $(TOKH)
 
 tokenizers/%: tokenizers/%.cpp tokenizers/%.h
 	$(CXX) $(CXXFLAGS) -I. $< -o $@
+
+test/test_gpu: test/test_gpu.cu mot.cu mot.h
+	$(NVCC) $(NVFLAGS) $< -o $@ $(NVLIBS)
+
+dev/bench_gpu: dev/bench_gpu.cu mot.cu mot.h
+	$(NVCC) $(NVFLAGS) $< -o $@ $(NVLIBS)
 
 dev/bench_cpu: dev/bench_cpu.cpp mot.h
 	$(CXX) $(CXXFLAGS) -I. $< -o $@
@@ -54,5 +66,8 @@ train: mot $(DATA)/manifest.txt
 bench: dev/bench_cpu
 	./dev/bench_cpu
 
+bench-gpu: dev/bench_gpu
+	./dev/bench_gpu
+
 clean:
-	rm -f mot $(TESTBINS) $(TOOLS) dev/bench_cpu
+	rm -f mot $(TESTBINS) $(TOOLS) dev/bench_cpu dev/bench_gpu

@@ -1,8 +1,7 @@
 // train.cu — the mot trainer (binary: ./mot): flags, data loader, training loop, evaluation, checkpoints, logging.
 //
-// Built by nvcc when the CUDA toolkit is present and by g++ otherwise (the file is plain C++ unless
-// __CUDACC__ is defined). This version trains with the CPU reference in mot.h; on a machine with a
-// GPU it says that the GPU path is not part of this build yet.
+// Built by nvcc when the CUDA toolkit is present (then it includes the GPU path, mot.cu, and trains
+// on the GPU when one is there) and by g++ otherwise (plain C++: the CPU reference in mot.h only).
 //
 //   ./mot --help                        all flags with their defaults
 //   ./mot sample --help               generation from a checkpoint (text, image, speech)
@@ -18,6 +17,10 @@
 #include "tokenizers/vq.h"
 #define SPEECH_IMPLEMENTATION
 #include "tokenizers/speech.h"
+
+#ifdef __CUDACC__
+#include "mot.cu"
+#endif
 
 #include <chrono>
 #include <cstdlib>
@@ -37,7 +40,7 @@ struct Args {
     int save_every = 0, keep = 3, eval_every = 0, eval_batches = 4, log_every = 1, threads = 0;
     int eval_items = 100, eval_gen = 2;
     std::string tokenizers;  // dataset folder with text.bpe, image.vq, speech.sp (default: --data's folder)
-    bool resume = false;
+    bool resume = false, cpu = false, fp32 = false;
     std::vector<std::string> set;  // the model-shape flags the user gave (checked against --init-from)
 };
 
@@ -83,7 +86,10 @@ static void usage(FILE* f) {
             "  --debug-state F   write the debug state of the first batch (see README)\n"
             "  --log FILE        append one CSV line per step to FILE      (DIR/log.csv with --out)\n"
             "  --log-every N     print every N steps                       (1)\n"
-            "  --threads N       OpenMP threads                            (all cores)\n");
+            "  --threads N       OpenMP threads                            (all cores)\n"
+            "device (the GPU is used when the build has CUDA and a GPU is present):\n"
+            "  --cpu             train with the CPU reference even if there is a GPU\n"
+            "  --fp32            GPU in fp32 instead of bf16 with fp32 master weights\n");
 }
 
 [[noreturn]] static void die(const std::string& msg, int code = 1) {
@@ -146,6 +152,8 @@ static Args parse_args(int argc, char** argv) {
         else if (f == "--save") a.save = val();
         else if (f == "--out") a.out = val();
         else if (f == "--resume") a.resume = true;
+        else if (f == "--cpu") a.cpu = true;
+        else if (f == "--fp32") a.fp32 = true;
         else if (f == "--keep") a.keep = parse_int("--keep", val(), 1, 1 << 20);
         else if (f == "--save-every") a.save_every = parse_int("--save-every", val(), 0, 1 << 30);
         else if (f == "--eval-every") a.eval_every = parse_int("--eval-every", val(), 0, 1 << 30);
@@ -182,9 +190,74 @@ static double now_s() {
     return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
+
+// What trains: the CPU reference, or its GPU copy (nvcc build on a machine with a GPU). The CPU
+// model holds the weights as of the last to_host(): checkpoints, downstream evaluation and
+// sampling (generation runs on the CPU reference) read it there.
+struct Engine {
+    MotModel<float>* cpu = nullptr;
+#ifdef __CUDACC__
+    MotGpu gpu;
+    bool on_gpu = false;
+#endif
+    bool gpu_active() const {
+#ifdef __CUDACC__
+        return on_gpu;
+#else
+        return false;
+#endif
+    }
+    void zero_grad() {
+#ifdef __CUDACC__
+        if (on_gpu) { mot_gpu_zero_grad(&gpu); return; }
+#endif
+        mot_zero_grad(cpu);
+    }
+    // Forward on a batch; the losses land in loss / loss_mod / n_mod / n_valid.
+    double loss = 0, loss_mod[MOT_N_MOD] = {0, 0, 0};
+    int n_valid = 0, n_mod[MOT_N_MOD] = {0, 0, 0};
+    void forward(const MotBatch& b) {
+#ifdef __CUDACC__
+        if (on_gpu) {
+            mot_gpu_forward(&gpu, b);
+            take(gpu.loss, gpu.loss_mod, gpu.n_mod, gpu.n_valid);
+            return;
+        }
+#endif
+        mot_forward(cpu, b);
+        take(cpu->loss, cpu->loss_mod, cpu->n_mod, cpu->n_valid);
+    }
+    void backward(const MotBatch& b) {
+#ifdef __CUDACC__
+        if (on_gpu) { mot_gpu_backward(&gpu); return; }
+#endif
+        mot_backward(cpu, b);
+    }
+    // AdamW on the gradients accumulated over `accum` micro-batches; returns the gradient norm.
+    double update(const MotOptim& o, int step, int accum) {
+#ifdef __CUDACC__
+        if (on_gpu) return mot_gpu_adamw_step(&gpu, o, step, 1.0 / accum);
+#endif
+        if (accum > 1)
+            for (float& g : cpu->grads) g /= accum;
+        return mot_adamw_step(cpu, o, step);
+    }
+    void to_host() {
+#ifdef __CUDACC__
+        if (on_gpu) mot_gpu_download(&gpu, cpu);
+#endif
+    }
+  private:
+    void take(double l, const double* lm, const int* nm, int nv) {
+        loss = l;
+        n_valid = nv;
+        for (int m = 0; m < MOT_N_MOD; m++) { loss_mod[m] = lm[m]; n_mod[m] = nm[m]; }
+    }
+};
+
 // Mean validation loss (overall and per modality, weighted by target counts) over a fixed set
 // of batches: the val loader restarts from the same seed each time, so evaluations compare.
-static void evaluate(MotModel<float>* m, const std::string& pattern, const Args& a, double* loss, double mod[3]) {
+static void evaluate(Engine* e, const std::string& pattern, const Args& a, double* loss, double mod[3]) {
     MotLoader ld;
     std::string err;
     if (!mot_loader_open(&ld, pattern, a.seq, 0x5EED, &err)) die(err);
@@ -192,11 +265,11 @@ static void evaluate(MotModel<float>* m, const std::string& pattern, const Args&
     double sum = 0, ms[3] = {0, 0, 0};
     long n = 0, mn[3] = {0, 0, 0};
     for (int i = 0; i < a.eval_batches; i++) {
-        mot_loader_next(&ld, m->cfg, a.batch, a.seq, &b);
-        mot_forward(m, b);
-        sum += m->loss * m->n_valid;
-        n += m->n_valid;
-        for (int md = 0; md < 3; md++) { ms[md] += m->loss_mod[md] * m->n_mod[md]; mn[md] += m->n_mod[md]; }
+        mot_loader_next(&ld, e->cpu->cfg, a.batch, a.seq, &b);
+        e->forward(b);
+        sum += e->loss * e->n_valid;
+        n += e->n_valid;
+        for (int md = 0; md < 3; md++) { ms[md] += e->loss_mod[md] * e->n_mod[md]; mn[md] += e->n_mod[md]; }
     }
     *loss = n ? sum / n : 0;
     for (int md = 0; md < 3; md++) mod[md] = mn[md] ? ms[md] / mn[md] : NAN;
@@ -616,20 +689,6 @@ static int sample_main(int argc, char** argv) {
     return 0;
 }
 
-static void report_device() {
-#ifdef __CUDACC__
-    int n = 0;
-    cudaError_t e = cudaGetDeviceCount(&n);
-    if (e != cudaSuccess || n == 0)
-        printf("device: no GPU (%s); training with the CPU reference\n",
-               e != cudaSuccess ? cudaGetErrorString(e) : "no CUDA device");
-    else
-        printf("device: %d GPU(s) found, but this build has no GPU path yet; training with the CPU reference\n", n);
-#else
-    printf("device: CPU-only build; training with the CPU reference\n");
-#endif
-}
-
 int main(int argc, char** argv) {
     setvbuf(stdout, nullptr, _IOLBF, 0);
     if (argc > 1 && std::string(argv[1]) == "sample") return sample_main(argc, argv);
@@ -691,7 +750,23 @@ int main(int argc, char** argv) {
         printf("resumed from %s at step %lld%s\n", a.init_from.c_str(), (long long)st.step,
                has_opt ? "" : " (no optimizer state: moments start at zero)");
     }
-    report_device();
+    Engine eng;
+    eng.cpu = &model;
+    {
+        std::string why = "CPU-only build (no nvcc)";
+#ifdef __CUDACC__
+        if (a.cpu) why = "--cpu given";
+        else if (mot_gpu_available(&why)) {
+            if (!mot_gpu_init(&eng.gpu, a.cfg, a.batch, a.seq, !a.fp32, &err)) die(err);
+            mot_gpu_upload(&eng.gpu, model);
+            eng.on_gpu = true;
+        }
+#endif
+        if (eng.gpu_active())
+            printf("device: GPU, %s\n", a.fp32 ? "fp32" : "bf16 with fp32 master weights");
+        else
+            printf("device: CPU reference (%s)\n", why.c_str());
+    }
     const MotParamTable& tab = model.tab;
     printf("model: %s, L=%d D=%d H=%d F=%d V=%d (text %d, image %d, speech %d), T=%d, %.2fM parameters%s%s%s\n",
            a.cfg.n_tower == 1 ? "dense" : "MoT (3 towers)", a.cfg.n_layer, a.cfg.d_model, a.cfg.n_head, a.cfg.d_ff,
@@ -737,6 +812,7 @@ int main(int argc, char** argv) {
                       "val_image,val_speech\n");
     }
     auto save = [&](const std::string& path, int64_t step) {
+        eng.to_host();
         MotTrainState s{step, loader.rng};
         if (!mot_save_checkpoint(path, model, s, true, &err)) die(err);
         printf("saved %s (step %lld)\n", path.c_str(), (long long)step);
@@ -755,36 +831,41 @@ int main(int argc, char** argv) {
     };
 
     MotBatch batch;
+    if (!a.debug_state.empty()) {  // the first batch of the run, computed by the CPU reference
+        const uint64_t rng = loader.rng;  // peek: the run still starts with this batch
+        mot_loader_next(&loader, a.cfg, a.batch, a.seq, &batch);
+        loader.rng = rng;
+        mot_zero_grad(&model);
+        mot_forward(&model, batch);
+        mot_backward(&model, batch);
+        if (!mot_write_debug_state(a.debug_state, mot_debug_capture(model, batch), &err)) die(err);
+        printf("wrote debug state %s\n", a.debug_state.c_str());
+    }
     const double tokens_per_step = (double)a.batch * a.seq * a.accum;
     const double t_start = now_s();
     for (int step = (int)st.step; step < a.opt.steps; step++) {
         const double t0 = now_s();
-        mot_zero_grad(&model);
+        eng.zero_grad();
         double loss = 0, lmod[3] = {0, 0, 0};
         int nmod[3] = {0, 0, 0};
         for (int micro = 0; micro < a.accum; micro++) {
             mot_loader_next(&loader, a.cfg, a.batch, a.seq, &batch);
-            mot_forward(&model, batch);
-            mot_backward(&model, batch);
-            if (step == (int)st.step && micro == 0 && !a.debug_state.empty()) {
-                if (!mot_write_debug_state(a.debug_state, mot_debug_capture(model, batch), &err)) die(err);
-                printf("wrote debug state %s\n", a.debug_state.c_str());
-            }
-            loss += model.loss / a.accum;
-            for (int md = 0; md < 3; md++) { lmod[md] += model.loss_mod[md] * model.n_mod[md]; nmod[md] += model.n_mod[md]; }
+            eng.forward(batch);
+            eng.backward(batch);
+            loss += eng.loss / a.accum;
+            for (int md = 0; md < 3; md++) { lmod[md] += eng.loss_mod[md] * eng.n_mod[md]; nmod[md] += eng.n_mod[md]; }
         }
         if (!std::isfinite(loss)) die("loss is " + std::to_string(loss) + " at step " + std::to_string(step + 1) +
                                       ": stopping (the last saved checkpoint is kept)");
-        if (a.accum > 1)
-            for (float& g : model.grads) g /= a.accum;
         const double lr = mot_lr_at(a.opt, step);
-        const double norm = mot_adamw_step(&model, a.opt, step);
+        const double norm = eng.update(a.opt, step, a.accum);
         const double dt = now_s() - t0;
         double vl = NAN, vm[3] = {NAN, NAN, NAN};
         const bool last = step + 1 == a.opt.steps;
         const bool eval_now = (a.eval_every && (step + 1) % a.eval_every == 0) || last;
-        if (!a.val.empty() && eval_now) evaluate(&model, a.val, a, &vl, vm);
+        if (!a.val.empty() && eval_now) evaluate(&eng, a.val, a, &vl, vm);
         if (have_tok && eval_now && a.eval_items > 0 && !dd.class_caption.empty()) {
+            eng.to_host();
             Downstream r = eval_downstream(&model, &dd, a.eval_items, last ? a.eval_gen : 0, a.seed);
             print_downstream(r, step + 1);
             if (evalf) {
@@ -811,14 +892,7 @@ int main(int argc, char** argv) {
         }
         if (a.save_every && (step + 1) % a.save_every == 0) save_periodic(step + 1);
     }
-    if (!a.debug_state.empty() && st.step >= a.opt.steps) {  // no step ran: still write the debug state
-        mot_loader_next(&loader, a.cfg, a.batch, a.seq, &batch);
-        mot_zero_grad(&model);
-        mot_forward(&model, batch);
-        mot_backward(&model, batch);
-        if (!mot_write_debug_state(a.debug_state, mot_debug_capture(model, batch), &err)) die(err);
-        printf("wrote debug state %s\n", a.debug_state.c_str());
-    }
+    eng.to_host();
     if (!a.save.empty()) save(a.save, std::max<int64_t>(st.step, a.opt.steps));
     if (logf) fclose(logf);
     if (evalf) fclose(evalf);

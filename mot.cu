@@ -1,0 +1,1376 @@
+// mot.cu — the GPU path of mot: the same model as the CPU reference in mot.h (same parameter
+// table and layout, same math, same grouping of rows by modality), with hand-written CUDA kernels
+// and cuBLAS GEMMs. One translation unit: a trainer or test compiled by nvcc does
+// `#include "mot.cu"` (it includes mot.h) and links -lcublas.
+//
+// Layout of the file:
+//   1. error checking, the MotGpu struct, small helpers
+//   2. kernels: embedding, RMSNorm (+residual) forward/backward, QK-norm + RoPE, SwiGLU,
+//      flash-style causal attention forward/backward, cross-entropy, reductions, AdamW
+//   3. GEMMs (cuBLAS, row-major wrapper) and per-tower linear layers
+//   4. the public API: init/upload/download/forward/backward/zero_grad/adamw/logits/grads/free
+//   5. data parallel over GPUs with NCCL (only with -DMOT_MPI)
+//
+// Precision. bf16 = false: everything fp32 (cuBLAS with CUBLAS_COMPUTE_32F_PEDANTIC, so no TF32),
+// for tight comparisons with the CPU. bf16 = true: GEMM operands (weights and the activations
+// that feed GEMMs) are bf16 copies, GEMMs accumulate and write in fp32; all elementwise math,
+// attention, norms, softmax/cross-entropy and the optimizer run in fp32 on fp32 master weights.
+// The bf16 weight copy is refreshed by the AdamW kernel (and on upload).
+//
+// Determinism: no atomics anywhere. Every reduction (norm gains, embedding, loss, gradient norm)
+// is summed in a fixed order that depends only on the shapes, so a run is bitwise reproducible
+// on the same GPU model and software versions (cuBLAS is deterministic on one stream).
+//
+// No device-to-host synchronisation inside forward or backward: the grouping (order, row_of,
+// group ranges), the embedding-gradient index lists and the target counts are computed on the
+// host from the batch and uploaded once per forward; the only reads back are the loss (end of
+// forward) and the gradient norm (end of the AdamW step).
+#pragma once
+#include "mot.h"
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <cublas_v2.h>
+#include <cfloat>
+#include <numeric>
+#ifdef MOT_MPI
+#ifndef OMPI_SKIP_MPICXX
+#define OMPI_SKIP_MPICXX 1  // the C API only (OpenMPI's C++ bindings warn under -Wextra)
+#endif
+#ifndef MPICH_SKIP_MPICXX
+#define MPICH_SKIP_MPICXX 1
+#endif
+#include <mpi.h>
+#include <nccl.h>
+#endif
+
+// ============================================================================================
+// 1. Error checking, the GPU model, helpers
+// ============================================================================================
+#define MOT_CUDA_CHECK(call)                                                                       \
+    do {                                                                                           \
+        cudaError_t mot_e_ = (call);                                                               \
+        if (mot_e_ != cudaSuccess) {                                                               \
+            fprintf(stderr, "%s:%d: CUDA error %s: %s\n", __FILE__, __LINE__, cudaGetErrorName(mot_e_), \
+                    cudaGetErrorString(mot_e_));                                                   \
+            exit(1);                                                                               \
+        }                                                                                          \
+    } while (0)
+#define MOT_CUBLAS_CHECK(call)                                                                     \
+    do {                                                                                           \
+        cublasStatus_t mot_s_ = (call);                                                            \
+        if (mot_s_ != CUBLAS_STATUS_SUCCESS) {                                                     \
+            fprintf(stderr, "%s:%d: cuBLAS error %d: %s\n", __FILE__, __LINE__, (int)mot_s_,        \
+                    cublasGetStatusString(mot_s_));                                                \
+            exit(1);                                                                               \
+        }                                                                                          \
+    } while (0)
+// After every kernel launch. Build with -DMOT_GPU_DEBUG_SYNC to also synchronise after each
+// launch, so that an asynchronous fault is reported at the launch that caused it.
+#ifdef MOT_GPU_DEBUG_SYNC
+#define MOT_LAUNCH_CHECK()                                                                         \
+    do {                                                                                           \
+        MOT_CUDA_CHECK(cudaGetLastError());                                                        \
+        MOT_CUDA_CHECK(cudaDeviceSynchronize());                                                   \
+    } while (0)
+#else
+#define MOT_LAUNCH_CHECK() MOT_CUDA_CHECK(cudaGetLastError())
+#endif
+
+typedef __nv_bfloat16 mot_bf16;
+
+// A GEMM operand produced by a kernel: an fp32 array (fp32 mode, or when fp32 is needed too)
+// and/or a bf16 copy (bf16 mode). Kernels write whichever pointers are non-null.
+struct MotBuf {
+    float* f = nullptr;
+    mot_bf16* b = nullptr;
+};
+
+// Which tower copy a row (grouped order) uses: rows [0, g1) text, [g1, g2) image, [g2, N) speech.
+struct MotRows {
+    int copies, g1, g2;
+};
+__device__ __forceinline__ int mot_dev_copy(const MotRows& t, int pos) {
+    return t.copies == 1 ? 0 : pos < t.g1 ? 0 : pos < t.g2 ? 1 : 2;
+}
+__device__ __forceinline__ void mot_store(float* f, mot_bf16* b, size_t i, float v) {
+    if (f) f[i] = v;
+    if (b) b[i] = __float2bfloat16(v);
+}
+
+struct MotGpu {
+    MotConfig cfg;
+    MotParamTable tab;
+    bool bf16 = false;
+    int maxB = 0, maxT = 0, maxN = 0;   // capacity given to mot_gpu_init
+    int B = 0, T = 0, N = 0;            // shape of the last forward's batch
+    int head_rows = 0;                  // rows of logits per output-head chunk (may be lowered after init)
+    size_t bytes = 0;                   // device memory allocated by this model
+    cudaStream_t stream = nullptr;
+    cublasHandle_t cublas = nullptr;
+    void* cublas_ws = nullptr;
+    // parameters, gradients, Adam moments (fp32, table order) and the bf16 weight copy
+    float *params = nullptr, *grads = nullptr, *adam_m = nullptr, *adam_v = nullptr;
+    mot_bf16* params_bf = nullptr;
+    float *rope_cos = nullptr, *rope_sin = nullptr;  // max_seq x Dh/2
+    // activations, [L][N][...] in grouped order (see mot.h MotActs)
+    float *x = nullptr, *q = nullptr, *k = nullptr, *v = nullptr, *q_rstd = nullptr, *k_rstd = nullptr;
+    float *qr = nullptr, *kr = nullptr, *o = nullptr, *a = nullptr, *a_rstd = nullptr, *h = nullptr;
+    float *y2 = nullptr, *y2_rstd = nullptr, *u1 = nullptr, *u3 = nullptr, *z_rstd = nullptr;
+    float* lse = nullptr;               // L x B x H x T, attention row logsumexp (log2 units)
+    float *u_f = nullptr, *z_f = nullptr;  // fp32 mode: u (L x N x F), z (N x D)
+    mot_bf16 *x_b = nullptr, *o_b = nullptr, *h_b = nullptr, *u_b = nullptr, *z_b = nullptr;  // bf16 mode copies
+    // output head
+    float* logits = nullptr;            // head_rows x V (fp32 logits; fp32-mode dlogits in place)
+    mot_bf16* dlogits_b = nullptr;      // head_rows x V (bf16 mode)
+    float *ce_lse = nullptr, *row_loss = nullptr;  // N
+    double* loss_out = nullptr;         // 4: sum of row losses (all, text, image, speech)
+    // backward scratch
+    float *dx = nullptr, *dh = nullptr, *dt = nullptr, *dO = nullptr, *dq = nullptr, *dk = nullptr;
+    float *dyun = nullptr, *du = nullptr, *delta = nullptr;
+    MotBuf gdy, du1, du3, dv, gqk;      // GEMM operands (fp32 or bf16 by mode)
+    float* gain_part = nullptr;         // partial sums of the gain-gradient reduction
+    double *norm_part = nullptr, *norm2 = nullptr;  // gradient-norm reduction
+    // batch indices on the device (one upload per forward) and their host copies
+    int* idx_dev = nullptr;
+    int* idx_host = nullptr;            // pinned
+    double* host_out = nullptr;         // pinned, 4 doubles
+    int *tok_g = nullptr, *tgt_g = nullptr, *pos_g = nullptr, *row_of = nullptr;
+    int *emb_rows = nullptr, *emb_tok = nullptr, *emb_start = nullptr;
+    int group[MOT_N_MOD + 1] = {0, 0, 0, 0};
+    int n_emb = 0;                      // distinct tokens in the batch
+    bool have_batch = false;
+    // results of the last forward
+    double loss = 0, loss_mod[MOT_N_MOD] = {0, 0, 0};
+    int n_valid = 0, n_mod[MOT_N_MOD] = {0, 0, 0};
+};
+
+static inline int mot_blocks(size_t n, int threads) { return (int)((n + threads - 1) / threads); }
+
+template <typename Tp>
+static inline Tp* mot_dev_alloc(MotGpu* g, size_t count) {
+    if (count == 0) count = 1;
+    void* p = nullptr;
+    MOT_CUDA_CHECK(cudaMalloc(&p, count * sizeof(Tp)));
+    g->bytes += count * sizeof(Tp);
+    return (Tp*)p;
+}
+
+// ============================================================================================
+// 2. Kernels
+// ============================================================================================
+// ---- embedding: x[r] = E[token of grouped row r] -------------------------------------------
+static __global__ void mot_embed_kernel(float* x, mot_bf16* xb, const float* emb, const int* tok_g, int N, int D) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)N * D) return;
+    const size_t r = i / D, j = i % D;
+    mot_store(x, xb, i, emb[(size_t)tok_g[r] * D + j]);
+}
+
+// Embedding gradient: one block per distinct token, rows summed in increasing row order.
+static __global__ void mot_embed_backward_kernel(float* dE, const float* dx, const int* rows, const int* tok,
+                                                 const int* start, int D) {
+    const int u = blockIdx.x, r0 = start[u], r1 = start[u + 1];
+    float* e = dE + (size_t)tok[u] * D;
+    for (int j = threadIdx.x; j < D; j += blockDim.x) {
+        float acc = 0;
+        for (int k = r0; k < r1; k++) acc += dx[(size_t)rows[k] * D + j];
+        e[j] += acc;
+    }
+}
+
+// ---- warp reductions (butterfly: every lane ends with the same value) -----------------------
+__device__ __forceinline__ float mot_warp_sum(float v) {
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
+}
+
+// ---- RMSNorm over rows of C (one warp per row), with per-tower gains and a residual --------
+// out = (resid ? resid : 0) + x * rstd * g[copy],  rstd = 1 / sqrt(mean(x^2) + eps)
+static __global__ void mot_rmsnorm_forward_kernel(float* out, mot_bf16* outb, float* rstd, const float* x,
+                                                  const float* g, const float* resid, int rows, int C, MotRows tw) {
+    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= rows) return;  // the whole warp leaves together
+    const float* xi = x + (size_t)row * C;
+    const float* gi = g + (size_t)mot_dev_copy(tw, row) * C;
+    float ss = 0;
+    for (int j = lane; j < C; j += 32) ss += xi[j] * xi[j];
+    ss = mot_warp_sum(ss);
+    const float r = 1.0f / sqrtf(ss / (float)C + (float)MOT_NORM_EPS);
+    if (lane == 0) rstd[row] = r;
+    for (int j = lane; j < C; j += 32) {
+        float v = xi[j] * r * gi[j];
+        if (resid) v = resid[(size_t)row * C + j] + v;
+        mot_store(out, outb, (size_t)row * C + j, v);
+    }
+}
+// dx = r g dy - r^3 / C * x * sum(x g dy)   (the gain gradient is reduced separately)
+static __global__ void mot_rmsnorm_backward_kernel(MotBuf dx, const float* dy, const float* x, const float* rstd,
+                                                   const float* g, int rows, int C, MotRows tw) {
+    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const float *xi = x + (size_t)row * C, *dyi = dy + (size_t)row * C;
+    const float* gi = g + (size_t)mot_dev_copy(tw, row) * C;
+    float dot = 0;
+    for (int j = lane; j < C; j += 32) dot += xi[j] * gi[j] * dyi[j];
+    dot = mot_warp_sum(dot);
+    const float r = rstd[row];
+    for (int j = lane; j < C; j += 32)
+        mot_store(dx.f, dx.b, (size_t)row * C + j, r * gi[j] * dyi[j] - r * r * r / (float)C * xi[j] * dot);
+}
+
+// Gain gradient, deterministic two-stage column sum over the rows [r0, r1) of one tower copy:
+//   dg[j] += sum_i dy[i][j] * x[i][j] * rstd[i]
+// Stage 1: block (32 x 8) per (32 columns, chunk of MOT_GAIN_ROWS rows) -> part[chunk][j].
+// Stage 2: dg[j] += sum over chunks in order.
+enum { MOT_GAIN_ROWS = 256 };
+static __global__ void mot_gain_partial_kernel(float* part, const float* dy, const float* x, const float* rstd,
+                                               int r0, int r1, int C) {
+    __shared__ float sm[8][33];
+    const int j = blockIdx.x * 32 + threadIdx.x, chunk = blockIdx.y;
+    const int a = r0 + chunk * MOT_GAIN_ROWS, b = min(r1, a + MOT_GAIN_ROWS);
+    float acc = 0;
+    if (j < C)
+        for (int i = a + threadIdx.y; i < b; i += 8) acc += dy[(size_t)i * C + j] * x[(size_t)i * C + j] * rstd[i];
+    sm[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && j < C) {
+        float s = 0;
+        for (int y = 0; y < 8; y++) s += sm[y][threadIdx.x];
+        part[(size_t)chunk * C + j] = s;
+    }
+}
+static __global__ void mot_gain_final_kernel(float* dg, const float* part, int nchunk, int C) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= C) return;
+    float s = 0;
+    for (int c = 0; c < nchunk; c++) s += part[(size_t)c * C + j];
+    dg[j] += s;
+}
+
+// ---- QK-norm (per head, per-tower gains) + RoPE, one thread per (row, head) ---------------
+// out = rope(rmsnorm(x_head) * g[copy]) at the row's sequence position; rstd is [rows][H].
+static __global__ void mot_qknorm_rope_forward_kernel(float* out, float* rstd, const float* x, const float* g,
+                                                      const float* cosT, const float* sinT, const int* pos_g,
+                                                      int N, int H, int Dh, MotRows tw) {
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= N * H) return;
+    const int r = idx / H, half = Dh / 2;
+    const float* xi = x + (size_t)idx * Dh;  // row r, head h: (r * H + h) * Dh
+    float* yi = out + (size_t)idx * Dh;
+    const float* gi = g + (size_t)mot_dev_copy(tw, r) * Dh;
+    float ss = 0;
+    for (int j = 0; j < Dh; j++) ss += xi[j] * xi[j];
+    const float rs = 1.0f / sqrtf(ss / (float)Dh + (float)MOT_NORM_EPS);
+    rstd[idx] = rs;
+    const float *cs = cosT + (size_t)pos_g[r] * half, *sn = sinT + (size_t)pos_g[r] * half;
+    for (int j = 0; j < half; j++) {
+        const float y1 = xi[j] * rs * gi[j], y2 = xi[j + half] * rs * gi[j + half];
+        yi[j] = y1 * cs[j] - y2 * sn[j];
+        yi[j + half] = y1 * sn[j] + y2 * cs[j];
+    }
+}
+// Backward: dyun = rope^-1(dy) (kept for the gain gradient), dx = rmsnorm backward of dyun.
+static __global__ void mot_qknorm_rope_backward_kernel(MotBuf dx, float* dyun, const float* dy, const float* x,
+                                                       const float* rstd, const float* g, const float* cosT,
+                                                       const float* sinT, const int* pos_g, int N, int H, int Dh,
+                                                       MotRows tw) {
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= N * H) return;
+    const int r = idx / H, half = Dh / 2;
+    const size_t base = (size_t)idx * Dh;
+    const float* gi = g + (size_t)mot_dev_copy(tw, r) * Dh;
+    const float *cs = cosT + (size_t)pos_g[r] * half, *sn = sinT + (size_t)pos_g[r] * half;
+    float dot = 0;
+    for (int j = 0; j < half; j++) {  // rotate by -angle
+        const float d1 = dy[base + j], d2 = dy[base + j + half];
+        const float e1 = d1 * cs[j] + d2 * sn[j], e2 = -d1 * sn[j] + d2 * cs[j];
+        dyun[base + j] = e1;
+        dyun[base + j + half] = e2;
+        dot += x[base + j] * gi[j] * e1 + x[base + j + half] * gi[j + half] * e2;
+    }
+    const float rs = rstd[idx];
+    for (int j = 0; j < Dh; j++)
+        mot_store(dx.f, dx.b, base + j, rs * gi[j] * dyun[base + j] - rs * rs * rs / (float)Dh * x[base + j] * dot);
+}
+
+// ---- SwiGLU --------------------------------------------------------------------------------
+static __global__ void mot_swiglu_forward_kernel(MotBuf u, const float* u1, const float* u3, size_t n) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float a = u1[i];
+    mot_store(u.f, u.b, i, a / (1.0f + expf(-a)) * u3[i]);
+}
+static __global__ void mot_swiglu_backward_kernel(MotBuf du1, MotBuf du3, const float* du, const float* u1,
+                                                  const float* u3, size_t n) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float a = u1[i], s = 1.0f / (1.0f + expf(-a));
+    mot_store(du1.f, du1.b, i, du[i] * u3[i] * s * (1.0f + a * (1.0f - s)));
+    mot_store(du3.f, du3.b, i, du[i] * a * s);
+}
+
+// ---- causal attention, flash style ----------------------------------------------------------
+// Rows of q, k, v, o are in grouped order; the kernels walk sequence positions t of sequence b
+// and read row row_of[b*T + t], so the reordering costs nothing extra. Nothing T x T is stored:
+// the forward keeps the running max / sum per query row and writes only the row logsumexp
+// (in log2 units: lse2 = log2 sum_j 2^(s_j * log2 e)); the backward recomputes probabilities.
+//
+// Thread layout: G = DH / PER threads share one query (or key) row; each owns PER of the DH
+// dimensions, as VEC-wide chunks interleaved across the G threads (so the G threads read
+// neighbouring shared-memory words: no bank conflicts; all rows of a warp read the same key).
+template <int DH, int PER>
+struct MotAttnLayout {
+    static constexpr int G = DH / PER;
+    static constexpr int VEC = (PER % 4 == 0) ? 4 : 1;
+    static constexpr int NCH = PER / VEC;
+    static_assert(DH % PER == 0 && (G & (G - 1)) == 0 && G <= 32, "bad attention layout");
+    __device__ static __forceinline__ int dim(int c, int v, int g) { return (c * G + g) * VEC + v; }
+};
+template <int DH, int PER>
+__device__ __forceinline__ void mot_attn_load(float* r, const float* row, int g) {
+    typedef MotAttnLayout<DH, PER> Lay;
+#pragma unroll
+    for (int c = 0; c < Lay::NCH; c++)
+#pragma unroll
+        for (int v = 0; v < Lay::VEC; v++) r[c * Lay::VEC + v] = row[Lay::dim(c, v, g)];
+}
+// partial dot product of the owned dimensions with a shared-memory row (16-byte aligned)
+template <int DH, int PER>
+__device__ __forceinline__ float mot_attn_dot(const float* r, const float* srow, int g) {
+    typedef MotAttnLayout<DH, PER> Lay;
+    float s = 0;
+#pragma unroll
+    for (int c = 0; c < Lay::NCH; c++) {
+        if constexpr (Lay::VEC == 4) {
+            const float4 w = *reinterpret_cast<const float4*>(srow + Lay::dim(c, 0, g));
+            s += r[c * 4 + 0] * w.x + r[c * 4 + 1] * w.y + r[c * 4 + 2] * w.z + r[c * 4 + 3] * w.w;
+        } else {
+#pragma unroll
+            for (int v = 0; v < Lay::VEC; v++) s += r[c * Lay::VEC + v] * srow[Lay::dim(c, v, g)];
+        }
+    }
+    return s;
+}
+template <int DH, int PER>
+__device__ __forceinline__ void mot_attn_axpy(float* acc, float a, const float* srow, int g) {
+    typedef MotAttnLayout<DH, PER> Lay;
+#pragma unroll
+    for (int c = 0; c < Lay::NCH; c++) {
+        if constexpr (Lay::VEC == 4) {
+            const float4 w = *reinterpret_cast<const float4*>(srow + Lay::dim(c, 0, g));
+            acc[c * 4 + 0] += a * w.x; acc[c * 4 + 1] += a * w.y; acc[c * 4 + 2] += a * w.z; acc[c * 4 + 3] += a * w.w;
+        } else {
+#pragma unroll
+            for (int v = 0; v < Lay::VEC; v++) acc[c * Lay::VEC + v] += a * srow[Lay::dim(c, v, g)];
+        }
+    }
+}
+// sum over the G threads of a row (butterfly: all G get the same bits)
+template <int G>
+__device__ __forceinline__ float mot_group_sum(float s) {
+#pragma unroll
+    for (int off = G / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    return s;
+}
+// Loads rows [p0, p0 + ROWS) of sequence `rows` (head h) into shared memory; zeros past T.
+template <int DH, int ROWS>
+__device__ __forceinline__ void mot_attn_tile(float* dst, const float* src, const int* rows, int p0, int T, int D,
+                                              int h, int tid, int nthreads) {
+    for (int i = tid; i < ROWS * DH; i += nthreads) {
+        const int p = p0 + i / DH, d = i % DH;
+        dst[i] = p < T ? src[(size_t)rows[p] * D + h * DH + d] : 0.0f;
+    }
+}
+
+// Forward. grid (ceil(T / BQ), B * H), block BQ * G threads; one query row per G threads.
+template <int DH, int PER, int BQ, int BK>
+static __global__ void __launch_bounds__(BQ*(DH / PER))
+mot_attn_forward_kernel(MotBuf o, float* lse2, const float* q, const float* k, const float* v, const int* row_of,
+                        int T, int H, float qscale) {
+    typedef MotAttnLayout<DH, PER> Lay;
+    constexpr int G = Lay::G, NT = BQ * G;
+    __shared__ __align__(16) float Ks[BK * DH];
+    __shared__ __align__(16) float Vs[BK * DH];
+    const int D = H * DH, bh = blockIdx.y, b = bh / H, h = bh % H;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;  // longest rows first
+    const int tid = threadIdx.x, g = tid % G, t = q0 + tid / G;
+    const bool valid = t < T;
+    const int tc = valid ? t : T - 1;  // invalid rows compute on a real row and write nothing
+    const int* rows = row_of + (size_t)b * T;
+    const size_t qoff = (size_t)rows[tc] * D + h * DH;
+    float qv[PER], acc[PER];
+    mot_attn_load<DH, PER>(qv, q + qoff, g);
+#pragma unroll
+    for (int i = 0; i < PER; i++) { qv[i] *= qscale; acc[i] = 0; }
+    float m = -INFINITY, l = 0;
+    const int kend = min(T, q0 + BQ);
+    for (int k0 = 0; k0 < kend; k0 += BK) {
+        __syncthreads();
+        mot_attn_tile<DH, BK>(Ks, k, rows, k0, T, D, h, tid, NT);
+        mot_attn_tile<DH, BK>(Vs, v, rows, k0, T, D, h, tid, NT);
+        __syncthreads();
+        float s[BK];
+        float mt = -INFINITY;
+#pragma unroll
+        for (int jj = 0; jj < BK; jj++) {
+            const float d = mot_group_sum<G>(mot_attn_dot<DH, PER>(qv, Ks + jj * DH, g));
+            s[jj] = (k0 + jj <= tc) ? d : -INFINITY;
+            mt = fmaxf(mt, s[jj]);
+        }
+        // key 0 is in the first tile and never masked, so mn is finite from the first tile on
+        const float mn = fmaxf(m, mt);
+        const float alpha = exp2f(m - mn);  // 0 on the first tile (m = -inf)
+        l *= alpha;
+#pragma unroll
+        for (int i = 0; i < PER; i++) acc[i] *= alpha;
+#pragma unroll
+        for (int jj = 0; jj < BK; jj++) {
+            const float p = exp2f(s[jj] - mn);  // masked: exp2(-inf) = 0
+            l += p;
+            mot_attn_axpy<DH, PER>(acc, p, Vs + jj * DH, g);
+        }
+        m = mn;
+    }
+    if (valid) {
+        const float inv = 1.0f / l;
+#pragma unroll
+        for (int c = 0; c < Lay::NCH; c++)
+#pragma unroll
+            for (int vv = 0; vv < Lay::VEC; vv++)
+                mot_store(o.f, o.b, qoff + Lay::dim(c, vv, g), acc[c * Lay::VEC + vv] * inv);
+        if (g == 0) lse2[(size_t)bh * T + t] = m + log2f(l);
+    }
+}
+
+// delta[bh][t] = sum_d dO[row][h*Dh+d] * o[row][h*Dh+d]  (the softmax backward's row term)
+static __global__ void mot_attn_delta_kernel(float* delta, const float* dO, const float* o, const int* row_of,
+                                             int B, int T, int H, int Dh) {
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= B * H * T) return;
+    const int bh = idx / T, t = idx % T, b = bh / H, h = bh % H;
+    const size_t off = (size_t)row_of[(size_t)b * T + t] * H * Dh + h * Dh;
+    float s = 0;
+    for (int d = 0; d < Dh; d++) s += dO[off + d] * o[off + d];
+    delta[idx] = s;
+}
+
+// Backward for dK, dV: one key row per G threads; loops over the query rows i >= key row.
+//   p = 2^(s2 - lse2_i), dv_j += p dO_i, ds = p (dO_i . v_j - delta_i), dk_j += scale ds q_i
+template <int DH, int PER, int BKR, int BQT>
+static __global__ void __launch_bounds__(BKR*(DH / PER))
+mot_attn_backward_dkv_kernel(float* dk, MotBuf dv, const float* q, const float* k, const float* v, const float* dO,
+                             const float* lse2, const float* delta, const int* row_of, int T, int H, float scale,
+                             float c2) {
+    typedef MotAttnLayout<DH, PER> Lay;
+    constexpr int G = Lay::G, NT = BKR * G;
+    __shared__ __align__(16) float Qs[BQT * DH];
+    __shared__ __align__(16) float Ds[BQT * DH];
+    __shared__ float Ls[BQT], Es[BQT];
+    const int D = H * DH, bh = blockIdx.y, b = bh / H, h = bh % H;
+    const int k0 = blockIdx.x * BKR;  // lowest key rows (most queries) first
+    const int tid = threadIdx.x, g = tid % G, j = k0 + tid / G;
+    const bool valid = j < T;
+    const int jc = valid ? j : T - 1;
+    const int* rows = row_of + (size_t)b * T;
+    const size_t koff = (size_t)rows[jc] * D + h * DH;
+    float kv[PER], vv[PER], dka[PER], dva[PER];
+    mot_attn_load<DH, PER>(kv, k + koff, g);
+    mot_attn_load<DH, PER>(vv, v + koff, g);
+#pragma unroll
+    for (int i = 0; i < PER; i++) { dka[i] = 0; dva[i] = 0; }
+    for (int i0 = k0; i0 < T; i0 += BQT) {
+        __syncthreads();
+        mot_attn_tile<DH, BQT>(Qs, q, rows, i0, T, D, h, tid, NT);
+        mot_attn_tile<DH, BQT>(Ds, dO, rows, i0, T, D, h, tid, NT);
+        for (int ii = tid; ii < BQT; ii += NT) {
+            const int i = i0 + ii;
+            Ls[ii] = i < T ? lse2[(size_t)bh * T + i] : 0.0f;
+            Es[ii] = i < T ? delta[(size_t)bh * T + i] : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll 4
+        for (int ii = 0; ii < BQT; ii++) {
+            const int i = i0 + ii;
+            const float s = mot_group_sum<G>(mot_attn_dot<DH, PER>(kv, Qs + ii * DH, g)) * c2;
+            const float dp = mot_group_sum<G>(mot_attn_dot<DH, PER>(vv, Ds + ii * DH, g));
+            const float p = (i >= jc && i < T) ? exp2f(s - Ls[ii]) : 0.0f;
+            const float ds = p * (dp - Es[ii]);
+            mot_attn_axpy<DH, PER>(dva, p, Ds + ii * DH, g);
+            mot_attn_axpy<DH, PER>(dka, ds, Qs + ii * DH, g);
+        }
+    }
+    if (valid) {
+#pragma unroll
+        for (int c = 0; c < Lay::NCH; c++)
+#pragma unroll
+            for (int e = 0; e < Lay::VEC; e++) {
+                const size_t off = koff + Lay::dim(c, e, g);
+                dk[off] = dka[c * Lay::VEC + e] * scale;
+                mot_store(dv.f, dv.b, off, dva[c * Lay::VEC + e]);
+            }
+    }
+}
+
+// Backward for dQ: one query row per G threads; loops over key rows j <= query row.
+template <int DH, int PER, int BQ, int BK>
+static __global__ void __launch_bounds__(BQ*(DH / PER))
+mot_attn_backward_dq_kernel(float* dq, const float* q, const float* k, const float* v, const float* dO,
+                            const float* lse2, const float* delta, const int* row_of, int T, int H, float scale,
+                            float c2) {
+    typedef MotAttnLayout<DH, PER> Lay;
+    constexpr int G = Lay::G, NT = BQ * G;
+    __shared__ __align__(16) float Ks[BK * DH];
+    __shared__ __align__(16) float Vs[BK * DH];
+    const int D = H * DH, bh = blockIdx.y, b = bh / H, h = bh % H;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;
+    const int tid = threadIdx.x, g = tid % G, t = q0 + tid / G;
+    const bool valid = t < T;
+    const int tc = valid ? t : T - 1;
+    const int* rows = row_of + (size_t)b * T;
+    const size_t qoff = (size_t)rows[tc] * D + h * DH;
+    float qv[PER], dov[PER], dqa[PER];
+    mot_attn_load<DH, PER>(qv, q + qoff, g);
+    mot_attn_load<DH, PER>(dov, dO + qoff, g);
+#pragma unroll
+    for (int i = 0; i < PER; i++) dqa[i] = 0;
+    const float L2 = lse2[(size_t)bh * T + tc], E = delta[(size_t)bh * T + tc];
+    const int kend = min(T, q0 + BQ);
+    for (int k0 = 0; k0 < kend; k0 += BK) {
+        __syncthreads();
+        mot_attn_tile<DH, BK>(Ks, k, rows, k0, T, D, h, tid, NT);
+        mot_attn_tile<DH, BK>(Vs, v, rows, k0, T, D, h, tid, NT);
+        __syncthreads();
+#pragma unroll 4
+        for (int jj = 0; jj < BK; jj++) {
+            const float s = mot_group_sum<G>(mot_attn_dot<DH, PER>(qv, Ks + jj * DH, g)) * c2;
+            const float dp = mot_group_sum<G>(mot_attn_dot<DH, PER>(dov, Vs + jj * DH, g));
+            const float p = (k0 + jj <= tc) ? exp2f(s - L2) : 0.0f;
+            mot_attn_axpy<DH, PER>(dqa, p * (dp - E), Ks + jj * DH, g);
+        }
+    }
+    if (valid) {
+#pragma unroll
+        for (int c = 0; c < Lay::NCH; c++)
+#pragma unroll
+            for (int e = 0; e < Lay::VEC; e++) dq[qoff + Lay::dim(c, e, g)] = dqa[c * Lay::VEC + e] * scale;
+    }
+}
+
+// ---- cross-entropy over one chunk of rows (block per row, two passes over the row) ---------
+enum { MOT_CE_THREADS = 256 };
+static __global__ void __launch_bounds__(MOT_CE_THREADS)
+mot_ce_forward_kernel(float* lse, float* row_loss, const float* logits, const int* tgt, int V) {
+    __shared__ float red[MOT_CE_THREADS];
+    const int r = blockIdx.x, tid = threadIdx.x;
+    const float* lg = logits + (size_t)r * V;
+    float mx = -INFINITY;
+    for (int j = tid; j < V; j += MOT_CE_THREADS) mx = fmaxf(mx, lg[j]);
+    red[tid] = mx;
+    __syncthreads();
+    for (int s = MOT_CE_THREADS / 2; s > 0; s >>= 1) {
+        if (tid < s) red[tid] = fmaxf(red[tid], red[tid + s]);
+        __syncthreads();
+    }
+    mx = red[0];
+    __syncthreads();
+    float sum = 0;
+    for (int j = tid; j < V; j += MOT_CE_THREADS) sum += expf(lg[j] - mx);
+    red[tid] = sum;
+    __syncthreads();
+    for (int s = MOT_CE_THREADS / 2; s > 0; s >>= 1) {
+        if (tid < s) red[tid] += red[tid + s];
+        __syncthreads();
+    }
+    if (tid == 0) {
+        const float l = logf(red[0]) + mx;
+        const int t = tgt[r];
+        lse[r] = l;
+        row_loss[r] = t >= 0 ? l - lg[t] : 0.0f;
+    }
+}
+// dlogits = (softmax - onehot(target)) / n_valid, 0 for ignored rows. In place (lf == logits)
+// in fp32 mode, into the bf16 buffer lb in bf16 mode.
+static __global__ void mot_ce_backward_kernel(float* lf, mot_bf16* lb, const float* logits, const float* lse,
+                                              const int* tgt, int rows, int V, float inv_n) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)rows * V) return;
+    const int r = (int)(i / V), j = (int)(i % V), t = tgt[r];
+    float d = 0;
+    if (t >= 0) d = expf(logits[i] - lse[r]) * inv_n - (j == t ? inv_n : 0.0f);
+    mot_store(lf, lb, i, d);
+}
+// One block: out[0] = sum of row losses, out[1 + m] = the sum over rows whose target has
+// modality m. Each thread sums a contiguous range in order, then a fixed tree.
+enum { MOT_RED_THREADS = 256 };
+static __global__ void __launch_bounds__(MOT_RED_THREADS)
+mot_loss_reduce_kernel(double* out, const float* row_loss, const int* tgt, int N, int image_begin, int speech_begin) {
+    __shared__ double sm[4][MOT_RED_THREADS];
+    const int tid = threadIdx.x, per = (N + MOT_RED_THREADS - 1) / MOT_RED_THREADS;
+    double s[4] = {0, 0, 0, 0};
+    for (int r = tid * per; r < min(N, (tid + 1) * per); r++) {
+        const int t = tgt[r];
+        if (t < 0) continue;
+        const double l = row_loss[r];
+        s[0] += l;
+        s[1 + (t < image_begin ? 0 : t < speech_begin ? 1 : 2)] += l;
+    }
+    for (int c = 0; c < 4; c++) sm[c][tid] = s[c];
+    __syncthreads();
+    for (int st = MOT_RED_THREADS / 2; st > 0; st >>= 1) {
+        if (tid < st)
+            for (int c = 0; c < 4; c++) sm[c][tid] += sm[c][tid + st];
+        __syncthreads();
+    }
+    if (tid < 4) out[tid] = sm[tid][0];
+}
+
+// ---- gradient norm (deterministic: fixed chunks per block, fixed trees) and AdamW ----------
+enum { MOT_NORM_BLOCKS = 1024 };
+static __global__ void __launch_bounds__(MOT_RED_THREADS)
+mot_sumsq_partial_kernel(double* part, const float* x, size_t n, float scale) {
+    __shared__ double sm[MOT_RED_THREADS];
+    const size_t chunk = (n + MOT_NORM_BLOCKS - 1) / MOT_NORM_BLOCKS;
+    const size_t a = (size_t)blockIdx.x * chunk, b = min(n, a + chunk);
+    double s = 0;
+    for (size_t i = a + threadIdx.x; i < b; i += MOT_RED_THREADS) {
+        const double v = (double)(x[i] * scale);
+        s += v * v;
+    }
+    sm[threadIdx.x] = s;
+    __syncthreads();
+    for (int st = MOT_RED_THREADS / 2; st > 0; st >>= 1) {
+        if ((int)threadIdx.x < st) sm[threadIdx.x] += sm[threadIdx.x + st];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) part[blockIdx.x] = sm[0];
+}
+static __global__ void __launch_bounds__(MOT_RED_THREADS) mot_sumsq_final_kernel(double* out, const double* part) {
+    __shared__ double sm[MOT_RED_THREADS];
+    double s = 0;
+    for (int i = threadIdx.x; i < MOT_NORM_BLOCKS; i += MOT_RED_THREADS) s += part[i];
+    sm[threadIdx.x] = s;
+    __syncthreads();
+    for (int st = MOT_RED_THREADS / 2; st > 0; st >>= 1) {
+        if ((int)threadIdx.x < st) sm[threadIdx.x] += sm[threadIdx.x + st];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[0] = sm[0];
+}
+// Same arithmetic as mot_adamw_step in mot.h; the clip factor is computed on the device from
+// the squared norm, so nothing waits for the host.
+static __global__ void mot_adamw_kernel(float* w, mot_bf16* wb, const float* gr, float* mm, float* vv, size_t n,
+                                        float grad_scale, const double* norm2, double grad_clip, float b1, float b2,
+                                        float inv_bc1, float inv_bc2, float eps, float lr, float keep) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const double norm = sqrt(*norm2);
+    const float clip = (float)((grad_clip > 0 && norm > grad_clip) ? grad_clip / (norm + 1e-6) : 1.0);
+    const float gi = (gr[i] * grad_scale) * clip;
+    const float m = b1 * mm[i] + (1.0f - b1) * gi;
+    const float v = b2 * vv[i] + (1.0f - b2) * gi * gi;
+    mm[i] = m;
+    vv[i] = v;
+    const float nw = w[i] * keep - lr * (m * inv_bc1) / (sqrtf(v * inv_bc2) + eps);
+    w[i] = nw;
+    if (wb) wb[i] = __float2bfloat16(nw);
+}
+static __global__ void mot_to_bf16_kernel(mot_bf16* dst, const float* src, size_t n) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = __float2bfloat16(src[i]);
+}
+
+// ============================================================================================
+// 3. GEMMs
+// ============================================================================================
+// Row-major C[M x N] = op(A)[M x K] op(B)[K x N] + beta C (leading dimensions in elements).
+// cuBLAS is column-major, where a row-major X is X^T, so it computes C^T = op(B)^T op(A)^T:
+// gemm(opB, opA, m = N, n = M, k = K, B, ldb, A, lda, C, ldc).
+static inline void mot_gemm(MotGpu* g, bool transA, bool transB, int M, int N, int K, const void* A, int lda,
+                            const void* B, int ldb, float beta, float* C, int ldc) {
+    if (M <= 0 || N <= 0 || K <= 0) return;
+    const cudaDataType_t t = g->bf16 ? CUDA_R_16BF : CUDA_R_32F;
+    const cublasComputeType_t ct = g->bf16 ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_PEDANTIC;
+    const float alpha = 1.0f;
+    MOT_CUBLAS_CHECK(cublasGemmEx(g->cublas, transB ? CUBLAS_OP_T : CUBLAS_OP_N, transA ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                  N, M, K, &alpha, B, t, ldb, A, t, lda, &beta, C, CUDA_R_32F, ldc, ct,
+                                  CUBLAS_GEMM_DEFAULT));
+}
+// element `off` of a GEMM operand, in the precision of the mode
+static inline const void* mot_op(const MotGpu* g, const MotBuf& b, size_t off) {
+    return g->bf16 ? (const void*)(b.b + off) : (const void*)(b.f + off);
+}
+static inline const void* mot_weight(const MotGpu* g, int p, int layer, int copy) {
+    const size_t at = g->tab.p[p].at(layer, copy);
+    return g->bf16 ? (const void*)(g->params_bf + at) : (const void*)(g->params + at);
+}
+// y[rows] = x[rows] W[copy], one GEMM per contiguous row range of a tower (host-side ranges)
+static inline void mot_linear_forward(MotGpu* g, float* y, const MotBuf& x, int p, int layer) {
+    const MotParamInfo& info = g->tab.p[p];
+    const int in = info.rows, out = info.cols;
+    mot_for_each_copy(info.copies, g->group, [&](int c, int r0, int r1) {
+        mot_gemm(g, false, false, r1 - r0, out, in, mot_op(g, x, (size_t)r0 * in), in, mot_weight(g, p, layer, c), out,
+                 0.0f, y + (size_t)r0 * out, out);
+    });
+}
+// dx[rows] = dx_beta * dx[rows] + dy[rows] W[copy]^T  (dx may be null);  dW[copy] += x[rows]^T dy[rows]
+static inline void mot_linear_backward(MotGpu* g, float* dx, float dx_beta, const MotBuf& dy, const MotBuf& x, int p,
+                                       int layer) {
+    const MotParamInfo& info = g->tab.p[p];
+    const int in = info.rows, out = info.cols;
+    mot_for_each_copy(info.copies, g->group, [&](int c, int r0, int r1) {
+        const int n = r1 - r0;
+        if (dx)
+            mot_gemm(g, false, true, n, in, out, mot_op(g, dy, (size_t)r0 * out), out, mot_weight(g, p, layer, c), out,
+                     dx_beta, dx + (size_t)r0 * in, in);
+        mot_gemm(g, true, false, in, out, n, mot_op(g, x, (size_t)r0 * in), in, mot_op(g, dy, (size_t)r0 * out), out,
+                 1.0f, g->grads + info.at(layer, c), out);
+    });
+}
+
+// ============================================================================================
+// 4. The public API
+// ============================================================================================
+inline bool mot_gpu_available(std::string* why) {
+    int n = 0;
+    const cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess) {
+        if (why) *why = std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e);
+        cudaGetLastError();  // clear the sticky-free error so later calls start clean
+        return false;
+    }
+    if (n == 0) {
+        if (why) *why = "no CUDA device";
+        return false;
+    }
+    return true;
+}
+
+// head dims with an attention kernel instantiation
+inline bool mot_gpu_head_dim_ok(int Dh) {
+    return Dh == 2 || Dh == 4 || Dh == 8 || Dh == 16 || Dh == 32 || Dh == 64 || Dh == 128;
+}
+
+inline bool mot_gpu_init(MotGpu* g, const MotConfig& c, int B, int T, bool bf16, std::string* err) {
+    std::string bad = mot_config_error(c);
+    if (!bad.empty()) { if (err) *err = "bad config: " + bad; return false; }
+    const int Dh = c.d_model / c.n_head;
+    if (!mot_gpu_head_dim_ok(Dh)) {
+        if (err) *err = "head dimension " + std::to_string(Dh) + " is not supported by the GPU attention kernels "
+                        "(supported: 2, 4, 8, 16, 32, 64, 128)";
+        return false;
+    }
+    if (B < 1 || T < 1 || T > c.max_seq) {
+        if (err) *err = "bad batch shape B=" + std::to_string(B) + " T=" + std::to_string(T) + " (max_seq " +
+                        std::to_string(c.max_seq) + ")";
+        return false;
+    }
+    if ((size_t)B * T * std::max(c.d_ff, std::max(c.d_model, c.vocab)) > (size_t)INT32_MAX) {
+        if (err) *err = "batch too large for 32-bit GEMM row offsets";
+        return false;
+    }
+    std::string why;
+    if (!mot_gpu_available(&why)) { if (err) *err = "no GPU: " + why; return false; }
+    *g = MotGpu();
+    g->cfg = c;
+    g->tab = mot_param_table(c);
+    g->bf16 = bf16;
+    g->maxB = B; g->maxT = T; g->maxN = B * T;
+    const size_t L = c.n_layer, D = c.d_model, H = c.n_head, F = c.d_ff, V = c.vocab, N = (size_t)B * T;
+    const size_t P = g->tab.total;
+    MOT_CUDA_CHECK(cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking));
+    MOT_CUBLAS_CHECK(cublasCreate(&g->cublas));
+    MOT_CUBLAS_CHECK(cublasSetStream(g->cublas, g->stream));
+    const size_t ws = 32u << 20;  // a fixed workspace keeps cuBLAS results reproducible on a stream
+    MOT_CUDA_CHECK(cudaMalloc(&g->cublas_ws, ws));
+    g->bytes += ws;
+    MOT_CUBLAS_CHECK(cublasSetWorkspace(g->cublas, g->cublas_ws, ws));
+    MOT_CUBLAS_CHECK(cublasSetMathMode(g->cublas, CUBLAS_DEFAULT_MATH));
+
+    g->params = mot_dev_alloc<float>(g, P);
+    g->grads = mot_dev_alloc<float>(g, P);
+    g->adam_m = mot_dev_alloc<float>(g, P);
+    g->adam_v = mot_dev_alloc<float>(g, P);
+    MOT_CUDA_CHECK(cudaMemsetAsync(g->params, 0, P * 4, g->stream));
+    MOT_CUDA_CHECK(cudaMemsetAsync(g->grads, 0, P * 4, g->stream));
+    MOT_CUDA_CHECK(cudaMemsetAsync(g->adam_m, 0, P * 4, g->stream));
+    MOT_CUDA_CHECK(cudaMemsetAsync(g->adam_v, 0, P * 4, g->stream));
+    if (bf16) g->params_bf = mot_dev_alloc<mot_bf16>(g, P);
+
+    // RoPE tables, the same formula as mot_init
+    const int half = Dh / 2;
+    std::vector<float> cs((size_t)c.max_seq * half), sn((size_t)c.max_seq * half);
+    for (int pos = 0; pos < c.max_seq; pos++)
+        for (int j = 0; j < half; j++) {
+            double ang = pos * pow(10000.0, -2.0 * j / (2 * half));
+            cs[(size_t)pos * half + j] = float(cos(ang));
+            sn[(size_t)pos * half + j] = float(sin(ang));
+        }
+    g->rope_cos = mot_dev_alloc<float>(g, cs.size());
+    g->rope_sin = mot_dev_alloc<float>(g, sn.size());
+    MOT_CUDA_CHECK(cudaMemcpyAsync(g->rope_cos, cs.data(), cs.size() * 4, cudaMemcpyHostToDevice, g->stream));
+    MOT_CUDA_CHECK(cudaMemcpyAsync(g->rope_sin, sn.data(), sn.size() * 4, cudaMemcpyHostToDevice, g->stream));
+    MOT_CUDA_CHECK(cudaStreamSynchronize(g->stream));  // cs, sn are about to go out of scope
+
+    // activations
+    g->x = mot_dev_alloc<float>(g, (L + 1) * N * D);
+    g->q = mot_dev_alloc<float>(g, L * N * D);
+    g->k = mot_dev_alloc<float>(g, L * N * D);
+    g->v = mot_dev_alloc<float>(g, L * N * D);
+    g->q_rstd = mot_dev_alloc<float>(g, L * N * H);
+    g->k_rstd = mot_dev_alloc<float>(g, L * N * H);
+    g->qr = mot_dev_alloc<float>(g, L * N * D);
+    g->kr = mot_dev_alloc<float>(g, L * N * D);
+    g->o = mot_dev_alloc<float>(g, L * N * D);
+    g->a = mot_dev_alloc<float>(g, L * N * D);
+    g->a_rstd = mot_dev_alloc<float>(g, L * N);
+    g->h = mot_dev_alloc<float>(g, L * N * D);
+    g->y2 = mot_dev_alloc<float>(g, L * N * D);
+    g->y2_rstd = mot_dev_alloc<float>(g, L * N);
+    g->u1 = mot_dev_alloc<float>(g, L * N * F);
+    g->u3 = mot_dev_alloc<float>(g, L * N * F);
+    g->z_rstd = mot_dev_alloc<float>(g, N);
+    g->lse = mot_dev_alloc<float>(g, L * N * H);  // L x B x H x T
+    g->u_f = g->z_f = nullptr;
+    g->x_b = g->o_b = g->h_b = g->u_b = g->z_b = nullptr;
+    if (bf16) {
+        g->x_b = mot_dev_alloc<mot_bf16>(g, L * N * D);  // layer inputs x^0 .. x^(L-1)
+        g->o_b = mot_dev_alloc<mot_bf16>(g, L * N * D);
+        g->h_b = mot_dev_alloc<mot_bf16>(g, L * N * D);
+        g->u_b = mot_dev_alloc<mot_bf16>(g, L * N * F);
+        g->z_b = mot_dev_alloc<mot_bf16>(g, N * D);
+    } else {
+        g->u_f = mot_dev_alloc<float>(g, L * N * F);
+        g->z_f = mot_dev_alloc<float>(g, N * D);
+    }
+    // output head: chunks of rows so the logits never need N x V memory
+    const size_t budget = (size_t)1 << 26;  // elements of one logits chunk (256 MB fp32)
+    g->head_rows = (int)std::max<size_t>(1, std::min<size_t>(N, budget / V));
+    g->logits = mot_dev_alloc<float>(g, (size_t)g->head_rows * V);
+    g->dlogits_b = bf16 ? mot_dev_alloc<mot_bf16>(g, (size_t)g->head_rows * V) : nullptr;
+    g->ce_lse = mot_dev_alloc<float>(g, N);
+    g->row_loss = mot_dev_alloc<float>(g, N);
+    g->loss_out = mot_dev_alloc<double>(g, 4);
+    // backward scratch
+    g->dx = mot_dev_alloc<float>(g, N * D);
+    g->dh = mot_dev_alloc<float>(g, N * D);
+    g->dt = mot_dev_alloc<float>(g, N * D);
+    g->dO = mot_dev_alloc<float>(g, N * D);
+    g->dq = mot_dev_alloc<float>(g, N * D);
+    g->dk = mot_dev_alloc<float>(g, N * D);
+    g->dyun = mot_dev_alloc<float>(g, N * D);
+    g->du = mot_dev_alloc<float>(g, N * F);
+    g->delta = mot_dev_alloc<float>(g, N * H);
+    auto buf = [&](size_t n) {
+        MotBuf b;
+        if (bf16) b.b = mot_dev_alloc<mot_bf16>(g, n); else b.f = mot_dev_alloc<float>(g, n);
+        return b;
+    };
+    g->gdy = buf(N * D);
+    g->du1 = buf(N * F);
+    g->du3 = buf(N * F);
+    g->dv = buf(N * D);
+    g->gqk = buf(N * D);
+    // gain reduction partials: at most ceil(rows / MOT_GAIN_ROWS) chunks of C columns, with
+    // rows * C = N * D for both the row norms (N x D) and the QK-norms (N*H x Dh)
+    g->gain_part = mot_dev_alloc<float>(g, N * D / MOT_GAIN_ROWS + 2 * D + 64);
+    g->norm_part = mot_dev_alloc<double>(g, MOT_NORM_BLOCKS);
+    g->norm2 = mot_dev_alloc<double>(g, 1);
+    // batch indices: tok_g, tgt_g, pos_g, row_of, emb_rows, emb_tok (N each), emb_start (N + 1)
+    const size_t ni = 7 * N + 1;
+    g->idx_dev = mot_dev_alloc<int>(g, ni);
+    MOT_CUDA_CHECK(cudaMallocHost(&g->idx_host, ni * sizeof(int)));
+    MOT_CUDA_CHECK(cudaMallocHost(&g->host_out, 4 * sizeof(double)));
+    g->tok_g = g->idx_dev;
+    g->tgt_g = g->tok_g + N;
+    g->pos_g = g->tgt_g + N;
+    g->row_of = g->pos_g + N;
+    g->emb_rows = g->row_of + N;
+    g->emb_tok = g->emb_rows + N;
+    g->emb_start = g->emb_tok + N;
+    MOT_CUDA_CHECK(cudaStreamSynchronize(g->stream));
+    return true;
+}
+
+inline void mot_gpu_free(MotGpu* g) {
+    if (!g->stream) return;
+    MOT_CUDA_CHECK(cudaStreamSynchronize(g->stream));
+    void* ptrs[] = {g->params, g->grads, g->adam_m, g->adam_v, g->params_bf, g->rope_cos, g->rope_sin, g->x, g->q,
+                    g->k, g->v, g->q_rstd, g->k_rstd, g->qr, g->kr, g->o, g->a, g->a_rstd, g->h, g->y2, g->y2_rstd,
+                    g->u1, g->u3, g->z_rstd, g->lse, g->u_f, g->z_f, g->x_b, g->o_b, g->h_b, g->u_b, g->z_b,
+                    g->logits, g->dlogits_b, g->ce_lse, g->row_loss, g->loss_out, g->dx, g->dh, g->dt, g->dO, g->dq,
+                    g->dk, g->dyun, g->du, g->delta, g->gdy.f, g->gdy.b, g->du1.f, g->du1.b, g->du3.f, g->du3.b,
+                    g->dv.f, g->dv.b, g->gqk.f, g->gqk.b, g->gain_part, g->norm_part, g->norm2, g->idx_dev,
+                    g->cublas_ws};
+    MOT_CUBLAS_CHECK(cublasDestroy(g->cublas));  // before its workspace is freed
+    for (void* p : ptrs)
+        if (p) MOT_CUDA_CHECK(cudaFree(p));
+    if (g->idx_host) MOT_CUDA_CHECK(cudaFreeHost(g->idx_host));
+    if (g->host_out) MOT_CUDA_CHECK(cudaFreeHost(g->host_out));
+    MOT_CUDA_CHECK(cudaStreamDestroy(g->stream));
+    *g = MotGpu();
+}
+
+static inline void mot_gpu_check_model(const MotGpu* g, const MotConfig& c, size_t n) {
+    if (mot_config_mismatch(c, g->cfg) != "" || n != g->tab.total) {
+        fprintf(stderr, "mot_gpu: host model does not match the GPU model (%s, %zu vs %zu parameters)\n",
+                mot_config_mismatch(c, g->cfg).c_str(), n, g->tab.total);
+        exit(1);
+    }
+}
+
+// Copies the parameters and Adam moments to the device (and refreshes the bf16 weight copy).
+inline void mot_gpu_upload(MotGpu* g, const MotModel<float>& host) {
+    mot_gpu_check_model(g, host.cfg, host.params.size());
+    const size_t P = g->tab.total;
+    // every copy is ordered on the model's (non-blocking) stream, then waited for
+    MOT_CUDA_CHECK(cudaStreamSynchronize(g->stream));
+    MOT_CUDA_CHECK(cudaMemcpyAsync(g->params, host.params.data(), P * 4, cudaMemcpyHostToDevice, g->stream));
+    if (host.adam_m.size() == P && host.adam_v.size() == P) {
+        MOT_CUDA_CHECK(cudaMemcpyAsync(g->adam_m, host.adam_m.data(), P * 4, cudaMemcpyHostToDevice, g->stream));
+        MOT_CUDA_CHECK(cudaMemcpyAsync(g->adam_v, host.adam_v.data(), P * 4, cudaMemcpyHostToDevice, g->stream));
+    }
+    if (g->bf16) {
+        mot_to_bf16_kernel<<<mot_blocks(P, 256), 256, 0, g->stream>>>(g->params_bf, g->params, P);
+        MOT_LAUNCH_CHECK();
+    }
+    MOT_CUDA_CHECK(cudaStreamSynchronize(g->stream));
+}
+
+inline void mot_gpu_download(MotGpu* g, MotModel<float>* host) {
+    mot_gpu_check_model(g, host->cfg, host->params.size());
+    const size_t P = g->tab.total;
+    MOT_CUDA_CHECK(cudaStreamSynchronize(g->stream));
+    host->adam_m.resize(P);
+    host->adam_v.resize(P);
+    MOT_CUDA_CHECK(cudaMemcpyAsync(host->params.data(), g->params, P * 4, cudaMemcpyDeviceToHost, g->stream));
+    MOT_CUDA_CHECK(cudaMemcpyAsync(host->adam_m.data(), g->adam_m, P * 4, cudaMemcpyDeviceToHost, g->stream));
+    MOT_CUDA_CHECK(cudaMemcpyAsync(host->adam_v.data(), g->adam_v, P * 4, cudaMemcpyDeviceToHost, g->stream));
+    MOT_CUDA_CHECK(cudaStreamSynchronize(g->stream));
+}
+
+inline void mot_gpu_zero_grad(MotGpu* g) {
+    MOT_CUDA_CHECK(cudaMemsetAsync(g->grads, 0, g->tab.total * 4, g->stream));
+}
+
+inline void mot_gpu_grads(MotGpu* g, std::vector<float>* out) {
+    out->resize(g->tab.total);
+    MOT_CUDA_CHECK(cudaMemcpyAsync(out->data(), g->grads, g->tab.total * 4, cudaMemcpyDeviceToHost, g->stream));
+    MOT_CUDA_CHECK(cudaStreamSynchronize(g->stream));
+}
+
+// Host side of a batch: checks it, builds the index lists and uploads them (one copy).
+static inline void mot_gpu_set_batch(MotGpu* g, const MotBatch& b) {
+    const MotConfig& c = g->cfg;
+    const int N = b.B * b.T;
+    auto fail = [](const char* what) {
+        fprintf(stderr, "mot_gpu_forward: %s\n", what);
+        exit(1);
+    };
+    if (b.B < 1 || b.T < 1 || N > g->maxN || b.T > c.max_seq) fail("batch shape exceeds what mot_gpu_init was given");
+    if ((int)b.tokens.size() != N || (int)b.targets.size() != N || (int)b.order.size() != N ||
+        (int)b.row_of.size() != N)
+        fail("batch arrays have the wrong size (call mot_group first)");
+    if (b.group[0] != 0 || b.group[MOT_N_MOD] != N) fail("batch grouping is inconsistent (call mot_group)");
+    g->B = b.B; g->T = b.T; g->N = N;
+    for (int m = 0; m <= MOT_N_MOD; m++) g->group[m] = b.group[m];
+    int* tok_g = g->idx_host;
+    int *tgt_g = tok_g + N, *pos_g = tgt_g + N, *row_of = pos_g + N, *emb_rows = row_of + N, *emb_tok = emb_rows + N,
+        *emb_start = emb_tok + N;
+    g->n_valid = 0;
+    for (int m = 0; m < MOT_N_MOD; m++) g->n_mod[m] = 0;
+    for (int r = 0; r < N; r++) {
+        const int i = b.order[r];
+        if (i < 0 || i >= N || b.row_of[i] != r) fail("order / row_of are not inverse permutations");
+        const int tok = b.tokens[i], tgt = b.targets[i];
+        if (tok < 0 || tok >= c.vocab) fail("token id outside the vocabulary");
+        if (tgt < MOT_IGNORE || tgt >= c.vocab) fail("target id outside the vocabulary");
+        const int m = mot_modality(c, tok);
+        if (r < b.group[m] || r >= b.group[m + 1]) fail("row is outside its modality's group range");
+        tok_g[r] = tok;
+        tgt_g[r] = tgt;
+        pos_g[r] = i % b.T;
+        if (tgt >= 0) { g->n_valid++; g->n_mod[mot_modality(c, tgt)]++; }
+    }
+    for (int i = 0; i < N; i++) row_of[i] = b.row_of[i];
+    // embedding gradient lists: rows sorted by token, then by row (stable sort of 0..N-1)
+    std::vector<int> rows(N);
+    std::iota(rows.begin(), rows.end(), 0);
+    std::stable_sort(rows.begin(), rows.end(), [&](int x, int y) { return tok_g[x] < tok_g[y]; });
+    int U = 0;
+    for (int k = 0; k < N; k++) {
+        emb_rows[k] = rows[k];
+        if (k == 0 || tok_g[rows[k]] != tok_g[rows[k - 1]]) {
+            emb_tok[U] = tok_g[rows[k]];
+            emb_start[U] = k;
+            U++;
+        }
+    }
+    emb_start[U] = N;
+    g->n_emb = U;
+    // the device lists are laid out for maxN, so upload each part to its place
+    const int maxN = g->maxN;
+    int* dev = g->idx_dev;
+    const int* parts[7] = {tok_g, tgt_g, pos_g, row_of, emb_rows, emb_tok, emb_start};
+    const int lens[7] = {N, N, N, N, N, U, U + 1};
+    for (int p = 0; p < 7; p++)
+        MOT_CUDA_CHECK(cudaMemcpyAsync(dev + (size_t)p * maxN, parts[p], lens[p] * sizeof(int), cudaMemcpyHostToDevice,
+                                       g->stream));
+    g->have_batch = true;
+}
+
+static inline MotRows mot_gpu_rows(const MotGpu* g, int copies) { return MotRows{copies, g->group[1], g->group[2]}; }
+
+// dg[copy] += column sums of dy * x * rstd over each copy's rows (per_pos rows per position)
+static inline void mot_gpu_gain_grad(MotGpu* g, int p, int layer, const float* dy, const float* x, const float* rstd,
+                                     int C, int per_pos) {
+    const MotParamInfo& info = g->tab.p[p];
+    mot_for_each_copy(info.copies, g->group, [&](int c, int r0, int r1) {
+        const int a = r0 * per_pos, b = r1 * per_pos, nchunk = (b - a + MOT_GAIN_ROWS - 1) / MOT_GAIN_ROWS;
+        mot_gain_partial_kernel<<<dim3((C + 31) / 32, nchunk), dim3(32, 8), 0, g->stream>>>(g->gain_part, dy, x, rstd,
+                                                                                             a, b, C);
+        MOT_LAUNCH_CHECK();
+        mot_gain_final_kernel<<<mot_blocks(C, 128), 128, 0, g->stream>>>(g->grads + info.at(layer, c), g->gain_part,
+                                                                          nchunk, C);
+        MOT_LAUNCH_CHECK();
+    });
+}
+
+static inline void mot_gpu_rmsnorm_forward(MotGpu* g, float* out, mot_bf16* outb, float* rstd, const float* x, int p,
+                                           int layer, const float* resid) {
+    const int N = g->N, D = g->cfg.d_model;
+    const MotParamInfo& info = g->tab.p[p];
+    mot_rmsnorm_forward_kernel<<<mot_blocks(N, 8), 256, 0, g->stream>>>(
+        out, outb, rstd, x, g->params + info.at(layer, 0), resid, N, D, mot_gpu_rows(g, info.copies));
+    MOT_LAUNCH_CHECK();
+}
+// dx = norm backward of dy; gain gradient of tensor p accumulated
+static inline void mot_gpu_rmsnorm_backward(MotGpu* g, MotBuf dx, const float* dy, const float* x, const float* rstd,
+                                            int p, int layer) {
+    const int N = g->N, D = g->cfg.d_model;
+    const MotParamInfo& info = g->tab.p[p];
+    mot_rmsnorm_backward_kernel<<<mot_blocks(N, 8), 256, 0, g->stream>>>(dx, dy, x, rstd, g->params + info.at(layer, 0),
+                                                                          N, D, mot_gpu_rows(g, info.copies));
+    MOT_LAUNCH_CHECK();
+    mot_gpu_gain_grad(g, p, layer, dy, x, rstd, D, 1);
+}
+
+// ---- attention dispatch over the head dimension --------------------------------------------
+enum { MOT_ATT_BQ = 64, MOT_ATT_BK = 32, MOT_ATT_BKR = 64, MOT_ATT_BQT = 32 };
+template <int DH>
+static inline void mot_attn_forward_dh(MotGpu* g, MotBuf o, float* lse2, const float* q, const float* k,
+                                       const float* v) {
+    constexpr int PER = DH < 32 ? DH : 32;
+    const int T = g->T, H = g->cfg.n_head;
+    const float qscale = (float)(1.0 / sqrt((double)DH) * 1.4426950408889634);
+    dim3 grid((T + MOT_ATT_BQ - 1) / MOT_ATT_BQ, g->B * H);
+    mot_attn_forward_kernel<DH, PER, MOT_ATT_BQ, MOT_ATT_BK><<<grid, MOT_ATT_BQ * (DH / PER), 0, g->stream>>>(
+        o, lse2, q, k, v, g->row_of, T, H, qscale);
+    MOT_LAUNCH_CHECK();
+}
+template <int DH>
+static inline void mot_attn_backward_dh(MotGpu* g, float* dq, float* dk, MotBuf dv, const float* dO, const float* lse2,
+                                        const float* q, const float* k, const float* v) {
+    constexpr int PER = DH < 16 ? DH : 16;
+    const int T = g->T, H = g->cfg.n_head;
+    const float scale = (float)(1.0 / sqrt((double)DH)), c2 = (float)(1.0 / sqrt((double)DH) * 1.4426950408889634);
+    dim3 gkv((T + MOT_ATT_BKR - 1) / MOT_ATT_BKR, g->B * H);
+    mot_attn_backward_dkv_kernel<DH, PER, MOT_ATT_BKR, MOT_ATT_BQT><<<gkv, MOT_ATT_BKR * (DH / PER), 0, g->stream>>>(
+        dk, dv, q, k, v, dO, lse2, g->delta, g->row_of, T, H, scale, c2);
+    MOT_LAUNCH_CHECK();
+    dim3 gq((T + MOT_ATT_BQ - 1) / MOT_ATT_BQ, g->B * H);
+    mot_attn_backward_dq_kernel<DH, PER, MOT_ATT_BQ, MOT_ATT_BK><<<gq, MOT_ATT_BQ * (DH / PER), 0, g->stream>>>(
+        dq, q, k, v, dO, lse2, g->delta, g->row_of, T, H, scale, c2);
+    MOT_LAUNCH_CHECK();
+}
+#define MOT_DH_SWITCH(Dh, CALL)                                                                    \
+    switch (Dh) {                                                                                  \
+        case 2: { constexpr int DHC = 2; CALL; } break;                                            \
+        case 4: { constexpr int DHC = 4; CALL; } break;                                            \
+        case 8: { constexpr int DHC = 8; CALL; } break;                                            \
+        case 16: { constexpr int DHC = 16; CALL; } break;                                          \
+        case 32: { constexpr int DHC = 32; CALL; } break;                                          \
+        case 64: { constexpr int DHC = 64; CALL; } break;                                          \
+        case 128: { constexpr int DHC = 128; CALL; } break;                                        \
+        default: fprintf(stderr, "mot_gpu: unsupported head dimension %d\n", Dh); exit(1);         \
+    }
+
+// logits of rows [r0, r0 + n) into g->logits (fp32)
+static inline void mot_gpu_head_chunk(MotGpu* g, const MotBuf& z, int r0, int n) {
+    const int D = g->cfg.d_model, V = g->cfg.vocab;
+    mot_gemm(g, false, false, n, V, D, mot_op(g, z, (size_t)r0 * D), D, mot_weight(g, P_HEAD, 0, 0), V, 0.0f, g->logits,
+             V);
+}
+static inline MotBuf mot_gpu_z(const MotGpu* g) {
+    MotBuf z;
+    z.f = g->z_f;
+    z.b = g->z_b;
+    return z;
+}
+
+// Forward pass: activations, the row logsumexps and the losses. Reads the loss back (the only
+// synchronisation). Returns the mean loss over the valid targets.
+inline double mot_gpu_forward(MotGpu* g, const MotBatch& b) {
+    mot_gpu_set_batch(g, b);
+    const MotConfig& c = g->cfg;
+    const int N = g->N, D = c.d_model, H = c.n_head, Dh = D / H, F = c.d_ff, V = c.vocab, L = c.n_layer;
+    const size_t ND = (size_t)N * D, NF = (size_t)N * F;
+    const MotParamTable& tab = g->tab;
+    cudaStream_t st = g->stream;
+
+    mot_embed_kernel<<<mot_blocks(ND, 256), 256, 0, st>>>(g->x, g->x_b, g->params + tab.p[P_EMB].offset, g->tok_g, N, D);
+    MOT_LAUNCH_CHECK();
+    for (int l = 0; l < L; l++) {
+        MotBuf x;
+        x.f = g->x + l * ND;
+        x.b = g->x_b ? g->x_b + l * ND : nullptr;
+        float *q = g->q + l * ND, *k = g->k + l * ND, *v = g->v + l * ND, *qr = g->qr + l * ND, *kr = g->kr + l * ND;
+        float *a = g->a + l * ND, *u1 = g->u1 + l * NF, *u3 = g->u3 + l * NF, *y2 = g->y2 + l * ND;
+        MotBuf o, h, u;
+        o.f = g->o + l * ND;
+        o.b = g->o_b ? g->o_b + l * ND : nullptr;
+        h.f = g->h + l * ND;
+        h.b = g->h_b ? g->h_b + l * ND : nullptr;
+        u.f = g->u_f ? g->u_f + l * NF : nullptr;
+        u.b = g->u_b ? g->u_b + l * NF : nullptr;
+        const int ka = tab.p[P_GQ].copies;
+        // attention sublayer: h = x + rmsnorm(attn(x) Wo) * g_attn
+        mot_linear_forward(g, q, x, P_WQ, l);
+        mot_linear_forward(g, k, x, P_WK, l);
+        mot_linear_forward(g, v, x, P_WV, l);
+        mot_qknorm_rope_forward_kernel<<<mot_blocks((size_t)N * H, 128), 128, 0, st>>>(
+            qr, g->q_rstd + (size_t)l * N * H, q, g->params + tab.p[P_GQ].at(l, 0), g->rope_cos, g->rope_sin, g->pos_g,
+            N, H, Dh, mot_gpu_rows(g, ka));
+        MOT_LAUNCH_CHECK();
+        mot_qknorm_rope_forward_kernel<<<mot_blocks((size_t)N * H, 128), 128, 0, st>>>(
+            kr, g->k_rstd + (size_t)l * N * H, k, g->params + tab.p[P_GK].at(l, 0), g->rope_cos, g->rope_sin, g->pos_g,
+            N, H, Dh, mot_gpu_rows(g, ka));
+        MOT_LAUNCH_CHECK();
+        float* lse2 = g->lse + (size_t)l * N * H;
+        MOT_DH_SWITCH(Dh, (mot_attn_forward_dh<DHC>(g, o, lse2, qr, kr, v)));
+        mot_linear_forward(g, a, o, P_WO, l);
+        mot_gpu_rmsnorm_forward(g, h.f, h.b, g->a_rstd + (size_t)l * N, a, P_GATTN, l, x.f);
+        // FFN sublayer: y = h + rmsnorm(swiglu(h) W2) * g_ffn
+        mot_linear_forward(g, u1, h, P_W1, l);
+        mot_linear_forward(g, u3, h, P_W3, l);
+        mot_swiglu_forward_kernel<<<mot_blocks(NF, 256), 256, 0, st>>>(u, u1, u3, NF);
+        MOT_LAUNCH_CHECK();
+        mot_linear_forward(g, y2, u, P_W2, l);
+        mot_bf16* ynext_b = (g->x_b && l + 1 < L) ? g->x_b + (l + 1) * ND : nullptr;
+        mot_gpu_rmsnorm_forward(g, g->x + (l + 1) * ND, ynext_b, g->y2_rstd + (size_t)l * N, y2, P_GFFN, l, h.f);
+    }
+    // final norm and the output head, chunk by chunk: logits, then per-row logsumexp and loss
+    const MotBuf z = mot_gpu_z(g);
+    mot_gpu_rmsnorm_forward(g, z.f, z.b, g->z_rstd, g->x + (size_t)L * ND, P_GOUT, 0, nullptr);
+    for (int r0 = 0; r0 < N; r0 += g->head_rows) {
+        const int n = std::min(g->head_rows, N - r0);
+        mot_gpu_head_chunk(g, z, r0, n);
+        mot_ce_forward_kernel<<<n, MOT_CE_THREADS, 0, st>>>(g->ce_lse + r0, g->row_loss + r0, g->logits, g->tgt_g + r0, V);
+        MOT_LAUNCH_CHECK();
+    }
+    mot_loss_reduce_kernel<<<1, MOT_RED_THREADS, 0, st>>>(g->loss_out, g->row_loss, g->tgt_g, N, c.image_begin,
+                                                          c.speech_begin);
+    MOT_LAUNCH_CHECK();
+    MOT_CUDA_CHECK(cudaMemcpyAsync(g->host_out, g->loss_out, 4 * sizeof(double), cudaMemcpyDeviceToHost, st));
+    MOT_CUDA_CHECK(cudaStreamSynchronize(st));
+    g->loss = g->n_valid ? g->host_out[0] / g->n_valid : 0.0;
+    for (int m = 0; m < MOT_N_MOD; m++) g->loss_mod[m] = g->n_mod[m] ? g->host_out[1 + m] / g->n_mod[m] : 0.0;
+    return g->loss;
+}
+
+// Backward pass for the batch of the last forward: ACCUMULATES into the gradients.
+inline void mot_gpu_backward(MotGpu* g) {
+    if (!g->have_batch) {
+        fprintf(stderr, "mot_gpu_backward: no forward pass to differentiate\n");
+        exit(1);
+    }
+    const MotConfig& c = g->cfg;
+    const int N = g->N, D = c.d_model, H = c.n_head, Dh = D / H, F = c.d_ff, V = c.vocab, L = c.n_layer;
+    const size_t ND = (size_t)N * D, NF = (size_t)N * F;
+    const MotParamTable& tab = g->tab;
+    cudaStream_t st = g->stream;
+    const MotBuf z = mot_gpu_z(g);
+
+    // output head, chunk by chunk: recompute the logits, dlogits from the stored logsumexp,
+    // dz = dlogits W_head^T, dW_head += z^T dlogits
+    const float inv_n = g->n_valid ? 1.0f / (float)g->n_valid : 0.0f;
+    for (int r0 = 0; r0 < N; r0 += g->head_rows) {
+        const int n = std::min(g->head_rows, N - r0);
+        mot_gpu_head_chunk(g, z, r0, n);
+        float* lf = g->bf16 ? nullptr : g->logits;
+        mot_ce_backward_kernel<<<mot_blocks((size_t)n * V, 256), 256, 0, st>>>(lf, g->dlogits_b, g->logits,
+                                                                               g->ce_lse + r0, g->tgt_g + r0, n, V, inv_n);
+        MOT_LAUNCH_CHECK();
+        MotBuf dl;
+        dl.f = g->bf16 ? nullptr : g->logits;
+        dl.b = g->dlogits_b;
+        mot_gemm(g, false, true, n, D, V, mot_op(g, dl, 0), V, mot_weight(g, P_HEAD, 0, 0), V, 0.0f,
+                 g->dt + (size_t)r0 * D, D);
+        mot_gemm(g, true, false, D, V, n, mot_op(g, z, (size_t)r0 * D), D, mot_op(g, dl, 0), V, 1.0f,
+                 g->grads + tab.p[P_HEAD].offset, V);
+    }
+    MotBuf dxb;
+    dxb.f = g->dx;
+    mot_gpu_rmsnorm_backward(g, dxb, g->dt, g->x + (size_t)L * ND, g->z_rstd, P_GOUT, 0);  // dx = dL/dx^L
+
+    for (int l = L - 1; l >= 0; l--) {
+        MotBuf x, o, h, u;
+        x.f = g->x + l * ND;
+        x.b = g->x_b ? g->x_b + l * ND : nullptr;
+        o.f = g->o + l * ND;
+        o.b = g->o_b ? g->o_b + l * ND : nullptr;
+        h.f = g->h + l * ND;
+        h.b = g->h_b ? g->h_b + l * ND : nullptr;
+        u.f = g->u_f ? g->u_f + l * NF : nullptr;
+        u.b = g->u_b ? g->u_b + l * NF : nullptr;
+        const float *q = g->q + l * ND, *k = g->k + l * ND, *v = g->v + l * ND, *qr = g->qr + l * ND,
+                    *kr = g->kr + l * ND;
+        const float *a = g->a + l * ND, *u1 = g->u1 + l * NF, *u3 = g->u3 + l * NF, *y2 = g->y2 + l * ND;
+        const int ka = tab.p[P_GQ].copies;
+        // FFN sublayer; dx holds dL/dy, which the residual passes straight to dh
+        mot_gpu_rmsnorm_backward(g, g->gdy, g->dx, y2, g->y2_rstd + (size_t)l * N, P_GFFN, l);  // gdy = dL/dy2
+        mot_linear_backward(g, g->du, 0.0f, g->gdy, u, P_W2, l);
+        mot_swiglu_backward_kernel<<<mot_blocks(NF, 256), 256, 0, st>>>(g->du1, g->du3, g->du, u1, u3, NF);
+        MOT_LAUNCH_CHECK();
+        MOT_CUDA_CHECK(cudaMemcpyAsync(g->dh, g->dx, ND * 4, cudaMemcpyDeviceToDevice, st));
+        mot_linear_backward(g, g->dh, 1.0f, g->du1, h, P_W1, l);
+        mot_linear_backward(g, g->dh, 1.0f, g->du3, h, P_W3, l);
+        // attention sublayer; dh holds dL/dh, which the residual passes straight to dx
+        mot_gpu_rmsnorm_backward(g, g->gdy, g->dh, a, g->a_rstd + (size_t)l * N, P_GATTN, l);  // gdy = dL/da
+        mot_linear_backward(g, g->dO, 0.0f, g->gdy, o, P_WO, l);
+        const float* lse2 = g->lse + (size_t)l * N * H;
+        mot_attn_delta_kernel<<<mot_blocks((size_t)N * H, 256), 256, 0, st>>>(g->delta, g->dO, o.f, g->row_of, g->B,
+                                                                              g->T, H, Dh);
+        MOT_LAUNCH_CHECK();
+        MOT_DH_SWITCH(Dh, (mot_attn_backward_dh<DHC>(g, g->dq, g->dk, g->dv, g->dO, lse2, qr, kr, v)));
+        MOT_CUDA_CHECK(cudaMemcpyAsync(g->dx, g->dh, ND * 4, cudaMemcpyDeviceToDevice, st));
+        // QK-norm + RoPE backward for q, then its projection; then the same for k; then v
+        mot_qknorm_rope_backward_kernel<<<mot_blocks((size_t)N * H, 128), 128, 0, st>>>(
+            g->gqk, g->dyun, g->dq, q, g->q_rstd + (size_t)l * N * H, g->params + tab.p[P_GQ].at(l, 0), g->rope_cos,
+            g->rope_sin, g->pos_g, N, H, Dh, mot_gpu_rows(g, ka));
+        MOT_LAUNCH_CHECK();
+        mot_gpu_gain_grad(g, P_GQ, l, g->dyun, q, g->q_rstd + (size_t)l * N * H, Dh, H);
+        mot_linear_backward(g, g->dx, 1.0f, g->gqk, x, P_WQ, l);
+        mot_qknorm_rope_backward_kernel<<<mot_blocks((size_t)N * H, 128), 128, 0, st>>>(
+            g->gqk, g->dyun, g->dk, k, g->k_rstd + (size_t)l * N * H, g->params + tab.p[P_GK].at(l, 0), g->rope_cos,
+            g->rope_sin, g->pos_g, N, H, Dh, mot_gpu_rows(g, ka));
+        MOT_LAUNCH_CHECK();
+        mot_gpu_gain_grad(g, P_GK, l, g->dyun, k, g->k_rstd + (size_t)l * N * H, Dh, H);
+        mot_linear_backward(g, g->dx, 1.0f, g->gqk, x, P_WK, l);
+        mot_linear_backward(g, g->dx, 1.0f, g->dv, x, P_WV, l);
+    }
+    // embedding: one block per distinct token, rows in order
+    if (g->n_emb > 0) {
+        mot_embed_backward_kernel<<<g->n_emb, 128, 0, st>>>(g->grads + tab.p[P_EMB].offset, g->dx, g->emb_rows,
+                                                           g->emb_tok, g->emb_start, D);
+        MOT_LAUNCH_CHECK();
+    }
+}
+
+// One AdamW step over all parameters (mot_adamw_step semantics), after multiplying the
+// gradients by grad_scale (e.g. 1 / accumulation steps). Returns the gradient norm before
+// clipping (of the scaled gradients).
+inline double mot_gpu_adamw_step(MotGpu* g, const MotOptim& o, int step, double grad_scale) {
+    const size_t P = g->tab.total;
+    cudaStream_t st = g->stream;
+    const float gs = (float)grad_scale;
+    mot_sumsq_partial_kernel<<<MOT_NORM_BLOCKS, MOT_RED_THREADS, 0, st>>>(g->norm_part, g->grads, P, gs);
+    MOT_LAUNCH_CHECK();
+    mot_sumsq_final_kernel<<<1, MOT_RED_THREADS, 0, st>>>(g->norm2, g->norm_part);
+    MOT_LAUNCH_CHECK();
+    const double lr = mot_lr_at(o, step), t = step + 1;
+    const double bc1 = 1.0 - pow(o.beta1, t), bc2 = 1.0 - pow(o.beta2, t);
+    for (int p = 0; p < P_COUNT; p++) {
+        const MotParamInfo& info = g->tab.p[p];
+        const size_t n = info.size();
+        if (n == 0) continue;
+        const float keep = (float)(1.0 - (info.decay ? lr * o.weight_decay : 0.0));
+        mot_adamw_kernel<<<mot_blocks(n, 256), 256, 0, st>>>(
+            g->params + info.offset, g->params_bf ? g->params_bf + info.offset : nullptr, g->grads + info.offset,
+            g->adam_m + info.offset, g->adam_v + info.offset, n, gs, g->norm2, o.grad_clip, (float)o.beta1,
+            (float)o.beta2, (float)(1 / bc1), (float)(1 / bc2), (float)o.eps, (float)lr, keep);
+        MOT_LAUNCH_CHECK();
+    }
+    MOT_CUDA_CHECK(cudaMemcpyAsync(g->host_out, g->norm2, sizeof(double), cudaMemcpyDeviceToHost, st));
+    MOT_CUDA_CHECK(cudaStreamSynchronize(st));
+    return sqrt(g->host_out[0]);
+}
+
+// Logits of batch b in ORIGINAL order ([B*T][V], index (b*T + t) * V + j); runs a forward pass.
+inline void mot_gpu_logits(MotGpu* g, const MotBatch& b, std::vector<float>* out) {
+    mot_gpu_forward(g, b);
+    const int N = g->N, V = g->cfg.vocab;
+    out->assign((size_t)N * V, 0.0f);
+    std::vector<float> chunk((size_t)g->head_rows * V);
+    const MotBuf z = mot_gpu_z(g);
+    for (int r0 = 0; r0 < N; r0 += g->head_rows) {
+        const int n = std::min(g->head_rows, N - r0);
+        mot_gpu_head_chunk(g, z, r0, n);
+        MOT_CUDA_CHECK(cudaMemcpyAsync(chunk.data(), g->logits, (size_t)n * V * 4, cudaMemcpyDeviceToHost, g->stream));
+        MOT_CUDA_CHECK(cudaStreamSynchronize(g->stream));
+        for (int r = 0; r < n; r++)
+            std::copy(chunk.begin() + (size_t)r * V, chunk.begin() + (size_t)(r + 1) * V,
+                      out->begin() + (size_t)b.order[r0 + r] * V);
+    }
+}
+
+// ============================================================================================
+// 5. Data parallel over GPUs (NCCL, one process per GPU, launched with mpirun)
+// ============================================================================================
+#ifdef MOT_MPI
+#define MOT_NCCL_CHECK(call)                                                                       \
+    do {                                                                                           \
+        ncclResult_t mot_r_ = (call);                                                              \
+        if (mot_r_ != ncclSuccess) {                                                               \
+            fprintf(stderr, "%s:%d: NCCL error %s\n", __FILE__, __LINE__, ncclGetErrorString(mot_r_)); \
+            exit(1);                                                                               \
+        }                                                                                          \
+    } while (0)
+struct MotDp {
+    int rank = 0, world = 1;
+    ncclComm_t comm = nullptr;
+};
+static MotDp mot_dp;
+
+// Call after MPI_Init and BEFORE mot_gpu_init: picks this process's GPU (the node-local rank
+// modulo the GPU count), shares one NCCL id from rank 0 with MPI_Bcast and creates the
+// communicator.
+inline bool mot_gpu_dp_init(int rank, int world, std::string* err) {
+    int ndev = 0;
+    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
+        if (err) *err = "no GPU";
+        return false;
+    }
+    int local = rank;
+    if (const char* s = getenv("OMPI_COMM_WORLD_LOCAL_RANK")) local = atoi(s);
+    else if (const char* s2 = getenv("MPI_LOCALRANKID")) local = atoi(s2);
+    MOT_CUDA_CHECK(cudaSetDevice(local % ndev));
+    ncclUniqueId id;
+    if (rank == 0) MOT_NCCL_CHECK(ncclGetUniqueId(&id));
+    if (MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, MPI_COMM_WORLD) != MPI_SUCCESS) {
+        if (err) *err = "MPI_Bcast of the NCCL id failed";
+        return false;
+    }
+    MOT_NCCL_CHECK(ncclCommInitRank(&mot_dp.comm, world, id, rank));
+    mot_dp.rank = rank;
+    mot_dp.world = world;
+    return true;
+}
+// Averages the gradients over all ranks (in place, on the model's stream). Call after the last
+// backward of a step and before mot_gpu_adamw_step; every rank then takes the same step.
+inline void mot_gpu_allreduce_grads(MotGpu* g) {
+    if (mot_dp.world <= 1) return;
+    MOT_NCCL_CHECK(ncclAllReduce(g->grads, g->grads, g->tab.total, ncclFloat, ncclAvg, mot_dp.comm, g->stream));
+}
+// Mean of a host scalar over all ranks (for logging the loss).
+inline double mot_gpu_dp_mean(double v) {
+    if (mot_dp.world <= 1) return v;
+    double s = 0;
+    MPI_Allreduce(&v, &s, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+    return s / mot_dp.world;
+}
+inline void mot_gpu_dp_free() {
+    if (mot_dp.comm) MOT_NCCL_CHECK(ncclCommDestroy(mot_dp.comm));
+    mot_dp = MotDp();
+}
+#endif  // MOT_MPI

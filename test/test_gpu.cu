@@ -1,0 +1,331 @@
+// test_gpu.cu — the GPU path (mot.cu) against the CPU reference (mot.h): logits, losses and every
+// parameter gradient on the same parameters and batch, in fp32 (tight) and bf16 (loose); a debug
+// state written by `./train --debug-state FILE` (pass `--debug-state FILE`); 10 training steps;
+// bitwise determinism; gradient accumulation.
+//
+// Without a GPU every test case is excluded by a filter, so doctest's summary shows them as
+// skipped ("0 passed | 0 failed | N skipped") after the line "no GPU: <reason>; GPU tests skipped".
+//
+//   nvcc -std=c++17 -O3 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
+//        -Xcompiler -fopenmp -I. test/test_gpu.cu -o test/test_gpu -lcublas -lgomp      (one line)
+//   ./test/test_gpu [--debug-state FILE] [doctest flags]
+#define DOCTEST_CONFIG_IMPLEMENT
+#include <doctest/doctest.h>
+
+#include "mot.cu"
+
+static std::string g_debug_state;  // --debug-state FILE
+
+// ---- helpers shared with test_mot.cpp's style ---------------------------------------------------
+// Vocabulary with all three modalities: text [0, 40), image [40, 72), speech [72, 96).
+static MotConfig small_config(int d_model, int n_head, int towers, int T, int tie_attn = 0, int tie_ffn = 0,
+                              int tie_norm = 0) {
+    MotConfig c;
+    c.n_layer = 2; c.d_model = d_model; c.n_head = n_head; c.d_ff = d_model * 3 / 2;
+    c.vocab = 96; c.image_begin = 40; c.speech_begin = 72; c.max_seq = T;
+    c.n_tower = towers; c.tie_attn = tie_attn; c.tie_ffn = tie_ffn; c.tie_norm = tie_norm;
+    return c;
+}
+
+// Random tokens from the modalities `mods`, random targets likewise, a few ignored.
+static MotBatch random_batch(const MotConfig& c, int B, int T, uint64_t seed, std::vector<int> mods = {0, 1, 2}) {
+    MotBatch b;
+    b.B = B; b.T = T;
+    auto draw = [&](uint64_t* s) {
+        int m = mods[mot_rand_u64(s) % mods.size()];
+        int lo = m == 0 ? 0 : m == 1 ? c.image_begin : c.speech_begin;
+        int hi = m == 0 ? c.image_begin : m == 1 ? c.speech_begin : c.vocab;
+        return lo + (int)(mot_rand_u64(s) % (hi - lo));
+    };
+    for (int i = 0; i < B * T; i++) { b.tokens.push_back(draw(&seed)); b.targets.push_back(draw(&seed)); }
+    b.targets[1] = MOT_IGNORE;
+    b.targets[B * T - 1] = MOT_IGNORE;
+    mot_group(c, &b);
+    return b;
+}
+
+// Well-scaled random parameters (std 0.1 matrices, gains near 1) so that every gradient matters.
+static void randomize(MotModel<float>* m, uint64_t seed) {
+    for (int p = 0; p < P_COUNT; p++) {
+        const MotParamInfo& in = m->tab.p[p];
+        for (size_t i = 0; i < in.size(); i++)
+            m->params[in.offset + i] = float(in.decay ? 0.1 * mot_rand_normal(&seed) : 1.0 + 0.2 * mot_rand_normal(&seed));
+    }
+}
+
+static double rel_err(const float* a, const float* ref, size_t n) {  // ||a - ref|| / ||ref||
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        const double d = double(a[i]) - double(ref[i]);
+        num += d * d;
+        den += double(ref[i]) * double(ref[i]);
+    }
+    if (den == 0) return num == 0 ? 0 : INFINITY;
+    return std::sqrt(num / den);
+}
+static bool all_finite(const std::vector<float>& v) {
+    for (float x : v)
+        if (!std::isfinite(x)) return false;
+    return true;
+}
+
+// Compares the GPU gradients with the reference tensor by tensor (each layer and tower copy):
+// ||gpu - ref|| / ||ref|| <= tol; a tensor whose reference gradient is exactly zero (a tower
+// with no rows in the batch) must be exactly zero on the GPU too. Prints the worst error.
+static void check_grads(const MotParamTable& tab, const std::vector<float>& gpu, const std::vector<float>& ref,
+                        double tol, const char* what) {
+    REQUIRE(gpu.size() == ref.size());
+    CHECK(all_finite(gpu));
+    double worst = 0;
+    std::string worst_name;
+    for (int p = 0; p < P_COUNT; p++) {
+        const MotParamInfo& info = tab.p[p];
+        for (int l = 0; l < info.layers; l++)
+            for (int c = 0; c < info.copies; c++) {
+                const size_t at = info.at(l, c);
+                const double e = rel_err(gpu.data() + at, ref.data() + at, info.each());
+                INFO(what, ": gradient of ", info.name, " layer ", l, " copy ", c, " rel err ", e);
+                CHECK(e <= tol);
+                if (e > worst) { worst = e; worst_name = std::string(info.name) + " l" + std::to_string(l) + " c" + std::to_string(c); }
+            }
+    }
+    printf("  %s: worst gradient rel err %.3e (%s), tolerance %.0e\n", what, worst, worst_name.c_str(), tol);
+}
+
+// Tolerances, as ||gpu - cpu|| / ||cpu|| per tensor (and |gpu - cpu| / |cpu| for losses).
+// fp32: both sides compute in float with different summation orders (cuBLAS blocking, online
+// softmax, tree reductions, FMA contraction); each op carries ~1e-7 relative rounding and the
+// chain (2 layers forward + backward, with norms that divide) amplifies that to ~1e-6..1e-5.
+// 1e-3 leaves two orders of margin, while any indexing/math bug gives errors of order 1.
+// bf16: GEMM operands are rounded to 8-bit mantissas (relative 2^-9 = 2e-3 each); that error
+// accumulates over ~10 GEMMs per path and the backward, so ~1e-2 is expected; 5e-2 still
+// catches real bugs (order 1).
+static const double TOL_FP32_GRAD = 1e-3, TOL_FP32_LOGITS = 1e-4, TOL_FP32_LOSS = 1e-4;
+static const double TOL_BF16_GRAD = 5e-2, TOL_BF16_LOGITS = 3e-2, TOL_BF16_LOSS = 2e-2;
+
+static double rel1(double a, double ref) { return std::fabs(a - ref) / std::max(1e-12, std::fabs(ref)); }
+
+// One forward + backward on the CPU and the GPU with the same parameters and batch.
+static void compare_once(const char* name, const MotConfig& c, int B, int T, std::vector<int> mods, bool bf16,
+                         int head_rows = 0) {
+    INFO("case ", name, (bf16 ? " (bf16)" : " (fp32)"));
+    printf("%s%s: L=%d D=%d H=%d F=%d V=%d towers=%d ties=%d%d%d B=%d T=%d\n", name, bf16 ? " bf16" : " fp32",
+           c.n_layer, c.d_model, c.n_head, c.d_ff, c.vocab, c.n_tower, c.tie_attn, c.tie_ffn, c.tie_norm, B, T);
+    MotModel<float> cpu;
+    mot_init(&cpu, c, 5);
+    randomize(&cpu, 9);
+    MotBatch b = random_batch(c, B, T, 13, mods);
+    mot_forward(&cpu, b);
+    mot_zero_grad(&cpu);
+    mot_backward(&cpu, b);
+
+    MotGpu g;
+    std::string err;
+    REQUIRE_MESSAGE(mot_gpu_init(&g, c, B, T, bf16, &err), err);
+    if (head_rows > 0) g.head_rows = std::min(g.head_rows, head_rows);  // exercise the chunked head
+    mot_gpu_upload(&g, cpu);
+    mot_gpu_zero_grad(&g);
+    const double loss = mot_gpu_forward(&g, b);
+    mot_gpu_backward(&g);
+    std::vector<float> grads, logits;
+    mot_gpu_grads(&g, &grads);
+    mot_gpu_logits(&g, b, &logits);
+
+    const double tl = bf16 ? TOL_BF16_LOSS : TOL_FP32_LOSS;
+    printf("  loss gpu %.7f cpu %.7f (rel %.2e)\n", loss, cpu.loss, rel1(loss, cpu.loss));
+    CHECK(std::isfinite(loss));
+    CHECK(rel1(loss, cpu.loss) <= tl);
+    CHECK(g.n_valid == cpu.n_valid);
+    for (int m = 0; m < MOT_N_MOD; m++) {
+        INFO("modality ", MOT_MOD_NAME[m]);
+        CHECK(g.n_mod[m] == cpu.n_mod[m]);
+        if (cpu.n_mod[m]) CHECK(rel1(g.loss_mod[m], cpu.loss_mod[m]) <= tl);
+        else CHECK(g.loss_mod[m] == 0.0);
+    }
+    const int N = B * T, V = c.vocab;
+    std::vector<float> ref((size_t)N * V);
+    for (int i = 0; i < N; i++)
+        for (int j = 0; j < V; j++) ref[(size_t)i * V + j] = mot_logit(cpu, b, i, j);
+    const double el = rel_err(logits.data(), ref.data(), ref.size());
+    printf("  logits rel err %.3e\n", el);
+    CHECK(all_finite(logits));
+    CHECK(el <= (bf16 ? TOL_BF16_LOGITS : TOL_FP32_LOGITS));
+    check_grads(g.tab, grads, cpu.grads, bf16 ? TOL_BF16_GRAD : TOL_FP32_GRAD, name);
+    mot_gpu_free(&g);
+}
+
+// The cases: two head dims (16: one thread per attention row; 64: rows split over 2 or 4
+// threads), sequence lengths that are not multiples of the attention tiles (64 query rows,
+// 32 keys), MoT, dense, every tie switch, and a batch where two towers have no rows.
+static void compare_all(bool bf16) {
+    compare_once("mot dh16", small_config(64, 4, 3, 77), 3, 77, {0, 1, 2}, bf16, 50);
+    compare_once("mot dh64", small_config(128, 2, 3, 130), 2, 130, {0, 1, 2}, bf16);
+    compare_once("dense dh16", small_config(64, 4, 1, 77), 2, 77, {0, 1, 2}, bf16, 29);
+    compare_once("mot tie-attn", small_config(64, 4, 3, 40, 1, 0, 0), 2, 40, {0, 1, 2}, bf16);
+    compare_once("mot tie-ffn tie-norm", small_config(64, 4, 3, 40, 0, 1, 1), 2, 40, {0, 1, 2}, bf16);
+    compare_once("mot text only", small_config(64, 4, 3, 33), 2, 33, {0}, bf16);
+    compare_once("mot dh8 T=5", small_config(32, 4, 3, 5), 4, 5, {1, 2}, bf16);
+}
+
+TEST_CASE("gpu: fp32 forward and backward match the CPU reference") { compare_all(false); }
+TEST_CASE("gpu: bf16 forward and backward are close to the CPU reference") { compare_all(true); }
+
+TEST_CASE("gpu: backward accumulates (two backward passes = twice the gradient)") {
+    const MotConfig c = small_config(64, 4, 3, 40);
+    MotModel<float> cpu;
+    mot_init(&cpu, c, 5);
+    randomize(&cpu, 9);
+    MotBatch b = random_batch(c, 2, 40, 21);
+    MotGpu g;
+    std::string err;
+    REQUIRE_MESSAGE(mot_gpu_init(&g, c, 2, 40, false, &err), err);
+    mot_gpu_upload(&g, cpu);
+    mot_gpu_zero_grad(&g);
+    mot_gpu_forward(&g, b);
+    mot_gpu_backward(&g);
+    std::vector<float> one, two;
+    mot_gpu_grads(&g, &one);
+    mot_gpu_forward(&g, b);
+    mot_gpu_backward(&g);
+    mot_gpu_grads(&g, &two);
+    for (float& x : one) x *= 2;
+    CHECK(rel_err(two.data(), one.data(), one.size()) <= 1e-6);
+    mot_gpu_free(&g);
+}
+
+// The debug state of `./train --debug-state FILE`: the GPU (fp32) must reproduce its logits,
+// losses and gradients from its parameters and batch.
+TEST_CASE("gpu: debug state file from ./train --debug-state") {
+    MotDebugState d;
+    std::string err;
+    REQUIRE_MESSAGE(mot_read_debug_state(g_debug_state, &d, &err), err);
+    printf("debug state %s: L=%d D=%d H=%d V=%d B=%d T=%d\n", g_debug_state.c_str(), d.cfg.n_layer, d.cfg.d_model,
+           d.cfg.n_head, d.cfg.vocab, d.B, d.T);
+    MotModel<float> host;
+    mot_init(&host, d.cfg, 1);
+    host.params = d.params;
+    MotBatch b;
+    b.B = d.B; b.T = d.T; b.tokens = d.tokens; b.targets = d.targets;
+    mot_group(d.cfg, &b);
+    MotGpu g;
+    REQUIRE_MESSAGE(mot_gpu_init(&g, d.cfg, d.B, d.T, false, &err), err);
+    mot_gpu_upload(&g, host);
+    mot_gpu_zero_grad(&g);
+    const double loss = mot_gpu_forward(&g, b);
+    mot_gpu_backward(&g);
+    std::vector<float> grads, logits;
+    mot_gpu_grads(&g, &grads);
+    mot_gpu_logits(&g, b, &logits);
+    printf("  loss gpu %.7f file %.7f\n", loss, d.loss);
+    CHECK(rel1(loss, d.loss) <= TOL_FP32_LOSS);
+    for (int m = 0; m < MOT_N_MOD; m++) {
+        INFO("modality ", MOT_MOD_NAME[m]);
+        CHECK(g.n_mod[m] == d.n_mod[m]);
+        if (d.n_mod[m]) CHECK(rel1(g.loss_mod[m], d.loss_mod[m]) <= TOL_FP32_LOSS);
+    }
+    const double el = rel_err(logits.data(), d.logits.data(), d.logits.size());
+    printf("  logits rel err %.3e\n", el);
+    CHECK(el <= TOL_FP32_LOGITS);
+    check_grads(g.tab, grads, d.grads, TOL_FP32_GRAD, "debug state");
+    mot_gpu_free(&g);
+}
+
+// Ten AdamW steps on fresh batches, CPU and GPU from the same initial parameters. Adam divides
+// by sqrt(v), so an element whose gradient is near zero can move by ~lr on one side and not
+// the other; losses still agree closely over 10 steps (fp32 1e-3, bf16 3e-2 relative).
+static void train_compare(bool bf16) {
+    const MotConfig c = small_config(64, 4, 3, 48);
+    const int B = 3, T = 48;
+    MotModel<float> cpu;
+    mot_init(&cpu, c, 3);
+    MotGpu g;
+    std::string err;
+    REQUIRE_MESSAGE(mot_gpu_init(&g, c, B, T, bf16, &err), err);
+    mot_gpu_upload(&g, cpu);
+    MotOptim o;
+    o.lr = 3e-3; o.warmup = 3; o.steps = 10;
+    const double tol = bf16 ? 3e-2 : 1e-3;
+    for (int step = 0; step < o.steps; step++) {
+        MotBatch b = random_batch(c, B, T, 100 + step);
+        const double lc = mot_forward(&cpu, b);
+        mot_zero_grad(&cpu);
+        mot_backward(&cpu, b);
+        const double nc = mot_adamw_step(&cpu, o, step);
+        mot_gpu_zero_grad(&g);
+        const double lg = mot_gpu_forward(&g, b);
+        mot_gpu_backward(&g);
+        const double ng = mot_gpu_adamw_step(&g, o, step, 1.0);
+        printf("  %s step %2d: loss gpu %.6f cpu %.6f | grad norm gpu %.6f cpu %.6f\n", bf16 ? "bf16" : "fp32", step + 1,
+               lg, lc, ng, nc);
+        INFO("step ", step + 1);
+        CHECK(rel1(lg, lc) <= tol);
+        CHECK(rel1(ng, nc) <= 10 * tol);
+    }
+    MotModel<float> back;
+    mot_init(&back, c, 0);
+    mot_gpu_download(&g, &back);
+    const double ep = rel_err(back.params.data(), cpu.params.data(), cpu.params.size());
+    printf("  %s parameters after 10 steps: rel err %.3e\n", bf16 ? "bf16" : "fp32", ep);
+    CHECK(ep <= (bf16 ? 5e-2 : 1e-2));
+    mot_gpu_free(&g);
+}
+TEST_CASE("gpu: 10 fp32 training steps follow the CPU reference") { train_compare(false); }
+TEST_CASE("gpu: 10 bf16 training steps stay close to the CPU reference") { train_compare(true); }
+
+// Same seed, same batches -> bitwise the same losses, gradient norms and parameters.
+static void run_steps(const MotConfig& c, bool bf16, int steps, std::vector<double>* trace, std::vector<float>* params) {
+    MotModel<float> init;
+    mot_init(&init, c, 11);
+    MotGpu g;
+    std::string err;
+    REQUIRE_MESSAGE(mot_gpu_init(&g, c, 4, 64, bf16, &err), err);
+    mot_gpu_upload(&g, init);
+    MotOptim o;
+    o.warmup = 2; o.steps = steps;
+    for (int s = 0; s < steps; s++) {
+        MotBatch b = random_batch(c, 4, 64, 500 + s);
+        mot_gpu_zero_grad(&g);
+        trace->push_back(mot_gpu_forward(&g, b));
+        mot_gpu_backward(&g);
+        trace->push_back(mot_gpu_adamw_step(&g, o, s, 0.5));
+    }
+    MotModel<float> back;
+    mot_init(&back, c, 0);
+    mot_gpu_download(&g, &back);
+    *params = back.params;
+    mot_gpu_free(&g);
+}
+TEST_CASE("gpu: same seed gives bitwise the same run") {
+    const MotConfig c = small_config(128, 2, 3, 64);
+    for (bool bf16 : {false, true}) {
+        INFO((bf16 ? "bf16" : "fp32"));
+        std::vector<double> t1, t2;
+        std::vector<float> p1, p2;
+        run_steps(c, bf16, 5, &t1, &p1);
+        run_steps(c, bf16, 5, &t2, &p2);
+        REQUIRE(t1.size() == t2.size());
+        CHECK(memcmp(t1.data(), t2.data(), t1.size() * sizeof(double)) == 0);
+        REQUIRE(p1.size() == p2.size());
+        CHECK(memcmp(p1.data(), p2.data(), p1.size() * sizeof(float)) == 0);
+    }
+}
+
+int main(int argc, char** argv) {
+    // our own flag first; the rest goes to doctest
+    std::vector<char*> args;
+    for (int i = 0; i < argc; i++) {
+        if (std::string(argv[i]) == "--debug-state" && i + 1 < argc) { g_debug_state = argv[++i]; continue; }
+        args.push_back(argv[i]);
+    }
+    doctest::Context ctx;
+    ctx.applyCommandLine((int)args.size(), args.data());
+    std::string why;
+    if (!mot_gpu_available(&why)) {
+        printf("no GPU: %s; GPU tests skipped\n", why.c_str());
+        ctx.addFilter("test-case-exclude", "gpu:*");
+    } else if (g_debug_state.empty()) {
+        printf("no --debug-state FILE given: the debug-state test is skipped\n");
+        ctx.addFilter("test-case-exclude", "gpu: debug state*");
+    }
+    return ctx.run();
+}
