@@ -1,0 +1,181 @@
+// test_data.cpp — the dataset builder end to end, on its --small setting: it installs the real
+// sources (MNIST, Fashion-MNIST, prose, espeak-ng) when missing, trains the three tokenizers and
+// writes shards; this test checks every document's structure, the modality ranges and mix, the
+// eval sets, caching, and that training batches see all three modalities.
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include <doctest/doctest.h>
+
+#include <sys/stat.h>
+#include <sys/wait.h>
+
+#include "mot.h"
+
+static const std::string OUT = "/tmp/mot_test_data";
+
+static int run(const std::string& cmd, std::string* out) {
+    FILE* p = popen((cmd + " 2>&1").c_str(), "r");
+    REQUIRE(p);
+    char buf[4096];
+    size_t n;
+    out->clear();
+    while ((n = fread(buf, 1, sizeof buf, p)) > 0) out->append(buf, n);
+    int st = pclose(p);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
+}
+
+// Builds once for the whole file (the first test case that needs it).
+static void build() {
+    static bool done = false;
+    if (done) return;
+    std::string out;
+    int rc = run("rm -rf " + OUT + " && bash data/build.sh " + OUT + " --small", &out);
+    INFO(out.substr(out.size() > 3000 ? out.size() - 3000 : 0));
+    REQUIRE(rc == 0);
+    done = true;
+}
+
+struct Counts {
+    long tok[MOT_N_MOD] = {0, 0, 0};
+    long docs = 0, images = 0, speech = 0, errors = 0;
+};
+
+// Every document is BOS ... EOS; an image is BOI, exactly `image_tokens` image codes, EOI; speech
+// is BOA, one or more speech units, EOA; everything else is text.
+static Counts check_docs(const MotShard& s, int image_tokens) {
+    Counts c;
+    const MotConfig cfg = [&] { MotConfig k; k.vocab = s.vocab.vocab; k.image_begin = s.vocab.image_begin; k.speech_begin = s.vocab.speech_begin; return k; }();
+    enum { OUTSIDE, TEXT, IMAGE, SPEECH } state = OUTSIDE;
+    int run_len = 0;
+    for (uint16_t t : s.tokens) {
+        const int m = mot_modality(cfg, t);
+        c.tok[m]++;
+        switch (state) {
+        case OUTSIDE:
+            if (t != MOT_BOS) c.errors++;
+            state = TEXT;
+            c.docs++;
+            break;
+        case TEXT:
+            if (t == MOT_BOI) { state = IMAGE; run_len = 0; }
+            else if (t == MOT_BOA) { state = SPEECH; run_len = 0; }
+            else if (t == MOT_EOS) state = OUTSIDE;
+            else if (m != MOD_TEXT || t < MOT_N_SPECIAL) c.errors++;
+            break;
+        case IMAGE:
+            if (t == MOT_EOI) { c.errors += run_len != image_tokens; c.images++; state = TEXT; }
+            else if (m != MOD_IMAGE) c.errors++;
+            else run_len++;
+            break;
+        case SPEECH:
+            if (t == MOT_EOA) { c.errors += run_len == 0; c.speech++; state = TEXT; }
+            else if (m != MOD_SPEECH) c.errors++;
+            else run_len++;
+            break;
+        }
+    }
+    c.errors += state != OUTSIDE;  // the shard ends with a whole document
+    return c;
+}
+
+TEST_CASE("data: the small build's shards hold well-formed interleaved documents in the right ranges") {
+    build();
+    std::string err;
+    MotLoader ld;
+    REQUIRE(mot_loader_open(&ld, OUT + "/train_*.bin", 128, 1, &err));
+    CHECK(ld.vocab.image_begin == MOT_N_SPECIAL + 2048);
+    CHECK(ld.vocab.speech_begin == ld.vocab.image_begin + 512);
+    CHECK(ld.vocab.vocab == ld.vocab.speech_begin + 256);
+    Counts total;
+    for (const MotShard& s : ld.shards) {
+        Counts c = check_docs(s, 49);
+        INFO(s.path);
+        CHECK(c.errors == 0);
+        for (int m = 0; m < 3; m++) total.tok[m] += c.tok[m];
+        total.docs += c.docs; total.images += c.images; total.speech += c.speech;
+    }
+    const double n = total.tok[0] + total.tok[1] + total.tok[2];
+    MESSAGE("train: ", total.docs, " docs, ", total.images, " images, ", total.speech, " speech clips; shares text ",
+            total.tok[0] / n, " image ", total.tok[1] / n, " speech ", total.tok[2] / n);
+    CHECK(total.tok[0] / n == doctest::Approx(0.35).epsilon(0.1));  // the default mix, within 10%
+    CHECK(total.tok[1] / n == doctest::Approx(0.40).epsilon(0.1));
+    CHECK(total.tok[2] / n == doctest::Approx(0.25).epsilon(0.1));
+    MotShard v;
+    REQUIRE(mot_read_shard(OUT + "/val_000.bin", &v, &err));
+    CHECK(check_docs(v, 49).errors == 0);
+    // "all three modalities present in every batch, on average": 20 training batches of 8 x 128
+    MotConfig cfg;
+    cfg.vocab = ld.vocab.vocab; cfg.image_begin = ld.vocab.image_begin; cfg.speech_begin = ld.vocab.speech_begin;
+    int with_all = 0;
+    MotBatch b;
+    for (int i = 0; i < 20; i++) {
+        mot_loader_next(&ld, cfg, 8, 128, &b);
+        with_all += b.group[1] > b.group[0] && b.group[2] > b.group[1] && b.group[3] > b.group[2];
+    }
+    CHECK(with_all == 20);
+}
+
+TEST_CASE("data: eval sets, classes and tokenizers are there and consistent") {
+    build();
+    std::string err, out;
+    for (const char* name : {"eval_image", "eval_speech"}) {
+        MotShard s;
+        REQUIRE(mot_read_shard(OUT + "/" + name + ".bin", &s, &err));
+        Counts c = check_docs(s, 49);
+        CHECK(c.errors == 0);
+        REQUIRE(run(std::string("wc -l < ") + OUT + "/" + name + ".txt", &out) == 0);
+        CHECK(atol(out.c_str()) == c.docs);  // one label per document
+    }
+    REQUIRE(run("cut -f3 " + OUT + "/classes.txt", &out) == 0);
+    CHECK(std::count(out.begin(), out.end(), '\n') == 20);
+    CHECK(out.find("a handwritten seven\n") != std::string::npos);
+    CHECK(out.find("a photo of an ankle boot\n") != std::string::npos);
+    for (const char* f : {"text.bpe", "image.vq", "speech.sp", "manifest.txt"}) {
+        struct stat sb;
+        INFO(f);
+        CHECK(stat((OUT + "/" + f).c_str(), &sb) == 0);
+    }
+}
+
+TEST_CASE("data: a second run is cached and changes nothing; a different option is refused") {
+    build();
+    std::string out;
+    struct stat before, after;
+    REQUIRE(stat((OUT + "/train_000.bin").c_str(), &before) == 0);
+    REQUIRE(run("bash data/build.sh " + OUT + " --small", &out) == 0);
+    CHECK(out.find("nothing to do") != std::string::npos);
+    REQUIRE(stat((OUT + "/train_000.bin").c_str(), &after) == 0);
+    CHECK(before.st_mtime == after.st_mtime);
+    CHECK(run("bash data/build.sh " + OUT + " --small --seed 2", &out) != 0);
+    CHECK(out.find("--force") != std::string::npos);
+    CHECK(run("bash data/build.sh /proc/nope --small", &out) != 0);
+    CHECK(out.find("error") != std::string::npos);
+}
+
+TEST_CASE("data: the trainer trains on the built shards and evaluates downstream tasks") {
+    build();
+    std::string out;
+    int rc = run("./mot --data '" + OUT + "/train_*.bin' --val '" + OUT + "/val_*.bin' --out " + OUT +
+                     "/run --layers 1 --dim 32 --heads 2 --seq 64 --batch 4 --steps 20 --log-every 10"
+                     " --eval-items 10 --eval-gen 1 --threads 2",
+                 &out);
+    INFO(out);
+    REQUIRE(rc == 0);
+    CHECK(out.find("tokenizers: " + OUT + " (20 classes") != std::string::npos);
+    CHECK(out.find("eval    20 | image->caption") != std::string::npos);
+    CHECK(out.find("caption->image") != std::string::npos);
+    struct stat sb;
+    CHECK(stat((OUT + "/run/samples/image_07.png").c_str(), &sb) == 0);
+    CHECK(stat((OUT + "/run/eval.csv").c_str(), &sb) == 0);
+    // the sample command: caption -> image, and an image -> caption on it
+    rc = run("./mot sample --ckpt " + OUT + "/run/model.ckpt --tokenizers " + OUT +
+                 " --task image --prompt 'a handwritten seven' --output " + OUT + "/seven.png",
+             &out);
+    CHECK(rc == 0);
+    rc = run("./mot sample --ckpt " + OUT + "/run/model.ckpt --tokenizers " + OUT + " --task caption --input " + OUT +
+                 "/seven.png --max-tokens 5",
+             &out);
+    CHECK(rc == 0);
+    rc = run("./mot sample --ckpt " + OUT + "/run/model.ckpt --tokenizers " + OUT + " --task caption --input /nonexistent.png", &out);
+    CHECK(rc == 1);
+    CHECK(out.find("/nonexistent.png") != std::string::npos);
+}
