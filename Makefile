@@ -43,6 +43,14 @@ test/%: test/%.cpp mot.h $(TOKH)
 tokenizers/%: tokenizers/%.cpp tokenizers/%.h
 	$(CXX) $(CXXFLAGS) -I. $< -o $@
 
+# Data parallel over GPUs (NCCL, launched with mpirun): needs Open MPI (libopenmpi-dev openmpi-bin)
+MPI_CFLAGS = $(filter -I%,$(shell mpicxx --showme:compile 2>/dev/null))
+MPI_LIBS   = $(filter -L% -l%,$(shell mpicxx --showme:link 2>/dev/null))
+mot_mpi: train.cu mot.h mot.cu $(TOKH)
+	@[ -n "$(NVCC)" ] || { echo "mot_mpi needs nvcc (the CUDA toolkit)"; exit 1; }
+	@[ -n "$(MPI_LIBS)" ] || { echo "mot_mpi needs Open MPI: apt-get install libopenmpi-dev openmpi-bin"; exit 1; }
+	$(NVCC) $(NVFLAGS) -DMOT_MPI $(MPI_CFLAGS) train.cu -o $@ $(NVLIBS) -lnccl $(MPI_LIBS)
+
 test/test_gpu: test/test_gpu.cu mot.cu mot.h
 	$(NVCC) $(NVFLAGS) $< -o $@ $(NVLIBS)
 
@@ -71,4 +79,4 @@ bench-gpu: dev/bench_gpu
 	./dev/bench_gpu
 
 clean:
-	rm -f mot $(TESTBINS) $(TOOLS) dev/bench_cpu dev/bench_gpu
+	rm -f mot mot_mpi $(TESTBINS) $(TOOLS) dev/bench_cpu dev/bench_gpu

@@ -94,6 +94,11 @@ static void usage(FILE* f) {
 
 [[noreturn]] static void die(const std::string& msg, int code = 1) {
     fprintf(stderr, "error: %s\n", msg.c_str());
+#ifdef MOT_MPI
+    int up = 0;
+    MPI_Initialized(&up);
+    if (up) MPI_Abort(MPI_COMM_WORLD, code);  // the other ranks would wait forever
+#endif
     exit(code);
 }
 
@@ -236,7 +241,12 @@ struct Engine {
     // AdamW on the gradients accumulated over `accum` micro-batches; returns the gradient norm.
     double update(const MotOptim& o, int step, int accum) {
 #ifdef __CUDACC__
-        if (on_gpu) return mot_gpu_adamw_step(&gpu, o, step, 1.0 / accum);
+        if (on_gpu) {
+#ifdef MOT_MPI
+            mot_gpu_allreduce_grads(&gpu);  // average over the data-parallel ranks
+#endif
+            return mot_gpu_adamw_step(&gpu, o, step, 1.0 / accum);
+        }
 #endif
         if (accum > 1)
             for (float& g : cpu->grads) g /= accum;
@@ -693,6 +703,19 @@ int main(int argc, char** argv) {
     setvbuf(stdout, nullptr, _IOLBF, 0);
     if (argc > 1 && std::string(argv[1]) == "sample") return sample_main(argc, argv);
     Args a = parse_args(argc, argv);
+    // Data parallel (mot_mpi build, launched by mpirun): every rank trains on its own batches, the
+    // gradients are averaged with NCCL, and rank 0 alone prints, evaluates and writes files.
+    int rank = 0, world = 1;
+#ifdef MOT_MPI
+    MPI_Init(&argc, &argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &world);
+    if (rank != 0) {
+        if (!freopen("/dev/null", "w", stdout)) die("cannot silence stdout of rank " + std::to_string(rank));
+        a.out.clear(); a.save.clear(); a.log.clear(); a.val.clear(); a.debug_state.clear(); a.resume = false;
+        a.eval_items = 0;
+    }
+#endif
 #ifdef _OPENMP
     if (a.threads) omp_set_num_threads(a.threads);
 #endif
@@ -714,7 +737,7 @@ int main(int argc, char** argv) {
         remove((a.save + ".tmp").c_str());
     }
     MotLoader loader;
-    if (!mot_loader_open(&loader, a.data, a.seq, a.seed ^ 0xDA7A, &err)) die(err);
+    if (!mot_loader_open(&loader, a.data, a.seq, a.seed ^ 0xDA7A ^ (0x9E3779B97F4A7C15ull * rank), &err)) die(err);
     a.cfg.vocab = loader.vocab.vocab;
     a.cfg.image_begin = loader.vocab.image_begin;
     a.cfg.speech_begin = loader.vocab.speech_begin;
@@ -757,13 +780,17 @@ int main(int argc, char** argv) {
 #ifdef __CUDACC__
         if (a.cpu) why = "--cpu given";
         else if (mot_gpu_available(&why)) {
+#ifdef MOT_MPI
+            if (!mot_gpu_dp_init(rank, world, &err)) die("data parallel setup: " + err);
+#endif
             if (!mot_gpu_init(&eng.gpu, a.cfg, a.batch, a.seq, !a.fp32, &err)) die(err);
             mot_gpu_upload(&eng.gpu, model);
             eng.on_gpu = true;
         }
 #endif
+        if (world > 1 && !eng.gpu_active()) die("data parallel runs need a GPU per rank (" + why + ")");
         if (eng.gpu_active())
-            printf("device: GPU, %s\n", a.fp32 ? "fp32" : "bf16 with fp32 master weights");
+            printf("device: GPU x %d, %s\n", world, a.fp32 ? "fp32" : "bf16 with fp32 master weights");
         else
             printf("device: CPU reference (%s)\n", why.c_str());
     }
@@ -841,7 +868,7 @@ int main(int argc, char** argv) {
         if (!mot_write_debug_state(a.debug_state, mot_debug_capture(model, batch), &err)) die(err);
         printf("wrote debug state %s\n", a.debug_state.c_str());
     }
-    const double tokens_per_step = (double)a.batch * a.seq * a.accum;
+    const double tokens_per_step = (double)a.batch * a.seq * a.accum * world;
     const double t_start = now_s();
     for (int step = (int)st.step; step < a.opt.steps; step++) {
         const double t0 = now_s();
@@ -855,6 +882,9 @@ int main(int argc, char** argv) {
             loss += eng.loss / a.accum;
             for (int md = 0; md < 3; md++) { lmod[md] += eng.loss_mod[md] * eng.n_mod[md]; nmod[md] += eng.n_mod[md]; }
         }
+#ifdef MOT_MPI
+        loss = mot_gpu_dp_mean(loss);  // what is printed and logged: the mean over all ranks
+#endif
         if (!std::isfinite(loss)) die("loss is " + std::to_string(loss) + " at step " + std::to_string(step + 1) +
                                       ": stopping (the last saved checkpoint is kept)");
         const double lr = mot_lr_at(a.opt, step);
@@ -897,5 +927,9 @@ int main(int argc, char** argv) {
     if (logf) fclose(logf);
     if (evalf) fclose(evalf);
     if (have_tok && !a.out.empty()) write_samples(&model, &dd, a.out, a.seed);
+#ifdef MOT_MPI
+    if (eng.gpu_active()) mot_gpu_dp_free();
+    MPI_Finalize();
+#endif
     return 0;
 }
