@@ -47,7 +47,7 @@ else
 	$(CXX) $(CXXFLAGS) -x c++ train.cu -o $@
 endif
 
-test/%: test/%.cpp mot.h $(TOKH)
+test/%: test/%.cpp mot.h test/common.h $(TOKH)
 	$(CXX) $(CXXFLAGS) -I. $< -o $@
 
 tokenizers/%: tokenizers/%.cpp tokenizers/%.h
@@ -61,7 +61,7 @@ mot_mpi: train.cu mot.h mot.cu $(TOKH)
 	@[ -n "$(MPI_LIBS)" ] || { echo "mot_mpi needs Open MPI: apt-get install libopenmpi-dev openmpi-bin"; exit 1; }
 	$(NVCC) $(NVFLAGS) -DMOT_MPI $(MPI_CFLAGS) train.cu -o $@ $(NVLIBS) -lnccl $(MPI_LIBS)
 
-test/test_gpu: test/test_gpu.cu mot.cu mot.h
+test/test_gpu: test/test_gpu.cu mot.cu mot.h test/common.h
 	$(NVCC) $(NVFLAGS) $< -o $@ $(NVLIBS)
 
 dev/bench_gpu: dev/bench_gpu.cu mot.cu mot.h

@@ -605,22 +605,34 @@ void rope_apply(S* x, const MotModel<S>& m, const MotBatch& b, int sign) {
 // ---- causal self-attention over the whole sequence (all modalities together) ---------------
 // Rows are in grouped order, so each (b, h) first gathers its T query/key/value vectors into
 // contiguous buffers in sequence order; causality is over sequence positions.
+
+// Head h of the T positions of sequence bi, from grouped rows (N x D) into a T x Dh buffer, and back.
+template <typename S>
+void gather_head(S* dst, const S* src, const MotBatch& b, int bi, int h, int D, int Dh) {
+    for (int t = 0; t < b.T; t++) {
+        const S* row = src + (size_t)b.row_of[bi * b.T + t] * D + h * Dh;
+        std::copy(row, row + Dh, dst + (size_t)t * Dh);
+    }
+}
+template <typename S>
+void scatter_head(S* dst, const S* src, const MotBatch& b, int bi, int h, int D, int Dh) {
+    for (int t = 0; t < b.T; t++)
+        std::copy(src + (size_t)t * Dh, src + (size_t)(t + 1) * Dh, dst + (size_t)b.row_of[bi * b.T + t] * D + h * Dh);
+}
+
 template <typename S>
 void attention_forward(S* o, S* att, const S* q, const S* k, const S* v, const MotBatch& b, int D, int H) {
     const int T = b.T, Dh = D / H;
     const S scale = S(1) / std::sqrt(S(Dh));
 #pragma omp parallel
     {
-        std::vector<S> qh((size_t)T * Dh), kh((size_t)T * Dh), vh((size_t)T * Dh), oh(Dh);
+        std::vector<S> qh((size_t)T * Dh), kh((size_t)T * Dh), vh((size_t)T * Dh), oh((size_t)T * Dh);
 #pragma omp for schedule(dynamic)
         for (int bh = 0; bh < b.B * H; bh++) {
             const int bi = bh / H, h = bh % H;
-            for (int t = 0; t < T; t++) {
-                size_t src = (size_t)b.row_of[bi * T + t] * D + h * Dh;
-                std::copy(q + src, q + src + Dh, &qh[(size_t)t * Dh]);
-                std::copy(k + src, k + src + Dh, &kh[(size_t)t * Dh]);
-                std::copy(v + src, v + src + Dh, &vh[(size_t)t * Dh]);
-            }
+            gather_head(qh.data(), q, b, bi, h, D, Dh);
+            gather_head(kh.data(), k, b, bi, h, D, Dh);
+            gather_head(vh.data(), v, b, bi, h, D, Dh);
             S* A = att + (size_t)bh * T * T;
             for (int t = 0; t < T; t++) {
                 S* p = A + (size_t)t * T;
@@ -635,11 +647,12 @@ void attention_forward(S* o, S* att, const S* q, const S* k, const S* v, const M
                 for (int j = 0; j <= t; j++) { p[j] = std::exp(p[j] - mx); sum += p[j]; }
                 for (int j = 0; j <= t; j++) p[j] /= sum;
                 for (int j = t + 1; j < T; j++) p[j] = 0;
-                std::fill(oh.begin(), oh.end(), S(0));
+                S* ot = &oh[(size_t)t * Dh];
+                std::fill(ot, ot + Dh, S(0));
                 for (int j = 0; j <= t; j++)
-                    for (int d = 0; d < Dh; d++) oh[d] += p[j] * vh[(size_t)j * Dh + d];
-                std::copy(oh.begin(), oh.end(), o + (size_t)b.row_of[bi * T + t] * D + h * Dh);
+                    for (int d = 0; d < Dh; d++) ot[d] += p[j] * vh[(size_t)j * Dh + d];
             }
+            scatter_head(o, oh.data(), b, bi, h, D, Dh);
         }
     }
 }
@@ -657,13 +670,10 @@ void attention_backward(S* dq, S* dk, S* dv, const S* dO, const S* att, const S*
 #pragma omp for schedule(dynamic)
         for (int bh = 0; bh < b.B * H; bh++) {
             const int bi = bh / H, h = bh % H;
-            for (int t = 0; t < T; t++) {
-                size_t src = (size_t)b.row_of[bi * T + t] * D + h * Dh;
-                std::copy(q + src, q + src + Dh, &qh[(size_t)t * Dh]);
-                std::copy(k + src, k + src + Dh, &kh[(size_t)t * Dh]);
-                std::copy(v + src, v + src + Dh, &vh[(size_t)t * Dh]);
-                std::copy(dO + src, dO + src + Dh, &doh[(size_t)t * Dh]);
-            }
+            gather_head(qh.data(), q, b, bi, h, D, Dh);
+            gather_head(kh.data(), k, b, bi, h, D, Dh);
+            gather_head(vh.data(), v, b, bi, h, D, Dh);
+            gather_head(doh.data(), dO, b, bi, h, D, Dh);
             std::fill(dqh.begin(), dqh.end(), S(0));
             std::fill(dkh.begin(), dkh.end(), S(0));
             std::fill(dvh.begin(), dvh.end(), S(0));
@@ -687,12 +697,9 @@ void attention_backward(S* dq, S* dk, S* dv, const S* dO, const S* att, const S*
                     }
                 }
             }
-            for (int t = 0; t < T; t++) {
-                size_t dst = (size_t)b.row_of[bi * T + t] * D + h * Dh;
-                std::copy(&dqh[(size_t)t * Dh], &dqh[(size_t)t * Dh] + Dh, dq + dst);
-                std::copy(&dkh[(size_t)t * Dh], &dkh[(size_t)t * Dh] + Dh, dk + dst);
-                std::copy(&dvh[(size_t)t * Dh], &dvh[(size_t)t * Dh] + Dh, dv + dst);
-            }
+            scatter_head(dq, dqh.data(), b, bi, h, D, Dh);
+            scatter_head(dk, dkh.data(), b, bi, h, D, Dh);
+            scatter_head(dv, dvh.data(), b, bi, h, D, Dh);
         }
     }
 }

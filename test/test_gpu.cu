@@ -13,6 +13,7 @@
 #include <doctest/doctest.h>
 
 #include "mot.cu"
+#include "test/common.h"
 
 static std::string g_debug_state;  // --debug-state FILE
 
@@ -27,22 +28,6 @@ static MotConfig small_config(int d_model, int n_head, int towers, int T, int ti
     return c;
 }
 
-// Random tokens from the modalities `mods`, random targets likewise, a few ignored.
-static MotBatch random_batch(const MotConfig& c, int B, int T, uint64_t seed, std::vector<int> mods = {0, 1, 2}) {
-    MotBatch b;
-    b.B = B; b.T = T;
-    auto draw = [&](uint64_t* s) {
-        int m = mods[mot_rand_u64(s) % mods.size()];
-        int lo = m == 0 ? 0 : m == 1 ? c.image_begin : c.speech_begin;
-        int hi = m == 0 ? c.image_begin : m == 1 ? c.speech_begin : c.vocab;
-        return lo + (int)(mot_rand_u64(s) % (hi - lo));
-    };
-    for (int i = 0; i < B * T; i++) { b.tokens.push_back(draw(&seed)); b.targets.push_back(draw(&seed)); }
-    b.targets[1] = MOT_IGNORE;
-    b.targets[B * T - 1] = MOT_IGNORE;
-    mot_group(c, &b);
-    return b;
-}
 
 // Well-scaled random parameters (std 0.1 matrices, gains near 1) so that every gradient matters.
 static void randomize(MotModel<float>* m, uint64_t seed) {

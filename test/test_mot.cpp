@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include "mot.h"
+#include "test/common.h"
 
 // A tiny config whose vocabulary has all three modalities: text [0,12), image [12,18), speech [18,24).
 static MotConfig tiny(int towers, int tie_attn = 0, int tie_ffn = 0, int tie_norm = 0) {
@@ -14,21 +15,6 @@ static MotConfig tiny(int towers, int tie_attn = 0, int tie_ffn = 0, int tie_nor
     return c;
 }
 
-// Random tokens drawn from `mods` (a list of modalities), random targets likewise, one ignored.
-static MotBatch random_batch(const MotConfig& c, int B, int T, uint64_t seed, std::vector<int> mods = {0, 1, 2}) {
-    MotBatch b;
-    b.B = B; b.T = T;
-    auto draw = [&](uint64_t* s) {
-        int m = mods[mot_rand_u64(s) % mods.size()];
-        int lo = m == 0 ? 0 : m == 1 ? c.image_begin : c.speech_begin;
-        int hi = m == 0 ? c.image_begin : m == 1 ? c.speech_begin : c.vocab;
-        return lo + (int)(mot_rand_u64(s) % (hi - lo));
-    };
-    for (int i = 0; i < B * T; i++) { b.tokens.push_back(draw(&seed)); b.targets.push_back(draw(&seed)); }
-    b.targets[1] = MOT_IGNORE;
-    mot_group(c, &b);
-    return b;
-}
 
 // Well-scaled random parameters (std 0.3 matrices, gains near 1) so that no gradient is tiny and
 // the finite differences are not dominated by rounding.
