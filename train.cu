@@ -179,6 +179,15 @@ static Args parse_args(int argc, char** argv) {
     return a;
 }
 
+// mkdir -p: creates the folder and its missing parents.
+static bool mkdir_p(const std::string& dir) {
+    for (size_t p = dir.find('/', 1); ; p = dir.find('/', p + 1)) {
+        const std::string part = dir.substr(0, p);
+        if (mkdir(part.c_str(), 0755) != 0 && errno != EEXIST) return false;
+        if (p == std::string::npos) return true;
+    }
+}
+
 // The periodic checkpoints of a run folder, oldest first (names sort by step).
 static std::vector<std::string> periodic_checkpoints(const std::string& dir) {
     std::vector<std::string> out;
@@ -431,26 +440,60 @@ static std::vector<double> score_candidates(MotModel<float>* m, std::vector<uint
     return out;
 }
 
-// Continues `prompt` with up to max_new tokens drawn from [lo, hi); `stop` (if >= 0) may also be
-// drawn and ends the continuation (it is not returned). Greedy when temperature <= 0.
-static std::vector<int> generate(MotModel<float>* m, const std::vector<uint16_t>& prompt, int lo, int hi, int stop,
-                                 int max_new, double temperature, int top_k, uint64_t* rng) {
-    const int V = m->cfg.vocab;
+// Generation follows the document grammar, switching modality on the begin and end tokens: in
+// text the model may write text, EOS, BOI or BOA; after BOI it writes exactly image_tokens image
+// codes, then EOI is forced; after BOA it writes speech units until it writes EOA (forced after
+// max_speech units). It stops after writing `stop` or EOS, or after max_new tokens, and returns
+// what it wrote (begin/end tokens included). Greedy when temperature <= 0.
+struct GenSpec {
+    int stop = MOT_EOS, max_new = 100, image_tokens = 49, max_speech = 200;
+    double temperature = 1.0;
+    int top_k = 0;
+};
+
+static std::vector<int> generate(MotModel<float>* m, const std::vector<uint16_t>& prompt, const GenSpec& g, uint64_t* rng) {
+    const MotConfig& c = m->cfg;
+    enum { TEXT, IMAGE, SPEECH } state = TEXT;
+    int count = 0;  // image codes or speech units written in the current segment
+    auto advance = [&](int t) {
+        if (t == MOT_BOI) { state = IMAGE; count = 0; }
+        else if (t == MOT_BOA) { state = SPEECH; count = 0; }
+        else if (t == MOT_EOI || t == MOT_EOA) state = TEXT;
+        else if (state != TEXT) count++;
+    };
     MotKVCache<float> kv;
-    mot_kv_init(&kv, m->cfg, m->cfg.max_seq);
-    std::vector<float> logits(V), masked(V);
-    for (uint16_t t : prompt)
+    mot_kv_init(&kv, c, c.max_seq);
+    std::vector<float> logits(c.vocab), masked(c.vocab);
+    for (uint16_t t : prompt) {
         if (!mot_decode_step(m, &kv, t, logits.data())) return {};
+        advance(t);
+    }
     std::vector<int> out;
-    while ((int)out.size() < max_new) {
+    while ((int)out.size() < g.max_new) {
         std::fill(masked.begin(), masked.end(), -INFINITY);
-        std::copy(logits.begin() + lo, logits.begin() + hi, masked.begin() + lo);
-        if (stop >= 0) masked[stop] = logits[stop];
-        const int next = mot_sample(masked.data(), 0, V, temperature, top_k, rng);
-        if (next == stop) break;
+        auto allow = [&](int lo, int hi) { std::copy(logits.begin() + lo, logits.begin() + hi, masked.begin() + lo); };
+        int next;
+        if (state == IMAGE && count >= g.image_tokens) next = MOT_EOI;
+        else if (state == SPEECH && count >= g.max_speech) next = MOT_EOA;
+        else {
+            if (state == TEXT) { allow(MOT_N_SPECIAL, c.image_begin); allow(MOT_EOS, MOT_EOS + 1); allow(MOT_BOI, MOT_BOI + 1); allow(MOT_BOA, MOT_BOA + 1); }
+            else if (state == IMAGE) allow(c.image_begin, c.speech_begin);
+            else { allow(c.speech_begin, c.vocab); allow(MOT_EOA, MOT_EOA + 1); }
+            next = mot_sample(masked.data(), 0, c.vocab, g.temperature, g.top_k, rng);
+        }
         out.push_back(next);
+        advance(next);
+        if (next == g.stop || next == MOT_EOS) break;
         if (!mot_decode_step(m, &kv, next, logits.data())) break;  // context full
     }
+    return out;
+}
+
+// The ids of `ids` that lie in [lo, hi), shifted to start at 0 (image codes, speech units).
+static std::vector<int> segment(const std::vector<int>& ids, int lo, int hi) {
+    std::vector<int> out;
+    for (int id : ids)
+        if (id >= lo && id < hi) out.push_back(id - lo);
     return out;
 }
 
@@ -462,10 +505,10 @@ static std::vector<uint16_t> prompt_for(DataDir* d, const std::string& text, int
     return p;
 }
 
-// Image codes (unified ids) -> pixels; false if any id is not an image code.
+// Generated ids -> the pixels of their image; false unless they hold exactly one image's codes.
 static bool image_pixels(DataDir* d, const MotConfig& c, const std::vector<int>& ids, std::vector<uint8_t>* px) {
-    std::vector<int32_t> codes;
-    for (int id : ids) codes.push_back(id - c.image_begin);
+    std::vector<int> local = segment(ids, c.image_begin, c.speech_begin);
+    std::vector<int32_t> codes(local.begin(), local.end());
     px->assign((size_t)d->vq.side * d->vq.side, 0);
     std::string err;
     return (int)codes.size() == vq_tokens(d->vq) && vq_decode(d->vq, codes.data(), codes.size(), px->data(), &err);
@@ -535,10 +578,12 @@ static Downstream eval_downstream(MotModel<float>* m, DataDir* d, int max_items,
         r.knn_ceiling = ref.empty() ? NAN : double(right) / ref.size();
         uint64_t rng = seed;
         right = 0;
+        GenSpec g;
+        g.stop = MOT_EOI;
+        g.image_tokens = vq_tokens(d->vq);
         for (int k = 0; k < C; k++)
-            for (int g = 0; g < gen_per_class; g++) {
-                std::vector<int> ids = generate(m, prompt_for(d, d->class_caption[k], MOT_BOI), m->cfg.image_begin,
-                                                m->cfg.speech_begin, -1, vq_tokens(d->vq), 1.0, 0, &rng);
+            for (int i = 0; i < gen_per_class; i++) {
+                std::vector<int> ids = generate(m, prompt_for(d, d->class_caption[k], MOT_BOI), g, &rng);
                 std::vector<uint8_t> px;
                 r.n_gen++;
                 if (image_pixels(d, m->cfg, ids, &px)) right += knn_class(ref, ref_cls, px) == k;
@@ -557,7 +602,7 @@ static void print_downstream(const Downstream& r, int step) {
 // ---- samples for the run folder: an image per class, a spoken caption, a text continuation ----
 static void write_samples(MotModel<float>* m, DataDir* d, const std::string& out, uint64_t seed) {
     const std::string dir = out + "/samples";
-    if (mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) die(dir + ": cannot create: " + strerror(errno));
+    if (!mkdir_p(dir)) die(dir + ": cannot create: " + strerror(errno));
     uint64_t rng = seed ^ 0x5A5A;
     std::string err;
     FILE* f = fopen((dir + "/samples.txt").c_str(), "w");
@@ -565,8 +610,10 @@ static void write_samples(MotModel<float>* m, DataDir* d, const std::string& out
     const MotConfig& c = m->cfg;
     const int side = d->vq.side;
     for (size_t k = 0; k < d->class_caption.size(); k++) {  // caption -> image
-        std::vector<int> ids = generate(m, prompt_for(d, d->class_caption[k], MOT_BOI), c.image_begin, c.speech_begin,
-                                        -1, vq_tokens(d->vq), 1.0, 0, &rng);
+        GenSpec g;
+        g.stop = MOT_EOI;
+        g.image_tokens = vq_tokens(d->vq);
+        std::vector<int> ids = generate(m, prompt_for(d, d->class_caption[k], MOT_BOI), g, &rng);
         std::vector<uint8_t> px;
         if (!image_pixels(d, c, ids, &px)) continue;
         char name[64];
@@ -575,15 +622,20 @@ static void write_samples(MotModel<float>* m, DataDir* d, const std::string& out
         fprintf(f, "image_%02zu.png\t%s\n", k, d->class_caption[k].c_str());
     }
     const std::string said = d->class_caption.empty() ? "a handwritten seven" : d->class_caption[7 % d->class_caption.size()];
-    std::vector<int> units = generate(m, prompt_for(d, said, MOT_BOA), c.speech_begin, c.vocab, MOT_EOA,
-                                      std::min(200, c.max_seq / 2), 1.0, 0, &rng);
-    for (int& u : units) u -= c.speech_begin;
+    GenSpec gs;
+    gs.stop = MOT_EOA;
+    gs.max_new = gs.max_speech + 1;
+    std::vector<int> units = segment(generate(m, prompt_for(d, said, MOT_BOA), gs, &rng), c.speech_begin, c.vocab);
     std::vector<float> wav;
     if (!units.empty() && speech_decode(d->sp, units.data(), units.size(), SpeechDecodeOptions(), &wav, &err) &&
         speech_wav_write((dir + "/speech.wav").c_str(), wav.data(), wav.size(), d->sp.s.sample_rate, &err))
         fprintf(f, "speech.wav\t%s\t(%zu units, %.2f s)\n", said.c_str(), units.size(), wav.size() / double(d->sp.s.sample_rate));
     const char* prompt = "In the beginning";
-    std::vector<int> text = generate(m, prompt_for(d, prompt, -1), MOT_N_SPECIAL, c.image_begin, MOT_EOS, 60, 0.8, 40, &rng);
+    GenSpec gt;
+    gt.max_new = 60;
+    gt.temperature = 0.8;
+    gt.top_k = 40;
+    std::vector<int> text = generate(m, prompt_for(d, prompt, -1), gt, &rng);
     std::string t = decode_text(d, text);
     for (char& ch : t) if (ch == '\n' || ch == '\t') ch = ' ';
     fprintf(f, "text\t%s%s\n", prompt, t.c_str());
@@ -650,21 +702,27 @@ static int sample_main(int argc, char** argv) {
     DataDir d;
     if (!load_tokenizers(tokdir, c, &d, &err)) die(err);
     uint64_t rng = seed;
+    GenSpec g;
+    g.max_new = max_tokens;
+    g.max_speech = max_tokens;
+    g.temperature = temp;
+    g.top_k = top_k;
+    g.image_tokens = vq_tokens(d.vq);
     if (task == "text") {
-        std::vector<int> ids = generate(&m, prompt_for(&d, prompt, -1), MOT_N_SPECIAL, c.image_begin, MOT_EOS,
-                                        max_tokens, temp, top_k, &rng);
+        std::vector<int> ids = generate(&m, prompt_for(&d, prompt, -1), g, &rng);
         printf("%s%s\n", prompt.c_str(), decode_text(&d, ids).c_str());
     } else if (task == "image") {
-        std::vector<int> ids = generate(&m, prompt_for(&d, prompt, MOT_BOI), c.image_begin, c.speech_begin, -1,
-                                        vq_tokens(d.vq), temp, top_k, &rng);
+        g.stop = MOT_EOI;
+        g.max_new = g.image_tokens + 1;
+        std::vector<int> ids = generate(&m, prompt_for(&d, prompt, MOT_BOI), g, &rng);
         std::vector<uint8_t> px;
         if (!image_pixels(&d, c, ids, &px)) die("the model's context is too short for a whole image after this prompt");
         if (!vq_write_png(output.c_str(), px.data(), d.vq.side, d.vq.side, &err)) die(err);
         printf("wrote %s\n", output.c_str());
     } else if (task == "speech") {
-        std::vector<int> units = generate(&m, prompt_for(&d, prompt, MOT_BOA), c.speech_begin, c.vocab, MOT_EOA,
-                                          max_tokens, temp, top_k, &rng);
-        for (int& u : units) u -= c.speech_begin;
+        g.stop = MOT_EOA;
+        g.max_new = max_tokens + 1;
+        std::vector<int> units = segment(generate(&m, prompt_for(&d, prompt, MOT_BOA), g, &rng), c.speech_begin, c.vocab);
         std::vector<float> wav;
         if (units.empty()) die("the model ended the speech at once (no units generated)");
         if (!speech_decode(d.sp, units.data(), units.size(), SpeechDecodeOptions(), &wav, &err) ||
@@ -693,7 +751,7 @@ static int sample_main(int argc, char** argv) {
         }
         if ((int)p.size() >= c.max_seq) die(input + ": too long for the model's context (" + std::to_string(p.size()) +
                                             " tokens, max_seq " + std::to_string(c.max_seq) + ")");
-        std::vector<int> ids = generate(&m, p, MOT_N_SPECIAL, c.image_begin, MOT_EOS, max_tokens, temp, top_k, &rng);
+        std::vector<int> ids = generate(&m, p, g, &rng);
         printf("%s\n", decode_text(&d, ids).c_str());
     }
     return 0;
@@ -721,7 +779,7 @@ int main(int argc, char** argv) {
 #endif
     std::string err;
     if (!a.out.empty()) {
-        if (mkdir(a.out.c_str(), 0755) != 0 && errno != EEXIST) die(a.out + ": cannot create the run folder: " + strerror(errno));
+        if (!mkdir_p(a.out)) die(a.out + ": cannot create the run folder: " + strerror(errno));
         if (a.log.empty()) a.log = a.out + "/log.csv";
         if (a.save.empty()) a.save = a.out + "/model.ckpt";
         if (a.resume) {

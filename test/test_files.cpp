@@ -316,7 +316,7 @@ TEST_CASE("mot: a resumed run's losses are bitwise identical to an uninterrupted
     REQUIRE(mot_write_shard(tmp("res_0.bin"), VOC, toks.data(), toks.size(), &err));
     const std::string base = "./mot --data " + tmp("res_0.bin") +
                              " --layers 2 --dim 32 --heads 4 --seq 32 --batch 4 --warmup 5 --steps 24 --threads 2";
-    REQUIRE(run(base + " --out " + tmp("runA"), &out) == 0);
+    REQUIRE(run(base + " --out " + tmp("deep/er/runA"), &out) == 0);  // parents are created
     // run B saves every 4 steps, keeping the newest 2
     REQUIRE(run(base + " --out " + tmp("runB") + " --save-every 4 --keep 2", &out) == 0);
     std::string outc;
@@ -329,7 +329,7 @@ TEST_CASE("mot: a resumed run's losses are bitwise identical to an uninterrupted
                 tmp("runD") + "/", &outc) == 0);
     REQUIRE(run(base + " --out " + tmp("runD") + " --resume", &out) == 0);
     CHECK(out.find("resumed from") != std::string::npos);
-    auto a = losses(read_bytes(tmp("runA/log.csv"))), d = losses(read_bytes(tmp("runD/log.csv")));
+    auto a = losses(read_bytes(tmp("deep/er/runA/log.csv"))), d = losses(read_bytes(tmp("runD/log.csv")));
     REQUIRE(d.size() == 4);
     for (int s = 21; s <= 24; s++) {
         INFO("step ", s);
@@ -337,10 +337,10 @@ TEST_CASE("mot: a resumed run's losses are bitwise identical to an uninterrupted
     }
     MotModel<float> ma, md;
     MotConfig c;
-    REQUIRE(mot_read_checkpoint_config(tmp("runA/model.ckpt"), &c, &err));
+    REQUIRE(mot_read_checkpoint_config(tmp("deep/er/runA/model.ckpt"), &c, &err));
     mot_init(&ma, c, 1);
     mot_init(&md, c, 1);
-    REQUIRE(mot_load_checkpoint(tmp("runA/model.ckpt"), &ma, nullptr, nullptr, &err));
+    REQUIRE(mot_load_checkpoint(tmp("deep/er/runA/model.ckpt"), &ma, nullptr, nullptr, &err));
     REQUIRE(mot_load_checkpoint(tmp("runD/model.ckpt"), &md, nullptr, nullptr, &err));
     CHECK(ma.params == md.params);  // and so are the final weights
 }
