@@ -179,3 +179,54 @@ TEST_CASE("data: the trainer trains on the built shards and evaluates downstream
     CHECK(rc == 1);
     CHECK(out.find("/nonexistent.png") != std::string::npos);
 }
+
+static void write_file(const std::string& path, const std::string& bytes) {
+    FILE* f = fopen(path.c_str(), "wb");
+    REQUIRE(f);
+    fwrite(bytes.data(), 1, bytes.size(), f);
+    fclose(f);
+}
+
+// A RIFF/WAVE header with `bits` bits per sample and n bytes of (silent) data.
+static std::string wav_bytes(int bits, int n) {
+    auto u32 = [](uint32_t v) { return std::string((const char*)&v, 4); };
+    auto u16 = [](uint16_t v) { return std::string((const char*)&v, 2); };
+    return "RIFF" + u32(36 + n) + "WAVEfmt " + u32(16) + u16(1) + u16(1) + u32(16000) + u32(16000 * bits / 8) +
+           u16(bits / 8) + u16(bits) + "data" + u32(n) + std::string(n, bits == 8 ? '\x80' : '\0');
+}
+
+TEST_CASE("tokenizer tools: bad inputs get one line naming the file and a non-zero exit") {
+    build();
+    std::string out;
+    const std::string d = OUT + "/bad";
+    REQUIRE(run("mkdir -p " + d, &out) == 0);
+    write_file(d + "/corrupt.png", std::string("\x89PNG\r\n\x1a\n", 8) + "this is not a png");
+    write_file(d + "/empty.png", "");
+    write_file(d + "/header.wav", "RIFX this is not a wave file at all........................");
+    write_file(d + "/eight.wav", wav_bytes(8, 1600));
+    write_file(d + "/empty.wav", "");
+    write_file(d + "/ids.txt", "1 2 99999\n");
+    struct Case { std::string cmd, file, words; };
+    const std::vector<Case> cases = {
+        {"tokenizers/vq encode " + OUT + "/image.vq " + d + "/corrupt.png", "corrupt.png", ""},
+        {"tokenizers/vq encode " + OUT + "/image.vq " + d + "/empty.png", "empty.png", "empty"},
+        {"tokenizers/vq encode " + OUT + "/image.vq " + d + "/missing.png", "missing.png", ""},
+        {"tokenizers/vq encode " + d + "/corrupt.png " + d + "/corrupt.png", "corrupt.png", ""},  // not a model
+        {"tokenizers/speech encode " + OUT + "/speech.sp " + d + "/header.wav", "header.wav", "RIFF"},
+        {"tokenizers/speech encode " + OUT + "/speech.sp " + d + "/eight.wav", "eight.wav", "8-bit"},
+        {"tokenizers/speech encode " + OUT + "/speech.sp " + d + "/empty.wav", "empty.wav", ""},
+        {"tokenizers/bpe decode " + OUT + "/text.bpe < " + d + "/ids.txt", "99999", ""},
+    };
+    for (const Case& c : cases) {
+        const int rc = run("./" + c.cmd, &out);
+        INFO(c.cmd, "\n", out);
+        CHECK(rc == 1);
+        CHECK(std::count(out.begin(), out.end(), '\n') == 1);
+        CHECK(out.find(c.file) != std::string::npos);
+        if (!c.words.empty()) CHECK(out.find(c.words) != std::string::npos);
+    }
+    for (const char* tool : {"bpe", "vq", "speech"}) {  // no arguments: usage, exit 2
+        INFO(tool);
+        CHECK(run(std::string("./tokenizers/") + tool, &out) == 2);
+    }
+}
