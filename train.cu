@@ -40,7 +40,7 @@ struct Args {
     int save_every = 0, keep = 3, eval_every = 0, eval_batches = 4, log_every = 1, threads = 0;
     int eval_items = 100, eval_gen = 2;
     std::string tokenizers;  // dataset folder with text.bpe, image.vq, speech.sp (default: --data's folder)
-    bool resume = false, cpu = false, fp32 = false;
+    bool resume = false, cpu = false, fp32 = false, eval_only = false;
     std::vector<std::string> set;  // the model-shape flags the user gave (checked against --init-from)
 };
 
@@ -84,6 +84,7 @@ static void usage(FILE* f) {
             "  --tokenizers DIR  dataset folder with the tokenizers, classes and eval sets\n"
             "                    (default: the folder of --data); enables downstream eval and samples\n"
             "  --debug-state F   write the debug state of the first batch (see README)\n"
+            "  --eval-only       evaluate (validation loss, downstream tasks with --eval-gen) and exit\n"
             "  --log FILE        append one CSV line per step to FILE      (DIR/log.csv with --out)\n"
             "  --log-every N     print every N steps                       (1)\n"
             "  --threads N       OpenMP threads                            (all cores)\n"
@@ -158,6 +159,7 @@ static Args parse_args(int argc, char** argv) {
         else if (f == "--out") a.out = val();
         else if (f == "--resume") a.resume = true;
         else if (f == "--cpu") a.cpu = true;
+        else if (f == "--eval-only") a.eval_only = true;
         else if (f == "--fp32") a.fp32 = true;
         else if (f == "--keep") a.keep = parse_int("--keep", val(), 1, 1 << 20);
         else if (f == "--save-every") a.save_every = parse_int("--save-every", val(), 0, 1 << 30);
@@ -409,8 +411,8 @@ static std::string decode_text(DataDir* d, const std::vector<int>& ids) {
 // ============================================================================================
 // Scoring and generation
 // ============================================================================================
-// Mean -log p per token of each candidate continuation after a shared prefix, all candidates in
-// one batch (PAD after the shorter ones: causal attention never looks at it).
+// -log p of each candidate continuation (summed over its tokens) after a shared prefix, all
+// candidates in one batch (PAD after the shorter ones: causal attention never looks at it).
 static std::vector<double> score_candidates(MotModel<float>* m, std::vector<uint16_t> prefix,
                                             const std::vector<std::vector<uint16_t>>& cands) {
     size_t longest = 0;
@@ -433,10 +435,8 @@ static std::vector<double> score_candidates(MotModel<float>* m, std::vector<uint
     mot_group(m->cfg, &b);
     mot_forward(m, b);
     std::vector<double> out(b.B, 0.0);
-    for (int i = 0; i < b.B; i++) {
+    for (int i = 0; i < b.B; i++)
         for (int t = 0; t < b.T; t++) out[i] += m->pos_loss[(size_t)i * b.T + t];
-        out[i] /= cands[i].size();
-    }
     return out;
 }
 
@@ -538,24 +538,25 @@ struct Downstream {
     int n_img = 0, n_sp = 0, n_gen = 0;
 };
 
-// Image -> caption and speech -> caption: pick the class whose caption the model finds most
-// likely after the image (or the speech); caption -> image: generate an image for each class's
-// caption and classify it with a k-NN on held-out real images.
+// Image -> caption and speech -> caption: pick the class whose caption gains the most likelihood
+// from the image (or the speech): log p(caption | image) - log p(caption), the second term being
+// the caption at the start of a document. Without it, short or very predictable captions win
+// whatever the image. Caption -> image: generate an image for each class's caption and classify
+// it with a k-NN on held-out real images.
 static Downstream eval_downstream(MotModel<float>* m, DataDir* d, int max_items, int gen_per_class, uint64_t seed) {
     Downstream r;
     const int C = (int)d->class_caption.size();
     if (C == 0) return r;
     std::vector<std::vector<uint16_t>> caps;
-    for (int k = 0; k < C; k++) {
-        caps.push_back(encode_text(d, d->class_caption[k]));
-        caps.back().push_back(MOT_EOS);
-    }
+    for (int k = 0; k < C; k++) caps.push_back(encode_text(d, d->class_caption[k]));
+    const std::vector<double> prior = score_candidates(m, {MOT_BOS}, caps);  // -log p(caption)
     auto classify = [&](const std::vector<std::vector<uint16_t>>& docs, const std::vector<int>& cls, int* n) {
         int right = 0;
         *n = std::min<int>(max_items, (int)docs.size());
         for (int i = 0; i < *n; i++) {
             std::vector<uint16_t> prefix(docs[i].begin(), docs[i].end() - 1);  // drop EOS
             std::vector<double> s = score_candidates(m, prefix, caps);
+            for (int k = 0; k < C; k++) s[k] -= prior[k];
             right += (int)(std::min_element(s.begin(), s.end()) - s.begin()) == cls[i];
         }
         return *n ? double(right) / *n : NAN;
@@ -915,6 +916,15 @@ int main(int argc, char** argv) {
         for (size_t i = 0; i + a.keep < ck.size(); i++) remove(ck[i].c_str());
     };
 
+    if (a.eval_only) {  // e.g. with --init-from: the model as it is, no training step
+        double vl = NAN, vm[3] = {NAN, NAN, NAN};
+        if (!a.val.empty()) {
+            evaluate(&eng, a.val, a, &vl, vm);
+            printf("val  %5lld | loss %.4f | text %.3f image %.3f speech %.3f\n", (long long)st.step, vl, vm[0], vm[1], vm[2]);
+        }
+        if (have_tok && !dd.class_caption.empty()) print_downstream(eval_downstream(&model, &dd, a.eval_items, a.eval_gen, a.seed), (int)st.step);
+        return 0;
+    }
     MotBatch batch;
     if (!a.debug_state.empty()) {  // the first batch of the run, computed by the CPU reference
         const uint64_t rng = loader.rng;  // peek: the run still starts with this batch
