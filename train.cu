@@ -145,7 +145,7 @@ static Args parse_args(int argc, char** argv) {
         else if (f == "--data") a.data = val();
         else if (f == "--val") a.val = val();
         else if (f == "--batch") a.batch = parse_int("--batch", val(), 1, 1 << 16);
-        else if (f == "--seq") a.seq = parse_int("--seq", val(), 1, 1 << 20);
+        else if (f == "--seq") { a.seq = parse_int("--seq", val(), 1, 1 << 20); a.set.push_back("max_seq"); }
         else if (f == "--accum") a.accum = parse_int("--accum", val(), 1, 1 << 16);
         else if (f == "--steps") a.opt.steps = parse_int("--steps", val(), 0, 1 << 30);
         else if (f == "--lr") a.opt.lr = parse_float("--lr", val(), 0, 1e38);
@@ -795,24 +795,28 @@ int main(int argc, char** argv) {
         fclose(f);
         remove((a.save + ".tmp").c_str());
     }
+    // With --init-from the checkpoint decides the model shape; flags the user set must agree.
+    MotConfig fc;
+    const bool seq_set = std::find(a.set.begin(), a.set.end(), "max_seq") != a.set.end();
+    if (!a.init_from.empty()) {
+        if (!mot_read_checkpoint_config(a.init_from, &fc, &err)) die(err);
+        if (!seq_set) a.seq = a.cfg.max_seq = fc.max_seq;
+    }
     MotLoader loader;
     if (!mot_loader_open(&loader, a.data, a.seq, a.seed ^ 0xDA7A ^ (0x9E3779B97F4A7C15ull * rank), &err)) die(err);
     a.cfg.vocab = loader.vocab.vocab;
     a.cfg.image_begin = loader.vocab.image_begin;
     a.cfg.speech_begin = loader.vocab.speech_begin;
 
-    // With --init-from the checkpoint decides the model shape; flags the user set must agree.
     MotTrainState st;
     if (!a.init_from.empty()) {
-        MotConfig fc;
-        if (!mot_read_checkpoint_config(a.init_from, &fc, &err)) die(err);
         int32_t fv[MOT_CONFIG_INTS], av[MOT_CONFIG_INTS];
         mot_config_to_ints(fc, fv);
         mot_config_to_ints(a.cfg, av);
         for (int i = 0; i < MOT_CONFIG_INTS; i++) {
             std::string name = MOT_CONFIG_NAMES[i];
             bool from_data = name == "vocab" || name == "image_begin" || name == "speech_begin";
-            bool user_set = std::find(a.set.begin(), a.set.end(), name) != a.set.end() || name == "max_seq";
+            bool user_set = std::find(a.set.begin(), a.set.end(), name) != a.set.end();
             if ((from_data || user_set) && fv[i] != av[i])
                 die(a.init_from + ": config does not match: " + name + " is " + std::to_string(fv[i]) +
                     " in the checkpoint but " + std::to_string(av[i]) + " from the " +
