@@ -264,6 +264,10 @@ TEST_CASE("mot: trains on a shard, loss falls, writes checkpoint and debug state
     CHECK(out.find("resumed from") != std::string::npos);
     CHECK(out.find("step    45/45") != std::string::npos);
     CHECK(out.find("step     1/") == std::string::npos);
+    // without model flags the checkpoint decides the shape, sequence length included
+    rc = run("./mot --data " + tmp("train_0.bin") + " --eval-only --val " + tmp("train_0.bin") + " --init-from " + tmp("r.ckpt"), &out);
+    CHECK(rc == 0);
+    CHECK(out.find("T=32") != std::string::npos);
     // and ones that disagree are refused, naming the field
     expect_error(base + " --dim 64 --init-from " + tmp("r.ckpt"), "d_model is 32 in the checkpoint but 64");
     expect_error("--data " + tmp("train_0.bin") + " --seq 16 --init-from " + tmp("r.ckpt"), "max_seq");
