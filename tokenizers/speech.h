@@ -385,15 +385,18 @@ void speech_wav_encode(const float* x, size_t n, int sample_rate, std::vector<ui
     }
 }
 
-bool speech_wav_write(const char* path, const float* x, size_t n, int sample_rate, std::string* err) {
-    std::vector<uint8_t> b;
-    speech_wav_encode(x, n, sample_rate, &b);
+static bool speech_write_file_(const char* path, const std::vector<uint8_t>& b, std::string* err) {
     FILE* f = fopen(path, "wb");
     if (!f) return speech_fail_(err, std::string(path) + ": cannot create: " + strerror(errno));
     bool ok = fwrite(b.data(), 1, b.size(), f) == b.size();
     ok = (fclose(f) == 0) && ok;
     if (!ok) return speech_fail_(err, std::string(path) + ": write error");
     return true;
+}
+bool speech_wav_write(const char* path, const float* x, size_t n, int sample_rate, std::string* err) {
+    std::vector<uint8_t> b;
+    speech_wav_encode(x, n, sample_rate, &b);
+    return speech_write_file_(path, b, err);
 }
 
 // ---- resampling -----------------------------------------------------------------------------------
@@ -590,12 +593,7 @@ bool speech_model_serialize(const SpeechModel& m, std::vector<uint8_t>* b) {
 bool speech_model_save(const SpeechModel& m, const char* path, std::string* err) {
     std::vector<uint8_t> b;
     speech_model_serialize(m, &b);
-    FILE* f = fopen(path, "wb");
-    if (!f) return speech_fail_(err, std::string(path) + ": cannot create: " + strerror(errno));
-    bool ok = fwrite(b.data(), 1, b.size(), f) == b.size();
-    ok = (fclose(f) == 0) && ok;
-    if (!ok) return speech_fail_(err, std::string(path) + ": write error");
-    return true;
+    return speech_write_file_(path, b, err);
 }
 
 bool speech_model_parse(SpeechModel* m, const uint8_t* d, size_t n, std::string* err) {

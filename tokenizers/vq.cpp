@@ -181,17 +181,23 @@ static int cmd_decode(int argc, char** argv) {
     return 0;
 }
 
+// The model, then the first n images of an IDX file resized to the model's side (psnr, grid).
+static bool load_model_and_images(const char* model, const char* idx, long long n, VqModel* m,
+                                  std::vector<uint8_t>* imgs, size_t* count, std::string* err) {
+    if (!vq_model_load(model, m, err) || !load_idx_resized(idx, m->side, n, imgs, count, err)) return false;
+    if (*count == 0) { *err = std::string(idx) + ": no images"; return false; }
+    return true;
+}
+
 static int cmd_psnr(int argc, char** argv) {
     if (argc != 2 && argc != 3) return usage();
     long long n = 0;
     if (argc == 3 && (!parse_count(argv[2], &n) || n == 0)) return die(std::string("N: '") + argv[2] + "' is not a positive integer");
     VqModel m;
-    std::string err;
-    if (!vq_model_load(argv[0], &m, &err)) return die(err);
     std::vector<uint8_t> imgs;
     size_t count = 0;
-    if (!load_idx_resized(argv[1], m.side, n, &imgs, &count, &err)) return die(err);
-    if (count == 0) return die(std::string(argv[1]) + ": no images");
+    std::string err;
+    if (!load_model_and_images(argv[0], argv[1], n, &m, &imgs, &count, &err)) return die(err);
     printf("%.3f dB mean PSNR over %zu images\n", vq_eval_psnr(m, imgs.data(), count), count);
     return 0;
 }
@@ -201,12 +207,10 @@ static int cmd_grid(int argc, char** argv) {
     long long n = 0;
     if (!parse_count(argv[3], &n) || n == 0 || n > 10000) return die(std::string("N: '") + argv[3] + "' is not an integer in 1..10000");
     VqModel m;
-    std::string err;
-    if (!vq_model_load(argv[0], &m, &err)) return die(err);
     std::vector<uint8_t> imgs;
     size_t count = 0;
-    if (!load_idx_resized(argv[1], m.side, n, &imgs, &count, &err)) return die(err);
-    if (count == 0) return die(std::string(argv[1]) + ": no images");
+    std::string err;
+    if (!load_model_and_images(argv[0], argv[1], n, &m, &imgs, &count, &err)) return die(err);
     // Layout: up to 8 pairs per row, each pair = original | reconstruction, pixels scaled 3x,
     // 2 px grey gap inside a pair and 8 px between pairs so the pairing is obvious.
     const int R = m.side, sc = 3, cell = R * sc, per_row = (int)std::min<size_t>(8, count);
