@@ -89,10 +89,17 @@ test/cuda_cpu.o: test/cuda_cpu.cpp $(CUDA_CPU_HDRS)
 test/cuda_cpu_mpi.o: test/cuda_cpu.cpp $(CUDA_CPU_HDRS)
 	@[ -n "$(MPI_LIBS)" ] || { echo "needs Open MPI: apt-get install libopenmpi-dev openmpi-bin"; exit 1; }
 	$(CXX) $(CUDA_CPU_BASE) -DCUDA_CPU_MPI $(MPI_CFLAGS) -c $< -o $@
-test/test_gpu_cpu: build/cuda_cpu/test/test_gpu.cu build/cuda_cpu/mot.cu mot.h test/common.h test/cuda_cpu.o
-	$(CXX) $(CUDA_CPU_FLAGS) -x c++ $< -x none test/cuda_cpu.o -o $@
-test/test_cuda_cpu: build/cuda_cpu/test/test_cuda_cpu.cu test/cuda_cpu.o mot mot_cpu_cuda mot_cpu_cuda_mpi
-	$(CXX) $(CUDA_CPU_FLAGS) -x c++ $< -x none test/cuda_cpu.o -o $@
+# The tests are compiled with -fsanitize=thread for its instrumentation alone: every load and store
+# calls a hook, and test/cuda_cpu_race.o answers the hooks with the shared-memory race check
+# (libtsan is not linked: the link line has no -fsanitize).
+test/cuda_cpu_race.o: test/cuda_cpu.cpp $(CUDA_CPU_HDRS)
+	$(CXX) $(CUDA_CPU_BASE) -DCUDA_CPU_RACE -c $< -o $@
+test/test_gpu_cpu: build/cuda_cpu/test/test_gpu.cu build/cuda_cpu/mot.cu mot.h test/common.h test/cuda_cpu_race.o
+	$(CXX) $(CUDA_CPU_FLAGS) -fsanitize=thread -x c++ -c $< -o $@.o
+	$(CXX) -fopenmp $@.o test/cuda_cpu_race.o -o $@ && rm -f $@.o
+test/test_cuda_cpu: build/cuda_cpu/test/test_cuda_cpu.cu test/cuda_cpu_race.o mot mot_cpu_cuda mot_cpu_cuda_mpi
+	$(CXX) $(CUDA_CPU_FLAGS) -fsanitize=thread -x c++ -c $< -o $@.o
+	$(CXX) -fopenmp $@.o test/cuda_cpu_race.o -o $@ && rm -f $@.o
 mot_cpu_cuda: build/cuda_cpu/train.cu build/cuda_cpu/mot.cu mot.h $(TOKH) test/cuda_cpu.o
 	$(CXX) $(CUDA_CPU_FLAGS) -x c++ $< -x none test/cuda_cpu.o -o $@
 mot_cpu_cuda_mpi: build/cuda_cpu/train.cu build/cuda_cpu/mot.cu mot.h $(TOKH) test/cuda_cpu_mpi.o

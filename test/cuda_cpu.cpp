@@ -261,8 +261,12 @@ static void fill_nan(void* p, size_t bytes) {
 struct SharedArray {
     void* p;
     size_t bytes;
+    const char* name;
 };
 static std::vector<SharedArray> g_shared_launch;  // the static shared arrays this launch declared
+static uint32_t g_interval = 0;                   // barrier intervals so far (the race check's clock)
+static const char* g_interval_file = nullptr;     // the __syncthreads() that began the current one
+static int g_interval_line = 0;
 static std::vector<void*> g_shared_block;         // ... and those filled for the running block
 static size_t g_shared_static = 0;
 static std::vector<char> g_dyn_shared;            // dynamic shared memory of the running block
@@ -369,6 +373,8 @@ static void run_block(int nthreads) {
     }
     g_shared_block.clear();
     g_dyn_filled = false;
+    g_interval++;
+    g_interval_file = nullptr;  // a new block: a new interval, so every shadow byte is stale
     int exited = 0, at_barrier = 0;
     while (exited < nthreads) {
         bool ran = false;
@@ -388,6 +394,9 @@ static void run_block(int nthreads) {
                                           u.wait_line, t.idx.x, t.idx.y, t.idx.z, t.wait_file, t.wait_line);
                     for (Thread& u : g_threads) u.state = Thread::RUNNABLE;
                     at_barrier = 0;
+                    g_interval++;
+                    g_interval_file = t.wait_file;
+                    g_interval_line = t.wait_line;
                 }
             } else if (t.state == Thread::AT_SHFL) {
                 const int w0 = i / 32 * 32;
@@ -421,6 +430,69 @@ static void run_block(int nthreads) {
     g_cur = nullptr;
 }
 
+// ---- the shared-memory race check --------------------------------------------------------------
+// A race: two threads touch the same byte of a __shared__ array in one barrier interval (between two
+// __syncthreads() of the block), and at least one of them writes it. Built in with -DCUDA_CPU_RACE,
+// for code compiled with -fsanitize=thread: GCC then calls __tsan_readN/__tsan_writeN before every
+// load and store, and the functions at the end of this file, not ThreadSanitizer's runtime (which is
+// not linked), answer them. Accesses outside the launch's shared arrays return at once.
+struct ByteShadow {
+    uint32_t interval = 0;
+    int32_t writer = -1;  // thread index in the block, or -1
+    int32_t reader = -1;  // thread index, -1 none, -2 several
+};
+struct ArrayShadow {
+    const char* lo;
+    size_t bytes;
+    std::vector<ByteShadow> shadow;
+};
+static std::vector<ArrayShadow> g_race_arrays;
+static void race_track(const void* p, size_t bytes) {
+    for (ArrayShadow& a : g_race_arrays)
+        if (a.lo == p) return;
+    g_race_arrays.push_back({(const char*)p, bytes, std::vector<ByteShadow>(bytes)});
+}
+[[noreturn]] static void race_report(const ArrayShadow& a, size_t off, int other, const char* other_did, const char* me_do) {
+    const char* name = "?";
+    for (const SharedArray& s : g_shared_launch)
+        if (s.p == a.lo) name = s.name;
+    const Thread& o = g_threads[other];
+    char since[200] = "the start of the block";
+    if (g_interval_file) snprintf(since, sizeof since, "__syncthreads() at %s:%d", g_interval_file, g_interval_line);
+    report("data race on __shared__ %s (byte %zu of %zu): thread (%u,%u,%u) %s it and this thread %s it with no "
+           "__syncthreads() between (both since %s)", name, off, a.bytes, o.idx.x, o.idx.y, o.idx.z, other_did, me_do,
+           since);
+}
+static inline void race_access(const void* p, size_t n, bool write) {
+    if (!g_in_kernel || g_race_arrays.empty()) return;
+    const char* c = (const char*)p;
+    for (ArrayShadow& a : g_race_arrays) {
+        if (c + n <= a.lo || c >= a.lo + a.bytes) continue;
+        const int me = (int)(g_cur - g_threads.data());
+        for (size_t i = 0; i < n; i++) {
+            const size_t off = (size_t)(c + i - a.lo);
+            if (off >= a.bytes) break;
+            ByteShadow& b = a.shadow[off];
+            if (b.interval != g_interval) b = ByteShadow{g_interval, -1, -1};
+            if (b.writer >= 0 && b.writer != me) race_report(a, off, b.writer, "writes", write ? "writes" : "reads");
+            if (write) {
+                if (b.reader == -2 || (b.reader >= 0 && b.reader != me)) {
+                    int r = b.reader;
+                    if (r == -2)  // several readers: name one that is not this thread
+                        for (r = 0; r < (int)g_threads.size() && r == me; r++) {}
+                    race_report(a, off, r, "reads", "writes");
+                }
+                b.writer = me;
+            } else if (b.reader == -1) {
+                b.reader = me;
+            } else if (b.reader != me) {
+                b.reader = -2;
+            }
+        }
+        return;
+    }
+}
+
 void launch_bounds(const char* file, int line, int max_threads, int) {
     const dim3 b = g_coords.block_dim;
     const long n = (long)b.x * b.y * b.z;
@@ -436,7 +508,8 @@ void shared_array(void* p, size_t bytes, const char* name, const char* file, int
     fill_nan(p, bytes);  // a read before any write finds a signaling NaN
     for (const SharedArray& s : g_shared_launch)
         if (s.p == p) return;
-    g_shared_launch.push_back({p, bytes});
+    g_shared_launch.push_back({p, bytes, name});
+    race_track(p, bytes);
     g_shared_static += bytes;
     if (g_shared_static + g_site->smem > kSharedLimit)
         report("__shared__ %s (%s:%d) brings the block's shared memory to %zu bytes (static %zu + dynamic %zu), over "
@@ -448,6 +521,14 @@ void* dynamic_shared() {
     if (!g_dyn_filled) {
         fill_nan(g_dyn_shared.data(), g_dyn_shared.size());
         g_dyn_filled = true;
+        if (g_site->smem) {
+            bool known = false;
+            for (const SharedArray& a : g_shared_launch) known |= a.p == g_dyn_shared.data();
+            if (!known) {
+                g_shared_launch.push_back({g_dyn_shared.data(), g_site->smem, "(dynamic)"});
+                race_track(g_dyn_shared.data(), g_site->smem);
+            }
+        }
     }
     return g_dyn_shared.data();
 }
@@ -473,6 +554,7 @@ void run_grid(const LaunchSite& site, void (*body)(void*), void* arg) {
     g_body = body;
     g_body_arg = arg;
     g_shared_launch.clear();
+    g_race_arrays.clear();
     g_shared_static = 0;
     g_dyn_shared.assign(site.smem + 16, 0);
     g_coords.block_dim = b;
@@ -1020,3 +1102,47 @@ ncclResult_t ncclAllReduce(const void* send, void* recv, size_t count, ncclDataT
     return ncclSuccess;
 }
 #endif  // CUDA_CPU_MPI
+
+// ============================================================================================
+// 8. The hooks of -fsanitize=thread instrumentation, for the race check (section 3)
+// ============================================================================================
+#ifdef CUDA_CPU_RACE
+extern "C" {
+void __tsan_init() {}
+void __tsan_func_entry(void*) {}
+void __tsan_func_exit() {}
+void __tsan_vptr_update(void**, void*) {}
+void __tsan_vptr_read(void**) {}
+#define CUDA_CPU_HOOKS(N)                                                            \
+    void __tsan_read##N(void* p) { race_access(p, N, false); }                      \
+    void __tsan_write##N(void* p) { race_access(p, N, true); }                      \
+    void __tsan_unaligned_read##N(void* p) { race_access(p, N, false); }            \
+    void __tsan_unaligned_write##N(void* p) { race_access(p, N, true); }
+CUDA_CPU_HOOKS(1)
+CUDA_CPU_HOOKS(2)
+CUDA_CPU_HOOKS(4)
+CUDA_CPU_HOOKS(8)
+CUDA_CPU_HOOKS(16)
+void __tsan_read_range(void* p, unsigned long n) { race_access(p, n, false); }
+void __tsan_write_range(void* p, unsigned long n) { race_access(p, n, true); }
+// atomics the instrumented standard library uses: done for real (sequentially consistent)
+#define CUDA_CPU_ATOMICS(B, T)                                                                              \
+    T __tsan_atomic##B##_load(const volatile T* a, int) { return __atomic_load_n(a, __ATOMIC_SEQ_CST); }   \
+    void __tsan_atomic##B##_store(volatile T* a, T v, int) { __atomic_store_n(a, v, __ATOMIC_SEQ_CST); }   \
+    T __tsan_atomic##B##_fetch_add(volatile T* a, T v, int) { return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST); } \
+    T __tsan_atomic##B##_fetch_sub(volatile T* a, T v, int) { return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST); } \
+    T __tsan_atomic##B##_exchange(volatile T* a, T v, int) { return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST); } \
+    int __tsan_atomic##B##_compare_exchange_strong(volatile T* a, T* c, T v, int, int) {                   \
+        return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);            \
+    }                                                                                                      \
+    int __tsan_atomic##B##_compare_exchange_weak(volatile T* a, T* c, T v, int, int) {                     \
+        return __atomic_compare_exchange_n(a, c, v, true, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);             \
+    }
+CUDA_CPU_ATOMICS(8, unsigned char)
+CUDA_CPU_ATOMICS(16, unsigned short)
+CUDA_CPU_ATOMICS(32, unsigned int)
+CUDA_CPU_ATOMICS(64, unsigned long long)
+void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+void __tsan_atomic_signal_fence(int) { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
+}
+#endif  // CUDA_CPU_RACE

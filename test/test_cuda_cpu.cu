@@ -1,6 +1,7 @@
 // test_cuda_cpu.cu — the CUDA-on-CPU layer (test/cuda_cpu.h) itself, and the GPU trainer through it.
 //   1. what the layer promises: barriers, shuffles, cuBLAS's column-major GEMM, bf16 rounding
-//   2. every check, each proven by a deliberately broken kernel or call run in a child process:
+//   2. every check, each proven by a deliberately broken kernel or call run in a child process
+//      (this file is compiled with -fsanitize=thread's instrumentation for the race check):
 //      the report must name the launch (file:line), the kernel, the block and the thread, and the
 //      child must exit non-zero
 //   3. the GPU trainer (./mot_cpu_cuda) against the CPU trainer (./mot): losses to the printed
@@ -277,6 +278,29 @@ TEST_CASE("cuda_cpu check: a read of device or shared memory that nothing wrote"
     line = __LINE__ + 1;
     expect_report([&] { std::vector<float> h(32); cudaMemcpy(h.data(), in, 128, cudaMemcpyDeviceToHost); }, line,
                   {"cudaMemcpyDeviceToHost reads device memory that nothing wrote (byte 0"});
+}
+
+__global__ void racy_kernel(float* out) {
+    __shared__ float s[64];
+    s[threadIdx.x] = threadIdx.x;
+    out[threadIdx.x] = s[(threadIdx.x + 1) % 64];  // no __syncthreads(): reads what another thread writes
+}
+__global__ void racy_write_kernel(float* out) {
+    __shared__ float total[1];
+    if (threadIdx.x < 2) total[0] = threadIdx.x;  // two writers of one element
+    __syncthreads();
+    out[threadIdx.x] = total[0];
+}
+TEST_CASE("cuda_cpu check: a shared-memory data race") {
+    float* d = dev<float>(64);
+    int line = __LINE__ + 1;
+    expect_report([&] { racy_kernel<<<1, 64>>>(d); }, line,
+                  {"kernel racy_kernel, block (0,0,0), thread (1,0,0)", "data race on __shared__ s (byte 4 of 256)",
+                   "thread (0,0,0) reads it and this thread writes it", "since the start of the block"});
+    line = __LINE__ + 1;
+    expect_report([&] { racy_write_kernel<<<1, 32>>>(d); }, line,
+                  {"kernel racy_write_kernel, block (0,0,0), thread (1,0,0)", "data race on __shared__ total",
+                   "thread (0,0,0) writes it and this thread writes it"});
 }
 
 TEST_CASE("cuda_cpu check: a host pointer passed to a kernel") {
