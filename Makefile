@@ -75,7 +75,8 @@ dev/bench_cpu: dev/bench_cpu.cpp mot.h
 # __launch_bounds__ rewritten (lines unchanged); g++ compiles the copy with test/cuda_cpu.h
 # force-included and links test/cuda_cpu.o, which stands in for libcudart, cuBLAS and NCCL.
 CUDA_HOME ?= /usr/local/cuda
-CUDA_CPU_BASE  = -std=c++17 -O2 -g -march=native -fno-math-errno -Wall -Wextra -Wno-unknown-pragmas \
+CUDA_CPU_OPT  ?= -O2
+CUDA_CPU_BASE  = -std=c++17 $(CUDA_CPU_OPT) -g -march=native -fno-math-errno -Wall -Wextra -Wno-unknown-pragmas \
                  -Ibuild/cuda_cpu -I. -I$(CUDA_HOME)/include
 CUDA_CPU_FLAGS = $(CUDA_CPU_BASE) -include test/cuda_cpu.h -fopenmp
 CUDA_CPU_HDRS  = test/cuda_cpu.h $(CUDA_HOME)/include/cuda_runtime.h
