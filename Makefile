@@ -5,6 +5,7 @@
 #                    plot, all into the run folder $(RUN)
 #   make bench       CPU benchmark (MoT vs dense step time)
 #   make mot_cpu_cuda    the trainer's GPU path run on the CPU by test/cuda_cpu.h (no GPU needed)
+#   make roofline    a model of one GPU training step, kernel by kernel (dev/roofline.cpp)
 CXX      ?= g++
 # -fno-math-errno lets GCC vectorise sqrt (results are the same: it only drops errno updates)
 CXXFLAGS ?= -std=c++17 -O3 -march=native -fopenmp -fno-math-errno -Wall -Wextra
@@ -36,7 +37,7 @@ else
 TRAIN_FLAGS ?= $(CPU_TRAIN_FLAGS)
 endif
 
-.PHONY: all test train bench bench-gpu clean
+.PHONY: all test train bench bench-gpu roofline clean
 all: mot $(TOOLS)
 
 mot: train.cu mot.h mot.cu $(TOKH)
@@ -66,6 +67,11 @@ test/test_gpu: test/test_gpu.cu mot.cu mot.h test/common.h
 
 dev/bench_gpu: dev/bench_gpu.cu mot.cu mot.h
 	$(NVCC) $(NVFLAGS) $< -o $@ $(NVLIBS)
+
+dev/roofline: dev/roofline.cpp
+	$(CXX) -std=c++17 -O2 -Wall -Wextra $< -o $@
+roofline: dev/roofline
+	./dev/roofline
 
 dev/bench_cpu: dev/bench_cpu.cpp mot.h
 	$(CXX) $(CXXFLAGS) -I. $< -o $@
@@ -125,5 +131,5 @@ bench-gpu: dev/bench_gpu
 	./dev/bench_gpu
 
 clean:
-	rm -f mot mot_mpi mot_cpu_cuda mot_cpu_cuda_mpi $(TESTBINS) test/test_gpu $(TOOLS) dev/bench_cpu dev/bench_gpu test/*.o
+	rm -f mot mot_mpi mot_cpu_cuda mot_cpu_cuda_mpi $(TESTBINS) test/test_gpu $(TOOLS) dev/bench_cpu dev/bench_gpu dev/roofline test/*.o
 	rm -rf build
