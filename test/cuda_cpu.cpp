@@ -240,6 +240,7 @@ static void fiber_main() {
 }
 static void fiber_exit_switch() {
 #ifdef __SANITIZE_ADDRESS__
+    __asan_handle_no_return();  // unpoison this stack's dead frames: the next block's fiber reuses it
     __sanitizer_start_switch_fiber(nullptr, g_sched_stack_bottom, g_sched_stack_size);  // this fiber is done
 #endif
     void* dead;
@@ -589,14 +590,13 @@ struct Alloc {
 static std::map<uintptr_t, Alloc> g_allocs;
 static size_t g_device_bytes = 0;
 
-// The allocation holding [p, p + n] (its end included, as a pointer may point there), or null.
-static const Alloc* find_alloc(const void* p, size_t n = 0) {
+// The allocation holding p (its end included, as a pointer may point there), or null.
+static const Alloc* find_alloc(const void* p) {
     auto it = g_allocs.upper_bound((uintptr_t)p);
     if (it == g_allocs.begin()) return nullptr;
     --it;
     const Alloc& a = it->second;
     if ((const char*)p < a.base || (const char*)p > a.base + a.size) return nullptr;
-    (void)n;
     return &a;
 }
 static bool is_device(const void* p) {
