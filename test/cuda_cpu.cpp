@@ -144,7 +144,7 @@ struct Thread {
     int arg = 0, width = 32;
     uint64_t value = 0, result = 0;
 };
-enum { SHFL_SYNC = 100 };
+enum { SHFL_SYNC = 100, SHFL_CONVERGE = 101 };  // __syncwarp(); a WMMA call's convergence check
 
 static size_t stack_bytes() {
     static size_t s = [] {
@@ -273,11 +273,14 @@ static size_t g_shared_static = 0;
 static std::vector<char> g_dyn_shared;            // dynamic shared memory of the running block
 static bool g_dyn_filled = false;
 
+static std::vector<uint32_t> g_warp_syncs;  // full-warp __syncwarp() calls per warp of the block (race check)
 static const char* state_name(const Thread& t) {
     switch (t.state) {
         case Thread::RUNNABLE: return "running";
         case Thread::AT_BARRIER: return "waiting at __syncthreads()";
-        case Thread::AT_SHFL: return t.kind == SHFL_SYNC ? "waiting at __syncwarp()" : "waiting at a shuffle";
+        case Thread::AT_SHFL:
+            return t.kind == SHFL_SYNC ? "waiting at __syncwarp()" : t.kind == SHFL_CONVERGE ? "waiting at a wmma call"
+                                                                    : "waiting at a shuffle";
         default: return "exited";
     }
 }
@@ -321,7 +324,23 @@ uint64_t shfl_bits(ShflKind kind, unsigned mask, uint64_t bits, int arg, int wid
 }
 void syncwarp(const char* file, int line, unsigned mask) {
     if (!g_in_kernel) report_at(file, line, "__syncwarp() called outside a kernel");
-    (void)shfl_bits(SHFL_IDX, mask, 0, 0, 32, file, line);  // the lanes meet; the value is unused
+    (void)shfl_bits((ShflKind)SHFL_SYNC, mask, 0, 0, 32, file, line);  // the lanes meet; the value is unused
+}
+void wmma_converge(const void* p, size_t ldm_bytes, const char* what) {
+    if (!g_in_kernel) report("wmma::%s called outside a kernel", what);
+    if (p && ((uintptr_t)p % 32 || ldm_bytes % 16))
+        report("wmma::%s: pointer %p must be 32-byte aligned and ldm a multiple of 16 bytes (it is %zu)", what, p,
+               ldm_bytes);
+    const int tid = (int)(g_cur - g_threads.data()), w0 = tid / 32 * 32, lanes = std::min(32, (int)g_threads.size() - w0);
+    if (lanes != 32) report("wmma::%s in a warp of %d threads: WMMA needs whole warps", what, lanes);
+    (void)shfl_bits((ShflKind)SHFL_CONVERGE, 0xffffffffu, 0, 0, 32, what, 0);
+}
+bool wmma_store_lane(const void* frag, size_t bytes) {
+    const uint64_t lane0 = shfl_bits(SHFL_IDX, 0xffffffffu, (uint64_t)(uintptr_t)frag, 0, 32, "store_matrix_sync", 0);
+    if (memcmp(frag, (const void*)(uintptr_t)lane0, bytes) != 0)
+        report("wmma::store_matrix_sync: this lane's fragment differs from lane 0's: lane-dependent code on "
+               "fragment elements relies on a layout the API hides");
+    return (g_cur - g_threads.data()) % 32 == 0;
 }
 
 // Lane `lane` of a warp whose lanes 0.. are at `w` has arrived at a shuffle. If every lane named
@@ -355,13 +374,14 @@ static void try_exchange(Thread* w, int nlanes, int lane) {
             case SHFL_XOR: src = j ^ d.arg; if (src >= seg + wd || src >= 32) src = j; break;
             default: break;
         }
-        if (d.kind != SHFL_SYNC && (src >= nlanes || !(mask >> src & 1u)))
+        if (d.kind < SHFL_SYNC && (src >= nlanes || !(mask >> src & 1u)))
             report_thread(d, "shuffle at %s:%d: lane %d reads lane %d, which is not in the mask 0x%08x", d.wait_file,
                           d.wait_line, j, src, mask);
         d.result = w[src].value;
     }
     for (int j = 0; j < 32; j++)
         if (mask >> j & 1u) w[j].state = Thread::RUNNABLE;
+    if (t.kind == SHFL_SYNC && mask == 0xffffffffu) g_warp_syncs[(w - g_threads.data()) / 32]++;  // orders memory
 }
 
 // Runs one block to completion.
@@ -373,6 +393,7 @@ static void run_block(int nthreads) {
         fiber_init(&g_threads[i], i);
     }
     g_shared_block.clear();
+    g_warp_syncs.assign((nthreads + 31) / 32, 0);
     g_dyn_filled = false;
     g_interval++;
     g_interval_file = nullptr;  // a new block: a new interval, so every shadow byte is stale
@@ -439,8 +460,10 @@ static void run_block(int nthreads) {
 // not linked), answer them. Accesses outside the launch's shared arrays return at once.
 struct ByteShadow {
     uint32_t interval = 0;
-    int32_t writer = -1;  // thread index in the block, or -1
-    int32_t reader = -1;  // thread index, -1 none, -2 several
+    int32_t writer = -1;          // thread index in the block, or -1
+    int32_t r1 = -1, r2 = -1;     // two distinct readers (-1: none), enough to name one that is not you
+    int32_t rwarp = -1;           // the warp of every reader, or -1 when they span warps
+    uint32_t wsync = 0, rsync = 0;  // the writer's / last reader's warp's __syncwarp() count then
 };
 struct ArrayShadow {
     const char* lo;
@@ -464,30 +487,35 @@ static void race_track(const void* p, size_t bytes) {
            "__syncthreads() between (both since %s)", name, off, a.bytes, o.idx.x, o.idx.y, o.idx.z, other_did, me_do,
            since);
 }
+// A full-warp __syncwarp() orders the accesses of that warp's lanes; only __syncthreads() orders
+// those of different warps.
 static inline void race_access(const void* p, size_t n, bool write) {
     if (!g_in_kernel || g_race_arrays.empty()) return;
     const char* c = (const char*)p;
     for (ArrayShadow& a : g_race_arrays) {
         if (c + n <= a.lo || c >= a.lo + a.bytes) continue;
-        const int me = (int)(g_cur - g_threads.data());
+        const int me = (int)(g_cur - g_threads.data()), warp = me / 32;
+        const uint32_t now = g_warp_syncs[warp];
         for (size_t i = 0; i < n; i++) {
             const size_t off = (size_t)(c + i - a.lo);
             if (off >= a.bytes) break;
             ByteShadow& b = a.shadow[off];
-            if (b.interval != g_interval) b = ByteShadow{g_interval, -1, -1};
-            if (b.writer >= 0 && b.writer != me) race_report(a, off, b.writer, "writes", write ? "writes" : "reads");
+            if (b.interval != g_interval) b = ByteShadow{g_interval, -1, -1, -1, -1, 0, 0};
+            if (b.writer >= 0 && b.writer != me) {
+                if (b.writer / 32 == warp && now > b.wsync) b.writer = -1;  // ordered by a __syncwarp()
+                else race_report(a, off, b.writer, "writes", write ? "writes" : "reads");
+            }
             if (write) {
-                if (b.reader == -2 || (b.reader >= 0 && b.reader != me)) {
-                    int r = b.reader;
-                    if (r == -2)  // several readers: name one that is not this thread
-                        for (r = 0; r < (int)g_threads.size() && r == me; r++) {}
-                    race_report(a, off, r, "reads", "writes");
-                }
+                const int other = b.r1 >= 0 && b.r1 != me ? b.r1 : b.r2;
+                if (other >= 0 && !(b.rwarp == warp && now > b.rsync)) race_report(a, off, other, "reads", "writes");
+                b.r1 = b.r2 = b.rwarp = -1;
                 b.writer = me;
-            } else if (b.reader == -1) {
-                b.reader = me;
-            } else if (b.reader != me) {
-                b.reader = -2;
+                b.wsync = now;
+            } else {
+                if (b.r1 < 0) { b.r1 = me; b.rwarp = warp; }
+                else if (b.r1 != me && b.r2 < 0) b.r2 = me;
+                if (b.rwarp != warp) b.rwarp = -1;
+                b.rsync = now;
             }
         }
         return;

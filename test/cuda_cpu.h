@@ -72,7 +72,12 @@ inline const uint3& thread_idx() { return g_in_kernel ? g_coords.thread_idx : th
 
 // Kernel-side primitives (each may switch to another fiber).
 void syncthreads(const char* file, int line);
-void syncwarp(const char* file, int line, unsigned mask = 0xffffffffu);
+void syncwarp(const char* file, int line, unsigned mask);
+struct SyncwarpAt {  // __syncwarp() and __syncwarp(mask), with the call site
+    const char* file;
+    int line;
+    void operator()(unsigned mask = 0xffffffffu) const { syncwarp(file, line, mask); }
+};
 enum ShflKind { SHFL_IDX, SHFL_UP, SHFL_DOWN, SHFL_XOR };
 uint64_t shfl_bits(ShflKind kind, unsigned mask, uint64_t bits, int arg, int width, const char* file, int line);
 template <typename T>
@@ -136,7 +141,7 @@ inline Launch<P...> launch(const char* file, int line, const char* name, void (*
 #define gridDim (cuda_cpu::g_coords.grid_dim)
 constexpr int warpSize = 32;
 #define __syncthreads() cuda_cpu::syncthreads(__FILE__, __LINE__)
-#define __syncwarp(...) cuda_cpu::syncwarp(__FILE__, __LINE__, ##__VA_ARGS__)
+#define __syncwarp(...) cuda_cpu::SyncwarpAt{__FILE__, __LINE__}(__VA_ARGS__)
 #define __shfl_sync(...) cuda_cpu::shfl(cuda_cpu::SHFL_IDX, __FILE__, __LINE__, __VA_ARGS__)
 #define __shfl_up_sync(...) cuda_cpu::shfl(cuda_cpu::SHFL_UP, __FILE__, __LINE__, __VA_ARGS__)
 #define __shfl_down_sync(...) cuda_cpu::shfl(cuda_cpu::SHFL_DOWN, __FILE__, __LINE__, __VA_ARGS__)
@@ -155,6 +160,83 @@ template <typename A, typename B,
 inline std::common_type_t<A, B> max(A a, B b) {
     return a < b ? (std::common_type_t<A, B>)b : (std::common_type_t<A, B>)a;
 }
+
+// ---- WMMA (nvcuda::wmma): warp-wide tile multiply-accumulate ------------------------------------
+// On a GPU a fragment's elements are spread over the warp's 32 lanes in a layout the API hides. Here
+// every lane holds the whole tile (num_elements = rows x cols), so code that only fills, loads,
+// multiplies, stores and applies the same operation to every x[i] computes exactly what it would on
+// a GPU. A store checks that all lanes' copies agree: code that treats lanes differently relies on
+// the hidden layout, and is reported. Every call must be reached by the whole warp (a convergence
+// check that, unlike __syncwarp(), orders no memory). Pointers must be 32-byte aligned and ldm a
+// multiple of 16 bytes, as on the GPU.
+#include <mma.h>  // the real header declares nothing outside nvcc: its guard is set here
+namespace cuda_cpu {
+void wmma_converge(const void* p, size_t ldm_bytes, const char* what);  // whole warp arrives; checks p, ldm
+bool wmma_store_lane(const void* frag, size_t bytes);                   // lanes agree? true on lane 0
+}  // namespace cuda_cpu
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+template <typename Use, int M, int N, int K> struct tile_shape;
+template <int M, int N, int K> struct tile_shape<matrix_a, M, N, K> { static constexpr int rows = M, cols = K; };
+template <int M, int N, int K> struct tile_shape<matrix_b, M, N, K> { static constexpr int rows = K, cols = N; };
+template <int M, int N, int K> struct tile_shape<accumulator, M, N, K> { static constexpr int rows = M, cols = N; };
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+    static constexpr int rows = tile_shape<Use, M, N, K>::rows, cols = tile_shape<Use, M, N, K>::cols;
+    static constexpr int num_elements = rows * cols;
+    typedef T element_type;
+    T x[num_elements];  // the whole tile, row by row
+};
+template <typename Use, int M, int N, int K, typename T, typename L, typename V>
+inline void fill_fragment(fragment<Use, M, N, K, T, L>& f, const V& v) {
+    for (int i = 0; i < f.num_elements; i++) f.x[i] = (T)v;
+}
+template <typename F, typename T>
+inline void load_tile(F& f, const T* p, unsigned ldm, bool row_major) {
+    cuda_cpu::wmma_converge(p, ldm * sizeof(T), "load_matrix_sync");
+    for (int r = 0; r < f.rows; r++)
+        for (int c = 0; c < f.cols; c++) f.x[r * f.cols + c] = row_major ? p[(size_t)r * ldm + c] : p[(size_t)c * ldm + r];
+}
+template <typename Use, int M, int N, int K, typename T>
+inline void load_matrix_sync(fragment<Use, M, N, K, T, row_major>& f, const T* p, unsigned ldm) { load_tile(f, p, ldm, true); }
+template <typename Use, int M, int N, int K, typename T>
+inline void load_matrix_sync(fragment<Use, M, N, K, T, col_major>& f, const T* p, unsigned ldm) { load_tile(f, p, ldm, false); }
+template <int M, int N, int K, typename T>
+inline void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const T* p, unsigned ldm, layout_t l) {
+    load_tile(f, p, ldm, l == mem_row_major);
+}
+template <int M, int N, int K, typename T>
+inline void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm, layout_t l) {
+    cuda_cpu::wmma_converge(p, ldm * sizeof(T), "store_matrix_sync");
+    if (!cuda_cpu::wmma_store_lane(&f, sizeof f)) return;  // one lane writes the tile all lanes hold
+    for (int r = 0; r < f.rows; r++)
+        for (int c = 0; c < f.cols; c++) (l == mem_row_major ? p[(size_t)r * ldm + c] : p[(size_t)c * ldm + r]) = f.x[r * f.cols + c];
+}
+inline float wmma_float(float v) { return v; }
+inline float wmma_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+inline float wmma_float(__half v) { return __half2float(v); }
+// d = a b + c, products accumulated in fp32 in k order
+template <int M, int N, int K, typename TA, typename LA, typename TB, typename LB, typename TC>
+inline void mma_sync(fragment<accumulator, M, N, K, TC>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
+                     const fragment<matrix_b, M, N, K, TB, LB>& b, const fragment<accumulator, M, N, K, TC>& c) {
+    cuda_cpu::wmma_converge(nullptr, 0, "mma_sync");
+    float out[M * N];
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < N; j++) {
+            float s = wmma_float(c.x[i * N + j]);
+            for (int k = 0; k < K; k++) s += wmma_float(a.x[i * K + k]) * wmma_float(b.x[k * N + j]);
+            out[i * N + j] = s;
+        }
+    for (int i = 0; i < M * N; i++) d.x[i] = (TC)out[i];
+}
+}  // namespace wmma
+}  // namespace nvcuda
 
 // ---- runtime calls that can go wrong in ways a report should place: they take the call site ----
 namespace cuda_cpu {

@@ -134,6 +134,41 @@ TEST_CASE("cuda_cpu: cublasGemmEx has cuBLAS's column-major semantics") {
     cublasDestroy(h);
 }
 
+// WMMA: one warp per 16 x 16 tile of C = A B (A 32 x 16 row-major, B 16 x 32 column-major, bf16).
+__global__ void wmma_gemm_kernel(float* C, const __nv_bfloat16* A, const __nv_bfloat16* B) {
+    using namespace nvcuda;
+    __shared__ __align__(32) float tile[4][16 * 16];
+    const int w = threadIdx.x / 32, ti = w / 2, tj = w % 2;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+    wmma::fill_fragment(c, 0.0f);
+    wmma::load_matrix_sync(a, A + ti * 16 * 16, 16);
+    wmma::load_matrix_sync(b, B + tj * 16 * 16, 16);
+    wmma::mma_sync(c, a, b, c);
+    for (int i = 0; i < c.num_elements; i++) c.x[i] *= 2.0f;  // the same operation on every element
+    wmma::store_matrix_sync(tile[w], c, 16, wmma::mem_row_major);
+    __syncwarp();  // the tile one lane stored is read by every lane of the warp
+    for (int e = threadIdx.x % 32; e < 256; e += 32) C[(ti * 16 + e / 16) * 32 + tj * 16 + e % 16] = tile[w][e];
+}
+TEST_CASE("cuda_cpu: WMMA tiles (bf16 in, fp32 accumulation) multiply as a GEMM does") {
+    uint64_t seed = 5;
+    std::vector<__nv_bfloat16> A(32 * 16), B(16 * 32);
+    for (auto& x : A) x = __float2bfloat16((float)mot_rand_normal(&seed));
+    for (auto& x : B) x = __float2bfloat16((float)mot_rand_normal(&seed));
+    __nv_bfloat16 *dA = put(A), *dB = put(B);
+    float* dC = dev<float>(32 * 32);
+    wmma_gemm_kernel<<<1, 128>>>(dC, dA, dB);
+    std::vector<float> C = get(dC, 32 * 32);
+    for (int i = 0; i < 32; i++)
+        for (int j = 0; j < 32; j++) {
+            float s = 0;
+            for (int k = 0; k < 16; k++) s += __bfloat162float(A[i * 16 + k]) * __bfloat162float(B[j * 16 + k]);
+            INFO("C(", i, ",", j, ")");
+            CHECK(C[i * 32 + j] == 2.0f * s);
+        }
+}
+
 // ============================================================================================
 // 2. The checks: each broken kernel or call runs in a child; its stderr must hold the report
 // ============================================================================================
@@ -301,6 +336,47 @@ TEST_CASE("cuda_cpu check: a shared-memory data race") {
     expect_report([&] { racy_write_kernel<<<1, 32>>>(d); }, line,
                   {"kernel racy_write_kernel, block (0,0,0), thread (1,0,0)", "data race on __shared__ total",
                    "thread (0,0,0) writes it and this thread writes it"});
+}
+
+__global__ void no_syncwarp_kernel(float* out) {
+    __shared__ float s[32];
+    if (threadIdx.x == 0)
+        for (int i = 0; i < 32; i++) s[i] = i;
+    out[threadIdx.x] = s[threadIdx.x];  // no __syncwarp(): lane 1 reads what lane 0 wrote
+}
+TEST_CASE("cuda_cpu check: a shared-memory race inside a warp (a __syncwarp() missing)") {
+    float* d = dev<float>(32);
+    const int line = __LINE__ + 1;
+    expect_report([&] { no_syncwarp_kernel<<<1, 32>>>(d); }, line,
+                  {"kernel no_syncwarp_kernel, block (0,0,0), thread (1,0,0)", "data race on __shared__ s (byte 4 of 128)",
+                   "thread (0,0,0) writes it and this thread reads it"});
+}
+
+__global__ void wmma_lane_layout_kernel(float* out) {
+    using namespace nvcuda;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+    wmma::fill_fragment(c, 1.0f);
+    c.x[0] = (float)threadIdx.x;  // per-lane code: depends on the layout the API hides
+    wmma::store_matrix_sync(out, c, 16, wmma::mem_row_major);
+}
+__global__ void wmma_misaligned_kernel(float* out, const __nv_bfloat16* a_src) {
+    using namespace nvcuda;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+    wmma::load_matrix_sync(a, a_src + 8, 16);  // 16 bytes past a 32-byte boundary
+    out[threadIdx.x] = __bfloat162float(a.x[0]);
+}
+TEST_CASE("cuda_cpu check: WMMA code that relies on the fragment layout, misaligned tiles, partial warps") {
+    float* d = dev<float>(256);
+    std::vector<__nv_bfloat16> h(512, __float2bfloat16(1.0f));
+    __nv_bfloat16* a = put(h);
+    int line = __LINE__ + 1;
+    expect_report([&] { wmma_lane_layout_kernel<<<1, 32>>>(d); }, line,
+                  {"kernel wmma_lane_layout_kernel, block (0,0,0), thread (1,0,0)", "differs from lane 0's"});
+    line = __LINE__ + 1;
+    expect_report([&] { wmma_misaligned_kernel<<<1, 32>>>(d, a); }, line,
+                  {"kernel wmma_misaligned_kernel, block (0,0,0), thread (0,0,0)", "must be 32-byte aligned"});
+    line = __LINE__ + 1;
+    expect_report([&] { wmma_lane_layout_kernel<<<1, 16>>>(d); }, line, {"WMMA needs whole warps"});
 }
 
 TEST_CASE("cuda_cpu check: a host pointer passed to a kernel") {
