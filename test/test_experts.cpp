@@ -433,3 +433,178 @@ TEST_CASE("training: MoE-4x learns one batch and its aux routers learn to route 
     MESSAGE("causal routing on the same batch: loss ", causal);
     CHECK(std::isfinite(causal));
 }
+
+// ---- the trainer: ./mot with --experts -------------------------------------------------------
+static const MotVocab VOC{64, 24, 48};  // text [0,24) image [24,48) speech [48,64)
+
+static std::string tmp(const std::string& name) {
+    static std::string d;
+    if (d.empty()) {
+        char t[] = "/tmp/mot_test_experts_XXXXXX";
+        REQUIRE(mkdtemp(t) != nullptr);
+        d = t;
+    }
+    return d + "/" + name;
+}
+static std::string read_bytes(const std::string& path) {
+    std::string s;
+    FILE* f = fopen(path.c_str(), "rb");
+    if (!f) return s;
+    char buf[65536];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, f)) > 0) s.append(buf, n);
+    fclose(f);
+    return s;
+}
+static int run(const std::string& cmd, std::string* out) {
+    FILE* p = popen((cmd + " 2>&1").c_str(), "r");
+    REQUIRE(p);
+    char buf[4096];
+    out->clear();
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, p)) > 0) out->append(buf, n);
+    int st = pclose(p);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
+}
+static bool exists(const std::string& path) { return access(path.c_str(), F_OK) == 0; }
+
+// Documents BOS text BOI image EOI BOA speech EOA EOS, as in test_files.cpp.
+static std::string shard(const std::string& name, uint64_t seed) {
+    std::vector<uint16_t> t;
+    while (t.size() < 20000) {
+        t.push_back(MOT_BOS);
+        for (int i = 0; i < 5; i++) t.push_back(8 + mot_rand_u64(&seed) % 16);
+        t.push_back(MOT_BOI);
+        for (int i = 0; i < 6; i++) t.push_back(24 + mot_rand_u64(&seed) % 24);
+        t.push_back(MOT_EOI);
+        t.push_back(MOT_BOA);
+        for (int i = 0; i < 4; i++) t.push_back(48 + mot_rand_u64(&seed) % 16);
+        t.push_back(MOT_EOA);
+        t.push_back(MOT_EOS);
+    }
+    std::string err;
+    REQUIRE(mot_write_shard(tmp(name), VOC, t.data(), t.size(), &err));
+    return tmp(name);
+}
+static const std::string MODEL = " --layers 2 --dim 32 --heads 4 --seq 32 --batch 4 --lr 3e-3 --warmup 5 --threads 2";
+
+// One line "error: ..." naming `expect`, exit code != 0 (and == code when given), and no file
+// written: neither the --save target nor its temp file.
+static void expect_error(const std::string& args, const std::string& expect, int code = -1) {
+    const std::string save = tmp("never.ckpt");
+    std::string out;
+    const int rc = run("./mot " + args + " --save " + save, &out);
+    INFO("./mot ", args, "\n", out);
+    CHECK(rc != 0);
+    CHECK(rc < 128);
+    if (code >= 0) CHECK(rc == code);
+    CHECK(std::count(out.begin(), out.end(), '\n') == 1);
+    CHECK(out.find("error: ") == 0);
+    CHECK(out.find(expect) != std::string::npos);
+    CHECK_FALSE(exists(save));
+    CHECK_FALSE(exists(save + ".tmp"));
+}
+
+TEST_CASE("mot --experts: MoE-4x, hybrid and MoMa-style train, report EC and causal validation and the aux router") {
+    REQUIRE(access("./mot", X_OK) == 0);
+    const std::string data = shard("exp_0.bin", 5);
+    for (std::string arch : {"--dense --experts 4", "--experts 4,1,1", "--tie-attn --experts 4,4,4"}) {
+        std::string out;
+        const int rc = run("./mot --data " + data + " --val " + data + MODEL + " --steps 20 --eval-every 10 " + arch +
+                               " --log " + tmp("e.csv") + " --save " + tmp("e.ckpt"),
+                           &out);
+        INFO(arch, "\n", out);
+        REQUIRE(rc == 0);
+        CHECK(out.find("experts 4") != std::string::npos);
+        CHECK(out.find("aux ") != std::string::npos);
+        CHECK(out.find("val     20 | causal routing: loss") != std::string::npos);
+        const std::string csv = read_bytes(tmp("e.csv"));
+        CHECK(csv.find("val_causal,val_causal_text,val_causal_image,val_causal_speech,aux_loss,aux_agree") != std::string::npos);
+        // and the checkpoint evaluates (both ways) and resumes
+        CHECK(run("./mot --data " + data + " --val " + data + " --eval-only --init-from " + tmp("e.ckpt"), &out) == 0);
+        CHECK(out.find("causal routing") != std::string::npos);
+        CHECK(run("./mot --data " + data + MODEL + " --steps 22 " + arch + " --init-from " + tmp("e.ckpt"), &out) == 0);
+        CHECK(out.find("step    22/22") != std::string::npos);
+        remove(tmp("e.csv").c_str());
+    }
+}
+
+TEST_CASE("mot --experts 1: the same run as without the flag, bit for bit (log and checkpoint)") {
+    const std::string data = shard("one_0.bin", 6);
+    std::string out;
+    const std::string base = "./mot --data " + data + MODEL + " --steps 8";
+    REQUIRE(run(base + " --log " + tmp("a.csv") + " --save " + tmp("a.ckpt"), &out) == 0);
+    REQUIRE(run(base + " --experts 1 --log " + tmp("b.csv") + " --save " + tmp("b.ckpt"), &out) == 0);
+    auto losses = [](const std::string& csv) {  // step and loss columns: everything but the timings
+        std::string s;
+        for (size_t p = csv.find('\n') + 1; p < csv.size(); p = csv.find('\n', p) + 1) {
+            const size_t c2 = csv.find(',', csv.find(',', p) + 1);
+            s += csv.substr(p, c2 - p) + "\n";
+        }
+        return s;
+    };
+    const std::string la = losses(read_bytes(tmp("a.csv")));
+    CHECK(std::count(la.begin(), la.end(), '\n') == 8);
+    CHECK(la == losses(read_bytes(tmp("b.csv"))));
+    CHECK(read_bytes(tmp("a.ckpt")) == read_bytes(tmp("b.ckpt")));
+}
+
+TEST_CASE("mot --init-from a checkpoint without experts upcycles: experts hold the source FFN exactly") {
+    const std::string data = shard("up_0.bin", 7);
+    std::string out, err;
+    REQUIRE(run("./mot --data " + data + MODEL + " --steps 5 --tie-attn --save " + tmp("src.ckpt"), &out) == 0);
+    const int rc = run("./mot --data " + data + " --init-from " + tmp("src.ckpt") + " --experts 4,2,4 --steps 0 --save " +
+                           tmp("up.ckpt"), &out);
+    INFO(out);
+    REQUIRE(rc == 0);
+    CHECK(out.find("upcycled from") != std::string::npos);
+    MotConfig sc, uc;
+    REQUIRE(mot_read_checkpoint_config(tmp("src.ckpt"), &sc, &err));
+    REQUIRE(mot_read_checkpoint_config(tmp("up.ckpt"), &uc, &err));
+    CHECK(uc.tie_attn == 1);
+    CHECK(uc.n_expert[1] == 2);
+    MotModel<float> s, u;
+    mot_init(&s, sc, 1);
+    mot_init(&u, uc, 1);
+    REQUIRE(mot_load_checkpoint(tmp("src.ckpt"), &s, nullptr, nullptr, &err));
+    MotTrainState st;
+    bool has_opt = false;
+    REQUIRE(mot_load_checkpoint(tmp("up.ckpt"), &u, &st, &has_opt, &err));
+    CHECK(st.step == 0);
+    for (int p : {P_W1, P_W3, P_W2}) {
+        const MotParamInfo &si = s.tab.p[p], &ui = u.tab.p[p];
+        for (int l = 0; l < sc.n_layer; l++)
+            for (int f = 0; f < 3; f++)
+                for (int e = 0; e < uc.n_expert[f]; e++)
+                    CHECK(std::equal(s.params.begin() + si.at(l, f), s.params.begin() + si.at(l, f) + si.each(),
+                                     u.params.begin() + ui.at(l, mot_expert_copy(uc, f, e))));
+    }
+    for (int p : {P_EMB, P_WQ, P_GFFN, P_HEAD})
+        CHECK(std::equal(s.params.begin() + s.tab.p[p].offset, s.params.begin() + s.tab.p[p].offset + s.tab.p[p].size(),
+                         u.params.begin() + u.tab.p[p].offset));
+    double sq = 0;
+    const MotParamInfo& r = u.tab.p[P_WR];
+    for (size_t i = 0; i < r.size(); i++) sq += u.params[r.offset + i] * u.params[r.offset + i];
+    CHECK(std::sqrt(sq / r.size()) == doctest::Approx(0.02).epsilon(0.15));
+    // an upcycled model trains on
+    CHECK(run("./mot --data " + data + " --init-from " + tmp("up.ckpt") + " --steps 3", &out) == 0);
+}
+
+TEST_CASE("mot --experts: bad lists, bad counts and bad upcycling sources are one-line errors with no output") {
+    const std::string data = "--data " + shard("bad_0.bin", 8) + MODEL + " --steps 2";
+    expect_error(data + " --experts 4,1", "bad value for --experts: '4,1' (expected one count, or 3", 2);
+    expect_error(data + " --dense --experts 4,1,1", "bad value for --experts: '4,1,1'", 2);
+    expect_error(data + " --tie-ffn --experts 4,4,4", "bad value for --experts", 2);
+    expect_error(data + " --experts 4,4,4,4", "at most 3 counts", 2);
+    expect_error(data + " --experts 0", "bad value for --experts: '0' (expected an integer in [1, 64])", 2);
+    expect_error(data + " --experts 65", "bad value for --experts: '65'", 2);
+    expect_error(data + " --experts 99999999999999999999", "bad value for --experts", 2);
+    expect_error(data + " --experts 4,-1,1", "bad value for --experts: '-1'", 2);
+    std::string out;
+    REQUIRE(run("./mot " + data + " --save " + tmp("src32.ckpt"), &out) == 0);
+    REQUIRE(run("./mot " + data + " --experts 2 --save " + tmp("e2.ckpt"), &out) == 0);
+    // a source of another shape, a source that already has other experts
+    expect_error(data + " --dim 64 --experts 4 --init-from " + tmp("src32.ckpt"), "src32.ckpt: config does not match: d_model");
+    expect_error(data + " --dense --experts 4 --init-from " + tmp("src32.ckpt"), "src32.ckpt: config does not match: n_tower");
+    expect_error(data + " --experts 4 --init-from " + tmp("e2.ckpt"), "e2.ckpt: config does not match: n_expert[0] is 2");
+}
