@@ -556,8 +556,8 @@ void mot_alloc_acts(MotModel<S>* m, int B, int T) {
     S* p = m->act_mem.data();
     for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) { *ptrs[i] = p; p += sizes[i]; }
     // backward scratch: dx, dh, dt, dq, dk, dv, dO (N x D each) and du1, du3, du (NS x F each); with
-    // experts also two N x D buffers for gathered rows (the forward uses the first too)
-    m->scratch_mem.assign(7 * N * D + 3 * NS * F + (ex ? 2 * N * D : 0), S(0));
+    // experts also two NS x D buffers for gathered rows per slot (the forward uses the first too)
+    m->scratch_mem.assign(7 * N * D + 3 * NS * F + (ex ? 2 * NS * D : 0), S(0));
     m->sel.assign(ex ? L * NS : 0, 0);
     m->NS = (int)NS;
     m->Emax = (int)Em;
@@ -896,36 +896,42 @@ void ffn_forward_experts(MotModel<S>* m, const MotBatch& b, int l) {
         }
         for (int i = 0; i < n; i++)
             for (int e = 0; e < E; e++) sa[(size_t)i * Em + e] = S(1) / (S(1) + std::exp(-sa[(size_t)i * Em + e]));
-        std::fill(y2 + (size_t)r0 * D, y2 + (size_t)r1 * D, S(0));
-        std::vector<int32_t> rows;
-        for (int e = 0; e < E; e++) {
-            // this expert's rows and slots: its C EC slots, or (causal, forward only) the rows its
-            // aux router takes, computed in the copy's first slots and consumed at once
-            const int32_t* re = sel + (size_t)e * C;
-            int ce = C;
-            size_t sb = m->slot0[f] + (size_t)e * C;
-            if (!ec) {
-                rows.clear();
-                for (int i = 0; i < n; i++)
-                    if (sa[(size_t)i * Em + e] > S(0.5)) rows.push_back(r0 + i);
-                re = rows.data();
-                ce = (int)rows.size();
-                sb = m->slot0[f];
-            }
-            if (ce == 0) continue;
-#pragma omp parallel for schedule(static)
-            for (int j = 0; j < ce; j++) std::copy(h + (size_t)re[j] * D, h + (size_t)(re[j] + 1) * D, xg + (size_t)j * D);
-            matmul(u1 + sb * F, F, xg, D, false, W1 + e * e1, F, false, ce, F, D, false);
-            matmul(u3 + sb * F, F, xg, D, false, W3 + e * e1, F, false, ce, F, D, false);
+        // expert e on its ce rows re (slots from sb): X = h[re], ye = swiglu(X W1, X W3) W2
+        auto run_expert = [&](int e, const int32_t* re, int ce, size_t sb) {
+            S* x = xg + sb * D;
+            for (int j = 0; j < ce; j++) std::copy(h + (size_t)re[j] * D, h + (size_t)(re[j] + 1) * D, x + (size_t)j * D);
+            matmul(u1 + sb * F, F, x, D, false, W1 + e * e1, F, false, ce, F, D, false);
+            matmul(u3 + sb * F, F, x, D, false, W3 + e * e1, F, false, ce, F, D, false);
             swiglu_forward(u + sb * F, u1 + sb * F, u3 + sb * F, (size_t)ce * F);
             matmul(ye + sb * D, D, u + sb * F, F, false, W2 + e * e2, D, false, ce, D, F, false);
-            // y2_i += s_ie ye: the rows of one expert are distinct, so they run in parallel
-#pragma omp parallel for schedule(static)
+        };
+        // y2_i = sum of s_ie ye over the experts that took row i, added in expert order
+        std::fill(y2 + (size_t)r0 * D, y2 + (size_t)r1 * D, S(0));
+        auto add_expert = [&](int e, const int32_t* re, int ce, size_t sb) {
             for (int j = 0; j < ce; j++) {
                 const S gs = sg[(size_t)(re[j] - r0) * Em + e];
                 const S* src = ye + (sb + j) * D;
                 S* dst = y2 + (size_t)re[j] * D;
                 for (int d = 0; d < D; d++) dst[d] += gs * src[d];
+            }
+        };
+        if (ec) {
+            // one thread per expert (each matmul then runs on one thread: the same bits as threaded),
+            // each into its own slots; few large parallel regions instead of many small ones
+#pragma omp parallel for schedule(dynamic)
+            for (int e = 0; e < E; e++) run_expert(e, sel + (size_t)e * C, C, m->slot0[f] + (size_t)e * C);
+            for (int e = 0; e < E; e++) add_expert(e, sel + (size_t)e * C, C, m->slot0[f] + (size_t)e * C);
+        } else {
+            // causal (forward only): the rows each aux router takes, one expert at a time in the
+            // copy's first slots, used at once
+            std::vector<int32_t> rows;
+            for (int e = 0; e < E; e++) {
+                rows.clear();
+                for (int i = 0; i < n; i++)
+                    if (sa[(size_t)i * Em + e] > S(0.5)) rows.push_back(r0 + i);
+                if (rows.empty()) continue;
+                run_expert(e, rows.data(), (int)rows.size(), m->slot0[f]);
+                add_expert(e, rows.data(), (int)rows.size(), m->slot0[f]);
             }
         }
     }
@@ -944,7 +950,7 @@ void ffn_backward_experts(MotModel<S>* m, const MotBatch& b, int l, const S* dt,
     const S *u1 = A.u1 + (size_t)l * NS * F, *u3 = A.u3 + (size_t)l * NS * F, *u = A.u + (size_t)l * NS * F;
     S* sc = m->scratch_mem.data() + 7 * (size_t)N * D;
     S *du1 = sc, *du3 = sc + (size_t)NS * F, *du = sc + 2 * (size_t)NS * F;
-    S *xg = sc + 3 * (size_t)NS * F, *db = xg + (size_t)N * D;  // gathered h rows; dye, then dX
+    S *xg = sc + 3 * (size_t)NS * F, *db = xg + (size_t)NS * D;  // per slot: gathered h rows; dye, then dX
     const S* P = m->params.data();
     S* G = m->grads.data();
     const size_t e1 = tab.p[P_W1].each(), e2 = tab.p[P_W2].each();
@@ -970,33 +976,38 @@ void ffn_backward_experts(MotModel<S>* m, const MotBatch& b, int l, const S* dt,
         const int C = m->cap[f];
         const int32_t* sel = m->sel.data() + (size_t)l * NS + m->slot0[f];
         std::vector<S> ds((size_t)n * E, S(0));  // dL/ds, then dL/d(router logits)
+        // one thread per expert, as in the forward; each writes only its own slots, its own
+        // weight gradients and its own column of ds
+#pragma omp parallel for schedule(dynamic)
         for (int e = 0; e < E; e++) {
             const int32_t* re = sel + (size_t)e * C;
             const size_t sb = m->slot0[f] + (size_t)e * C;
+            S *x = xg + sb * D, *dy = db + sb * D;
             // y2_i += s_ie ye_j:  dL/ds_ie = dt_i . ye_j,  dL/dye_j = s_ie dt_i
-#pragma omp parallel for schedule(static)
             for (int j = 0; j < C; j++) {
                 const S* dti = dt + (size_t)re[j] * D;
                 const S* yj = ye + (sb + j) * D;
                 const S gs = gate[(size_t)re[j] * Em + e];
                 S dot = 0;
-                for (int d = 0; d < D; d++) { dot += dti[d] * yj[d]; db[(size_t)j * D + d] = gs * dti[d]; }
+                for (int d = 0; d < D; d++) { dot += dti[d] * yj[d]; dy[(size_t)j * D + d] = gs * dti[d]; }
                 ds[(size_t)(re[j] - r0) * E + e] = dot;
             }
             // the expert's SwiGLU FFN on its gathered rows X: ye = swiglu(X W1, X W3) W2
-            matmul(du + sb * F, F, db, D, false, P + o2 + e * e2, D, true, C, F, D, false);
-            matmul(G + o2 + e * e2, D, u + sb * F, F, true, db, D, false, F, D, C, true);
+            matmul(du + sb * F, F, dy, D, false, P + o2 + e * e2, D, true, C, F, D, false);
+            matmul(G + o2 + e * e2, D, u + sb * F, F, true, dy, D, false, F, D, C, true);
             swiglu_backward(du1 + sb * F, du3 + sb * F, du + sb * F, u1 + sb * F, u3 + sb * F, (size_t)C * F);
-#pragma omp parallel for schedule(static)
-            for (int j = 0; j < C; j++) std::copy(h + (size_t)re[j] * D, h + (size_t)(re[j] + 1) * D, xg + (size_t)j * D);
-            matmul(G + o1 + e * e1, F, xg, D, true, du1 + sb * F, F, false, D, F, C, true);
-            matmul(G + o3 + e * e1, F, xg, D, true, du3 + sb * F, F, false, D, F, C, true);
-            matmul(db, D, du1 + sb * F, F, false, P + o1 + e * e1, F, true, C, D, F, false);
-            matmul(db, D, du3 + sb * F, F, false, P + o3 + e * e1, F, true, C, D, F, true);
-#pragma omp parallel for schedule(static)
-            for (int j = 0; j < C; j++)
-                for (int d = 0; d < D; d++) dh[(size_t)re[j] * D + d] += db[(size_t)j * D + d];
+            for (int j = 0; j < C; j++) std::copy(h + (size_t)re[j] * D, h + (size_t)(re[j] + 1) * D, x + (size_t)j * D);
+            matmul(G + o1 + e * e1, F, x, D, true, du1 + sb * F, F, false, D, F, C, true);
+            matmul(G + o3 + e * e1, F, x, D, true, du3 + sb * F, F, false, D, F, C, true);
+            matmul(dy, D, du1 + sb * F, F, false, P + o1 + e * e1, F, true, C, D, F, false);  // dX, over dye
+            matmul(dy, D, du3 + sb * F, F, false, P + o3 + e * e1, F, true, C, D, F, true);
         }
+        for (int e = 0; e < E; e++)  // dh += dX, in expert order (experts may share a row)
+            for (int j = 0; j < C; j++) {
+                const S* src = db + (m->slot0[f] + (size_t)e * C + j) * D;
+                S* dst = dh + (size_t)sel[(size_t)e * C + j] * D;
+                for (int d = 0; d < D; d++) dst[d] += src[d];
+            }
         // softmax backward: dr_ie = s_ie (ds_ie - sum_k s_ik ds_ik); then dWr += dr^T h, dh += dr Wr
         for (int i = 0; i < n; i++) {
             const S* si = gate + (size_t)(r0 + i) * Em;
