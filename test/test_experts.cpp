@@ -241,6 +241,28 @@ TEST_CASE("--experts 1: the expert code path equals the plain model bitwise") {
     }
 }
 
+TEST_CASE("determinism: experts give the same bits on 1 and 2 threads (a resumed run must match)") {
+    for (MotConfig c : {moe4x(), moma(), tiny(3, {3, 1, 2})}) {
+        c.d_model = 32; c.n_head = 4; c.d_ff = 80; c.max_seq = 48;
+        MotModel<float> a, b;
+        mot_init(&a, c, 5);
+        mot_init(&b, c, 5);
+        MotBatch bt = random_batch(c, 3, 48, 9);
+        omp_set_num_threads(1);
+        mot_forward(&a, bt);
+        mot_zero_grad(&a);
+        mot_backward(&a, bt);
+        omp_set_num_threads(2);
+        mot_forward(&b, bt);
+        mot_zero_grad(&b);
+        mot_backward(&b, bt);
+        CHECK(a.loss == b.loss);
+        CHECK(a.aux_loss == b.aux_loss);
+        CHECK(a.grads == b.grads);
+        omp_set_num_threads(omp_get_num_procs());
+    }
+}
+
 TEST_CASE("generation: the KV-cache decode equals the full forward with causal routing") {
     for (MotConfig c : {moe4x(), hybrid(), moma()}) {
         MotModel<double> m;
