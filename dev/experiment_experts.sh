@@ -7,8 +7,9 @@
 #   - the step-matching fraction against dense (../shared/MOT_SPEC.md): the first step at which the
 #     model's validation loss_m reaches dense's at dense's final step, over that final step, with
 #     the model's EC loss and with its causal loss,
-#   - the same fraction in wall-clock time: the model's training time up to that step over dense's
-#     whole training time (step times from the log, measured in this run; evaluation excluded).
+#   - the same fraction in wall-clock time: the fraction times the model's step time over dense's
+#     (median step times from the logs of this run, evaluation excluded; the median, because the
+#     2-core machines are shared and a few steps may be slowed by other work).
 # Validation losses are evaluated every --eval-every steps on the same fixed batches for every run
 # and smoothed the same way (trailing mean of the last 3 evaluations), as in dev/experiment.sh.
 #
@@ -37,18 +38,22 @@ for kind in $kinds; do
 done
 set +f
 # log.csv columns: 1 step, 8 tokens_per_s, 9-12 val (overall, text, image, speech), 13-16 the same
-# with causal routing. Every run has the same tokens per step, so sum(1 / tokens_per_s) is its
-# training time in a common unit.
+# with causal routing. Every run has the same tokens per step, so 1 / tokens_per_s is its step time
+# in a common unit.
 logs=()
 for kind in $kinds; do logs+=("$out/$kind/log.csv"); done
 awk -F, -v kinds="$kinds" '
-  FNR == 1 { n_f = split(FILENAME, parts, "/"); run = parts[n_f - 1]; n[run] = 0; t = 0; next }
-  { t += 1 / $8; time[run, $1] = t; last_step[run] = $1 }
+  FNR == 1 { n_f = split(FILENAME, parts, "/"); run = parts[n_f - 1]; n[run] = 0; nt[run] = 0; next }
+  { dt[run, nt[run]++] = 1 / $8 }
   $9 != "nan" && $9 != "-nan" {
     k = n[run]++; step[run, k] = $1
     for (c = 9; c <= 16; c++) { v[run, k, c] = $c; s = 0; w = 0
       for (j = k; j >= 0 && j > k - 3; j--) { s += v[run, j, c]; w++ }
       sm[run, k, c] = s / w }
+  }
+  function median(r,   i, j, k, x, a) {  # of dt[r, 0 .. nt[r]-1] (insertion sort: a few thousand steps)
+    for (i = 0; i < nt[r]; i++) { x = dt[r, i]; for (j = i - 1; j >= 0 && a[j] > x; j--) a[j + 1] = a[j]; a[j + 1] = x }
+    k = int(nt[r] / 2); return nt[r] % 2 ? a[k] : (a[k - 1] + a[k]) / 2
   }
   function match_step(r, c, target,   k) {
     for (k = 0; k < n[r]; k++) if (sm[r, k, c] <= target) return step[r, k]
@@ -56,9 +61,10 @@ awk -F, -v kinds="$kinds" '
   }
   END {
     split(kinds, K, " "); split("overall text image speech", name, " ")
-    dl = n["dense"] - 1; final = step["dense", dl]; total = time["dense", last_step["dense"]]
-    printf "dense final step %d; mean step time relative to dense:", final
-    for (i = 1; i <= length(K); i++) printf " %s %.3f", K[i], (time[K[i], last_step[K[i]]] / last_step[K[i]]) / (total / last_step["dense"])
+    dl = n["dense"] - 1; final = step["dense", dl]
+    for (i = 1; i <= length(K); i++) rel[K[i]] = median(K[i]) / median("dense")
+    printf "dense final step %d; median step time relative to dense:", final
+    for (i = 1; i <= length(K); i++) printf " %s %.3f", K[i], rel[K[i]]
     printf "\n\n| model | modality | final val EC | final val causal | step-matching EC | step-matching causal | wall-clock fraction (EC) |\n"
     printf "|---|---|---|---|---|---|---|\n"
     for (i = 1; i <= length(K); i++) {
@@ -68,7 +74,7 @@ awk -F, -v kinds="$kinds" '
         he = match_step(r, c, target); hc = match_step(r, c + 4, target)
         printf "| %s | %s | %.4f | %.4f | %s | %s | %s |\n", r, name[m], sm[r, last, c], sm[r, last, c + 4],
                he < 0 ? "> 1" : sprintf("%.2f", he / final), hc < 0 ? "> 1" : sprintf("%.2f", hc / final),
-               he < 0 ? "> 1" : sprintf("%.2f", time[r, he] / total)
+               he < 0 ? "> 1" : sprintf("%.2f", he / final * rel[r])
       }
     }
   }' "${logs[@]}" | tee "$out/table.md"
