@@ -495,7 +495,8 @@ struct MotModel {
     int route = MOT_ROUTE_EC;        // MOT_ROUTE_EC (training, "EC" eval) or MOT_ROUTE_CAUSAL (aux routers)
     bool force_expert_path = false;  // test hook: run the expert code even with one expert per copy
     double aux_loss = 0, aux_agree = 0;  // last EC forward: aux-router BCE (summed over layers and copies),
-                                         // and the fraction of (row, expert) pairs it routes like EC
+                                         // and the fraction of rows (of expert copies, over layers)
+                                         // whose aux routers pick exactly their EC experts
     int Emax = 1, NS = 0;            // most experts of any copy; expert slots allocated per layer
     std::vector<int32_t> sel;        // L x NS: the grouped row each expert slot holds (EC)
     int32_t slot0[MOT_N_MOD + 1] = {0, 0, 0, 0}, cap[MOT_N_MOD] = {0, 0, 0};  // slots of copy f; capacity C_f
@@ -884,15 +885,18 @@ void ffn_forward_experts(MotModel<S>* m, const MotBatch& b, int l) {
             }
             // BCE from the logits (softplus(z) - t z, stable), a mean over rows and experts
             double bce = 0;
-            long agree = 0;
-            for (int i = 0; i < n; i++)
+            long agree = 0;  // rows whose causal experts (a > 0.5, i.e. z > 0) are exactly their EC experts
+            for (int i = 0; i < n; i++) {
+                bool same = true;
                 for (int e = 0; e < E; e++) {
                     const double z = sa[(size_t)i * Em + e], t = chosen[(size_t)i * E + e];
                     bce += std::max(z, 0.0) + std::log1p(std::exp(-std::fabs(z))) - t * z;
-                    agree += (z > 0) == (t > 0);
+                    same = same && (z > 0) == (t > 0);
                 }
+                agree += same;
+            }
             m->aux_loss += bce / ((double)n * E);
-            m->aux_agree += agree;  // a count here; mot_forward divides by the number of pairs
+            m->aux_agree += agree;  // a count here; mot_forward divides by the number of rows
         }
         for (int i = 0; i < n; i++)
             for (int e = 0; e < E; e++) sa[(size_t)i * Em + e] = S(1) / (S(1) + std::exp(-sa[(size_t)i * Em + e]));
@@ -1131,14 +1135,14 @@ double mot_forward(MotModel<S>* m, const MotBatch& b) {
     rmsnorm_forward(A.z, A.z_rstd, A.x + c.n_layer * ND, m->param(P_GOUT), tab.p[P_GOUT].copies, g, N, D, 1);
     matmul(A.logits, V, A.z, D, false, m->param(P_HEAD), V, false, N, V, D, false);
     cross_entropy(m, b);
-    if (experts && m->route == MOT_ROUTE_EC) {  // aux_agree: a count of pairs so far
-        long pairs = 0;
+    if (experts && m->route == MOT_ROUTE_EC) {  // aux_agree: a count of rows so far (over layers)
+        long rows = 0;
         for (int f = 0; f < mot_ffn_copies(c); f++) {
             int r0, r1;
             mot_ffn_rows(c, g, f, &r0, &r1);
-            if (c.n_expert[f] > 1) pairs += (long)(r1 - r0) * c.n_expert[f] * c.n_layer;
+            if (c.n_expert[f] > 1) rows += (long)(r1 - r0) * c.n_layer;
         }
-        m->aux_agree = pairs ? m->aux_agree / pairs : 0;
+        m->aux_agree = rows ? m->aux_agree / rows : 0;
     }
     return m->loss;  // the reported loss: the training objective adds MOT_AUX_WEIGHT * aux_loss
 }
