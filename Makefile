@@ -4,6 +4,8 @@
 #   make train       the main job: build the default dataset if missing, train, evaluate, sample,
 #                    plot, all into the run folder $(RUN)
 #   make bench       CPU benchmark (MoT vs dense step time)
+#   make mot_cpu_cuda    the trainer's GPU path run on the CPU by test/cuda_cpu.h (no GPU needed)
+#   make roofline    a model of one GPU training step, kernel by kernel (dev/roofline.cpp)
 CXX      ?= g++
 # -fno-math-errno lets GCC vectorise sqrt (results are the same: it only drops errno updates)
 CXXFLAGS ?= -std=c++17 -O3 -march=native -fopenmp -fno-math-errno -Wall -Wextra
@@ -14,10 +16,8 @@ NVARCH   ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm
 NVFLAGS  ?= -std=c++17 -O3 $(NVARCH) -Xcompiler -O3,-march=native,-fopenmp,-fno-math-errno,-Wall -I.
 NVLIBS    = -lcublas -lcublasLt -lgomp
 TOKH      = tokenizers/bpe.h tokenizers/vq.h tokenizers/speech.h
-TESTBINS  = test/test_mot test/test_experts test/test_files test/test_bpe test/test_vq test/test_speech test/test_data
-ifneq ($(NVCC),)
-TESTBINS += test/test_gpu
-endif
+TESTBINS  = test/test_mot test/test_experts test/test_files test/test_bpe test/test_vq test/test_speech test/test_data \
+            test/test_cuda_cpu test/test_gpu_cpu
 TOOLS     = tokenizers/bpe tokenizers/vq tokenizers/speech
 
 DATA     ?= data/default
@@ -31,12 +31,13 @@ CPU_TRAIN_FLAGS ?= --layers 4 --dim 128 --heads 4 --seq 128 --batch 16 --steps 3
 GPU_TRAIN_FLAGS ?= --layers 8 --dim 512 --heads 8 --seq 512 --batch 32 --steps 5000 --lr 1e-3 --warmup 200 \
                    --eval-every 500 --eval-items 200 --eval-gen 5 --save-every 500
 ifeq ($(HAVE_GPU),1)
+TESTBINS += test/test_gpu
 TRAIN_FLAGS ?= $(GPU_TRAIN_FLAGS)
 else
 TRAIN_FLAGS ?= $(CPU_TRAIN_FLAGS)
 endif
 
-.PHONY: all test train bench bench-gpu clean
+.PHONY: all test train bench bench-gpu roofline clean
 all: mot $(TOOLS)
 
 mot: train.cu mot.h mot.cu $(TOKH)
@@ -67,8 +68,49 @@ test/test_gpu: test/test_gpu.cu mot.cu mot.h test/common.h
 dev/bench_gpu: dev/bench_gpu.cu mot.cu mot.h
 	$(NVCC) $(NVFLAGS) $< -o $@ $(NVLIBS)
 
+dev/roofline: dev/roofline.cpp
+	$(CXX) -std=c++17 -O2 -Wall -Wextra $< -o $@
+roofline: dev/roofline
+	./dev/roofline
+
 dev/bench_cpu: dev/bench_cpu.cpp mot.h
 	$(CXX) $(CXXFLAGS) -I. $< -o $@
+
+# ---- the GPU code on the CPU (README "Running the GPU code without a GPU") -----------------------
+# test/cuda_cpu.pl copies each .cu to build/cuda_cpu/ with kernel launches, __shared__ and
+# __launch_bounds__ rewritten (lines unchanged); g++ compiles the copy with test/cuda_cpu.h
+# force-included and links test/cuda_cpu.o, which stands in for libcudart, cuBLAS and NCCL.
+CUDA_HOME ?= /usr/local/cuda
+CUDA_CPU_OPT  ?= -O2
+CUDA_CPU_BASE  = -std=c++17 $(CUDA_CPU_OPT) -g -march=native -fno-math-errno -Wall -Wextra -Wno-unknown-pragmas \
+                 -Ibuild/cuda_cpu -I. -I$(CUDA_HOME)/include
+CUDA_CPU_FLAGS = $(CUDA_CPU_BASE) -include test/cuda_cpu.h -fopenmp
+CUDA_CPU_HDRS  = test/cuda_cpu.h $(CUDA_HOME)/include/cuda_runtime.h
+$(CUDA_HOME)/include/cuda_runtime.h:
+	@echo "the CUDA-on-CPU build needs the CUDA toolkit's headers in $(CUDA_HOME)/include (set CUDA_HOME)"; exit 1
+build/cuda_cpu/%.cu: %.cu test/cuda_cpu.pl
+	@mkdir -p $(dir $@)
+	perl test/cuda_cpu.pl $< $@
+test/cuda_cpu.o: test/cuda_cpu.cpp $(CUDA_CPU_HDRS)
+	$(CXX) $(CUDA_CPU_BASE) -c $< -o $@
+test/cuda_cpu_mpi.o: test/cuda_cpu.cpp $(CUDA_CPU_HDRS)
+	@[ -n "$(MPI_LIBS)" ] || { echo "needs Open MPI: apt-get install libopenmpi-dev openmpi-bin"; exit 1; }
+	$(CXX) $(CUDA_CPU_BASE) -DCUDA_CPU_MPI $(MPI_CFLAGS) -c $< -o $@
+# The tests are compiled with -fsanitize=thread for its instrumentation alone: every load and store
+# calls a hook, and test/cuda_cpu_race.o answers the hooks with the shared-memory race check
+# (libtsan is not linked: the link line has no -fsanitize).
+test/cuda_cpu_race.o: test/cuda_cpu.cpp $(CUDA_CPU_HDRS)
+	$(CXX) $(CUDA_CPU_BASE) -DCUDA_CPU_RACE -c $< -o $@
+test/test_gpu_cpu: build/cuda_cpu/test/test_gpu.cu build/cuda_cpu/mot.cu mot.h test/common.h test/cuda_cpu_race.o
+	$(CXX) $(CUDA_CPU_FLAGS) -fsanitize=thread -x c++ -c $< -o $@.o
+	$(CXX) -fopenmp $@.o test/cuda_cpu_race.o -o $@ && rm -f $@.o
+test/test_cuda_cpu: build/cuda_cpu/test/test_cuda_cpu.cu test/cuda_cpu_race.o mot mot_cpu_cuda mot_cpu_cuda_mpi
+	$(CXX) $(CUDA_CPU_FLAGS) -fsanitize=thread -x c++ -c $< -o $@.o
+	$(CXX) -fopenmp $@.o test/cuda_cpu_race.o -o $@ && rm -f $@.o
+mot_cpu_cuda: build/cuda_cpu/train.cu build/cuda_cpu/mot.cu mot.h $(TOKH) test/cuda_cpu.o
+	$(CXX) $(CUDA_CPU_FLAGS) -x c++ $< -x none test/cuda_cpu.o -o $@
+mot_cpu_cuda_mpi: build/cuda_cpu/train.cu build/cuda_cpu/mot.cu mot.h $(TOKH) test/cuda_cpu_mpi.o
+	$(CXX) $(CUDA_CPU_FLAGS) -DMOT_MPI $(MPI_CFLAGS) -x c++ $< -x none test/cuda_cpu_mpi.o -o $@ $(MPI_LIBS)
 
 test: mot $(TOOLS) $(TESTBINS)
 	@bash test/run.sh $(TESTBINS)
@@ -89,4 +131,5 @@ bench-gpu: dev/bench_gpu
 	./dev/bench_gpu
 
 clean:
-	rm -f mot mot_mpi $(TESTBINS) $(TOOLS) dev/bench_cpu dev/bench_gpu
+	rm -f mot mot_mpi mot_cpu_cuda mot_cpu_cuda_mpi $(TESTBINS) test/test_gpu $(TOOLS) dev/bench_cpu dev/bench_gpu dev/roofline test/*.o
+	rm -rf build

@@ -18,7 +18,10 @@
 #define SPEECH_IMPLEMENTATION
 #include "tokenizers/speech.h"
 
-#ifdef __CUDACC__
+// The GPU path is compiled in when nvcc builds this file, and when the CUDA-on-CPU layer does
+// (`make mot_cpu_cuda`: test/cuda_cpu.h defines CUDA_CPU).
+#if defined(__CUDACC__) || defined(CUDA_CPU)
+#define MOT_GPU 1
 #include "mot.cu"
 #endif
 
@@ -27,7 +30,7 @@
 #include <map>
 #include <sys/stat.h>
 #include <unistd.h>
-#ifdef __CUDACC__
+#ifdef MOT_GPU
 #include <cuda_runtime.h>
 #endif
 
@@ -233,19 +236,19 @@ static double now_s() {
 // sampling (generation runs on the CPU reference) read it there.
 struct Engine {
     MotModel<float>* cpu = nullptr;
-#ifdef __CUDACC__
+#ifdef MOT_GPU
     MotGpu gpu;
     bool on_gpu = false;
 #endif
     bool gpu_active() const {
-#ifdef __CUDACC__
+#ifdef MOT_GPU
         return on_gpu;
 #else
         return false;
 #endif
     }
     void zero_grad() {
-#ifdef __CUDACC__
+#ifdef MOT_GPU
         if (on_gpu) { mot_gpu_zero_grad(&gpu); return; }
 #endif
         mot_zero_grad(cpu);
@@ -254,7 +257,7 @@ struct Engine {
     double loss = 0, loss_mod[MOT_N_MOD] = {0, 0, 0}, aux_loss = 0, aux_agree = 0;
     int n_valid = 0, n_mod[MOT_N_MOD] = {0, 0, 0};
     void forward(const MotBatch& b) {
-#ifdef __CUDACC__
+#ifdef MOT_GPU
         if (on_gpu) {
             mot_gpu_forward(&gpu, b);
             take(gpu.loss, gpu.loss_mod, gpu.n_mod, gpu.n_valid);
@@ -267,14 +270,14 @@ struct Engine {
         aux_agree = cpu->aux_agree;
     }
     void backward(const MotBatch& b) {
-#ifdef __CUDACC__
+#ifdef MOT_GPU
         if (on_gpu) { mot_gpu_backward(&gpu); return; }
 #endif
         mot_backward(cpu, b);
     }
     // AdamW on the gradients accumulated over `accum` micro-batches; returns the gradient norm.
     double update(const MotOptim& o, int step, int accum) {
-#ifdef __CUDACC__
+#ifdef MOT_GPU
         if (on_gpu) {
 #ifdef MOT_MPI
             mot_gpu_allreduce_grads(&gpu);  // average over the data-parallel ranks
@@ -287,7 +290,7 @@ struct Engine {
         return mot_adamw_step(cpu, o, step);
     }
     void to_host() {
-#ifdef __CUDACC__
+#ifdef MOT_GPU
         if (on_gpu) mot_gpu_download(&gpu, cpu);
 #endif
     }
@@ -844,7 +847,9 @@ int main(int argc, char** argv) {
         if (!seq_set) a.seq = a.cfg.max_seq = fc.max_seq;
     }
     MotLoader loader;
-    if (!mot_loader_open(&loader, a.data, a.seq, a.seed ^ 0xDA7A ^ (0x9E3779B97F4A7C15ull * rank), &err)) die(err);
+    // Every rank reads the same stream of batches and trains on its share of each step (see the
+    // training loop), so a data-parallel run equals one process with --accum = the number of ranks.
+    if (!mot_loader_open(&loader, a.data, a.seq, a.seed ^ 0xDA7A, &err)) die(err);
     a.cfg.vocab = loader.vocab.vocab;
     a.cfg.image_begin = loader.vocab.image_begin;
     a.cfg.speech_begin = loader.vocab.speech_begin;
@@ -909,7 +914,7 @@ int main(int argc, char** argv) {
     eng.cpu = &model;
     {
         std::string why = "CPU-only build (no nvcc)";
-#ifdef __CUDACC__
+#ifdef MOT_GPU
         if (a.cpu) why = "--cpu given";
         else if (mot_has_experts(a.cfg)) why = "experts run on the CPU reference only: the GPU path has none yet";
         else if (mot_gpu_available(&why)) {
@@ -922,8 +927,13 @@ int main(int argc, char** argv) {
         }
 #endif
         if (world > 1 && !eng.gpu_active()) die("data parallel runs need a GPU per rank (" + why + ")");
+#ifdef CUDA_CPU
+        const char* gpu_kind = "the GPU code on the CPU (test/cuda_cpu.h)";
+#else
+        const char* gpu_kind = "GPU";
+#endif
         if (eng.gpu_active())
-            printf("device: GPU x %d, %s\n", world, a.fp32 ? "fp32" : "bf16 with fp32 master weights");
+            printf("device: %s x %d, %s\n", gpu_kind, world, a.fp32 ? "fp32" : "bf16 with fp32 master weights");
         else
             printf("device: CPU reference (%s)\n", why.c_str());
     }
@@ -1009,7 +1019,7 @@ int main(int argc, char** argv) {
         if (have_tok && !dd.class_caption.empty()) print_downstream(eval_downstream(&model, &dd, a.eval_items, a.eval_gen, a.seed), (int)st.step);
         return 0;
     }
-    MotBatch batch;
+    MotBatch batch, other_rank;
     if (!a.debug_state.empty()) {  // the first batch of the run, computed by the CPU reference
         const uint64_t rng = loader.rng;  // peek: the run still starts with this batch
         mot_loader_next(&loader, a.cfg, a.batch, a.seq, &batch);
@@ -1028,7 +1038,8 @@ int main(int argc, char** argv) {
         double loss = 0, lmod[3] = {0, 0, 0}, aux = 0, agree = 0;
         int nmod[3] = {0, 0, 0};
         for (int micro = 0; micro < a.accum; micro++) {
-            mot_loader_next(&loader, a.cfg, a.batch, a.seq, &batch);
+            for (int r = 0; r < world; r++)  // rank r takes the r-th of every `world` batches
+                mot_loader_next(&loader, a.cfg, a.batch, a.seq, r == rank ? &batch : &other_rank);
             eng.forward(batch);
             eng.backward(batch);
             loss += eng.loss / a.accum;
@@ -1038,6 +1049,8 @@ int main(int argc, char** argv) {
         }
 #ifdef MOT_MPI
         loss = mot_gpu_dp_mean(loss);  // what is printed and logged: the mean over all ranks
+        MPI_Allreduce(MPI_IN_PLACE, lmod, 3, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+        MPI_Allreduce(MPI_IN_PLACE, nmod, 3, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
 #endif
         if (!std::isfinite(loss)) die("loss is " + std::to_string(loss) + " at step " + std::to_string(step + 1) +
                                       ": stopping (the last saved checkpoint is kept)");

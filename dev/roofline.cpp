@@ -1,0 +1,215 @@
+// roofline.cpp — a MODEL of one training step of the GPU path (mot.cu) on a given GPU: every kernel
+// and GEMM with its FLOPs, the bytes it must move to and from device memory, the bound, and the
+// lower-bound time max(FLOPs / peak, bytes / bandwidth). No GPU is involved: these are not
+// measurements (dev/bench_gpu measures). Bytes are compulsory traffic (each operand read once,
+// each result written once; caches assumed perfect within a kernel), so times are lower bounds.
+//
+//   g++ -O2 -std=c++17 dev/roofline.cpp -o dev/roofline
+//   ./dev/roofline [--gpu h100|a100] [--dim D --layers L --heads H --ffn F --seq T --batch B
+//                  --vocab V --accum A] [--fp32] [--design current|target] [--kernels]
+// Without shape flags it prints the two shapes of dev/RESULTS.md: D=512/L=8/T=512 and
+// D=1024/L=24/T=2048.
+//
+// Designs. `current` is mot.cu as it is: bf16 GEMM operands on tensor cores with fp32 outputs,
+// fp32 activations, attention on fp32 CUDA cores. `target` is the plan of the GPU-speed issue, NOT
+// yet implemented: attention on tensor cores (bf16 operands, fp32 accumulation), bf16 activations
+// between kernels, residual add fused into the norm, SwiGLU fused into the GEMM epilogue.
+//
+// Peaks (dense, no sparsity), from NVIDIA's datasheets:
+//   H100 SXM5 80GB: bf16 tensor 989.4 TFLOP/s, fp32 CUDA cores 66.9 TFLOP/s, HBM3 3.35 TB/s
+//     (NVIDIA H100 Tensor Core GPU datasheet, 2023)
+//   A100 SXM4 80GB: bf16 tensor 312 TFLOP/s, fp32 CUDA cores 19.5 TFLOP/s, HBM2e 2.039 TB/s
+//     (NVIDIA A100 Tensor Core GPU datasheet, 2021)
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <string>
+#include <vector>
+
+struct Gpu {
+    const char* name;
+    double tensor, fp32, bw;  // FLOP/s, FLOP/s, bytes/s
+};
+static const Gpu H100{"H100 SXM5 80GB", 989.4e12, 66.9e12, 3.35e12};
+static const Gpu A100{"A100 SXM4 80GB", 312e12, 19.5e12, 2.039e12};
+
+struct Shape {
+    long D, L, H, F, T, B, V, A;  // A: micro-batches per optimizer step
+};
+struct Op {
+    std::string family, name;
+    double flops, bytes;
+    bool tensor;  // on tensor cores (else fp32 CUDA cores)
+    double count; // launches of this op per micro-batch (or per optimizer step for AdamW)
+};
+
+// One micro-batch's forward and backward, plus the optimizer step divided by A.
+static std::vector<Op> step_ops(const Shape& s, int towers, bool bf16, bool target) {
+    std::vector<Op> ops;
+    const double N = (double)s.B * s.T, D = s.D, F = s.F, V = s.V, L = s.L, H = s.H, Dh = D / H;
+    const double eb = bf16 ? 2 : 4;           // GEMM operand bytes
+    const double ab = target && bf16 ? 2 : 4; // activation bytes between kernels
+    const double gemm_out = target && bf16 ? 2 : 4;
+    const bool tc = bf16;                     // GEMMs on tensor cores only in bf16 mode (fp32: PEDANTIC)
+    // A GEMM M x N x K over `towers` row ranges: each tower's weight is read once.
+    auto gemm = [&](const char* fam, const char* name, double M, double Nn, double K, double wcopies, double out_b,
+                    double cnt) {
+        ops.push_back({fam, name, 2 * M * Nn * K, M * K * eb + wcopies * K * Nn * eb + M * Nn * out_b, tc, cnt});
+    };
+    auto elem = [&](const char* fam, const char* name, double flops, double bytes, double cnt) {
+        ops.push_back({fam, name, flops, bytes, false, cnt});
+    };
+    const double W = towers;  // weight copies touched per projection (one per tower with rows)
+    // ---- forward, per layer
+    gemm("gemm", "q, k, v projections", N, D, D, W, gemm_out, 3 * L);
+    elem("norm/rope", "QK-norm + RoPE (q, k)", 12 * N * D, N * D * (gemm_out + 4) + N * H * 4, 2 * L);
+    const double pairs = s.B * H * (double)s.T * (s.T + 1) / 2;  // causal (query, key) pairs
+    const double qkvo = 4 * N * D * (target ? 2 : 4);
+    ops.push_back({"attention", target ? "flash attention forward (tensor cores)" : "attention forward (fp32 cores)",
+                   4 * Dh * pairs, qkvo + s.B * H * s.T * 4, target && bf16, L});
+    gemm("gemm", "output projection Wo", N, D, D, W, gemm_out, L);
+    if (target) {
+        elem("norm/rope", "RMSNorm + residual (fused, attention)", 6 * N * D, N * D * (2 * ab + ab) + N * 4, L);
+        gemm("gemm", "W1, W3 (SwiGLU in the epilogue)", N, 2 * F, D, W, 0, L);
+        elem("swiglu", "SwiGLU output (epilogue write)", 6 * N * F, N * F * (ab + 2 * ab), L);  // u, and u1/u3 kept for backward
+    } else {
+        elem("norm/rope", "RMSNorm + residual (attention)", 6 * N * D, N * D * (4 + 4 + 4 + (bf16 ? 2 : 0)) + N * 4, L);
+        gemm("gemm", "W1, W3", N, F, D, W, gemm_out, 2 * L);
+        elem("swiglu", "SwiGLU", 6 * N * F, N * F * (4 + 4 + eb), L);
+    }
+    gemm("gemm", "W2", N, D, F, W, gemm_out, L);
+    elem("norm/rope", "RMSNorm + residual (FFN)", 6 * N * D, N * D * (3 * ab + (bf16 && !target ? 2 : 0)) + N * 4, L);
+    // ---- head: forward, then recomputed in the backward
+    elem("norm/rope", "final RMSNorm", 4 * N * D, N * D * (ab + eb) + N * 4, 1);
+    gemm("head", "output head (forward)", N, V, D, 1, 4, 1);
+    elem("head", "cross-entropy forward", 4 * N * V, N * V * 4, 1);
+    gemm("head", "output head (recomputed)", N, V, D, 1, 4, 1);
+    elem("head", "cross-entropy backward", 3 * N * V, N * V * (4 + eb), 1);
+    gemm("head", "dz = dlogits W_head^T", N, D, V, 1, 4, 1);
+    gemm("head", "dW_head += z^T dlogits", D, V, N, 0, 4, 1);
+    ops.back().bytes += D * V * 4;  // read-modify-write of the fp32 gradient
+    // ---- backward, per layer: each projection y = x W gives dx = dy W^T and dW += x^T dy
+    auto gemm_bwd = [&](const char* name, double in, double out, double cnt) {
+        gemm("gemm", (std::string(name) + " dx").c_str(), N, in, out, W, 4, cnt);
+        gemm("gemm", (std::string(name) + " dW").c_str(), in, out, N, 0, 4, cnt);
+        ops.back().bytes += W * in * out * 4;  // fp32 gradient read-modify-write
+    };
+    elem("norm/rope", "RMSNorm backward + gain partials (FFN)", 10 * N * D, N * D * (4 * ab + eb), L);
+    gemm_bwd("W2", F, D, L);
+    elem("swiglu", "SwiGLU backward", 10 * N * F, N * F * (3 * ab + 2 * eb), L);
+    gemm_bwd("W1, W3", D, F, 2 * L);
+    elem("norm/rope", "RMSNorm backward + gain partials (attention)", 10 * N * D, N * D * (4 * ab + eb), L);
+    gemm_bwd("Wo", D, D, L);
+    // attention backward: 14 Dh FLOPs per pair (s, dp, dV, dK in the dK/dV pass; s, dp, dQ in the dQ pass)
+    ops.push_back({"attention", target ? "flash attention backward (tensor cores)" : "attention backward (fp32 cores)",
+                   (target ? 10 : 14) * Dh * pairs, N * D * (target ? 2 : 4) * 8 + s.B * H * s.T * 8, target && bf16, L});
+    elem("norm/rope", "QK-norm + RoPE backward (q, k)", 20 * N * D, N * D * (4 + 4 + 4 + eb) + N * H * 4, 2 * L);
+    gemm_bwd("q, k, v", D, D, 3 * L);
+    if (!target) elem("copies", "residual gradient copies", 0, 2 * N * D * 4, 2 * L);
+    elem("embedding", "embedding gather and gradient", N * D, 3 * N * D * 4, 1);
+    // ---- optimizer: once per A micro-batches
+    const double P = towers * L * (4 * D * D + 3 * D * F + 2 * Dh + 2 * D) + 2 * V * D + D;
+    elem("adamw", "zero grad + gradient norm + AdamW", 12 * P, P * (4 + 4 + 4 * 7 + (bf16 ? 2 : 0)), 1.0 / s.A);
+    return ops;
+}
+
+struct Totals {
+    double time = 0, flops = 0, model_flops = 0;
+    std::map<std::string, double> family_time;
+};
+static Totals sum(const std::vector<Op>& ops, const Gpu& g, const Shape& s, bool print) {
+    Totals t;
+    if (print)
+        printf("  %-44s %8s %10s %10s %7s %10s\n", "kernel / GEMM (per micro-batch)", "launches", "GFLOP", "MB", "bound",
+               "us (lower)");
+    for (const Op& o : ops) {
+        const double peak = o.tensor ? g.tensor : g.fp32;
+        const double tc = o.flops / peak, tm = o.bytes / g.bw, tt = std::max(tc, tm) * o.count;
+        t.time += tt;
+        t.flops += o.flops * o.count;
+        t.family_time[o.family] += tt;
+        if (print)
+            printf("  %-44s %8.2f %10.2f %10.1f %7s %10.1f\n", o.name.c_str(), o.count, o.flops * o.count / 1e9,
+                   o.bytes * o.count / 1e6, tc >= tm ? (o.tensor ? "tensor" : "fp32") : "memory", tt * 1e6);
+    }
+    const double N = (double)s.B * s.T, D = s.D, F = s.F, V = s.V, L = s.L;
+    t.model_flops = N * (6 * (L * (4 * D * D + 3 * D * F) + D * V) + 6 * L * D * s.T);  // as dev/bench_gpu
+    return t;
+}
+
+static void report(const Gpu& g, const Shape& s, bool bf16, bool target, bool kernels) {
+    printf("MODEL (not a measurement): %s, D=%ld L=%ld H=%ld F=%ld T=%ld B=%ld V=%ld, %ld micro-batch(es) per "
+           "AdamW step, %s, design %s\n", g.name, s.D, s.L, s.H, s.F, s.T, s.B, s.V, s.A,
+           bf16 ? "bf16 GEMMs" : "fp32", target ? "target (planned, not implemented)" : "current (mot.cu today)");
+    Totals tot[2];
+    for (int k = 0; k < 2; k++) {
+        const int towers = k == 0 ? 3 : 1;
+        std::vector<Op> ops = step_ops(s, towers, bf16, target);
+        if (kernels) printf(" %s\n", towers == 3 ? "MoT (3 towers)" : "dense");
+        tot[k] = sum(ops, g, s, kernels);
+    }
+    for (int k = 0; k < 2; k++) {
+        const Totals& t = tot[k];
+        printf("  %-6s lower-bound time per micro-batch %8.2f ms | hardware %7.1f TFLOP | MFU ceiling %5.1f%% |",
+               k == 0 ? "MoT" : "dense", t.time * 1e3, t.flops / 1e12, 100 * t.model_flops / (t.time * g.tensor));
+        for (const auto& f : t.family_time) printf(" %s %.0f%%", f.first.c_str(), 100 * f.second / t.time);
+        printf("\n");
+    }
+    printf("  MoT / dense time ratio: %.3f\n\n", tot[0].time / tot[1].time);
+}
+
+int main(int argc, char** argv) {
+    Gpu g = H100;
+    bool bf16 = true, kernels = false, custom = false;
+    int design = -1;  // -1: both
+    Shape s{512, 8, 8, 1536, 512, 32, 2824, 1};
+    auto num = [&](int& i, const char* f) {
+        if (i + 1 >= argc) { fprintf(stderr, "roofline: %s needs a value\n", f); exit(2); }
+        char* end;
+        const long v = strtol(argv[++i], &end, 10);
+        if (*end || v < 1 || v > (1L << 24)) { fprintf(stderr, "roofline: %s: expected an integer in [1, 16777216]\n", f); exit(2); }
+        custom = true;
+        return v;
+    };
+    for (int i = 1; i < argc; i++) {
+        const std::string f = argv[i];
+        if (f == "--gpu" && i + 1 < argc) {
+            const std::string n = argv[++i];
+            if (n == "h100") g = H100;
+            else if (n == "a100") g = A100;
+            else { fprintf(stderr, "roofline: --gpu: expected h100 or a100, got '%s'\n", n.c_str()); return 2; }
+        } else if (f == "--dim") s.D = num(i, "--dim");
+        else if (f == "--layers") s.L = num(i, "--layers");
+        else if (f == "--heads") s.H = num(i, "--heads");
+        else if (f == "--ffn") s.F = num(i, "--ffn");
+        else if (f == "--seq") s.T = num(i, "--seq");
+        else if (f == "--batch") s.B = num(i, "--batch");
+        else if (f == "--vocab") s.V = num(i, "--vocab");
+        else if (f == "--accum") s.A = num(i, "--accum");
+        else if (f == "--fp32") bf16 = false;
+        else if (f == "--kernels") kernels = true;
+        else if (f == "--design" && i + 1 < argc) {
+            const std::string d = argv[++i];
+            if (d == "current") design = 0;
+            else if (d == "target") design = 1;
+            else { fprintf(stderr, "roofline: --design: expected current or target, got '%s'\n", d.c_str()); return 2; }
+        } else {
+            fprintf(stderr, "usage: roofline [--gpu h100|a100] [--dim D --layers L --heads H --ffn F --seq T --batch B "
+                            "--vocab V --accum A] [--fp32] [--design current|target] [--kernels]\n");
+            return 2;
+        }
+    }
+    if (s.D % s.H) { fprintf(stderr, "roofline: --dim %ld is not a multiple of --heads %ld\n", s.D, s.H); return 2; }
+    std::vector<Shape> shapes;
+    if (custom) shapes.push_back(s);
+    else {
+        shapes.push_back({512, 8, 8, 1536, 512, 32, 2824, 1});    // 16k tokens per step
+        shapes.push_back({1024, 24, 16, 3072, 2048, 8, 2824, 4}); // 16k tokens per micro-batch, 64k per step
+    }
+    for (const Shape& sh : shapes)
+        for (int d = 0; d < 2; d++)
+            if (design < 0 || design == d) report(g, sh, bf16, d == 1, kernels);
+    return 0;
+}

@@ -1,0 +1,462 @@
+// test_cuda_cpu.cu — the CUDA-on-CPU layer (test/cuda_cpu.h) itself, and the GPU trainer through it.
+//   1. what the layer promises: barriers, shuffles, cuBLAS's column-major GEMM, bf16 rounding
+//   2. every check, each proven by a deliberately broken kernel or call run in a child process
+//      (this file is compiled with -fsanitize=thread's instrumentation for the race check):
+//      the report must name the launch (file:line), the kernel, the block and the thread, and the
+//      child must exit non-zero
+//   3. the GPU trainer (./mot_cpu_cuda) against the CPU trainer (./mot): losses to the printed
+//      digits, with --accum, and resume reproducing an uninterrupted run bitwise
+//   4. data parallel: mpirun -np 2 ./mot_cpu_cuda_mpi equals one process with --accum 2, bitwise
+// Built only through the layer (make test/test_cuda_cpu): this file is CUDA, rewritten by cuda_cpu.pl.
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include <doctest/doctest.h>
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "mot.h"
+
+#define CK(call) REQUIRE((call) == cudaSuccess)
+
+template <typename T>
+static T* dev(size_t n) {
+    void* p = nullptr;
+    CK(cudaMalloc(&p, n * sizeof(T)));
+    return (T*)p;
+}
+template <typename T>
+static std::vector<T> get(const T* d, size_t n) {
+    std::vector<T> h(n);
+    CK(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return h;
+}
+template <typename T>
+static T* put(const std::vector<T>& h) {
+    T* d = dev<T>(h.size());
+    CK(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+    return d;
+}
+
+// ============================================================================================
+// 1. What the layer promises
+// ============================================================================================
+// Each thread writes its slot, waits, then reads its neighbour's: right only if the barrier holds
+// every thread until all have written.
+__global__ void rotate_kernel(int* out) {
+    __shared__ int s[96];
+    const int t = threadIdx.x + blockDim.x * threadIdx.y;
+    s[t] = t * 10 + blockIdx.x;
+    __syncthreads();
+    out[blockIdx.x * 96 + t] = s[(t + 1) % 96];
+}
+TEST_CASE("cuda_cpu: __syncthreads is a barrier; blockIdx, threadIdx and blockDim are per thread") {
+    int* d = dev<int>(3 * 96);
+    rotate_kernel<<<3, dim3(32, 3)>>>(d);
+    std::vector<int> h = get(d, 3 * 96);
+    for (int b = 0; b < 3; b++)
+        for (int t = 0; t < 96; t++) CHECK(h[b * 96 + t] == ((t + 1) % 96) * 10 + b);
+    CK(cudaFree(d));
+}
+
+__global__ void shuffle_kernel(int* out) {
+    const int l = threadIdx.x;
+    out[0 * 64 + l] = __shfl_xor_sync(0xffffffffu, l, 5);
+    out[1 * 64 + l] = __shfl_up_sync(0xffffffffu, l, 3);
+    out[2 * 64 + l] = __shfl_down_sync(0xffffffffu, l, 3, 16);
+    out[3 * 64 + l] = __shfl_sync(0xffffffffu, l, 7, 8);
+}
+TEST_CASE("cuda_cpu: warp shuffles follow CUDA's lane rules (xor, up, down, idx, width)") {
+    int* d = dev<int>(4 * 64);
+    shuffle_kernel<<<1, 64>>>(d);
+    std::vector<int> h = get(d, 4 * 64);
+    for (int l = 0; l < 64; l++) {
+        const int w = l / 32 * 32, j = l % 32;
+        INFO("lane ", l);
+        CHECK(h[l] == w + (j ^ 5));
+        CHECK(h[64 + l] == (j >= 3 ? l - 3 : l));
+        CHECK(h[128 + l] == (j % 16 + 3 < 16 ? l + 3 : l));
+        CHECK(h[192 + l] == w + j / 8 * 8 + 7);
+    }
+    CK(cudaFree(d));
+}
+
+TEST_CASE("cuda_cpu: bf16 conversions round to nearest even (the real cuda_bf16.h)") {
+    CHECK(__bfloat162float(__float2bfloat16(1.0f + 1.0f / 256)) == 1.0f);               // tie -> even (down)
+    CHECK(__bfloat162float(__float2bfloat16(1.0f + 3.0f / 256)) == 1.0f + 1.0f / 64);   // tie -> even (up)
+    CHECK(__bfloat162float(__float2bfloat16(1.0f + 1.0f / 256 + 1e-6f)) == 1.0f + 1.0f / 128);  // above the tie
+}
+
+// cuBLAS semantics: column-major, op(A) m x k, op(B) k x n, leading dimensions may exceed the rows,
+// beta == 0 never reads C.
+static float ref_elt(const std::vector<float>& X, int ld, bool t, int r, int c) { return t ? X[c + (size_t)r * ld] : X[r + (size_t)c * ld]; }
+TEST_CASE("cuda_cpu: cublasGemmEx has cuBLAS's column-major semantics") {
+    cublasHandle_t h;
+    REQUIRE(cublasCreate(&h) == CUBLAS_STATUS_SUCCESS);
+    const int m = 5, n = 7, k = 9;
+    uint64_t seed = 3;
+    for (int ta = 0; ta < 2; ta++)
+        for (int tb = 0; tb < 2; tb++)
+            for (float beta : {0.0f, 1.0f}) {
+                const int lda = (ta ? k : m) + 2, ldb = (tb ? n : k) + 1, ldc = m + 3;
+                std::vector<float> A((size_t)lda * (ta ? m : k)), B((size_t)ldb * (tb ? k : n)), C((size_t)ldc * n);
+                for (float& x : A) x = (float)mot_rand_normal(&seed);
+                for (float& x : B) x = (float)mot_rand_normal(&seed);
+                for (float& x : C) x = beta == 0 ? NAN : (float)mot_rand_normal(&seed);  // beta 0: never read
+                float *dA = put(A), *dB = put(B), *dC = put(C);
+                const float alpha = 0.5f;
+                REQUIRE(cublasGemmEx(h, ta ? CUBLAS_OP_T : CUBLAS_OP_N, tb ? CUBLAS_OP_T : CUBLAS_OP_N, m, n, k, &alpha,
+                                     dA, CUDA_R_32F, lda, dB, CUDA_R_32F, ldb, &beta, dC, CUDA_R_32F, ldc,
+                                     CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_SUCCESS);
+                std::vector<float> out = get(dC, C.size());
+                for (int j = 0; j < n; j++)
+                    for (int i = 0; i < m; i++) {
+                        double s = 0;
+                        for (int p = 0; p < k; p++) s += (double)ref_elt(A, lda, ta, i, p) * ref_elt(B, ldb, tb, p, j);
+                        const double want = alpha * s + (beta == 0 ? 0.0 : beta * C[i + (size_t)j * ldc]);
+                        INFO("ta ", ta, " tb ", tb, " beta ", beta, " C(", i, ",", j, ")");
+                        CHECK(std::fabs(out[i + (size_t)j * ldc] - want) <= 1e-5 * (1 + std::fabs(want)));
+                    }
+                for (int j = 0; j < n; j++)  // rows past m of each column are untouched
+                    for (int i = m; i < ldc; i++)
+                        CHECK(memcmp(&out[i + (size_t)j * ldc], &C[i + (size_t)j * ldc], 4) == 0);
+                CK(cudaFree(dA)); CK(cudaFree(dB)); CK(cudaFree(dC));
+            }
+    // a leading dimension below the rows is an error, as in cuBLAS
+    const float one = 1, zero = 0;
+    float* d = dev<float>(64);
+    CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, 4, 4, 4, &one, d, CUDA_R_32F, 3, d, CUDA_R_32F, 4, &zero, d,
+                       CUDA_R_32F, 4, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_INVALID_VALUE);
+    CK(cudaFree(d));
+    cublasDestroy(h);
+}
+
+// ============================================================================================
+// 2. The checks: each broken kernel or call runs in a child; its stderr must hold the report
+// ============================================================================================
+struct Child {
+    int status = 0;
+    std::string err;
+};
+static Child in_child(const std::function<void()>& fn) {
+    int pipefd[2];
+    REQUIRE(pipe(pipefd) == 0);
+    fflush(stdout);
+    const pid_t pid = fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+        close(pipefd[0]);
+        dup2(pipefd[1], 2);
+        fn();
+        _exit(0);  // not reported: the parent sees status 0
+    }
+    close(pipefd[1]);
+    Child c;
+    char buf[4096];
+    ssize_t n;
+    while ((n = read(pipefd[0], buf, sizeof buf)) > 0) c.err.append(buf, (size_t)n);
+    close(pipefd[0]);
+    waitpid(pid, &c.status, 0);
+    return c;
+}
+// The child must exit non-zero with one report naming `site` (file:line), and holding every `want`.
+static void expect_report(const std::function<void()>& fn, int line, std::vector<std::string> want) {
+    Child c = in_child(fn);
+    INFO("stderr: ", c.err);
+    CHECK(WIFEXITED(c.status));
+    CHECK(WEXITSTATUS(c.status) != 0);
+    CHECK(c.err.find("cuda_cpu: test/test_cuda_cpu.cu:" + std::to_string(line) + ":") != std::string::npos);
+    for (const std::string& w : want) CHECK(c.err.find(w) != std::string::npos);
+}
+
+__global__ void half_barrier_kernel(float* out) {
+    if (threadIdx.x < 16) __syncthreads();  // threads 16..31 never get here
+    out[threadIdx.x] = 1;
+}
+__global__ void two_barriers_kernel(float* out) {
+    if (threadIdx.x % 2) __syncthreads();
+    else __syncthreads();
+    out[threadIdx.x] = 1;
+}
+TEST_CASE("cuda_cpu check: a __syncthreads() that not every thread of the block reaches") {
+    float* d = dev<float>(64);
+    int line = __LINE__ + 1;
+    expect_report([&] { half_barrier_kernel<<<2, 32>>>(d); }, line,
+                  {"kernel half_barrier_kernel, block (0,0,0), thread (16,0,0)", "exited without reaching __syncthreads()"});
+    line = __LINE__ + 1;
+    expect_report([&] { two_barriers_kernel<<<1, 32>>>(d); }, line,
+                  {"kernel two_barriers_kernel, block (0,0,0), thread (", "must meet at the same barrier"});
+}
+
+__global__ void shuffle_exited_kernel(float* out) {
+    if (threadIdx.x >= 16) return;
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f * threadIdx.x, 1);
+}
+__global__ void shuffle_waits_kernel(float* out) {
+    if (threadIdx.x < 16) out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f * threadIdx.x, 1);
+    __syncthreads();
+}
+__global__ void shuffle_outside_mask_kernel(float* out) {
+    if (threadIdx.x < 16) out[threadIdx.x] = __shfl_sync(0x0000ffffu, 1.0f * threadIdx.x, 20);
+}
+TEST_CASE("cuda_cpu check: a shuffle whose mask names lanes that exited or never arrive") {
+    float* d = dev<float>(32);
+    int line = __LINE__ + 1;
+    expect_report([&] { shuffle_exited_kernel<<<1, 32>>>(d); }, line,
+                  {"kernel shuffle_exited_kernel, block (0,0,0), thread (0,0,0)", "names lane 16, which has exited"});
+    line = __LINE__ + 1;
+    expect_report([&] { shuffle_waits_kernel<<<1, 32>>>(d); }, line,
+                  {"kernel shuffle_waits_kernel, block (0,0,0), thread (", "names lane 16, which never arrives",
+                   "waiting at __syncthreads()"});
+    line = __LINE__ + 1;
+    expect_report([&] { shuffle_outside_mask_kernel<<<1, 32>>>(d); }, line,
+                  {"kernel shuffle_outside_mask_kernel", "reads lane 20, which is not in the mask"});
+}
+
+__global__ void plain_kernel(float* out) { out[threadIdx.x] = 1; }
+__global__ void __launch_bounds__(64) bounded_kernel(float* out) { out[threadIdx.x] = 1; }
+__global__ void big_shared_kernel(float* out) {
+    __shared__ float big[12289];  // 49,156 bytes
+    big[threadIdx.x] = 1;
+    out[threadIdx.x] = big[threadIdx.x];
+}
+TEST_CASE("cuda_cpu check: launches over the block/grid limits, __launch_bounds__ or 48 KB of shared memory") {
+    float* d = dev<float>(2048);
+    int line = __LINE__ + 1;
+    expect_report([&] { plain_kernel<<<1, dim3(32, 33)>>>(d); }, line, {"kernel plain_kernel", "threads per block is 1056"});
+    line = __LINE__ + 1;
+    expect_report([&] { plain_kernel<<<dim3(1, 65536), 32>>>(d); }, line, {"kernel plain_kernel", "gridDim.y is 65536"});
+    line = __LINE__ + 1;
+    expect_report([&] { plain_kernel<<<1, dim3(2, 2, 65)>>>(d); }, line, {"blockDim.z is 65"});
+    line = __LINE__ + 1;
+    expect_report([&] { plain_kernel<<<1, 32, 49153>>>(d); }, line, {"dynamic shared memory in bytes is 49153"});
+    line = __LINE__ + 1;
+    expect_report([&] { bounded_kernel<<<1, 128>>>(d); }, line,
+                  {"kernel bounded_kernel, block (0,0,0), thread (0,0,0)", "128 threads per block, over the kernel's "
+                   "__launch_bounds__(64)"});
+    line = __LINE__ + 1;
+    expect_report([&] { big_shared_kernel<<<1, 32>>>(d); }, line,
+                  {"kernel big_shared_kernel, block (0,0,0), thread (0,0,0)", "__shared__ big", "49156 bytes"});
+}
+
+__global__ void past_end_kernel(float* out, int n) {
+    out[threadIdx.x] = 1;
+    if (threadIdx.x == 5) out[n] = 2;  // one past the end
+}
+__global__ void before_start_kernel(float* out) {
+    if (threadIdx.x == 3) out[-1000] = 2;  // 4,000 bytes before: in the guard page
+}
+TEST_CASE("cuda_cpu check: an out-of-bounds device access") {
+    float* d = dev<float>(64);  // 256 bytes: ends flush against the guard page
+    int line = __LINE__ + 1;
+    expect_report([&] { past_end_kernel<<<1, 32>>>(d, 64); }, line,
+                  {"kernel past_end_kernel, block (0,0,0), thread (5,0,0)", "byte 256 of a device allocation of 256 bytes: past its end"});
+    line = __LINE__ + 1;
+    expect_report([&] { before_start_kernel<<<2, 32>>>(d); }, line,
+                  {"kernel before_start_kernel, block (0,0,0), thread (3,0,0)", "before the start of a device allocation"});
+}
+
+__global__ void scale_kernel(float* out, const float* in) { out[threadIdx.x] = 2.0f * in[threadIdx.x]; }
+__global__ void shared_unwritten_kernel(float* out) {
+    __shared__ float s[32];
+    if (threadIdx.x != 7) s[threadIdx.x] = 1;
+    __syncthreads();
+    out[threadIdx.x] = s[(threadIdx.x + 1) % 32] + 1.0f;  // thread 6 reads s[7], which nobody wrote
+}
+TEST_CASE("cuda_cpu check: a read of device or shared memory that nothing wrote") {
+    float* in = dev<float>(32);  // never written
+    float* out = dev<float>(32);
+    int line = __LINE__ + 1;
+    expect_report([&] { scale_kernel<<<1, 32>>>(out, in); }, line,
+                  {"kernel scale_kernel, block (0,0,0), thread (0,0,0)", "memory that nothing wrote"});
+    line = __LINE__ + 1;
+    expect_report([&] { shared_unwritten_kernel<<<1, 32>>>(out); }, line,
+                  {"kernel shared_unwritten_kernel, block (0,0,0), thread (6,0,0)", "memory that nothing wrote"});
+    line = __LINE__ + 1;
+    expect_report([&] { std::vector<float> h(32); cudaMemcpy(h.data(), in, 128, cudaMemcpyDeviceToHost); }, line,
+                  {"cudaMemcpyDeviceToHost reads device memory that nothing wrote (byte 0"});
+}
+
+__global__ void racy_kernel(float* out) {
+    __shared__ float s[64];
+    s[threadIdx.x] = threadIdx.x;
+    out[threadIdx.x] = s[(threadIdx.x + 1) % 64];  // no __syncthreads(): reads what another thread writes
+}
+__global__ void racy_write_kernel(float* out) {
+    __shared__ float total[1];
+    if (threadIdx.x < 2) total[0] = threadIdx.x;  // two writers of one element
+    __syncthreads();
+    out[threadIdx.x] = total[0];
+}
+TEST_CASE("cuda_cpu check: a shared-memory data race") {
+    float* d = dev<float>(64);
+    int line = __LINE__ + 1;
+    expect_report([&] { racy_kernel<<<1, 64>>>(d); }, line,
+                  {"kernel racy_kernel, block (0,0,0), thread (1,0,0)", "data race on __shared__ s (byte 4 of 256)",
+                   "thread (0,0,0) reads it and this thread writes it", "since the start of the block"});
+    line = __LINE__ + 1;
+    expect_report([&] { racy_write_kernel<<<1, 32>>>(d); }, line,
+                  {"kernel racy_write_kernel, block (0,0,0), thread (1,0,0)", "data race on __shared__ total",
+                   "thread (0,0,0) writes it and this thread writes it"});
+}
+
+TEST_CASE("cuda_cpu check: a host pointer passed to a kernel") {
+    std::vector<float> host(32);
+    const int line = __LINE__ + 1;
+    expect_report([&] { plain_kernel<<<1, 32>>>(host.data()); }, line,
+                  {"kernel plain_kernel: argument 1", "is a host pointer"});
+}
+
+TEST_CASE("cuda_cpu check: a copy in the wrong direction or past an allocation") {
+    float* d = dev<float>(16);
+    std::vector<float> h(32, 1.0f);
+    int line = __LINE__ + 1;
+    expect_report([&] { cudaMemcpy(d, h.data(), 64, cudaMemcpyDeviceToHost); }, line,
+                  {"cudaMemcpyDeviceToHost: the destination", "is device memory (wrong direction?)"});
+    line = __LINE__ + 1;
+    expect_report([&] { cudaMemcpy(d, h.data(), 68, cudaMemcpyHostToDevice); }, line,
+                  {"cudaMemcpyHostToDevice: 68 bytes at offset 0 of a 64-byte device allocation run 4 bytes past its end"});
+    line = __LINE__ + 1;
+    expect_report([&] { cudaMemset(d + 8, 0, 40); }, line, {"cudaMemset: 40 bytes at offset 32", "run 8 bytes past its end"});
+    line = __LINE__ + 1;
+    expect_report([&] { cudaFree(h.data()); }, line, {"cudaFree", "not a pointer that cudaMalloc returned"});
+}
+
+// ============================================================================================
+// 3-4. The GPU trainer through the layer against the CPU trainer; data parallel over MPI
+// ============================================================================================
+static std::string tmpdir() {
+    static std::string d;
+    if (d.empty()) {
+        char t[] = "/tmp/mot_test_cuda_cpu_XXXXXX";
+        REQUIRE(mkdtemp(t) != nullptr);
+        d = t;
+    }
+    return d;
+}
+static std::string tmp(const std::string& name) { return tmpdir() + "/" + name; }
+static int run(const std::string& cmd, std::string* out) {
+    FILE* p = popen((cmd + " 2>&1").c_str(), "r");
+    REQUIRE(p);
+    out->clear();
+    char buf[4096];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, p)) > 0) out->append(buf, n);
+    const int st = pclose(p);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
+}
+static std::string read_file(const std::string& path) {
+    std::string out;
+    run("cat " + path, &out);
+    return out;
+}
+// the training shard: documents mixing the three modalities, as the dataset does
+static std::string shard() {
+    static std::string path;
+    if (path.empty()) {
+        const MotVocab voc{64, 24, 48};
+        std::vector<uint16_t> t;
+        uint64_t seed = 7;
+        while (t.size() < 20000) {
+            t.push_back(MOT_BOS);
+            for (int i = 0; i < 5; i++) t.push_back(8 + mot_rand_u64(&seed) % 16);
+            t.push_back(MOT_BOI);
+            for (int i = 0; i < 6; i++) t.push_back(24 + mot_rand_u64(&seed) % 24);
+            t.push_back(MOT_EOI);
+            t.push_back(MOT_BOA);
+            for (int i = 0; i < 4; i++) t.push_back(48 + mot_rand_u64(&seed) % 16);
+            t.push_back(MOT_EOA);
+            t.push_back(MOT_EOS);
+        }
+        path = tmp("train_0.bin");
+        std::string err;
+        REQUIRE_MESSAGE(mot_write_shard(path, voc, t.data(), t.size(), &err), err);
+    }
+    return path;
+}
+static const char* kModel = " --layers 2 --dim 32 --heads 2 --seq 32 --batch 4 --lr 3e-3 --warmup 2 --threads 1";
+// the "loss X.XXXX" of every printed step line
+static std::vector<std::string> printed_losses(const std::string& out) {
+    std::vector<std::string> v;
+    size_t at = 0;
+    while ((at = out.find("\nstep ", at)) != std::string::npos) {
+        const size_t l = out.find("| loss ", at);
+        if (l == std::string::npos) break;
+        v.push_back(out.substr(l + 7, out.find(' ', l + 7) - (l + 7)));
+        at = l;
+    }
+    return v;
+}
+// log.csv rows without the timing column (tokens/s, the 8th)
+static std::vector<std::string> log_rows(const std::string& csv) {
+    std::vector<std::string> rows;
+    size_t a = 0;
+    while (a < csv.size()) {
+        size_t e = csv.find('\n', a);
+        if (e == std::string::npos) e = csv.size();
+        std::string row = csv.substr(a, e - a), kept;
+        a = e + 1;
+        if (row.empty() || !isdigit((unsigned char)row[0])) continue;  // the header
+        int col = 0;
+        size_t s = 0;
+        while (s <= row.size()) {
+            size_t c = row.find(',', s);
+            if (c == std::string::npos) c = row.size();
+            if (++col != 8) kept += row.substr(s, c - s) + ",";
+            s = c + 1;
+        }
+        rows.push_back(kept);
+    }
+    return rows;
+}
+
+TEST_CASE("cuda_cpu trainer: the GPU path gives the CPU trainer's losses (fp32), with and without --accum") {
+    for (const char* extra : {" --steps 8", " --steps 6 --accum 2"}) {
+        INFO("flags:", extra);
+        std::string cpu, gpu;
+        const std::string base = std::string(" --data ") + shard() + kModel + extra;
+        REQUIRE(run("./mot --cpu" + base, &cpu) == 0);
+        REQUIRE(run("./mot_cpu_cuda --fp32" + base, &gpu) == 0);
+        CHECK(gpu.find("device: the GPU code on the CPU") != std::string::npos);
+        const std::vector<std::string> lc = printed_losses(cpu), lg = printed_losses(gpu);
+        INFO("cpu:\n", cpu, "\ngpu:\n", gpu);
+        CHECK(lc.size() >= 6);
+        CHECK(lc == lg);
+    }
+}
+
+TEST_CASE("cuda_cpu trainer: resume on the GPU path reproduces an uninterrupted run bitwise") {
+    const std::string base = std::string("./mot_cpu_cuda --data ") + shard() + kModel + " --steps 8";
+    std::string out;
+    run("rm -rf " + tmp("full") + " " + tmp("resumed"), &out);
+    REQUIRE(run(base + " --out " + tmp("full") + " --save-every 4", &out) == 0);
+    REQUIRE(run("mkdir " + tmp("resumed") + " && cp " + tmp("full") + "/step_000004.ckpt " + tmp("resumed") + "/", &out) == 0);
+    REQUIRE(run(base + " --out " + tmp("resumed") + " --resume", &out) == 0);
+    INFO(out);
+    const std::vector<std::string> full = log_rows(read_file(tmp("full") + "/log.csv"));
+    const std::vector<std::string> resumed = log_rows(read_file(tmp("resumed") + "/log.csv"));
+    REQUIRE(full.size() == 8);
+    REQUIRE(resumed.size() >= 4);
+    CHECK(std::vector<std::string>(full.end() - 4, full.end()) == std::vector<std::string>(resumed.end() - 4, resumed.end()));
+    CHECK(run("cmp " + tmp("full") + "/model.ckpt " + tmp("resumed") + "/model.ckpt", &out) == 0);
+}
+
+TEST_CASE("cuda_cpu trainer: mpirun -np 2 (NCCL over MPI) equals one process with --accum 2, bitwise") {
+    const std::string mpirun = "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1 "
+                               "mpirun --oversubscribe --mca btl self,vader --mca btl_vader_single_copy_mechanism none -np 2 ";
+    const std::string args = std::string(" --fp32 --data ") + shard() + kModel + " --steps 6";
+    std::string one, two;
+    run("rm -rf " + tmp("dp1") + " " + tmp("dp2"), &one);
+    REQUIRE(run("./mot_cpu_cuda" + args + " --accum 2 --out " + tmp("dp1"), &one) == 0);
+    const int rc = run(mpirun + "./mot_cpu_cuda_mpi" + args + " --out " + tmp("dp2"), &two);
+    INFO("one process:\n", one, "\nmpirun -np 2:\n", two);
+    REQUIRE(rc == 0);
+    CHECK(two.find("x 2,") != std::string::npos);  // "device: ... x 2, fp32"
+    CHECK(printed_losses(one) == printed_losses(two));
+    CHECK(log_rows(read_file(tmp("dp1") + "/log.csv")) == log_rows(read_file(tmp("dp2") + "/log.csv")));
+    std::string out;
+    CHECK(run("cmp " + tmp("dp1") + "/model.ckpt " + tmp("dp2") + "/model.ckpt", &out) == 0);
+}
