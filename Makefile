@@ -16,7 +16,7 @@ NVARCH   ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm
 NVFLAGS  ?= -std=c++17 -O3 $(NVARCH) -Xcompiler -O3,-march=native,-fopenmp,-fno-math-errno,-Wall -I.
 NVLIBS    = -lcublas -lcublasLt -lgomp
 TOKH      = tokenizers/bpe.h tokenizers/vq.h tokenizers/speech.h
-TESTBINS  = test/test_mot test/test_files test/test_bpe test/test_vq test/test_speech test/test_data \
+TESTBINS  = test/test_mot test/test_experts test/test_files test/test_bpe test/test_vq test/test_speech test/test_data \
             test/test_cuda_cpu test/test_gpu_cpu
 TOOLS     = tokenizers/bpe tokenizers/vq tokenizers/speech
 

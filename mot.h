@@ -59,14 +59,18 @@ struct MotConfig {
     int32_t max_seq = 256;
     int32_t n_tower = 3;                           // 3 = MoT (one tower per modality), 1 = dense
     int32_t tie_attn = 0, tie_ffn = 0, tie_norm = 0;  // 1 = that component has one shared copy
+    // Experts of each FFN copy (section 5, "Experts"): entry f is FFN copy f, i.e. tower f, or the one
+    // FFN when it is tied or dense (then only entry 0 may exceed 1). 1 = the plain FFN, no router.
+    int32_t n_expert[MOT_N_MOD] = {1, 1, 1};
 };
-enum { MOT_CONFIG_INTS = 12 };
+enum { MOT_CONFIG_INTS = 15, MOT_CONFIG_INTS_V1 = 12, MOT_MAX_EXPERT = 64 };
 static const char* const MOT_CONFIG_NAMES[MOT_CONFIG_INTS] = {
     "n_layer", "d_model", "n_head", "d_ff", "vocab", "image_begin", "speech_begin",
-    "max_seq", "n_tower", "tie_attn", "tie_ffn", "tie_norm"};
+    "max_seq", "n_tower", "tie_attn", "tie_ffn", "tie_norm", "n_expert[0]", "n_expert[1]", "n_expert[2]"};
 inline void mot_config_to_ints(const MotConfig& c, int32_t o[MOT_CONFIG_INTS]) {
     int32_t v[MOT_CONFIG_INTS] = {c.n_layer, c.d_model, c.n_head, c.d_ff, c.vocab, c.image_begin,
-                                  c.speech_begin, c.max_seq, c.n_tower, c.tie_attn, c.tie_ffn, c.tie_norm};
+                                  c.speech_begin, c.max_seq, c.n_tower, c.tie_attn, c.tie_ffn, c.tie_norm,
+                                  c.n_expert[0], c.n_expert[1], c.n_expert[2]};
     memcpy(o, v, sizeof v);
 }
 inline MotConfig mot_config_from_ints(const int32_t v[MOT_CONFIG_INTS]) {
@@ -74,7 +78,34 @@ inline MotConfig mot_config_from_ints(const int32_t v[MOT_CONFIG_INTS]) {
     c.n_layer = v[0]; c.d_model = v[1]; c.n_head = v[2]; c.d_ff = v[3]; c.vocab = v[4];
     c.image_begin = v[5]; c.speech_begin = v[6]; c.max_seq = v[7]; c.n_tower = v[8];
     c.tie_attn = v[9]; c.tie_ffn = v[10]; c.tie_norm = v[11];
+    c.n_expert[0] = v[12]; c.n_expert[1] = v[13]; c.n_expert[2] = v[14];
     return c;
+}
+
+// FFN copy f has n_expert[f] experts. The experts of all copies are the copies of w1, w3, w2, in
+// order (copy f's experts first at mot_expert_copy(f, 0)); with one expert each this is the plain
+// per-tower layout. Copies with more than one expert also own that many rows of the router wr and
+// the auxiliary router u, in the same order.
+inline int mot_ffn_copies(const MotConfig& c) { return c.tie_ffn ? 1 : c.n_tower; }
+inline int mot_ffn_copy_of_mod(const MotConfig& c, int md) { return mot_ffn_copies(c) == 1 ? 0 : md; }
+inline int mot_expert_copy(const MotConfig& c, int f, int e) {
+    int k = e;
+    for (int g = 0; g < f; g++) k += c.n_expert[g];
+    return k;
+}
+inline int mot_router_copy(const MotConfig& c, int f, int e) {
+    int k = e;
+    for (int g = 0; g < f; g++) k += c.n_expert[g] > 1 ? c.n_expert[g] : 0;
+    return k;
+}
+// How experts choose rows: expert choice over the batch (training, "EC" evaluation), or each row
+// alone through the auxiliary routers ("causal": evaluation, generation, the KV cache).
+enum MotRoute { MOT_ROUTE_EC = 0, MOT_ROUTE_CAUSAL = 1 };
+static const double MOT_AUX_WEIGHT = 0.01;  // weight of the aux-router BCE in the training objective
+inline bool mot_has_experts(const MotConfig& c) {
+    for (int f = 0; f < mot_ffn_copies(c); f++)
+        if (c.n_expert[f] > 1) return true;
+    return false;
 }
 inline MotVocab mot_vocab(const MotConfig& c) { return MotVocab{c.vocab, c.image_begin, c.speech_begin}; }
 
@@ -95,6 +126,14 @@ inline std::string mot_config_error(const MotConfig& c) {
     if (c.vocab > 65536) return "vocab must be at most 65536 (shards store uint16 ids)";
     for (int t : {c.tie_attn, c.tie_ffn, c.tie_norm})
         if (t != 0 && t != 1) return "tie switches must be 0 or 1";
+    for (int f = 0; f < MOT_N_MOD; f++) {
+        if (c.n_expert[f] < 1 || c.n_expert[f] > MOT_MAX_EXPERT) {
+            snprintf(b, sizeof b, "n_expert must be in [1, %d] (got %d)", (int)MOT_MAX_EXPERT, c.n_expert[f]);
+            return b;
+        }
+        if (f >= mot_ffn_copies(c) && c.n_expert[f] != 1)
+            return "n_expert: only the first entry is used when the FFN has one copy (dense or tied); the others must be 1";
+    }
     return "";
 }
 
@@ -103,8 +142,8 @@ inline std::string mot_config_error(const MotConfig& c) {
 // All parameters live in one allocation, in this order; tensor p of layer l, copy c starts at
 // offset + (l * copies + c) * rows * cols. Gradients and Adam moments use the same layout.
 // ============================================================================================
-enum MotParam { P_EMB, P_WQ, P_WK, P_WV, P_WO, P_GQ, P_GK, P_GATTN, P_W1, P_W3, P_W2, P_GFFN, P_GOUT, P_HEAD,
-                P_COUNT };
+enum MotParam { P_EMB, P_WQ, P_WK, P_WV, P_WO, P_GQ, P_GK, P_GATTN, P_W1, P_W3, P_W2, P_WR, P_U, P_GFFN, P_GOUT,
+                P_HEAD, P_COUNT };
 enum MotPart { PART_SHARED, PART_ATTN, PART_FFN, PART_NORM };  // which tying switch governs it
 
 struct MotParamInfo {
@@ -124,7 +163,10 @@ struct MotParamTable {
 
 inline MotParamTable mot_param_table(const MotConfig& c) {
     const int D = c.d_model, Dh = c.d_model / c.n_head, F = c.d_ff, V = c.vocab, L = c.n_layer, K = c.n_tower;
-    const int ka = c.tie_attn ? 1 : K, kf = c.tie_ffn ? 1 : K, kn = c.tie_norm ? 1 : K;
+    const int ka = c.tie_attn ? 1 : K, kn = c.tie_norm ? 1 : K;
+    // FFN: one copy per expert (one per tower without experts); routers: one row per expert of the
+    // copies that have more than one (none without experts). Stored E x D, so r = h wr^T.
+    const int kf = mot_expert_copy(c, mot_ffn_copies(c), 0), kr = mot_router_copy(c, mot_ffn_copies(c), 0);
     MotParamTable t{{
         {"emb",    PART_SHARED, 1, 1,  V, D,  true,  0},
         {"wq",     PART_ATTN,   L, ka, D, D,  true,  0},
@@ -137,6 +179,8 @@ inline MotParamTable mot_param_table(const MotConfig& c) {
         {"w1",     PART_FFN,    L, kf, D, F,  true,  0},
         {"w3",     PART_FFN,    L, kf, D, F,  true,  0},
         {"w2",     PART_FFN,    L, kf, F, D,  true,  0},
+        {"wr",     PART_FFN,    L, kr, 1, D,  true,  0},
+        {"u",      PART_FFN,    L, kr, 1, D,  true,  0},
         {"g_ffn",  PART_NORM,   L, kn, 1, D,  false, 0},
         {"g_out",  PART_NORM,   1, kn, 1, D,  false, 0},
         {"head",   PART_SHARED, 1, 1,  D, V,  true,  0},
@@ -425,8 +469,10 @@ struct MotActs {
     S *o;               // L x N x D       attention output, heads concatenated
     S *a, *a_rstd;      // L x N x D, L x N   o Wo, and 1/rms(a)
     S *h;               // L x N x D       x + rmsnorm(a) * g_attn
-    S *u1, *u3, *u;     // L x N x F       h W1, h W3, silu(u1) * u3
+    S *u1, *u3, *u;     // L x NS x F      h W1, h W3, silu(u1) * u3 (per expert slot; NS = N without experts)
     S *y2, *y2_rstd;    // L x N x D, L x N   u W2, and 1/rms(y2)
+    S *gate, *aux;      // L x N x Emax    experts: router softmax s, auxiliary router sigmoid a
+    S *ye;              // L x NS x D      experts: each expert slot's output (u W2 of that expert)
     S *z, *z_rstd;      // N x D, N        final norm output
     S *logits;          // N x V           grouped order
     S *dlogits;         // N x V           gradient of the loss wrt the logits
@@ -445,6 +491,15 @@ struct MotModel {
     double loss = 0, loss_mod[MOT_N_MOD] = {0, 0, 0};
     int n_valid = 0, n_mod[MOT_N_MOD] = {0, 0, 0};
     std::vector<double> pos_loss;  // -log p(target) per position, original order (0 where ignored)
+    // experts (section 5, "Experts"); none of this is used by a model without them
+    int route = MOT_ROUTE_EC;        // MOT_ROUTE_EC (training, "EC" eval) or MOT_ROUTE_CAUSAL (aux routers)
+    bool force_expert_path = false;  // test hook: run the expert code even with one expert per copy
+    double aux_loss = 0, aux_agree = 0;  // last EC forward: aux-router BCE (summed over layers and copies),
+                                         // and the fraction of rows (of expert copies, over layers)
+                                         // whose aux routers pick exactly their EC experts
+    int Emax = 1, NS = 0;            // most experts of any copy; expert slots allocated per layer
+    std::vector<int32_t> sel;        // L x NS: the grouped row each expert slot holds (EC)
+    int32_t slot0[MOT_N_MOD + 1] = {0, 0, 0, 0}, cap[MOT_N_MOD] = {0, 0, 0};  // slots of copy f; capacity C_f
 
     S* param(int p, int layer = 0, int copy = 0) { return params.data() + tab.p[p].at(layer, copy); }
     S* grad(int p, int layer = 0, int copy = 0) { return grads.data() + tab.p[p].at(layer, copy); }
@@ -484,20 +539,29 @@ void mot_alloc_acts(MotModel<S>* m, int B, int T) {
     if (m->B == B && m->T == T) return;
     const MotConfig& c = m->cfg;
     const size_t L = c.n_layer, D = c.d_model, H = c.n_head, F = c.d_ff, V = c.vocab, N = (size_t)B * T;
+    // Expert slots: copy f's E_f experts take ceil(n_f / E_f) rows each, so at most N + sum(E_f - 1) in all.
+    const bool ex = mot_has_experts(c) || m->force_expert_path;
+    size_t NS = N, Em = 1;
+    for (int f = 0; f < mot_ffn_copies(c); f++) { NS += c.n_expert[f] - 1; Em = std::max<size_t>(Em, c.n_expert[f]); }
     const size_t sizes[] = {(L + 1) * N * D, L * N * D, L * N * D, L * N * D, L * N * H, L * N * H, L * N * D,
-                            L * N * D, L * B * H * T * T, L * N * D, L * N * D, L * N, L * N * D, L * N * F,
-                            L * N * F, L * N * F, L * N * D, L * N, N * D, N, N * V, N * V};
+                            L * N * D, L * B * H * T * T, L * N * D, L * N * D, L * N, L * N * D, L * NS * F,
+                            L * NS * F, L * NS * F, L * N * D, L * N, ex ? L * N * Em : 0, ex ? L * N * Em : 0,
+                            ex ? L * NS * D : 0, N * D, N, N * V, N * V};
     S** ptrs[] = {&m->act.x, &m->act.q, &m->act.k, &m->act.v, &m->act.q_rstd, &m->act.k_rstd, &m->act.qr,
                   &m->act.kr, &m->act.att, &m->act.o, &m->act.a, &m->act.a_rstd, &m->act.h, &m->act.u1,
-                  &m->act.u3, &m->act.u, &m->act.y2, &m->act.y2_rstd, &m->act.z, &m->act.z_rstd,
-                  &m->act.logits, &m->act.dlogits};
+                  &m->act.u3, &m->act.u, &m->act.y2, &m->act.y2_rstd, &m->act.gate, &m->act.aux, &m->act.ye,
+                  &m->act.z, &m->act.z_rstd, &m->act.logits, &m->act.dlogits};
     size_t total = 0;
     for (size_t s : sizes) total += s;
     m->act_mem.assign(total, S(0));
     S* p = m->act_mem.data();
     for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) { *ptrs[i] = p; p += sizes[i]; }
-    // backward scratch: dx, dh, dt, dq, dk, dv, dO (N x D each) and du1, du3, du (N x F each)
-    m->scratch_mem.assign(7 * N * D + 3 * N * F, S(0));
+    // backward scratch: dx, dh, dt, dq, dk, dv, dO (N x D each) and du1, du3, du (NS x F each); with
+    // experts also two NS x D buffers for gathered rows per slot (the forward uses the first too)
+    m->scratch_mem.assign(7 * N * D + 3 * NS * F + (ex ? 2 * NS * D : 0), S(0));
+    m->sel.assign(ex ? L * NS : 0, 0);
+    m->NS = (int)NS;
+    m->Emax = (int)Em;
     m->B = B;
     m->T = T;
 }
@@ -721,6 +785,256 @@ void swiglu_backward(S* du1, S* du3, const S* du, const S* u1, const S* u3, size
     }
 }
 
+// ---- experts: the FFN of a copy as E SwiGLU experts with expert-choice routing ---------------
+// Spec, "Experts". For FFN copy f with rows [r0, r1) (n rows) and E > 1 experts:
+//   s = softmax(h Wr^T)   C = ceil(n / E)   S_e = the C rows with the largest s_ie (ties: lower row)
+//   y2_i = sum over e with i in S_e of s_ie FFN_e(h_i)        (then rmsnorm as for the plain FFN)
+//   a = sigmoid(h U^T), trained by BCE against [i in S_e] on detached h (weight MOT_AUX_WEIGHT);
+//   causal routing replaces S_e by {i : a_ie > 0.5}.
+// Rows of one tower are in sequence order (b*T + t) within the grouped order, so "lower row index"
+// is the lower grouped row. Expert e of copy f keeps its C rows in the slots slot0[f] + e*C ..: u1,
+// u3, u and ye are stored per slot for the backward, and sel maps each slot to its row.
+inline void mot_ffn_rows(const MotConfig& c, const int32_t* group, int f, int* r0, int* r1) {
+    *r0 = mot_ffn_copies(c) == 1 ? 0 : group[f];
+    *r1 = mot_ffn_copies(c) == 1 ? group[MOT_N_MOD] : group[f + 1];
+}
+
+// The slot layout of a batch depends only on its row counts: computed on the host once per batch.
+// With one expert per copy, slot j of copy f is row r0 + j (the plain layout).
+template <typename S>
+void mot_expert_slots(MotModel<S>* m, const int32_t* group) {
+    int at = 0;
+    for (int f = 0; f < MOT_N_MOD; f++) {
+        m->slot0[f] = at;
+        m->cap[f] = 0;
+        if (f >= mot_ffn_copies(m->cfg)) continue;
+        int r0, r1;
+        mot_ffn_rows(m->cfg, group, f, &r0, &r1);
+        const int E = m->cfg.n_expert[f];
+        m->cap[f] = (r1 - r0 + E - 1) / E;
+        at += E * m->cap[f];
+    }
+    m->slot0[MOT_N_MOD] = at;
+}
+
+// Expert choice for expert e: the C of n rows with the largest s[i * ld + e], ties to the lower i,
+// written to out (as r0 + i) in increasing row order. A heap (partial_sort) stays in bounds even
+// if a NaN breaks the ordering.
+template <typename S>
+void mot_expert_choice(int32_t* out, const S* s, int ld, int e, int n, int C, int r0) {
+    std::vector<int32_t> idx(n);
+    for (int i = 0; i < n; i++) idx[i] = i;
+    std::partial_sort(idx.begin(), idx.begin() + C, idx.end(), [&](int32_t a, int32_t b) {
+        const S x = s[(size_t)a * ld + e], y = s[(size_t)b * ld + e];
+        return x > y || (x == y && a < b);
+    });
+    std::sort(idx.begin(), idx.begin() + C);
+    for (int j = 0; j < C; j++) out[j] = r0 + idx[j];
+}
+
+// FFN sublayer of layer l up to the norm: y2 = FFN(h) for every row (the plain FFN for copies with
+// one expert, the gated expert mixture otherwise). In EC mode also adds the aux-router loss.
+template <typename S>
+void ffn_forward_experts(MotModel<S>* m, const MotBatch& b, int l) {
+    const MotConfig& c = m->cfg;
+    const MotParamTable& tab = m->tab;
+    const int N = b.B * b.T, D = c.d_model, F = c.d_ff, Em = m->Emax, NS = m->NS;
+    MotActs<S>& A = m->act;
+    const S* h = A.h + (size_t)l * N * D;
+    S *y2 = A.y2 + (size_t)l * N * D, *ye = A.ye + (size_t)l * NS * D;
+    S *u1 = A.u1 + (size_t)l * NS * F, *u3 = A.u3 + (size_t)l * NS * F, *u = A.u + (size_t)l * NS * F;
+    S *gate = A.gate + (size_t)l * N * Em, *aux = A.aux + (size_t)l * N * Em;
+    S* xg = m->scratch_mem.data() + 7 * (size_t)N * D + 3 * (size_t)NS * F;  // gathered rows of h
+    const S* P = m->params.data();
+    const size_t e1 = tab.p[P_W1].each(), e2 = tab.p[P_W2].each();
+    for (int f = 0; f < mot_ffn_copies(c); f++) {
+        int r0, r1;
+        mot_ffn_rows(c, b.group, f, &r0, &r1);
+        const int n = r1 - r0, E = c.n_expert[f];
+        if (n == 0) continue;
+        const int k = mot_expert_copy(c, f, 0);
+        const S *W1 = P + tab.p[P_W1].at(l, k), *W3 = P + tab.p[P_W3].at(l, k), *W2 = P + tab.p[P_W2].at(l, k);
+        if (E == 1) {  // the plain FFN on this copy's rows, exactly as linear_forward does it
+            const size_t s0 = m->slot0[f];
+            matmul(u1 + s0 * F, F, h + (size_t)r0 * D, D, false, W1, F, false, n, F, D, false);
+            matmul(u3 + s0 * F, F, h + (size_t)r0 * D, D, false, W3, F, false, n, F, D, false);
+            swiglu_forward(u + s0 * F, u1 + s0 * F, u3 + s0 * F, (size_t)n * F);
+            matmul(y2 + (size_t)r0 * D, D, u + s0 * F, F, false, W2, D, false, n, D, F, false);
+            continue;
+        }
+        // router logits and gates s = softmax(h Wr^T); aux logits h U^T (made sigmoids below)
+        const int kr = mot_router_copy(c, f, 0);
+        S *sg = gate + (size_t)r0 * Em, *sa = aux + (size_t)r0 * Em;
+        matmul(sg, Em, h + (size_t)r0 * D, D, false, P + tab.p[P_WR].at(l, kr), D, true, n, E, D, false);
+        matmul(sa, Em, h + (size_t)r0 * D, D, false, P + tab.p[P_U].at(l, kr), D, true, n, E, D, false);
+        for (int i = 0; i < n; i++) {
+            S* si = sg + (size_t)i * Em;
+            S mx = si[0], sum = 0;
+            for (int e = 1; e < E; e++) mx = std::max(mx, si[e]);
+            for (int e = 0; e < E; e++) { si[e] = std::exp(si[e] - mx); sum += si[e]; }
+            for (int e = 0; e < E; e++) si[e] /= sum;
+        }
+        const bool ec = m->route == MOT_ROUTE_EC;
+        const int C = m->cap[f];
+        int32_t* sel = m->sel.data() + (size_t)l * NS + m->slot0[f];
+        if (ec) {
+            std::vector<char> chosen((size_t)n * E, 0);
+            for (int e = 0; e < E; e++) {
+                mot_expert_choice(sel + (size_t)e * C, sg, Em, e, n, C, r0);
+                for (int j = 0; j < C; j++) chosen[(size_t)(sel[(size_t)e * C + j] - r0) * E + e] = 1;
+            }
+            // BCE from the logits (softplus(z) - t z, stable), a mean over rows and experts
+            double bce = 0;
+            long agree = 0;  // rows whose causal experts (a > 0.5, i.e. z > 0) are exactly their EC experts
+            for (int i = 0; i < n; i++) {
+                bool same = true;
+                for (int e = 0; e < E; e++) {
+                    const double z = sa[(size_t)i * Em + e], t = chosen[(size_t)i * E + e];
+                    bce += std::max(z, 0.0) + std::log1p(std::exp(-std::fabs(z))) - t * z;
+                    same = same && (z > 0) == (t > 0);
+                }
+                agree += same;
+            }
+            m->aux_loss += bce / ((double)n * E);
+            m->aux_agree += agree;  // a count here; mot_forward divides by the number of rows
+        }
+        for (int i = 0; i < n; i++)
+            for (int e = 0; e < E; e++) sa[(size_t)i * Em + e] = S(1) / (S(1) + std::exp(-sa[(size_t)i * Em + e]));
+        // expert e on its ce rows re (slots from sb): X = h[re], ye = swiglu(X W1, X W3) W2
+        auto run_expert = [&](int e, const int32_t* re, int ce, size_t sb) {
+            S* x = xg + sb * D;
+            for (int j = 0; j < ce; j++) std::copy(h + (size_t)re[j] * D, h + (size_t)(re[j] + 1) * D, x + (size_t)j * D);
+            matmul(u1 + sb * F, F, x, D, false, W1 + e * e1, F, false, ce, F, D, false);
+            matmul(u3 + sb * F, F, x, D, false, W3 + e * e1, F, false, ce, F, D, false);
+            swiglu_forward(u + sb * F, u1 + sb * F, u3 + sb * F, (size_t)ce * F);
+            matmul(ye + sb * D, D, u + sb * F, F, false, W2 + e * e2, D, false, ce, D, F, false);
+        };
+        // y2_i = sum of s_ie ye over the experts that took row i, added in expert order
+        std::fill(y2 + (size_t)r0 * D, y2 + (size_t)r1 * D, S(0));
+        auto add_expert = [&](int e, const int32_t* re, int ce, size_t sb) {
+            for (int j = 0; j < ce; j++) {
+                const S gs = sg[(size_t)(re[j] - r0) * Em + e];
+                const S* src = ye + (sb + j) * D;
+                S* dst = y2 + (size_t)re[j] * D;
+                for (int d = 0; d < D; d++) dst[d] += gs * src[d];
+            }
+        };
+        if (ec) {
+            // one thread per expert (each matmul then runs on one thread: the same bits as threaded),
+            // each into its own slots; few large parallel regions instead of many small ones
+#pragma omp parallel for schedule(dynamic)
+            for (int e = 0; e < E; e++) run_expert(e, sel + (size_t)e * C, C, m->slot0[f] + (size_t)e * C);
+            for (int e = 0; e < E; e++) add_expert(e, sel + (size_t)e * C, C, m->slot0[f] + (size_t)e * C);
+        } else {
+            // causal (forward only): the rows each aux router takes, one expert at a time in the
+            // copy's first slots, used at once
+            std::vector<int32_t> rows;
+            for (int e = 0; e < E; e++) {
+                rows.clear();
+                for (int i = 0; i < n; i++)
+                    if (sa[(size_t)i * Em + e] > S(0.5)) rows.push_back(r0 + i);
+                if (rows.empty()) continue;
+                run_expert(e, rows.data(), (int)rows.size(), m->slot0[f]);
+                add_expert(e, rows.data(), (int)rows.size(), m->slot0[f]);
+            }
+        }
+    }
+}
+
+// Backward of ffn_forward_experts (EC only): dt = dL/dy2 (N x D); adds dL/dh into dh and the
+// gradients of the experts, the router and (from the aux BCE) the auxiliary router.
+template <typename S>
+void ffn_backward_experts(MotModel<S>* m, const MotBatch& b, int l, const S* dt, S* dh) {
+    const MotConfig& c = m->cfg;
+    const MotParamTable& tab = m->tab;
+    const int N = b.B * b.T, D = c.d_model, F = c.d_ff, Em = m->Emax, NS = m->NS;
+    const MotActs<S>& A = m->act;
+    const S* h = A.h + (size_t)l * N * D;
+    const S *ye = A.ye + (size_t)l * NS * D, *gate = A.gate + (size_t)l * N * Em, *aux = A.aux + (size_t)l * N * Em;
+    const S *u1 = A.u1 + (size_t)l * NS * F, *u3 = A.u3 + (size_t)l * NS * F, *u = A.u + (size_t)l * NS * F;
+    S* sc = m->scratch_mem.data() + 7 * (size_t)N * D;
+    S *du1 = sc, *du3 = sc + (size_t)NS * F, *du = sc + 2 * (size_t)NS * F;
+    S *xg = sc + 3 * (size_t)NS * F, *db = xg + (size_t)NS * D;  // per slot: gathered h rows; dye, then dX
+    const S* P = m->params.data();
+    S* G = m->grads.data();
+    const size_t e1 = tab.p[P_W1].each(), e2 = tab.p[P_W2].each();
+    for (int f = 0; f < mot_ffn_copies(c); f++) {
+        int r0, r1;
+        mot_ffn_rows(c, b.group, f, &r0, &r1);
+        const int n = r1 - r0, E = c.n_expert[f];
+        if (n == 0) continue;
+        const int k = mot_expert_copy(c, f, 0);
+        const size_t o1 = tab.p[P_W1].at(l, k), o3 = tab.p[P_W3].at(l, k), o2 = tab.p[P_W2].at(l, k);
+        const S* hr = h + (size_t)r0 * D;
+        if (E == 1) {  // the plain FFN, exactly as linear_backward does it
+            const size_t s0 = m->slot0[f];
+            matmul(du + s0 * F, F, dt + (size_t)r0 * D, D, false, P + o2, D, true, n, F, D, false);
+            matmul(G + o2, D, u + s0 * F, F, true, dt + (size_t)r0 * D, D, false, F, D, n, true);
+            swiglu_backward(du1 + s0 * F, du3 + s0 * F, du + s0 * F, u1 + s0 * F, u3 + s0 * F, (size_t)n * F);
+            matmul(dh + (size_t)r0 * D, D, du1 + s0 * F, F, false, P + o1, F, true, n, D, F, true);
+            matmul(G + o1, F, hr, D, true, du1 + s0 * F, F, false, D, F, n, true);
+            matmul(dh + (size_t)r0 * D, D, du3 + s0 * F, F, false, P + o3, F, true, n, D, F, true);
+            matmul(G + o3, F, hr, D, true, du3 + s0 * F, F, false, D, F, n, true);
+            continue;
+        }
+        const int C = m->cap[f];
+        const int32_t* sel = m->sel.data() + (size_t)l * NS + m->slot0[f];
+        std::vector<S> ds((size_t)n * E, S(0));  // dL/ds, then dL/d(router logits)
+        // one thread per expert, as in the forward; each writes only its own slots, its own
+        // weight gradients and its own column of ds
+#pragma omp parallel for schedule(dynamic)
+        for (int e = 0; e < E; e++) {
+            const int32_t* re = sel + (size_t)e * C;
+            const size_t sb = m->slot0[f] + (size_t)e * C;
+            S *x = xg + sb * D, *dy = db + sb * D;
+            // y2_i += s_ie ye_j:  dL/ds_ie = dt_i . ye_j,  dL/dye_j = s_ie dt_i
+            for (int j = 0; j < C; j++) {
+                const S* dti = dt + (size_t)re[j] * D;
+                const S* yj = ye + (sb + j) * D;
+                const S gs = gate[(size_t)re[j] * Em + e];
+                S dot = 0;
+                for (int d = 0; d < D; d++) { dot += dti[d] * yj[d]; dy[(size_t)j * D + d] = gs * dti[d]; }
+                ds[(size_t)(re[j] - r0) * E + e] = dot;
+            }
+            // the expert's SwiGLU FFN on its gathered rows X: ye = swiglu(X W1, X W3) W2
+            matmul(du + sb * F, F, dy, D, false, P + o2 + e * e2, D, true, C, F, D, false);
+            matmul(G + o2 + e * e2, D, u + sb * F, F, true, dy, D, false, F, D, C, true);
+            swiglu_backward(du1 + sb * F, du3 + sb * F, du + sb * F, u1 + sb * F, u3 + sb * F, (size_t)C * F);
+            for (int j = 0; j < C; j++) std::copy(h + (size_t)re[j] * D, h + (size_t)(re[j] + 1) * D, x + (size_t)j * D);
+            matmul(G + o1 + e * e1, F, x, D, true, du1 + sb * F, F, false, D, F, C, true);
+            matmul(G + o3 + e * e1, F, x, D, true, du3 + sb * F, F, false, D, F, C, true);
+            matmul(dy, D, du1 + sb * F, F, false, P + o1 + e * e1, F, true, C, D, F, false);  // dX, over dye
+            matmul(dy, D, du3 + sb * F, F, false, P + o3 + e * e1, F, true, C, D, F, true);
+        }
+        for (int e = 0; e < E; e++)  // dh += dX, in expert order (experts may share a row)
+            for (int j = 0; j < C; j++) {
+                const S* src = db + (m->slot0[f] + (size_t)e * C + j) * D;
+                S* dst = dh + (size_t)sel[(size_t)e * C + j] * D;
+                for (int d = 0; d < D; d++) dst[d] += src[d];
+            }
+        // softmax backward: dr_ie = s_ie (ds_ie - sum_k s_ik ds_ik); then dWr += dr^T h, dh += dr Wr
+        for (int i = 0; i < n; i++) {
+            const S* si = gate + (size_t)(r0 + i) * Em;
+            S* di = ds.data() + (size_t)i * E;
+            S dot = 0;
+            for (int e = 0; e < E; e++) dot += si[e] * di[e];
+            for (int e = 0; e < E; e++) di[e] = si[e] * (di[e] - dot);
+        }
+        const size_t orr = tab.p[P_WR].at(l, mot_router_copy(c, f, 0)), ou = tab.p[P_U].at(l, mot_router_copy(c, f, 0));
+        matmul(G + orr, D, ds.data(), E, true, hr, D, false, E, D, n, true);
+        matmul(dh + (size_t)r0 * D, D, ds.data(), E, false, P + orr, D, false, n, D, E, true);
+        // aux BCE, mean over n x E, weight MOT_AUX_WEIGHT: dz = w (a - t) / (n E); h is detached
+        std::vector<S> dz((size_t)n * E);
+        for (int i = 0; i < n; i++)
+            for (int e = 0; e < E; e++) dz[(size_t)i * E + e] = aux[(size_t)(r0 + i) * Em + e];
+        for (int e = 0; e < E; e++)
+            for (int j = 0; j < C; j++) dz[(size_t)(sel[(size_t)e * C + j] - r0) * E + e] -= S(1);
+        const S w = S(MOT_AUX_WEIGHT / ((double)n * E));
+        for (S& v : dz) v *= w;
+        matmul(G + ou, D, dz.data(), E, true, hr, D, false, E, D, n, true);
+    }
+}
+
 // ---- output head and cross-entropy ---------------------------------------------------------
 // loss = mean over valid targets of logsumexp(logits) - logits[target]; loss_m restricts the
 // mean to positions whose TARGET has modality m. Writes dlogits = (softmax - onehot) / n_valid.
@@ -778,6 +1092,9 @@ double mot_forward(MotModel<S>* m, const MotBatch& b) {
     MotActs<S>& A = m->act;
     const size_t ND = (size_t)N * D, NF = (size_t)N * F;
 
+    const bool experts = mot_has_experts(c) || m->force_expert_path;
+    m->aux_loss = m->aux_agree = 0;
+    if (experts) mot_expert_slots(m, g);
     for (int r = 0; r < N; r++) {  // embedding, gathered straight into grouped order
         const S* e = m->param(P_EMB) + (size_t)b.tokens[b.order[r]] * D;
         std::copy(e, e + D, A.x + (size_t)r * D);
@@ -802,11 +1119,15 @@ double mot_forward(MotModel<S>* m, const MotBatch& b) {
         rmsnorm_forward(h, A.a_rstd + (size_t)l * N, a, m->param(P_GATTN, l), kn, g, N, D, 1);
 #pragma omp parallel for schedule(static)
         for (size_t i = 0; i < ND; i++) h[i] += x[i];
-        // FFN sublayer: y = h + rmsnorm(swiglu(h) W2) * g_ffn
-        linear_forward(u1, h, m->params.data() + tab.p[P_W1].offset, tab.p[P_W1], l, g);
-        linear_forward(u3, h, m->params.data() + tab.p[P_W3].offset, tab.p[P_W3], l, g);
-        swiglu_forward(u, u1, u3, NF);
-        linear_forward(y2, u, m->params.data() + tab.p[P_W2].offset, tab.p[P_W2], l, g);
+        // FFN sublayer: y = h + rmsnorm(swiglu(h) W2) * g_ffn   (or the experts' mixture in place of swiglu(h) W2)
+        if (experts) {
+            ffn_forward_experts(m, b, l);
+        } else {
+            linear_forward(u1, h, m->params.data() + tab.p[P_W1].offset, tab.p[P_W1], l, g);
+            linear_forward(u3, h, m->params.data() + tab.p[P_W3].offset, tab.p[P_W3], l, g);
+            swiglu_forward(u, u1, u3, NF);
+            linear_forward(y2, u, m->params.data() + tab.p[P_W2].offset, tab.p[P_W2], l, g);
+        }
         rmsnorm_forward(y, A.y2_rstd + (size_t)l * N, y2, m->param(P_GFFN, l), kn, g, N, D, 1);
 #pragma omp parallel for schedule(static)
         for (size_t i = 0; i < ND; i++) y[i] += h[i];
@@ -814,11 +1135,21 @@ double mot_forward(MotModel<S>* m, const MotBatch& b) {
     rmsnorm_forward(A.z, A.z_rstd, A.x + c.n_layer * ND, m->param(P_GOUT), tab.p[P_GOUT].copies, g, N, D, 1);
     matmul(A.logits, V, A.z, D, false, m->param(P_HEAD), V, false, N, V, D, false);
     cross_entropy(m, b);
-    return m->loss;
+    if (experts && m->route == MOT_ROUTE_EC) {  // aux_agree: a count of rows so far (over layers)
+        long rows = 0;
+        for (int f = 0; f < mot_ffn_copies(c); f++) {
+            int r0, r1;
+            mot_ffn_rows(c, g, f, &r0, &r1);
+            if (c.n_expert[f] > 1) rows += (long)(r1 - r0) * c.n_layer;
+        }
+        m->aux_agree = rows ? m->aux_agree / rows : 0;
+    }
+    return m->loss;  // the reported loss: the training objective adds MOT_AUX_WEIGHT * aux_loss
 }
 
 // Backward pass: ACCUMULATES into m->grads (call mot_zero_grad first; accumulation over several
-// batches is gradient accumulation). Needs the activations of the forward pass of the same batch.
+// batches is gradient accumulation). Needs the activations of the forward pass of the same batch
+// (with experts, an EC forward: the gradient is that of loss + MOT_AUX_WEIGHT * aux_loss).
 template <typename S>
 void mot_backward(MotModel<S>* m, const MotBatch& b) {
     const MotConfig& c = m->cfg;
@@ -827,6 +1158,7 @@ void mot_backward(MotModel<S>* m, const MotBatch& b) {
     const MotParamTable& tab = m->tab;
     MotActs<S>& A = m->act;
     const size_t ND = (size_t)N * D, NF = (size_t)N * F;
+    const bool experts = mot_has_experts(c) || m->force_expert_path;
     S* s = m->scratch_mem.data();
     S *dx = s, *dh = s + ND, *dt = s + 2 * ND, *dq = s + 3 * ND, *dk = s + 4 * ND, *dv = s + 5 * ND,
       *dO = s + 6 * ND, *du1 = s + 7 * ND, *du3 = du1 + NF, *du = du3 + NF;
@@ -847,11 +1179,16 @@ void mot_backward(MotModel<S>* m, const MotBatch& b) {
         // FFN sublayer; dx holds dL/dy. The residual passes dy straight to dh.
         rmsnorm_backward(dt, false, m->grad(P_GFFN, l), dx, y2, A.y2_rstd + (size_t)l * N, m->param(P_GFFN, l),
                          kn, g, N, D, 1);  // dt = dL/dy2
-        linear_backward(du, false, G + tab.p[P_W2].offset, dt, u, P + tab.p[P_W2].offset, tab.p[P_W2], l, g);
-        swiglu_backward(du1, du3, du, u1, u3, NF);
-        std::copy(dx, dx + ND, dh);
-        linear_backward(dh, true, G + tab.p[P_W1].offset, du1, h, P + tab.p[P_W1].offset, tab.p[P_W1], l, g);
-        linear_backward(dh, true, G + tab.p[P_W3].offset, du3, h, P + tab.p[P_W3].offset, tab.p[P_W3], l, g);
+        if (experts) {
+            std::copy(dx, dx + ND, dh);
+            ffn_backward_experts(m, b, l, dt, dh);
+        } else {
+            linear_backward(du, false, G + tab.p[P_W2].offset, dt, u, P + tab.p[P_W2].offset, tab.p[P_W2], l, g);
+            swiglu_backward(du1, du3, du, u1, u3, NF);
+            std::copy(dx, dx + ND, dh);
+            linear_backward(dh, true, G + tab.p[P_W1].offset, du1, h, P + tab.p[P_W1].offset, tab.p[P_W1], l, g);
+            linear_backward(dh, true, G + tab.p[P_W3].offset, du3, h, P + tab.p[P_W3].offset, tab.p[P_W3], l, g);
+        }
         // attention sublayer; dh holds dL/dh. The residual passes dh straight to dx.
         rmsnorm_backward(dt, false, m->grad(P_GATTN, l), dh, a, A.a_rstd + (size_t)l * N, m->param(P_GATTN, l),
                          kn, g, N, D, 1);  // dt = dL/da
@@ -1113,17 +1450,24 @@ inline void mot_loader_next(MotLoader* ld, const MotConfig& c, int B, int T, Mot
 // ---- checkpoint (.ckpt) ------------------------------------------------------------------------
 //   offset  size  field
 //   0       4     magic "MOTC"
-//   4       4     uint32 version = 1
-//   8       48    int32 config[12]: n_layer d_model n_head d_ff vocab image_begin speech_begin
-//                 max_seq n_tower tie_attn tie_ffn tie_norm
-//   56      4     uint32 has_optimizer (1: Adam moments follow the parameters)
-//   60      4     uint32 reserved = 0
-//   64      8     int64 step (number of optimizer steps taken)
-//   72      8     uint64 data loader RNG state
-//   80      4*P   float32 parameters, in parameter-table order (P = table total)
+//   4       4     uint32 version = 2
+//   8       60    int32 config[15]: n_layer d_model n_head d_ff vocab image_begin speech_begin
+//                 max_seq n_tower tie_attn tie_ffn tie_norm n_expert[0] n_expert[1] n_expert[2]
+//   68      4     uint32 has_optimizer (1: Adam moments follow the parameters)
+//   72      4     uint32 reserved = 0
+//   76      8     int64 step (number of optimizer steps taken)
+//   84      8     uint64 data loader RNG state
+//   92      4*P   float32 parameters, in parameter-table order (P = table total)
 //   ...     4*P   float32 Adam first moments   (if has_optimizer)
 //   ...     4*P   float32 Adam second moments  (if has_optimizer)
-enum { MOT_CKPT_VERSION = 1, MOT_CKPT_HEADER = 80 };
+// Version 1 (still read) has config[12] (no experts: one per copy), so every later field is 12
+// bytes earlier and the parameters start at 80.
+enum { MOT_CKPT_VERSION = 2, MOT_CKPT_HEADER = 92 };
+
+// The number of config ints in a checkpoint or debug-state header of this version (0: unknown).
+inline int mot_config_ints_of_version(uint32_t version) {
+    return version == 1 ? MOT_CONFIG_INTS_V1 : version == 2 ? MOT_CONFIG_INTS : 0;
+}
 
 struct MotTrainState {
     int64_t step = 0;
@@ -1176,13 +1520,15 @@ inline bool mot_read_checkpoint_config(const std::string& path, MotConfig* cfg, 
     FILE* f = fopen(path.c_str(), "rb");
     if (!f) return mot_fail(err, path, std::string("cannot open: ") + strerror(errno));
     uint32_t h[2];
-    int32_t c[MOT_CONFIG_INTS];
-    bool ok = mot_get(f, h, 8) && mot_get(f, c, sizeof c);
+    int32_t c[MOT_CONFIG_INTS] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1};  // version 1: one expert each
+    bool ok = mot_get(f, h, 8);
+    const int nc = ok ? mot_config_ints_of_version(h[1]) : 0;
+    ok = ok && (nc == 0 || mot_get(f, c, 4 * nc));
     fclose(f);
     if (!ok) return mot_fail(err, path, "truncated: shorter than the checkpoint header");
     if (memcmp(h, "MOTC", 4) != 0) return mot_fail(err, path, "not a mot checkpoint (bad magic, expected MOTC)");
-    if (h[1] != MOT_CKPT_VERSION)
-        return mot_fail(err, path, "unsupported checkpoint version " + std::to_string(h[1]) + " (expected 1)");
+    if (nc == 0)
+        return mot_fail(err, path, "unsupported checkpoint version " + std::to_string(h[1]) + " (expected 1 or 2)");
     *cfg = mot_config_from_ints(c);
     std::string bad = mot_config_error(*cfg);
     if (!bad.empty()) return mot_fail(err, path, "bad config in header: " + bad);
@@ -1202,13 +1548,17 @@ bool mot_load_checkpoint(const std::string& path, MotModel<S>* m, MotTrainState*
     if (!f) return mot_fail(err, path, std::string("cannot open: ") + strerror(errno));
     struct Closer { FILE* f; ~Closer() { fclose(f); } } closer{f};
     const long size = mot_file_size(f);
-    uint8_t head[56];
+    uint8_t head[8 + 4 * MOT_CONFIG_INTS];
     uint32_t flags[2];
     MotTrainState s;
-    if (!mot_get(f, head, 56) || !mot_get(f, flags, 8) || !mot_get(f, &s.step, 8) || !mot_get(f, &s.data_rng, 8))
+    if (!mot_get(f, head, 8)) return mot_fail(err, path, "truncated: shorter than the checkpoint header");
+    uint32_t version;
+    memcpy(&version, head + 4, 4);
+    const size_t skip = 4 * mot_config_ints_of_version(version), header = 8 + skip + 24;  // 92, or 80 for version 1
+    if (!mot_get(f, head + 8, skip) || !mot_get(f, flags, 8) || !mot_get(f, &s.step, 8) || !mot_get(f, &s.data_rng, 8))
         return mot_fail(err, path, "truncated: shorter than the checkpoint header");
     if (flags[0] > 1) return mot_fail(err, path, "bad has_optimizer flag");
-    const size_t P = m->tab.total, want = MOT_CKPT_HEADER + 4 * P * (flags[0] ? 3 : 1);
+    const size_t P = m->tab.total, want = header + 4 * P * (flags[0] ? 3 : 1);
     if ((size_t)size != want)
         return mot_fail(err, path, "truncated or padded: expected " + std::to_string(want) + " bytes, found " +
                                        std::to_string(size));
@@ -1220,22 +1570,53 @@ bool mot_load_checkpoint(const std::string& path, MotModel<S>* m, MotTrainState*
     return true;
 }
 
+// Sparse upcycling (spec, "Experts"): dst, built by mot_init with the wanted config, takes every
+// tensor of src, whose config must be the same except for one expert per FFN copy. Each expert of
+// FFN copy f starts as an exact copy of src's FFN copy f; the routers and auxiliary routers keep
+// dst's fresh N(0, 0.02) draws (at 0 all gates would tie and every expert would take the same
+// rows); the Adam moments stay zero. Returns "" or what stands in the way.
+template <typename S>
+std::string mot_upcycle(MotModel<S>* dst, const MotModel<S>& src) {
+    MotConfig a = src.cfg, b = dst->cfg;
+    if (mot_has_experts(a)) return "the source already has experts (upcycling starts from one expert per FFN copy)";
+    for (int f = 0; f < MOT_N_MOD; f++) a.n_expert[f] = b.n_expert[f];
+    std::string mis = mot_config_mismatch(a, b);
+    if (!mis.empty()) return mis;
+    for (int p = 0; p < P_COUNT; p++) {
+        const MotParamInfo &si = src.tab.p[p], &di = dst->tab.p[p];
+        if (p == P_WR || p == P_U) continue;
+        if (p != P_W1 && p != P_W3 && p != P_W2) {
+            std::copy(src.params.begin() + si.offset, src.params.begin() + si.offset + si.size(),
+                      dst->params.begin() + di.offset);
+            continue;
+        }
+        for (int l = 0; l < si.layers; l++)
+            for (int f = 0; f < si.copies; f++)
+                for (int e = 0; e < b.n_expert[f]; e++)
+                    std::copy(src.params.begin() + si.at(l, f), src.params.begin() + si.at(l, f) + si.each(),
+                              dst->params.begin() + di.at(l, mot_expert_copy(b, f, e)));
+    }
+    return "";
+}
+
 // ---- debug state (.dbg): one batch with everything a second implementation must reproduce ----
 //   offset  size   field
 //   0       4      magic "MOTD"
-//   4       4      uint32 version = 1
-//   8       48     int32 config[12] (as in the checkpoint)
-//   56      4      int32 B
-//   60      4      int32 T
-//   64      4*P    float32 parameters (table order)
+//   4       4      uint32 version = 2
+//   8       60     int32 config[15] (as in the checkpoint)
+//   68      4      int32 B
+//   72      4      int32 T
+//   76      4*P    float32 parameters (table order)
 //   ...     4*B*T  int32 input tokens, original order (b*T + t)
 //   ...     4*B*T  int32 targets (-1 = ignored)
 //   ...     4*B*T*V float32 logits, original order
 //   ...     4      float32 loss
 //   ...     12     float32 loss per modality (text, image, speech; 0 when no target of it)
 //   ...     12     int32 number of targets per modality
-//   ...     4*P    float32 gradient of the loss wrt every parameter (table order)
-enum { MOT_DEBUG_VERSION = 1 };
+//   ...     4*P    float32 gradient of the loss wrt every parameter (table order; with experts, of
+//                  the training objective loss + 0.01 aux_loss, from expert-choice routing)
+// Version 1 (still read) has config[12] (one expert per copy): B, T and the rest 12 bytes earlier.
+enum { MOT_DEBUG_VERSION = 2 };
 
 struct MotDebugState {
     MotConfig cfg;
@@ -1287,12 +1668,14 @@ inline bool mot_read_debug_state(const std::string& path, MotDebugState* d, std:
     struct Closer { FILE* f; ~Closer() { fclose(f); } } closer{f};
     const long size = mot_file_size(f);
     uint32_t h[2];
-    int32_t cfg[MOT_CONFIG_INTS], bt[2];
-    if (!mot_get(f, h, 8) || !mot_get(f, cfg, sizeof cfg) || !mot_get(f, bt, 8))
+    int32_t cfg[MOT_CONFIG_INTS] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1}, bt[2];  // version 1: one expert each
+    bool ok = mot_get(f, h, 8);
+    const int nc = ok ? mot_config_ints_of_version(h[1]) : 0;
+    if (!ok || (nc && (!mot_get(f, cfg, 4 * nc) || !mot_get(f, bt, 8))))
         return mot_fail(err, path, "truncated: shorter than the debug-state header");
     if (memcmp(h, "MOTD", 4) != 0) return mot_fail(err, path, "not a mot debug state (bad magic, expected MOTD)");
-    if (h[1] != MOT_DEBUG_VERSION)
-        return mot_fail(err, path, "unsupported debug-state version " + std::to_string(h[1]) + " (expected 1)");
+    if (nc == 0)
+        return mot_fail(err, path, "unsupported debug-state version " + std::to_string(h[1]) + " (expected 1 or 2)");
     d->cfg = mot_config_from_ints(cfg);
     std::string bad = mot_config_error(d->cfg);
     if (!bad.empty()) return mot_fail(err, path, "bad config in header: " + bad);
@@ -1300,12 +1683,12 @@ inline bool mot_read_debug_state(const std::string& path, MotDebugState* d, std:
     d->T = bt[1];
     if (d->B < 1 || d->T < 1 || d->T > d->cfg.max_seq) return mot_fail(err, path, "bad batch shape in header");
     const size_t P = mot_param_table(d->cfg).total, N = (size_t)d->B * d->T, V = d->cfg.vocab;
-    const size_t want = 64 + 4 * P * 2 + 4 * N * 2 + 4 * N * V + 4 + 12 + 12;
+    const size_t want = 16 + 4 * (size_t)nc + 4 * P * 2 + 4 * N * 2 + 4 * N * V + 4 + 12 + 12;
     if ((size_t)size != want)
         return mot_fail(err, path, "truncated or padded: expected " + std::to_string(want) + " bytes, found " +
                                        std::to_string(size));
     d->params.resize(P); d->grads.resize(P); d->tokens.resize(N); d->targets.resize(N); d->logits.resize(N * V);
-    bool ok = mot_get(f, d->params.data(), 4 * P) && mot_get(f, d->tokens.data(), 4 * N) &&
+    ok = mot_get(f, d->params.data(), 4 * P) && mot_get(f, d->tokens.data(), 4 * N) &&
               mot_get(f, d->targets.data(), 4 * N) && mot_get(f, d->logits.data(), 4 * N * V) &&
               mot_get(f, &d->loss, 4) && mot_get(f, d->loss_mod, 12) && mot_get(f, d->n_mod, 12) &&
               mot_get(f, d->grads.data(), 4 * P);
@@ -1358,7 +1741,11 @@ bool mot_decode_step(MotModel<S>* m, MotKVCache<S>* kv, int token, S* logits) {
     const int D = c.d_model, H = c.n_head, Dh = D / H, half = Dh / 2, F = c.d_ff, pos = kv->len;
     const int md = mot_modality(c, token);
     const MotParamTable& t = m->tab;
-    auto copy = [&](int p) { return t.p[p].copies == 1 ? 0 : md; };
+    const int fc = mot_ffn_copy_of_mod(c, md), E = c.n_expert[fc];  // this token's FFN copy and its experts
+    auto copy = [&](int p) {
+        if (p == P_W1 || p == P_W3 || p == P_W2) return mot_expert_copy(c, fc, 0);
+        return t.p[p].copies == 1 ? 0 : md;
+    };
     auto W = [&](int p, int l) { return m->param(p, l, copy(p)); };
     std::vector<S> x(m->param(P_EMB) + (size_t)token * D, m->param(P_EMB) + (size_t)(token + 1) * D);
     std::vector<S> q(D), k(D), v(D), o(D), a(D), h(D), y(D), u1(F), u3(F), u(F), y2(D), rs(H);
@@ -1400,10 +1787,35 @@ bool mot_decode_step(MotModel<S>* m, MotKVCache<S>* kv, int token, S* logits) {
         lin(a.data(), o.data(), P_WO, l);
         rmsnorm_forward(h.data(), rs.data(), a.data(), m->param(P_GATTN, l), t.p[P_GATTN].copies, one_row, 1, D, 1);
         for (int j = 0; j < D; j++) h[j] += x[j];
-        lin(u1.data(), h.data(), P_W1, l);
-        lin(u3.data(), h.data(), P_W3, l);
-        swiglu_forward(u.data(), u1.data(), u3.data(), F);
-        lin(y2.data(), u.data(), P_W2, l);
+        if (E == 1) {
+            lin(u1.data(), h.data(), P_W1, l);
+            lin(u3.data(), h.data(), P_W3, l);
+            swiglu_forward(u.data(), u1.data(), u3.data(), F);
+            lin(y2.data(), u.data(), P_W2, l);
+        } else {  // causal routing: expert e runs iff sigmoid(h U_e) > 0.5, weighted by its gate s_e
+            const S *Wr = m->param(P_WR, l, mot_router_copy(c, fc, 0)), *U = m->param(P_U, l, mot_router_copy(c, fc, 0));
+            std::vector<S> sg(E), sa(E), ye(D);
+            S mx = -INFINITY, sum = 0;
+            for (int e = 0; e < E; e++) {
+                S r = 0, z = 0;
+                for (int d = 0; d < D; d++) { r += h[d] * Wr[(size_t)e * D + d]; z += h[d] * U[(size_t)e * D + d]; }
+                sg[e] = r;
+                sa[e] = S(1) / (S(1) + std::exp(-z));
+                mx = std::max(mx, r);
+            }
+            for (int e = 0; e < E; e++) { sg[e] = std::exp(sg[e] - mx); sum += sg[e]; }
+            std::fill(y2.begin(), y2.end(), S(0));
+            for (int e = 0; e < E; e++) {
+                if (!(sa[e] > S(0.5))) continue;
+                const size_t ek = mot_expert_copy(c, fc, e);
+                mot_matvec(u1.data(), h.data(), m->param(P_W1, l, ek), D, F);
+                mot_matvec(u3.data(), h.data(), m->param(P_W3, l, ek), D, F);
+                swiglu_forward(u.data(), u1.data(), u3.data(), F);
+                mot_matvec(ye.data(), u.data(), m->param(P_W2, l, ek), F, D);
+                const S gs = sg[e] / sum;
+                for (int d = 0; d < D; d++) y2[d] += gs * ye[d];
+            }
+        }
         rmsnorm_forward(x.data(), rs.data(), y2.data(), m->param(P_GFFN, l), t.p[P_GFFN].copies, one_row, 1, D, 1);
         for (int j = 0; j < D; j++) x[j] += h[j];
     }

@@ -45,6 +45,8 @@ struct Args {
     std::string tokenizers;  // dataset folder with text.bpe, image.vq, speech.sp (default: --data's folder)
     bool resume = false, cpu = false, fp32 = false, eval_only = false;
     std::vector<std::string> set;  // the model-shape flags the user gave (checked against --init-from)
+    std::vector<int> experts;      // --experts: one count for every FFN copy, or one per copy
+    std::string experts_text;
 };
 
 static void usage(FILE* f) {
@@ -59,6 +61,11 @@ static void usage(FILE* f) {
             "  --tie-attn        share attention weights across modalities (off)\n"
             "  --tie-ffn         share FFN weights across modalities       (off)\n"
             "  --tie-norm        share norm gains across modalities        (off)\n"
+            "  --experts LIST    experts per FFN: one count for every tower, or one per tower (1)\n"
+            "                    e.g. --dense --experts 4 (MoE-4x), --experts 4,1,1 (MoT + MoE in text),\n"
+            "                    --tie-attn --experts 4,4,4 (MoMa-style); expert choice in training,\n"
+            "                    auxiliary routers for causal eval and generation; CPU reference only.\n"
+            "                    With --init-from a checkpoint without experts: sparse upcycling\n"
             "data and batches:\n"
             "  --data PATTERN    training shards (glob)                    (data/default/train_*.bin)\n"
             "  --val PATTERN     validation shards (glob)                  (none)\n"
@@ -145,6 +152,20 @@ static Args parse_args(int argc, char** argv) {
         else if (f == "--tie-attn") { a.cfg.tie_attn = 1; a.set.push_back("tie_attn"); }
         else if (f == "--tie-ffn") { a.cfg.tie_ffn = 1; a.set.push_back("tie_ffn"); }
         else if (f == "--tie-norm") { a.cfg.tie_norm = 1; a.set.push_back("tie_norm"); }
+        else if (f == "--experts") {
+            a.experts_text = val();
+            a.experts.clear();
+            for (size_t p = 0;;) {
+                const size_t q = a.experts_text.find(',', p);
+                const std::string one = a.experts_text.substr(p, q == std::string::npos ? q : q - p);
+                a.experts.push_back((int)parse_int("--experts", one.c_str(), 1, MOT_MAX_EXPERT));
+                if (q == std::string::npos) break;
+                p = q + 1;
+            }
+            if (a.experts.size() > MOT_N_MOD)
+                die("bad value for --experts: '" + a.experts_text + "' (at most 3 counts: text, image, speech)", 2);
+            for (int k = 0; k < MOT_N_MOD; k++) a.set.push_back(MOT_CONFIG_NAMES[12 + k]);
+        }
         else if (f == "--data") a.data = val();
         else if (f == "--val") a.val = val();
         else if (f == "--batch") a.batch = parse_int("--batch", val(), 1, 1 << 16);
@@ -233,7 +254,7 @@ struct Engine {
         mot_zero_grad(cpu);
     }
     // Forward on a batch; the losses land in loss / loss_mod / n_mod / n_valid.
-    double loss = 0, loss_mod[MOT_N_MOD] = {0, 0, 0};
+    double loss = 0, loss_mod[MOT_N_MOD] = {0, 0, 0}, aux_loss = 0, aux_agree = 0;
     int n_valid = 0, n_mod[MOT_N_MOD] = {0, 0, 0};
     void forward(const MotBatch& b) {
 #ifdef MOT_GPU
@@ -245,6 +266,8 @@ struct Engine {
 #endif
         mot_forward(cpu, b);
         take(cpu->loss, cpu->loss_mod, cpu->n_mod, cpu->n_valid);
+        aux_loss = cpu->aux_loss;  // experts: CPU reference only
+        aux_agree = cpu->aux_agree;
     }
     void backward(const MotBatch& b) {
 #ifdef MOT_GPU
@@ -281,7 +304,11 @@ struct Engine {
 
 // Mean validation loss (overall and per modality, weighted by target counts) over a fixed set
 // of batches: the val loader restarts from the same seed each time, so evaluations compare.
-static void evaluate(Engine* e, const std::string& pattern, const Args& a, double* loss, double mod[3]) {
+// With experts, route picks expert choice over each batch (MOT_ROUTE_EC) or the auxiliary routers
+// (MOT_ROUTE_CAUSAL); a model without experts gives the same loss either way.
+static void evaluate(Engine* e, const std::string& pattern, const Args& a, double* loss, double mod[3],
+                     int route = MOT_ROUTE_EC) {
+    e->cpu->route = route;
     MotLoader ld;
     std::string err;
     if (!mot_loader_open(&ld, pattern, a.seq, 0x5EED, &err)) die(err);
@@ -297,6 +324,18 @@ static void evaluate(Engine* e, const std::string& pattern, const Args& a, doubl
     }
     *loss = n ? sum / n : 0;
     for (int md = 0; md < 3; md++) mod[md] = mn[md] ? ms[md] / mn[md] : NAN;
+    e->cpu->route = MOT_ROUTE_EC;
+}
+// Both ways: EC into loss/mod, causal into closs/cmod (the same numbers without experts).
+static void evaluate_both(Engine* e, const std::string& pattern, const Args& a, double* loss, double mod[3],
+                          double* closs, double cmod[3]) {
+    evaluate(e, pattern, a, loss, mod, MOT_ROUTE_EC);
+    if (mot_has_experts(e->cpu->cfg)) {
+        evaluate(e, pattern, a, closs, cmod, MOT_ROUTE_CAUSAL);
+    } else {
+        *closs = *loss;
+        for (int md = 0; md < 3; md++) cmod[md] = mod[md];
+    }
 }
 
 
@@ -436,7 +475,9 @@ static std::vector<double> score_candidates(MotModel<float>* m, std::vector<uint
         }
     }
     mot_group(m->cfg, &b);
+    m->route = MOT_ROUTE_CAUSAL;  // with experts, no candidate may influence another's routing
     mot_forward(m, b);
+    m->route = MOT_ROUTE_EC;
     std::vector<double> out(b.B, 0.0);
     for (int i = 0; i < b.B; i++)
         for (int t = 0; t < b.T; t++) out[i] += m->pos_loss[(size_t)i * b.T + t];
@@ -814,6 +855,23 @@ int main(int argc, char** argv) {
     a.cfg.speech_begin = loader.vocab.speech_begin;
 
     MotTrainState st;
+    // --experts counts the model's FFN copies: the flags' towers, or the checkpoint's where the flags
+    // leave them open. A checkpoint without experts and a model with them: sparse upcycling.
+    bool upcycle = false;
+    if (!a.experts.empty()) {
+        auto given = [&](const char* n) { return std::find(a.set.begin(), a.set.end(), n) != a.set.end(); };
+        MotConfig towers = a.cfg;
+        if (!a.init_from.empty() && !given("n_tower")) towers.n_tower = fc.n_tower;
+        if (!a.init_from.empty() && !given("tie_ffn")) towers.tie_ffn = fc.tie_ffn;
+        const int kf = mot_ffn_copies(towers);
+        if (a.experts.size() != 1 && (int)a.experts.size() != kf)
+            die("bad value for --experts: '" + a.experts_text + "' (expected one count, or " + std::to_string(kf) +
+                    ": one per FFN tower of this model)", 2);
+        for (int f = 0; f < MOT_N_MOD; f++)
+            a.cfg.n_expert[f] = f >= kf ? 1 : a.experts.size() == 1 ? a.experts[0] : a.experts[f];
+        upcycle = !a.init_from.empty() && !mot_has_experts(fc) && mot_has_experts(a.cfg);
+    }
+    const MotConfig wanted = a.cfg;
     if (!a.init_from.empty()) {
         int32_t fv[MOT_CONFIG_INTS], av[MOT_CONFIG_INTS];
         mot_config_to_ints(fc, fv);
@@ -822,19 +880,30 @@ int main(int argc, char** argv) {
             std::string name = MOT_CONFIG_NAMES[i];
             bool from_data = name == "vocab" || name == "image_begin" || name == "speech_begin";
             bool user_set = std::find(a.set.begin(), a.set.end(), name) != a.set.end();
+            if (upcycle && i >= MOT_CONFIG_INTS_V1) continue;  // the experts are what upcycling changes
             if ((from_data || user_set) && fv[i] != av[i])
                 die(a.init_from + ": config does not match: " + name + " is " + std::to_string(fv[i]) +
                     " in the checkpoint but " + std::to_string(av[i]) + " from the " +
                     (from_data ? "data (" + a.data + ")" : std::string("flags")));
         }
         a.cfg = fc;
+        if (upcycle)
+            for (int f = 0; f < MOT_N_MOD; f++) a.cfg.n_expert[f] = wanted.n_expert[f];
     }
     std::string bad = mot_config_error(a.cfg);
     if (!bad.empty()) die("bad model config: " + bad, 2);
 
     MotModel<float> model;
     mot_init(&model, a.cfg, a.seed);
-    if (!a.init_from.empty()) {
+    if (upcycle) {  // a new run from the checkpoint's weights: step 0, fresh optimizer, this seed's data order
+        MotModel<float> src;
+        mot_init(&src, fc, a.seed);
+        if (!mot_load_checkpoint(a.init_from, &src, nullptr, nullptr, &err)) die(err);
+        const std::string why = mot_upcycle(&model, src);
+        if (!why.empty()) die(a.init_from + ": cannot upcycle: " + why);
+        printf("upcycled from %s: each FFN copied into its %s experts, routers and aux routers fresh N(0, 0.02); "
+               "step 0, fresh optimizer\n", a.init_from.c_str(), a.experts_text.c_str());
+    } else if (!a.init_from.empty()) {
         bool has_opt = false;
         if (!mot_load_checkpoint(a.init_from, &model, &st, &has_opt, &err)) die(err);
         if (has_opt) loader.rng = st.data_rng;  // resume the data order where it stopped
@@ -847,6 +916,7 @@ int main(int argc, char** argv) {
         std::string why = "CPU-only build (no nvcc)";
 #ifdef MOT_GPU
         if (a.cpu) why = "--cpu given";
+        else if (mot_has_experts(a.cfg)) why = "experts run on the CPU reference only: the GPU path has none yet";
         else if (mot_gpu_available(&why)) {
 #ifdef MOT_MPI
             if (!mot_gpu_dp_init(rank, world, &err)) die("data parallel setup: " + err);
@@ -868,11 +938,17 @@ int main(int argc, char** argv) {
             printf("device: CPU reference (%s)\n", why.c_str());
     }
     const MotParamTable& tab = model.tab;
-    printf("model: %s, L=%d D=%d H=%d F=%d V=%d (text %d, image %d, speech %d), T=%d, %.2fM parameters%s%s%s\n",
+    std::string experts_note;
+    if (mot_has_experts(a.cfg)) {
+        experts_note = ", experts";
+        for (int f = 0; f < mot_ffn_copies(a.cfg); f++) experts_note += (f ? "," : " ") + std::to_string(a.cfg.n_expert[f]);
+    }
+    printf("model: %s, L=%d D=%d H=%d F=%d V=%d (text %d, image %d, speech %d), T=%d, %.2fM parameters%s%s%s%s\n",
            a.cfg.n_tower == 1 ? "dense" : "MoT (3 towers)", a.cfg.n_layer, a.cfg.d_model, a.cfg.n_head, a.cfg.d_ff,
            a.cfg.vocab, a.cfg.image_begin, a.cfg.speech_begin - a.cfg.image_begin, a.cfg.vocab - a.cfg.speech_begin,
            a.cfg.max_seq, tab.total / 1e6, a.cfg.tie_attn ? ", attention tied" : "", a.cfg.tie_ffn ? ", FFN tied" : "",
-           a.cfg.tie_norm ? ", norms tied" : "");
+           a.cfg.tie_norm ? ", norms tied" : "", experts_note.c_str());
+    const bool experts = mot_has_experts(a.cfg);
     size_t ntok = 0;
     for (auto& s : loader.shards) ntok += s.tokens.size();
     printf("data: %zu shard(s), %zu tokens from %s\n", loader.shards.size(), ntok, a.data.c_str());
@@ -909,7 +985,8 @@ int main(int argc, char** argv) {
         logf = fopen(a.log.c_str(), "a");
         if (!logf) die(a.log + ": cannot open for appending: " + strerror(errno));
         if (fresh) fprintf(logf, "step,loss,loss_text,loss_image,loss_speech,lr,grad_norm,tokens_per_s,val_loss,val_text,"
-                      "val_image,val_speech\n");
+                      "val_image,val_speech,val_causal,val_causal_text,val_causal_image,val_causal_speech,aux_loss,"
+                      "aux_agree\n");
     }
     auto save = [&](const std::string& path, int64_t step) {
         eng.to_host();
@@ -931,10 +1008,13 @@ int main(int argc, char** argv) {
     };
 
     if (a.eval_only) {  // e.g. with --init-from: the model as it is, no training step
-        double vl = NAN, vm[3] = {NAN, NAN, NAN};
+        double vl = NAN, vm[3] = {NAN, NAN, NAN}, cl = NAN, cm[3] = {NAN, NAN, NAN};
         if (!a.val.empty()) {
-            evaluate(&eng, a.val, a, &vl, vm);
+            evaluate_both(&eng, a.val, a, &vl, vm, &cl, cm);
             printf("val  %5lld | loss %.4f | text %.3f image %.3f speech %.3f\n", (long long)st.step, vl, vm[0], vm[1], vm[2]);
+            if (experts)
+                printf("val  %5lld | causal routing: loss %.4f | text %.3f image %.3f speech %.3f\n", (long long)st.step,
+                       cl, cm[0], cm[1], cm[2]);
         }
         if (have_tok && !dd.class_caption.empty()) print_downstream(eval_downstream(&model, &dd, a.eval_items, a.eval_gen, a.seed), (int)st.step);
         return 0;
@@ -955,7 +1035,7 @@ int main(int argc, char** argv) {
     for (int step = (int)st.step; step < a.opt.steps; step++) {
         const double t0 = now_s();
         eng.zero_grad();
-        double loss = 0, lmod[3] = {0, 0, 0};
+        double loss = 0, lmod[3] = {0, 0, 0}, aux = 0, agree = 0;
         int nmod[3] = {0, 0, 0};
         for (int micro = 0; micro < a.accum; micro++) {
             for (int r = 0; r < world; r++)  // rank r takes the r-th of every `world` batches
@@ -963,6 +1043,8 @@ int main(int argc, char** argv) {
             eng.forward(batch);
             eng.backward(batch);
             loss += eng.loss / a.accum;
+            aux += eng.aux_loss / a.accum;
+            agree += eng.aux_agree / a.accum;
             for (int md = 0; md < 3; md++) { lmod[md] += eng.loss_mod[md] * eng.n_mod[md]; nmod[md] += eng.n_mod[md]; }
         }
 #ifdef MOT_MPI
@@ -975,10 +1057,10 @@ int main(int argc, char** argv) {
         const double lr = mot_lr_at(a.opt, step);
         const double norm = eng.update(a.opt, step, a.accum);
         const double dt = now_s() - t0;
-        double vl = NAN, vm[3] = {NAN, NAN, NAN};
+        double vl = NAN, vm[3] = {NAN, NAN, NAN}, cl = NAN, cm[3] = {NAN, NAN, NAN};
         const bool last = step + 1 == a.opt.steps;
         const bool eval_now = (a.eval_every && (step + 1) % a.eval_every == 0) || last;
-        if (!a.val.empty() && eval_now) evaluate(&eng, a.val, a, &vl, vm);
+        if (!a.val.empty() && eval_now) evaluate_both(&eng, a.val, a, &vl, vm, &cl, cm);
         if (have_tok && eval_now && a.eval_items > 0 && !dd.class_caption.empty()) {
             eng.to_host();
             Downstream r = eval_downstream(&model, &dd, a.eval_items, last ? a.eval_gen : 0, a.seed);
@@ -989,20 +1071,26 @@ int main(int argc, char** argv) {
             }
         }
         if ((step + 1) % a.log_every == 0 || last || step == (int)st.step) {
-            char mods[128] = "", *p = mods;
+            char mods[192] = "", *p = mods;
             for (int md = 0; md < 3; md++)
                 p += nmod[md] ? snprintf(p, 40, " %s %.3f", MOT_MOD_NAME[md], lmod[md] / nmod[md])
                               : snprintf(p, 40, " %s -", MOT_MOD_NAME[md]);
             const double eta = (now_s() - t_start) / (step + 1 - st.step) * (a.opt.steps - step - 1);
+            if (experts) snprintf(p, 60, " | aux %.3f agree %.2f", aux, agree);
             printf("step %5d/%d | loss %.4f |%s | lr %.2e | norm %.3f | %.0f tok/s | %.2f s | eta %.0f s\n", step + 1,
                    a.opt.steps, loss, mods, lr, norm, tokens_per_step / dt, dt, eta);
             if (!std::isnan(vl))
                 printf("val  %5d | loss %.4f | text %.3f image %.3f speech %.3f\n", step + 1, vl, vm[0], vm[1], vm[2]);
+            if (!std::isnan(vl) && experts)
+                printf("val  %5d | causal routing: loss %.4f | text %.3f image %.3f speech %.3f\n", step + 1, cl, cm[0],
+                       cm[1], cm[2]);
         }
         if (logf) {
             fprintf(logf, "%d,%.17g", step + 1, loss);  // exact: resumed runs are compared bit for bit
             for (int md = 0; md < 3; md++) fprintf(logf, ",%.6f", nmod[md] ? lmod[md] / nmod[md] : NAN);
-            fprintf(logf, ",%.6e,%.6f,%.1f,%.6f,%.6f,%.6f,%.6f\n", lr, norm, tokens_per_step / dt, vl, vm[0], vm[1], vm[2]);
+            fprintf(logf, ",%.6e,%.6f,%.1f,%.6f,%.6f,%.6f,%.6f", lr, norm, tokens_per_step / dt, vl, vm[0], vm[1], vm[2]);
+            fprintf(logf, ",%.6f,%.6f,%.6f,%.6f,%.6f,%.6f\n", cl, cm[0], cm[1], cm[2], experts ? aux : NAN,
+                    experts ? agree : NAN);
             fflush(logf);
         }
         if (a.save_every && (step + 1) % a.save_every == 0) save_periodic(step + 1);

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Dense, MoT, MoE-4x, MoMa-style (4t4i4s) and the MoT+MoE hybrid (4 experts in the text tower),
+# trained with the same data order, schedule, seed and FLOPs per token (same D, F, L; expert choice
+# at capacity factor 1). Prints per model and modality:
+#   - the final validation loss with expert-choice routing (EC) and with causal routing (the
+#     auxiliary routers; the same number for models without experts),
+#   - the step-matching fraction against dense (../shared/MOT_SPEC.md): the first step at which the
+#     model's validation loss_m reaches dense's at dense's final step, over that final step, with
+#     the model's EC loss and with its causal loss,
+#   - the same fraction in wall-clock time: the fraction times the model's step time over dense's
+#     (median step times from the logs of this run, evaluation excluded; the median, because the
+#     2-core machines are shared and a few steps may be slowed by other work).
+# Validation losses are evaluated every --eval-every steps on the same fixed batches for every run
+# and smoothed the same way (trailing mean of the last 3 evaluations), as in dev/experiment.sh.
+#
+#   bash dev/experiment_experts.sh [OUT_DIR] [extra ./mot flags]   (default OUT_DIR runs/experts)
+#   e.g. bash dev/experiment_experts.sh runs/exp --steps 3000 --dim 256 --layers 4 --heads 8 --ffn 768
+#   DATA=data/default/small bash dev/experiment_experts.sh /tmp/exp --steps 20 --dim 32 ...  (smoke test)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-runs/experts}; shift || true
+data=${DATA:-data/default}
+[ -f "$data/manifest.txt" ] || bash data/build.sh "$data"
+make -s mot
+flags="--data $data/train_*.bin --val $data/val_*.bin --layers 4 --dim 128 --heads 4 --seq 128 --batch 16
+       --steps 1000 --warmup 50 --lr 3e-3 --eval-every 25 --eval-batches 8 --eval-items 0 --seed 1 --log-every 50"
+kinds="dense mot moe4x moma hybrid"
+declare -A arch=([dense]="--dense" [mot]="--mot" [moe4x]="--dense --experts 4"
+                 [moma]="--mot --tie-attn --experts 4,4,4" [hybrid]="--mot --experts 4,1,1")
+mkdir -p "$out"
+set -f  # the shard patterns in $flags are for ./mot, not for the shell
+for kind in $kinds; do
+  if [ -s "$out/$kind/model.ckpt" ]; then echo "$out/$kind: done already"; continue; fi
+  rm -rf "${out:?}/$kind"
+  echo "=== training $kind (${arch[$kind]})"
+  # shellcheck disable=SC2086
+  ./mot $flags ${arch[$kind]} --out "$out/$kind" "$@"
+done
+set +f
+# log.csv columns: 1 step, 8 tokens_per_s, 9-12 val (overall, text, image, speech), 13-16 the same
+# with causal routing. Every run has the same tokens per step, so 1 / tokens_per_s is its step time
+# in a common unit.
+logs=()
+for kind in $kinds; do logs+=("$out/$kind/log.csv"); done
+awk -F, -v kinds="$kinds" '
+  FNR == 1 { n_f = split(FILENAME, parts, "/"); run = parts[n_f - 1]; n[run] = 0; nt[run] = 0; next }
+  { dt[run, nt[run]++] = 1 / $8 }
+  $9 != "nan" && $9 != "-nan" {
+    k = n[run]++; step[run, k] = $1
+    for (c = 9; c <= 16; c++) { v[run, k, c] = $c; s = 0; w = 0
+      for (j = k; j >= 0 && j > k - 3; j--) { s += v[run, j, c]; w++ }
+      sm[run, k, c] = s / w }
+  }
+  function median(r,   i, j, k, x, a) {  # of dt[r, 0 .. nt[r]-1] (insertion sort: a few thousand steps)
+    for (i = 0; i < nt[r]; i++) { x = dt[r, i]; for (j = i - 1; j >= 0 && a[j] > x; j--) a[j + 1] = a[j]; a[j + 1] = x }
+    k = int(nt[r] / 2); return nt[r] % 2 ? a[k] : (a[k - 1] + a[k]) / 2
+  }
+  function match_step(r, c, target,   k) {
+    for (k = 0; k < n[r]; k++) if (sm[r, k, c] <= target) return step[r, k]
+    return -1
+  }
+  END {
+    split(kinds, K, " "); split("overall text image speech", name, " ")
+    dl = n["dense"] - 1; final = step["dense", dl]
+    for (i = 1; i <= length(K); i++) rel[K[i]] = median(K[i]) / median("dense")
+    printf "dense final step %d; median step time relative to dense:", final
+    for (i = 1; i <= length(K); i++) printf " %s %.3f", K[i], rel[K[i]]
+    printf "\n\n| model | modality | final val EC | final val causal | step-matching EC | step-matching causal | wall-clock fraction (EC) |\n"
+    printf "|---|---|---|---|---|---|---|\n"
+    for (i = 1; i <= length(K); i++) {
+      r = K[i]; last = n[r] - 1
+      for (m = 1; m <= 4; m++) {
+        c = 8 + m; target = sm["dense", dl, c]
+        he = match_step(r, c, target); hc = match_step(r, c + 4, target)
+        printf "| %s | %s | %.4f | %.4f | %s | %s | %s |\n", r, name[m], sm[r, last, c], sm[r, last, c + 4],
+               he < 0 ? "> 1" : sprintf("%.2f", he / final), hc < 0 ? "> 1" : sprintf("%.2f", hc / final),
+               he < 0 ? "> 1" : sprintf("%.2f", he / final * rel[r])
+      }
+    }
+  }' "${logs[@]}" | tee "$out/table.md"
+plots=()
+for kind in $kinds; do plots+=("$kind=$out/$kind"); done
+bash dev/plot.sh loss "$out/loss.png" "${plots[@]}" || echo "(no chart: dev/plot.sh failed)"
