@@ -184,6 +184,15 @@ static void compare_all(bool bf16) {
 TEST_CASE("gpu: fp32 forward and backward match the CPU reference") { compare_all(false); }
 TEST_CASE("gpu: bf16 forward and backward are close to the CPU reference") { compare_all(true); }
 
+TEST_CASE("gpu: a model with experts is refused with a reason, not computed wrong") {
+    MotConfig c = small_config(64, 4, 3, 16);
+    c.n_expert[0] = 4;
+    MotGpu g;
+    std::string err;
+    CHECK_FALSE(mot_gpu_init(&g, c, 2, 16, false, &err));
+    CHECK(err.find("experts") != std::string::npos);
+}
+
 TEST_CASE("gpu: backward accumulates (two backward passes = twice the gradient)") {
     const MotConfig c = small_config(64, 4, 3, 40);
     MotModel<float> cpu;
