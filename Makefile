@@ -1,6 +1,7 @@
 # mot — build, test, train.
 #   make             build ./mot (the trainer, from train.cu) and the tokenizer tools
-#   make test        build everything and run every test; ends with "N passed, N failed"
+#   make test        build everything and run every test; ends with "N passed, N failed, N skipped"
+#   (every target first runs dev/setup.sh, which installs missing Debian packages)
 #   make train       the main job: build the default dataset if missing, train, evaluate, sample,
 #                    plot, all into the run folder $(RUN)
 #   make bench       CPU benchmark (MoT vs dense step time)
@@ -36,10 +37,15 @@ else
 TRAIN_FLAGS ?= $(CPU_TRAIN_FLAGS)
 endif
 
-.PHONY: all test train bench bench-gpu clean
+.PHONY: all test train bench bench-gpu clean setup
 all: mot $(TOOLS)
 
-mot: train.cu mot.h mot.cu $(TOKH)
+# Installs what is missing (compilers, doctest, stb, gnuplot ...): the one package list is in the
+# script. Order-only below: it runs before any compile and never forces a rebuild.
+setup:
+	@bash dev/setup.sh
+
+mot: train.cu mot.h mot.cu $(TOKH) | setup
 ifneq ($(NVCC),)
 	$(NVCC) $(NVFLAGS) train.cu -o $@ $(NVLIBS)
 else
@@ -47,10 +53,10 @@ else
 	$(CXX) $(CXXFLAGS) -x c++ train.cu -o $@
 endif
 
-test/%: test/%.cpp mot.h test/common.h $(TOKH)
+test/%: test/%.cpp mot.h test/common.h $(TOKH) | setup
 	$(CXX) $(CXXFLAGS) -I. $< -o $@
 
-tokenizers/%: tokenizers/%.cpp tokenizers/%.h
+tokenizers/%: tokenizers/%.cpp tokenizers/%.h | setup
 	$(CXX) $(CXXFLAGS) -I. $< -o $@
 
 # Data parallel over GPUs (NCCL, launched with mpirun): needs Open MPI (libopenmpi-dev openmpi-bin)
@@ -67,13 +73,13 @@ test/test_gpu: test/test_gpu.cu mot.cu mot.h test/common.h
 dev/bench_gpu: dev/bench_gpu.cu mot.cu mot.h
 	$(NVCC) $(NVFLAGS) $< -o $@ $(NVLIBS)
 
-dev/bench_cpu: dev/bench_cpu.cpp mot.h
+dev/bench_cpu: dev/bench_cpu.cpp mot.h | setup
 	$(CXX) $(CXXFLAGS) -I. $< -o $@
 
 test: mot $(TOOLS) $(TESTBINS)
 	@bash test/run.sh $(TESTBINS)
 
-$(DATA)/manifest.txt:
+$(DATA)/manifest.txt: | setup
 	bash data/build.sh $(DATA)
 
 train: mot $(DATA)/manifest.txt
