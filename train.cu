@@ -33,6 +33,7 @@
 
 // Guidance defaults, measured on the main job's model (README "What the main job learns").
 static const double CFG_IMAGE = 3.0, CFG_CAPTION = 1.0;
+static const int BEST_OF = 8;  // images sampled per caption -> image; the model's own reading picks one
 
 struct Args {
     MotConfig cfg;
@@ -45,6 +46,7 @@ struct Args {
     std::string tokenizers;  // dataset folder with text.bpe, image.vq, speech.sp (default: --data's folder)
     bool resume = false, overwrite = false, cpu = false, fp32 = false, eval_only = false;
     double cfg_image = CFG_IMAGE, cfg_caption = CFG_CAPTION;
+    int best_of = BEST_OF;
     std::vector<std::string> set;  // the model-shape flags the user gave (checked against --init-from)
 };
 
@@ -89,6 +91,7 @@ static void usage(FILE* f) {
             "  --eval-gen N      images generated per class for caption -> image, final eval  (2)\n"
             "  --cfg W           guidance scale for generated images (eval, samples)  (3)\n"
             "  --caption-cfg W   guidance scale for generated captions (eval)         (1)\n"
+            "  --best-of N       images sampled per caption, the model's own caption score picks one  (8)\n"
             "  --tokenizers DIR  dataset folder with the tokenizers, classes and eval sets\n"
             "                    (default: the folder of --data); enables downstream eval and samples\n"
             "  --debug-state F   write the debug state of the first batch (see README)\n"
@@ -171,6 +174,7 @@ static Args parse_args(int argc, char** argv) {
         else if (f == "--overwrite") a.overwrite = true;
         else if (f == "--cfg") a.cfg_image = parse_float("--cfg", val(), 0, 100);
         else if (f == "--caption-cfg") a.cfg_caption = parse_float("--caption-cfg", val(), 0, 100);
+        else if (f == "--best-of") a.best_of = parse_int("--best-of", val(), 1, 1024);
         else if (f == "--cpu") a.cpu = true;
         else if (f == "--eval-only") a.eval_only = true;
         else if (f == "--fp32") a.fp32 = true;
@@ -626,6 +630,7 @@ struct Downstream {
 // How `mot sample` and the evaluation decode: guidance scales for images and for captions.
 struct Decoding {
     double cfg_image = CFG_IMAGE, cfg_caption = CFG_CAPTION;
+    int best_of = BEST_OF;
 };
 
 // The caption `mot sample --task caption/transcript` prints for a document prefix ending in EOI
@@ -652,6 +657,28 @@ static std::vector<int> generate_image(MotModel<float>* m, DataDir* d, const std
     g.cfg = cfg;
     g.uncond = {MOT_BOS, MOT_BOI};
     return generate(m, prompt, g, rng);
+}
+
+// Best of n (reranking, as DALL-E and Parti rerank their samples): among generated images (ids
+// as generate_image returns them), the one from which the model reads back caption cands[target]
+// most surely against the other candidates: softmax over PMI = log p(c | image) - log p(c), with
+// prior[c] = -log p(c) at the start of a document. Scoring runs mot_forward: not thread-safe.
+static size_t rerank_images(MotModel<float>* m, const std::vector<std::vector<int>>& images,
+                            const std::vector<std::vector<uint16_t>>& cands, const std::vector<double>& prior, size_t target) {
+    size_t best = 0;
+    double best_score = -INFINITY;
+    for (size_t i = 0; i < images.size(); i++) {
+        std::vector<uint16_t> prefix = {MOT_BOS, MOT_BOI};
+        for (int t : images[i]) prefix.push_back((uint16_t)t);  // codes, then EOI
+        if (images[i].empty() || images[i].back() != MOT_EOI) continue;  // cut short: no image
+        std::vector<double> s = score_candidates(m, prefix, cands);
+        double mx = -INFINITY, sum = 0;
+        for (size_t c = 0; c < s.size(); c++) { s[c] = prior[c] - s[c]; mx = std::max(mx, s[c]); }
+        for (double x : s) sum += std::exp(x - mx);
+        const double score = s[target] - mx - std::log(sum);
+        if (score > best_score) { best_score = score; best = i; }
+    }
+    return best;
 }
 
 // Image -> caption and speech -> caption: pick the class whose caption gains the most likelihood
@@ -711,15 +738,21 @@ static Downstream eval_downstream(MotModel<float>* m, DataDir* d, int max_items,
         r.knn_ceiling = ref.empty() ? NAN : double(right) / ref.size();
         right = 0;
         r.n_gen = C * gen_per_class;
+        const int n = std::max(1, dec.best_of);
         std::vector<std::vector<uint16_t>> prompts;  // encoded here: the BPE cache is not thread-safe
         for (int k = 0; k < C; k++) prompts.push_back(prompt_for(d, d->class_caption[k], MOT_BOI));
-#pragma omp parallel for schedule(dynamic) reduction(+ : right)
+        std::vector<std::vector<int>> ids((size_t)r.n_gen * n);
+#pragma omp parallel for schedule(dynamic)
+        for (int j = 0; j < r.n_gen * n; j++) {  // decoding is one sequence at a time: images in parallel
+            uint64_t rng = seed ^ (0x9E3779B97F4A7C15ull * (j + 1));  // per image: the same for any thread count
+            ids[j] = generate_image(m, d, prompts[j / n / gen_per_class], dec.cfg_image, &rng);
+        }
         for (int j = 0; j < r.n_gen; j++) {
             const int k = j / gen_per_class;
-            uint64_t rng = seed ^ (0x9E3779B97F4A7C15ull * (j + 1));  // per image: the same for any thread count
-            std::vector<int> ids = generate_image(m, d, prompts[k], dec.cfg_image, &rng);
+            std::vector<std::vector<int>> cand(ids.begin() + (size_t)j * n, ids.begin() + (size_t)(j + 1) * n);
+            const size_t pick = n > 1 ? rerank_images(m, cand, caps, prior, k) : 0;
             std::vector<uint8_t> px;
-            if (image_pixels(d, m->cfg, ids, &px)) right += knn_class(ref, ref_cls, px) == k;
+            if (image_pixels(d, m->cfg, cand[pick], &px)) right += knn_class(ref, ref_cls, px) == k;
         }
         r.cap2img = r.n_gen ? double(right) / r.n_gen : NAN;
     }
@@ -743,8 +776,14 @@ static void write_samples(MotModel<float>* m, DataDir* d, const std::string& out
     if (!f) die(dir + "/samples.txt: cannot open for writing: " + strerror(errno));
     const MotConfig& c = m->cfg;
     const int side = d->vq.side;
-    for (size_t k = 0; k < d->class_caption.size(); k++) {  // caption -> image
-        std::vector<int> ids = generate_image(m, d, prompt_for(d, d->class_caption[k], MOT_BOI), dec.cfg_image, &rng);
+    std::vector<std::vector<uint16_t>> caps;
+    for (const std::string& cap : d->class_caption) caps.push_back(encode_text(d, cap));
+    const std::vector<double> prior = score_candidates(m, {MOT_BOS}, caps);
+    for (size_t k = 0; k < d->class_caption.size(); k++) {  // caption -> image, best of dec.best_of
+        std::vector<std::vector<int>> cand;
+        for (int i = 0; i < std::max(1, dec.best_of); i++)
+            cand.push_back(generate_image(m, d, prompt_for(d, d->class_caption[k], MOT_BOI), dec.cfg_image, &rng));
+        const std::vector<int>& ids = cand[cand.size() > 1 ? rerank_images(m, cand, caps, prior, k) : 0];
         std::vector<uint8_t> px;
         if (!image_pixels(d, c, ids, &px)) continue;
         char name[64];
@@ -788,6 +827,8 @@ static void sample_usage(FILE* f) {
             "  --cfg W            classifier-free guidance: logits u + W (c - u), u without the\n"
             "                     caption (image, speech) or without the input (caption, transcript)\n"
             "                                                                (3 for image, else 1 = off)\n"
+            "  --best-of N        image: sample N, keep the one the model reads back as the prompt\n"
+            "                     most surely against the classes' captions  (8; 1 = off)\n"
             "  --tokenizers DIR   folder with text.bpe, image.vq, speech.sp  (data/default)\n"
             "  --temp X           sampling temperature, 0 = greedy           (1.0 for image/speech, 0 for text)\n"
             "  --top-k N          sample among the N most likely, 0 = all    (0)\n"
@@ -798,7 +839,7 @@ static void sample_usage(FILE* f) {
 static int sample_main(int argc, char** argv) {
     std::string ckpt, task, prompt, input, output, tokdir = "data/default";
     double temp = -1, cfg = -1;
-    int top_k = 0, max_tokens = 100;
+    int top_k = 0, max_tokens = 100, best_of = BEST_OF;
     uint64_t seed = 1;
     for (int i = 2; i < argc; i++) {
         const std::string f = argv[i];
@@ -815,6 +856,7 @@ static int sample_main(int argc, char** argv) {
         else if (f == "--tokenizers") tokdir = val();
         else if (f == "--temp") temp = parse_float("--temp", val(), 0, 100);
         else if (f == "--cfg") cfg = parse_float("--cfg", val(), 0, 100);
+        else if (f == "--best-of") best_of = parse_int("--best-of", val(), 1, 1024);
         else if (f == "--top-k") top_k = parse_int("--top-k", val(), 0, 1 << 20);
         else if (f == "--max-tokens") max_tokens = parse_int("--max-tokens", val(), 1, 1 << 20);
         else if (f == "--seed") seed = parse_int("--seed", val(), 0, 0x7fffffffffffffffL);
@@ -854,7 +896,17 @@ static int sample_main(int argc, char** argv) {
         g.stop = MOT_EOI;
         g.max_new = g.image_tokens + 1;
         g.uncond = {MOT_BOS, MOT_BOI};
-        std::vector<int> ids = generate(&m, prompt_for(&d, prompt, MOT_BOI), g, &rng);
+        std::vector<std::vector<int>> cand;
+        for (int i = 0; i < best_of; i++) cand.push_back(generate(&m, prompt_for(&d, prompt, MOT_BOI), g, &rng));
+        size_t pick = 0;
+        if (best_of > 1) {  // the prompt against the classes' captions (classes.txt), when the folder has them
+            if (!load_eval_sets(&d, c, &err)) die(err);
+            std::vector<std::vector<uint16_t>> caps = {encode_text(&d, prompt)};
+            for (const std::string& k : d.class_caption)
+                if (k != prompt) caps.push_back(encode_text(&d, k));
+            pick = rerank_images(&m, cand, caps, score_candidates(&m, {MOT_BOS}, caps), 0);
+        }
+        const std::vector<int>& ids = cand[pick];
         std::vector<uint8_t> px;
         if (!image_pixels(&d, c, ids, &px)) die("the model's context is too short for a whole image after this prompt");
         if (!vq_write_png(output.c_str(), px.data(), d.vq.side, d.vq.side, &err)) die(err);
@@ -1035,6 +1087,7 @@ int main(int argc, char** argv) {
     Decoding dec;
     dec.cfg_image = a.cfg_image;
     dec.cfg_caption = a.cfg_caption;
+    dec.best_of = a.best_of;
     FILE* evalf = nullptr;
     if (have_tok && !a.out.empty() && !dd.class_caption.empty()) {
         const std::string p = a.out + "/eval.csv";
@@ -1132,7 +1185,7 @@ int main(int argc, char** argv) {
 #ifdef _OPENMP
             threads = omp_get_max_threads();
 #endif
-            t += per_step * (C * a.eval_gen * img_steps / threads + C * img_steps + 300);  // eval images, samples
+            t += per_step * a.best_of * (C * a.eval_gen * img_steps / threads + C * img_steps) + per_step * 300;  // + speech, text
         }
         return human_secs(t);
     };

@@ -34,7 +34,7 @@ loss)
   steps=$(cat "$tmp"/*.dat | awk 'END { print $1 }')
   train_c=("#6baed6" "#fd8d3c" "#74c476" "#9e9ac8"); val_c=("#08519c" "#d94801" "#006d2c" "#54278f")
   {
-    echo "set terminal png size 1500,450 font ',10'; set output '$out'"
+    echo "set terminal pngcairo size 1500,450 font ',10'; set output '$out'"
     echo "set multiplot layout 1,3; set grid; set key top right; set xlabel 'step'; set ylabel 'loss'"
     for m in 0 1 2; do
       title=(text image speech); echo "set title '${title[$m]} loss (train: EMA line, val: points)'"
@@ -67,27 +67,29 @@ match)
   [ -s "$tmp/d.dat" ] && [ -s "$tmp/m.dat" ] || die "no validation losses in the logs (run with --val and --eval-every)"
   final=$(awk 'END { print $1 }' "$tmp/d.dat")
   {
-    echo "set terminal png size 1600,420 font ',10'; set output '$out'"
-    echo "set multiplot layout 1,4 title 'MoT against dense: validation loss, second half of training (trailing mean of 3 evaluations)'"
-    echo "set grid; set key top right; set xlabel 'step'; set ylabel 'val loss'; set xrange [$((final / 2)):$final]"
+    echo "set terminal pngcairo size 1400,900 font ',11'; set output '$out'"
+    echo "set multiplot layout 2,2 title 'MoT against dense: validation loss late in training (trailing mean of 3 evaluations)'"
+    echo "set grid; set key top right; set xlabel 'step'; set ylabel 'val loss'"
     for m in 0 1 2 3; do
       title=(overall text image speech); c=$((m + 2))
       target=$(awk -v c=$c 'END { print $c }' "$tmp/d.dat")
       hit=$(awk -v c=$c -v t="$target" '$c <= t { print $1; exit }' "$tmp/m.dat")
-      range=$(cat "$tmp/d.dat" "$tmp/m.dat" | awk -v c=$c -v f="$final" '$1 >= f / 2 { x = $c + 0; if (!n++ || x < lo) lo = x; if (n == 1 || x > hi) hi = x }
+      lo=$((final / 2)); [ -n "$hit" ] && [ "$hit" -lt $((lo + final / 20)) ] && lo=$(( hit > final / 20 ? hit - final / 20 : 0 ))
+      echo "set xrange [$lo:$final]"
+      range=$(cat "$tmp/d.dat" "$tmp/m.dat" | awk -v c=$c -v f="$lo" '$1 >= f { x = $c + 0; if (!n++ || x < lo) lo = x; if (n == 1 || x > hi) hi = x }
         END { p = (hi - lo) * 0.1 + 1e-4; printf "[%g:%g]", lo - p, hi + p }')
       echo "set yrange $range; unset arrow; unset label"
       if [ -n "$hit" ]; then
         frac=$(awk -v h="$hit" -v f="$final" 'BEGIN { printf "%.2f", h / f }')
-        echo "set title '${title[$m]}: MoT reaches dense final at step $hit (fraction $frac)'"
+        echo "set title '${title[$m]}: dense final reached by MoT at step $hit/$final (fraction $frac)'"
         echo "set arrow from $hit, graph 0 to $hit, graph 1 nohead dt 3 lc rgb '#d94801'"
         echo "set label 'step $hit' at $hit, graph 0.06 offset 0.5,0 tc rgb '#d94801'"
       else
-        echo "set title '${title[$m]}: MoT does not reach dense final'"
+        echo "set title '${title[$m]}: MoT does not reach the dense final loss'"
       fi
       line="plot '$tmp/d.dat' using 1:$c with linespoints pt 7 ps 0.5 lw 2 lc rgb '#525252' title 'dense', "
       line+="'$tmp/m.dat' using 1:$c with linespoints pt 7 ps 0.5 lw 2 lc rgb '#2171b5' title 'MoT', "
-      line+="$target with lines dt 2 lw 1.5 lc rgb '#525252' title 'dense final'"
+      line+="$target with lines dt (8,6) lw 1.5 lc rgb '#525252' title 'dense final'"
       [ -n "$hit" ] && line+=", '+' using ($hit):($target) every ::0::0 with points pt 6 ps 2.5 lw 2 lc rgb '#d94801' title 'step-matching point'"
       echo "$line"
     done
