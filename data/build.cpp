@@ -86,9 +86,10 @@
 //
 // Cost (2 shared cores, measured): the default build takes 60-90 s after a ~25 s compile (VQ
 // k-means ~10 s, speech synthesis ~20 s, speech k-means ~6-12 s, speech encoding ~25-30 s);
-// --small ~7-10 s. Result of the default build (seed 1): train 5,996,801 tokens = text 35.0%,
-// image 40.0%, speech 25.0% in 6 shards; val 300,029 tokens; 73,624 training documents
-// (34,286 caption_image, 19,301 spoken_caption, 14,694 image_speech, 5,343 prose).
+// --small ~7-10 s. Result of the default build (seed 1): train 5,986,753 tokens = text 34.9%,
+// image 40.1%, speech 25.0% in 6 shards; val 299,975 tokens; 73,802 training documents
+// (34,286 caption_image of which 1,719 caption dropped, 19,494 spoken_caption, 14,694
+// image_speech, 5,328 prose).
 // ============================================================================================
 #define STB_IMAGE_IMPLEMENTATION
 #include <stb/stb_image.h>
