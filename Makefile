@@ -1,7 +1,7 @@
 # mot — build, test, train.
 #   make             build ./mot (the trainer, from train.cu) and the tokenizer tools
 #   make test        build everything and run every test; ends with "N passed, N failed, N skipped"
-#   (every target first runs dev/setup.sh, which installs missing Debian packages)
+#   (these run dev/setup.sh first, which installs missing Debian packages)
 #   make train       the main job: build the default dataset if missing, train, evaluate, sample,
 #                    plot, all into the run folder $(RUN)
 #   make bench       CPU benchmark (MoT vs dense step time)
