@@ -1,6 +1,7 @@
 # mot — build, test, train.
 #   make             build ./mot (the trainer, from train.cu) and the tokenizer tools
-#   make test        build everything and run every test; ends with "N passed, N failed"
+#   make test        build everything and run every test; ends with "N passed, N failed, N skipped"
+#   (these run dev/setup.sh first, which installs missing Debian packages)
 #   make train       the main job: build the default dataset if missing, train, evaluate, sample,
 #                    plot, all into the run folder $(RUN)
 #   make bench       CPU benchmark (MoT vs dense step time)
@@ -37,10 +38,15 @@ else
 TRAIN_FLAGS ?= $(CPU_TRAIN_FLAGS)
 endif
 
-.PHONY: all test train bench bench-gpu roofline test-cuda-asan clean
+.PHONY: all test train bench bench-gpu roofline test-cuda-asan clean setup
 all: mot $(TOOLS)
 
-mot: train.cu mot.h mot.cu $(TOKH)
+# Installs what is missing (compilers, doctest, stb, gnuplot ...): the one package list is in the
+# script. Order-only below: it runs before any compile and never forces a rebuild.
+setup:
+	@bash dev/setup.sh
+
+mot: train.cu mot.h mot.cu $(TOKH) | setup
 ifneq ($(NVCC),)
 	$(NVCC) $(NVFLAGS) train.cu -o $@ $(NVLIBS)
 else
@@ -48,10 +54,10 @@ else
 	$(CXX) $(CXXFLAGS) -x c++ train.cu -o $@
 endif
 
-test/%: test/%.cpp mot.h test/common.h $(TOKH)
+test/%: test/%.cpp mot.h test/common.h $(TOKH) | setup
 	$(CXX) $(CXXFLAGS) -I. $< -o $@
 
-tokenizers/%: tokenizers/%.cpp tokenizers/%.h
+tokenizers/%: tokenizers/%.cpp tokenizers/%.h | setup
 	$(CXX) $(CXXFLAGS) -I. $< -o $@
 
 # Data parallel over GPUs (NCCL, launched with mpirun): needs Open MPI (libopenmpi-dev openmpi-bin)
@@ -68,12 +74,12 @@ test/test_gpu: test/test_gpu.cu mot.cu mot.h test/common.h
 dev/bench_gpu: dev/bench_gpu.cu mot.cu mot.h
 	$(NVCC) $(NVFLAGS) $< -o $@ $(NVLIBS)
 
-dev/roofline: dev/roofline.cpp
+dev/roofline: dev/roofline.cpp | setup
 	$(CXX) -std=c++17 -O2 -Wall -Wextra $< -o $@
 roofline: dev/roofline
 	./dev/roofline
 
-dev/bench_cpu: dev/bench_cpu.cpp mot.h
+dev/bench_cpu: dev/bench_cpu.cpp mot.h | setup
 	$(CXX) $(CXXFLAGS) -I. $< -o $@
 
 # ---- the GPU code on the CPU (README "Running the GPU code without a GPU") -----------------------
@@ -88,18 +94,18 @@ CUDA_CPU_FLAGS = $(CUDA_CPU_BASE) -include test/cuda_cpu.h -fopenmp
 CUDA_CPU_HDRS  = test/cuda_cpu.h $(CUDA_HOME)/include/cuda_runtime.h
 $(CUDA_HOME)/include/cuda_runtime.h:
 	@echo "the CUDA-on-CPU build needs the CUDA toolkit's headers in $(CUDA_HOME)/include (set CUDA_HOME)"; exit 1
-build/cuda_cpu/%.cu: %.cu test/cuda_cpu.pl
+build/cuda_cpu/%.cu: %.cu test/cuda_cpu.pl | setup
 	@mkdir -p $(dir $@)
 	perl test/cuda_cpu.pl $< $@
-test/cuda_cpu.o: test/cuda_cpu.cpp $(CUDA_CPU_HDRS)
+test/cuda_cpu.o: test/cuda_cpu.cpp $(CUDA_CPU_HDRS) | setup
 	$(CXX) $(CUDA_CPU_BASE) -c $< -o $@
-test/cuda_cpu_mpi.o: test/cuda_cpu.cpp $(CUDA_CPU_HDRS)
+test/cuda_cpu_mpi.o: test/cuda_cpu.cpp $(CUDA_CPU_HDRS) | setup
 	@[ -n "$(MPI_LIBS)" ] || { echo "needs Open MPI: apt-get install libopenmpi-dev openmpi-bin"; exit 1; }
 	$(CXX) $(CUDA_CPU_BASE) -DCUDA_CPU_MPI $(MPI_CFLAGS) -c $< -o $@
 # The tests are compiled with -fsanitize=thread for its instrumentation alone: every load and store
 # calls a hook, and test/cuda_cpu_race.o answers the hooks with the shared-memory race check
 # (libtsan is not linked: the link line has no -fsanitize).
-test/cuda_cpu_race.o: test/cuda_cpu.cpp $(CUDA_CPU_HDRS)
+test/cuda_cpu_race.o: test/cuda_cpu.cpp $(CUDA_CPU_HDRS) | setup
 	$(CXX) $(CUDA_CPU_BASE) -DCUDA_CPU_RACE -c $< -o $@
 test/test_gpu_cpu: build/cuda_cpu/test/test_gpu.cu build/cuda_cpu/mot.cu mot.h test/common.h test/cuda_cpu_race.o
 	$(CXX) $(CUDA_CPU_FLAGS) -fsanitize=thread -x c++ -c $< -o $@.o
@@ -109,7 +115,7 @@ test/test_cuda_cpu: build/cuda_cpu/test/test_cuda_cpu.cu test/cuda_cpu_race.o mo
 	$(CXX) -fopenmp $@.o test/cuda_cpu_race.o -o $@ && rm -f $@.o
 # The same test under AddressSanitizer + UBSan (device allocations from ASan's malloc: every byte
 # past an allocation, and shared arrays' redzones, are caught). About 2 CPU minutes; not part of CI.
-test/cuda_cpu_asan.o: test/cuda_cpu.cpp $(CUDA_CPU_HDRS)
+test/cuda_cpu_asan.o: test/cuda_cpu.cpp $(CUDA_CPU_HDRS) | setup
 	$(CXX) $(CUDA_CPU_BASE) -fsanitize=address,undefined -c $< -o $@
 test/test_gpu_cpu_asan: build/cuda_cpu/test/test_gpu.cu build/cuda_cpu/mot.cu mot.h test/common.h test/cuda_cpu_asan.o
 	$(CXX) $(CUDA_CPU_FLAGS) -fsanitize=address,undefined -x c++ $< -x none test/cuda_cpu_asan.o -o $@
@@ -124,7 +130,7 @@ mot_cpu_cuda_mpi: build/cuda_cpu/train.cu build/cuda_cpu/mot.cu mot.h $(TOKH) te
 test: mot $(TOOLS) $(TESTBINS)
 	@bash test/run.sh $(TESTBINS)
 
-$(DATA)/manifest.txt:
+$(DATA)/manifest.txt: | setup
 	bash data/build.sh $(DATA)
 
 train: mot $(DATA)/manifest.txt

@@ -34,6 +34,10 @@
 #include <cuda_runtime.h>
 #endif
 
+// Guidance defaults, measured on the main job's model (README "What the main job learns").
+static const double CFG_IMAGE = 3.0, CFG_CAPTION = 1.0;
+static const int BEST_OF = 8;  // images sampled per caption -> image; the model's own reading picks one
+
 struct Args {
     MotConfig cfg;
     MotOptim opt;
@@ -43,7 +47,9 @@ struct Args {
     int save_every = 0, keep = 3, eval_every = 0, eval_batches = 4, log_every = 1, threads = 0;
     int eval_items = 100, eval_gen = 2;
     std::string tokenizers;  // dataset folder with text.bpe, image.vq, speech.sp (default: --data's folder)
-    bool resume = false, cpu = false, fp32 = false, eval_only = false;
+    bool resume = false, overwrite = false, cpu = false, fp32 = false, eval_only = false;
+    double cfg_image = CFG_IMAGE, cfg_caption = CFG_CAPTION;
+    int best_of = BEST_OF;
     std::vector<std::string> set;  // the model-shape flags the user gave (checked against --init-from)
     std::vector<int> experts;      // --experts: one count for every FFN copy, or one per copy
     std::string experts_text;
@@ -81,8 +87,10 @@ static void usage(FILE* f) {
             "  --clip X          global gradient-norm clip, 0 = off        (1.0)\n"
             "  --seed N          initialisation and data order             (1)\n"
             "checkpoints, evaluation and logs:\n"
-            "  --out DIR         run folder: log.csv, step_NNNNNN.ckpt every --save-every steps, model.ckpt\n"
+            "  --out DIR         run folder: log.csv, step_NNNNNN.ckpt every --save-every steps, model.ckpt,\n"
+            "                    eval.csv, samples/  (without --out or --save nothing is saved)\n"
             "  --resume          continue from the newest DIR/step_*.ckpt (with --out)\n"
+            "  --overwrite       delete the run already in DIR (checkpoints, log, eval, samples) first\n"
             "  --init-from FILE  start from a checkpoint (resumes its step, optimizer and data order)\n"
             "  --save FILE       write a checkpoint at the end (atomically)  (DIR/model.ckpt with --out)\n"
             "  --save-every N    also every N steps                        (0 = only at the end)\n"
@@ -91,6 +99,9 @@ static void usage(FILE* f) {
             "  --eval-batches N  batches per validation                    (4)\n"
             "  --eval-items N    items per downstream eval (image/speech -> caption)  (100)\n"
             "  --eval-gen N      images generated per class for caption -> image, final eval  (2)\n"
+            "  --cfg W           guidance scale for generated images (eval, samples)  (3)\n"
+            "  --caption-cfg W   guidance scale for generated captions (eval)         (1)\n"
+            "  --best-of N       images sampled per caption, the model's own caption score picks one  (8)\n"
             "  --tokenizers DIR  dataset folder with the tokenizers, classes and eval sets\n"
             "                    (default: the folder of --data); enables downstream eval and samples\n"
             "  --debug-state F   write the debug state of the first batch (see README)\n"
@@ -127,9 +138,11 @@ static double parse_float(const char* flag, const char* s, double lo, double hi)
     char* end = nullptr;
     errno = 0;
     double v = strtod(s, &end);
-    if (errno || end == s || *end || !(v >= lo && v <= hi))
-        die(std::string("bad value for ") + flag + ": '" + s + "' (expected a number in [" + std::to_string(lo) +
-                ", " + std::to_string(hi) + "])", 2);
+    if (errno || end == s || *end || !(v >= lo && v <= hi)) {
+        char range[96];
+        snprintf(range, sizeof range, "[%g, %g]", lo, hi);  // "1e+38", not a 39-digit number
+        die(std::string("bad value for ") + flag + ": '" + s + "' (expected a number in " + range + ")", 2);
+    }
     return v;
 }
 
@@ -182,6 +195,10 @@ static Args parse_args(int argc, char** argv) {
         else if (f == "--save") a.save = val();
         else if (f == "--out") a.out = val();
         else if (f == "--resume") a.resume = true;
+        else if (f == "--overwrite") a.overwrite = true;
+        else if (f == "--cfg") a.cfg_image = parse_float("--cfg", val(), 0, 100);
+        else if (f == "--caption-cfg") a.cfg_caption = parse_float("--caption-cfg", val(), 0, 100);
+        else if (f == "--best-of") a.best_of = parse_int("--best-of", val(), 1, 1024);
         else if (f == "--cpu") a.cpu = true;
         else if (f == "--eval-only") a.eval_only = true;
         else if (f == "--fp32") a.fp32 = true;
@@ -201,6 +218,8 @@ static Args parse_args(int argc, char** argv) {
     if (!ffn_set) a.cfg.d_ff = 3 * a.cfg.d_model;
     if (a.resume && a.out.empty()) die("--resume needs --out DIR (the run folder to resume)", 2);
     if (a.resume && !a.init_from.empty()) die("give either --resume or --init-from, not both", 2);
+    if (a.overwrite && a.out.empty()) die("--overwrite needs --out DIR (the run folder to start over)", 2);
+    if (a.overwrite && a.resume) die("give either --resume or --overwrite, not both", 2);
     a.cfg.max_seq = a.seq;
     return a;
 }
@@ -228,6 +247,30 @@ static std::vector<std::string> periodic_checkpoints(const std::string& dir) {
 
 static double now_s() {
     return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// "42s", "7m05s", "1h02m": for the ETA.
+static std::string human_secs(double s) {
+    char b[32];
+    const long t = std::lround(std::max(0.0, s));
+    if (t < 60) snprintf(b, sizeof b, "%lds", t);
+    else if (t < 3600) snprintf(b, sizeof b, "%ldm%02lds", t / 60, t % 60);
+    else snprintf(b, sizeof b, "%ldh%02ldm", t / 3600, t % 3600 / 60);
+    return b;
+}
+
+// The files of a run in its folder (relative names, the ones a new run would write or append to).
+static std::vector<std::string> run_files(const std::string& dir) {
+    std::vector<std::string> out;
+    for (const char* f : {"model.ckpt", "log.csv", "eval.csv", "loss.png"})
+        if (access((dir + "/" + f).c_str(), F_OK) == 0) out.push_back(f);
+    for (const std::string& p : periodic_checkpoints(dir)) out.push_back(p.substr(dir.size() + 1));
+    glob_t gl;
+    if (glob((dir + "/samples/*").c_str(), 0, nullptr, &gl) == 0) {
+        for (size_t i = 0; i < gl.gl_pathc; i++) out.push_back(std::string(gl.gl_pathv[i]).substr(dir.size() + 1));
+        globfree(&gl);
+    }
+    return out;
 }
 
 
@@ -350,6 +393,7 @@ struct DataDir {
     std::vector<std::string> class_name, class_caption;  // per class, from classes.txt
     std::vector<std::vector<uint16_t>> eval_image, eval_speech;  // documents BOS ... EOS
     std::vector<int> eval_image_class, eval_speech_class;
+    std::map<std::string, int> caption_class;  // every training caption and its class (captions.txt)
 };
 
 // The folder of a glob pattern ("data/default/train_*.bin" -> "data/default").
@@ -425,6 +469,15 @@ static bool load_eval_sets(DataDir* d, const MotConfig& c, std::string* err) {
         d->class_name.push_back(r[1]);
         d->class_caption.push_back(r[2]);
     }
+    const std::string capp = d->dir + "/captions.txt";  // older dataset folders lack it
+    if (access(capp.c_str(), R_OK) == 0) {
+        std::vector<std::vector<std::string>> caps;
+        if (!read_lines(capp, &caps, err)) return false;
+        for (auto& r : caps) {
+            if (r.size() < 2) return mot_fail(err, capp, "expected class<TAB>caption on every line");
+            d->caption_class[r[1]] = atoi(r[0].c_str());
+        }
+    }
     if (access((d->dir + "/eval_image.bin").c_str(), R_OK) == 0 &&
         !load_eval_set(d->dir + "/eval_image", c, (int)rows.size(), &d->eval_image, &d->eval_image_class, err))
         return false;
@@ -493,7 +546,20 @@ struct GenSpec {
     int stop = MOT_EOS, max_new = 100, image_tokens = 49, max_speech = 200;
     double temperature = 1.0;
     int top_k = 0;
+    // Classifier-free guidance (Chameleon-style, on logits): with cfg != 1 and an `uncond` prompt
+    // (the same document without what conditions it), the logits are u + cfg * (c - u), c from the
+    // prompt and u from `uncond`; every generated token is fed to both contexts.
+    double cfg = 1.0;
+    std::vector<uint16_t> uncond;
+    // A caption: text tokens only (no BOI/BOA), and EOS only after at least one text token.
+    bool caption = false;
 };
+
+
+// Decode steps and the time they took, over the whole run: the trainer's ETA prices the final
+// generation with it.
+static double g_gen_seconds = 0;
+static long g_gen_steps = 0;
 
 static std::vector<int> generate(MotModel<float>* m, const std::vector<uint16_t>& prompt, const GenSpec& g, uint64_t* rng) {
     const MotConfig& c = m->cfg;
@@ -505,30 +571,52 @@ static std::vector<int> generate(MotModel<float>* m, const std::vector<uint16_t>
         else if (t == MOT_EOI || t == MOT_EOA) state = TEXT;
         else if (state != TEXT) count++;
     };
-    MotKVCache<float> kv;
+    const double t0 = now_s();
+    long steps = 0;
+    const bool guided = g.cfg != 1.0 && !g.uncond.empty();
+    MotKVCache<float> kv, kvu;
     mot_kv_init(&kv, c, c.max_seq);
-    std::vector<float> logits(c.vocab), masked(c.vocab);
+    if (guided) mot_kv_init(&kvu, c, c.max_seq);
+    std::vector<float> logits(c.vocab), ulogits(guided ? c.vocab : 0), masked(c.vocab);
     for (uint16_t t : prompt) {
         if (!mot_decode_step(m, &kv, t, logits.data())) return {};
         advance(t);
     }
+    for (uint16_t t : g.uncond)
+        if (guided && !mot_decode_step(m, &kvu, t, ulogits.data())) return {};
+    steps += prompt.size() + (guided ? g.uncond.size() : 0);
     std::vector<int> out;
+    int n_text = 0;  // text tokens written
     while ((int)out.size() < g.max_new) {
+        if (guided)
+            for (int j = 0; j < c.vocab; j++) logits[j] = ulogits[j] + float(g.cfg) * (logits[j] - ulogits[j]);
         std::fill(masked.begin(), masked.end(), -INFINITY);
         auto allow = [&](int lo, int hi) { std::copy(logits.begin() + lo, logits.begin() + hi, masked.begin() + lo); };
         int next;
         if (state == IMAGE && count >= g.image_tokens) next = MOT_EOI;
         else if (state == SPEECH && count >= g.max_speech) next = MOT_EOA;
         else {
-            if (state == TEXT) { allow(MOT_N_SPECIAL, c.image_begin); allow(MOT_EOS, MOT_EOS + 1); allow(MOT_BOI, MOT_BOI + 1); allow(MOT_BOA, MOT_BOA + 1); }
+            if (state == TEXT) {
+                allow(MOT_N_SPECIAL, c.image_begin);
+                if (!g.caption || n_text > 0) allow(MOT_EOS, MOT_EOS + 1);
+                if (!g.caption) { allow(MOT_BOI, MOT_BOI + 1); allow(MOT_BOA, MOT_BOA + 1); }
+            }
             else if (state == IMAGE) allow(c.image_begin, c.speech_begin);
             else { allow(c.speech_begin, c.vocab); allow(MOT_EOA, MOT_EOA + 1); }
             next = mot_sample(masked.data(), 0, c.vocab, g.temperature, g.top_k, rng);
         }
+        n_text += state == TEXT && next >= MOT_N_SPECIAL;
         out.push_back(next);
         advance(next);
         if (next == g.stop || next == MOT_EOS) break;
         if (!mot_decode_step(m, &kv, next, logits.data())) break;  // context full
+        if (guided && !mot_decode_step(m, &kvu, next, ulogits.data())) break;
+        steps += 1 + guided;
+    }
+#pragma omp critical(mot_gen_time)
+    {
+        g_gen_seconds += now_s() - t0;
+        g_gen_steps += steps;
     }
     return out;
 }
@@ -579,15 +667,72 @@ static int knn_class(const std::vector<std::vector<uint8_t>>& ref, const std::ve
 
 struct Downstream {
     double img2cap = NAN, sp2cap = NAN, cap2img = NAN, knn_ceiling = NAN;
+    double img2cap_gen = NAN, sp2cap_gen = NAN;  // the class named by the generated caption
     int n_img = 0, n_sp = 0, n_gen = 0;
 };
+
+// How `mot sample` and the evaluation decode: guidance scales for images and for captions.
+struct Decoding {
+    double cfg_image = CFG_IMAGE, cfg_caption = CFG_CAPTION;
+    int best_of = BEST_OF;
+};
+
+// The caption `mot sample --task caption/transcript` prints for a document prefix ending in EOI
+// or EOA: greedy, text only, at least one token, guided against the caption alone (BOS).
+static std::string generate_caption(MotModel<float>* m, DataDir* d, const std::vector<uint16_t>& prefix, double cfg) {
+    GenSpec g;
+    g.caption = true;
+    g.temperature = 0;
+    g.max_new = 40;
+    g.cfg = cfg;
+    g.uncond = {MOT_BOS};
+    uint64_t rng = 1;
+    return decode_text(d, generate(m, prefix, g, &rng));
+}
+
+// Caption -> image: `prompt` is BOS caption BOI; for guidance, the same document without its
+// caption (BOS BOI).
+static std::vector<int> generate_image(MotModel<float>* m, DataDir* d, const std::vector<uint16_t>& prompt, double cfg,
+                                       uint64_t* rng) {
+    GenSpec g;
+    g.stop = MOT_EOI;
+    g.max_new = vq_tokens(d->vq) + 1;
+    g.image_tokens = vq_tokens(d->vq);
+    g.cfg = cfg;
+    g.uncond = {MOT_BOS, MOT_BOI};
+    return generate(m, prompt, g, rng);
+}
+
+// Best of n (reranking, as DALL-E and Parti rerank their samples): among generated images (ids
+// as generate_image returns them), the one from which the model reads back caption cands[target]
+// most surely against the other candidates: softmax over PMI = log p(c | image) - log p(c), with
+// prior[c] = -log p(c) at the start of a document. Scoring runs mot_forward: not thread-safe.
+static size_t rerank_images(MotModel<float>* m, const std::vector<std::vector<int>>& images,
+                            const std::vector<std::vector<uint16_t>>& cands, const std::vector<double>& prior, size_t target) {
+    size_t best = 0;
+    double best_score = -INFINITY;
+    for (size_t i = 0; i < images.size(); i++) {
+        std::vector<uint16_t> prefix = {MOT_BOS, MOT_BOI};
+        for (int t : images[i]) prefix.push_back((uint16_t)t);  // codes, then EOI
+        if (images[i].empty() || images[i].back() != MOT_EOI) continue;  // cut short: no image
+        std::vector<double> s = score_candidates(m, prefix, cands);
+        double mx = -INFINITY, sum = 0;
+        for (size_t c = 0; c < s.size(); c++) { s[c] = prior[c] - s[c]; mx = std::max(mx, s[c]); }
+        for (double x : s) sum += std::exp(x - mx);
+        const double score = s[target] - mx - std::log(sum);
+        if (score > best_score) { best_score = score; best = i; }
+    }
+    return best;
+}
 
 // Image -> caption and speech -> caption: pick the class whose caption gains the most likelihood
 // from the image (or the speech): log p(caption | image) - log p(caption), the second term being
 // the caption at the start of a document. Without it, short or very predictable captions win
-// whatever the image. Caption -> image: generate an image for each class's caption and classify
-// it with a k-NN on held-out real images.
-static Downstream eval_downstream(MotModel<float>* m, DataDir* d, int max_items, int gen_per_class, uint64_t seed) {
+// whatever the image. Generated captions (with captions.txt): the class whose training caption the
+// generated one is, exactly; any other text counts as wrong. Caption -> image: generate images for
+// each class's caption and classify them with a k-NN on held-out real images.
+static Downstream eval_downstream(MotModel<float>* m, DataDir* d, int max_items, int gen_per_class, uint64_t seed,
+                                  const Decoding& dec = Decoding()) {
     Downstream r;
     const int C = (int)d->class_caption.size();
     if (C == 0) return r;
@@ -607,6 +752,20 @@ static Downstream eval_downstream(MotModel<float>* m, DataDir* d, int max_items,
     };
     if (!d->eval_image.empty()) r.img2cap = classify(d->eval_image, d->eval_image_class, &r.n_img);
     if (!d->eval_speech.empty()) r.sp2cap = classify(d->eval_speech, d->eval_speech_class, &r.n_sp);
+    auto named = [&](const std::vector<std::vector<uint16_t>>& docs, const std::vector<int>& cls, int n) {
+        int right = 0;
+#pragma omp parallel for schedule(dynamic) reduction(+ : right)
+        for (int i = 0; i < n; i++) {  // decoding is one sequence at a time: items in parallel
+            std::vector<uint16_t> prefix(docs[i].begin(), docs[i].end() - 1);
+            auto it = d->caption_class.find(generate_caption(m, d, prefix, dec.cfg_caption));
+            right += it != d->caption_class.end() && it->second == cls[i];
+        }
+        return n ? double(right) / n : NAN;
+    };
+    if (!d->caption_class.empty()) {
+        if (r.n_img) r.img2cap_gen = named(d->eval_image, d->eval_image_class, r.n_img);
+        if (r.n_sp) r.sp2cap_gen = named(d->eval_speech, d->eval_speech_class, r.n_sp);
+    }
     if (gen_per_class > 0 && !d->eval_image.empty()) {
         std::vector<std::vector<uint8_t>> ref;
         std::vector<int> ref_cls;
@@ -621,31 +780,38 @@ static Downstream eval_downstream(MotModel<float>* m, DataDir* d, int max_items,
         int right = 0;
         for (size_t i = 0; i < ref.size(); i++) right += knn_class(ref, ref_cls, ref[i], (int)i) == ref_cls[i];
         r.knn_ceiling = ref.empty() ? NAN : double(right) / ref.size();
-        uint64_t rng = seed;
         right = 0;
-        GenSpec g;
-        g.stop = MOT_EOI;
-        g.image_tokens = vq_tokens(d->vq);
-        for (int k = 0; k < C; k++)
-            for (int i = 0; i < gen_per_class; i++) {
-                std::vector<int> ids = generate(m, prompt_for(d, d->class_caption[k], MOT_BOI), g, &rng);
-                std::vector<uint8_t> px;
-                r.n_gen++;
-                if (image_pixels(d, m->cfg, ids, &px)) right += knn_class(ref, ref_cls, px) == k;
-            }
+        r.n_gen = C * gen_per_class;
+        const int n = std::max(1, dec.best_of);
+        std::vector<std::vector<uint16_t>> prompts;  // encoded here: the BPE cache is not thread-safe
+        for (int k = 0; k < C; k++) prompts.push_back(prompt_for(d, d->class_caption[k], MOT_BOI));
+        std::vector<std::vector<int>> ids((size_t)r.n_gen * n);
+#pragma omp parallel for schedule(dynamic)
+        for (int j = 0; j < r.n_gen * n; j++) {  // decoding is one sequence at a time: images in parallel
+            uint64_t rng = seed ^ (0x9E3779B97F4A7C15ull * (j + 1));  // per image: the same for any thread count
+            ids[j] = generate_image(m, d, prompts[j / n / gen_per_class], dec.cfg_image, &rng);
+        }
+        for (int j = 0; j < r.n_gen; j++) {
+            const int k = j / gen_per_class;
+            std::vector<std::vector<int>> cand(ids.begin() + (size_t)j * n, ids.begin() + (size_t)(j + 1) * n);
+            const size_t pick = n > 1 ? rerank_images(m, cand, caps, prior, k) : 0;
+            std::vector<uint8_t> px;
+            if (image_pixels(d, m->cfg, cand[pick], &px)) right += knn_class(ref, ref_cls, px) == k;
+        }
         r.cap2img = r.n_gen ? double(right) / r.n_gen : NAN;
     }
     return r;
 }
 
 static void print_downstream(const Downstream& r, int step) {
-    printf("eval %5d | image->caption %.3f (%d) | speech->caption %.3f (%d)", step, r.img2cap, r.n_img, r.sp2cap, r.n_sp);
+    printf("eval %5d | image->caption %.3f scored, %.3f generated (%d) | speech->caption %.3f scored, %.3f generated (%d)",
+           step, r.img2cap, r.img2cap_gen, r.n_img, r.sp2cap, r.sp2cap_gen, r.n_sp);
     if (r.n_gen) printf(" | caption->image %.3f (%d; k-NN on real images %.3f)", r.cap2img, r.n_gen, r.knn_ceiling);
     printf("\n");
 }
 
 // ---- samples for the run folder: an image per class, a spoken caption, a text continuation ----
-static void write_samples(MotModel<float>* m, DataDir* d, const std::string& out, uint64_t seed) {
+static void write_samples(MotModel<float>* m, DataDir* d, const std::string& out, uint64_t seed, const Decoding& dec) {
     const std::string dir = out + "/samples";
     if (!mkdir_p(dir)) die(dir + ": cannot create: " + strerror(errno));
     uint64_t rng = seed ^ 0x5A5A;
@@ -654,11 +820,14 @@ static void write_samples(MotModel<float>* m, DataDir* d, const std::string& out
     if (!f) die(dir + "/samples.txt: cannot open for writing: " + strerror(errno));
     const MotConfig& c = m->cfg;
     const int side = d->vq.side;
-    for (size_t k = 0; k < d->class_caption.size(); k++) {  // caption -> image
-        GenSpec g;
-        g.stop = MOT_EOI;
-        g.image_tokens = vq_tokens(d->vq);
-        std::vector<int> ids = generate(m, prompt_for(d, d->class_caption[k], MOT_BOI), g, &rng);
+    std::vector<std::vector<uint16_t>> caps;
+    for (const std::string& cap : d->class_caption) caps.push_back(encode_text(d, cap));
+    const std::vector<double> prior = score_candidates(m, {MOT_BOS}, caps);
+    for (size_t k = 0; k < d->class_caption.size(); k++) {  // caption -> image, best of dec.best_of
+        std::vector<std::vector<int>> cand;
+        for (int i = 0; i < std::max(1, dec.best_of); i++)
+            cand.push_back(generate_image(m, d, prompt_for(d, d->class_caption[k], MOT_BOI), dec.cfg_image, &rng));
+        const std::vector<int>& ids = cand[cand.size() > 1 ? rerank_images(m, cand, caps, prior, k) : 0];
         std::vector<uint8_t> px;
         if (!image_pixels(d, c, ids, &px)) continue;
         char name[64];
@@ -699,6 +868,11 @@ static void sample_usage(FILE* f) {
             "  --task speech      caption --prompt TEXT to speech            (writes --output WAV)\n"
             "  --task caption     image --input PNG/JPEG to a caption        (prints the text)\n"
             "  --task transcript  speech --input WAV to its transcript       (prints the text)\n"
+            "  --cfg W            classifier-free guidance: logits u + W (c - u), u without the\n"
+            "                     caption (image, speech) or without the input (caption, transcript)\n"
+            "                                                                (3 for image, else 1 = off)\n"
+            "  --best-of N        image: sample N, keep the one the model reads back as the prompt\n"
+            "                     most surely against the classes' captions  (8; 1 = off)\n"
             "  --tokenizers DIR   folder with text.bpe, image.vq, speech.sp  (data/default)\n"
             "  --temp X           sampling temperature, 0 = greedy           (1.0 for image/speech, 0 for text)\n"
             "  --top-k N          sample among the N most likely, 0 = all    (0)\n"
@@ -708,8 +882,8 @@ static void sample_usage(FILE* f) {
 
 static int sample_main(int argc, char** argv) {
     std::string ckpt, task, prompt, input, output, tokdir = "data/default";
-    double temp = -1;
-    int top_k = 0, max_tokens = 100;
+    double temp = -1, cfg = -1;
+    int top_k = 0, max_tokens = 100, best_of = BEST_OF;
     uint64_t seed = 1;
     for (int i = 2; i < argc; i++) {
         const std::string f = argv[i];
@@ -725,6 +899,8 @@ static int sample_main(int argc, char** argv) {
         else if (f == "--output") output = val();
         else if (f == "--tokenizers") tokdir = val();
         else if (f == "--temp") temp = parse_float("--temp", val(), 0, 100);
+        else if (f == "--cfg") cfg = parse_float("--cfg", val(), 0, 100);
+        else if (f == "--best-of") best_of = parse_int("--best-of", val(), 1, 1024);
         else if (f == "--top-k") top_k = parse_int("--top-k", val(), 0, 1 << 20);
         else if (f == "--max-tokens") max_tokens = parse_int("--max-tokens", val(), 1, 1 << 20);
         else if (f == "--seed") seed = parse_int("--seed", val(), 0, 0x7fffffffffffffffL);
@@ -732,7 +908,10 @@ static int sample_main(int argc, char** argv) {
     }
     const bool text_in = task == "text" || task == "image" || task == "speech";
     if (task.empty()) die("mot sample needs --task (text, image, speech, caption or transcript)", 2);
-    if (!text_in && task != "caption" && task != "transcript") die("bad value for --task: '" + task + "'", 2);
+    if (!text_in && task != "caption" && task != "transcript")
+        die("bad value for --task: '" + task + "' (expected text, image, speech, caption or transcript)", 2);
+    if (task == "text" && cfg >= 0) die("--cfg needs a conditioned task (image, speech, caption, transcript), not text", 2);
+    if (cfg < 0) cfg = task == "image" ? CFG_IMAGE : task == "text" ? 1.0 : CFG_CAPTION;
     if (ckpt.empty()) die("mot sample needs --ckpt FILE", 2);
     if (text_in && prompt.empty()) die("--task " + task + " needs --prompt TEXT", 2);
     if (!text_in && input.empty()) die("--task " + task + " needs --input FILE", 2);
@@ -753,13 +932,25 @@ static int sample_main(int argc, char** argv) {
     g.temperature = temp;
     g.top_k = top_k;
     g.image_tokens = vq_tokens(d.vq);
+    g.cfg = cfg;
     if (task == "text") {
         std::vector<int> ids = generate(&m, prompt_for(&d, prompt, -1), g, &rng);
         printf("%s%s\n", prompt.c_str(), decode_text(&d, ids).c_str());
     } else if (task == "image") {
         g.stop = MOT_EOI;
         g.max_new = g.image_tokens + 1;
-        std::vector<int> ids = generate(&m, prompt_for(&d, prompt, MOT_BOI), g, &rng);
+        g.uncond = {MOT_BOS, MOT_BOI};
+        std::vector<std::vector<int>> cand;
+        for (int i = 0; i < best_of; i++) cand.push_back(generate(&m, prompt_for(&d, prompt, MOT_BOI), g, &rng));
+        size_t pick = 0;
+        if (best_of > 1) {  // the prompt against the classes' captions (classes.txt), when the folder has them
+            if (!load_eval_sets(&d, c, &err)) die(err);
+            std::vector<std::vector<uint16_t>> caps = {encode_text(&d, prompt)};
+            for (const std::string& k : d.class_caption)
+                if (k != prompt) caps.push_back(encode_text(&d, k));
+            pick = rerank_images(&m, cand, caps, score_candidates(&m, {MOT_BOS}, caps), 0);
+        }
+        const std::vector<int>& ids = cand[pick];
         std::vector<uint8_t> px;
         if (!image_pixels(&d, c, ids, &px)) die("the model's context is too short for a whole image after this prompt");
         if (!vq_write_png(output.c_str(), px.data(), d.vq.side, d.vq.side, &err)) die(err);
@@ -767,6 +958,7 @@ static int sample_main(int argc, char** argv) {
     } else if (task == "speech") {
         g.stop = MOT_EOA;
         g.max_new = max_tokens + 1;
+        g.uncond = {MOT_BOS, MOT_BOA};
         std::vector<int> units = segment(generate(&m, prompt_for(&d, prompt, MOT_BOA), g, &rng), c.speech_begin, c.vocab);
         std::vector<float> wav;
         if (units.empty()) die("the model ended the speech at once (no units generated)");
@@ -796,6 +988,10 @@ static int sample_main(int argc, char** argv) {
         }
         if ((int)p.size() >= c.max_seq) die(input + ": too long for the model's context (" + std::to_string(p.size()) +
                                             " tokens, max_seq " + std::to_string(c.max_seq) + ")");
+        // After EOI/EOA the grammar allows a caption, BOA (image then speech) or EOS; greedy picks
+        // EOS, so captions are text only with at least one token, guided against BOS alone.
+        g.caption = true;
+        g.uncond = {MOT_BOS};
         std::vector<int> ids = generate(&m, p, g, &rng);
         printf("%s\n", decode_text(&d, ids).c_str());
     }
@@ -825,6 +1021,15 @@ int main(int argc, char** argv) {
     std::string err;
     if (!a.out.empty()) {
         if (!mkdir_p(a.out)) die(a.out + ": cannot create the run folder: " + strerror(errno));
+        // A folder holding a run is continued or cleared, never silently mixed with a new one.
+        const std::vector<std::string> held = run_files(a.out);
+        if (!held.empty() && !a.resume && !a.overwrite && !a.eval_only)
+            die(a.out + " already holds a run (" + held[0] + (held.size() > 1 ? ", ..." : "") +
+                "): add --resume to continue it or --overwrite to start over", 2);
+        if (a.overwrite && !a.eval_only)
+            for (const std::string& f : held)
+                if (remove((a.out + "/" + f).c_str()) != 0 && errno != ENOENT)
+                    die(a.out + "/" + f + ": cannot delete: " + strerror(errno));
         if (a.log.empty()) a.log = a.out + "/log.csv";
         if (a.save.empty()) a.save = a.out + "/model.ckpt";
         if (a.resume) {
@@ -965,6 +1170,10 @@ int main(int argc, char** argv) {
                    dd.class_caption.size(), dd.eval_image.size(), dd.eval_speech.size());
         }
     }
+    Decoding dec;
+    dec.cfg_image = a.cfg_image;
+    dec.cfg_caption = a.cfg_caption;
+    dec.best_of = a.best_of;
     FILE* evalf = nullptr;
     if (have_tok && !a.out.empty() && !dd.class_caption.empty()) {
         const std::string p = a.out + "/eval.csv";
@@ -972,7 +1181,9 @@ int main(int argc, char** argv) {
         const bool fresh = stat(p.c_str(), &sb) != 0 || sb.st_size == 0;
         evalf = fopen(p.c_str(), "a");
         if (!evalf) die(p + ": cannot open for appending: " + strerror(errno));
-        if (fresh) fprintf(evalf, "step,image_to_caption,speech_to_caption,caption_to_image,knn_ceiling\n");
+        if (fresh)
+            fprintf(evalf, "step,image_to_caption,speech_to_caption,caption_to_image,knn_ceiling,image_caption_generated,"
+                           "speech_caption_generated\n");
     }
 #ifdef _OPENMP
     printf("threads: %d\n", omp_get_max_threads());
@@ -1016,7 +1227,8 @@ int main(int argc, char** argv) {
                 printf("val  %5lld | causal routing: loss %.4f | text %.3f image %.3f speech %.3f\n", (long long)st.step,
                        cl, cm[0], cm[1], cm[2]);
         }
-        if (have_tok && !dd.class_caption.empty()) print_downstream(eval_downstream(&model, &dd, a.eval_items, a.eval_gen, a.seed), (int)st.step);
+        if (have_tok && !dd.class_caption.empty())
+            print_downstream(eval_downstream(&model, &dd, a.eval_items, a.eval_gen, a.seed, dec), (int)st.step);
         return 0;
     }
     MotBatch batch, other_rank;
@@ -1030,8 +1242,43 @@ int main(int argc, char** argv) {
         if (!mot_write_debug_state(a.debug_state, mot_debug_capture(model, batch), &err)) die(err);
         printf("wrote debug state %s\n", a.debug_state.c_str());
     }
+    if (a.save.empty() && a.log.empty() && rank == 0)
+        printf("note: no --out or --save given: nothing of this run is saved (--out DIR keeps the model, log and samples)\n");
     const double tokens_per_step = (double)a.batch * a.seq * a.accum * world;
-    const double t_start = now_s();
+    // ETA: a moving average of the last steps' time (the first few are slow: caches, page faults),
+    // plus the evaluations still to come at their measured cost, plus the final generation
+    // (caption -> image eval and samples) priced at the measured time per decode step.
+    std::vector<double> recent;  // training seconds of recent steps
+    const size_t eta_window = 50;
+    const int eta_skip = 3;
+    double eval_seconds = 0;
+    int evals_done = 0;
+    auto eta_text = [&](int step_done) -> std::string {
+        if (recent.empty()) return "?";
+        double mean = 0;
+        for (double x : recent) mean += x;
+        mean /= recent.size();
+        const int left = a.opt.steps - step_done;
+        double t = mean * left;
+        const bool evals = !a.val.empty() || (have_tok && a.eval_items > 0 && !dd.class_caption.empty());
+        if (!evals || left == 0) return human_secs(t);
+        if (!evals_done) return ">" + human_secs(t);  // not measured yet
+        const int n_eval = (a.eval_every ? a.opt.steps / a.eval_every - step_done / a.eval_every : 0) +
+                           (a.eval_every == 0 || a.opt.steps % a.eval_every != 0);  // the final one
+        t += n_eval * eval_seconds / evals_done;
+        if (have_tok && !a.out.empty() && g_gen_steps > 0) {
+            const double per_step = g_gen_seconds / g_gen_steps;  // thread-seconds per decode step
+            const double guided = a.cfg_image != 1.0 ? 2.0 : 1.0;
+            const double img_steps = (vq_tokens(dd.vq) + 8) * guided;
+            const double C = (double)dd.class_caption.size();
+            int threads = 1;
+#ifdef _OPENMP
+            threads = omp_get_max_threads();
+#endif
+            t += per_step * a.best_of * (C * a.eval_gen * img_steps / threads + C * img_steps) + per_step * 300;  // + speech, text
+        }
+        return human_secs(t);
+    };
     for (int step = (int)st.step; step < a.opt.steps; step++) {
         const double t0 = now_s();
         eng.zero_grad();
@@ -1057,28 +1304,34 @@ int main(int argc, char** argv) {
         const double lr = mot_lr_at(a.opt, step);
         const double norm = eng.update(a.opt, step, a.accum);
         const double dt = now_s() - t0;
+        if (step - (int)st.step >= eta_skip) {
+            recent.push_back(dt);
+            if (recent.size() > eta_window) recent.erase(recent.begin());
+        }
         double vl = NAN, vm[3] = {NAN, NAN, NAN}, cl = NAN, cm[3] = {NAN, NAN, NAN};
         const bool last = step + 1 == a.opt.steps;
         const bool eval_now = (a.eval_every && (step + 1) % a.eval_every == 0) || last;
+        const double te = now_s();
         if (!a.val.empty() && eval_now) evaluate_both(&eng, a.val, a, &vl, vm, &cl, cm);
         if (have_tok && eval_now && a.eval_items > 0 && !dd.class_caption.empty()) {
             eng.to_host();
-            Downstream r = eval_downstream(&model, &dd, a.eval_items, last ? a.eval_gen : 0, a.seed);
+            Downstream r = eval_downstream(&model, &dd, a.eval_items, last ? a.eval_gen : 0, a.seed, dec);
             print_downstream(r, step + 1);
             if (evalf) {
-                fprintf(evalf, "%d,%.4f,%.4f,%.4f,%.4f\n", step + 1, r.img2cap, r.sp2cap, r.cap2img, r.knn_ceiling);
+                fprintf(evalf, "%d,%.4f,%.4f,%.4f,%.4f,%.4f,%.4f\n", step + 1, r.img2cap, r.sp2cap, r.cap2img, r.knn_ceiling,
+                        r.img2cap_gen, r.sp2cap_gen);
                 fflush(evalf);
             }
         }
+        if (eval_now && !last) { eval_seconds += now_s() - te; evals_done++; }
         if ((step + 1) % a.log_every == 0 || last || step == (int)st.step) {
             char mods[192] = "", *p = mods;
             for (int md = 0; md < 3; md++)
                 p += nmod[md] ? snprintf(p, 40, " %s %.3f", MOT_MOD_NAME[md], lmod[md] / nmod[md])
                               : snprintf(p, 40, " %s -", MOT_MOD_NAME[md]);
-            const double eta = (now_s() - t_start) / (step + 1 - st.step) * (a.opt.steps - step - 1);
             if (experts) snprintf(p, 60, " | aux %.3f agree %.2f", aux, agree);
-            printf("step %5d/%d | loss %.4f |%s | lr %.2e | norm %.3f | %.0f tok/s | %.2f s | eta %.0f s\n", step + 1,
-                   a.opt.steps, loss, mods, lr, norm, tokens_per_step / dt, dt, eta);
+            printf("step %5d/%d | loss %.4f |%s | lr %.2e | norm %.3f | %.0f tok/s | %.2f s | eta %s\n", step + 1,
+                   a.opt.steps, loss, mods, lr, norm, tokens_per_step / dt, dt, eta_text(step + 1).c_str());
             if (!std::isnan(vl))
                 printf("val  %5d | loss %.4f | text %.3f image %.3f speech %.3f\n", step + 1, vl, vm[0], vm[1], vm[2]);
             if (!std::isnan(vl) && experts)
@@ -1099,7 +1352,7 @@ int main(int argc, char** argv) {
     if (!a.save.empty()) save(a.save, std::max<int64_t>(st.step, a.opt.steps));
     if (logf) fclose(logf);
     if (evalf) fclose(evalf);
-    if (have_tok && !a.out.empty()) write_samples(&model, &dd, a.out, a.seed);
+    if (have_tok && !a.out.empty()) write_samples(&model, &dd, a.out, a.seed, dec);
 #ifdef MOT_MPI
     if (eng.gpu_active()) mot_gpu_dp_free();
     MPI_Finalize();

