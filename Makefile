@@ -14,6 +14,8 @@ NVARCH   ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm
 NVFLAGS  ?= -std=c++17 -O3 $(NVARCH) -Xcompiler -O3,-march=native,-fopenmp,-fno-math-errno,-Wall -I.
 NVLIBS    = -lcublas -lcublasLt -lgomp
 TOKH      = tokenizers/bpe.h tokenizers/vq.h tokenizers/speech.h
+# JPEG is decoded by Debian's libjpeg-turbo (libjpeg62-turbo-dev), PNG by stb_image
+JPEGLIBS  = -ljpeg
 TESTBINS  = test/test_mot test/test_files test/test_bpe test/test_vq test/test_speech test/test_data
 ifneq ($(NVCC),)
 TESTBINS += test/test_gpu
@@ -41,17 +43,17 @@ all: mot $(TOOLS)
 
 mot: train.cu mot.h mot.cu $(TOKH)
 ifneq ($(NVCC),)
-	$(NVCC) $(NVFLAGS) train.cu -o $@ $(NVLIBS)
+	$(NVCC) $(NVFLAGS) train.cu -o $@ $(NVLIBS) $(JPEGLIBS)
 else
 	@echo "nvcc not found: building the CPU-only trainer with $(CXX)"
-	$(CXX) $(CXXFLAGS) -x c++ train.cu -o $@
+	$(CXX) $(CXXFLAGS) -x c++ train.cu -o $@ $(JPEGLIBS)
 endif
 
 test/%: test/%.cpp mot.h test/common.h $(TOKH)
-	$(CXX) $(CXXFLAGS) -I. $< -o $@
+	$(CXX) $(CXXFLAGS) -I. $< -o $@ $(JPEGLIBS)
 
 tokenizers/%: tokenizers/%.cpp tokenizers/%.h
-	$(CXX) $(CXXFLAGS) -I. $< -o $@
+	$(CXX) $(CXXFLAGS) -I. $< -o $@ $(JPEGLIBS)
 
 # Data parallel over GPUs (NCCL, launched with mpirun): needs Open MPI (libopenmpi-dev openmpi-bin)
 MPI_CFLAGS = $(filter -I%,$(shell mpicxx --showme:compile 2>/dev/null))
@@ -59,7 +61,7 @@ MPI_LIBS   = $(filter -L% -l%,$(shell mpicxx --showme:link 2>/dev/null))
 mot_mpi: train.cu mot.h mot.cu $(TOKH)
 	@[ -n "$(NVCC)" ] || { echo "mot_mpi needs nvcc (the CUDA toolkit)"; exit 1; }
 	@[ -n "$(MPI_LIBS)" ] || { echo "mot_mpi needs Open MPI: apt-get install libopenmpi-dev openmpi-bin"; exit 1; }
-	$(NVCC) $(NVFLAGS) -DMOT_MPI $(MPI_CFLAGS) train.cu -o $@ $(NVLIBS) -lnccl $(MPI_LIBS)
+	$(NVCC) $(NVFLAGS) -DMOT_MPI $(MPI_CFLAGS) train.cu -o $@ $(NVLIBS) $(JPEGLIBS) -lnccl $(MPI_LIBS)
 
 test/test_gpu: test/test_gpu.cu mot.cu mot.h test/common.h
 	$(NVCC) $(NVFLAGS) $< -o $@ $(NVLIBS)

@@ -86,6 +86,7 @@
 // (34,286 caption_image, 19,301 spoken_caption, 14,694 image_speech, 5,343 prose).
 // ============================================================================================
 #define STB_IMAGE_IMPLEMENTATION
+#define STBI_ONLY_PNG  // JPEG is decoded by libjpeg-turbo (tokenizers/vq.h)
 #include <stb/stb_image.h>
 #define STB_IMAGE_WRITE_IMPLEMENTATION
 #include <stb/stb_image_write.h>
