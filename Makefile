@@ -16,7 +16,7 @@ NVLIBS    = -lcublas -lcublasLt -lgomp
 TOKH      = tokenizers/bpe.h tokenizers/vq.h tokenizers/speech.h
 # JPEG is decoded by Debian's libjpeg-turbo (libjpeg62-turbo-dev), PNG by stb_image
 JPEGLIBS  = -ljpeg
-TESTBINS  = test/test_mot test/test_files test/test_bpe test/test_vq test/test_speech test/test_data
+TESTBINS  = test/test_mot test/test_files test/test_bpe test/test_vq test/test_speech test/test_data test/test_crash
 ifneq ($(NVCC),)
 TESTBINS += test/test_gpu
 endif
