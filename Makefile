@@ -4,6 +4,8 @@
 #   make train       the main job: build the default dataset if missing, train, evaluate, sample,
 #                    plot, all into the run folder $(RUN)
 #   make bench       CPU benchmark (MoT vs dense step time)
+#   make test-asan   the CPU tests built with AddressSanitizer + UBSan (also part of make test)
+#   make fuzz        every libFuzzer target (clang) for FUZZ_S seconds each (make fuzz FUZZ_S=60)
 CXX      ?= g++
 # -fno-math-errno lets GCC vectorise sqrt (results are the same: it only drops errno updates)
 CXXFLAGS ?= -std=c++17 -O3 -march=native -fopenmp -fno-math-errno -Wall -Wextra
@@ -38,7 +40,22 @@ else
 TRAIN_FLAGS ?= $(CPU_TRAIN_FLAGS)
 endif
 
-.PHONY: all test train bench bench-gpu clean
+# Sanitizers: the CPU tests, ./mot and the tools again with ASan + UBSan, in build/asan (the
+# tests run there: they call ./mot, tokenizers/* and data/build.sh relative to it).
+ASAN_DIR   = build/asan
+ASANFLAGS ?= -std=c++17 -O1 -g -fopenmp -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+ASAN_TESTS = test/test_mot test/test_files test/test_bpe test/test_vq test/test_speech test/test_data test/test_crash
+ASANBINS   = $(ASAN_TESTS:%=$(ASAN_DIR)/%) $(ASAN_DIR)/mot $(TOOLS:%=$(ASAN_DIR)/%)
+ASANLINKS  = $(ASAN_DIR)/data $(ASAN_DIR)/mot.h $(TOKH:%=$(ASAN_DIR)/%)
+# Fuzzing: libFuzzer targets for every reader (test/fuzz), with ASan + UBSan. make test replays
+# their seed corpora and fuzzes each for FUZZ_CI_S seconds; make fuzz for FUZZ_S seconds.
+FUZZ_CXX   ?= clang++
+FUZZFLAGS  ?= -std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -Wno-unknown-pragmas -I.
+FUZZ_S     ?= 60
+FUZZ_CI_S  ?= 10
+FUZZBINS    = $(patsubst %,test/fuzz/fuzz_%,shard checkpoint debug_state bpe vq_model speech_model wav image)
+
+.PHONY: all test test-asan fuzz train bench bench-gpu clean
 all: mot $(TOOLS)
 
 mot: train.cu mot.h mot.cu $(TOKH)
@@ -72,8 +89,33 @@ dev/bench_gpu: dev/bench_gpu.cu mot.cu mot.h
 dev/bench_cpu: dev/bench_cpu.cpp mot.h
 	$(CXX) $(CXXFLAGS) -I. $< -o $@
 
-test: mot $(TOOLS) $(TESTBINS)
-	@bash test/run.sh $(TESTBINS)
+test: mot $(TOOLS) $(TESTBINS) $(ASANBINS) $(ASANLINKS) $(FUZZBINS)
+	@FUZZ_S=$(FUZZ_CI_S) bash test/run.sh $(TESTBINS) $(ASAN_TESTS:%=$(ASAN_DIR):%) test/fuzz/run.sh
+
+test-asan: $(ASANBINS) $(ASANLINKS)
+	@bash test/run.sh $(ASAN_TESTS:%=$(ASAN_DIR):%)
+
+$(ASAN_DIR)/test/%: test/%.cpp mot.h test/common.h $(TOKH)
+	@mkdir -p $(@D)
+	$(CXX) $(ASANFLAGS) -I. $< -o $@ $(JPEGLIBS)
+$(ASAN_DIR)/tokenizers/%: tokenizers/%.cpp tokenizers/%.h
+	@mkdir -p $(@D)
+	$(CXX) $(ASANFLAGS) -I. $< -o $@ $(JPEGLIBS)
+$(ASAN_DIR)/mot: train.cu mot.h $(TOKH)
+	@mkdir -p $(@D)
+	$(CXX) $(ASANFLAGS) -x c++ train.cu -o $@ $(JPEGLIBS)
+$(ASAN_DIR)/data $(ASAN_DIR)/mot.h:
+	@mkdir -p $(@D)
+	ln -sfn $(CURDIR)/$(@F) $@
+$(ASAN_DIR)/tokenizers/%.h:
+	@mkdir -p $(@D)
+	ln -sfn $(CURDIR)/tokenizers/$(@F) $@
+
+test/fuzz/fuzz_%: test/fuzz/fuzz_%.cpp test/fuzz/fuzz.h mot.h $(TOKH)
+	$(FUZZ_CXX) $(FUZZFLAGS) $< -o $@ $(JPEGLIBS)
+
+fuzz: mot $(TOOLS) $(FUZZBINS)
+	@FUZZ_S=$(FUZZ_S) bash test/fuzz/run.sh $(FUZZBINS)
 
 $(DATA)/manifest.txt:
 	bash data/build.sh $(DATA)
@@ -91,4 +133,5 @@ bench-gpu: dev/bench_gpu
 	./dev/bench_gpu
 
 clean:
-	rm -f mot mot_mpi $(TESTBINS) $(TOOLS) dev/bench_cpu dev/bench_gpu
+	rm -f mot mot_mpi $(TESTBINS) $(TOOLS) $(FUZZBINS) dev/bench_cpu dev/bench_gpu
+	rm -rf $(ASAN_DIR)

@@ -777,7 +777,7 @@ static void check_memory(const Args& a, bool activations) {
     mot_param_count(a.cfg, &P);
     const double L = a.cfg.n_layer, D = a.cfg.d_model, H = a.cfg.n_head, F = a.cfg.d_ff, V = a.cfg.vocab;
     const double B = a.batch, T = a.seq, N = B * T;
-    double bytes = 4.0 * 4 * P;  // float params, grads, Adam m and v
+    double bytes = 4.0 * 4 * P + 4.0 * T * (D / H);  // float params, grads, Adam m and v; RoPE tables
     const char* what = "parameters, gradients and optimizer state";
     if (activations) {  // mot_alloc_acts and its backward scratch, in double: no wrap
         bytes += 4.0 * (L * N * (9 * D + 2 * H + 2 + 3 * F) + L * B * H * T * T + N * (2 * V + D + 1) + 7 * N * D + 3 * N * F);

@@ -483,6 +483,20 @@ TEST_CASE("hostile images: stb's Huffman overflow, thin strips, huge headers, co
     REQUIRE(vq_image_from_memory(png.data(), png.size(), "tall.png", 28, &out, &err));
     for (uint8_t v : out) CHECK(v == 10);
 
+    // An empty IDAT chunk before the data (valid PNG; stb memcpy()s into a null buffer on it,
+    // found by fuzz_image): the same image as without it.
+    {
+        std::vector<uint8_t> grey(28 * 28), p0, p1, o0;
+        for (size_t i = 0; i < grey.size(); i++) grey[i] = (uint8_t)(i * 7);
+        REQUIRE(stbi_write_png_to_func(append_to, &p0, 28, 28, 1, grey.data(), 28));
+        p1.assign(p0.begin(), p0.begin() + 33);  // signature + IHDR
+        for (int b : {0, 0, 0, 0, 73, 68, 65, 84, 0x35, 0xAF, 0x06, 0x1E}) p1.push_back((uint8_t)b);  // "IDAT"
+        p1.insert(p1.end(), p0.begin() + 33, p0.end());
+        REQUIRE(vq_image_from_memory(p0.data(), p0.size(), "p0.png", 28, &o0, &err));
+        REQUIRE(vq_image_from_memory(p1.data(), p1.size(), "p1.png", 28, &out, &err));
+        CHECK(out == o0);
+        CHECK(out == grey);
+    }
     // A header promising more than VQ_MAX_PIXELS is refused before anything is allocated.
     std::vector<uint8_t> huge = png_header(5000, 5000, "");
     CHECK_FALSE(vq_image_from_memory(huge.data(), huge.size(), "huge.png", 28, &out, &err));

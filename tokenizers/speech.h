@@ -580,6 +580,10 @@ bool speech_model_finish(SpeechModel* m, std::string* err) {
         m->spectrum.size() != (size_t)K * nb || (int)m->duration.size() != K)
         return speech_fail_(err, "model arrays have the wrong sizes");
     for (float v : m->std_) if (!(v > 0) || !std::isfinite(v)) return speech_fail_(err, "model has a non-positive std");
+    for (const std::vector<float>* a : {&m->mean, &m->centroid, &m->spectrum})
+        for (float v : *a)
+            if (!std::isfinite(v)) return speech_fail_(err, "model has a non-finite value");
+    for (float v : m->spectrum) if (v < 0) return speech_fail_(err, "model has a negative magnitude");
     for (float v : m->duration)
         if (!(v >= 1.0f && v <= SPEECH_MAX_DURATION))
             return speech_fail_(err, "model has a unit duration outside [1, " + std::to_string(SPEECH_MAX_DURATION) + "] frames");

@@ -582,6 +582,28 @@ inline bool decode_jpeg(const uint8_t* data, size_t n, const std::string& nm, in
     return true;
 }
 
+// Debian's stb (2022-09-08) memcpy()s into a null buffer when the first IDAT chunk is empty
+// (undefined behaviour, found by test/fuzz/fuzz_image). An empty IDAT carries no data, so
+// such chunks are dropped from a copy before stb sees the file; anything malformed is left
+// for stb to reject.
+inline const uint8_t* png_without_empty_idat(const uint8_t* d, size_t n, std::vector<uint8_t>* copy, size_t* len) {
+    *len = n;
+    bool found = false;
+    for (size_t p = 8; p + 12 <= n && !found; p += 12 + (size_t)be32(d + p))
+        found = be32(d + p) == 0 && memcmp(d + p + 4, "IDAT", 4) == 0;
+    if (!found) return d;
+    copy->assign(d, d + 8);
+    size_t p = 8;
+    for (; p + 12 <= n; p += 12 + (size_t)be32(d + p)) {
+        const size_t clen = be32(d + p);
+        if (clen > n - p - 12) break;  // truncated: keep the rest as it is
+        if (!(clen == 0 && memcmp(d + p + 4, "IDAT", 4) == 0)) copy->insert(copy->end(), d + p, d + p + 12 + clen);
+    }
+    if (p < n) copy->insert(copy->end(), d + p, d + n);
+    *len = copy->size();
+    return copy->data();
+}
+
 }  // namespace vq_detail
 
 bool vq_image_from_memory(const uint8_t* data, size_t n, const char* name, int side,
@@ -593,6 +615,8 @@ bool vq_image_from_memory(const uint8_t* data, size_t n, const char* name, int s
     if (n > (size_t)INT32_MAX) return fail(err, nm + ": file too large");
     if (side <= 0 || side > 4096) return fail(err, nm + ": bad target side " + std::to_string(side));
     if (is_jpeg(data, n)) return decode_jpeg(data, n, nm, side, out, err);
+    std::vector<uint8_t> fixed;
+    data = png_without_empty_idat(data, n, &fixed, &n);
     int w = 0, h = 0, ch = 0;
     // The size from the header first: the decoder allocates w x h x 4 bytes.
     if (stbi_info_from_memory(data, (int)n, &w, &h, &ch) && (uint64_t)w * h > VQ_MAX_PIXELS)
