@@ -40,6 +40,7 @@
 // included, so vq.h never compiles stb twice): link one translation unit that has
 //   #define STB_IMAGE_IMPLEMENTATION        + #include <stb/stb_image.h>
 //   #define STB_IMAGE_WRITE_IMPLEMENTATION  + #include <stb/stb_image_write.h>
+// (with STBI_ONLY_PNG: stb decodes PNG only; JPEG goes to libjpeg-turbo, so link -ljpeg)
 // (not STB_IMAGE_STATIC). Library functions never exit: they return false and fill *err
 // with a one-line message that names the file ("x.png: not a PNG/JPEG image").
 #ifndef VQ_H

@@ -7,6 +7,7 @@ cd "$(dirname "$0")/../.."
 OUT=$1
 DATA=${2:-/tmp/mot_fuzz_data}
 die() { echo "seeds.sh: error: $*" >&2; exit 1; }
+trap 'echo "seeds.sh: error: line $LINENO failed" >&2' ERR
 for t in mot tokenizers/bpe tokenizers/vq tokenizers/speech; do [ -x "$t" ] || die "$t is not built (make)"; done
 [ -f "$DATA/manifest.txt" ] || bash data/build.sh "$DATA" --small >/dev/null || die "data/build.sh $DATA --small failed"
 rm -rf "$OUT"
@@ -19,7 +20,7 @@ le64() { le32 $(($1 & 0xffffffff)); le32 $(($1 >> 32)); }
 
 # shards: the first 64 tokens of a built shard (its header with n rewritten), and a shard of a
 # 12-id vocabulary for the trainer below (tokens 1..11 in turn)
-{ head -c 24 "$DATA/val_000.bin"; le64 64; tail -c +33 "$DATA/val_000.bin" | head -c 128; } >"$OUT/shard/val64.bin"
+{ head -c 24 "$DATA/val_000.bin"; le64 64; dd if="$DATA/val_000.bin" bs=32 skip=1 count=4 2>/dev/null; } >"$OUT/shard/val64.bin"
 { printf MOTS; le32 1; le32 12; le32 8; le32 10; le32 0; le64 200; for i in $(seq 0 199); do byte $((1 + i % 11)); byte 0; done; } >"$OUT/shard/tiny.bin"
 
 # checkpoints and debug states from the trainer, at the smallest shapes (fast to fuzz)
