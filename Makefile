@@ -43,7 +43,7 @@ endif
 # Sanitizers: the CPU tests, ./mot and the tools again with ASan + UBSan, in build/asan (the
 # tests run there: they call ./mot, tokenizers/* and data/build.sh relative to it).
 ASAN_DIR   = build/asan
-ASANFLAGS ?= -std=c++17 -O1 -g -fopenmp -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+ASANFLAGS ?= -std=c++17 -O1 -g1 -fopenmp -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
 ASAN_TESTS = test/test_mot test/test_files test/test_bpe test/test_vq test/test_speech test/test_data test/test_crash
 ASANBINS   = $(ASAN_TESTS:%=$(ASAN_DIR)/%) $(ASAN_DIR)/mot $(TOOLS:%=$(ASAN_DIR)/%)
 ASANLINKS  = $(ASAN_DIR)/data $(ASAN_DIR)/mot.h $(TOKH:%=$(ASAN_DIR)/%)

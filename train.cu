@@ -954,7 +954,8 @@ int main(int argc, char** argv) {
     }
     // Rows after the checkpoint's step were written by a run that died before its next
     // checkpoint; they are redone now, so drop them (log.csv never holds a step twice).
-    if (!a.init_from.empty() && !a.eval_only) {
+    // (With --resume and no checkpoint yet, everything logged before is redone from step 0.)
+    if ((!a.init_from.empty() || a.resume) && !a.eval_only) {
         if (!a.log.empty() && !trim_csv(a.log, st.step, &err)) die(err);
         if (!a.out.empty() && !trim_csv(a.out + "/eval.csv", st.step, &err)) die(err);
     }

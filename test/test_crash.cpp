@@ -263,6 +263,13 @@ TEST_CASE("log.csv holds every step once after a resume from an older checkpoint
     CHECK(got.begin()->first == 1);
     CHECK(got.rbegin()->first == 30);
     CHECK(read_bytes(dir + "/log.csv").find("torn") == std::string::npos);
+    // killed before its first checkpoint: a --resume starts fresh and logs steps 1.. once
+    REQUIRE(sh("rm " + dir + "/step_*.ckpt", &out) == 0);
+    REQUIRE(sh("./mot " + flags(30) + " --save-every 10 --keep 3 --out " + dir + " --resume", &out) == 0);
+    CHECK(out.find("starting fresh") != std::string::npos);
+    got = losses(read_bytes(dir + "/log.csv"), &dups);
+    CHECK(dups == 0);
+    CHECK(got.size() == 30);
 }
 
 TEST_CASE("a full disk: the checkpoint write fails with one line and the last good checkpoint stays") {
