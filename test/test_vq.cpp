@@ -497,6 +497,15 @@ TEST_CASE("hostile images: stb's Huffman overflow, thin strips, huge headers, co
         CHECK(out == o0);
         CHECK(out == grey);
     }
+    // An IDAT chunk claiming 1.2 GB in a 1 KB file: stb would realloc its buffer to 2 GB before
+    // finding the data missing (found by fuzz_image); refused from the chunk lengths first.
+    {
+        std::vector<uint8_t> bomb = png_header(28, 28, "");
+        for (int b : {0x48, 0x03, 0x37, 0x00, 73, 68, 65, 84}) bomb.push_back((uint8_t)b);  // "IDAT"
+        bomb.resize(987, 0x5A);
+        CHECK_FALSE(vq_image_from_memory(bomb.data(), bomb.size(), "bomb.png", 28, &out, &err));
+        CHECK(err == "bomb.png: corrupt PNG image (a chunk runs past the end of the file)");
+    }
     // A header promising more than VQ_MAX_PIXELS is refused before anything is allocated.
     std::vector<uint8_t> huge = png_header(5000, 5000, "");
     CHECK_FALSE(vq_image_from_memory(huge.data(), huge.size(), "huge.png", 28, &out, &err));

@@ -583,26 +583,34 @@ inline bool decode_jpeg(const uint8_t* data, size_t n, const std::string& nm, in
     return true;
 }
 
-// Debian's stb (2022-09-08) memcpy()s into a null buffer when the first IDAT chunk is empty
-// (undefined behaviour, found by test/fuzz/fuzz_image). An empty IDAT carries no data, so
-// such chunks are dropped from a copy before stb sees the file; anything malformed is left
-// for stb to reject.
-inline const uint8_t* png_without_empty_idat(const uint8_t* d, size_t n, std::vector<uint8_t>* copy, size_t* len) {
+// Checks a PNG's chunk structure before stb sees it, and fixes what Debian's stb (2022-09-08)
+// mishandles (both found by test/fuzz/fuzz_image):
+//  - a chunk whose length runs past the end of the file: stb reallocs its IDAT buffer to that
+//    length (up to 2 GB from a 1 KB file) before noticing the data is missing; refused here;
+//  - an empty first IDAT: stb memcpy()s into a null buffer (undefined behaviour); an empty IDAT
+//    carries no data, so such chunks are dropped from a copy.
+// Returns false (a corrupt file) or the bytes to decode in *out / *len.
+inline bool png_prepare(const uint8_t* d, size_t n, std::vector<uint8_t>* copy, const uint8_t** out, size_t* len) {
+    *out = d;
     *len = n;
-    bool found = false;
-    for (size_t p = 8; p + 12 <= n && !found; p += 12 + (size_t)be32(d + p))
-        found = be32(d + p) == 0 && memcmp(d + p + 4, "IDAT", 4) == 0;
-    if (!found) return d;
-    copy->assign(d, d + 8);
+    bool empty_idat = false;
     size_t p = 8;
     for (; p + 12 <= n; p += 12 + (size_t)be32(d + p)) {
         const size_t clen = be32(d + p);
-        if (clen > n - p - 12) break;  // truncated: keep the rest as it is
-        if (!(clen == 0 && memcmp(d + p + 4, "IDAT", 4) == 0)) copy->insert(copy->end(), d + p, d + p + 12 + clen);
+        if (clen > n - p - 12) return false;
+        empty_idat |= clen == 0 && memcmp(d + p + 4, "IDAT", 4) == 0;
+        if (memcmp(d + p + 4, "IEND", 4) == 0) break;
     }
-    if (p < n) copy->insert(copy->end(), d + p, d + n);
+    if (!empty_idat) return true;
+    copy->assign(d, d + 8);
+    for (p = 8; p + 12 <= n; p += 12 + (size_t)be32(d + p)) {
+        const size_t clen = be32(d + p);
+        if (!(clen == 0 && memcmp(d + p + 4, "IDAT", 4) == 0)) copy->insert(copy->end(), d + p, d + p + 12 + clen);
+        if (memcmp(d + p + 4, "IEND", 4) == 0) break;
+    }
+    *out = copy->data();
     *len = copy->size();
-    return copy->data();
+    return true;
 }
 
 }  // namespace vq_detail
@@ -617,7 +625,8 @@ bool vq_image_from_memory(const uint8_t* data, size_t n, const char* name, int s
     if (side <= 0 || side > 4096) return fail(err, nm + ": bad target side " + std::to_string(side));
     if (is_jpeg(data, n)) return decode_jpeg(data, n, nm, side, out, err);
     std::vector<uint8_t> fixed;
-    data = png_without_empty_idat(data, n, &fixed, &n);
+    if (!png_prepare(data, n, &fixed, &data, &n))
+        return fail(err, nm + ": corrupt PNG image (a chunk runs past the end of the file)");
     int w = 0, h = 0, ch = 0;
     // The size from the header first: the decoder allocates w x h x 4 bytes.
     if (stbi_info_from_memory(data, (int)n, &w, &h, &ch) && (uint64_t)w * h > VQ_MAX_PIXELS)
