@@ -7,6 +7,8 @@
 #   make bench       CPU benchmark (MoT vs dense step time)
 #   make mot_cpu_cuda    the trainer's GPU path run on the CPU by test/cuda_cpu.h (no GPU needed)
 #   make roofline    a model of one GPU training step, kernel by kernel (dev/roofline.cpp)
+#   make test-asan   the CPU tests built with AddressSanitizer + UBSan (also part of make test)
+#   make fuzz        every libFuzzer target (clang) for FUZZ_S seconds each (make fuzz FUZZ_S=60)
 CXX      ?= g++
 # -fno-math-errno lets GCC vectorise sqrt (results are the same: it only drops errno updates)
 CXXFLAGS ?= -std=c++17 -O3 -march=native -fopenmp -fno-math-errno -Wall -Wextra
@@ -17,8 +19,10 @@ NVARCH   ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm
 NVFLAGS  ?= -std=c++17 -O3 $(NVARCH) -Xcompiler -O3,-march=native,-fopenmp,-fno-math-errno,-Wall -I.
 NVLIBS    = -lcublas -lcublasLt -lgomp
 TOKH      = tokenizers/bpe.h tokenizers/vq.h tokenizers/speech.h
+# JPEG is decoded by Debian's libjpeg-turbo (libjpeg62-turbo-dev), PNG by stb_image
+JPEGLIBS  = -ljpeg
 TESTBINS  = test/test_mot test/test_experts test/test_files test/test_bpe test/test_vq test/test_speech test/test_data \
-            test/test_cuda_cpu test/test_gpu_cpu
+            test/test_crash test/test_cuda_cpu test/test_gpu_cpu
 TOOLS     = tokenizers/bpe tokenizers/vq tokenizers/speech
 
 DATA     ?= data/default
@@ -38,7 +42,22 @@ else
 TRAIN_FLAGS ?= $(CPU_TRAIN_FLAGS)
 endif
 
-.PHONY: all test train bench bench-gpu roofline test-cuda-asan clean setup
+# Sanitizers: the CPU tests, ./mot and the tools again with ASan + UBSan, in build/asan (the
+# tests run there: they call ./mot, tokenizers/* and data/build.sh relative to it).
+ASAN_DIR   = build/asan
+ASANFLAGS ?= -std=c++17 -O1 -g1 -fopenmp -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+ASAN_TESTS = test/test_mot test/test_files test/test_bpe test/test_vq test/test_speech test/test_data test/test_crash
+ASANBINS   = $(ASAN_TESTS:%=$(ASAN_DIR)/%) $(ASAN_DIR)/mot $(TOOLS:%=$(ASAN_DIR)/%)
+ASANLINKS  = $(ASAN_DIR)/data $(ASAN_DIR)/mot.h $(TOKH:%=$(ASAN_DIR)/%)
+# Fuzzing: libFuzzer targets for every reader (test/fuzz), with ASan + UBSan. make test replays
+# their seed corpora and fuzzes each for FUZZ_CI_S seconds; make fuzz for FUZZ_S seconds.
+FUZZ_CXX   ?= clang++
+FUZZFLAGS  ?= -std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -Wno-unknown-pragmas -I.
+FUZZ_S     ?= 60
+FUZZ_CI_S  ?= 10
+FUZZBINS    = $(patsubst %,test/fuzz/fuzz_%,shard checkpoint debug_state bpe vq_model speech_model wav image)
+
+.PHONY: all test test-asan fuzz train bench bench-gpu roofline test-cuda-asan clean setup
 all: mot $(TOOLS)
 
 # Installs what is missing (compilers, doctest, stb, gnuplot ...): the one package list is in the
@@ -48,17 +67,17 @@ setup:
 
 mot: train.cu mot.h mot.cu $(TOKH) | setup
 ifneq ($(NVCC),)
-	$(NVCC) $(NVFLAGS) train.cu -o $@ $(NVLIBS)
+	$(NVCC) $(NVFLAGS) train.cu -o $@ $(NVLIBS) $(JPEGLIBS)
 else
 	@echo "nvcc not found: building the CPU-only trainer with $(CXX)"
-	$(CXX) $(CXXFLAGS) -x c++ train.cu -o $@
+	$(CXX) $(CXXFLAGS) -x c++ train.cu -o $@ $(JPEGLIBS)
 endif
 
 test/%: test/%.cpp mot.h test/common.h $(TOKH) | setup
-	$(CXX) $(CXXFLAGS) -I. $< -o $@
+	$(CXX) $(CXXFLAGS) -I. $< -o $@ $(JPEGLIBS)
 
 tokenizers/%: tokenizers/%.cpp tokenizers/%.h | setup
-	$(CXX) $(CXXFLAGS) -I. $< -o $@
+	$(CXX) $(CXXFLAGS) -I. $< -o $@ $(JPEGLIBS)
 
 # Data parallel over GPUs (NCCL, launched with mpirun): needs Open MPI (libopenmpi-dev openmpi-bin)
 MPI_CFLAGS = $(filter -I%,$(shell mpicxx --showme:compile 2>/dev/null))
@@ -66,7 +85,7 @@ MPI_LIBS   = $(filter -L% -l%,$(shell mpicxx --showme:link 2>/dev/null))
 mot_mpi: train.cu mot.h mot.cu $(TOKH)
 	@[ -n "$(NVCC)" ] || { echo "mot_mpi needs nvcc (the CUDA toolkit)"; exit 1; }
 	@[ -n "$(MPI_LIBS)" ] || { echo "mot_mpi needs Open MPI: apt-get install libopenmpi-dev openmpi-bin"; exit 1; }
-	$(NVCC) $(NVFLAGS) -DMOT_MPI $(MPI_CFLAGS) train.cu -o $@ $(NVLIBS) -lnccl $(MPI_LIBS)
+	$(NVCC) $(NVFLAGS) -DMOT_MPI $(MPI_CFLAGS) train.cu -o $@ $(NVLIBS) $(JPEGLIBS) -lnccl $(MPI_LIBS)
 
 test/test_gpu: test/test_gpu.cu mot.cu mot.h test/common.h
 	$(NVCC) $(NVFLAGS) $< -o $@ $(NVLIBS)
@@ -118,17 +137,42 @@ test/test_cuda_cpu: build/cuda_cpu/test/test_cuda_cpu.cu test/cuda_cpu_race.o mo
 test/cuda_cpu_asan.o: test/cuda_cpu.cpp $(CUDA_CPU_HDRS) | setup
 	$(CXX) $(CUDA_CPU_BASE) -fsanitize=address,undefined -c $< -o $@
 test/test_gpu_cpu_asan: build/cuda_cpu/test/test_gpu.cu build/cuda_cpu/mot.cu mot.h test/common.h test/cuda_cpu_asan.o
-	$(CXX) $(CUDA_CPU_FLAGS) -fsanitize=address,undefined -x c++ $< -x none test/cuda_cpu_asan.o -o $@
+	$(CXX) $(CUDA_CPU_FLAGS) -fsanitize=address,undefined -x c++ $< -x none test/cuda_cpu_asan.o -o $@ $(JPEGLIBS)
 test-cuda-asan: test/test_gpu_cpu_asan
 	@bash test/run.sh test/test_gpu_cpu_asan
 
 mot_cpu_cuda: build/cuda_cpu/train.cu build/cuda_cpu/mot.cu mot.h $(TOKH) test/cuda_cpu.o
-	$(CXX) $(CUDA_CPU_FLAGS) -x c++ $< -x none test/cuda_cpu.o -o $@
+	$(CXX) $(CUDA_CPU_FLAGS) -x c++ $< -x none test/cuda_cpu.o -o $@ $(JPEGLIBS)
 mot_cpu_cuda_mpi: build/cuda_cpu/train.cu build/cuda_cpu/mot.cu mot.h $(TOKH) test/cuda_cpu_mpi.o
-	$(CXX) $(CUDA_CPU_FLAGS) -DMOT_MPI $(MPI_CFLAGS) -x c++ $< -x none test/cuda_cpu_mpi.o -o $@ $(MPI_LIBS)
+	$(CXX) $(CUDA_CPU_FLAGS) -DMOT_MPI $(MPI_CFLAGS) -x c++ $< -x none test/cuda_cpu_mpi.o -o $@ $(MPI_LIBS) $(JPEGLIBS)
 
-test: mot $(TOOLS) $(TESTBINS)
-	@bash test/run.sh $(TESTBINS)
+test: mot $(TOOLS) $(TESTBINS) $(ASANBINS) $(ASANLINKS) $(FUZZBINS)
+	@FUZZ_S=$(FUZZ_CI_S) bash test/run.sh $(TESTBINS) $(ASAN_TESTS:%=$(ASAN_DIR):%) test/fuzz/run.sh
+
+test-asan: $(ASANBINS) $(ASANLINKS)
+	@bash test/run.sh $(ASAN_TESTS:%=$(ASAN_DIR):%)
+
+$(ASAN_DIR)/test/%: test/%.cpp mot.h test/common.h $(TOKH) | setup
+	@mkdir -p $(@D)
+	$(CXX) $(ASANFLAGS) -I. $< -o $@ $(JPEGLIBS)
+$(ASAN_DIR)/tokenizers/%: tokenizers/%.cpp tokenizers/%.h | setup
+	@mkdir -p $(@D)
+	$(CXX) $(ASANFLAGS) -I. $< -o $@ $(JPEGLIBS)
+$(ASAN_DIR)/mot: train.cu mot.h $(TOKH) | setup
+	@mkdir -p $(@D)
+	$(CXX) $(ASANFLAGS) -x c++ train.cu -o $@ $(JPEGLIBS)
+$(ASAN_DIR)/data $(ASAN_DIR)/mot.h:
+	@mkdir -p $(@D)
+	ln -sfn $(CURDIR)/$(@F) $@
+$(ASAN_DIR)/tokenizers/%.h:
+	@mkdir -p $(@D)
+	ln -sfn $(CURDIR)/tokenizers/$(@F) $@
+
+test/fuzz/fuzz_%: test/fuzz/fuzz_%.cpp test/fuzz/fuzz.h mot.h $(TOKH) | setup
+	$(FUZZ_CXX) $(FUZZFLAGS) $< -o $@ $(JPEGLIBS)
+
+fuzz: mot $(TOOLS) $(FUZZBINS)
+	@FUZZ_S=$(FUZZ_S) bash test/fuzz/run.sh $(FUZZBINS)
 
 $(DATA)/manifest.txt: | setup
 	bash data/build.sh $(DATA)
@@ -146,5 +190,6 @@ bench-gpu: dev/bench_gpu
 	./dev/bench_gpu
 
 clean:
-	rm -f mot mot_mpi mot_cpu_cuda mot_cpu_cuda_mpi $(TESTBINS) test/test_gpu test/test_gpu_cpu_asan $(TOOLS) dev/bench_cpu dev/bench_gpu dev/roofline test/*.o
+	rm -f mot mot_mpi mot_cpu_cuda mot_cpu_cuda_mpi $(TESTBINS) test/test_gpu test/test_gpu_cpu_asan $(TOOLS) $(FUZZBINS) \
+	      dev/bench_cpu dev/bench_gpu dev/roofline test/*.o
 	rm -rf build

@@ -25,6 +25,9 @@
 #include <glob.h>
 #include <cstdlib>
 #include <new>
+#include <cerrno>
+#include <fcntl.h>
+#include <unistd.h>
 #ifdef _OPENMP
 #include <omp.h>
 #else
@@ -113,11 +116,22 @@ inline int mot_modality(const MotConfig& c, int id) {
     return id < c.image_begin ? MOD_TEXT : id < c.speech_begin ? MOD_IMAGE : MOD_SPEECH;
 }
 
+// Bounds on a config: generous for any model this code can train, small enough that the
+// parameter count (< 2^52) and every byte size derived from it stay exact in 64 bits.
+enum { MOT_MAX_LAYER = 4096, MOT_MAX_DIM = 65536, MOT_MAX_FFN = 1 << 20, MOT_MAX_SEQ = 1 << 20 };
+
 // Returns "" when the config is usable, else what is wrong with it.
 inline std::string mot_config_error(const MotConfig& c) {
     char b[200];
     if (c.n_layer < 1 || c.d_model < 2 || c.n_head < 1 || c.d_ff < 1 || c.max_seq < 1)
         return "sizes must be positive";
+    // Upper bounds keep every size computed from a config (parameter table, activations,
+    // file sizes) far below 2^63, so a hostile file header cannot make them wrap.
+    if (c.n_layer > MOT_MAX_LAYER || c.d_model > MOT_MAX_DIM || c.d_ff > MOT_MAX_FFN || c.max_seq > MOT_MAX_SEQ) {
+        snprintf(b, sizeof b, "sizes too large (at most %d layers, d_model %d, d_ff %d, max_seq %d)", MOT_MAX_LAYER,
+                 MOT_MAX_DIM, MOT_MAX_FFN, MOT_MAX_SEQ);
+        return b;
+    }
     if (c.d_model % c.n_head) { snprintf(b, sizeof b, "d_model %d is not a multiple of n_head %d", c.d_model, c.n_head); return b; }
     if ((c.d_model / c.n_head) % 2) return "head dimension d_model/n_head must be even (RoPE rotates pairs)";
     if (c.n_tower != 1 && c.n_tower != MOT_N_MOD) return "n_tower must be 1 (dense) or 3 (MoT)";
@@ -1300,26 +1314,48 @@ inline bool mot_fail(std::string* err, const std::string& path, const std::strin
     if (err) *err = path + ": " + what;
     return false;
 }
+// Checked size arithmetic: false when the exact result does not fit in 64 bits.
+inline bool mot_mul(uint64_t a, uint64_t b, uint64_t* r) { return !__builtin_mul_overflow(a, b, r); }
+inline bool mot_add(uint64_t a, uint64_t b, uint64_t* r) { return !__builtin_add_overflow(a, b, r); }
 inline long mot_file_size(FILE* f) {
     if (fseek(f, 0, SEEK_END) != 0) return -1;
     long n = ftell(f);
     if (fseek(f, 0, SEEK_SET) != 0) return -1;
     return n;
 }
-// Writes to path.tmp then renames: a reader (or a killed run) never sees a half-written file.
+// fsync of the folder holding `path`, so that a rename in it survives a power cut.
+inline bool mot_sync_dir_of(const std::string& path) {
+    const size_t slash = path.rfind('/');
+    const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+    const int fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY);
+    if (fd < 0) return false;
+    const bool ok = fsync(fd) == 0 || errno == EINVAL;  // some file systems cannot sync folders
+    close(fd);
+    return ok;
+}
+// Writes to path.tmp, fsyncs it, renames it into place and fsyncs the folder: a reader, a killed
+// run or a crashed machine sees the old file or the whole new one, never a half-written one.
 template <class Fn>
 inline bool mot_write_atomic(const std::string& path, std::string* err, Fn write_body) {
     const std::string tmp = path + ".tmp";
     FILE* f = fopen(tmp.c_str(), "wb");
     if (!f) return mot_fail(err, tmp, std::string("cannot open for writing: ") + strerror(errno));
+    errno = 0;
     bool ok = write_body(f);
     ok = (fflush(f) == 0) && ok;
+    ok = ok && (fsync(fileno(f)) == 0 || errno == EINVAL);
+    const int e = errno;
     ok = (fclose(f) == 0) && ok;
-    if (!ok) { remove(tmp.c_str()); return mot_fail(err, tmp, "write failed (disk full?)"); }
-    if (rename(tmp.c_str(), path.c_str()) != 0) {
+    if (!ok) {
         remove(tmp.c_str());
-        return mot_fail(err, path, std::string("cannot rename temp file into place: ") + strerror(errno));
+        return mot_fail(err, tmp, std::string("write failed: ") + strerror(e ? e : errno ? errno : EIO));
     }
+    if (rename(tmp.c_str(), path.c_str()) != 0) {
+        const int re = errno;
+        remove(tmp.c_str());
+        return mot_fail(err, path, std::string("cannot rename temp file into place: ") + strerror(re));
+    }
+    if (!mot_sync_dir_of(path)) return mot_fail(err, path, std::string("cannot sync its folder: ") + strerror(errno));
     return true;
 }
 inline bool mot_put(FILE* f, const void* p, size_t bytes) { return fwrite(p, 1, bytes, f) == bytes; }
@@ -1373,10 +1409,11 @@ inline bool mot_read_shard(const std::string& path, MotShard* out, std::string* 
     if (!(MOT_N_SPECIAL <= v.image_begin && v.image_begin <= v.speech_begin && v.speech_begin <= v.vocab &&
           v.vocab <= 65536))
         return mot_fail(err, path, "bad vocabulary ranges in header");
-    if ((uint64_t)size != MOT_SHARD_HEADER + 2 * n)
-        return mot_fail(err, path, "truncated or padded: header says " + std::to_string(n) + " tokens (" +
-                                       std::to_string(MOT_SHARD_HEADER + 2 * n) + " bytes) but the file has " +
-                                       std::to_string(size) + " bytes");
+    // Compared without computing 32 + 2n, which wraps for n >= 2^63.
+    const uint64_t body = (uint64_t)size - MOT_SHARD_HEADER;
+    if (body % 2 != 0 || body / 2 != n)
+        return mot_fail(err, path, "truncated or padded: header says " + std::to_string(n) + " tokens but the file has " +
+                                       std::to_string(size) + " bytes (expected 32 + 2 per token)");
     out->path = path;
     out->vocab = v;
     out->tokens.resize(n);
@@ -1515,24 +1552,74 @@ inline std::string mot_config_mismatch(const MotConfig& file, const MotConfig& w
     return "";
 }
 
-// Reads only the config of a checkpoint (so a trainer can build the model to load into).
-inline bool mot_read_checkpoint_config(const std::string& path, MotConfig* cfg, std::string* err) {
+// Parameter count of a valid config (mot_config_error == ""), in checked arithmetic; false if it
+// does not fit in 64 bits (cannot happen within the config bounds, kept as a second guard).
+inline bool mot_param_count(const MotConfig& c, uint64_t* total) {
+    const uint64_t D = c.d_model, Dh = c.d_model / c.n_head, F = c.d_ff, V = c.vocab, L = c.n_layer, K = c.n_tower;
+    const uint64_t ka = c.tie_attn ? 1 : K, kn = c.tie_norm ? 1 : K;
+    // FFN copies: one per expert; router rows: one per expert of copies with more than one (as in
+    // mot_param_table; n_expert is bounded by mot_config_error, so these sums are small)
+    const uint64_t kf = mot_expert_copy(c, mot_ffn_copies(c), 0), kr = mot_router_copy(c, mot_ffn_copies(c), 0);
+    const uint64_t per[][4] = {{1, 1, V, D},   {L, ka, 4 * D, D}, {L, ka, 2, Dh}, {L, kn, 2, D},
+                               {L, kf, 3 * D, F}, {L, kr, 2, D}, {1, kn, 1, D},  {1, 1, D, V}};
+    uint64_t t = 0;
+    for (auto& q : per) {
+        uint64_t x;
+        if (!mot_mul(q[0], q[1], &x) || !mot_mul(x, q[2], &x) || !mot_mul(x, q[3], &x) || !mot_add(t, x, &t))
+            return false;
+    }
+    *total = t;
+    return true;
+}
+
+// The largest step a checkpoint may record (the trainer's --steps bound; the loop counts in int).
+static const int64_t MOT_MAX_STEP = 1 << 30;
+
+// Reads and checks a checkpoint's header against its file size, without reading the weights:
+// the config, the has_optimizer flag, reserved = 0, 0 <= step <= 2^30, and the exact size
+// 80 + 4P(1 or 3). Callers build the model only after this, so a header cannot make them
+// allocate more than the file holds.
+inline bool mot_read_checkpoint_header(const std::string& path, MotConfig* cfg, MotTrainState* st, bool* has_optimizer,
+                                       std::string* err) {
     FILE* f = fopen(path.c_str(), "rb");
     if (!f) return mot_fail(err, path, std::string("cannot open: ") + strerror(errno));
-    uint32_t h[2];
+    uint32_t h[2], flags[2];
     int32_t c[MOT_CONFIG_INTS] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1};  // version 1: one expert each
-    bool ok = mot_get(f, h, 8);
+    MotTrainState s;
+    const long size = mot_file_size(f);
+    bool ok = size >= 0 && mot_get(f, h, 8);
     const int nc = ok ? mot_config_ints_of_version(h[1]) : 0;
-    ok = ok && (nc == 0 || mot_get(f, c, 4 * nc));
+    ok = ok && (nc == 0 || (mot_get(f, c, 4 * nc) && mot_get(f, flags, 8) && mot_get(f, &s.step, 8) &&
+                            mot_get(f, &s.data_rng, 8)));
     fclose(f);
-    if (!ok) return mot_fail(err, path, "truncated: shorter than the checkpoint header");
+    if (!ok) return mot_fail(err, path, "truncated: shorter than the checkpoint header (80 or 92 bytes)");
     if (memcmp(h, "MOTC", 4) != 0) return mot_fail(err, path, "not a mot checkpoint (bad magic, expected MOTC)");
     if (nc == 0)
         return mot_fail(err, path, "unsupported checkpoint version " + std::to_string(h[1]) + " (expected 1 or 2)");
-    *cfg = mot_config_from_ints(c);
-    std::string bad = mot_config_error(*cfg);
+    const MotConfig fc = mot_config_from_ints(c);
+    std::string bad = mot_config_error(fc);
     if (!bad.empty()) return mot_fail(err, path, "bad config in header: " + bad);
+    if (flags[0] > 1) return mot_fail(err, path, "bad has_optimizer flag " + std::to_string(flags[0]) + " (expected 0 or 1)");
+    if (flags[1] != 0) return mot_fail(err, path, "reserved header field is " + std::to_string(flags[1]) + " (expected 0)");
+    if (s.step < 0 || s.step > MOT_MAX_STEP)
+        return mot_fail(err, path, "step " + std::to_string(s.step) + " out of range [0, 2^30]");
+    uint64_t P, want;
+    const uint64_t header = 8 + 4 * (uint64_t)nc + 24;  // MOT_CKPT_HEADER, or 80 for version 1
+    if (!mot_param_count(fc, &P) || !mot_mul(P, 4 * (flags[0] ? 3 : 1), &want) || !mot_add(want, header, &want))
+        return mot_fail(err, path, "bad config in header: parameter count overflows");
+    if ((uint64_t)size != want)
+        return mot_fail(err, path, "truncated or padded: expected " + std::to_string(want) + " bytes, found " +
+                                       std::to_string(size));
+    if (cfg) *cfg = fc;
+    if (st) *st = s;
+    if (has_optimizer) *has_optimizer = flags[0] != 0;
     return true;
+}
+
+// Reads only the config of a checkpoint (so a trainer can build the model to load into); the
+// whole header and the file size are checked first.
+inline bool mot_read_checkpoint_config(const std::string& path, MotConfig* cfg, std::string* err) {
+    return mot_read_checkpoint_header(path, cfg, nullptr, nullptr, err);
 }
 
 // Loads a checkpoint into a model already built (mot_init) with the config the caller wants;
@@ -1541,32 +1628,24 @@ template <typename S>
 bool mot_load_checkpoint(const std::string& path, MotModel<S>* m, MotTrainState* st, bool* has_optimizer,
                          std::string* err) {
     MotConfig fc;
-    if (!mot_read_checkpoint_config(path, &fc, err)) return false;
+    MotTrainState s;
+    bool opt = false;
+    if (!mot_read_checkpoint_header(path, &fc, &s, &opt, err)) return false;
     std::string mis = mot_config_mismatch(fc, m->cfg);
     if (!mis.empty()) return mot_fail(err, path, mis);
     FILE* f = fopen(path.c_str(), "rb");
     if (!f) return mot_fail(err, path, std::string("cannot open: ") + strerror(errno));
     struct Closer { FILE* f; ~Closer() { fclose(f); } } closer{f};
-    const long size = mot_file_size(f);
-    uint8_t head[8 + 4 * MOT_CONFIG_INTS];
-    uint32_t flags[2];
-    MotTrainState s;
-    if (!mot_get(f, head, 8)) return mot_fail(err, path, "truncated: shorter than the checkpoint header");
-    uint32_t version;
-    memcpy(&version, head + 4, 4);
-    const size_t skip = 4 * mot_config_ints_of_version(version), header = 8 + skip + 24;  // 92, or 80 for version 1
-    if (!mot_get(f, head + 8, skip) || !mot_get(f, flags, 8) || !mot_get(f, &s.step, 8) || !mot_get(f, &s.data_rng, 8))
-        return mot_fail(err, path, "truncated: shorter than the checkpoint header");
-    if (flags[0] > 1) return mot_fail(err, path, "bad has_optimizer flag");
-    const size_t P = m->tab.total, want = header + 4 * P * (flags[0] ? 3 : 1);
-    if ((size_t)size != want)
-        return mot_fail(err, path, "truncated or padded: expected " + std::to_string(want) + " bytes, found " +
-                                       std::to_string(size));
-    if (!mot_get_floats(f, &m->params, P)) return mot_fail(err, path, "read error in parameters");
-    if (flags[0] && (!mot_get_floats(f, &m->adam_m, P) || !mot_get_floats(f, &m->adam_v, P)))
+    uint32_t h[2];
+    if (!mot_get(f, h, 8)) return mot_fail(err, path, "read error in the header");
+    const long header = 8 + 4 * mot_config_ints_of_version(h[1]) + 24;  // 92, or 80 for version 1
+    const size_t P = m->tab.total;
+    if (fseek(f, header, SEEK_SET) != 0 || !mot_get_floats(f, &m->params, P))
+        return mot_fail(err, path, "read error in parameters");
+    if (opt && (!mot_get_floats(f, &m->adam_m, P) || !mot_get_floats(f, &m->adam_v, P)))
         return mot_fail(err, path, "read error in optimizer state");
     if (st) *st = s;
-    if (has_optimizer) *has_optimizer = flags[0] != 0;
+    if (has_optimizer) *has_optimizer = opt;
     return true;
 }
 
@@ -1616,7 +1695,7 @@ std::string mot_upcycle(MotModel<S>* dst, const MotModel<S>& src) {
 //   ...     4*P    float32 gradient of the loss wrt every parameter (table order; with experts, of
 //                  the training objective loss + 0.01 aux_loss, from expert-choice routing)
 // Version 1 (still read) has config[12] (one expert per copy): B, T and the rest 12 bytes earlier.
-enum { MOT_DEBUG_VERSION = 2 };
+enum { MOT_DEBUG_VERSION = 2, MOT_MAX_BATCH = 1 << 16 };
 
 struct MotDebugState {
     MotConfig cfg;
@@ -1681,10 +1760,14 @@ inline bool mot_read_debug_state(const std::string& path, MotDebugState* d, std:
     if (!bad.empty()) return mot_fail(err, path, "bad config in header: " + bad);
     d->B = bt[0];
     d->T = bt[1];
-    if (d->B < 1 || d->T < 1 || d->T > d->cfg.max_seq) return mot_fail(err, path, "bad batch shape in header");
-    const size_t P = mot_param_table(d->cfg).total, N = (size_t)d->B * d->T, V = d->cfg.vocab;
-    const size_t want = 16 + 4 * (size_t)nc + 4 * P * 2 + 4 * N * 2 + 4 * N * V + 4 + 12 + 12;
-    if ((size_t)size != want)
+    if (d->B < 1 || d->B > MOT_MAX_BATCH || d->T < 1 || d->T > d->cfg.max_seq)
+        return mot_fail(err, path, "bad batch shape in header (B " + std::to_string(d->B) + ", T " + std::to_string(d->T) + ")");
+    uint64_t P, want;
+    const uint64_t N = (uint64_t)d->B * d->T, V = d->cfg.vocab;
+    // 16 + 4 config ints + 8P + 8N + 4NV + 28, checked (B and T bound it far below 2^64: a second guard)
+    if (!mot_param_count(d->cfg, &P) || !mot_mul(N, 4 * V + 8, &want) || !mot_add(want, 8 * P + 16 + 4 * nc + 28, &want))
+        return mot_fail(err, path, "sizes in header overflow");
+    if ((uint64_t)size != want)
         return mot_fail(err, path, "truncated or padded: expected " + std::to_string(want) + " bytes, found " +
                                        std::to_string(size));
     d->params.resize(P); d->grads.resize(P); d->tokens.resize(N); d->targets.resize(N); d->logits.resize(N * V);

@@ -8,6 +8,7 @@
 //   ./mot --data 'data/x/train_*.bin' --steps 200 --save run/model.ckpt
 #include "mot.h"
 #define STB_IMAGE_IMPLEMENTATION
+#define STBI_ONLY_PNG  // JPEG goes to libjpeg-turbo (see tokenizers/vq.h); no other stb decoder is reachable
 #include <stb/stb_image.h>
 #define STB_IMAGE_WRITE_IMPLEMENTATION
 #include <stb/stb_image_write.h>
@@ -160,8 +161,13 @@ static Args parse_args(int argc, char** argv) {
         else if (f == "--dim") { a.cfg.d_model = parse_int("--dim", val(), 2, 65536); a.set.push_back("d_model"); }
         else if (f == "--heads") { a.cfg.n_head = parse_int("--heads", val(), 1, 1024); a.set.push_back("n_head"); }
         else if (f == "--ffn") { a.cfg.d_ff = parse_int("--ffn", val(), 1, 1 << 20); ffn_set = true; a.set.push_back("d_ff"); }
-        else if (f == "--mot") { a.cfg.n_tower = MOT_N_MOD; a.set.push_back("n_tower"); }
-        else if (f == "--dense") { a.cfg.n_tower = 1; a.set.push_back("n_tower"); }
+        else if (f == "--mot" || f == "--dense") {
+            const int k = f == "--mot" ? MOT_N_MOD : 1;
+            if (std::find(a.set.begin(), a.set.end(), "n_tower") != a.set.end() && a.cfg.n_tower != k)
+                die("give either --mot or --dense, not both", 2);
+            a.cfg.n_tower = k;
+            a.set.push_back("n_tower");
+        }
         else if (f == "--tie-attn") { a.cfg.tie_attn = 1; a.set.push_back("tie_attn"); }
         else if (f == "--tie-ffn") { a.cfg.tie_ffn = 1; a.set.push_back("tie_ffn"); }
         else if (f == "--tie-norm") { a.cfg.tie_norm = 1; a.set.push_back("tie_norm"); }
@@ -933,6 +939,12 @@ static int sample_main(int argc, char** argv) {
     g.top_k = top_k;
     g.image_tokens = vq_tokens(d.vq);
     g.cfg = cfg;
+    if (text_in) {  // a prompt that fills the context would generate nothing, silently
+        const size_t n = prompt_for(&d, prompt, task == "text" ? -1 : MOT_BOI).size();
+        if ((int)n >= c.max_seq)
+            die("--prompt is " + std::to_string(n) + " tokens, too long for the model's context (max_seq " +
+                std::to_string(c.max_seq) + ")", 2);
+    }
     if (task == "text") {
         std::vector<int> ids = generate(&m, prompt_for(&d, prompt, -1), g, &rng);
         printf("%s%s\n", prompt.c_str(), decode_text(&d, ids).c_str());
@@ -998,8 +1010,53 @@ static int sample_main(int argc, char** argv) {
     return 0;
 }
 
+// Refuses (one line) a model, batch or sequence whose memory exceeds this machine's RAM, before
+// allocating it: with activations (CPU training) or only parameters, gradients and Adam moments.
+static void check_memory(const Args& a, bool activations) {
+    uint64_t P = 0;
+    mot_param_count(a.cfg, &P);
+    const double L = a.cfg.n_layer, D = a.cfg.d_model, H = a.cfg.n_head, F = a.cfg.d_ff, V = a.cfg.vocab;
+    const double B = a.batch, T = a.seq, N = B * T;
+    double bytes = 4.0 * 4 * P + 4.0 * T * (D / H);  // float params, grads, Adam m and v; RoPE tables
+    const char* what = "parameters, gradients and optimizer state";
+    if (activations) {  // mot_alloc_acts and its backward scratch, in double: no wrap
+        bytes += 4.0 * (L * N * (9 * D + 2 * H + 2 + 3 * F) + L * B * H * T * T + N * (2 * V + D + 1) + 7 * N * D + 3 * N * F);
+        what = "parameters, optimizer state and activations";
+    }
+    const double ram = (double)sysconf(_SC_PHYS_PAGES) * sysconf(_SC_PAGESIZE);
+    if (ram > 0 && bytes > ram)
+        die("model too large for this machine: " + std::string(what) + " need " + std::to_string(llround(bytes / 1e9)) +
+            " GB (L=" + std::to_string(a.cfg.n_layer) + " D=" + std::to_string(a.cfg.d_model) + " F=" +
+            std::to_string(a.cfg.d_ff) + " batch " + std::to_string(a.batch) + " seq " + std::to_string(a.seq) +
+            "), the machine has " + std::to_string(llround(ram / 1e9)) + " GB; lower --dim, --layers, --batch or --seq", 2);
+}
+
+// Keeps the header and the rows of a CSV whose first column (the step) is <= step, dropping a
+// torn last line too; rewritten atomically. A missing file is fine.
+static bool trim_csv(const std::string& path, int64_t step, std::string* err) {
+    FILE* f = fopen(path.c_str(), "rb");
+    if (!f) return true;
+    std::string all, keep;
+    char buf[65536];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, f)) > 0) all.append(buf, n);
+    fclose(f);
+    bool dropped = false;
+    for (size_t pos = 0, nl; pos < all.size(); pos = nl + 1) {
+        nl = all.find('\n', pos);
+        if (nl == std::string::npos) { dropped = true; break; }  // torn by a kill
+        const std::string line = all.substr(pos, nl + 1 - pos);
+        if (pos == 0 || atoll(line.c_str()) <= step) keep += line;
+        else dropped = true;
+    }
+    if (!dropped) return true;
+    return mot_write_atomic(path, err, [&](FILE* o) { return mot_put(o, keep.data(), keep.size()); });
+}
+
 int main(int argc, char** argv) {
     setvbuf(stdout, nullptr, _IOLBF, 0);
+    // Any allocation that fails ends the program with one line, not std::bad_alloc's abort.
+    std::set_new_handler([] { die("out of memory (an allocation failed; try a smaller model, batch or input)"); });
     if (argc > 1 && std::string(argv[1]) == "sample") return sample_main(argc, argv);
     Args a = parse_args(argc, argv);
     // Data parallel (mot_mpi build, launched by mpirun): every rank trains on its own batches, the
@@ -1033,9 +1090,17 @@ int main(int argc, char** argv) {
         if (a.log.empty()) a.log = a.out + "/log.csv";
         if (a.save.empty()) a.save = a.out + "/model.ckpt";
         if (a.resume) {
+            // Newest first; one whose header or size is wrong (a truncated or damaged file) is
+            // skipped, saying so, for the previous one that --keep left.
             std::vector<std::string> ck = periodic_checkpoints(a.out);
-            if (ck.empty()) printf("resume: no checkpoint in %s yet, starting fresh\n", a.out.c_str());
-            else a.init_from = ck.back();
+            for (size_t i = ck.size(); i-- > 0 && a.init_from.empty();) {
+                if (mot_read_checkpoint_config(ck[i], nullptr, &err)) a.init_from = ck[i];
+                else printf("resume: skipping %s\n", err.c_str());
+            }
+            if (a.init_from.empty())
+                printf("resume: no %scheckpoint in %s, starting fresh\n", ck.empty() ? "" : "intact ", a.out.c_str());
+            else if (a.init_from != ck.back())
+                printf("resume: falling back to %s\n", a.init_from.c_str());
         }
     }
     if (!a.save.empty()) {  // find an unwritable --save now, not after hours of training
@@ -1058,6 +1123,12 @@ int main(int argc, char** argv) {
     a.cfg.vocab = loader.vocab.vocab;
     a.cfg.image_begin = loader.vocab.image_begin;
     a.cfg.speech_begin = loader.vocab.speech_begin;
+    if (!a.val.empty()) {  // a bad --val found now, not after the last training step
+        MotLoader vl;
+        if (!mot_loader_open(&vl, a.val, a.seq, 0, &err)) die(err);
+        if (memcmp(&vl.vocab, &loader.vocab, sizeof(MotVocab)) != 0)
+            die(vl.shards[0].path + ": vocabulary layout differs from the training data's (" + loader.shards[0].path + ")");
+    }
 
     MotTrainState st;
     // --experts counts the model's FFN copies: the flags' towers, or the checkpoint's where the flags
@@ -1097,6 +1168,7 @@ int main(int argc, char** argv) {
     }
     std::string bad = mot_config_error(a.cfg);
     if (!bad.empty()) die("bad model config: " + bad, 2);
+    check_memory(a, false);
 
     MotModel<float> model;
     mot_init(&model, a.cfg, a.seed);
@@ -1137,6 +1209,7 @@ int main(int argc, char** argv) {
 #else
         const char* gpu_kind = "GPU";
 #endif
+        if (!eng.gpu_active()) check_memory(a, true);
         if (eng.gpu_active())
             printf("device: %s x %d, %s\n", gpu_kind, world, a.fp32 ? "fp32" : "bf16 with fp32 master weights");
         else
@@ -1174,6 +1247,13 @@ int main(int argc, char** argv) {
     dec.cfg_image = a.cfg_image;
     dec.cfg_caption = a.cfg_caption;
     dec.best_of = a.best_of;
+    // Rows after the checkpoint's step were written by a run that died before its next
+    // checkpoint; they are redone now, so drop them (log.csv never holds a step twice).
+    // (With --resume and no checkpoint yet, everything logged before is redone from step 0.)
+    if ((!a.init_from.empty() || a.resume) && !a.eval_only) {
+        if (!a.log.empty() && !trim_csv(a.log, st.step, &err)) die(err);
+        if (!a.out.empty() && !trim_csv(a.out + "/eval.csv", st.step, &err)) die(err);
+    }
     FILE* evalf = nullptr;
     if (have_tok && !a.out.empty() && !dd.class_caption.empty()) {
         const std::string p = a.out + "/eval.csv";

@@ -92,6 +92,7 @@
 // image_speech, 5,328 prose).
 // ============================================================================================
 #define STB_IMAGE_IMPLEMENTATION
+#define STBI_ONLY_PNG  // JPEG is decoded by libjpeg-turbo (tokenizers/vq.h)
 #include <stb/stb_image.h>
 #define STB_IMAGE_WRITE_IMPLEMENTATION
 #include <stb/stb_image_write.h>

@@ -84,6 +84,7 @@ need_deb jargon-text /usr/share/doc/jargon-text/jargon.txt.gz
 need_deb fortunes /usr/share/games/fortunes/fortunes
 need_deb espeak-ng /usr/bin/espeak-ng
 need_deb libstb-dev /usr/include/stb/stb_image.h
+need_deb libjpeg62-turbo-dev /usr/include/jpeglib.h
 need_deb libespeak-ng-dev /usr/include/espeak-ng/speak_lib.h
 command -v espeak-ng >/dev/null || die "espeak-ng is missing (apt-get install espeak-ng)"
 [ -d /usr/lib/x86_64-linux-gnu/espeak-ng-data ] || [ -n "$(ls -d /usr/lib/*/espeak-ng-data 2>/dev/null)" ] ||
@@ -119,7 +120,7 @@ rebuild=0
 [ -x "$BIN" ] || rebuild=1
 if [ $rebuild = 1 ]; then
     say "compiling data/build.cpp (about 20 s) ..."
-    g++ -std=c++17 -O3 -march=native -fopenmp -I"$REPO" "$REPO/data/build.cpp" -o "$BIN.tmp.$$" -lespeak-ng ||
+    g++ -std=c++17 -O3 -march=native -fopenmp -I"$REPO" "$REPO/data/build.cpp" -o "$BIN.tmp.$$" -lespeak-ng -ljpeg ||
         die "compiling data/build.cpp failed"
     mv "$BIN.tmp.$$" "$BIN"
 fi

@@ -4,8 +4,8 @@
 # .ci/run call it, so a fresh Debian machine needs no other command. The dataset's own sources
 # (MNIST, Fashion-MNIST, prose, libespeak-ng) are installed by data/build.sh.
 #
-# To add a package: one line in PACKAGES, "package  proof", where proof is a file that exists
-# once the package is installed, or cmd:NAME for a command on PATH.
+# To add a package: one line in PACKAGES, "package  proof", where proof is a file (or glob) that
+# exists once the package is installed, or cmd:NAME for a command on PATH.
 set -uo pipefail
 
 PACKAGES=(
@@ -19,13 +19,16 @@ PACKAGES=(
   "libopenmpi-dev cmd:mpicxx"                          # the GPU code on the CPU, data parallel (NCCL over MPI)
   "openmpi-bin   cmd:mpirun"                           # ... run under mpirun -np 2 by test_cuda_cpu
   "perl          cmd:perl"                             # test/cuda_cpu.pl rewrites .cu files for that build
+  "libjpeg62-turbo-dev /usr/include/jpeglib.h"         # JPEG decoding (tokenizers/vq.h)
+  "clang         cmd:clang++"                          # libFuzzer targets (test/fuzz)
+  "libclang-rt-dev /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a"  # the libFuzzer runtime
 )
 
 missing=()
 for entry in "${PACKAGES[@]}"; do
   read -r pkg proof <<<"$entry"
   if [[ $proof == cmd:* ]]; then command -v "${proof#cmd:}" >/dev/null 2>&1 && continue
-  else [ -e "$proof" ] && continue; fi
+  else compgen -G "$proof" >/dev/null && continue; fi  # a path, or a glob
   missing+=("$pkg")
 done
 [ ${#missing[@]} -eq 0 ] && exit 0

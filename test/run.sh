@@ -2,9 +2,12 @@
 # Runs each doctest binary given, then prints one summary line "N passed, N failed" over all of
 # them (test cases), counting a binary that crashed or printed no summary as one failure.
 passed=0; failed=0; skipped=0
+# An entry DIR:BIN runs BIN inside DIR (the sanitizer builds); an entry *.sh runs with bash.
 for t in "$@"; do
   echo "=== $t"
-  out=$("./$t" 2>&1); rc=$?
+  if [[ $t == *:* ]]; then out=$(cd "${t%%:*}" && "./${t#*:}" 2>&1); rc=$?
+  elif [[ $t == *.sh ]]; then out=$(bash "$t" 2>&1); rc=$?
+  else out=$("./$t" 2>&1); rc=$?; fi
   printf '%s\n' "$out" | tail -n 40
   line=$(printf '%s\n' "$out" | grep -E '^\[doctest\] test cases:' | tail -n 1)
   if [ -z "$line" ]; then echo "$t: no doctest summary (exit $rc)"; failed=$((failed + 1)); continue; fi

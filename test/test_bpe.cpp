@@ -455,6 +455,13 @@ TEST_CASE("bad model files are rejected with a clear error") {
     CHECK(err.find("repeats") != std::string::npos);
     CHECK_FALSE(load(model_bytes("MOTB", 1, 0xffffffffu, {})));  // absurd count
     CHECK(err.find("truncated") != std::string::npos);
+    // a merge bomb: merge i joins token 255+i with itself, doubling the length each time (2^31
+    // bytes after 31 merges); refused at the first token longer than any pre-token word
+    std::vector<std::pair<uint32_t, uint32_t>> bomb = {{'a', 'a'}};
+    for (uint32_t i = 1; i < 31; i++) bomb.push_back({255 + i, 255 + i});
+    CHECK_FALSE(load(model_bytes("MOTB", 1, (uint32_t)bomb.size(), bomb)));
+    CHECK(err.find("merge 8 builds a token of 512 bytes, longer than the longest word (256)") != std::string::npos);
+    CHECK(model_bytes("MOTB", 1, (uint32_t)bomb.size(), bomb).size() == 260);
     // failed loads leave the previously loaded tokenizer intact
     CHECK(bpe_vocab_size(b) == 258);
     CHECK(b.bytes[257] == "abc");

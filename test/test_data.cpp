@@ -228,6 +228,25 @@ TEST_CASE("data: the trainer trains on the built shards and evaluates downstream
     rc = run("./mot sample --ckpt " + OUT + "/run/model.ckpt --tokenizers " + OUT + " --task caption --input /nonexistent.png", &out);
     CHECK(rc == 1);
     CHECK(out.find("/nonexistent.png") != std::string::npos);
+    // a prompt that fills the context (T=64) leaves nothing to generate: an error, not silence
+    std::string longp;
+    for (int i = 0; i < 40; i++) longp += "and God said ";
+    rc = run("./mot sample --ckpt " + OUT + "/run/model.ckpt --tokenizers " + OUT + " --task text --prompt '" + longp + "'", &out);
+    INFO(out);
+    CHECK(rc == 2);
+    CHECK(std::count(out.begin(), out.end(), '\n') == 1);
+    CHECK(out.find("--prompt is ") != std::string::npos);
+    CHECK(out.find("too long for the model's context (max_seq 64)") != std::string::npos);
+    // the JPEG whose Huffman counts overflow stb's tables (see test_vq): one line, exit 1
+    std::string dht = "\xFF\xD8\xFF\xC4\x00\x13" + std::string(1, '\0') + std::string(16, '\xFF') + "\xFF\xD9";
+    FILE* f = fopen((OUT + "/crafted.jpg").c_str(), "wb");
+    REQUIRE(f);
+    fwrite(dht.data(), 1, dht.size(), f);
+    fclose(f);
+    rc = run("./mot sample --ckpt " + OUT + "/run/model.ckpt --tokenizers " + OUT + " --task caption --input " + OUT + "/crafted.jpg", &out);
+    CHECK(rc == 1);
+    CHECK(std::count(out.begin(), out.end(), '\n') == 1);
+    CHECK(out.find("crafted.jpg: corrupt JPEG image") != std::string::npos);
 }
 
 static void write_file(const std::string& path, const std::string& bytes) {

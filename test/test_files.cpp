@@ -222,6 +222,80 @@ TEST_CASE("debug state: round trip, and bad files are refused") {
     CHECK(err.find("truncated") != std::string::npos);
 }
 
+// A header of the given magic/version/config followed by `tail` bytes (little-endian host).
+template <class T>
+static std::string bytes_of(const T& v) { return std::string((const char*)&v, sizeof v); }
+static std::string header(const char* magic, const int32_t cfg[MOT_CONFIG_INTS]) {
+    return std::string(magic, 4) + bytes_of<uint32_t>(1) + std::string((const char*)cfg, 4 * MOT_CONFIG_INTS);
+}
+
+TEST_CASE("hostile headers: sizes that wrap, huge configs in tiny files, unchecked fields") {
+    std::string err;
+    // a 40-byte shard claiming 2^63 tokens: 32 + 2n wraps to 32 + 0
+    uint32_t sh[6] = {0, 1, 64, 24, 48, 0};
+    memcpy(sh, "MOTS", 4);
+    for (uint64_t n : {1ull << 63, (1ull << 63) + 4, ~0ull}) {
+        write_bytes(tmp("wrap.bin"), bytes_of(sh) + bytes_of(n) + std::string(8, '\1'));
+        MotShard s;
+        CHECK_FALSE(mot_read_shard(tmp("wrap.bin"), &s, &err));
+        CHECK(err.find(tmp("wrap.bin") + ": truncated or padded") == 0);
+    }
+    // a debug state with B = T = 2^29: the expected size overflows
+    MotConfig c = small_config();
+    int32_t ci[MOT_CONFIG_INTS];
+    mot_config_to_ints(c, ci);
+    MotDebugState d;
+    write_bytes(tmp("big.dbg"), header("MOTD", ci) + bytes_of<int32_t>(1 << 29) + bytes_of<int32_t>(1 << 29) + std::string(64, 0));
+    CHECK_FALSE(mot_read_debug_state(tmp("big.dbg"), &d, &err));
+    CHECK(err.find("bad batch shape") != std::string::npos);
+    c.max_seq = 1 << 20;
+    mot_config_to_ints(c, ci);
+    write_bytes(tmp("big.dbg"), header("MOTD", ci) + bytes_of<int32_t>(1 << 16) + bytes_of<int32_t>(1 << 20) + std::string(64, 0));
+    CHECK_FALSE(mot_read_debug_state(tmp("big.dbg"), &d, &err));
+    CHECK(err.find("truncated or padded") != std::string::npos);
+
+    // checkpoint headers: each must be refused by the header reader, before any allocation
+    auto ckpt = [&](const int32_t* cfg, uint32_t opt, uint32_t reserved, int64_t step) {
+        return header("MOTC", cfg) + bytes_of(opt) + bytes_of(reserved) + bytes_of(step) + bytes_of<uint64_t>(7);
+    };
+    auto refused = [&](const std::string& bytes, const std::string& expect) {
+        write_bytes(tmp("h.ckpt"), bytes);
+        MotConfig fc;
+        CHECK_FALSE(mot_read_checkpoint_config(tmp("h.ckpt"), &fc, &err));
+        INFO(err);
+        CHECK(err.find(tmp("h.ckpt") + ": ") == 0);
+        CHECK(err.find(expect) != std::string::npos);
+    };
+    // L = 2^31-1, D = 2, F = 1431655762 made the parameter count wrap (then a heap overflow)
+    int32_t wrap[MOT_CONFIG_INTS] = {0x7fffffff, 2, 1, 1431655762, 64, 24, 48, 16, 3, 0, 0, 0};
+    refused(ckpt(wrap, 1, 0, 0), "sizes too large");
+    // the largest config the bounds allow, in an 80-byte file: the size check comes first
+    int32_t huge[MOT_CONFIG_INTS] = {MOT_MAX_LAYER, MOT_MAX_DIM, 2, MOT_MAX_FFN, 65536, 24, 48, MOT_MAX_SEQ, 3, 0, 0, 0};
+    refused(ckpt(huge, 1, 0, 0), "truncated or padded: expected ");
+    mot_config_to_ints(small_config(), ci);
+    MotModel<float> m;
+    mot_init(&m, small_config(), 1);
+    const std::string params(4 * m.tab.total, 0);
+    refused(ckpt(ci, 0, 0, -1) + params, "step -1 out of range");
+    refused(ckpt(ci, 0, 0, 1ll << 40) + params, "step 1099511627776 out of range");
+    refused(ckpt(ci, 0, 5, 0) + params, "reserved header field is 5");
+    refused(ckpt(ci, 2, 0, 0) + params, "bad has_optimizer flag 2");
+    write_bytes(tmp("h.ckpt"), ckpt(ci, 0, 0, 1 << 30) + params);  // the largest step is fine
+    CHECK(mot_load_checkpoint(tmp("h.ckpt"), &m, nullptr, nullptr, &err));
+    // and through the commands: one line, exit 1, no crash
+    write_bytes(tmp("wrap.ckpt"), ckpt(wrap, 1, 0, 0));
+    write_bytes(tmp("huge.ckpt"), ckpt(huge, 1, 0, 0));
+    for (const char* f : {"wrap.ckpt", "huge.ckpt"})
+        for (std::string cmd : {"./mot --data " + tmp("g.bin") + " --seq 8 --init-from ", std::string("./mot sample --task text --prompt hi --ckpt ")}) {
+            std::string out;
+            const int rc = run(cmd + tmp(f), &out);
+            INFO(cmd, f, "\n", out);
+            CHECK(rc == 1);
+            CHECK(count_lines(out) == 1);
+            CHECK(out.find(tmp(f) + ": ") != std::string::npos);
+        }
+}
+
 // ---- the trainer command ----------------------------------------------------------------------
 // Every failure is one line on stderr naming the flag or file, with a non-zero exit, never a crash.
 static void expect_error(const std::string& args, const std::string& expect, int code = -1) {
@@ -305,6 +379,17 @@ TEST_CASE("mot: bad flags, bad values, missing and broken files") {
     write_bytes(tmp("junk.ckpt"), "MOTC\x01");
     expect_error(data + " --init-from " + tmp("junk.ckpt"), "junk.ckpt: truncated");
     expect_error(data + " --save /nonexistent/dir/x.ckpt", "/nonexistent/dir/x.ckpt.tmp: cannot open for writing");
+    // sizes beyond the machine get a message before any allocation, not std::bad_alloc
+    expect_error("--data " + tmp("ok_0.bin") + " --seq 16 --dim 65536 --heads 8", "model too large for this machine", 2);
+    expect_error("--data " + tmp("ok_0.bin") + " --seq 1900 --batch 65536 --layers 1 --dim 8 --heads 2", "model too large", 2);
+    auto longer = make_tokens(120000, 7);
+    REQUIRE(mot_write_shard(tmp("long_0.bin"), VOC, longer.data(), longer.size(), &err));
+    expect_error("--data " + tmp("long_0.bin") + " --seq 100000", "model too large for this machine", 2);
+    // a bad --val is found before the first step (no log, no checkpoint written)
+    expect_error(data + " --steps 5 --val " + tmp("nope_*.bin") + " --out " + tmp("runV"), "nope_*.bin: no file matches");
+    CHECK(access(tmp("runV/log.csv").c_str(), F_OK) != 0);
+    expect_error(data + " --dense --mot", "give either --mot or --dense, not both", 2);
+    expect_error(data + " --mot --dense", "give either --mot or --dense, not both", 2);
 }
 
 // The loss column of a log.csv, as exact text, by step.

@@ -310,6 +310,20 @@ TEST_CASE("model file round trip and corrupt model files") {
     c = bytes;
     c[12] = 100;  // n_fft 612: not a power of two (file size check fails first or settings check)
     CHECK_FALSE(speech_model_parse(&bad, c.data(), c.size(), &err));
+    // durations are bounded: 1e9 frames per unit would make decode insert billions of frames
+    for (float dur : {1e9f, (float)SPEECH_MAX_DURATION + 1, 0.5f, NAN}) {
+        c = bytes;
+        memcpy(&c[c.size() - 4], &dur, 4);  // the last unit's duration
+        CHECK_FALSE(speech_model_parse(&bad, c.data(), c.size(), &err));
+        CHECK(err.find("duration outside [1, 500]") != std::string::npos);
+    }
+    // and so is what decode makes: too many units give an error, not minutes of Griffin-Lim
+    std::vector<int> many(SPEECH_MAX_DECODE_FRAMES + 1, 0);
+    SpeechDecodeOptions one;
+    one.repeat = 1;
+    std::vector<float> wav;
+    CHECK_FALSE(speech_decode(m, many.data(), many.size(), one, &wav, &err));
+    CHECK(err.find("too long to decode") != std::string::npos);
     CHECK_FALSE(speech_model_load(&bad, "/nonexistent/m.sp", &err));
     CHECK(err.find("/nonexistent/m.sp") != std::string::npos);
 }

@@ -5,6 +5,7 @@
 #include <doctest/doctest.h>
 
 #define STB_IMAGE_IMPLEMENTATION
+#define STBI_ONLY_PNG  // JPEG is decoded by libjpeg-turbo (tokenizers/vq.h)
 #include <stb/stb_image.h>
 #define STB_IMAGE_WRITE_IMPLEMENTATION
 #include <stb/stb_image_write.h>
@@ -323,6 +324,34 @@ TEST_CASE("IDX parsing: valid, gzipped, truncated, wrong magic") {
     remove(path.c_str());
 }
 
+// RGB -> JPEG in memory with libjpeg-turbo. stb_image_write's JPEG writer is not used: UBSan
+// flags a left shift of a negative value in it (stbiw__jpg_processDU), so the tests avoid it.
+static bool jpeg_encode(const uint8_t* rgb, int w, int h, int quality, std::vector<uint8_t>* out) {
+    jpeg_compress_struct c;
+    jpeg_error_mgr e;
+    c.err = jpeg_std_error(&e);
+    jpeg_create_compress(&c);
+    unsigned char* buf = nullptr;
+    unsigned long len = 0;
+    jpeg_mem_dest(&c, &buf, &len);
+    c.image_width = w;
+    c.image_height = h;
+    c.input_components = 3;
+    c.in_color_space = JCS_RGB;
+    jpeg_set_defaults(&c);
+    jpeg_set_quality(&c, quality, TRUE);
+    jpeg_start_compress(&c, TRUE);
+    while (c.next_scanline < c.image_height) {
+        JSAMPROW row = (JSAMPROW)(rgb + (size_t)c.next_scanline * w * 3);
+        jpeg_write_scanlines(&c, &row, 1);
+    }
+    jpeg_finish_compress(&c);
+    jpeg_destroy_compress(&c);
+    out->assign(buf, buf + len);
+    free(buf);
+    return len > 0;
+}
+
 TEST_CASE("PNG/JPEG loading: grey, RGB, alpha, resize, bad files") {
     vq_detail::Rng r(9);
     std::vector<uint8_t> img(784), out;
@@ -356,7 +385,7 @@ TEST_CASE("PNG/JPEG loading: grey, RGB, alpha, resize, bad files") {
     for (int y = 0; y < 48; y++)
         for (int x = 0; x < 48; x++) rgb[(y * 48 + x) * 3 + y / 16] = 255;
     std::vector<uint8_t> jpg;
-    REQUIRE(stbi_write_jpg_to_func(append_to, &jpg, 48, 48, 3, rgb.data(), 95));
+    REQUIRE(jpeg_encode(rgb.data(), 48, 48, 95, &jpg));
     REQUIRE(vq_image_from_memory(jpg.data(), jpg.size(), "c.jpg", 24, &out, &err));
     CHECK(std::abs(out[4 * 24 + 12] - 76) < 8);    // red   0.299*255
     CHECK(std::abs(out[12 * 24 + 12] - 150) < 8);  // green 0.587*255
@@ -398,6 +427,96 @@ TEST_CASE("PNG/JPEG loading: grey, RGB, alpha, resize, bad files") {
     CHECK_FALSE(vq_write_png("/nonexistent-dir/x.png", img.data(), 28, 28, &err));
     remove(png.c_str());
     remove(empty.c_str());
+}
+
+// A PNG whose IHDR says w x h, with arbitrary chunks after it (CRCs are not checked by stb).
+static std::vector<uint8_t> png_header(uint32_t w, uint32_t h, const std::string& extra_chunk_type) {
+    std::vector<uint8_t> b = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+    auto be = [&](uint32_t v) { for (int i = 3; i >= 0; i--) b.push_back((uint8_t)(v >> (8 * i))); };
+    be(13);
+    for (char c : std::string("IHDR")) b.push_back(c);
+    be(w); be(h);
+    for (uint8_t v : {8, 0, 0, 0, 0}) b.push_back(v);  // 8-bit grey
+    be(0);                                             // CRC
+    if (!extra_chunk_type.empty()) {
+        be(0);
+        for (char c : extra_chunk_type) b.push_back((uint8_t)c);
+        be(0);
+    }
+    return b;
+}
+
+TEST_CASE("hostile images: stb's Huffman overflow, thin strips, huge headers, control bytes in errors") {
+    std::vector<uint8_t> out;
+    std::string err;
+    // A DHT segment whose 16 code counts sum to 4,080 (at most 256 symbols exist): Debian's stb
+    // (2022-09-08) writes and reads past h->size[257] in stbi__build_huffman on it. JPEG goes to
+    // libjpeg-turbo, which refuses the table.
+    std::vector<uint8_t> dht = {0xFF, 0xD8, 0xFF, 0xC4, 0x00, 0x13, 0x00};
+    for (int i = 0; i < 16; i++) dht.push_back(0xFF);
+    dht.push_back(0xFF);
+    dht.push_back(0xD9);
+    CHECK_FALSE(vq_image_from_memory(dht.data(), dht.size(), "crafted.jpg", 28, &out, &err));
+    CHECK_MESSAGE(err.find("crafted.jpg: corrupt JPEG image (") == 0, err);
+    CHECK(err.find('\n') == std::string::npos);
+    // a truncated JPEG (libjpeg would fill the rest with grey and warn) is refused too
+    std::vector<uint8_t> rgb(64 * 64 * 3, 90), jpg;
+    REQUIRE(jpeg_encode(rgb.data(), 64, 64, 90, &jpg));
+    REQUIRE(vq_image_from_memory(jpg.data(), jpg.size(), "ok.jpg", 28, &out, &err));
+    std::vector<uint8_t> cut(jpg.begin(), jpg.begin() + jpg.size() * 2 / 3);
+    CHECK_FALSE(vq_image_from_memory(cut.data(), cut.size(), "cut.jpg", 28, &out, &err));
+    CHECK(err.find("cut.jpg: corrupt JPEG image") == 0);
+
+    // Thin strips are valid images: the result is the strip on a square of its border colour,
+    // computed row by row (memory O(side^2), not max(w, h)^2 = 1.6 GB of floats for 20000 x 1).
+    for (int w : {20000, 1 << 24}) {
+        std::vector<uint8_t> strip((size_t)w, 200), png;
+        strip[w / 2] = 0;  // one dark pixel: the border mean stays 200 - 200/w
+        REQUIRE(stbi_write_png_to_func(append_to, &png, w, 1, 1, strip.data(), w));
+        INFO("width ", w, ", PNG of ", png.size(), " bytes");
+        REQUIRE(vq_image_from_memory(png.data(), png.size(), "strip.png", 28, &out, &err));
+        REQUIRE(out.size() == 784);
+        for (uint8_t v : out) CHECK(std::abs(v - 200) <= 1);
+    }
+    std::vector<uint8_t> tall((size_t)30000, 10), png;  // and 1 x 30000, dark
+    REQUIRE(stbi_write_png_to_func(append_to, &png, 1, 30000, 1, tall.data(), 1));
+    REQUIRE(vq_image_from_memory(png.data(), png.size(), "tall.png", 28, &out, &err));
+    for (uint8_t v : out) CHECK(v == 10);
+
+    // An empty IDAT chunk before the data (valid PNG; stb memcpy()s into a null buffer on it,
+    // found by fuzz_image): the same image as without it.
+    {
+        std::vector<uint8_t> grey(28 * 28), p0, p1, o0;
+        for (size_t i = 0; i < grey.size(); i++) grey[i] = (uint8_t)(i * 7);
+        REQUIRE(stbi_write_png_to_func(append_to, &p0, 28, 28, 1, grey.data(), 28));
+        p1.assign(p0.begin(), p0.begin() + 33);  // signature + IHDR
+        for (int b : {0, 0, 0, 0, 73, 68, 65, 84, 0x35, 0xAF, 0x06, 0x1E}) p1.push_back((uint8_t)b);  // "IDAT"
+        p1.insert(p1.end(), p0.begin() + 33, p0.end());
+        REQUIRE(vq_image_from_memory(p0.data(), p0.size(), "p0.png", 28, &o0, &err));
+        REQUIRE(vq_image_from_memory(p1.data(), p1.size(), "p1.png", 28, &out, &err));
+        CHECK(out == o0);
+        CHECK(out == grey);
+    }
+    // An IDAT chunk claiming 1.2 GB in a 1 KB file: stb would realloc its buffer to 2 GB before
+    // finding the data missing (found by fuzz_image); refused from the chunk lengths first.
+    {
+        std::vector<uint8_t> bomb = png_header(28, 28, "");
+        for (int b : {0x48, 0x03, 0x37, 0x00, 73, 68, 65, 84}) bomb.push_back((uint8_t)b);  // "IDAT"
+        bomb.resize(987, 0x5A);
+        CHECK_FALSE(vq_image_from_memory(bomb.data(), bomb.size(), "bomb.png", 28, &out, &err));
+        CHECK(err == "bomb.png: corrupt PNG image (a chunk runs past the end of the file)");
+    }
+    // A header promising more than VQ_MAX_PIXELS is refused before anything is allocated.
+    std::vector<uint8_t> huge = png_header(5000, 5000, "");
+    CHECK_FALSE(vq_image_from_memory(huge.data(), huge.size(), "huge.png", 28, &out, &err));
+    CHECK(err == "huge.png: image too large (5000x5000, more than 16777216 pixels)");
+
+    // stb's message for an unknown critical chunk quotes the chunk type's raw bytes; they must
+    // not reach the (one-line) error.
+    std::vector<uint8_t> ctl = png_header(4, 4, std::string("\n\x1b[2", 4));
+    CHECK_FALSE(vq_image_from_memory(ctl.data(), ctl.size(), "ctl.png", 28, &out, &err));
+    CHECK_MESSAGE(err.find("ctl.png: corrupt PNG image (") == 0, err);
+    for (char c : err) CHECK((c >= 32 && c <= 126));
 }
 
 TEST_CASE("PSNR definition") {

@@ -24,7 +24,9 @@
 // The file is exactly 12 + 8 * n_merges bytes; vocab size = 256 + n_merges.
 // bpe_load rejects: a file it cannot open or read, a wrong magic, a version other than 1,
 // a file shorter or longer than 12 + 8 * n_merges bytes (truncated / trailing garbage),
-// a merge whose left or right id is >= its own id 256 + i, and a pair merged twice.
+// a merge whose left or right id is >= its own id 256 + i, a pair merged twice, more than
+// BPE_MAX_MERGES merges, and a merge building a token longer than BPE_MAX_WORD bytes (no word
+// is longer, so training never makes one).
 // ---------------------------------------------------------------------------------------
 //
 // Pre-tokenisation (GPT-2 style, on bytes). Text is split into "words" and merges never
@@ -67,6 +69,7 @@
 #include <vector>
 
 #define BPE_MAX_WORD 256          // max bytes per pre-token word
+#define BPE_MAX_MERGES (1 << 24)  // bpe_load refuses larger models before reading them
 #define BPE_CACHE_MAX_WORD 64     // longer words are not cached
 #define BPE_CACHE_MAX_SLOTS (1 << 20)   // cache is dropped when half full at this size
 #define BPE_CACHE_MAX_TOKENS (1 << 22)  // ... or when it holds this many ids
@@ -145,6 +148,7 @@ bool bpe_read_file(const char* path, std::string* out, std::string* err);
 #include <cstdio>
 #include <cstring>
 #include <queue>
+#include <sys/stat.h>
 
 static inline uint64_t bpe__key(uint32_t a, uint32_t b) { return (uint64_t)a << 32 | b; }
 
@@ -192,6 +196,13 @@ bool bpe_init(Bpe* b, const std::vector<std::pair<uint32_t, uint32_t>>& merges, 
         t.rank_keys[h] = key;
         t.rank_vals[h] = (int)i;
         t.bytes[id] = t.bytes[l] + t.bytes[r];
+        // Merges never cross a pre-token word, so no real token is longer than a word; a longer
+        // one is a hostile file (doubling merges would build 2^31-byte tokens from 260 bytes).
+        if (t.bytes[id].size() > BPE_MAX_WORD) {
+            if (err) *err = "merge " + std::to_string(i) + " builds a token of " + std::to_string(t.bytes[id].size()) +
+                            " bytes, longer than the longest word (" + std::to_string(BPE_MAX_WORD) + ")";
+            return false;
+        }
     }
     t.merges = m;
     *b = std::move(t);  // also empties the encode cache
@@ -631,8 +642,13 @@ bool bpe_read_file(const char* path, std::string* out, std::string* err) {
 
 bool bpe_load(Bpe* b, const char* path, std::string* err) {
     std::string s, e;
-    if (!bpe_read_file(path, &s, err)) return false;
     const std::string P = std::string(path) + ": ";
+    struct stat sb;  // the size first: a huge file is refused before it is read into memory
+    if (stat(path, &sb) == 0 && S_ISREG(sb.st_mode) && (uint64_t)sb.st_size > 12 + 8 * (uint64_t)BPE_MAX_MERGES) {
+        if (err) *err = P + "too large for a BPE model (" + std::to_string((uint64_t)sb.st_size) + " bytes)";
+        return false;
+    }
+    if (!bpe_read_file(path, &s, err)) return false;
     if (s.size() < 12) {
         if (err) *err = P + "truncated header (" + std::to_string(s.size()) + " bytes, need 12)";
         return false;
@@ -651,6 +667,10 @@ bool bpe_load(Bpe* b, const char* path, std::string* err) {
         if (err) *err = P + (s.size() < want ? "truncated" : "trailing bytes") + ": " +
                         std::to_string(s.size()) + " bytes, header says " + std::to_string(n) +
                         " merges = " + std::to_string(want) + " bytes";
+        return false;
+    }
+    if (n > BPE_MAX_MERGES) {
+        if (err) *err = P + "header says " + std::to_string(n) + " merges, more than " + std::to_string(BPE_MAX_MERGES);
         return false;
     }
     std::vector<std::pair<uint32_t, uint32_t>> merges(n);

@@ -70,11 +70,18 @@
 //                           spectrum |STFT| of the training frames assigned to each unit
 //   ...     4*K             float32 duration[K]: mean run length of each unit, in frames (>= 1)
 //   total = 32 + 4*(2*n_mels + K*n_mels + K*B + K) bytes; the loader rejects any other size,
-//   a bad magic, another version, and settings out of range.
+//   a bad magic, another version, settings out of range, and a duration outside
+//   [1, SPEECH_MAX_DURATION] frames.
+// Bounds on hostile input: files over SPEECH_MAX_FILE bytes are refused before reading, WAV
+// clips over SPEECH_MAX_SECONDS, and decoding to more than SPEECH_MAX_DECODE_FRAMES frames.
 // With the defaults (n_mels 80, K 256, B 257) the file is 346,784 bytes.
 // ---------------------------------------------------------------------------------------------
 #ifndef SPEECH_H
 #define SPEECH_H
+#define SPEECH_MAX_FILE (1u << 30)           // bytes of a WAV or model file
+#define SPEECH_MAX_SECONDS 3600              // WAV clip length
+#define SPEECH_MAX_DURATION 500              // a unit's mean run length, in frames (10 s at 50 frames/s)
+#define SPEECH_MAX_DECODE_FRAMES 30000       // decoded length (10 minutes at 50 frames/s)
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -327,6 +334,8 @@ bool speech_wav_parse(const uint8_t* d, size_t n, std::vector<float>* mono, int*
     if (block != 2 * channels) return speech_fail_(err, "bad block align " + std::to_string(block));
     size_t frames = data_len / block;
     if (!streamed && data_len % block != 0) return speech_fail_(err, "truncated data (partial sample at the end)");
+    if (frames / rate >= SPEECH_MAX_SECONDS)
+        return speech_fail_(err, "clip longer than " + std::to_string(SPEECH_MAX_SECONDS) + " s");
     mono->assign(frames, 0.0f);
     const float scale = 1.0f / (32768.0f * channels);
     const uint8_t* p = d + data_off;
@@ -342,6 +351,11 @@ bool speech_wav_parse(const uint8_t* d, size_t n, std::vector<float>* mono, int*
 static bool speech_read_file_(const char* path, std::vector<uint8_t>* buf, std::string* err) {
     FILE* f = fopen(path, "rb");
     if (!f) return speech_fail_(err, std::string(path) + ": cannot open: " + strerror(errno));
+    if (fseek(f, 0, SEEK_END) == 0 && ftell(f) > (long)SPEECH_MAX_FILE) {  // refused before reading
+        fclose(f);
+        return speech_fail_(err, std::string(path) + ": file too large (over " + std::to_string(SPEECH_MAX_FILE) + " bytes)");
+    }
+    rewind(f);
     buf->clear();
     uint8_t tmp[1 << 16];
     size_t got;
@@ -566,7 +580,13 @@ bool speech_model_finish(SpeechModel* m, std::string* err) {
         m->spectrum.size() != (size_t)K * nb || (int)m->duration.size() != K)
         return speech_fail_(err, "model arrays have the wrong sizes");
     for (float v : m->std_) if (!(v > 0) || !std::isfinite(v)) return speech_fail_(err, "model has a non-positive std");
-    for (float v : m->duration) if (!(v >= 1.0f) || !std::isfinite(v)) return speech_fail_(err, "model has a duration < 1");
+    for (const std::vector<float>* a : {&m->mean, &m->centroid, &m->spectrum})
+        for (float v : *a)
+            if (!std::isfinite(v)) return speech_fail_(err, "model has a non-finite value");
+    for (float v : m->spectrum) if (v < 0) return speech_fail_(err, "model has a negative magnitude");
+    for (float v : m->duration)
+        if (!(v >= 1.0f && v <= SPEECH_MAX_DURATION))
+            return speech_fail_(err, "model has a unit duration outside [1, " + std::to_string(SPEECH_MAX_DURATION) + "] frames");
     m->cnorm.assign(K, 0.0f);
     for (int k = 0; k < K; k++) {
         float s = 0;
@@ -978,6 +998,9 @@ bool speech_decode_frames(const SpeechModel& m, const int* fu, size_t T, const S
                           std::vector<float>* out, std::string* err) {
     if (m.K < 1 || m.cnorm.size() != (size_t)m.K) return speech_fail_(err, "speech model not loaded");
     const int nb = m.fe.n_bins;
+    if (T > SPEECH_MAX_DECODE_FRAMES)
+        return speech_fail_(err, "too long to decode: " + std::to_string(T) + " frames (at most " +
+                                     std::to_string(SPEECH_MAX_DECODE_FRAMES) + ")");
     std::vector<float> mag(T * nb);
     for (size_t t = 0; t < T; t++) {
         if (fu[t] < 0 || fu[t] >= m.K)
@@ -1005,6 +1028,8 @@ bool speech_decode(const SpeechModel& m, const int* u, size_t n, const SpeechDec
             reps = std::max(1LL, llround(acc) - emitted);
         }
         emitted += reps;
+        if (emitted > SPEECH_MAX_DECODE_FRAMES)  // checked before inserting: bounded memory for any input
+            return speech_fail_(err, "too long to decode: more than " + std::to_string(SPEECH_MAX_DECODE_FRAMES) + " frames");
         fr.insert(fr.end(), (size_t)reps, u[i]);
     }
     return speech_decode_frames(m, fr.data(), fr.size(), opt, out, err);

@@ -1,7 +1,8 @@
 // vq.cpp - command-line tool for the image tokenizer (tokenizers/vq.h).
-//   g++ -std=c++17 -O2 -march=native -fopenmp -Wall -Wextra -I. tokenizers/vq.cpp -o vq
+//   g++ -std=c++17 -O2 -march=native -fopenmp -Wall -Wextra -I. tokenizers/vq.cpp -o vq -ljpeg
 // Run without arguments for usage. Errors print one line and exit 1; bad usage exits 2.
 #define STB_IMAGE_IMPLEMENTATION
+#define STBI_ONLY_PNG  // JPEG is decoded by libjpeg-turbo (tokenizers/vq.h)
 #include <stb/stb_image.h>
 #define STB_IMAGE_WRITE_IMPLEMENTATION
 #include <stb/stb_image_write.h>

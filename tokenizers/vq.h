@@ -40,10 +40,21 @@
 // included, so vq.h never compiles stb twice): link one translation unit that has
 //   #define STB_IMAGE_IMPLEMENTATION        + #include <stb/stb_image.h>
 //   #define STB_IMAGE_WRITE_IMPLEMENTATION  + #include <stb/stb_image_write.h>
+// (with STBI_ONLY_PNG: stb decodes PNG only; JPEG goes to libjpeg-turbo, so link -ljpeg)
 // (not STB_IMAGE_STATIC). Library functions never exit: they return false and fill *err
 // with a one-line message that names the file ("x.png: not a PNG/JPEG image").
 #ifndef VQ_H
 #define VQ_H
+
+// Bounds on hostile input. Images: at most VQ_MAX_PIXELS pixels (checked from the header,
+// before decoding); beyond the decoder's own buffer, resampling needs O(side^2) memory whatever
+// the shape. JPEG is decoded by libjpeg-turbo (link with -ljpeg) with at most VQ_MAX_JPEG_SCANS
+// progressive scans and VQ_MAX_JPEG_MEMORY bytes of work memory; PNG by stb_image. Files over
+// VQ_MAX_FILE bytes are refused before being read.
+#define VQ_MAX_PIXELS (1u << 24)
+#define VQ_MAX_JPEG_SCANS 100
+#define VQ_MAX_JPEG_MEMORY (256L << 20)
+#define VQ_MAX_FILE (1u << 30)
 
 #include <cstddef>
 #include <cstdint>
@@ -147,6 +158,8 @@ double vq_eval_psnr(const VqModel& m, const uint8_t* imgs, size_t n);
 #include <cstdio>
 #include <cstring>
 #include <numeric>
+#include <csetjmp>
+#include <jpeglib.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -155,6 +168,7 @@ double vq_eval_psnr(const VqModel& m, const uint8_t* imgs, size_t n);
 extern "C" {
 unsigned char* stbi_load_from_memory(unsigned char const* buffer, int len, int* x, int* y,
                                      int* channels_in_file, int desired_channels);
+int stbi_info_from_memory(unsigned char const* buffer, int len, int* x, int* y, int* comp);
 const char* stbi_failure_reason(void);
 void stbi_image_free(void* retval_from_stbi_load);
 int stbi_zlib_decode_noheader_buffer(char* obuffer, int olen, const char* ibuffer, int ilen);
@@ -225,6 +239,8 @@ inline bool gunzip(const uint8_t* d, size_t n, const char* name, std::vector<uin
     if (p + 8 > n) return fail(err, nm + ": truncated gzip header");
     uint32_t isize = le32(d + n - 4);  // uncompressed size mod 2^32 (our files are < 4 GB)
     if (isize > (1u << 30)) return fail(err, nm + ": gzip data too large (" + std::to_string(isize) + " bytes)");
+    // deflate expands at most 1032:1, so a larger ISIZE is a lie: refused before allocating it
+    if (isize > 1032.0 * n) return fail(err, nm + ": corrupt gzip size field");
     if (n - p > (size_t)INT32_MAX) return fail(err, nm + ": gzip file too large");
     out->assign(isize, 0);
     // The 8-byte trailer stays in the input: stb's bit reader may look a few bytes past the
@@ -289,6 +305,11 @@ bool vq_read_file(const char* path, std::vector<uint8_t>* out, std::string* err)
     using namespace vq_detail;
     FILE* f = fopen(path, "rb");
     if (!f) return fail(err, std::string(path) + ": cannot open (" + strerror(errno) + ")");
+    if (fseek(f, 0, SEEK_END) == 0 && ftell(f) > (long)VQ_MAX_FILE) {  // refused before reading
+        fclose(f);
+        return fail(err, std::string(path) + ": file too large (over " + std::to_string(VQ_MAX_FILE) + " bytes)");
+    }
+    rewind(f);
     out->clear();
     uint8_t buf[1 << 16];
     size_t got;
@@ -370,6 +391,230 @@ void vq_resize_u8(const uint8_t* src, int w, int h, uint8_t* dst, int side) {
     for (size_t i = 0; i < o.size(); i++) dst[i] = (uint8_t)std::lround(std::min(255.f, std::max(0.f, o[i])));
 }
 
+namespace vq_detail {
+
+// Printable ASCII only: decoder messages may quote bytes from the file (stb's PNG chunk types).
+inline std::string printable(const char* s) {
+    std::string o = s ? s : "?";
+    for (char& c : o)
+        if ((unsigned char)c < 32 || (unsigned char)c > 126) c = '?';
+    return o;
+}
+
+// Area-averages a w x h grey image, centred on an s x s square (s = max(w, h)) padded with the
+// mean border colour, down to side x side (s >= side). Rows arrive one at a time and memory is
+// O(side^2) whatever the input's shape: a 16777216 x 1 strip costs what a square does. The
+// border mean is only known at the end, so the padding is added from each output pixel's
+// uncovered area then.
+struct Shrinker {
+    int w, h, side, ox, oy;
+    double scale, border = 0;
+    long long nb = 0;
+    std::vector<double> acc, cx, cy;  // sums per output pixel; covered fraction per output column/row
+    Shrinker(int w_, int h_, int side_) : w(w_), h(h_), side(side_) {
+        const int s = std::max(w, h);
+        scale = (double)s / side;
+        ox = (s - w) / 2;
+        oy = (s - h) / 2;
+        acc.assign((size_t)side * side, 0.0);
+        cx.assign(side, 0.0);
+        cy.assign(side, 0.0);
+        for (int x = 0; x < w; x++) span(x + ox, [&](int o, double wt) { cx[o] += wt; });
+        for (int y = 0; y < h; y++) span(y + oy, [&](int o, double wt) { cy[o] += wt; });
+    }
+    // Output cells overlapped by padded pixel i ([i, i+1)), with weight overlap / scale: at most two.
+    template <class F> void span(int i, F f) const {
+        int o = std::min(side - 1, (int)(i / scale));
+        for (; o < side && o * scale < i + 1.0; o++) {
+            const double ov = std::min((o + 1) * scale, i + 1.0) - std::max(o * scale, (double)i);
+            if (ov > 1e-9) f(o, ov / scale);
+        }
+    }
+    void row(int y, const float* g) {
+        double wy[2];
+        int oyc[2], ny = 0;
+        span(y + oy, [&](int o, double wt) { if (ny < 2) { oyc[ny] = o; wy[ny++] = wt; } });
+        for (int x = 0; x < w; x++) {
+            if (x == 0 || y == 0 || x == w - 1 || y == h - 1) { border += g[x]; nb++; }
+            span(x + ox, [&](int o, double wt) {
+                for (int k = 0; k < ny; k++) acc[(size_t)oyc[k] * side + o] += wy[k] * wt * g[x];
+            });
+        }
+    }
+    void finish(std::vector<uint8_t>* out) const {
+        const double fill = border / std::max(1LL, nb);
+        out->resize((size_t)side * side);
+        for (int y = 0; y < side; y++)
+            for (int x = 0; x < side; x++) {
+                const double v = acc[(size_t)y * side + x] + fill * (1.0 - cx[x] * cy[y]);
+                (*out)[(size_t)y * side + x] = (uint8_t)std::lround(std::min(255.0, std::max(0.0, v)));
+            }
+    }
+};
+
+// Grey = BT.601 luma; alpha composited over white so transparent clip art stays visible.
+inline float luma(const unsigned char* p, int ch) {
+    const float g = 0.299f * p[0] + 0.587f * p[1] + 0.114f * p[2];
+    if (ch < 4) return g;
+    const float a = p[3] / 255.f;
+    return a * g + (1 - a) * 255.f;
+}
+
+// Takes rows of RGB(A) pixels: shrinking streams them (Shrinker); enlarging (the image is
+// smaller than side x side, so tiny) keeps the padded square and resizes it bilinearly.
+struct GreySink {
+    int w, h, side;
+    bool enlarge;
+    Shrinker* shr = nullptr;
+    std::vector<float> grey, rowbuf;
+    GreySink(int w_, int h_, int side_) : w(w_), h(h_), side(side_), enlarge(std::max(w_, h_) < side_) {
+        if (enlarge) grey.resize((size_t)w * h);
+        else shr = new Shrinker(w, h, side);
+        rowbuf.resize(w);
+    }
+    ~GreySink() { delete shr; }
+    GreySink(const GreySink&) = delete;
+    GreySink& operator=(const GreySink&) = delete;
+    void row(int y, const unsigned char* px, int ch) {
+        float* g = enlarge ? &grey[(size_t)y * w] : rowbuf.data();
+        for (int x = 0; x < w; x++) g[x] = luma(px + (size_t)ch * x, ch);
+        if (!enlarge) shr->row(y, g);
+    }
+    void finish(std::vector<uint8_t>* out) {
+        if (!enlarge) { shr->finish(out); return; }
+        const int s = std::max(w, h);
+        double border = 0;
+        long nb = 0;
+        for (int y = 0; y < h; y++)
+            for (int x = 0; x < w; x++)
+                if (x == 0 || y == 0 || x == w - 1 || y == h - 1) { border += grey[(size_t)y * w + x]; nb++; }
+        // Non-square: pad the short side with the mean border colour rather than distort shapes.
+        std::vector<float> sq((size_t)s * s, (float)(border / std::max(1L, nb)));
+        const int ox = (s - w) / 2, oy = (s - h) / 2;
+        for (int y = 0; y < h; y++) memcpy(&sq[(size_t)(y + oy) * s + ox], &grey[(size_t)y * w], w * sizeof(float));
+        std::vector<float> r((size_t)side * side);
+        vq_resize(sq.data(), s, s, r.data(), side, side);
+        out->resize(r.size());
+        for (size_t i = 0; i < r.size(); i++) (*out)[i] = (uint8_t)std::lround(std::min(255.f, std::max(0.f, r[i])));
+    }
+};
+
+// libjpeg reports fatal errors through error_exit, which must not return: jump back.
+struct JpegErr {
+    jpeg_error_mgr mgr;
+    jmp_buf jump;
+};
+inline void jpeg_error_exit_(j_common_ptr c) { longjmp(((JpegErr*)c->err)->jump, 1); }
+inline void jpeg_silent_(j_common_ptr) {}  // warnings are counted, not printed
+inline void jpeg_progress_(j_common_ptr c) {
+    // A progressive JPEG may carry thousands of tiny scans, each a pass over the whole image.
+    if (c->is_decompressor && ((j_decompress_ptr)c)->input_scan_number > VQ_MAX_JPEG_SCANS)
+        longjmp(((JpegErr*)c->err)->jump, 2);
+}
+
+// The libjpeg part of decode_jpeg: no C++ object with a destructor lives in this frame, so a
+// longjmp out of it skips nothing. Returns 0, or 1 (libjpeg error) / 2 (too many scans).
+inline int jpeg_run_(jpeg_decompress_struct* cinfo, JpegErr* je, const uint8_t* data, size_t n, int side,
+                     GreySink** sink, unsigned char** rowpx, std::string* too_large) {
+    switch (setjmp(je->jump)) {
+    case 0: break;
+    case 2: return 2;
+    default: return 1;
+    }
+    jpeg_mem_src(cinfo, data, (unsigned long)n);
+    jpeg_read_header(cinfo, TRUE);
+    if ((uint64_t)cinfo->image_width * cinfo->image_height > VQ_MAX_PIXELS) {
+        *too_large = std::to_string(cinfo->image_width) + "x" + std::to_string(cinfo->image_height);
+        return 3;
+    }
+    cinfo->out_color_space = JCS_RGB;
+    // Large images are decoded at 1/2, 1/4 or 1/8 by libjpeg's scaled IDCT, never below side.
+    cinfo->scale_num = 1;
+    cinfo->scale_denom = 1;
+    while (cinfo->scale_denom < 8 &&
+           std::max(cinfo->image_width, cinfo->image_height) / (2 * cinfo->scale_denom) >= (unsigned)side)
+        cinfo->scale_denom *= 2;
+    jpeg_start_decompress(cinfo);
+    const int w = (int)cinfo->output_width, h = (int)cinfo->output_height;
+    *sink = new GreySink(w, h, side);
+    *rowpx = (unsigned char*)malloc((size_t)w * 3);
+    if (!*rowpx) return 1;
+    while (cinfo->output_scanline < cinfo->output_height) {
+        JSAMPROW rp = *rowpx;
+        const int y = (int)cinfo->output_scanline;
+        if (jpeg_read_scanlines(cinfo, &rp, 1) != 1) return 1;
+        (*sink)->row(y, *rowpx, 3);
+    }
+    jpeg_finish_decompress(cinfo);
+    return 0;
+}
+
+// JPEG through libjpeg-turbo, which is built (and fuzzed upstream) for hostile input; stb's
+// JPEG decoder reads out of bounds on crafted Huffman tables and is compiled out (STBI_ONLY_PNG).
+inline bool decode_jpeg(const uint8_t* data, size_t n, const std::string& nm, int side, std::vector<uint8_t>* out,
+                        std::string* err) {
+    jpeg_decompress_struct cinfo;
+    JpegErr je;
+    jpeg_progress_mgr prog;
+    memset(&prog, 0, sizeof prog);
+    cinfo.err = jpeg_std_error(&je.mgr);
+    je.mgr.error_exit = jpeg_error_exit_;
+    je.mgr.output_message = jpeg_silent_;
+    prog.progress_monitor = jpeg_progress_;
+    jpeg_create_decompress(&cinfo);
+    cinfo.progress = &prog;
+    cinfo.mem->max_memory_to_use = VQ_MAX_JPEG_MEMORY;
+    GreySink* sink = nullptr;
+    unsigned char* rowpx = nullptr;
+    std::string dims;
+    const int rc = jpeg_run_(&cinfo, &je, data, n, side, &sink, &rowpx, &dims);
+    char msg[JMSG_LENGTH_MAX] = "";
+    if (rc == 1 || (rc == 0 && je.mgr.num_warnings > 0))  // a warning: e.g. truncated data filled with grey
+        je.mgr.format_message((j_common_ptr)&cinfo, msg);
+    else if (rc == 2)
+        snprintf(msg, sizeof msg, "more than %d progressive scans", VQ_MAX_JPEG_SCANS);
+    jpeg_destroy_decompress(&cinfo);
+    free(rowpx);
+    if (rc == 0 && !msg[0]) sink->finish(out);
+    delete sink;
+    if (rc == 3)
+        return fail(err, nm + ": image too large (" + dims + ", more than " + std::to_string(VQ_MAX_PIXELS) + " pixels)");
+    if (msg[0]) return fail(err, nm + ": corrupt JPEG image (" + printable(msg) + ")");
+    return true;
+}
+
+// Checks a PNG's chunk structure before stb sees it, and fixes what Debian's stb (2022-09-08)
+// mishandles (both found by test/fuzz/fuzz_image):
+//  - a chunk whose length runs past the end of the file: stb reallocs its IDAT buffer to that
+//    length (up to 2 GB from a 1 KB file) before noticing the data is missing; refused here;
+//  - an empty first IDAT: stb memcpy()s into a null buffer (undefined behaviour); an empty IDAT
+//    carries no data, so such chunks are dropped from a copy.
+// Returns false (a corrupt file) or the bytes to decode in *out / *len.
+inline bool png_prepare(const uint8_t* d, size_t n, std::vector<uint8_t>* copy, const uint8_t** out, size_t* len) {
+    *out = d;
+    *len = n;
+    bool empty_idat = false;
+    size_t p = 8;
+    for (; p + 12 <= n; p += 12 + (size_t)be32(d + p)) {
+        const size_t clen = be32(d + p);
+        if (clen > n - p - 12) return false;
+        empty_idat |= clen == 0 && memcmp(d + p + 4, "IDAT", 4) == 0;
+        if (memcmp(d + p + 4, "IEND", 4) == 0) break;
+    }
+    if (!empty_idat) return true;
+    copy->assign(d, d + 8);
+    for (p = 8; p + 12 <= n; p += 12 + (size_t)be32(d + p)) {
+        const size_t clen = be32(d + p);
+        if (!(clen == 0 && memcmp(d + p + 4, "IDAT", 4) == 0)) copy->insert(copy->end(), d + p, d + p + 12 + clen);
+        if (memcmp(d + p + 4, "IEND", 4) == 0) break;
+    }
+    *out = copy->data();
+    *len = copy->size();
+    return true;
+}
+
+}  // namespace vq_detail
+
 bool vq_image_from_memory(const uint8_t* data, size_t n, const char* name, int side,
                           std::vector<uint8_t>* out, std::string* err) {
     using namespace vq_detail;
@@ -377,40 +622,22 @@ bool vq_image_from_memory(const uint8_t* data, size_t n, const char* name, int s
     if (n == 0) return fail(err, nm + ": empty file");
     if (!is_png(data, n) && !is_jpeg(data, n)) return fail(err, nm + ": not a PNG/JPEG image");
     if (n > (size_t)INT32_MAX) return fail(err, nm + ": file too large");
-    if (side <= 0) return fail(err, nm + ": bad target side " + std::to_string(side));
+    if (side <= 0 || side > 4096) return fail(err, nm + ": bad target side " + std::to_string(side));
+    if (is_jpeg(data, n)) return decode_jpeg(data, n, nm, side, out, err);
+    std::vector<uint8_t> fixed;
+    if (!png_prepare(data, n, &fixed, &data, &n))
+        return fail(err, nm + ": corrupt PNG image (a chunk runs past the end of the file)");
     int w = 0, h = 0, ch = 0;
+    // The size from the header first: the decoder allocates w x h x 4 bytes.
+    if (stbi_info_from_memory(data, (int)n, &w, &h, &ch) && (uint64_t)w * h > VQ_MAX_PIXELS)
+        return fail(err, nm + ": image too large (" + std::to_string(w) + "x" + std::to_string(h) + ", more than " +
+                             std::to_string(VQ_MAX_PIXELS) + " pixels)");
     unsigned char* px = stbi_load_from_memory(data, (int)n, &w, &h, &ch, 4);
-    if (!px) {
-        const char* why = stbi_failure_reason();
-        return fail(err, nm + ": corrupt " + (is_png(data, n) ? "PNG" : "JPEG") + " image (" + (why ? why : "?") + ")");
-    }
-    // Grey = BT.601 luma; alpha composited over white so transparent clip art stays visible.
-    if ((size_t)w * h > (1u << 26)) {  // 64 Mpixel: beyond any sane input, and ~1 GB of floats
-        stbi_image_free(px);
-        return fail(err, nm + ": image too large (" + std::to_string(w) + "x" + std::to_string(h) + ")");
-    }
-    int s = std::max(w, h);
-    std::vector<float> grey((size_t)w * h);
-    double border = 0;
-    long nb = 0;
-    for (int y = 0; y < h; y++)
-        for (int x = 0; x < w; x++) {
-            const unsigned char* p = px + 4 * ((size_t)y * w + x);
-            float a = p[3] / 255.f;
-            float g = 0.299f * p[0] + 0.587f * p[1] + 0.114f * p[2];
-            g = a * g + (1 - a) * 255.f;
-            grey[(size_t)y * w + x] = g;
-            if (x == 0 || y == 0 || x == w - 1 || y == h - 1) { border += g; nb++; }
-        }
+    if (!px) return fail(err, nm + ": corrupt PNG image (" + printable(stbi_failure_reason()) + ")");
+    GreySink sink(w, h, side);
+    for (int y = 0; y < h; y++) sink.row(y, px + (size_t)4 * w * y, 4);
     stbi_image_free(px);
-    // Non-square: pad the short side with the mean border colour rather than distort shapes.
-    std::vector<float> sq((size_t)s * s, (float)(border / std::max(1L, nb)));
-    int ox = (s - w) / 2, oy = (s - h) / 2;
-    for (int y = 0; y < h; y++) memcpy(&sq[(size_t)(y + oy) * s + ox], &grey[(size_t)y * w], w * sizeof(float));
-    std::vector<float> r((size_t)side * side);
-    vq_resize(sq.data(), s, s, r.data(), side, side);
-    out->resize(r.size());
-    for (size_t i = 0; i < r.size(); i++) (*out)[i] = (uint8_t)std::lround(std::min(255.f, std::max(0.f, r[i])));
+    sink.finish(out);
     return true;
 }
 
