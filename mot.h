@@ -1577,8 +1577,8 @@ static const int64_t MOT_MAX_STEP = 1 << 30;
 
 // Reads and checks a checkpoint's header against its file size, without reading the weights:
 // the config, the has_optimizer flag, reserved = 0, 0 <= step <= 2^30, and the exact size
-// 80 + 4P(1 or 3). Callers build the model only after this, so a header cannot make them
-// allocate more than the file holds.
+// header + 4P(1 or 3), the header being 92 bytes (80 for version 1). Callers build the model only
+// after this, so a header cannot make them allocate more than the file holds.
 inline bool mot_read_checkpoint_header(const std::string& path, MotConfig* cfg, MotTrainState* st, bool* has_optimizer,
                                        std::string* err) {
     FILE* f = fopen(path.c_str(), "rb");

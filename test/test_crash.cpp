@@ -238,7 +238,7 @@ TEST_CASE("a truncated or corrupt newest checkpoint: --resume falls back to the 
         std::string b = read_bytes(newest);
         if (std::string(damage) == "truncate") b.resize(b.size() / 2);
         else if (std::string(damage) == "magic") b[0] = 'X';
-        else b[60] = 1;
+        else b[72] = 1;  // the reserved field of a version-2 header
         FILE* f = fopen(newest.c_str(), "wb");
         REQUIRE(f);
         fwrite(b.data(), 1, b.size(), f);
@@ -287,14 +287,14 @@ TEST_CASE("a full disk: the checkpoint write fails with one line and the last go
     std::string out;
     REQUIRE(sh("mkdir -p " + mnt, &out) == 0);
     const std::string dir = mnt + "/run";
-    // step_000010.ckpt with Adam moments is 80 + 12 P bytes; room for the log and two of them
+    // step_000010.ckpt with Adam moments is 92 + 12 P bytes; room for the log and two of them
     MotConfig c;
     {
         REQUIRE(sh("./mot " + flags(0) + " --save " + tmp("size.ckpt"), &out) == 0);
         std::string err;
         REQUIRE(mot_read_checkpoint_config(tmp("size.ckpt"), &c, &err));
     }
-    const size_t ck = 80 + 12 * mot_param_table(c).total;
+    const size_t ck = MOT_CKPT_HEADER + 12 * mot_param_table(c).total;
     const bool tmpfs = !getenv("MOT_TEST_NO_TMPFS") && mount("tmpfs", mnt.c_str(), "tmpfs", 0, ("size=" + std::to_string(2 * ck + 64 * 1024)).c_str()) == 0;
     const std::string how = tmpfs ? "a tmpfs of " + std::to_string(2 * ck + 64 * 1024) + " bytes"
                                   : "ulimit -f (mount failed), checkpoints of " + std::to_string(ck) + " bytes";

@@ -226,11 +226,12 @@ TEST_CASE("debug state: round trip, and bad files are refused") {
 template <class T>
 static std::string bytes_of(const T& v) { return std::string((const char*)&v, sizeof v); }
 static std::string header(const char* magic, const int32_t cfg[MOT_CONFIG_INTS]) {
-    return std::string(magic, 4) + bytes_of<uint32_t>(1) + std::string((const char*)cfg, 4 * MOT_CONFIG_INTS);
+    return std::string(magic, 4) + bytes_of<uint32_t>(2) + std::string((const char*)cfg, 4 * MOT_CONFIG_INTS);  // version 2
 }
 
 TEST_CASE("hostile headers: sizes that wrap, huge configs in tiny files, unchecked fields") {
     std::string err;
+    // (headers below are version 2: config[15], the last three the experts per FFN copy)
     // a 40-byte shard claiming 2^63 tokens: 32 + 2n wraps to 32 + 0
     uint32_t sh[6] = {0, 1, 64, 24, 48, 0};
     memcpy(sh, "MOTS", 4);
@@ -267,11 +268,15 @@ TEST_CASE("hostile headers: sizes that wrap, huge configs in tiny files, uncheck
         CHECK(err.find(expect) != std::string::npos);
     };
     // L = 2^31-1, D = 2, F = 1431655762 made the parameter count wrap (then a heap overflow)
-    int32_t wrap[MOT_CONFIG_INTS] = {0x7fffffff, 2, 1, 1431655762, 64, 24, 48, 16, 3, 0, 0, 0};
+    int32_t wrap[MOT_CONFIG_INTS] = {0x7fffffff, 2, 1, 1431655762, 64, 24, 48, 16, 3, 0, 0, 0, 1, 1, 1};
     refused(ckpt(wrap, 1, 0, 0), "sizes too large");
-    // the largest config the bounds allow, in an 80-byte file: the size check comes first
-    int32_t huge[MOT_CONFIG_INTS] = {MOT_MAX_LAYER, MOT_MAX_DIM, 2, MOT_MAX_FFN, 65536, 24, 48, MOT_MAX_SEQ, 3, 0, 0, 0};
+    // the largest config the bounds allow, in a 92-byte file: the size check comes first
+    int32_t huge[MOT_CONFIG_INTS] = {MOT_MAX_LAYER, MOT_MAX_DIM, 2, MOT_MAX_FFN, 65536, 24, 48, MOT_MAX_SEQ, 3, 0, 0, 0, 1, 1, 1};
     refused(ckpt(huge, 1, 0, 0), "truncated or padded: expected ");
+    // the same with 64 experts in every FFN copy: the parameter count (with experts) still fits
+    int32_t huge_experts[MOT_CONFIG_INTS] = {MOT_MAX_LAYER, MOT_MAX_DIM, 2, MOT_MAX_FFN, 65536, 24, 48, MOT_MAX_SEQ, 3, 0, 0, 0,
+                                             MOT_MAX_EXPERT, MOT_MAX_EXPERT, MOT_MAX_EXPERT};
+    refused(ckpt(huge_experts, 1, 0, 0), "truncated or padded: expected ");
     mot_config_to_ints(small_config(), ci);
     MotModel<float> m;
     mot_init(&m, small_config(), 1);
