@@ -1,5 +1,12 @@
-// common.h — helpers shared by the model tests (test_mot.cpp on the CPU, test_gpu.cu on the GPU).
+// common.h — helpers shared by the tests: random batches (test_mot, test_gpu, test_experts) and,
+// for the tests that write files and run commands (test_files, test_crash, test_experts,
+// test_cuda_cpu), a temporary folder, byte I/O, a shell runner and a small mixed-modality shard.
+// Include doctest first.
 #pragma once
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <string>
 #include <vector>
 
 #include "mot.h"
@@ -20,4 +27,74 @@ static inline MotBatch random_batch(const MotConfig& c, int B, int T, uint64_t s
     b.targets[B * T - 1] = MOT_IGNORE;
     mot_group(c, &b);
     return b;
+}
+
+// ---- files and commands -----------------------------------------------------------------------
+static const MotVocab VOC{64, 24, 48};  // text [0,24) image [24,48) speech [48,64)
+
+// One fresh folder per test process.
+static inline std::string tmpdir() {
+    static std::string d;
+    if (d.empty()) {
+        char t[] = "/tmp/mot_test_XXXXXX";
+        REQUIRE(mkdtemp(t) != nullptr);
+        d = t;
+    }
+    return d;
+}
+static inline std::string tmp(const std::string& name) { return tmpdir() + "/" + name; }
+
+static inline void write_bytes(const std::string& path, const std::string& bytes) {
+    FILE* f = fopen(path.c_str(), "wb");
+    REQUIRE(f);
+    fwrite(bytes.data(), 1, bytes.size(), f);
+    fclose(f);
+}
+// The whole file, or "" when it cannot be opened.
+static inline std::string read_bytes(const std::string& path) {
+    std::string s;
+    FILE* f = fopen(path.c_str(), "rb");
+    if (!f) return s;
+    char buf[65536];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, f)) > 0) s.append(buf, n);
+    fclose(f);
+    return s;
+}
+// Runs a shell command; its stdout and stderr land in *out. Returns the exit status (128: killed).
+static inline int run(const std::string& cmd, std::string* out) {
+    FILE* p = popen((cmd + " 2>&1").c_str(), "r");
+    REQUIRE(p);
+    char buf[4096];
+    out->clear();
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, p)) > 0) out->append(buf, n);
+    const int st = pclose(p);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
+}
+
+// Documents mixing the three modalities the way the dataset does: BOS text BOI image EOI BOA
+// speech EOA EOS, ids drawn from VOC's ranges.
+static inline std::vector<uint16_t> make_tokens(size_t n, uint64_t seed) {
+    std::vector<uint16_t> t;
+    while (t.size() < n) {
+        t.push_back(MOT_BOS);
+        for (int i = 0; i < 5; i++) t.push_back(8 + mot_rand_u64(&seed) % 16);
+        t.push_back(MOT_BOI);
+        for (int i = 0; i < 6; i++) t.push_back(24 + mot_rand_u64(&seed) % 24);
+        t.push_back(MOT_EOI);
+        t.push_back(MOT_BOA);
+        for (int i = 0; i < 4; i++) t.push_back(48 + mot_rand_u64(&seed) % 16);
+        t.push_back(MOT_EOA);
+        t.push_back(MOT_EOS);
+    }
+    t.resize(n);
+    return t;
+}
+// A 20,000-token shard of such documents in the temporary folder; returns its path.
+static inline std::string write_shard(const std::string& name, uint64_t seed) {
+    const std::vector<uint16_t> t = make_tokens(20000, seed);
+    std::string err;
+    REQUIRE_MESSAGE(mot_write_shard(tmp(name), VOC, t.data(), t.size(), &err), err);
+    return tmp(name);
 }

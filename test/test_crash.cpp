@@ -14,62 +14,11 @@
 #include <set>
 
 #include "mot.h"
+#include "test/common.h"
 
-static const MotVocab VOC{64, 24, 48};
-
-static std::string tmpdir() {
-    static std::string d;
-    if (d.empty()) {
-        char t[] = "/tmp/mot_crash_XXXXXX";
-        REQUIRE(mkdtemp(t) != nullptr);
-        d = t;
-    }
-    return d;
-}
-static std::string tmp(const std::string& name) { return tmpdir() + "/" + name; }
-
-static std::string read_bytes(const std::string& path) {
-    FILE* f = fopen(path.c_str(), "rb");
-    if (!f) return "";
-    std::string s;
-    char buf[65536];
-    size_t n;
-    while ((n = fread(buf, 1, sizeof buf, f)) > 0) s.append(buf, n);
-    fclose(f);
-    return s;
-}
-static int sh(const std::string& cmd, std::string* out) {
-    FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-    REQUIRE(p);
-    char buf[4096];
-    out->clear();
-    size_t n;
-    while ((n = fread(buf, 1, sizeof buf, p)) > 0) out->append(buf, n);
-    int st = pclose(p);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
-}
-
-// Documents mixing the three modalities, as in test_files.
+// The training shard of every case (documents mixing the three modalities).
 static std::string shard() {
-    static std::string path;
-    if (path.empty()) {
-        std::vector<uint16_t> t;
-        uint64_t seed = 11;
-        while (t.size() < 20000) {
-            t.push_back(MOT_BOS);
-            for (int i = 0; i < 5; i++) t.push_back(8 + mot_rand_u64(&seed) % 16);
-            t.push_back(MOT_BOI);
-            for (int i = 0; i < 6; i++) t.push_back(24 + mot_rand_u64(&seed) % 24);
-            t.push_back(MOT_EOI);
-            t.push_back(MOT_BOA);
-            for (int i = 0; i < 4; i++) t.push_back(48 + mot_rand_u64(&seed) % 16);
-            t.push_back(MOT_EOA);
-            t.push_back(MOT_EOS);
-        }
-        std::string err;
-        path = tmp("train_0.bin");
-        REQUIRE(mot_write_shard(path, VOC, t.data(), t.size(), &err));
-    }
+    static const std::string path = write_shard("train_0.bin", 11);
     return path;
 }
 
@@ -102,7 +51,7 @@ static const std::map<int, std::string>& reference() {
     static std::map<int, std::string> ref;
     if (ref.empty()) {
         std::string out;
-        REQUIRE(sh("./mot " + flags() + " --out " + tmp("ref"), &out) == 0);
+        REQUIRE(run("./mot " + flags() + " --out " + tmp("ref"), &out) == 0);
         ref = losses(read_bytes(tmp("ref/log.csv")));
         REQUIRE(ref.size() == (size_t)STEPS);
     }
@@ -112,7 +61,7 @@ static const std::map<int, std::string>& reference() {
 // Step of the newest periodic checkpoint whose header and size are intact (-1 if none).
 static int newest_intact(const std::string& dir) {
     std::string out;
-    sh("ls " + dir + " 2>/dev/null", &out);
+    run("ls " + dir + " 2>/dev/null", &out);
     int best = -1;
     for (size_t p = 0; (p = out.find("step_", p)) != std::string::npos; p += 5) {
         const std::string name = out.substr(p, 16);
@@ -156,7 +105,7 @@ TEST_CASE("kill -9 at random moments: every restart resumes from the newest comp
     // is detected from the output rather than guessed. Bounded: at most 200 starts.
     const double t0 = now_ms();
     std::string o;
-    REQUIRE(sh("./mot " + flags(0) + " --out " + tmp("startup"), &o) == 0);
+    REQUIRE(run("./mot " + flags(0) + " --out " + tmp("startup"), &o) == 0);
     const long startup = (long)(now_ms() - t0);
     for (int it = 0; it < 200 && !finished; it++) {
         const int expect = newest_intact(dir);
@@ -222,7 +171,7 @@ TEST_CASE("kill -9 at random moments: every restart resumes from the newest comp
 // A run of `steps` steps saving every 10 into dir, from scratch.
 static void run_to(const std::string& dir, int steps) {
     std::string out;
-    REQUIRE(sh("rm -rf " + dir + " && ./mot " + flags(steps) + " --save-every 10 --keep 10 --out " + dir, &out) == 0);
+    REQUIRE(run("rm -rf " + dir + " && ./mot " + flags(steps) + " --save-every 10 --keep 10 --out " + dir, &out) == 0);
 }
 
 TEST_CASE("a truncated or corrupt newest checkpoint: --resume falls back to the previous one, saying so") {
@@ -233,7 +182,7 @@ TEST_CASE("a truncated or corrupt newest checkpoint: --resume falls back to the 
         const std::string dir = tmp(std::string("fb_") + damage);
         run_to(dir, 80);  // then as if it had died after step 60: the checkpoints after it go
         std::string out;
-        REQUIRE(sh("rm " + dir + "/step_000070.ckpt " + dir + "/step_000080.ckpt " + dir + "/model.ckpt", &out) == 0);
+        REQUIRE(run("rm " + dir + "/step_000070.ckpt " + dir + "/step_000080.ckpt " + dir + "/model.ckpt", &out) == 0);
         const std::string newest = dir + "/step_000060.ckpt";
         std::string b = read_bytes(newest);
         if (std::string(damage) == "truncate") b.resize(b.size() / 2);
@@ -243,7 +192,7 @@ TEST_CASE("a truncated or corrupt newest checkpoint: --resume falls back to the 
         REQUIRE(f);
         fwrite(b.data(), 1, b.size(), f);
         fclose(f);
-        const int rc = sh("./mot " + flags(80) + " --save-every 10 --keep 3 --out " + dir + " --resume", &out);
+        const int rc = run("./mot " + flags(80) + " --save-every 10 --keep 3 --out " + dir + " --resume", &out);
         INFO(out);
         REQUIRE(rc == 0);
         CHECK(out.find("resume: skipping " + newest + ": ") != std::string::npos);
@@ -261,8 +210,8 @@ TEST_CASE("log.csv holds every step once after a resume from an older checkpoint
     const std::string dir = tmp("dup");
     run_to(dir, 30);  // log rows 1..30, checkpoints 10, 20, 30
     std::string out;
-    REQUIRE(sh("rm " + dir + "/step_000030.ckpt " + dir + "/step_000020.ckpt && printf '31,torn' >> " + dir + "/log.csv", &out) == 0);
-    REQUIRE(sh("./mot " + flags(30) + " --save-every 10 --keep 3 --out " + dir + " --resume", &out) == 0);
+    REQUIRE(run("rm " + dir + "/step_000030.ckpt " + dir + "/step_000020.ckpt && printf '31,torn' >> " + dir + "/log.csv", &out) == 0);
+    REQUIRE(run("./mot " + flags(30) + " --save-every 10 --keep 3 --out " + dir + " --resume", &out) == 0);
     CHECK(out.find("at step 10") != std::string::npos);
     int dups = 0;
     auto got = losses(read_bytes(dir + "/log.csv"), &dups);
@@ -272,8 +221,8 @@ TEST_CASE("log.csv holds every step once after a resume from an older checkpoint
     CHECK(got.rbegin()->first == 30);
     CHECK(read_bytes(dir + "/log.csv").find("torn") == std::string::npos);
     // killed before its first checkpoint: a --resume starts fresh and logs steps 1.. once
-    REQUIRE(sh("rm " + dir + "/step_*.ckpt", &out) == 0);
-    REQUIRE(sh("./mot " + flags(30) + " --save-every 10 --keep 3 --out " + dir + " --resume", &out) == 0);
+    REQUIRE(run("rm " + dir + "/step_*.ckpt", &out) == 0);
+    REQUIRE(run("./mot " + flags(30) + " --save-every 10 --keep 3 --out " + dir + " --resume", &out) == 0);
     CHECK(out.find("starting fresh") != std::string::npos);
     got = losses(read_bytes(dir + "/log.csv"), &dups);
     CHECK(dups == 0);
@@ -285,12 +234,12 @@ TEST_CASE("a full disk: the checkpoint write fails with one line and the last go
     // file-size limit (ulimit -f) that makes the same write fail.
     const std::string mnt = tmp("small");
     std::string out;
-    REQUIRE(sh("mkdir -p " + mnt, &out) == 0);
+    REQUIRE(run("mkdir -p " + mnt, &out) == 0);
     const std::string dir = mnt + "/run";
     // step_000010.ckpt with Adam moments is 92 + 12 P bytes; room for the log and two of them
     MotConfig c;
     {
-        REQUIRE(sh("./mot " + flags(0) + " --save " + tmp("size.ckpt"), &out) == 0);
+        REQUIRE(run("./mot " + flags(0) + " --save " + tmp("size.ckpt"), &out) == 0);
         std::string err;
         REQUIRE(mot_read_checkpoint_config(tmp("size.ckpt"), &c, &err));
     }
@@ -302,12 +251,12 @@ TEST_CASE("a full disk: the checkpoint write fails with one line and the last go
     // steps 1-20 elsewhere, then their checkpoints (10, 20) and log are copied in: the resumed
     // run's write of step 30 is the one that runs out of space
     run_to(tmp("before_full"), 20);
-    REQUIRE(sh("mkdir -p " + dir + " && cp " + tmp("before_full") + "/step_0000[12]0.ckpt " + tmp("before_full") +
+    REQUIRE(run("mkdir -p " + dir + " && cp " + tmp("before_full") + "/step_0000[12]0.ckpt " + tmp("before_full") +
                    "/log.csv " + dir + "/",
                &out) == 0);
     // bash's ulimit -f counts 1024-byte blocks: half a checkpoint
     const std::string prefix = tmpfs ? "" : "ulimit -f " + std::to_string(ck / 2 / 1024) + "; trap '' XFSZ; ";
-    const int rc = sh("bash -c \"" + prefix + "exec ./mot " + flags(40) + " --save-every 10 --keep 3 --out " + dir +
+    const int rc = run("bash -c \"" + prefix + "exec ./mot " + flags(40) + " --save-every 10 --keep 3 --out " + dir +
                           " --resume 2>" + tmp("full_err.txt") + "\"",
                       &out);
     const std::string err_out = read_bytes(tmp("full_err.txt"));

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "mot.h"
+#include "test/common.h"
 
 #define CK(call) REQUIRE((call) == cudaSuccess)
 
@@ -404,53 +405,9 @@ TEST_CASE("cuda_cpu check: a copy in the wrong direction or past an allocation")
 // ============================================================================================
 // 3-4. The GPU trainer through the layer against the CPU trainer; data parallel over MPI
 // ============================================================================================
-static std::string tmpdir() {
-    static std::string d;
-    if (d.empty()) {
-        char t[] = "/tmp/mot_test_cuda_cpu_XXXXXX";
-        REQUIRE(mkdtemp(t) != nullptr);
-        d = t;
-    }
-    return d;
-}
-static std::string tmp(const std::string& name) { return tmpdir() + "/" + name; }
-static int run(const std::string& cmd, std::string* out) {
-    FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-    REQUIRE(p);
-    out->clear();
-    char buf[4096];
-    size_t n;
-    while ((n = fread(buf, 1, sizeof buf, p)) > 0) out->append(buf, n);
-    const int st = pclose(p);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
-}
-static std::string read_file(const std::string& path) {
-    std::string out;
-    run("cat " + path, &out);
-    return out;
-}
 // the training shard: documents mixing the three modalities, as the dataset does
 static std::string shard() {
-    static std::string path;
-    if (path.empty()) {
-        const MotVocab voc{64, 24, 48};
-        std::vector<uint16_t> t;
-        uint64_t seed = 7;
-        while (t.size() < 20000) {
-            t.push_back(MOT_BOS);
-            for (int i = 0; i < 5; i++) t.push_back(8 + mot_rand_u64(&seed) % 16);
-            t.push_back(MOT_BOI);
-            for (int i = 0; i < 6; i++) t.push_back(24 + mot_rand_u64(&seed) % 24);
-            t.push_back(MOT_EOI);
-            t.push_back(MOT_BOA);
-            for (int i = 0; i < 4; i++) t.push_back(48 + mot_rand_u64(&seed) % 16);
-            t.push_back(MOT_EOA);
-            t.push_back(MOT_EOS);
-        }
-        path = tmp("train_0.bin");
-        std::string err;
-        REQUIRE_MESSAGE(mot_write_shard(path, voc, t.data(), t.size(), &err), err);
-    }
+    static const std::string path = write_shard("train_0.bin", 7);
     return path;
 }
 static const char* kModel = " --layers 2 --dim 32 --heads 2 --seq 32 --batch 4 --lr 3e-3 --warmup 2 --threads 1";
@@ -512,8 +469,8 @@ TEST_CASE("cuda_cpu trainer: resume on the GPU path reproduces an uninterrupted 
     REQUIRE(run("mkdir " + tmp("resumed") + " && cp " + tmp("full") + "/step_000004.ckpt " + tmp("resumed") + "/", &out) == 0);
     REQUIRE(run(base + " --out " + tmp("resumed") + " --resume", &out) == 0);
     INFO(out);
-    const std::vector<std::string> full = log_rows(read_file(tmp("full") + "/log.csv"));
-    const std::vector<std::string> resumed = log_rows(read_file(tmp("resumed") + "/log.csv"));
+    const std::vector<std::string> full = log_rows(read_bytes(tmp("full") + "/log.csv"));
+    const std::vector<std::string> resumed = log_rows(read_bytes(tmp("resumed") + "/log.csv"));
     REQUIRE(full.size() == 8);
     REQUIRE(resumed.size() >= 4);
     CHECK(std::vector<std::string>(full.end() - 4, full.end()) == std::vector<std::string>(resumed.end() - 4, resumed.end()));
@@ -532,7 +489,7 @@ TEST_CASE("cuda_cpu trainer: mpirun -np 2 (NCCL over MPI) equals one process wit
     REQUIRE(rc == 0);
     CHECK(two.find("x 2,") != std::string::npos);  // "device: ... x 2, fp32"
     CHECK(printed_losses(one) == printed_losses(two));
-    CHECK(log_rows(read_file(tmp("dp1") + "/log.csv")) == log_rows(read_file(tmp("dp2") + "/log.csv")));
+    CHECK(log_rows(read_bytes(tmp("dp1") + "/log.csv")) == log_rows(read_bytes(tmp("dp2") + "/log.csv")));
     std::string out;
     CHECK(run("cmp " + tmp("dp1") + "/model.ckpt " + tmp("dp2") + "/model.ckpt", &out) == 0);
 }

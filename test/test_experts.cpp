@@ -466,57 +466,9 @@ TEST_CASE("training: MoE-4x learns one batch and its aux routers learn to route 
 }
 
 // ---- the trainer: ./mot with --experts -------------------------------------------------------
-static const MotVocab VOC{64, 24, 48};  // text [0,24) image [24,48) speech [48,64)
-
-static std::string tmp(const std::string& name) {
-    static std::string d;
-    if (d.empty()) {
-        char t[] = "/tmp/mot_test_experts_XXXXXX";
-        REQUIRE(mkdtemp(t) != nullptr);
-        d = t;
-    }
-    return d + "/" + name;
-}
-static std::string read_bytes(const std::string& path) {
-    std::string s;
-    FILE* f = fopen(path.c_str(), "rb");
-    if (!f) return s;
-    char buf[65536];
-    size_t n;
-    while ((n = fread(buf, 1, sizeof buf, f)) > 0) s.append(buf, n);
-    fclose(f);
-    return s;
-}
-static int run(const std::string& cmd, std::string* out) {
-    FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-    REQUIRE(p);
-    char buf[4096];
-    out->clear();
-    size_t n;
-    while ((n = fread(buf, 1, sizeof buf, p)) > 0) out->append(buf, n);
-    int st = pclose(p);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
-}
 static bool exists(const std::string& path) { return access(path.c_str(), F_OK) == 0; }
 
-// Documents BOS text BOI image EOI BOA speech EOA EOS, as in test_files.cpp.
-static std::string shard(const std::string& name, uint64_t seed) {
-    std::vector<uint16_t> t;
-    while (t.size() < 20000) {
-        t.push_back(MOT_BOS);
-        for (int i = 0; i < 5; i++) t.push_back(8 + mot_rand_u64(&seed) % 16);
-        t.push_back(MOT_BOI);
-        for (int i = 0; i < 6; i++) t.push_back(24 + mot_rand_u64(&seed) % 24);
-        t.push_back(MOT_EOI);
-        t.push_back(MOT_BOA);
-        for (int i = 0; i < 4; i++) t.push_back(48 + mot_rand_u64(&seed) % 16);
-        t.push_back(MOT_EOA);
-        t.push_back(MOT_EOS);
-    }
-    std::string err;
-    REQUIRE(mot_write_shard(tmp(name), VOC, t.data(), t.size(), &err));
-    return tmp(name);
-}
+static std::string shard(const std::string& name, uint64_t seed) { return write_shard(name, seed); }
 static const std::string MODEL = " --layers 2 --dim 32 --heads 4 --seq 32 --batch 4 --lr 3e-3 --warmup 5 --threads 2";
 
 // One line "error: ..." naming `expect`, exit code != 0 (and == code when given), and no file

@@ -9,66 +9,8 @@
 #include <map>
 
 #include "mot.h"
+#include "test/common.h"
 
-static const MotVocab VOC{64, 24, 48};  // text [0,24) image [24,48) speech [48,64)
-
-static std::string tmpdir() {
-    static std::string d;
-    if (d.empty()) {
-        char t[] = "/tmp/mot_test_XXXXXX";
-        REQUIRE(mkdtemp(t) != nullptr);
-        d = t;
-    }
-    return d;
-}
-static std::string tmp(const std::string& name) { return tmpdir() + "/" + name; }
-
-// Documents that mix the three modalities the way the dataset does: BOS text BOI image EOI ... EOS.
-static std::vector<uint16_t> make_tokens(size_t n, uint64_t seed) {
-    std::vector<uint16_t> t;
-    while (t.size() < n) {
-        t.push_back(MOT_BOS);
-        for (int i = 0; i < 5; i++) t.push_back(8 + mot_rand_u64(&seed) % 16);
-        t.push_back(MOT_BOI);
-        for (int i = 0; i < 6; i++) t.push_back(24 + mot_rand_u64(&seed) % 24);
-        t.push_back(MOT_EOI);
-        t.push_back(MOT_BOA);
-        for (int i = 0; i < 4; i++) t.push_back(48 + mot_rand_u64(&seed) % 16);
-        t.push_back(MOT_EOA);
-        t.push_back(MOT_EOS);
-    }
-    t.resize(n);
-    return t;
-}
-
-static void write_bytes(const std::string& path, const std::string& bytes) {
-    FILE* f = fopen(path.c_str(), "wb");
-    REQUIRE(f);
-    fwrite(bytes.data(), 1, bytes.size(), f);
-    fclose(f);
-}
-static std::string read_bytes(const std::string& path) {
-    FILE* f = fopen(path.c_str(), "rb");
-    REQUIRE(f);
-    std::string s;
-    char buf[65536];
-    size_t n;
-    while ((n = fread(buf, 1, sizeof buf, f)) > 0) s.append(buf, n);
-    fclose(f);
-    return s;
-}
-
-// Runs a command, returns its exit status and (merged) output.
-static int run(const std::string& cmd, std::string* out) {
-    FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-    REQUIRE(p);
-    char buf[4096];
-    out->clear();
-    size_t n;
-    while ((n = fread(buf, 1, sizeof buf, p)) > 0) out->append(buf, n);
-    int st = pclose(p);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
-}
 static int count_lines(const std::string& s) { return (int)std::count(s.begin(), s.end(), '\n'); }
 
 TEST_CASE("shard: write and read back, loader windows and targets") {
