@@ -310,6 +310,14 @@ TEST_CASE("model file round trip and corrupt model files") {
     c = bytes;
     c[12] = 100;  // n_fft 612: not a power of two (file size check fails first or settings check)
     CHECK_FALSE(speech_model_parse(&bad, c.data(), c.size(), &err));
+    // no mel bins: found by fuzz_speech_model (a header with n_mels 0 passed an empty array to memcpy)
+    {
+        const uint32_t hdr[8] = {0x41544f4d /* MOTA */, 1, 16000, 2, 8848, 0, 0, 4};
+        std::vector<uint8_t> z((const uint8_t*)hdr, (const uint8_t*)hdr + 32);
+        z.resize(32 + 4 * (4 * 2 + 4), 0);  // K spectra of n_fft/2+1 = 2 bins, K durations
+        CHECK_FALSE(speech_model_parse(&bad, z.data(), z.size(), &err));
+        CHECK(err.find("settings out of range") != std::string::npos);
+    }
     // durations are bounded: 1e9 frames per unit would make decode insert billions of frames
     for (float dur : {1e9f, (float)SPEECH_MAX_DURATION + 1, 0.5f, NAN}) {
         c = bytes;

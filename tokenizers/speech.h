@@ -623,7 +623,8 @@ bool speech_model_parse(SpeechModel* m, const uint8_t* d, size_t n, std::string*
     if (n < 32) return speech_fail_(err, "truncated speech model header");
     uint32_t h[6];
     for (int i = 0; i < 6; i++) h[i] = speech_u32_(d + 8 + 4 * i);
-    if (h[0] > 768000 || h[1] > 65536 || h[2] > 65536 || h[3] > 65536 || h[4] > 512 || h[5] > 65536 || h[5] < 1)
+    if (h[0] > 768000 || h[1] > 65536 || h[2] > 65536 || h[3] > 65536 || h[4] > 512 || h[4] < 1 || h[5] > 65536 ||
+        h[5] < 1)
         return speech_fail_(err, "speech model settings out of range");
     m->s.sample_rate = h[0]; m->s.n_fft = h[1]; m->s.win_length = h[2]; m->s.hop = h[3]; m->s.n_mels = h[4];
     m->K = h[5];
@@ -634,7 +635,7 @@ bool speech_model_parse(SpeechModel* m, const uint8_t* d, size_t n, std::string*
     const uint8_t* p = d + 32;
     auto getf = [&](std::vector<float>* v, size_t count) {
         v->resize(count);
-        memcpy(v->data(), p, 4 * count);  // little-endian host assumed (x86/ARM)
+        if (count) memcpy(v->data(), p, 4 * count);  // little-endian host assumed (x86/ARM)
         p += 4 * count;
     };
     getf(&m->mean, nm); getf(&m->std_, nm); getf(&m->centroid, K * nm); getf(&m->spectrum, K * nb); getf(&m->duration, K);
