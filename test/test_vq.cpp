@@ -261,6 +261,10 @@ TEST_CASE("model file round trip and corrupt model files") {
     bad(b, "inconsistent");
     b = bytes; b[16] = 4;  // K = 4 but data for 3
     bad(b, "truncated");
+    // side 4096 with 8,192 codes of 1x1 patches: a 32 KB file whose encoding would take minutes
+    b.assign(20 + 4 * 8192, 0);
+    memcpy(b.data(), "MOTV\x01\0\0\0\0\x10\0\0\x01\0\0\0\0\x20\0\0", 20);
+    bad(b, "too costly");
     b = bytes; b[20] = 0; b[21] = 0; b[22] = 0xC0; b[23] = 0x7F;  // NaN
     bad(b, "non-finite");
     CHECK_FALSE(vq_model_load((path + ".missing").c_str(), &l, &err));

@@ -55,6 +55,7 @@
 #define VQ_MAX_JPEG_SCANS 100
 #define VQ_MAX_JPEG_MEMORY (256L << 20)
 #define VQ_MAX_FILE (1u << 30)
+#define VQ_MAX_ENCODE_WORK (1ull << 31)  // side^2 x codes of a model: the cost of encoding one image
 
 #include <cstddef>
 #include <cstdint>
@@ -981,6 +982,11 @@ bool vq_model_parse(const uint8_t* d, size_t n, const char* name, VqModel* m, st
     uint64_t R = le32(d + 8), P = le32(d + 12), K = le32(d + 16);
     if (R == 0 || P == 0 || K == 0 || R > 4096 || P > R || K > (1u << 24) || R % P)
         return fail(err, nm + ": inconsistent vq model sizes R=" + std::to_string(R) + " P=" + std::to_string(P) + " K=" + std::to_string(K));
+    // Encoding an image costs R^2 x K distance terms: bound it (about a second), so a small file
+    // with a large side and many 1x1 codes cannot make encoding take minutes (found by fuzzing).
+    if (R * R * K > VQ_MAX_ENCODE_WORK)
+        return fail(err, nm + ": vq model too costly to use: side^2 x codes = " + std::to_string(R * R * K) +
+                             " (at most " + std::to_string(VQ_MAX_ENCODE_WORK) + ")");
     uint64_t need = 20 + 4 * K * P * P;
     if (n < need) return fail(err, nm + ": truncated vq model (" + std::to_string(n) + " bytes, header implies " + std::to_string(need) + ")");
     if (n > need) return fail(err, nm + ": vq model has " + std::to_string(n - need) + " extra bytes (header implies " + std::to_string(need) + ")");
