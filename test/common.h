@@ -29,6 +29,20 @@ static inline MotBatch random_batch(const MotConfig& c, int B, int T, uint64_t s
     return b;
 }
 
+// Feeds the first n tokens of sequence 0 of b (forwarded already) through the KV-cached decoder and
+// returns the largest |decoded logit - full-forward logit|; m must be in double.
+static inline double kv_decode_worst(MotModel<double>* m, const MotBatch& b, int n, MotKVCache<double>* kv) {
+    const MotConfig& c = m->cfg;
+    mot_kv_init(kv, c, c.max_seq);
+    std::vector<double> lg(c.vocab);
+    double worst = 0;
+    for (int i = 0; i < n; i++) {
+        REQUIRE(mot_decode_step(m, kv, b.tokens[i], lg.data()));
+        for (int v = 0; v < c.vocab; v++) worst = std::max(worst, std::fabs(lg[v] - mot_logit(*m, b, i, v)));
+    }
+    return worst;
+}
+
 // ---- files and commands -----------------------------------------------------------------------
 static const MotVocab VOC{64, 24, 48};  // text [0,24) image [24,48) speech [48,64)
 
