@@ -333,9 +333,18 @@ void pack_B(T* Bp, const T* B, int ldb, bool transB, int p0, int j0, int kc, int
         for (int c = 0; c < NR; ++c) Bp[k * NR + c] = c < nr ? src[c] : T(0);
       }
     } else {  // op(B)(k,j) = B[j*ldb + k]: contiguous along k
-      for (int c = 0; c < NR; ++c) {
-        const T* src = c < nr ? B + (size_t)(j0 + jp + c) * ldb + p0 : nullptr;
-        for (int k = 0; k < kc; ++k) Bp[k * NR + c] = src ? src[k] : T(0);
+      // In 16-deep blocks: each column's 16 contiguous reads land in 16 rows of the panel, which
+      // stay in L1 (measured 1.6x faster than a column at a time over all kc rows, for a copy
+      // that costs 10-15% of a product with the ~100 rows an expert gets).
+      for (int k0 = 0; k0 < kc; k0 += 16) {
+        const int kn = std::min(16, kc - k0);
+        for (int c = 0; c < NR; ++c) {
+          const T* src = B + (size_t)(j0 + jp + c) * ldb + p0 + k0;
+          if (c < nr)
+            for (int k = 0; k < kn; ++k) Bp[(k0 + k) * NR + c] = src[k];
+          else
+            for (int k = 0; k < kn; ++k) Bp[(k0 + k) * NR + c] = T(0);
+        }
       }
     }
   }
@@ -1269,9 +1278,15 @@ double mot_grad_norm(const MotModel<S>& m) {
     std::vector<double> part(nchunks, 0.0);
 #pragma omp parallel for schedule(static)
     for (long c = 0; c < (long)nchunks; c++) {
-        double ss = 0;
-        for (size_t i = c * chunk; i < std::min(n, (c + 1) * chunk); i++) ss += double(m.grads[i]) * double(m.grads[i]);
-        part[c] = ss;
+        // Eight running sums, not one: a single chain of dependent double adds runs at one add
+        // per FMA latency and made this pass cost as much as the AdamW update itself.
+        const size_t lo = c * chunk, hi = std::min(n, (c + 1) * chunk);
+        double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        size_t i = lo;
+        for (; i + 8 <= hi; i += 8)
+            for (int j = 0; j < 8; j++) acc[j] += double(m.grads[i + j]) * double(m.grads[i + j]);
+        for (; i < hi; i++) acc[(i - lo) & 7] += double(m.grads[i]) * double(m.grads[i]);
+        part[c] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
     }
     double ss = 0;
     for (double p : part) ss += p;
