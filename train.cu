@@ -1384,6 +1384,8 @@ int main(int argc, char** argv) {
         }
 #ifdef MOT_MPI
         loss = mot_gpu_dp_mean(loss);  // what is printed and logged: the mean over all ranks
+        aux = mot_gpu_dp_mean(aux);
+        agree = mot_gpu_dp_mean(agree);
         MPI_Allreduce(MPI_IN_PLACE, lmod, 3, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
         MPI_Allreduce(MPI_IN_PLACE, nmod, 3, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
 #endif
