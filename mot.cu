@@ -6,6 +6,7 @@
 // Layout of the file:
 //   1. error checking, the MotGpu struct, small helpers
 //   2. kernels: embedding, RMSNorm (+residual) forward/backward, QK-norm + RoPE, SwiGLU,
+//      experts (router softmax, expert choice, gather, gated sum, their backward, aux routers),
 //      flash-style causal attention forward/backward, cross-entropy, reductions, AdamW
 //   3. GEMMs (cuBLAS, row-major wrapper) and per-tower linear layers
 //   4. the public API: init/upload/download/forward/backward/zero_grad/adamw/logits/grads/free
@@ -24,7 +25,9 @@
 // No device-to-host synchronisation inside forward or backward: the grouping (order, row_of,
 // group ranges), the embedding-gradient index lists and the target counts are computed on the
 // host from the batch and uploaded once per forward; the only reads back are the loss (end of
-// forward) and the gradient norm (end of the AdamW step).
+// forward) and the gradient norm (end of the AdamW step). Experts need no more: each expert's
+// capacity C = ceil(n / E) follows from the row counts, so every size is known on the host and
+// the selection itself stays on the device.
 #pragma once
 #include "mot.h"
 

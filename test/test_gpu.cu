@@ -1,7 +1,8 @@
 // test_gpu.cu — the GPU path (mot.cu) against the CPU reference (mot.h): logits, losses and every
 // parameter gradient on the same parameters and batch, in fp32 (tight) and bf16 (loose), over head
 // dims 2..128, sequence lengths that do not fill the tiles, one-sequence and one-modality batches,
-// MoT, dense and every tie switch; a debug state file (written by this test, or the one given with
+// MoT, dense and every tie switch; experts (MoE-4x, hybrid, MoMa-style: expert choice, aux loss,
+// causal routing, tied scores); a debug state file (written by this test, or the one given with
 // `--debug-state FILE`, e.g. from `./mot --debug-state FILE`); 10 training steps; bitwise
 // determinism; gradient accumulation.
 //
@@ -498,19 +499,22 @@ TEST_CASE("gpu: 10 fp32 training steps follow the CPU reference") { train_compar
 TEST_CASE("gpu: 10 bf16 training steps stay close to the CPU reference") { train_compare(true); }
 
 // Same seed, same batches -> bitwise the same losses, gradient norms and parameters.
-static void run_steps(const MotConfig& c, bool bf16, int steps, std::vector<double>* trace, std::vector<float>* params) {
+static void run_steps(const MotConfig& c, bool bf16, int steps, std::vector<double>* trace, std::vector<float>* params,
+                      int B = 4, int T = 64) {
     MotModel<float> init;
     mot_init(&init, c, 11);
     MotGpu g;
     std::string err;
-    REQUIRE_MESSAGE(mot_gpu_init(&g, c, 4, 64, bf16, &err), err);
+    REQUIRE_MESSAGE(mot_gpu_init(&g, c, B, T, bf16, &err), err);
     mot_gpu_upload(&g, init);
     MotOptim o;
     o.warmup = 2; o.steps = steps;
     for (int s = 0; s < steps; s++) {
-        MotBatch b = random_batch(c, 4, 64, 500 + s);
+        MotBatch b = random_batch(c, B, T, 500 + s);
         mot_gpu_zero_grad(&g);
         trace->push_back(mot_gpu_forward(&g, b));
+        trace->push_back(g.aux_loss);
+        trace->push_back(g.aux_agree);
         mot_gpu_backward(&g);
         trace->push_back(mot_gpu_adamw_step(&g, o, s, 0.5));
     }
@@ -521,13 +525,16 @@ static void run_steps(const MotConfig& c, bool bf16, int steps, std::vector<doub
     mot_gpu_free(&g);
 }
 TEST_CASE("gpu: same seed gives bitwise the same run") {
-    const MotConfig c = small_config(128, 2, 3, 64);
-    for (bool bf16 : {false, true}) {
-        INFO((bf16 ? "bf16" : "fp32"));
+    MotConfig moma = small_config(64, 4, 3, 33, 1);  // experts: selection, gated sums, aux loss
+    moma.n_expert[0] = moma.n_expert[1] = moma.n_expert[2] = 4;
+    for (int k = 0; k < 4; k++) {
+        const bool bf16 = k % 2, ex = k >= 2;
+        const MotConfig c = ex ? moma : small_config(128, 2, 3, 64);
+        INFO((bf16 ? "bf16" : "fp32"), (ex ? " moma 4,4,4" : ""));
         std::vector<double> t1, t2;
         std::vector<float> p1, p2;
-        run_steps(c, bf16, 5, &t1, &p1);
-        run_steps(c, bf16, 5, &t2, &p2);
+        run_steps(c, bf16, ex ? 3 : 5, &t1, &p1, ex ? 3 : 4, ex ? 33 : 64);
+        run_steps(c, bf16, ex ? 3 : 5, &t2, &p2, ex ? 3 : 4, ex ? 33 : 64);
         REQUIRE(t1.size() == t2.size());
         CHECK(memcmp(t1.data(), t2.data(), t1.size() * sizeof(double)) == 0);
         REQUIRE(p1.size() == p2.size());
