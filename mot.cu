@@ -6,6 +6,7 @@
 // Layout of the file:
 //   1. error checking, the MotGpu struct, small helpers
 //   2. kernels: embedding, RMSNorm (+residual) forward/backward, QK-norm + RoPE, SwiGLU,
+//      experts (router softmax, expert choice, gather, gated sum, their backward, aux routers),
 //      flash-style causal attention forward/backward, cross-entropy, reductions, AdamW
 //   3. GEMMs (cuBLAS, row-major wrapper) and per-tower linear layers
 //   4. the public API: init/upload/download/forward/backward/zero_grad/adamw/logits/grads/free
@@ -24,7 +25,9 @@
 // No device-to-host synchronisation inside forward or backward: the grouping (order, row_of,
 // group ranges), the embedding-gradient index lists and the target counts are computed on the
 // host from the batch and uploaded once per forward; the only reads back are the loss (end of
-// forward) and the gradient norm (end of the AdamW step).
+// forward) and the gradient norm (end of the AdamW step). Experts need no more: each expert's
+// capacity C = ceil(n / E) follows from the row counts, so every size is known on the host and
+// the selection itself stays on the device.
 #pragma once
 #include "mot.h"
 
@@ -134,15 +137,29 @@ struct MotGpu {
     // batch indices on the device (one upload per forward) and their host copies
     int* idx_dev = nullptr;
     int* idx_host = nullptr;            // pinned
-    double* host_out = nullptr;         // pinned, 4 doubles
+    double* host_out = nullptr;         // pinned, 6 doubles (losses, then the aux sums)
     int *tok_g = nullptr, *tgt_g = nullptr, *pos_g = nullptr, *row_of = nullptr;
     int *emb_rows = nullptr, *emb_tok = nullptr, *emb_start = nullptr;
     int group[MOT_N_MOD + 1] = {0, 0, 0, 0};
     int n_emb = 0;                      // distinct tokens in the batch
     bool have_batch = false;
+    // experts (spec "Experts"): allocated only when some FFN copy has more than one. u1, u3, u and
+    // their gradients hold one row per expert slot (NS per layer; NS = N without experts).
+    bool experts = false;
+    int route = MOT_ROUTE_EC;           // for the next forward: expert choice, or causal (aux routers)
+    int route_fwd = MOT_ROUTE_EC;       // the route of the last forward
+    int Emax = 1, NS = 0;               // most experts of any copy; slots per layer for this batch
+    int slot0[MOT_N_MOD + 1] = {0, 0, 0, 0}, cap[MOT_N_MOD] = {0, 0, 0};  // as MotModel's (host)
+    float *gate = nullptr, *aux = nullptr;  // L x N x Emax: router softmax s, aux-router sigmoid a
+    int *sel = nullptr, *slot_of = nullptr; // L x NS: row of each slot; L x N x Emax: slot of (row, expert) or -1
+    float* ye = nullptr;                // L x NS x D: each slot's expert output
+    MotBuf xg, dye;                     // NS x D: gathered rows of h; gradient of ye (GEMM operands)
+    float *dX = nullptr, *ds = nullptr, *dz = nullptr;  // NS x D; N x Emax router / aux-router logit gradients
+    double *aux_row = nullptr, *aux_out = nullptr;      // 2N per-row BCE and agreement; 2 sums over the forward
     // results of the last forward
     double loss = 0, loss_mod[MOT_N_MOD] = {0, 0, 0};
     int n_valid = 0, n_mod[MOT_N_MOD] = {0, 0, 0};
+    double aux_loss = 0, aux_agree = 0;  // as MotModel's: EC forwards of a model with experts
 };
 
 static inline int mot_blocks(size_t n, int threads) { return (int)((n + threads - 1) / threads); }
@@ -308,6 +325,230 @@ static __global__ void mot_swiglu_backward_kernel(MotBuf du1, MotBuf du3, const 
     const float a = u1[i], s = 1.0f / (1.0f + expf(-a));
     mot_store(du1.f, du1.b, i, du[i] * u3[i] * s * (1.0f + a * (1.0f - s)));
     mot_store(du3.f, du3.b, i, du[i] * a * s);
+}
+
+// ---- experts (spec "Experts"; CPU twin: ffn_forward_experts / ffn_backward_experts) ---------
+// Per layer and FFN copy f with E > 1 experts and rows [r0, r1) (n rows, C = ceil(n / E)):
+// router and aux-router logits (fp32 GEMMs), softmax, expert choice (one block per expert),
+// gather of each expert's C rows into its slots, the expert GEMMs, and the gated sum back into
+// the rows. Arrays: s, a, slot_of are [row][Emax] (ld = Emax); sel is [slot]; ye is [slot][D].
+// Every row's sum runs over the experts in order in one thread: no atomics, reproducible.
+
+// gates s = softmax(router logits), one thread per row (in place; same order of operations as the CPU)
+static __global__ void mot_router_softmax_kernel(float* s, int n, int E, int ld) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float* si = s + (size_t)i * ld;
+    float mx = si[0], sum = 0;
+    for (int e = 1; e < E; e++) mx = fmaxf(mx, si[e]);
+    for (int e = 0; e < E; e++) { si[e] = expf(si[e] - mx); sum += si[e]; }
+    for (int e = 0; e < E; e++) si[e] /= sum;
+}
+
+// An unsigned key with the order of the float (larger score, larger key); -0 and +0 are one key,
+// as they compare equal on the CPU.
+__device__ __forceinline__ unsigned mot_score_key(float v) {
+    unsigned u;
+    memcpy(&u, &v, sizeof u);
+    if (v == 0.0f) u = 0;
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Expert choice for expert e = blockIdx.x: the C of n rows with the largest s[i][e], ties to the
+// lower row i (the CPU's mot_expert_choice, exactly). A radix select finds the C-th largest key in
+// 8 passes of 4-bit digits (per-thread counts over a contiguous chunk of rows, summed by a tree in
+// shared memory), then a scan in row order takes the rows above it and the first rows equal to it.
+// Writes sel[slot0 + e*C + j] = r0 + i for the j-th taken row and slot_of[i][e] = its slot or -1.
+enum { MOT_SEL_THREADS = 256, MOT_SEL_BITS = 4, MOT_SEL_BINS = 1 << MOT_SEL_BITS };
+static __global__ void __launch_bounds__(MOT_SEL_THREADS)
+mot_expert_select_kernel(int* sel, int* slot_of, const float* s, int ld, int n, int C, int r0, int slot0) {
+    __shared__ int cnt[MOT_SEL_BINS][MOT_SEL_THREADS];
+    __shared__ int run[2][MOT_SEL_THREADS];
+    const int e = blockIdx.x, tid = threadIdx.x, per = (n + MOT_SEL_THREADS - 1) / MOT_SEL_THREADS;
+    const int a = min(n, tid * per), b = min(n, a + per);
+    unsigned prefix = 0, mask = 0;
+    int k = C;  // the k-th largest key among those that match prefix under mask
+    for (int shift = 32 - MOT_SEL_BITS; shift >= 0; shift -= MOT_SEL_BITS) {
+        int c[MOT_SEL_BINS];
+#pragma unroll
+        for (int j = 0; j < MOT_SEL_BINS; j++) c[j] = 0;
+        for (int i = a; i < b; i++) {
+            const unsigned key = mot_score_key(s[(size_t)i * ld + e]);
+            if ((key & mask) != prefix) continue;
+            const unsigned d = (key >> shift) & (MOT_SEL_BINS - 1);
+#pragma unroll
+            for (int j = 0; j < MOT_SEL_BINS; j++) c[j] += d == (unsigned)j;
+        }
+#pragma unroll
+        for (int j = 0; j < MOT_SEL_BINS; j++) cnt[j][tid] = c[j];
+        __syncthreads();
+        for (int st = MOT_SEL_THREADS / 2; st > 0; st >>= 1) {
+            if (tid < st)
+#pragma unroll
+                for (int j = 0; j < MOT_SEL_BINS; j++) cnt[j][tid] += cnt[j][tid + st];
+            __syncthreads();
+        }
+        // every thread makes the same choice: the digit whose bin holds the k-th largest
+        int above = 0, d = MOT_SEL_BINS - 1;
+        for (; d > 0; d--) {
+            if (above + cnt[d][0] >= k) break;
+            above += cnt[d][0];
+        }
+        k -= above;
+        prefix |= (unsigned)d << shift;
+        mask |= (unsigned)(MOT_SEL_BINS - 1) << shift;
+        __syncthreads();  // all have read cnt before the next pass writes it
+    }
+    const unsigned thr = prefix;  // the C-th largest key; take k of the rows equal to it
+    int gt = 0, eq = 0;
+    for (int i = a; i < b; i++) {
+        const unsigned key = mot_score_key(s[(size_t)i * ld + e]);
+        gt += key > thr;
+        eq += key == thr;
+    }
+    run[0][tid] = gt;
+    run[1][tid] = eq;
+    __syncthreads();
+    if (tid == 0) {  // exclusive prefix sums over the threads' chunks, in row order
+        int sg = 0, sq = 0;
+        for (int t = 0; t < MOT_SEL_THREADS; t++) {
+            const int x = run[0][t], y = run[1][t];
+            run[0][t] = sg;
+            run[1][t] = sq;
+            sg += x;
+            sq += y;
+        }
+    }
+    __syncthreads();
+    gt = run[0][tid];
+    eq = run[1][tid];
+    for (int i = a; i < b; i++) {
+        const unsigned key = mot_score_key(s[(size_t)i * ld + e]);
+        const int j = gt + min(eq, k);  // taken rows before row i
+        const bool take = key > thr || (key == thr && eq < k);
+        gt += key > thr;
+        eq += key == thr;
+        if (take) sel[slot0 + e * C + j] = r0 + i;
+        slot_of[(size_t)i * ld + e] = take ? slot0 + e * C + j : -1;
+    }
+}
+
+// Auxiliary routers, one thread per row: a = sigmoid(z) in place. With expert choice (ec) also the
+// row's BCE against [row in S_e] from the logits (softplus(z) - t z, in double as on the CPU) into
+// row[i], and into row[n + i] whether a > 0.5 picks exactly the EC experts.
+static __global__ void mot_aux_router_kernel(float* a, double* row, const int* slot_of, int n, int E, int ld, int ec) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    double bce = 0;
+    bool same = true;
+    for (int e = 0; e < E; e++) {
+        const float z = a[(size_t)i * ld + e];
+        if (ec) {
+            const bool t = slot_of[(size_t)i * ld + e] >= 0;
+            const double zd = z;
+            bce += fmax(zd, 0.0) + log1p(exp(-fabs(zd))) - (t ? zd : 0.0);
+            same = same && ((z > 0) == t);
+        }
+        a[(size_t)i * ld + e] = 1.0f / (1.0f + expf(-z));
+    }
+    if (ec) {
+        row[i] = bce;
+        row[n + i] = same ? 1.0 : 0.0;
+    }
+}
+// One block: out[0] += (sum of row[0 .. n)) / nE, out[1] += sum of row[n .. 2n); fixed order.
+static __global__ void __launch_bounds__(MOT_SEL_THREADS) mot_aux_reduce_kernel(double* out, const double* row, int n,
+                                                                              double nE) {
+    __shared__ double sm[2][MOT_SEL_THREADS];
+    const int tid = threadIdx.x, per = (n + MOT_SEL_THREADS - 1) / MOT_SEL_THREADS;
+    double s0 = 0, s1 = 0;
+    for (int r = tid * per; r < min(n, (tid + 1) * per); r++) { s0 += row[r]; s1 += row[n + r]; }
+    sm[0][tid] = s0;
+    sm[1][tid] = s1;
+    __syncthreads();
+    for (int st = MOT_SEL_THREADS / 2; st > 0; st >>= 1) {
+        if (tid < st) { sm[0][tid] += sm[0][tid + st]; sm[1][tid] += sm[1][tid + st]; }
+        __syncthreads();
+    }
+    if (tid == 0) { out[0] += sm[0][0] / nE; out[1] += sm[1][0]; }
+}
+
+// x[slot] = h[sel[slot]] for `slots` slots, D wide, in the precision of the GEMM operand x
+static __global__ void mot_gather_rows_kernel(MotBuf x, const float* hf, const mot_bf16* hb, const int* sel,
+                                              int slots, int D) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)slots * D) return;
+    const size_t src = (size_t)sel[i / D] * D + i % D;
+    if (x.f) x.f[i] = hf[src];
+    if (x.b) x.b[i] = hb[src];
+}
+// y[i] = sum over experts e (in order) that took row i of s[i][e] ye[slot_of[i][e]]  (0 if none)
+static __global__ void mot_expert_combine_kernel(float* y, const float* ye, const float* s, const int* slot_of, int n,
+                                                 int E, int ld, int D) {
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)n * D) return;
+    const size_t i = idx / D, d = idx % D;
+    float acc = 0;
+    for (int e = 0; e < E; e++) {
+        const int sl = slot_of[i * ld + e];
+        if (sl >= 0) acc += s[i * ld + e] * ye[(size_t)sl * D + d];
+    }
+    y[idx] = acc;
+}
+// Causal routing, expert e having run on all n rows (ye[i], row order): y[i] (+)= s[i][e] ye[i]
+// where a[i][e] > 0.5. Experts are added one launch at a time, in order (first: y = 0 + ...).
+static __global__ void mot_expert_causal_add_kernel(float* y, const float* ye, const float* s, const float* a, int n,
+                                                    int e, int ld, int D, int first) {
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)n * D) return;
+    const size_t i = idx / D;
+    float acc = first ? 0.0f : y[idx];
+    if (a[i * ld + e] > 0.5f) acc += s[i * ld + e] * ye[idx];
+    y[idx] = acc;
+}
+// Backward of the gated sum, one warp per slot of the copy (slots slot0 .. slot0 + E*C):
+// ds[row][e] = dt[row] . ye[slot] and dye[slot] = s[row][e] dt[row].
+static __global__ void mot_expert_dye_kernel(MotBuf dye, float* ds, const float* dt, const float* ye, const float* s,
+                                             const int* sel, int slot0, int slots, int C, int ld, int D) {
+    const int w = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (w >= slots) return;  // the whole warp leaves together
+    const int sl = slot0 + w, e = w / C, r = sel[sl];
+    const float gs = s[(size_t)r * ld + e];
+    const float *dti = dt + (size_t)r * D, *yj = ye + (size_t)sl * D;
+    float dot = 0;
+    for (int d = lane; d < D; d += 32) {
+        dot += dti[d] * yj[d];
+        mot_store(dye.f, dye.b, (size_t)sl * D + d, gs * dti[d]);
+    }
+    dot = mot_warp_sum(dot);
+    if (lane == 0) ds[(size_t)r * ld + e] = dot;
+}
+// dh[i] += sum over experts e (in order) that took row i of dX[slot_of[i][e]]
+static __global__ void mot_expert_scatter_kernel(float* dh, const float* dX, const int* slot_of, int n, int E, int ld,
+                                                 int D) {
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)n * D) return;
+    const size_t i = idx / D, d = idx % D;
+    float acc = dh[idx];
+    for (int e = 0; e < E; e++) {
+        const int sl = slot_of[i * ld + e];
+        if (sl >= 0) acc += dX[(size_t)sl * D + d];
+    }
+    dh[idx] = acc;
+}
+// One thread per row: the softmax backward in place, ds <- s (ds - sum_k s_k ds_k); and the aux
+// BCE gradient dz = w (a - [row in S_e]) with w = MOT_AUX_WEIGHT / (n E).
+static __global__ void mot_router_backward_kernel(float* ds, float* dz, const float* s, const float* a,
+                                                  const int* slot_of, int n, int E, int ld, float w) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const size_t o = (size_t)i * ld;
+    float dot = 0;
+    for (int e = 0; e < E; e++) dot += s[o + e] * ds[o + e];
+    for (int e = 0; e < E; e++) {
+        ds[o + e] = s[o + e] * (ds[o + e] - dot);
+        dz[o + e] = (a[o + e] - (slot_of[o + e] >= 0 ? 1.0f : 0.0f)) * w;
+    }
 }
 
 // ---- causal attention, flash style ----------------------------------------------------------
@@ -686,15 +927,20 @@ static __global__ void mot_to_bf16_kernel(mot_bf16* dst, const float* src, size_
 // Row-major C[M x N] = op(A)[M x K] op(B)[K x N] + beta C (leading dimensions in elements).
 // cuBLAS is column-major, where a row-major X is X^T, so it computes C^T = op(B)^T op(A)^T:
 // gemm(opB, opA, m = N, n = M, k = K, B, ldb, A, lda, C, ldc).
-static inline void mot_gemm(MotGpu* g, bool transA, bool transB, int M, int N, int K, const void* A, int lda,
-                            const void* B, int ldb, float beta, float* C, int ldc) {
+// mot_gemm_as: operands in bf16 (bf) or fp32; mot_gemm: in the precision of the mode.
+static inline void mot_gemm_as(MotGpu* g, bool bf, bool transA, bool transB, int M, int N, int K, const void* A,
+                               int lda, const void* B, int ldb, float beta, float* C, int ldc) {
     if (M <= 0 || N <= 0 || K <= 0) return;
-    const cudaDataType_t t = g->bf16 ? CUDA_R_16BF : CUDA_R_32F;
-    const cublasComputeType_t ct = g->bf16 ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_PEDANTIC;
+    const cudaDataType_t t = bf ? CUDA_R_16BF : CUDA_R_32F;
+    const cublasComputeType_t ct = bf ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_PEDANTIC;
     const float alpha = 1.0f;
     MOT_CUBLAS_CHECK(cublasGemmEx(g->cublas, transB ? CUBLAS_OP_T : CUBLAS_OP_N, transA ? CUBLAS_OP_T : CUBLAS_OP_N,
                                   N, M, K, &alpha, B, t, ldb, A, t, lda, &beta, C, CUDA_R_32F, ldc, ct,
                                   CUBLAS_GEMM_DEFAULT));
+}
+static inline void mot_gemm(MotGpu* g, bool transA, bool transB, int M, int N, int K, const void* A, int lda,
+                            const void* B, int ldb, float beta, float* C, int ldc) {
+    mot_gemm_as(g, g->bf16, transA, transB, M, N, K, A, lda, B, ldb, beta, C, ldc);
 }
 // element `off` of a GEMM operand, in the precision of the mode
 static inline const void* mot_op(const MotGpu* g, const MotBuf& b, size_t off) {
@@ -754,10 +1000,6 @@ inline bool mot_gpu_head_dim_ok(int Dh) {
 inline bool mot_gpu_init(MotGpu* g, const MotConfig& c, int B, int T, bool bf16, std::string* err) {
     std::string bad = mot_config_error(c);
     if (!bad.empty()) { if (err) *err = "bad config: " + bad; return false; }
-    if (mot_has_experts(c)) {
-        if (err) *err = "the GPU path has no experts yet (the CPU reference does)";
-        return false;
-    }
     const int Dh = c.d_model / c.n_head;
     if (!mot_gpu_head_dim_ok(Dh)) {
         if (err) *err = "head dimension " + std::to_string(Dh) + " is not supported by the GPU attention kernels "
@@ -782,6 +1024,13 @@ inline bool mot_gpu_init(MotGpu* g, const MotConfig& c, int B, int T, bool bf16,
     g->maxB = B; g->maxT = T; g->maxN = B * T;
     const size_t L = c.n_layer, D = c.d_model, H = c.n_head, F = c.d_ff, V = c.vocab, N = (size_t)B * T;
     const size_t P = g->tab.total;
+    // expert slots: copy f's E_f experts take ceil(n_f / E_f) rows each, at most N + sum(E_f - 1)
+    // in all (E_f <= MOT_MAX_EXPERT, checked by mot_config_error)
+    g->experts = mot_has_experts(c);
+    size_t NS = N, Em = 1;
+    if (g->experts)
+        for (int f = 0; f < mot_ffn_copies(c); f++) { NS += c.n_expert[f] - 1; Em = std::max<size_t>(Em, c.n_expert[f]); }
+    g->Emax = (int)Em;
     MOT_CUDA_CHECK(cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking));
     MOT_CUBLAS_CHECK(cublasCreate(&g->cublas));
     MOT_CUBLAS_CHECK(cublasSetStream(g->cublas, g->stream));
@@ -831,8 +1080,8 @@ inline bool mot_gpu_init(MotGpu* g, const MotConfig& c, int B, int T, bool bf16,
     g->h = mot_dev_alloc<float>(g, L * N * D);
     g->y2 = mot_dev_alloc<float>(g, L * N * D);
     g->y2_rstd = mot_dev_alloc<float>(g, L * N);
-    g->u1 = mot_dev_alloc<float>(g, L * N * F);
-    g->u3 = mot_dev_alloc<float>(g, L * N * F);
+    g->u1 = mot_dev_alloc<float>(g, L * NS * F);
+    g->u3 = mot_dev_alloc<float>(g, L * NS * F);
     g->z_rstd = mot_dev_alloc<float>(g, N);
     g->lse = mot_dev_alloc<float>(g, L * N * H);  // L x B x H x T
     g->u_f = g->z_f = nullptr;
@@ -841,10 +1090,10 @@ inline bool mot_gpu_init(MotGpu* g, const MotConfig& c, int B, int T, bool bf16,
         g->x_b = mot_dev_alloc<mot_bf16>(g, L * N * D);  // layer inputs x^0 .. x^(L-1)
         g->o_b = mot_dev_alloc<mot_bf16>(g, L * N * D);
         g->h_b = mot_dev_alloc<mot_bf16>(g, L * N * D);
-        g->u_b = mot_dev_alloc<mot_bf16>(g, L * N * F);
+        g->u_b = mot_dev_alloc<mot_bf16>(g, L * NS * F);
         g->z_b = mot_dev_alloc<mot_bf16>(g, N * D);
     } else {
-        g->u_f = mot_dev_alloc<float>(g, L * N * F);
+        g->u_f = mot_dev_alloc<float>(g, L * NS * F);
         g->z_f = mot_dev_alloc<float>(g, N * D);
     }
     // output head: chunks of rows so the logits never need N x V memory
@@ -863,7 +1112,7 @@ inline bool mot_gpu_init(MotGpu* g, const MotConfig& c, int B, int T, bool bf16,
     g->dq = mot_dev_alloc<float>(g, N * D);
     g->dk = mot_dev_alloc<float>(g, N * D);
     g->dyun = mot_dev_alloc<float>(g, N * D);
-    g->du = mot_dev_alloc<float>(g, N * F);
+    g->du = mot_dev_alloc<float>(g, NS * F);
     g->delta = mot_dev_alloc<float>(g, N * H);
     auto buf = [&](size_t n) {
         MotBuf b;
@@ -871,8 +1120,22 @@ inline bool mot_gpu_init(MotGpu* g, const MotConfig& c, int B, int T, bool bf16,
         return b;
     };
     g->gdy = buf(N * D);
-    g->du1 = buf(N * F);
-    g->du3 = buf(N * F);
+    g->du1 = buf(NS * F);
+    g->du3 = buf(NS * F);
+    if (g->experts) {
+        g->gate = mot_dev_alloc<float>(g, L * N * Em);
+        g->aux = mot_dev_alloc<float>(g, L * N * Em);
+        g->slot_of = mot_dev_alloc<int>(g, L * N * Em);
+        g->sel = mot_dev_alloc<int>(g, L * NS);
+        g->ye = mot_dev_alloc<float>(g, L * NS * D);
+        g->xg = buf(NS * D);
+        g->dye = buf(NS * D);
+        g->dX = mot_dev_alloc<float>(g, NS * D);
+        g->ds = mot_dev_alloc<float>(g, N * Em);
+        g->dz = mot_dev_alloc<float>(g, N * Em);
+        g->aux_row = mot_dev_alloc<double>(g, 2 * N);
+        g->aux_out = mot_dev_alloc<double>(g, 2);
+    }
     g->dv = buf(N * D);
     g->gqk = buf(N * D);
     // gain reduction partials: at most ceil(rows / MOT_GAIN_ROWS) chunks of C columns, with
@@ -884,7 +1147,7 @@ inline bool mot_gpu_init(MotGpu* g, const MotConfig& c, int B, int T, bool bf16,
     const size_t ni = 7 * N + 1;
     g->idx_dev = mot_dev_alloc<int>(g, ni);
     MOT_CUDA_CHECK(cudaMallocHost(&g->idx_host, ni * sizeof(int)));
-    MOT_CUDA_CHECK(cudaMallocHost(&g->host_out, 4 * sizeof(double)));
+    MOT_CUDA_CHECK(cudaMallocHost(&g->host_out, 6 * sizeof(double)));
     g->tok_g = g->idx_dev;
     g->tgt_g = g->tok_g + N;
     g->pos_g = g->tgt_g + N;
@@ -905,7 +1168,8 @@ inline void mot_gpu_free(MotGpu* g) {
                     g->logits, g->dlogits_b, g->ce_lse, g->row_loss, g->loss_out, g->dx, g->dh, g->dt, g->dO, g->dq,
                     g->dk, g->dyun, g->du, g->delta, g->gdy.f, g->gdy.b, g->du1.f, g->du1.b, g->du3.f, g->du3.b,
                     g->dv.f, g->dv.b, g->gqk.f, g->gqk.b, g->gain_part, g->norm_part, g->norm2, g->idx_dev,
-                    g->cublas_ws};
+                    g->gate, g->aux, g->slot_of, g->sel, g->ye, g->xg.f, g->xg.b, g->dye.f, g->dye.b, g->dX, g->ds,
+                    g->dz, g->aux_row, g->aux_out, g->cublas_ws};
     MOT_CUBLAS_CHECK(cublasDestroy(g->cublas));  // before its workspace is freed
     for (void* p : ptrs)
         if (p) MOT_CUDA_CHECK(cudaFree(p));
@@ -978,6 +1242,22 @@ static inline void mot_gpu_set_batch(MotGpu* g, const MotBatch& b) {
     if (b.group[0] != 0 || b.group[MOT_N_MOD] != N) fail("batch grouping is inconsistent (call mot_group)");
     g->B = b.B; g->T = b.T; g->N = N;
     for (int m = 0; m <= MOT_N_MOD; m++) g->group[m] = b.group[m];
+    // expert slots from the row counts, as mot_expert_slots; without experts slot j of copy f is
+    // row r0 + j and NS = N
+    g->NS = N;
+    int at = 0;
+    for (int f = 0; f < MOT_N_MOD; f++) {
+        g->slot0[f] = at;
+        g->cap[f] = 0;
+        if (f >= mot_ffn_copies(c)) continue;
+        int r0, r1;
+        mot_ffn_rows(c, b.group, f, &r0, &r1);
+        const int E = g->experts ? c.n_expert[f] : 1;
+        g->cap[f] = (r1 - r0 + E - 1) / E;
+        at += E * g->cap[f];
+        g->NS += E - 1;
+    }
+    g->slot0[MOT_N_MOD] = at;
     int* tok_g = g->idx_host;
     int *tgt_g = tok_g + N, *pos_g = tgt_g + N, *row_of = pos_g + N, *emb_rows = row_of + N, *emb_tok = emb_rows + N,
         *emb_start = emb_tok + N;
@@ -1112,6 +1392,192 @@ static inline MotBuf mot_gpu_z(const MotGpu* g) {
     return z;
 }
 
+// ---- experts: the FFN sublayer of a model with experts (ffn_forward_experts / ffn_backward_experts)
+static inline MotBuf mot_buf_at(const MotBuf& b, size_t off) {
+    MotBuf r;
+    r.f = b.f ? b.f + off : nullptr;
+    r.b = b.b ? b.b + off : nullptr;
+    return r;
+}
+// Per-layer views of the expert arrays (slot-indexed arrays have NS rows per layer).
+struct MotGpuExpertLayer {
+    float *u1, *u3, *y2, *ye, *gate, *aux;
+    int *sel, *slot_of;
+    MotBuf u;
+};
+static inline MotGpuExpertLayer mot_gpu_expert_layer(MotGpu* g, int l) {
+    const size_t N = g->N, NS = g->NS, D = g->cfg.d_model, F = g->cfg.d_ff, Em = g->Emax;
+    MotGpuExpertLayer x;
+    x.u1 = g->u1 + l * NS * F;
+    x.u3 = g->u3 + l * NS * F;
+    x.y2 = g->y2 + l * N * D;
+    x.ye = g->ye + l * NS * D;
+    x.gate = g->gate + l * N * Em;
+    x.aux = g->aux + l * N * Em;
+    x.sel = g->sel + l * NS;
+    x.slot_of = g->slot_of + l * N * Em;
+    x.u.f = g->u_f ? g->u_f + l * NS * F : nullptr;
+    x.u.b = g->u_b ? g->u_b + l * NS * F : nullptr;
+    return x;
+}
+
+// y2 of layer l (before its norm): the plain FFN on the rows of copies with one expert, the gated
+// mixture of experts on the others. Expert choice (g->route EC) also adds the aux-router BCE to
+// g->aux_out; causal routing runs every expert on all n rows of its copy, one expert at a time in
+// the copy's slots, and keeps a row's output where a > 0.5 (E times the FFN FLOPs, for evaluation
+// only; the CPU reference computes just the routed rows, with the same result).
+static inline void mot_gpu_ffn_forward_experts(MotGpu* g, int l, const MotBuf& h) {
+    const MotConfig& c = g->cfg;
+    const MotParamTable& tab = g->tab;
+    const int D = c.d_model, F = c.d_ff, Em = g->Emax;
+    const bool ec = g->route == MOT_ROUTE_EC;
+    cudaStream_t st = g->stream;
+    const MotGpuExpertLayer X = mot_gpu_expert_layer(g, l);
+    for (int f = 0; f < mot_ffn_copies(c); f++) {
+        int r0, r1;
+        mot_ffn_rows(c, g->group, f, &r0, &r1);
+        const int n = r1 - r0, E = c.n_expert[f], k = mot_expert_copy(c, f, 0), s0 = g->slot0[f];
+        if (n == 0) continue;
+        // expert e on `rows` rows of operand x: u1, u3, u in slots sb.., the output into out
+        auto ffn = [&](int e, const void* x, int rows, size_t sb, float* out) {
+            mot_gemm(g, false, false, rows, F, D, x, D, mot_weight(g, P_W1, l, k + e), F, 0.0f, X.u1 + sb * F, F);
+            mot_gemm(g, false, false, rows, F, D, x, D, mot_weight(g, P_W3, l, k + e), F, 0.0f, X.u3 + sb * F, F);
+            const size_t nf = (size_t)rows * F;
+            mot_swiglu_forward_kernel<<<mot_blocks(nf, 256), 256, 0, st>>>(mot_buf_at(X.u, sb * F), X.u1 + sb * F,
+                                                                          X.u3 + sb * F, nf);
+            MOT_LAUNCH_CHECK();
+            mot_gemm(g, false, false, rows, D, F, mot_op(g, X.u, sb * F), F, mot_weight(g, P_W2, l, k + e), D, 0.0f, out,
+                     D);
+        };
+        if (E == 1) {
+            ffn(0, mot_op(g, h, (size_t)r0 * D), n, s0, X.y2 + (size_t)r0 * D);
+            continue;
+        }
+        // router and aux-router logits in fp32 in both modes (the selection compares them exactly)
+        const int kr = mot_router_copy(c, f, 0), C = g->cap[f];
+        float *sg = X.gate + (size_t)r0 * Em, *sa = X.aux + (size_t)r0 * Em;
+        int* so = X.slot_of + (size_t)r0 * Em;
+        const float* hr = h.f + (size_t)r0 * D;
+        mot_gemm_as(g, false, false, true, n, E, D, hr, D, g->params + tab.p[P_WR].at(l, kr), D, 0.0f, sg, Em);
+        mot_gemm_as(g, false, false, true, n, E, D, hr, D, g->params + tab.p[P_U].at(l, kr), D, 0.0f, sa, Em);
+        mot_router_softmax_kernel<<<mot_blocks(n, 128), 128, 0, st>>>(sg, n, E, Em);
+        MOT_LAUNCH_CHECK();
+        if (ec) {
+            mot_expert_select_kernel<<<E, MOT_SEL_THREADS, 0, st>>>(X.sel, so, sg, Em, n, C, r0, s0);
+            MOT_LAUNCH_CHECK();
+        }
+        mot_aux_router_kernel<<<mot_blocks(n, 128), 128, 0, st>>>(sa, g->aux_row, so, n, E, Em, ec ? 1 : 0);
+        MOT_LAUNCH_CHECK();
+        if (ec) {
+            mot_aux_reduce_kernel<<<1, MOT_SEL_THREADS, 0, st>>>(g->aux_out, g->aux_row, n, (double)n * E);
+            MOT_LAUNCH_CHECK();
+            const size_t slots = (size_t)E * C;
+            mot_gather_rows_kernel<<<mot_blocks(slots * D, 256), 256, 0, st>>>(
+                mot_buf_at(g->xg, (size_t)s0 * D), h.f, h.b, X.sel + s0, (int)slots, D);
+            MOT_LAUNCH_CHECK();
+            for (int e = 0; e < E; e++) {
+                const size_t sb = (size_t)s0 + (size_t)e * C;
+                ffn(e, mot_op(g, g->xg, sb * D), C, sb, X.ye + sb * D);
+            }
+            mot_expert_combine_kernel<<<mot_blocks((size_t)n * D, 256), 256, 0, st>>>(X.y2 + (size_t)r0 * D, X.ye, sg,
+                                                                                     so, n, E, Em, D);
+            MOT_LAUNCH_CHECK();
+        } else {
+            for (int e = 0; e < E; e++) {
+                ffn(e, mot_op(g, h, (size_t)r0 * D), n, s0, X.ye + (size_t)s0 * D);
+                mot_expert_causal_add_kernel<<<mot_blocks((size_t)n * D, 256), 256, 0, st>>>(
+                    X.y2 + (size_t)r0 * D, X.ye + (size_t)s0 * D, sg, sa, n, e, Em, D, e == 0 ? 1 : 0);
+                MOT_LAUNCH_CHECK();
+            }
+        }
+    }
+}
+
+// Backward of mot_gpu_ffn_forward_experts (after an EC forward): dt = dL/dy2 (dt.f in fp32 always,
+// the GEMM operand in the mode's precision); adds dL/dh into g->dh and the gradients of the
+// experts, the routers and (the aux BCE, on detached h) the auxiliary routers.
+static inline void mot_gpu_ffn_backward_experts(MotGpu* g, int l, const MotBuf& h, const MotBuf& dt) {
+    const MotConfig& c = g->cfg;
+    const MotParamTable& tab = g->tab;
+    const int D = c.d_model, F = c.d_ff, Em = g->Emax;
+    cudaStream_t st = g->stream;
+    const MotGpuExpertLayer X = mot_gpu_expert_layer(g, l);
+    float* G = g->grads;
+    for (int f = 0; f < mot_ffn_copies(c); f++) {
+        int r0, r1;
+        mot_ffn_rows(c, g->group, f, &r0, &r1);
+        const int n = r1 - r0, E = c.n_expert[f], k = mot_expert_copy(c, f, 0), s0 = g->slot0[f];
+        if (n == 0) continue;
+        float* dh = g->dh + (size_t)r0 * D;
+        if (E == 1) {  // the plain FFN, as mot_linear_backward does it
+            const size_t sf = (size_t)s0 * F, nf = (size_t)n * F;
+            mot_gemm(g, false, true, n, F, D, mot_op(g, dt, (size_t)r0 * D), D, mot_weight(g, P_W2, l, k), D, 0.0f,
+                     g->du + sf, F);
+            mot_gemm(g, true, false, F, D, n, mot_op(g, X.u, sf), F, mot_op(g, dt, (size_t)r0 * D), D, 1.0f,
+                     G + tab.p[P_W2].at(l, k), D);
+            mot_swiglu_backward_kernel<<<mot_blocks(nf, 256), 256, 0, st>>>(
+                mot_buf_at(g->du1, sf), mot_buf_at(g->du3, sf), g->du + sf, X.u1 + sf, X.u3 + sf, nf);
+            MOT_LAUNCH_CHECK();
+            const int p13[2] = {P_W1, P_W3};
+            const MotBuf* d13[2] = {&g->du1, &g->du3};
+            for (int t = 0; t < 2; t++) {
+                mot_gemm(g, false, true, n, D, F, mot_op(g, *d13[t], sf), F, mot_weight(g, p13[t], l, k), F, 1.0f, dh, D);
+                mot_gemm(g, true, false, D, F, n, mot_op(g, h, (size_t)r0 * D), D, mot_op(g, *d13[t], sf), F, 1.0f,
+                         G + tab.p[p13[t]].at(l, k), F);
+            }
+            continue;
+        }
+        const int kr = mot_router_copy(c, f, 0), C = g->cap[f];
+        const size_t slots = (size_t)E * C;
+        float *sg = X.gate + (size_t)r0 * Em, *sa = X.aux + (size_t)r0 * Em;
+        const int* so = X.slot_of + (size_t)r0 * Em;
+        // the gated sum: ds = dt . ye, dye = s dt (ds is 0 where an expert did not take the row)
+        MOT_CUDA_CHECK(cudaMemsetAsync(g->ds + (size_t)r0 * Em, 0, (size_t)n * Em * sizeof(float), st));
+        mot_expert_dye_kernel<<<mot_blocks(slots, 8), 256, 0, st>>>(g->dye, g->ds, dt.f, X.ye, X.gate, X.sel, s0,
+                                                                     (int)slots, C, Em, D);
+        MOT_LAUNCH_CHECK();
+        // each expert's SwiGLU FFN on its gathered rows
+        for (int e = 0; e < E; e++) {
+            const size_t sb = (size_t)s0 + (size_t)e * C;
+            mot_gemm(g, false, true, C, F, D, mot_op(g, g->dye, sb * D), D, mot_weight(g, P_W2, l, k + e), D, 0.0f,
+                     g->du + sb * F, F);
+            mot_gemm(g, true, false, F, D, C, mot_op(g, X.u, sb * F), F, mot_op(g, g->dye, sb * D), D, 1.0f,
+                     G + tab.p[P_W2].at(l, k + e), D);
+        }
+        const size_t sf = (size_t)s0 * F, nf = slots * F;
+        mot_swiglu_backward_kernel<<<mot_blocks(nf, 256), 256, 0, st>>>(
+            mot_buf_at(g->du1, sf), mot_buf_at(g->du3, sf), g->du + sf, X.u1 + sf, X.u3 + sf, nf);
+        MOT_LAUNCH_CHECK();
+        mot_gather_rows_kernel<<<mot_blocks(slots * D, 256), 256, 0, st>>>(mot_buf_at(g->xg, (size_t)s0 * D), h.f, h.b,
+                                                                          X.sel + s0, (int)slots, D);
+        MOT_LAUNCH_CHECK();
+        for (int e = 0; e < E; e++) {
+            const size_t sb = (size_t)s0 + (size_t)e * C;
+            mot_gemm(g, true, false, D, F, C, mot_op(g, g->xg, sb * D), D, mot_op(g, g->du1, sb * F), F, 1.0f,
+                     G + tab.p[P_W1].at(l, k + e), F);
+            mot_gemm(g, true, false, D, F, C, mot_op(g, g->xg, sb * D), D, mot_op(g, g->du3, sb * F), F, 1.0f,
+                     G + tab.p[P_W3].at(l, k + e), F);
+            mot_gemm(g, false, true, C, D, F, mot_op(g, g->du1, sb * F), F, mot_weight(g, P_W1, l, k + e), F, 0.0f,
+                     g->dX + sb * D, D);
+            mot_gemm(g, false, true, C, D, F, mot_op(g, g->du3, sb * F), F, mot_weight(g, P_W3, l, k + e), F, 1.0f,
+                     g->dX + sb * D, D);
+        }
+        // dh += dX of every expert that took the row, in expert order
+        mot_expert_scatter_kernel<<<mot_blocks((size_t)n * D, 256), 256, 0, st>>>(dh, g->dX, so, n, E, Em, D);
+        MOT_LAUNCH_CHECK();
+        // softmax backward and the aux BCE gradient; then the router GEMMs in fp32
+        const float w = (float)(MOT_AUX_WEIGHT / ((double)n * E));
+        float *dr = g->ds + (size_t)r0 * Em, *dz = g->dz + (size_t)r0 * Em;
+        mot_router_backward_kernel<<<mot_blocks(n, 128), 128, 0, st>>>(dr, dz, sg, sa, so, n, E, Em, w);
+        MOT_LAUNCH_CHECK();
+        const float* hr = h.f + (size_t)r0 * D;
+        const size_t orr = tab.p[P_WR].at(l, kr), ou = tab.p[P_U].at(l, kr);
+        mot_gemm_as(g, false, true, false, E, D, n, dr, Em, hr, D, 1.0f, G + orr, D);
+        mot_gemm_as(g, false, false, false, n, D, E, dr, Em, g->params + orr, D, 1.0f, dh, D);
+        mot_gemm_as(g, false, true, false, E, D, n, dz, Em, hr, D, 1.0f, G + ou, D);
+    }
+}
+
 // Forward pass: activations, the row logsumexps and the losses. Reads the loss back (the only
 // synchronisation). Returns the mean loss over the valid targets.
 inline double mot_gpu_forward(MotGpu* g, const MotBatch& b) {
@@ -1122,6 +1588,8 @@ inline double mot_gpu_forward(MotGpu* g, const MotBatch& b) {
     const MotParamTable& tab = g->tab;
     cudaStream_t st = g->stream;
 
+    g->route_fwd = g->route;
+    if (g->experts) MOT_CUDA_CHECK(cudaMemsetAsync(g->aux_out, 0, 2 * sizeof(double), st));
     mot_embed_kernel<<<mot_blocks(ND, 256), 256, 0, st>>>(g->x, g->x_b, g->params + tab.p[P_EMB].offset, g->tok_g, N, D);
     MOT_LAUNCH_CHECK();
     for (int l = 0; l < L; l++) {
@@ -1154,12 +1622,16 @@ inline double mot_gpu_forward(MotGpu* g, const MotBatch& b) {
         MOT_DH_SWITCH(Dh, (mot_attn_forward_dh<DHC>(g, o, lse2, qr, kr, v)));
         mot_linear_forward(g, a, o, P_WO, l);
         mot_gpu_rmsnorm_forward(g, h.f, h.b, g->a_rstd + (size_t)l * N, a, P_GATTN, l, x.f);
-        // FFN sublayer: y = h + rmsnorm(swiglu(h) W2) * g_ffn
-        mot_linear_forward(g, u1, h, P_W1, l);
-        mot_linear_forward(g, u3, h, P_W3, l);
-        mot_swiglu_forward_kernel<<<mot_blocks(NF, 256), 256, 0, st>>>(u, u1, u3, NF);
-        MOT_LAUNCH_CHECK();
-        mot_linear_forward(g, y2, u, P_W2, l);
+        // FFN sublayer: y = h + rmsnorm(swiglu(h) W2) * g_ffn   (or the experts' mixture in place of swiglu(h) W2)
+        if (g->experts) {
+            mot_gpu_ffn_forward_experts(g, l, h);
+        } else {
+            mot_linear_forward(g, u1, h, P_W1, l);
+            mot_linear_forward(g, u3, h, P_W3, l);
+            mot_swiglu_forward_kernel<<<mot_blocks(NF, 256), 256, 0, st>>>(u, u1, u3, NF);
+            MOT_LAUNCH_CHECK();
+            mot_linear_forward(g, y2, u, P_W2, l);
+        }
         mot_bf16* ynext_b = (g->x_b && l + 1 < L) ? g->x_b + (l + 1) * ND : nullptr;
         mot_gpu_rmsnorm_forward(g, g->x + (l + 1) * ND, ynext_b, g->y2_rstd + (size_t)l * N, y2, P_GFFN, l, h.f);
     }
@@ -1176,16 +1648,35 @@ inline double mot_gpu_forward(MotGpu* g, const MotBatch& b) {
                                                           c.speech_begin);
     MOT_LAUNCH_CHECK();
     MOT_CUDA_CHECK(cudaMemcpyAsync(g->host_out, g->loss_out, 4 * sizeof(double), cudaMemcpyDeviceToHost, st));
+    if (g->experts)
+        MOT_CUDA_CHECK(cudaMemcpyAsync(g->host_out + 4, g->aux_out, 2 * sizeof(double), cudaMemcpyDeviceToHost, st));
     MOT_CUDA_CHECK(cudaStreamSynchronize(st));
     g->loss = g->n_valid ? g->host_out[0] / g->n_valid : 0.0;
     for (int m = 0; m < MOT_N_MOD; m++) g->loss_mod[m] = g->n_mod[m] ? g->host_out[1 + m] / g->n_mod[m] : 0.0;
-    return g->loss;
+    // experts, EC: the aux BCE summed over layers and copies, and the fraction of rows of expert
+    // copies (over layers) whose aux routers pick exactly their EC experts (as mot_forward)
+    g->aux_loss = g->aux_agree = 0;
+    if (g->experts && g->route == MOT_ROUTE_EC) {
+        long rows = 0;
+        for (int f = 0; f < mot_ffn_copies(c); f++) {
+            int r0, r1;
+            mot_ffn_rows(c, g->group, f, &r0, &r1);
+            if (c.n_expert[f] > 1) rows += (long)(r1 - r0) * L;
+        }
+        g->aux_loss = g->host_out[4];
+        g->aux_agree = rows ? g->host_out[5] / rows : 0;
+    }
+    return g->loss;  // the reported loss: the training objective adds MOT_AUX_WEIGHT * aux_loss
 }
 
 // Backward pass for the batch of the last forward: ACCUMULATES into the gradients.
 inline void mot_gpu_backward(MotGpu* g) {
     if (!g->have_batch) {
         fprintf(stderr, "mot_gpu_backward: no forward pass to differentiate\n");
+        exit(1);
+    }
+    if (g->experts && g->route_fwd != MOT_ROUTE_EC) {
+        fprintf(stderr, "mot_gpu_backward: the last forward used causal routing; training needs expert choice\n");
         exit(1);
     }
     const MotConfig& c = g->cfg;
@@ -1232,13 +1723,22 @@ inline void mot_gpu_backward(MotGpu* g) {
         const float *a = g->a + l * ND, *u1 = g->u1 + l * NF, *u3 = g->u3 + l * NF, *y2 = g->y2 + l * ND;
         const int ka = tab.p[P_GQ].copies;
         // FFN sublayer; dx holds dL/dy, which the residual passes straight to dh
-        mot_gpu_rmsnorm_backward(g, g->gdy, g->dx, y2, g->y2_rstd + (size_t)l * N, P_GFFN, l);  // gdy = dL/dy2
-        mot_linear_backward(g, g->du, 0.0f, g->gdy, u, P_W2, l);
-        mot_swiglu_backward_kernel<<<mot_blocks(NF, 256), 256, 0, st>>>(g->du1, g->du3, g->du, u1, u3, NF);
-        MOT_LAUNCH_CHECK();
-        MOT_CUDA_CHECK(cudaMemcpyAsync(g->dh, g->dx, ND * 4, cudaMemcpyDeviceToDevice, st));
-        mot_linear_backward(g, g->dh, 1.0f, g->du1, h, P_W1, l);
-        mot_linear_backward(g, g->dh, 1.0f, g->du3, h, P_W3, l);
+        if (g->experts) {  // dL/dy2 in fp32 (g->dt) for the gate gradients, and as the mode's GEMM operand
+            MotBuf dt;
+            dt.f = g->dt;
+            dt.b = g->gdy.b;
+            mot_gpu_rmsnorm_backward(g, dt, g->dx, y2, g->y2_rstd + (size_t)l * N, P_GFFN, l);
+            MOT_CUDA_CHECK(cudaMemcpyAsync(g->dh, g->dx, ND * 4, cudaMemcpyDeviceToDevice, st));
+            mot_gpu_ffn_backward_experts(g, l, h, dt);
+        } else {
+            mot_gpu_rmsnorm_backward(g, g->gdy, g->dx, y2, g->y2_rstd + (size_t)l * N, P_GFFN, l);  // gdy = dL/dy2
+            mot_linear_backward(g, g->du, 0.0f, g->gdy, u, P_W2, l);
+            mot_swiglu_backward_kernel<<<mot_blocks(NF, 256), 256, 0, st>>>(g->du1, g->du3, g->du, u1, u3, NF);
+            MOT_LAUNCH_CHECK();
+            MOT_CUDA_CHECK(cudaMemcpyAsync(g->dh, g->dx, ND * 4, cudaMemcpyDeviceToDevice, st));
+            mot_linear_backward(g, g->dh, 1.0f, g->du1, h, P_W1, l);
+            mot_linear_backward(g, g->dh, 1.0f, g->du3, h, P_W3, l);
+        }
         // attention sublayer; dh holds dL/dh, which the residual passes straight to dx
         mot_gpu_rmsnorm_backward(g, g->gdy, g->dh, a, g->a_rstd + (size_t)l * N, P_GATTN, l);  // gdy = dL/da
         mot_linear_backward(g, g->dO, 0.0f, g->gdy, o, P_WO, l);

@@ -71,7 +71,7 @@ static void usage(FILE* f) {
             "  --experts LIST    experts per FFN: one count for every tower, or one per tower (1)\n"
             "                    e.g. --dense --experts 4 (MoE-4x), --experts 4,1,1 (MoT + MoE in text),\n"
             "                    --tie-attn --experts 4,4,4 (MoMa-style); expert choice in training,\n"
-            "                    auxiliary routers for causal eval and generation; CPU reference only.\n"
+            "                    auxiliary routers for causal eval and generation (on the CPU).\n"
             "                    With --init-from a checkpoint without experts: sparse upcycling\n"
             "data and batches:\n"
             "  --data PATTERN    training shards (glob)                    (data/default/train_*.bin)\n"
@@ -310,13 +310,22 @@ struct Engine {
         if (on_gpu) {
             mot_gpu_forward(&gpu, b);
             take(gpu.loss, gpu.loss_mod, gpu.n_mod, gpu.n_valid);
+            aux_loss = gpu.aux_loss;
+            aux_agree = gpu.aux_agree;
             return;
         }
 #endif
         mot_forward(cpu, b);
         take(cpu->loss, cpu->loss_mod, cpu->n_mod, cpu->n_valid);
-        aux_loss = cpu->aux_loss;  // experts: CPU reference only
+        aux_loss = cpu->aux_loss;
         aux_agree = cpu->aux_agree;
+    }
+    // With experts: expert choice (training, "EC" eval) or the auxiliary routers ("causal" eval).
+    void set_route(int route) {
+        cpu->route = route;
+#ifdef MOT_GPU
+        gpu.route = route;
+#endif
     }
     void backward(const MotBatch& b) {
 #ifdef MOT_GPU
@@ -357,7 +366,7 @@ struct Engine {
 // (MOT_ROUTE_CAUSAL); a model without experts gives the same loss either way.
 static void evaluate(Engine* e, const std::string& pattern, const Args& a, double* loss, double mod[3],
                      int route = MOT_ROUTE_EC) {
-    e->cpu->route = route;
+    e->set_route(route);
     MotLoader ld;
     std::string err;
     if (!mot_loader_open(&ld, pattern, a.seq, 0x5EED, &err)) die(err);
@@ -373,7 +382,7 @@ static void evaluate(Engine* e, const std::string& pattern, const Args& a, doubl
     }
     *loss = n ? sum / n : 0;
     for (int md = 0; md < 3; md++) mod[md] = mn[md] ? ms[md] / mn[md] : NAN;
-    e->cpu->route = MOT_ROUTE_EC;
+    e->set_route(MOT_ROUTE_EC);
 }
 // Both ways: EC into loss/mod, causal into closs/cmod (the same numbers without experts).
 static void evaluate_both(Engine* e, const std::string& pattern, const Args& a, double* loss, double mod[3],
@@ -1193,7 +1202,6 @@ int main(int argc, char** argv) {
         std::string why = "CPU-only build (no nvcc)";
 #ifdef MOT_GPU
         if (a.cpu) why = "--cpu given";
-        else if (mot_has_experts(a.cfg)) why = "experts run on the CPU reference only: the GPU path has none yet";
         else if (mot_gpu_available(&why)) {
 #ifdef MOT_MPI
             if (!mot_gpu_dp_init(rank, world, &err)) die("data parallel setup: " + err);
@@ -1376,6 +1384,8 @@ int main(int argc, char** argv) {
         }
 #ifdef MOT_MPI
         loss = mot_gpu_dp_mean(loss);  // what is printed and logged: the mean over all ranks
+        aux = mot_gpu_dp_mean(aux);
+        agree = mot_gpu_dp_mean(agree);
         MPI_Allreduce(MPI_IN_PLACE, lmod, 3, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
         MPI_Allreduce(MPI_IN_PLACE, nmod, 3, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
 #endif

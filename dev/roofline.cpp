@@ -6,7 +6,7 @@
 //
 //   g++ -O2 -std=c++17 dev/roofline.cpp -o dev/roofline
 //   ./dev/roofline [--gpu h100|a100] [--dim D --layers L --heads H --ffn F --seq T --batch B
-//                  --vocab V --accum A] [--fp32] [--design current|target] [--kernels]
+//                  --vocab V --accum A] [--experts E] [--fp32] [--design current|target] [--kernels]
 // Without shape flags it prints the two shapes of dev/RESULTS.md: D=512/L=8/T=512 and
 // D=1024/L=24/T=2048.
 //
@@ -14,6 +14,12 @@
 // fp32 activations, attention on fp32 CUDA cores. `target` is the plan of the GPU-speed issue, NOT
 // yet implemented: attention on tensor cores (bf16 operands, fp32 accumulation), bf16 activations
 // between kernels, residual add fused into the norm, SwiGLU fused into the GEMM epilogue.
+//
+// Experts (--experts E, default 4; 1 leaves them out): a third model, dense with E experts per
+// layer (MoE-Ex, expert choice, capacity factor 1: the FFN GEMMs keep their FLOPs but read E weight
+// copies), adds the routing kernels of mot.cu: fp32 router and aux-router GEMMs, softmax and aux
+// BCE, the radix select (E blocks of 256 threads, 9 passes over the scores: on a real GPU it is
+// latency bound, far from this bandwidth bound), gathers, the gated sum and their backward.
 //
 // Peaks (dense, no sparsity), from NVIDIA's datasheets:
 //   H100 SXM5 80GB: bf16 tensor 989.4 TFLOP/s, fp32 CUDA cores 66.9 TFLOP/s, HBM3 3.35 TB/s
@@ -46,7 +52,7 @@ struct Op {
 };
 
 // One micro-batch's forward and backward, plus the optimizer step divided by A.
-static std::vector<Op> step_ops(const Shape& s, int towers, bool bf16, bool target) {
+static std::vector<Op> step_ops(const Shape& s, int towers, bool bf16, bool target, int experts = 1) {
     std::vector<Op> ops;
     const double N = (double)s.B * s.T, D = s.D, F = s.F, V = s.V, L = s.L, H = s.H, Dh = D / H;
     const double eb = bf16 ? 2 : 4;           // GEMM operand bytes
@@ -62,6 +68,7 @@ static std::vector<Op> step_ops(const Shape& s, int towers, bool bf16, bool targ
         ops.push_back({fam, name, flops, bytes, false, cnt});
     };
     const double W = towers;  // weight copies touched per projection (one per tower with rows)
+    const double WF = experts > 1 ? experts : W;  // FFN weight copies: one per expert
     // ---- forward, per layer
     gemm("gemm", "q, k, v projections", N, D, D, W, gemm_out, 3 * L);
     elem("norm/rope", "QK-norm + RoPE (q, k)", 12 * N * D, N * D * (gemm_out + 4) + N * H * 4, 2 * L);
@@ -72,14 +79,25 @@ static std::vector<Op> step_ops(const Shape& s, int towers, bool bf16, bool targ
     gemm("gemm", "output projection Wo", N, D, D, W, gemm_out, L);
     if (target) {
         elem("norm/rope", "RMSNorm + residual (fused, attention)", 6 * N * D, N * D * (2 * ab + ab) + N * 4, L);
-        gemm("gemm", "W1, W3 (SwiGLU in the epilogue)", N, 2 * F, D, W, 0, L);
+        gemm("gemm", "W1, W3 (SwiGLU in the epilogue)", N, 2 * F, D, WF, 0, L);
         elem("swiglu", "SwiGLU output (epilogue write)", 6 * N * F, N * F * (ab + 2 * ab), L);  // u, and u1/u3 kept for backward
     } else {
         elem("norm/rope", "RMSNorm + residual (attention)", 6 * N * D, N * D * (4 + 4 + 4 + (bf16 ? 2 : 0)) + N * 4, L);
-        gemm("gemm", "W1, W3", N, F, D, W, gemm_out, 2 * L);
+        gemm("gemm", "W1, W3", N, F, D, WF, gemm_out, 2 * L);
         elem("swiglu", "SwiGLU", 6 * N * F, N * F * (4 + 4 + eb), L);
     }
-    gemm("gemm", "W2", N, D, F, W, gemm_out, L);
+    gemm("gemm", "W2", N, D, F, WF, gemm_out, L);
+    const double E = experts;
+    auto fp32_gemm = [&](const char* name, double flops, double bytes, double cnt) {
+        ops.push_back({"routing", name, flops, bytes, false, cnt});  // fp32 operands, PEDANTIC: CUDA cores
+    };
+    if (experts > 1) {  // forward routing, per layer
+        fp32_gemm("router + aux-router logits (fp32)", 4 * N * D * E, N * D * 4 + 2 * D * E * 4 + 2 * N * E * 4, L);
+        elem("routing", "softmax, aux sigmoid + BCE, reduce", 12 * N * E, 5 * N * E * 4 + N * 8, L);
+        elem("routing", "expert choice (radix select, E blocks)", 20 * 9 * N * E, 9 * N * E * 4 + N * E * 4 + N * 4, L);
+        elem("routing", "gather rows into expert slots", 0, N * D * 2 * eb + N * 4, L);
+        elem("routing", "gated sum in expert order", 2 * N * D, 2 * N * D * 4 + 2 * N * E * 4, L);
+    }
     elem("norm/rope", "RMSNorm + residual (FFN)", 6 * N * D, N * D * (3 * ab + (bf16 && !target ? 2 : 0)) + N * 4, L);
     // ---- head: forward, then recomputed in the backward
     elem("norm/rope", "final RMSNorm", 4 * N * D, N * D * (ab + eb) + N * 4, 1);
@@ -91,26 +109,34 @@ static std::vector<Op> step_ops(const Shape& s, int towers, bool bf16, bool targ
     gemm("head", "dW_head += z^T dlogits", D, V, N, 0, 4, 1);
     ops.back().bytes += D * V * 4;  // read-modify-write of the fp32 gradient
     // ---- backward, per layer: each projection y = x W gives dx = dy W^T and dW += x^T dy
-    auto gemm_bwd = [&](const char* name, double in, double out, double cnt) {
-        gemm("gemm", (std::string(name) + " dx").c_str(), N, in, out, W, 4, cnt);
+    auto gemm_bwd = [&](const char* name, double in, double out, double cnt, double wc) {
+        gemm("gemm", (std::string(name) + " dx").c_str(), N, in, out, wc, 4, cnt);
         gemm("gemm", (std::string(name) + " dW").c_str(), in, out, N, 0, 4, cnt);
-        ops.back().bytes += W * in * out * 4;  // fp32 gradient read-modify-write
+        ops.back().bytes += wc * in * out * 4;  // fp32 gradient read-modify-write
     };
     elem("norm/rope", "RMSNorm backward + gain partials (FFN)", 10 * N * D, N * D * (4 * ab + eb), L);
-    gemm_bwd("W2", F, D, L);
+    if (experts > 1) {  // backward routing, per layer
+        elem("routing", "gate backward (ds = dt . ye, dye = s dt)", 4 * N * D, N * D * (4 + 4 + eb) + N * E * 4, L);
+        elem("routing", "gather rows again (backward)", 0, N * D * 2 * eb + N * 4, L);
+        elem("routing", "scatter-add dX in expert order", N * D, 3 * N * D * 4 + N * E * 4, L);
+        elem("routing", "softmax backward + aux gradient", 10 * N * E, 6 * N * E * 4, L);
+        fp32_gemm("router GEMMs backward (dWr, dh, dU; fp32)", 6 * N * D * E, 4 * N * D * 4 + 2 * N * E * 4 + 4 * D * E * 4, L);
+    }
+    gemm_bwd("W2", F, D, L, WF);
     elem("swiglu", "SwiGLU backward", 10 * N * F, N * F * (3 * ab + 2 * eb), L);
-    gemm_bwd("W1, W3", D, F, 2 * L);
+    gemm_bwd("W1, W3", D, F, 2 * L, WF);
     elem("norm/rope", "RMSNorm backward + gain partials (attention)", 10 * N * D, N * D * (4 * ab + eb), L);
-    gemm_bwd("Wo", D, D, L);
+    gemm_bwd("Wo", D, D, L, W);
     // attention backward: 14 Dh FLOPs per pair (s, dp, dV, dK in the dK/dV pass; s, dp, dQ in the dQ pass)
     ops.push_back({"attention", target ? "flash attention backward (tensor cores)" : "attention backward (fp32 cores)",
                    (target ? 10 : 14) * Dh * pairs, N * D * (target ? 2 : 4) * 8 + s.B * H * s.T * 8, target && bf16, L});
     elem("norm/rope", "QK-norm + RoPE backward (q, k)", 20 * N * D, N * D * (4 + 4 + 4 + eb) + N * H * 4, 2 * L);
-    gemm_bwd("q, k, v", D, D, 3 * L);
+    gemm_bwd("q, k, v", D, D, 3 * L, W);
     if (!target) elem("copies", "residual gradient copies", 0, 2 * N * D * 4, 2 * L);
     elem("embedding", "embedding gather and gradient", N * D, 3 * N * D * 4, 1);
     // ---- optimizer: once per A micro-batches
-    const double P = towers * L * (4 * D * D + 3 * D * F + 2 * Dh + 2 * D) + 2 * V * D + D;
+    const double P = towers * L * (4 * D * D + 2 * Dh + 2 * D) + WF * L * 3 * D * F + (experts > 1 ? 2 * E * D * L : 0) +
+                     2 * V * D + D;
     elem("adamw", "zero grad + gradient norm + AdamW", 12 * P, P * (4 + 4 + 4 * 7 + (bf16 ? 2 : 0)), 1.0 / s.A);
     return ops;
 }
@@ -139,30 +165,37 @@ static Totals sum(const std::vector<Op>& ops, const Gpu& g, const Shape& s, bool
     return t;
 }
 
-static void report(const Gpu& g, const Shape& s, bool bf16, bool target, bool kernels) {
+static void report(const Gpu& g, const Shape& s, bool bf16, bool target, bool kernels, int experts) {
     printf("MODEL (not a measurement): %s, D=%ld L=%ld H=%ld F=%ld T=%ld B=%ld V=%ld, %ld micro-batch(es) per "
            "AdamW step, %s, design %s\n", g.name, s.D, s.L, s.H, s.F, s.T, s.B, s.V, s.A,
            bf16 ? "bf16 GEMMs" : "fp32", target ? "target (planned, not implemented)" : "current (mot.cu today)");
-    Totals tot[2];
-    for (int k = 0; k < 2; k++) {
+    const int models = experts > 1 ? 3 : 2;
+    char moe[32];
+    snprintf(moe, sizeof moe, "MoE-%dx", experts);
+    Totals tot[3];
+    for (int k = 0; k < models; k++) {
         const int towers = k == 0 ? 3 : 1;
-        std::vector<Op> ops = step_ops(s, towers, bf16, target);
-        if (kernels) printf(" %s\n", towers == 3 ? "MoT (3 towers)" : "dense");
+        std::vector<Op> ops = step_ops(s, towers, bf16, target, k == 2 ? experts : 1);
+        if (kernels) printf(" %s\n", k == 0 ? "MoT (3 towers)" : k == 1 ? "dense" : moe);
         tot[k] = sum(ops, g, s, kernels);
     }
-    for (int k = 0; k < 2; k++) {
+    for (int k = 0; k < models; k++) {
         const Totals& t = tot[k];
         printf("  %-6s lower-bound time per micro-batch %8.2f ms | hardware %7.1f TFLOP | MFU ceiling %5.1f%% |",
-               k == 0 ? "MoT" : "dense", t.time * 1e3, t.flops / 1e12, 100 * t.model_flops / (t.time * g.tensor));
+               k == 0 ? "MoT" : k == 1 ? "dense" : moe, t.time * 1e3, t.flops / 1e12,
+               100 * t.model_flops / (t.time * g.tensor));
         for (const auto& f : t.family_time) printf(" %s %.0f%%", f.first.c_str(), 100 * f.second / t.time);
         printf("\n");
     }
-    printf("  MoT / dense time ratio: %.3f\n\n", tot[0].time / tot[1].time);
+    printf("  MoT / dense time ratio: %.3f", tot[0].time / tot[1].time);
+    if (models == 3) printf(" | %s / dense: %.3f", moe, tot[2].time / tot[1].time);
+    printf("\n\n");
 }
 
 int main(int argc, char** argv) {
     Gpu g = H100;
     bool bf16 = true, kernels = false, custom = false;
+    int experts = 4;
     int design = -1;  // -1: both
     Shape s{512, 8, 8, 1536, 512, 32, 2824, 1};
     auto num = [&](int& i, const char* f) {
@@ -188,7 +221,13 @@ int main(int argc, char** argv) {
         else if (f == "--batch") s.B = num(i, "--batch");
         else if (f == "--vocab") s.V = num(i, "--vocab");
         else if (f == "--accum") s.A = num(i, "--accum");
-        else if (f == "--fp32") bf16 = false;
+        else if (f == "--experts") {
+            if (i + 1 >= argc) { fprintf(stderr, "roofline: --experts needs a value\n"); return 2; }
+            char* end;
+            const long v = strtol(argv[++i], &end, 10);
+            if (*end || v < 1 || v > 64) { fprintf(stderr, "roofline: --experts: expected an integer in [1, 64]\n"); return 2; }
+            experts = (int)v;
+        } else if (f == "--fp32") bf16 = false;
         else if (f == "--kernels") kernels = true;
         else if (f == "--design" && i + 1 < argc) {
             const std::string d = argv[++i];
@@ -197,7 +236,7 @@ int main(int argc, char** argv) {
             else { fprintf(stderr, "roofline: --design: expected current or target, got '%s'\n", d.c_str()); return 2; }
         } else {
             fprintf(stderr, "usage: roofline [--gpu h100|a100] [--dim D --layers L --heads H --ffn F --seq T --batch B "
-                            "--vocab V --accum A] [--fp32] [--design current|target] [--kernels]\n");
+                            "--vocab V --accum A] [--experts E] [--fp32] [--design current|target] [--kernels]\n");
             return 2;
         }
     }
@@ -210,6 +249,6 @@ int main(int argc, char** argv) {
     }
     for (const Shape& sh : shapes)
         for (int d = 0; d < 2; d++)
-            if (design < 0 || design == d) report(g, sh, bf16, d == 1, kernels);
+            if (design < 0 || design == d) report(g, sh, bf16, d == 1, kernels, experts);
     return 0;
 }

@@ -461,6 +461,43 @@ TEST_CASE("cuda_cpu trainer: the GPU path gives the CPU trainer's losses (fp32),
     }
 }
 
+// the lines that start with `prefix` (e.g. "val "), and the "| aux A agree G" of every step line
+static std::vector<std::string> lines_with(const std::string& out, const std::string& prefix) {
+    std::vector<std::string> v;
+    size_t a = 0;
+    while (a < out.size()) {
+        size_t e = out.find('\n', a);
+        if (e == std::string::npos) e = out.size();
+        const std::string line = out.substr(a, e - a);
+        a = e + 1;
+        if (line.compare(0, prefix.size(), prefix) == 0) v.push_back(line);
+        const size_t x = line.find("| aux ");
+        if (x != std::string::npos && line.compare(0, 5, "step ") == 0) v.push_back(line.substr(x, line.find(" | lr") - x));
+    }
+    return v;
+}
+
+// Experts on the GPU path (spec "Experts"): MoE-4x and MoMa-style train with the CPU trainer's
+// printed losses, aux losses and agreement, and validation with expert choice and causal routing.
+TEST_CASE("cuda_cpu trainer: experts train on the GPU path with the CPU trainer's losses (fp32)") {
+    for (const char* experts : {" --dense --experts 4", " --tie-attn --experts 4,4,4"}) {
+        INFO("flags:", experts);
+        std::string cpu, gpu;
+        const std::string base = std::string(" --data ") + shard() + " --val " + shard() + kModel + experts +
+                                 " --steps 6 --eval-every 3 --eval-batches 2";
+        REQUIRE(run("./mot --cpu" + base, &cpu) == 0);
+        REQUIRE(run("./mot_cpu_cuda --fp32" + base, &gpu) == 0);
+        INFO("cpu:\n", cpu, "\ngpu:\n", gpu);
+        CHECK(gpu.find("device: the GPU code on the CPU") != std::string::npos);
+        const std::vector<std::string> lc = printed_losses(cpu), lg = printed_losses(gpu);
+        CHECK(lc.size() >= 6);
+        CHECK(lc == lg);
+        const std::vector<std::string> vc = lines_with(cpu, "val "), vg = lines_with(gpu, "val ");
+        CHECK(vc.size() >= 10);  // 6 aux parts, 2 evaluations x (EC, causal)
+        CHECK(vc == vg);
+    }
+}
+
 TEST_CASE("cuda_cpu trainer: resume on the GPU path reproduces an uninterrupted run bitwise") {
     const std::string base = std::string("./mot_cpu_cuda --data ") + shard() + kModel + " --steps 8";
     std::string out;
