@@ -1,0 +1,371 @@
+// test_transfusion.cpp — the Transfusion setting (spec, "Transfusion setting"): gradients against
+// finite differences with the noise and t fixed, the image-block attention mask, which positions
+// the losses count, the cosine schedule, DDIM, and the KV-cached denoising step against the full
+// forward.
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include <doctest/doctest.h>
+
+#include "mot.h"
+#include "test/common.h"
+
+// text [0,12), image [12,18) (any image id marks an image position), speech [18,24)
+static MotConfig tiny_tf(int towers, int tie_attn = 0, int tie_ffn = 0, int tie_norm = 0) {
+    MotConfig c;
+    c.n_layer = 2; c.d_model = 8; c.n_head = 2; c.d_ff = 12;
+    c.vocab = 24; c.image_begin = 12; c.speech_begin = 18; c.max_seq = 24;
+    c.n_tower = towers; c.tie_attn = tie_attn; c.tie_ffn = tie_ffn; c.tie_norm = tie_norm;
+    c.setting = MOT_SETTING_TRANSFUSION;
+    return c;
+}
+
+template <typename S>
+static void randomize(MotModel<S>* m, uint64_t seed) {
+    for (int p = 0; p < P_COUNT; p++) {
+        const MotParamInfo& in = m->tab.p[p];
+        for (size_t i = 0; i < in.size(); i++)
+            m->params[in.offset + i] = S(in.decay ? 0.3 * mot_rand_normal(&seed) : 1.0 + 0.2 * mot_rand_normal(&seed));
+    }
+}
+
+// A document of the Transfusion form with small images of `np` patches:
+//   BOS text text BOI [np image positions] EOI BOA speech speech EOA EOS ...
+// repeated to length T + 1; targets are the next tokens. Image k of the batch gets step t[k % t.size()].
+static MotBatch tf_batch(const MotConfig& c, int B, int T, uint64_t seed, std::vector<int> ts, int np = 4) {
+    MotBatch b;
+    b.B = B; b.T = T;
+    int img = 0;
+    for (int s = 0; s < B; s++) {
+        std::vector<int> doc, tstep;
+        while ((int)doc.size() < T + 1) {
+            doc.push_back(MOT_BOS);
+            for (int i = 0; i < 2; i++) doc.push_back(8 + (int)(mot_rand_u64(&seed) % 4));
+            doc.push_back(MOT_BOI);
+            const int t = ts[img++ % ts.size()];
+            for (int i = 0; i < np; i++) { doc.push_back(c.image_begin); tstep.resize(doc.size(), 0); tstep.back() = t; }
+            doc.push_back(MOT_EOI);
+            doc.push_back(MOT_BOA);
+            for (int i = 0; i < 2; i++) doc.push_back(c.speech_begin + (int)(mot_rand_u64(&seed) % 6));
+            doc.push_back(MOT_EOA);
+            doc.push_back(MOT_EOS);
+        }
+        tstep.resize(doc.size(), 0);
+        for (int t = 0; t < T; t++) {
+            b.tokens.push_back(doc[t]);
+            b.targets.push_back(doc[t + 1]);
+            b.tstep.push_back(mot_modality(c, doc[t]) == MOD_IMAGE ? tstep[t] : 0);
+        }
+    }
+    for (size_t i = 0; i < b.tokens.size() * MOT_PATCH; i++) {
+        b.xin.push_back(float(mot_rand_normal(&seed)));
+        b.eps.push_back(float(mot_rand_normal(&seed)));
+    }
+    mot_group(c, &b);
+    return b;
+}
+
+static double eps_hat_at(const MotModel<double>& m, const MotBatch& b, int i, int j) {
+    return m.act.eps_hat[(size_t)b.row_of[i] * MOT_PATCH + j];
+}
+
+// Every tensor of every layer and copy, w_in b_in w_t w_out b_out included: ||fd - analytic|| /
+// ||analytic|| <= 1e-6 (central differences, step 1e-5, in double). One image of each sequence is
+// noised, one clean, so the clean image's positions must add nothing.
+static void gradient_check(const MotConfig& c) {
+    omp_set_num_threads(1);
+    MotModel<double> m;
+    mot_init(&m, c, 7);
+    randomize(&m, 11);
+    MotBatch b = tf_batch(c, 2, 16, 3, {700, 0, 35});
+    REQUIRE(b.group[1] > b.group[0]);
+    REQUIRE(b.group[2] > b.group[1]);
+    REQUIRE(b.group[3] > b.group[2]);
+    mot_forward(&m, b);
+    REQUIRE(m.n_mod[MOD_IMAGE] > 0);
+    REQUIRE(m.n_mod[MOD_TEXT] > 0);
+    REQUIRE(m.n_mod[MOD_SPEECH] > 0);
+    mot_zero_grad(&m);
+    mot_backward(&m, b);
+    const double h = 1e-5;
+    int checked = 0;
+    for (int p = 0; p < P_COUNT; p++) {
+        const MotParamInfo& info = m.tab.p[p];
+        for (int l = 0; l < info.layers; l++)
+            for (int k = 0; k < info.copies; k++) {
+                double num = 0, den = 0;
+                for (size_t i = 0; i < info.each(); i++) {
+                    const size_t idx = info.at(l, k) + i;
+                    const double w = m.params[idx];
+                    m.params[idx] = w + h;
+                    const double lp = mot_forward(&m, b);
+                    m.params[idx] = w - h;
+                    const double lm = mot_forward(&m, b);
+                    m.params[idx] = w;
+                    const double fd = (lp - lm) / (2 * h), an = m.grads[idx];
+                    num += (fd - an) * (fd - an);
+                    den += an * an;
+                }
+                INFO(std::string(info.name), " layer ", l, " copy ", k);
+                REQUIRE(den > 0);
+                CHECK(std::sqrt(num / den) <= 1e-6);
+                checked++;
+            }
+        if (p >= P_WIN) CHECK(info.copies == 1);
+    }
+    CHECK(checked > 0);
+    omp_set_num_threads(omp_get_num_procs());
+}
+
+TEST_CASE("Transfusion gradient check: MoT") { gradient_check(tiny_tf(3)); }
+TEST_CASE("Transfusion gradient check: dense") { gradient_check(tiny_tf(1)); }
+TEST_CASE("Transfusion gradient check: MoT, attention tied") { gradient_check(tiny_tf(3, 1, 0, 0)); }
+TEST_CASE("Transfusion gradient check: MoT, FFN and norms tied") { gradient_check(tiny_tf(3, 0, 1, 1)); }
+
+TEST_CASE("config: the setting is validated, experts are refused, the token setting has no image-tower tensors") {
+    MotConfig c = tiny_tf(3);
+    CHECK(mot_config_error(c) == "");
+    c.n_expert[0] = 2;
+    CHECK(mot_config_error(c).find("experts are not supported in the Transfusion setting") != std::string::npos);
+    c = tiny_tf(3);
+    c.setting = 2;
+    CHECK(mot_config_error(c).find("setting must be") != std::string::npos);
+    c = tiny_tf(3);
+    MotParamTable tt = mot_param_table(c);
+    const int D = c.d_model, P = MOT_PATCH;
+    CHECK(tt.p[P_WIN].size() == (size_t)P * D);
+    CHECK(tt.p[P_WT].size() == (size_t)D * D);
+    CHECK(tt.p[P_WOUT].size() == (size_t)D * P);
+    uint64_t n;
+    REQUIRE(mot_param_count(c, &n));
+    CHECK(n == tt.total);
+    c.setting = MOT_SETTING_TOKENS;
+    MotParamTable tk = mot_param_table(c);
+    CHECK(tt.total - tk.total == (size_t)(2 * P + 1 + D) * D + P);
+    CHECK(tk.p[P_HEAD].offset + tk.p[P_HEAD].size() == tk.total);
+    MotModel<double> m;
+    mot_init(&m, tiny_tf(3), 1);  // biases start at 0
+    for (int j = 0; j < D; j++) CHECK(m.param(P_BIN)[j] == 0);
+    for (int j = 0; j < P; j++) CHECK(m.param(P_BOUT)[j] == 0);
+}
+
+TEST_CASE("losses: LM over token->token positions only, 5x the MSE over noised image positions") {
+    MotConfig c = tiny_tf(3);
+    MotModel<double> m;
+    mot_init(&m, c, 1);
+    randomize(&m, 2);
+    MotBatch b = tf_batch(c, 1, 20, 5, {300, 0});  // image 1 noised, image 2 clean
+    mot_forward(&m, b);
+    // counts by hand
+    int n_lm = 0, n_img = 0;
+    double mse = 0;
+    for (int i = 0; i < 20; i++) {
+        const bool in_img = mot_modality(c, b.tokens[i]) == MOD_IMAGE, tg_img = mot_modality(c, b.targets[i]) == MOD_IMAGE;
+        if (!in_img && !tg_img) n_lm++;
+        if (b.tokens[i] == MOT_BOI) CHECK(mot_lm_target(c, b, i) == MOT_IGNORE);
+        if (in_img && b.tstep[i] > 0) {
+            n_img++;
+            for (int j = 0; j < MOT_PATCH; j++) {
+                const double d = eps_hat_at(m, b, i, j) - b.eps[(size_t)i * MOT_PATCH + j];
+                mse += d * d;
+            }
+        }
+    }
+    REQUIRE(n_img == 4);
+    CHECK(m.n_valid == n_lm);
+    CHECK(m.n_mod[MOD_IMAGE] == n_img);
+    CHECK(m.loss_mod[MOD_IMAGE] == doctest::Approx(mse / (n_img * MOT_PATCH)).epsilon(1e-12));
+    CHECK(m.loss == doctest::Approx(m.loss_lm + 5 * m.loss_mod[MOD_IMAGE]).epsilon(1e-12));
+    // a clean image adds no diffusion loss: changing its noise target changes nothing
+    MotBatch b2 = b;
+    for (int i = 0; i < 20; i++)
+        if (mot_modality(c, b.tokens[i]) == MOD_IMAGE && b.tstep[i] == 0)
+            for (int j = 0; j < MOT_PATCH; j++) b2.eps[(size_t)i * MOT_PATCH + j] += 1;
+    const double l1 = m.loss;
+    CHECK(mot_forward(&m, b2) == l1);
+}
+
+TEST_CASE("mask: a patch sees every patch of its own image and nothing later outside it") {
+    MotConfig c = tiny_tf(3);
+    MotModel<double> m;
+    mot_init(&m, c, 1);
+    randomize(&m, 2);
+    const int T = 20;
+    MotBatch b = tf_batch(c, 1, T, 5, {500}, 4);  // BOS x x BOI [4..7] EOI ...
+    REQUIRE(b.tokens[3] == MOT_BOI);
+    for (int t = 0; t < T; t++) {
+        INFO("position ", t);
+        // the second document's image starts at 18 and is cut by the window end: a block of 18..19
+        CHECK(b.vis[t] == (t >= 4 && t <= 7 ? 7 : t >= 18 ? 19 : t));
+    }
+    mot_forward(&m, b);
+    std::vector<double> lg0, eh0;
+    for (int i = 0; i < T; i++) {
+        for (int v = 0; v < c.vocab; v++) lg0.push_back(mot_logit(m, b, i, v));
+        for (int j = 0; j < MOT_PATCH; j++) eh0.push_back(mot_modality(c, b.tokens[i]) == MOD_IMAGE ? eps_hat_at(m, b, i, j) : 0);
+    }
+    // change the last patch of the image: the first patch's output changes; no position before the
+    // image changes
+    MotBatch b2 = b;
+    for (int j = 0; j < MOT_PATCH; j++) b2.xin[7 * MOT_PATCH + j] += 0.5f;
+    mot_forward(&m, b2);
+    bool first_changed = false, before_same = true;
+    for (int j = 0; j < MOT_PATCH; j++) first_changed |= eps_hat_at(m, b2, 4, j) != eh0[4 * MOT_PATCH + j];
+    for (int i = 0; i < 4; i++)
+        for (int v = 0; v < c.vocab; v++) before_same &= mot_logit(m, b2, i, v) == lg0[(size_t)i * c.vocab + v];
+    CHECK(first_changed);
+    CHECK(before_same);
+    // change the token right after the image (EOI -> a text id): no image position changes
+    MotBatch b3 = b;
+    b3.tokens[8] = 9;
+    mot_group(c, &b3);
+    mot_forward(&m, b3);
+    bool image_same = true;
+    for (int i = 4; i <= 7; i++)
+        for (int j = 0; j < MOT_PATCH; j++) image_same &= eps_hat_at(m, b3, i, j) == eh0[(size_t)i * MOT_PATCH + j];
+    CHECK(image_same);
+    // and the timestep of the image reaches its outputs
+    MotBatch b4 = b;
+    for (int i = 4; i <= 7; i++) b4.tstep[i] = 20;
+    mot_forward(&m, b4);
+    CHECK(eps_hat_at(m, b4, 4, 0) != eh0[4 * MOT_PATCH]);
+}
+
+TEST_CASE("cosine schedule") {
+    CHECK(mot_abar(0) == 1.0);
+    CHECK(mot_abar(1000) > 2.0e-9);
+    CHECK(mot_abar(1000) < 2.8e-9);
+    CHECK(mot_abar(1000) > 0);
+    for (int t = 1; t <= 1000; t++) CHECK_MESSAGE(mot_abar(t) < mot_abar(t - 1), t);
+    // f(t)/f(0) where no beta is clipped: abar(500) = cos^2((0.5 + 0.008)/1.008 pi/2) / cos^2(0.008/1.008 pi/2)
+    auto f = [](double t) { double x = cos((t / 1000 + 0.008) / 1.008 * M_PI / 2); return x * x; };
+    CHECK(mot_abar(500) == doctest::Approx(f(500) / f(0)).epsilon(1e-9));
+    float x0[3] = {0.5f, -1, 1}, e[3] = {1, 2, -3}, xt[3];
+    mot_noise_patch(xt, x0, e, 0, 3);
+    CHECK(xt[1] == -1);
+    mot_noise_patch(xt, x0, e, 250, 3);
+    CHECK(xt[2] == doctest::Approx(sqrt(mot_abar(250)) - 3 * sqrt(1 - mot_abar(250))));
+}
+
+// Prefix tokens of sequence 0 of b (up to and including BOI at position `boi`) into the cache.
+static void feed_prefix(MotModel<double>* m, MotKVCache<double>* kv, const MotBatch& b, int boi) {
+    mot_kv_init(kv, m->cfg, m->cfg.max_seq);
+    std::vector<double> lg(m->cfg.vocab);
+    for (int i = 0; i <= boi; i++) REQUIRE(mot_decode_step(m, kv, b.tokens[i], lg.data()));
+}
+
+TEST_CASE("KV-cached denoising step equals the full forward; a committed clean image conditions the text after it") {
+    for (int towers : {3, 1}) {
+        MotConfig c = tiny_tf(towers);
+        c.max_seq = 64;
+        MotModel<double> m;
+        mot_init(&m, c, 3);
+        randomize(&m, 4);
+        // BOS x x BOI [49 image positions at 4..52] EOI BOA ...
+        MotBatch b = tf_batch(c, 1, 60, 9, {640}, MOT_IMAGE_POS);
+        mot_forward(&m, b);
+        MotKVCache<double> kv;
+        feed_prefix(&m, &kv, b, 3);
+        std::vector<double> xt(MOT_IMAGE_POS * MOT_PATCH), eh(xt.size()), eh2(xt.size());
+        for (size_t j = 0; j < xt.size(); j++) xt[j] = b.xin[4 * MOT_PATCH + j];
+        REQUIRE(mot_image_step(&m, &kv, MOT_IMAGE_POS, xt.data(), 640, false, eh.data()));
+        CHECK(kv.len == 4);
+        double worst = 0;
+        for (int p = 0; p < MOT_IMAGE_POS; p++)
+            for (int j = 0; j < MOT_PATCH; j++) worst = std::max(worst, std::fabs(eh[p * MOT_PATCH + j] - eps_hat_at(m, b, 4 + p, j)));
+        CHECK(worst < 1e-12);
+        // not committing left the cache unchanged: the same step again gives the same bits
+        REQUIRE(mot_image_step(&m, &kv, MOT_IMAGE_POS, xt.data(), 640, false, eh2.data()));
+        CHECK(eh == eh2);
+        // a clean image committed, then EOI and the text: the logits equal the full forward with t = 0
+        MotBatch bc = b;
+        for (int i = 4; i < 53; i++) bc.tstep[i] = 0;
+        mot_forward(&m, bc);
+        REQUIRE(mot_image_step(&m, &kv, MOT_IMAGE_POS, xt.data(), 0, true, eh.data()));
+        CHECK(kv.len == 53);
+        std::vector<double> lg(c.vocab);
+        double wl = 0;
+        for (int i = 53; i < 60; i++) {
+            REQUIRE(mot_decode_step(&m, &kv, b.tokens[i], lg.data()));
+            for (int v = 0; v < c.vocab; v++) wl = std::max(wl, std::fabs(lg[v] - mot_logit(m, bc, i, v)));
+        }
+        CHECK(wl < 1e-12);
+    }
+}
+
+TEST_CASE("DDIM with one step equals the closed form; guidance mixes the two predictions") {
+    MotConfig c = tiny_tf(3);
+    c.max_seq = 64;
+    MotModel<double> m;
+    mot_init(&m, c, 3);
+    randomize(&m, 4);
+    MotBatch b = tf_batch(c, 1, 60, 9, {640}, MOT_IMAGE_POS);
+    MotKVCache<double> kv, kvu;
+    feed_prefix(&m, &kv, b, 3);
+    mot_kv_init(&kvu, c, c.max_seq);
+    std::vector<double> lg(c.vocab);
+    REQUIRE(mot_decode_step(&m, &kvu, MOT_BOS, lg.data()));  // caption dropped: BOS BOI
+    REQUIRE(mot_decode_step(&m, &kvu, MOT_BOI, lg.data()));
+    const size_t np = MOT_IMAGE_POS * MOT_PATCH;
+    std::vector<double> x0(np), ec(np), eu(np);
+    uint64_t rng = 17;
+    for (double& v : x0) v = mot_rand_normal(&rng);
+    const double a = mot_abar(1000);
+    for (double w : {1.0, 3.0}) {
+        std::vector<double> x = x0;
+        REQUIRE(mot_ddim_image(&m, &kv, w == 1.0 ? nullptr : &kvu, MOT_IMAGE_POS, 1, w, x.data()));
+        REQUIRE(mot_image_step(&m, &kv, MOT_IMAGE_POS, x0.data(), 1000, false, ec.data()));
+        REQUIRE(mot_image_step(&m, &kvu, MOT_IMAGE_POS, x0.data(), 1000, false, eu.data()));
+        bool clipped = false;
+        for (size_t j = 0; j < np; j++) {
+            const double e = w == 1.0 ? ec[j] : eu[j] + w * (ec[j] - eu[j]);
+            const double want = std::min(1.0, std::max(-1.0, (x0[j] - sqrt(1 - a) * e) / sqrt(a)));
+            clipped |= std::fabs(want) == 1.0;
+            CHECK(x[j] == doctest::Approx(want).epsilon(1e-12));
+        }
+        CHECK(clipped);  // at t = 1000 the division by sqrt(abar) throws most values past [-1, 1]
+    }
+    CHECK(kv.len == 4);
+    // two steps: t = 1000 then t = 500, the second from the first's x
+    std::vector<double> x = x0, y = x0;
+    REQUIRE(mot_ddim_image(&m, &kv, (MotKVCache<double>*)nullptr, MOT_IMAGE_POS, 2, 1.0, x.data()));
+    for (int t : {1000, 500}) {
+        REQUIRE(mot_image_step(&m, &kv, MOT_IMAGE_POS, y.data(), t, false, ec.data()));
+        const double at = mot_abar(t), an = t == 1000 ? mot_abar(500) : 1.0;
+        for (size_t j = 0; j < np; j++) {
+            const double p0 = std::min(1.0, std::max(-1.0, (y[j] - sqrt(1 - at) * ec[j]) / sqrt(at)));
+            y[j] = sqrt(an) * p0 + sqrt(1 - an) * ec[j];
+        }
+    }
+    for (size_t j = 0; j < np; j++) CHECK(x[j] == doctest::Approx(y[j]).epsilon(1e-12));
+}
+
+TEST_CASE("patches <-> image: raster order of 4x4 patches") {
+    std::vector<double> img(784), p(784), back(784);
+    for (int i = 0; i < 784; i++) img[i] = i;
+    mot_image_to_patches(img.data(), p.data());
+    CHECK(p[0] == 0); CHECK(p[1] == 1); CHECK(p[4] == 28);     // patch 0: rows 0..3, cols 0..3
+    CHECK(p[16] == 4);                                         // patch 1 starts at column 4
+    CHECK(p[7 * 16] == 4 * 28);                                // patch 7 starts at row 4
+    mot_patches_to_image(p.data(), back.data());
+    CHECK(back == img);
+}
+
+TEST_CASE("float training on one Transfusion batch lowers both losses") {
+    MotConfig c = tiny_tf(3);
+    c.d_model = 16; c.d_ff = 32;
+    MotModel<float> m;
+    mot_init(&m, c, 1);
+    MotBatch b = tf_batch(c, 2, 20, 5, {100, 400});
+    MotOptim o;
+    o.lr = 1e-2; o.warmup = 1; o.steps = 60;
+    mot_forward(&m, b);
+    const double lm0 = m.loss_lm, mse0 = m.loss_mod[MOD_IMAGE];
+    for (int s = 0; s < 60; s++) {
+        mot_forward(&m, b);
+        mot_zero_grad(&m);
+        mot_backward(&m, b);
+        mot_adamw_step(&m, o, s);
+    }
+    mot_forward(&m, b);
+    CHECK(m.loss_lm < 0.5 * lm0);
+    CHECK(m.loss_mod[MOD_IMAGE] < 0.8 * mse0);
+}
