@@ -1525,32 +1525,72 @@ inline bool mot_get(FILE* f, void* p, size_t bytes) { return fread(p, 1, bytes, 
 // ---- token shard (.bin) ----------------------------------------------------------------------
 //   offset  size  field
 //   0       4     magic "MOTS"
-//   4       4     uint32 version = 1
+//   4       4     uint32 version = 1 (tokens only) or 2 (tokens and pixels: the Transfusion form)
 //   8       4     uint32 vocab          (V)
 //   12      4     uint32 image_begin    (text, specials included, is [0, image_begin))
 //   16      4     uint32 speech_begin   (image is [image_begin, speech_begin), speech [speech_begin, V))
 //   20      4     uint32 reserved = 0
 //   24      8     uint64 n_tokens
+//   version 1:
 //   32      2*n   uint16 token ids: documents one after another, each BOS ... EOS
-enum { MOT_SHARD_VERSION = 1, MOT_SHARD_HEADER = 32 };
+//   version 2:
+//   32      8     uint64 n_images
+//   40      2*n   uint16 token ids as in version 1, where every image is BOI, 49 image ids, EOI
+//                 (the ids only mark the positions; data/build.cpp writes image_begin), and image
+//                 ids occur nowhere else
+//   ...     784*n_images  uint8 pixels: image k (the k-th BOI) as 28x28 grey, row-major, 0..255;
+//                 the model's patch values are p / 127.5 - 1, cut into 49 raster-order 4x4 patches
+enum { MOT_SHARD_VERSION = 1, MOT_SHARD_VERSION_PIXELS = 2, MOT_SHARD_HEADER = 32, MOT_SHARD_HEADER_V2 = 40,
+       MOT_IMAGE_PIXELS = 784 };
 
 struct MotShard {
     std::string path;
     MotVocab vocab;
     std::vector<uint16_t> tokens;
+    // version 2 only: 784 pixels per image, and the token position of each image's first patch
+    std::vector<uint8_t> pixels;
+    std::vector<uint64_t> image_at;
+    bool pixels_version = false;
 };
 
+// Version 2's rule: every BOI is followed by exactly 49 image ids and EOI, and image ids appear
+// only there. Returns "" or what is wrong; fills the first-patch position of each image.
+inline std::string mot_check_image_blocks(const MotVocab& v, const uint16_t* t, size_t n, std::vector<uint64_t>* at) {
+    at->clear();
+    for (size_t i = 0; i < n; i++) {
+        const bool img = t[i] >= v.image_begin && t[i] < v.speech_begin;
+        if (img) return "image id " + std::to_string(t[i]) + " at position " + std::to_string(i) + " outside a BOI ... EOI block";
+        if (t[i] != MOT_BOI) continue;
+        size_t k = i + 1;
+        while (k < n && t[k] >= v.image_begin && t[k] < v.speech_begin) k++;
+        if (k - i - 1 != MOT_IMAGE_POS || k >= n || t[k] != MOT_EOI)
+            return "the image at position " + std::to_string(i) + " has " + std::to_string(k - i - 1) +
+                   " image positions" + (k < n && t[k] == MOT_EOI ? "" : " and no EOI after them") + " (expected 49 then EOI)";
+        at->push_back(i + 1);
+        i = k;
+    }
+    return "";
+}
+
+// pixels == nullptr: version 1. Otherwise version 2 with n_images = the number of BOI blocks.
 inline bool mot_write_shard(const std::string& path, const MotVocab& v, const uint16_t* tokens, size_t n,
-                            std::string* err) {
+                            std::string* err, const uint8_t* pixels = nullptr) {
     for (size_t i = 0; i < n; i++)
         if (tokens[i] >= v.vocab)
             return mot_fail(err, path, "token " + std::to_string(tokens[i]) + " at position " + std::to_string(i) +
                                            " is outside the vocabulary (size " + std::to_string(v.vocab) + ")");
+    std::vector<uint64_t> at;
+    if (pixels) {
+        std::string bad = mot_check_image_blocks(v, tokens, n, &at);
+        if (!bad.empty()) return mot_fail(err, path, bad);
+    }
     return mot_write_atomic(path, err, [&](FILE* f) {
-        uint32_t h[6] = {0, MOT_SHARD_VERSION, (uint32_t)v.vocab, (uint32_t)v.image_begin, (uint32_t)v.speech_begin, 0};
+        uint32_t h[6] = {0, pixels ? MOT_SHARD_VERSION_PIXELS : MOT_SHARD_VERSION, (uint32_t)v.vocab,
+                         (uint32_t)v.image_begin, (uint32_t)v.speech_begin, 0};
         memcpy(h, "MOTS", 4);
-        uint64_t nt = n;
-        return mot_put(f, h, sizeof h) && mot_put(f, &nt, 8) && mot_put(f, tokens, n * 2);
+        uint64_t nt = n, ni = at.size();
+        return mot_put(f, h, sizeof h) && mot_put(f, &nt, 8) && (!pixels || mot_put(f, &ni, 8)) &&
+               mot_put(f, tokens, n * 2) && (!pixels || mot_put(f, pixels, ni * MOT_IMAGE_PIXELS));
     });
 }
 
@@ -1560,30 +1600,49 @@ inline bool mot_read_shard(const std::string& path, MotShard* out, std::string* 
     struct Closer { FILE* f; ~Closer() { fclose(f); } } closer{f};
     const long size = mot_file_size(f);
     uint32_t h[6];
-    uint64_t n;
+    uint64_t n, ni = 0;
     if (size < MOT_SHARD_HEADER || !mot_get(f, h, sizeof h) || !mot_get(f, &n, 8))
         return mot_fail(err, path, "truncated: shorter than the 32-byte shard header");
     if (memcmp(h, "MOTS", 4) != 0) return mot_fail(err, path, "not a mot token shard (bad magic, expected MOTS)");
-    if (h[1] != MOT_SHARD_VERSION)
-        return mot_fail(err, path, "unsupported shard version " + std::to_string(h[1]) + " (expected 1)");
+    if (h[1] != MOT_SHARD_VERSION && h[1] != MOT_SHARD_VERSION_PIXELS)
+        return mot_fail(err, path, "unsupported shard version " + std::to_string(h[1]) + " (expected 1 or 2)");
+    const bool px = h[1] == MOT_SHARD_VERSION_PIXELS;
+    if (px && (size < MOT_SHARD_HEADER_V2 || !mot_get(f, &ni, 8)))
+        return mot_fail(err, path, "truncated: shorter than the 40-byte shard header of version 2");
     MotVocab v{(int32_t)h[2], (int32_t)h[3], (int32_t)h[4]};
     if (!(MOT_N_SPECIAL <= v.image_begin && v.image_begin <= v.speech_begin && v.speech_begin <= v.vocab &&
           v.vocab <= 65536))
         return mot_fail(err, path, "bad vocabulary ranges in header");
-    // Compared without computing 32 + 2n, which wraps for n >= 2^63.
-    const uint64_t body = (uint64_t)size - MOT_SHARD_HEADER;
-    if (body % 2 != 0 || body / 2 != n)
-        return mot_fail(err, path, "truncated or padded: header says " + std::to_string(n) + " tokens but the file has " +
-                                       std::to_string(size) + " bytes (expected 32 + 2 per token)");
+    if (h[5] != 0) return mot_fail(err, path, "reserved header field is " + std::to_string(h[5]) + " (expected 0)");
+    // Compared without computing 32 + 2n (+ 784 n_images), which can wrap.
+    const uint64_t body = (uint64_t)size - (px ? MOT_SHARD_HEADER_V2 : MOT_SHARD_HEADER);
+    const uint64_t pix_bytes = ni <= body / MOT_IMAGE_PIXELS ? ni * MOT_IMAGE_PIXELS : UINT64_MAX;
+    if (pix_bytes > body || (body - pix_bytes) % 2 != 0 || (body - pix_bytes) / 2 != n)
+        return mot_fail(err, path, "truncated or padded: header says " + std::to_string(n) + " tokens" +
+                                       (px ? " and " + std::to_string(ni) + " images" : std::string()) +
+                                       " but the file has " + std::to_string(size) + " bytes (expected " +
+                                       (px ? "40 + 2 per token + 784 per image)" : "32 + 2 per token)"));
     out->path = path;
     out->vocab = v;
     out->tokens.resize(n);
+    out->pixels_version = px;
     if (!mot_get(f, out->tokens.data(), 2 * n)) return mot_fail(err, path, "read error");
     for (size_t i = 0; i < n; i++)
         if (out->tokens[i] >= v.vocab)
             return mot_fail(err, path, "token " + std::to_string(out->tokens[i]) + " at position " +
                                            std::to_string(i) + " is outside the vocabulary (size " +
                                            std::to_string(v.vocab) + ")");
+    out->image_at.clear();
+    out->pixels.clear();
+    if (px) {
+        std::string bad = mot_check_image_blocks(v, out->tokens.data(), n, &out->image_at);
+        if (!bad.empty()) return mot_fail(err, path, bad);
+        if (out->image_at.size() != ni)
+            return mot_fail(err, path, "header says " + std::to_string(ni) + " images but the tokens hold " +
+                                           std::to_string(out->image_at.size()));
+        out->pixels.resize(pix_bytes);  // every byte value is a valid pixel (0..255)
+        if (!mot_get(f, out->pixels.data(), pix_bytes)) return mot_fail(err, path, "read error in pixels");
+    }
     return true;
 }
 
@@ -1595,6 +1654,7 @@ struct MotLoader {
     std::vector<uint64_t> windows;  // cumulative number of valid window starts per shard
     MotVocab vocab;
     uint64_t rng = 0;
+    bool pixels = false;            // the shards are version 2 (the Transfusion form)
 };
 
 inline bool mot_loader_open(MotLoader* ld, const std::string& pattern, int T, uint64_t seed, std::string* err) {
@@ -1614,6 +1674,8 @@ inline bool mot_loader_open(MotLoader* ld, const std::string& pattern, int T, ui
         if (!mot_read_shard(p, &s, err)) return false;
         if (!ld->shards.empty() && memcmp(&s.vocab, &ld->shards[0].vocab, sizeof(MotVocab)) != 0)
             return mot_fail(err, p, "vocabulary layout differs from " + ld->shards[0].path);
+        if (!ld->shards.empty() && s.pixels_version != ld->shards[0].pixels_version)
+            return mot_fail(err, p, "shard version differs from " + ld->shards[0].path + " (pixels in one, not the other)");
         if (s.tokens.size() < (size_t)T + 1)
             return mot_fail(err, p, "has " + std::to_string(s.tokens.size()) + " tokens, fewer than one window of " +
                                         std::to_string(T + 1) + " (sequence length + 1)");
@@ -1622,8 +1684,57 @@ inline bool mot_loader_open(MotLoader* ld, const std::string& pattern, int T, ui
         ld->shards.push_back(std::move(s));
     }
     ld->vocab = ld->shards[0].vocab;
+    ld->pixels = ld->shards[0].pixels_version;
     ld->rng = seed;
     return true;
+}
+
+// "" when the loader's shards suit the model's setting: pixels (version 2) exactly for Transfusion.
+inline std::string mot_loader_setting_error(const MotLoader& ld, const MotConfig& c) {
+    if (mot_transfusion(c) && !ld.pixels)
+        return ld.shards[0].path + ": a token shard (version 1) but the model is in the Transfusion setting (it needs pixels: version 2)";
+    if (!mot_transfusion(c) && ld.pixels)
+        return ld.shards[0].path + ": a shard with pixels (version 2, the Transfusion form) but the model is in the token setting";
+    return "";
+}
+
+// Transfusion: the noise of the images in window row bi of b (positions of image ids in the
+// window from shard s at offset off). Per image, t is uniform in {1..1000}, or, half of the time
+// when the image comes before its caption (BOS BOI ... EOI then text), in {1..500}; eps ~ N(0, I);
+// xin = x_t. All drawn from the loader's stream, so a resumed run and every validation pass
+// (which reopens its loader with the same seed) see the same noise.
+inline void mot_loader_diffuse(MotLoader* ld, const MotConfig& c, const MotShard& sh, uint64_t off, int bi, MotBatch* b) {
+    const int T = b->T;
+    int t_img = 0;
+    uint64_t cur = UINT64_MAX;  // the image whose t is t_img
+    for (int t = 0; t < T; t++) {
+        const size_t i = (size_t)bi * T + t;
+        b->tstep[i] = 0;
+        std::fill(b->xin.begin() + i * MOT_PATCH, b->xin.begin() + (i + 1) * MOT_PATCH, 0.0f);
+        std::fill(b->eps.begin() + i * MOT_PATCH, b->eps.begin() + (i + 1) * MOT_PATCH, 0.0f);
+        if (mot_modality(c, b->tokens[i]) != MOD_IMAGE) continue;
+        const uint64_t p = off + t;
+        const size_t k = std::upper_bound(sh.image_at.begin(), sh.image_at.end(), p) - sh.image_at.begin() - 1;
+        const uint64_t start = sh.image_at[k];
+        if (k != cur) {
+            cur = k;
+            const uint64_t after = start + MOT_IMAGE_POS + 1;  // the token after EOI
+            const bool image_first = start >= 2 && sh.tokens[start - 2] == MOT_BOS && after < sh.tokens.size() &&
+                                     sh.tokens[after] >= MOT_N_SPECIAL && mot_modality(c, sh.tokens[after]) == MOD_TEXT;
+            const bool light = image_first && (mot_rand_u64(&ld->rng) & 1);
+            t_img = 1 + (int)(mot_rand_u64(&ld->rng) % (light ? 500 : MOT_DIFF_STEPS));
+        }
+        const int patch = (int)(p - start);
+        float x0[MOT_PATCH], e[MOT_PATCH];
+        const uint8_t* px = sh.pixels.data() + k * MOT_IMAGE_PIXELS;
+        for (int j = 0; j < MOT_PATCH; j++) {
+            x0[j] = px[((patch / 7) * 4 + j / 4) * MOT_IMAGE_SIDE + (patch % 7) * 4 + j % 4] / 127.5f - 1.0f;
+            e[j] = float(mot_rand_normal(&ld->rng));
+        }
+        b->tstep[i] = t_img;
+        std::copy(e, e + MOT_PATCH, b->eps.begin() + i * MOT_PATCH);
+        mot_noise_patch(&b->xin[i * MOT_PATCH], x0, e, t_img, MOT_PATCH);
+    }
 }
 
 // Fills a batch (tokens, targets, grouping). A PAD target is ignored.
@@ -1640,6 +1751,12 @@ inline void mot_loader_next(MotLoader* ld, const MotConfig& c, int B, int T, Mot
         for (int t = 0; t < T; t++) {
             b->tokens[(size_t)bi * T + t] = tok[t];
             b->targets[(size_t)bi * T + t] = tok[t + 1] == MOT_PAD ? MOT_IGNORE : tok[t + 1];
+        }
+        if (mot_transfusion(c) && ld->pixels) {
+            b->tstep.resize((size_t)B * T);
+            b->xin.resize((size_t)B * T * MOT_PATCH);
+            b->eps.resize((size_t)B * T * MOT_PATCH);
+            mot_loader_diffuse(ld, c, ld->shards[s], off, bi, b);
         }
     }
     mot_group(c, b);

@@ -369,3 +369,176 @@ TEST_CASE("float training on one Transfusion batch lowers both losses") {
     CHECK(m.loss_lm < 0.5 * lm0);
     CHECK(m.loss_mod[MOD_IMAGE] < 0.8 * mse0);
 }
+
+// ---- shards of the Transfusion form (version 2: tokens and pixels) --------------------------------
+// Documents like the dataset's: BOS caption BOI [49] EOI EOS, BOS BOI [49] EOI caption EOS (image
+// first), BOS BOA speech EOA EOS; image k's pixels are (k * 7 + i) % 256.
+static std::vector<uint16_t> tf_tokens(int docs, uint64_t seed, int* n_images) {
+    std::vector<uint16_t> t;
+    *n_images = 0;
+    for (int d = 0; d < docs; d++) {
+        const int kind = d % 3;
+        t.push_back(MOT_BOS);
+        if (kind == 0) t.push_back(8 + mot_rand_u64(&seed) % 16);
+        if (kind < 2) {
+            t.push_back(MOT_BOI);
+            for (int i = 0; i < MOT_IMAGE_POS; i++) t.push_back(VOC.image_begin);
+            t.push_back(MOT_EOI);
+            ++*n_images;
+        } else {
+            t.push_back(MOT_BOA);
+            t.push_back(VOC.speech_begin + mot_rand_u64(&seed) % 16);
+            t.push_back(MOT_EOA);
+        }
+        if (kind == 1) t.push_back(8 + mot_rand_u64(&seed) % 16);
+        t.push_back(MOT_EOS);
+    }
+    return t;
+}
+static std::vector<uint8_t> tf_pixels(int n_images) {
+    std::vector<uint8_t> p((size_t)n_images * MOT_IMAGE_PIXELS);
+    for (size_t i = 0; i < p.size(); i++) p[i] = uint8_t((i / MOT_IMAGE_PIXELS * 7 + i) % 256);
+    return p;
+}
+
+TEST_CASE("shard version 2: round trip; the loader gives x_t of the right pixels, t in range, and the noise") {
+    int ni;
+    const std::vector<uint16_t> t = tf_tokens(60, 1, &ni);
+    const std::vector<uint8_t> px = tf_pixels(ni);
+    std::string err;
+    REQUIRE_MESSAGE(mot_write_shard(tmp("p.bin"), VOC, t.data(), t.size(), &err, px.data()), err);
+    CHECK(read_bytes(tmp("p.bin")).size() == 40 + 2 * t.size() + 784 * (size_t)ni);
+    MotShard s;
+    REQUIRE_MESSAGE(mot_read_shard(tmp("p.bin"), &s, &err), err);
+    CHECK(s.pixels_version);
+    CHECK(s.tokens == t);
+    CHECK(s.pixels == px);
+    CHECK((int)s.image_at.size() == ni);
+    // a version-1 shard is still read, with no pixels
+    REQUIRE(mot_write_shard(tmp("v1.bin"), VOC, t.data(), t.size(), &err));
+    REQUIRE(mot_read_shard(tmp("v1.bin"), &s, &err));
+    CHECK_FALSE(s.pixels_version);
+
+    MotConfig c = tiny_tf(3);
+    c.vocab = VOC.vocab; c.image_begin = VOC.image_begin; c.speech_begin = VOC.speech_begin; c.max_seq = 128;
+    MotLoader ld;
+    REQUIRE(mot_loader_open(&ld, tmp("p.bin"), 100, 5, &err));
+    CHECK(mot_loader_setting_error(ld, c) == "");
+    MotConfig ct = c;
+    ct.setting = MOT_SETTING_TOKENS;
+    CHECK(mot_loader_setting_error(ld, ct).find("version 2") != std::string::npos);
+    MotLoader l1;
+    REQUIRE(mot_loader_open(&l1, tmp("v1.bin"), 100, 5, &err));
+    CHECK(mot_loader_setting_error(l1, c).find(tmp("v1.bin") + ": a token shard") == 0);
+    CHECK_FALSE(mot_loader_open(&l1, tmp("p.bin") + "," + tmp("v1.bin"), 100, 5, &err));  // no such file: fine
+    int light = 0, images = 0;
+    for (int it = 0; it < 20; it++) {
+        MotBatch b;
+        mot_loader_next(&ld, c, 4, 100, &b);
+        REQUIRE(b.xin.size() == 400u * MOT_PATCH);
+        for (int i = 0; i < 400; i++) {
+            if (mot_modality(c, b.tokens[i]) != MOD_IMAGE) { CHECK(b.tstep[i] == 0); continue; }
+            REQUIRE(b.tstep[i] >= 1);
+            REQUIRE(b.tstep[i] <= 1000);
+            // recover x0 from x_t and eps: it must be the pixels of a stored image, in [-1, 1]
+            const double a = mot_abar(b.tstep[i]);
+            for (int j = 0; j < MOT_PATCH; j++) {
+                const double x0 = (b.xin[(size_t)i * MOT_PATCH + j] - sqrt(1 - a) * b.eps[(size_t)i * MOT_PATCH + j]) / sqrt(a);
+                if (b.tstep[i] < 300) CHECK(std::fabs(x0) <= 1.0 + 1e-3);
+            }
+            // one t per image: the next position of the same block has the same t
+            if (i % 100 < 99 && b.vis[i] > i % 100) CHECK(b.tstep[i + 1] == b.tstep[i]);
+            if (i % 100 == 0 || b.tokens[i - 1] == MOT_BOI) {
+                images++;
+                light += b.tstep[i] <= 500;
+            }
+        }
+    }
+    CHECK(images > 50);
+    CHECK(light > images / 2);  // image-first documents draw t <= 500 half of the time
+    // exact pixels: x0 recovered from x_t and eps is a stored image, pixel for pixel (t < 900 keeps
+    // the division by sqrt(abar) accurate)
+    MotLoader l2;
+    REQUIRE(mot_loader_open(&l2, tmp("p.bin"), 100, 9, &err));
+    bool found = false;
+    for (int it = 0; it < 50 && !found; it++) {
+        MotBatch b;
+        mot_loader_next(&l2, c, 1, 100, &b);
+        for (int i = 1; i < 100 && !found; i++) {
+            if (b.tokens[i - 1] != MOT_BOI || i + 49 >= 100 || b.tstep[i] >= 900) continue;
+            // which image? find the shard position by matching: x0 from x_t and eps
+            const double a = mot_abar(b.tstep[i]);
+            std::vector<double> x0(MOT_IMAGE_POS * MOT_PATCH), img(784);
+            for (size_t j = 0; j < x0.size(); j++)
+                x0[j] = (b.xin[(size_t)i * MOT_PATCH + j] - sqrt(1 - a) * b.eps[(size_t)i * MOT_PATCH + j]) / sqrt(a);
+            mot_patches_to_image(x0.data(), img.data());
+            const int p0 = (int)std::lround((img[0] + 1) * 127.5);  // image k starts at (791 k) % 256
+            int k = -1;
+            for (int q = 0; q < ni; q++) if ((791 * q) % 256 == p0) { k = q; break; }
+            REQUIRE(k >= 0);
+            double worst = 0;
+            for (int j = 0; j < 784; j++) worst = std::max(worst, std::fabs(img[j] - (px[(size_t)k * 784 + j] / 127.5 - 1)));
+            CHECK(worst < 1e-3);
+            found = true;
+        }
+    }
+    CHECK(found);
+}
+
+TEST_CASE("shard version 2: bad input is refused with one line naming the file") {
+    int ni;
+    const std::vector<uint16_t> t = tf_tokens(12, 2, &ni);
+    const std::vector<uint8_t> px = tf_pixels(ni);
+    std::string err;
+    REQUIRE(mot_write_shard(tmp("g.bin"), VOC, t.data(), t.size(), &err, px.data()));
+    const std::string good = read_bytes(tmp("g.bin"));
+    MotShard s;
+    auto bad = [&](const std::string& name, const std::string& bytes, const std::string& expect) {
+        write_bytes(tmp(name), bytes);
+        CHECK_FALSE(mot_read_shard(tmp(name), &s, &err));
+        INFO(err);
+        CHECK(err.find(tmp(name) + ": ") == 0);
+        CHECK(err.find(expect) != std::string::npos);
+        CHECK(err.find('\n') == std::string::npos);
+    };
+    bad("trunc_px.bin", good.substr(0, good.size() - 100), "truncated or padded");        // pixel block cut
+    bad("pad_px.bin", good + std::string(784, '\0'), "truncated or padded");              // one image too many
+    bad("short.bin", good.substr(0, 36), "truncated");                                    // header cut
+    std::string b = good;
+    uint64_t n_img = ni + 1;  // header and pixel block agree, the tokens hold one image fewer
+    memcpy(&b[32], &n_img, 8);
+    bad("count.bin", b + std::string(784, '\0'), "images but the tokens hold");
+    b = good; b[20] = 1;
+    bad("reserved.bin", b, "reserved header field");
+    b = good; b[4] = 3;
+    bad("version.bin", b, "version 3");
+    // an image of 48 and one of 50 positions; an image id outside a block; no EOI
+    for (int delta : {-1, +1}) {
+        std::vector<uint16_t> u = t;
+        const size_t boi = std::find(u.begin(), u.end(), (uint16_t)MOT_BOI) - u.begin();
+        if (delta < 0) u.erase(u.begin() + boi + 1);
+        else u.insert(u.begin() + boi + 1, (uint16_t)VOC.image_begin);
+        std::string bytes = good.substr(0, 40) + std::string((const char*)u.data(), 2 * u.size()) + good.substr(40 + 2 * t.size());
+        uint64_t nt = u.size();
+        memcpy(&bytes[24], &nt, 8);
+        bad(delta < 0 ? "p48.bin" : "p50.bin", bytes, delta < 0 ? "has 48 image positions" : "has 50 image positions");
+        CHECK_FALSE(mot_write_shard(tmp("w.bin"), VOC, u.data(), u.size(), &err, px.data()));  // the writer refuses too
+        CHECK(err.find("image positions") != std::string::npos);
+    }
+    std::vector<uint16_t> u = t;
+    u[0] = VOC.image_begin;  // BOS -> an image id
+    std::string bytes = good.substr(0, 40) + std::string((const char*)u.data(), 2 * u.size()) + good.substr(40 + 2 * t.size());
+    bad("stray.bin", bytes, "outside a BOI ... EOI block");
+    u = t;
+    u[std::find(u.begin(), u.end(), (uint16_t)MOT_EOI) - u.begin()] = MOT_EOS;
+    bytes = good.substr(0, 40) + std::string((const char*)u.data(), 2 * u.size()) + good.substr(40 + 2 * t.size());
+    bad("noeoi.bin", bytes, "no EOI");
+    // a header claiming 2^61 images: 784 x n wraps; refused by size, before any allocation
+    b = good;
+    n_img = 1ull << 61;
+    memcpy(&b[32], &n_img, 8);
+    bad("wrap.bin", b, "truncated or padded");
+    // pixels are uint8: every value is a valid pixel (0 -> -1, 255 -> +1); the model's input range
+    CHECK(0 / 127.5f - 1.0f == -1.0f);
+    CHECK(255 / 127.5f - 1.0f == 1.0f);
+}
