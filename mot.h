@@ -1585,7 +1585,7 @@ inline bool mot_write_shard(const std::string& path, const MotVocab& v, const ui
         if (!bad.empty()) return mot_fail(err, path, bad);
     }
     return mot_write_atomic(path, err, [&](FILE* f) {
-        uint32_t h[6] = {0, pixels ? MOT_SHARD_VERSION_PIXELS : MOT_SHARD_VERSION, (uint32_t)v.vocab,
+        uint32_t h[6] = {0, (uint32_t)(pixels ? MOT_SHARD_VERSION_PIXELS : MOT_SHARD_VERSION), (uint32_t)v.vocab,
                          (uint32_t)v.image_begin, (uint32_t)v.speech_begin, 0};
         memcpy(h, "MOTS", 4);
         uint64_t nt = n, ni = at.size();

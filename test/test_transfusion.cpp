@@ -542,3 +542,81 @@ TEST_CASE("shard version 2: bad input is refused with one line naming the file")
     CHECK(0 / 127.5f - 1.0f == -1.0f);
     CHECK(255 / 127.5f - 1.0f == 1.0f);
 }
+
+// ---- the trainer ----------------------------------------------------------------------------------
+TEST_CASE("mot --setting transfusion: trains on pixel shards, logs the image MSE, records the setting; bad input refused") {
+    if (access("./mot", X_OK) != 0) {
+        MESSAGE("./mot not built: skipped");
+        return;
+    }
+    int ni;
+    const std::vector<uint16_t> t = tf_tokens(420, 3, &ni);
+    const std::vector<uint8_t> px = tf_pixels(ni);
+    std::string err, out;
+    REQUIRE(mot_write_shard(tmp("tf.bin"), VOC, t.data(), t.size(), &err, px.data()));
+    REQUIRE(mot_write_shard(tmp("tok.bin"), VOC, t.data(), t.size(), &err));
+    const std::string model = " --layers 1 --dim 16 --heads 2 --seq 64 --batch 2 --threads 2";
+    REQUIRE(run("./mot --setting transfusion --data " + tmp("tf.bin") + " --val " + tmp("tf.bin") + model +
+                    " --steps 3 --log " + tmp("tf.csv") + " --save " + tmp("tf.ckpt") + " --debug-state " + tmp("tf.dbg"),
+                &out) == 0);
+    INFO(out);
+    CHECK(out.find("Transfusion (images by diffusion)") != std::string::npos);
+    CHECK(out.find("device: CPU reference") != std::string::npos);
+    CHECK(out.find("val      3 | loss") != std::string::npos);
+    const std::string csv = read_bytes(tmp("tf.csv"));
+    CHECK(std::count(csv.begin(), csv.end(), '\n') == 4);  // header + 3 steps
+    // the image column is the MSE (about 1 for an untrained model predicting noise of variance 1)
+    const std::string row = csv.substr(csv.find("\n1,") + 1);
+    std::vector<std::string> f;
+    for (size_t a = 0, b; a < row.size() && (b = row.find_first_of(",\n", a)) != std::string::npos; a = b + 1) {
+        f.push_back(row.substr(a, b - a));
+        if (row[b] == '\n') break;
+    }
+    REQUIRE(f.size() > 4);
+    CHECK(atof(f[3].c_str()) > 0.5);
+    CHECK(atof(f[3].c_str()) < 2.0);
+    MotConfig c;
+    REQUIRE(mot_read_checkpoint_config(tmp("tf.ckpt"), &c, &err));
+    CHECK(c.setting == MOT_SETTING_TRANSFUSION);
+    MotDebugState d;
+    REQUIRE_MESSAGE(mot_read_debug_state(tmp("tf.dbg"), &d, &err), err);
+    CHECK(d.cfg.setting == MOT_SETTING_TRANSFUSION);
+    CHECK(d.tstep.size() == 2u * 64);
+    CHECK(d.eps_hat.size() == 2u * 64 * MOT_PATCH);
+    CHECK(d.n_mod[MOD_IMAGE] > 0);
+    // the debug state is what the CPU reference computes on its batch
+    MotModel<double> m;
+    mot_init(&m, d.cfg, 1);
+    m.params.assign(d.params.begin(), d.params.end());
+    MotBatch b;
+    b.B = d.B; b.T = d.T; b.tokens = d.tokens; b.targets = d.targets; b.tstep = d.tstep; b.xin = d.xin; b.eps = d.eps;
+    mot_group(d.cfg, &b);
+    CHECK(mot_forward(&m, b) == doctest::Approx(d.loss).epsilon(1e-4));
+    // a truncated Transfusion debug state is refused
+    const std::string dbg = read_bytes(tmp("tf.dbg"));
+    write_bytes(tmp("tf_t.dbg"), dbg.substr(0, dbg.size() - 4 * 64));
+    CHECK_FALSE(mot_read_debug_state(tmp("tf_t.dbg"), &d, &err));
+    CHECK(err.find("truncated or padded") != std::string::npos);
+
+    auto refused = [&](const std::string& args, const std::string& expect) {
+        const int rc = run("./mot" + args + model + " --steps 1", &out);
+        INFO(args, " -> ", out);
+        CHECK(rc != 0);
+        CHECK(out.find(expect) != std::string::npos);
+        CHECK(std::count(out.begin(), out.end(), '\n') == 1);
+    };
+    refused(" --data " + tmp("tf.bin"), tmp("tf.bin") + ": a shard with pixels (version 2");
+    refused(" --setting transfusion --data " + tmp("tok.bin"), tmp("tok.bin") + ": a token shard (version 1)");
+    refused(" --setting transfusion --data " + tmp("tf.bin") + " --val " + tmp("tok.bin"), tmp("tok.bin") + ": a token shard");
+    refused(" --setting diffusion --data " + tmp("tf.bin"), "bad value for --setting: 'diffusion'");
+    refused(" --setting transfusion --experts 4 --data " + tmp("tf.bin"), "experts are not supported in the Transfusion setting");
+    refused(" --setting tokens --data " + tmp("tf.bin") + " --init-from " + tmp("tf.ckpt"), "setting is 1 in the checkpoint but 0");
+    // resuming from the checkpoint without --setting takes the checkpoint's
+    REQUIRE(run("./mot --data " + tmp("tf.bin") + model + " --steps 4 --init-from " + tmp("tf.ckpt"), &out) == 0);
+    CHECK(out.find("step     4/4") != std::string::npos);
+    // the GPU build run on the CPU falls back to the CPU reference, saying why
+    if (access("./mot_cpu_cuda", X_OK) == 0) {
+        REQUIRE(run("./mot_cpu_cuda --setting transfusion --data " + tmp("tf.bin") + model + " --steps 1", &out) == 0);
+        CHECK(out.find("device: CPU reference (the Transfusion setting runs on the CPU reference only") != std::string::npos);
+    }
+}
