@@ -33,6 +33,7 @@
 #include <omp.h>
 #else
 inline int omp_in_parallel() { return 0; }
+inline int omp_get_level() { return 0; }
 inline int omp_get_max_threads() { return 1; }
 inline int omp_get_thread_num() { return 0; }
 inline int omp_get_num_threads() { return 1; }
@@ -342,7 +343,8 @@ inline void mot_for_each_copy(int copies, const int32_t* group, Fn fn) {
 // results to the same rows inside a larger matmul (the MoT = dense test relies on it).
 // Threads: C is split into one contiguous slab per thread (along the longer of M and N); each runs
 // the serial algorithm with its own thread_local packing buffers. Inside an OpenMP region, or for
-// products under ~2 MFLOP, it runs single-threaded. C must not overlap A or B.
+// products under ~2 MFLOP, it runs single-threaded. C must not overlap A or B. ("Inside" counts a
+// region of one thread too: a caller can make everything below it serial that way.)
 namespace gemm_detail {
 
 // Block sizes, for AMD Zen 5 (per core: 32 zmm registers, 2 x 512-bit FMA pipes, 48 KiB L1D,
@@ -515,7 +517,7 @@ void matmul(T* C, int ldc, const T* A, int lda, bool transA,
   // fork (~2 MFLOP, a few hundred microseconds of serial work at most).
   const bool splitM = M >= N;  // split the longer side: the duplicated packing is of the smaller operand
   const int tile = splitM ? G::MR : G::NR, tiles = ((splitM ? M : N) + tile - 1) / tile;
-  int nt = omp_in_parallel() ? 1 : std::min(omp_get_max_threads(), tiles);
+  int nt = omp_get_level() > 0 ? 1 : std::min(omp_get_max_threads(), tiles);
   if (2.0 * M * N * K < 2e6) nt = 1;
   if (nt <= 1) {
     gemm_detail::matmul_serial(C, ldc, A, lda, transA, B, ldb, transB, M, N, K, accumulate);
@@ -701,7 +703,8 @@ inline int mot_copy_of_row(int copies, const int32_t* group, int pos) {
 template <typename S>
 void rmsnorm_forward(S* y, S* rstd, const S* x, const S* g, int copies, const int32_t* group, int rows, int C,
                      int per_pos) {
-#pragma omp parallel for schedule(static)
+    // (threads only for batch-sized work: a decode step's few rows would pay more for the fork)
+#pragma omp parallel for schedule(static) if ((size_t)rows * C >= (1 << 15))
     for (int i = 0; i < rows; i++) {
         const S* xi = x + (size_t)i * C;
         const S* gi = g + (size_t)mot_copy_of_row(copies, group, i / per_pos) * C;
@@ -869,7 +872,7 @@ void attention_backward(S* dq, S* dk, S* dv, const S* dO, const S* att, const S*
 // ---- SwiGLU: u = silu(u1) * u3, silu(z) = z sigmoid(z) ---------------------------------------
 template <typename S>
 void swiglu_forward(S* u, const S* u1, const S* u3, size_t n) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= (1 << 15))
     for (size_t i = 0; i < n; i++) u[i] = u1[i] / (S(1) + std::exp(-u1[i])) * u3[i];
 }
 // du1 = du * u3 * silu'(u1), silu'(z) = s (1 + z (1 - s));  du3 = du * silu(u1)
@@ -2179,8 +2182,7 @@ bool mot_decode_rows(MotModel<S>* m, MotKVCache<S>* kv, int n, int md, bool bloc
         }
         std::copy(k.begin(), k.end(), Kc + (size_t)pos0 * D);
         std::copy(v.begin(), v.end(), Vc + (size_t)pos0 * D);
-#pragma omp parallel for schedule(static) if (n > 1)
-        for (int i = 0; i < n; i++) {
+        for (int i = 0; i < n; i++) {  // serial: a few rows against the cache cost less than a fork
             const int last = block ? pos0 + n - 1 : pos0 + i;  // the last position row i sees
             std::vector<S> p(last + 1);
             const S* qi = q.data() + (size_t)i * D;
@@ -2297,11 +2299,17 @@ bool mot_ddim_image(MotModel<S>* m, MotKVCache<S>* kv, MotKVCache<S>* kvu, int n
     for (int i = 0; i < steps; i++) {
         const int t = (int)std::lround(1000.0 * (steps - i) / steps);
         const int tn = i + 1 < steps ? (int)std::lround(1000.0 * (steps - i - 1) / steps) : 0;
-        if (!mot_image_step(m, kv, n, x, t, false, ec.data())) return false;
-        if (kvu) {
-            if (!mot_image_step(m, kvu, n, x, t, false, eu.data())) return false;
+        bool ok[2] = {true, true};
+        // The two predictions are independent: one thread each. Inside, everything runs serially
+        // (matmul is serial inside any region, the norms and SwiGLU for so few rows): 49 rows make
+        // small matmuls whose forks cost more than they save (measured 10x slower on a loaded
+        // 2-core machine), so without guidance the one pass runs in a region of one thread.
+#pragma omp parallel for schedule(static) num_threads(kvu ? 2 : 1)
+        for (int j = 0; j < (kvu ? 2 : 1); j++)
+            ok[j] = mot_image_step(m, j ? kvu : kv, n, x, t, false, j ? eu.data() : ec.data());
+        if (!ok[0] || !ok[1]) return false;
+        if (kvu)
             for (size_t j = 0; j < np; j++) ec[j] = eu[j] + S(w) * (ec[j] - eu[j]);
-        }
         const double a = mot_abar(t), an = mot_abar(tn);
         for (size_t j = 0; j < np; j++) {
             const double x0 = std::min(1.0, std::max(-1.0, (double(x[j]) - sqrt(1 - a) * double(ec[j])) / sqrt(a)));

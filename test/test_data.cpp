@@ -215,6 +215,39 @@ TEST_CASE("data: the Transfusion form holds the same documents, with each image'
     CHECK(b.xin.size() == 8u * 128 * MOT_PATCH);
 }
 
+TEST_CASE("data: the Transfusion setting trains on the tf shards, samples an image by DDIM and captions it") {
+    build();
+    std::string out;
+    int rc = run("./mot --setting transfusion --data '" + OUT + "/tf_train_*.bin' --val '" + OUT + "/tf_val_*.bin' --out " +
+                     OUT + "/tfrun --overwrite --layers 1 --dim 32 --heads 2 --seq 64 --batch 4 --steps 10 --log-every 10"
+                     " --eval-items 5 --eval-gen 1 --best-of 1 --threads 2",
+                 &out);
+    INFO(out);
+    REQUIRE(rc == 0);
+    CHECK(out.find("Transfusion (images by diffusion)") != std::string::npos);
+    CHECK(out.find("eval    10 | image->caption") != std::string::npos);
+    CHECK(out.find("caption->image") != std::string::npos);
+    struct stat sb;
+    CHECK(stat((OUT + "/tfrun/samples/image_07.png").c_str(), &sb) == 0);
+    const std::string ck = OUT + "/tfrun/model.ckpt";
+    rc = run("./mot sample --ckpt " + ck + " --tokenizers " + OUT + " --task image --prompt 'a handwritten seven' --steps 5"
+             " --best-of 1 --output " + OUT + "/tf7.png", &out);
+    REQUIRE(rc == 0);
+    CHECK(out.find("DDIM 5 steps") != std::string::npos);
+    int w = 0, h = 0, n = 0;
+    unsigned char* img = stbi_load((OUT + "/tf7.png").c_str(), &w, &h, &n, 1);
+    REQUIRE(img);
+    CHECK(w == 28);
+    CHECK(h == 28);
+    stbi_image_free(img);
+    rc = run("./mot sample --ckpt " + ck + " --tokenizers " + OUT + " --task caption --input " + OUT + "/tf7.png --max-tokens 5", &out);
+    CHECK(rc == 0);
+    CHECK(std::count(out.begin(), out.end(), '\n') == 1);
+    rc = run("./mot sample --ckpt " + ck + " --tokenizers " + OUT + " --task image --prompt x --steps 0 --output " + OUT + "/x.png", &out);
+    CHECK(rc == 2);
+    CHECK(out.find("--steps") != std::string::npos);
+}
+
 TEST_CASE("data: a second run is cached and changes nothing; a different option is refused") {
     build();
     std::string out;
