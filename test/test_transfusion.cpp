@@ -231,8 +231,8 @@ TEST_CASE("mask: a patch sees every patch of its own image and nothing later out
 
 TEST_CASE("cosine schedule") {
     CHECK(mot_abar(0) == 1.0);
-    CHECK(mot_abar(1000) > 2.0e-9);
-    CHECK(mot_abar(1000) < 2.8e-9);
+    CHECK(mot_abar(1000) > 2.3e-9);  // 2.429e-9: the clipped betas near t = 1000 keep it above 0
+    CHECK(mot_abar(1000) < 2.5e-9);
     CHECK(mot_abar(1000) > 0);
     for (int t = 1; t <= 1000; t++) CHECK_MESSAGE(mot_abar(t) < mot_abar(t - 1), t);
     // f(t)/f(0) where no beta is clipped: abar(500) = cos^2((0.5 + 0.008)/1.008 pi/2) / cos^2(0.008/1.008 pi/2)
