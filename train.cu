@@ -1204,6 +1204,7 @@ static void check_memory(const Args& a, bool activations) {
     const char* what = "parameters, gradients and optimizer state";
     if (activations) {  // mot_alloc_acts and its backward scratch, in double: no wrap
         bytes += 4.0 * (L * N * (9 * D + 2 * H + 2 + 3 * F) + L * B * H * T * T + N * (2 * V + D + 1) + 7 * N * D + 3 * N * F);
+        if (mot_transfusion(a.cfg)) bytes += 4.0 * N * (D + 3 * MOT_PATCH);  // patches, sinusoids, eps_hat, its gradient
         what = "parameters, optimizer state and activations";
     }
     const double ram = (double)sysconf(_SC_PHYS_PAGES) * sysconf(_SC_PAGESIZE);
