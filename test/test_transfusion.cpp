@@ -620,3 +620,57 @@ TEST_CASE("mot --setting transfusion: trains on pixel shards, logs the image MSE
         CHECK(out.find("device: CPU reference (the Transfusion setting runs on the CPU reference only") != std::string::npos);
     }
 }
+
+TEST_CASE("files: version-2 checkpoints and debug states (config[15], no setting) still load, as the token setting") {
+    MotConfig c = tiny_tf(3);
+    c.setting = MOT_SETTING_TOKENS;
+    MotModel<float> a, b;
+    mot_init(&a, c, 3);
+    std::string err;
+    REQUIRE(mot_save_checkpoint(tmp("v3.ckpt"), a, MotTrainState{7, 8}, true, &err));
+    std::string bytes = read_bytes(tmp("v3.ckpt"));
+    CHECK(bytes.size() == MOT_CKPT_HEADER + 12 * a.tab.total);
+    std::string v2 = bytes.substr(0, 68) + bytes.substr(72);  // drop config[15] (the setting)
+    v2[4] = 2;
+    write_bytes(tmp("v2.ckpt"), v2);
+    MotConfig fc;
+    REQUIRE_MESSAGE(mot_read_checkpoint_config(tmp("v2.ckpt"), &fc, &err), err);
+    CHECK(fc.setting == MOT_SETTING_TOKENS);
+    mot_init(&b, fc, 4);
+    MotTrainState st;
+    REQUIRE_MESSAGE(mot_load_checkpoint(tmp("v2.ckpt"), &b, &st, nullptr, &err), err);
+    CHECK(a.params == b.params);
+    CHECK(a.adam_v == b.adam_v);
+    CHECK(st.step == 7);
+    // a version-3 Transfusion checkpoint round-trips, and its setting must match the model's
+    MotModel<float> t, u;
+    mot_init(&t, tiny_tf(3), 5);
+    REQUIRE(mot_save_checkpoint(tmp("tf3.ckpt"), t, MotTrainState{}, false, &err));
+    mot_init(&u, tiny_tf(3), 6);
+    REQUIRE(mot_load_checkpoint(tmp("tf3.ckpt"), &u, nullptr, nullptr, &err));
+    CHECK(t.params == u.params);
+    CHECK_FALSE(mot_load_checkpoint(tmp("tf3.ckpt"), &b, nullptr, nullptr, &err));
+    CHECK(err.find("setting is 1 in the file but 0 is wanted") != std::string::npos);
+    // debug state: version 2 is the version-3 token-setting file without the setting int
+    MotBatch bt = random_batch(c, 2, 6, 1);
+    mot_forward(&a, bt);
+    mot_zero_grad(&a);
+    mot_backward(&a, bt);
+    REQUIRE(mot_write_debug_state(tmp("v3.dbg"), mot_debug_capture(a, bt), &err));
+    bytes = read_bytes(tmp("v3.dbg"));
+    v2 = bytes.substr(0, 68) + bytes.substr(72);
+    v2[4] = 2;
+    write_bytes(tmp("v2.dbg"), v2);
+    MotDebugState d;
+    REQUIRE_MESSAGE(mot_read_debug_state(tmp("v2.dbg"), &d, &err), err);
+    CHECK(d.cfg.setting == MOT_SETTING_TOKENS);
+    CHECK(d.loss == float(a.loss));
+    CHECK(d.grads == std::vector<float>(a.grads.begin(), a.grads.end()));
+    CHECK(d.tstep.empty());
+    // a bad setting value in a header is refused
+    std::string bad = bytes;
+    bad[68] = 7;
+    write_bytes(tmp("bad.dbg"), bad);
+    CHECK_FALSE(mot_read_debug_state(tmp("bad.dbg"), &d, &err));
+    CHECK(err.find("setting must be 0 (tokens) or 1 (transfusion)") != std::string::npos);
+}
