@@ -4,7 +4,10 @@
 // Read this file top to bottom. The math is ../shared/MOT_SPEC.md; in short: every weight
 // (Q/K/V/O, QK-norm gains, FFN, norm gains) has one copy per modality ("tower"), attention is
 // global over the whole interleaved sequence, and the embedding and output head are shared.
-// The dense baseline is this same code with one tower.
+// The dense baseline is this same code with one tower. The Transfusion setting (images as 49
+// pixel patches trained by diffusion, spec "Transfusion setting") is a config switch: its pieces
+// sit beside what they extend (patch input and timestep embedding beside the embedding, the
+// image-block mask in attention, the noise loss beside cross_entropy, DDIM beside the decoder).
 //
 // Layout of the file:
 //   1. vocabulary and config          5. the CPU reference: layers, forward and backward side by side
