@@ -21,7 +21,7 @@ NVLIBS    = -lcublas -lcublasLt -lgomp
 TOKH      = tokenizers/bpe.h tokenizers/vq.h tokenizers/speech.h
 # JPEG is decoded by Debian's libjpeg-turbo (libjpeg62-turbo-dev), PNG by stb_image
 JPEGLIBS  = -ljpeg
-TESTBINS  = test/test_mot test/test_experts test/test_files test/test_bpe test/test_vq test/test_speech test/test_data \
+TESTBINS  = test/test_mot test/test_transfusion test/test_experts test/test_files test/test_bpe test/test_vq test/test_speech test/test_data \
             test/test_crash test/test_cuda_cpu test/test_gpu_cpu
 TOOLS     = tokenizers/bpe tokenizers/vq tokenizers/speech
 
@@ -46,7 +46,7 @@ endif
 # tests run there: they call ./mot, tokenizers/* and data/build.sh relative to it).
 ASAN_DIR   = build/asan
 ASANFLAGS ?= -std=c++17 -O1 -g1 -fopenmp -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
-ASAN_TESTS = test/test_mot test/test_files test/test_bpe test/test_vq test/test_speech test/test_data test/test_crash
+ASAN_TESTS = test/test_mot test/test_transfusion test/test_files test/test_bpe test/test_vq test/test_speech test/test_data test/test_crash
 ASANBINS   = $(ASAN_TESTS:%=$(ASAN_DIR)/%) $(ASAN_DIR)/mot $(TOOLS:%=$(ASAN_DIR)/%)
 ASANLINKS  = $(ASAN_DIR)/data $(ASAN_DIR)/mot.h $(TOKH:%=$(ASAN_DIR)/%)
 # Fuzzing: libFuzzer targets for every reader (test/fuzz), with ASan + UBSan. make test replays

@@ -1000,6 +1000,10 @@ inline bool mot_gpu_head_dim_ok(int Dh) {
 inline bool mot_gpu_init(MotGpu* g, const MotConfig& c, int B, int T, bool bf16, std::string* err) {
     std::string bad = mot_config_error(c);
     if (!bad.empty()) { if (err) *err = "bad config: " + bad; return false; }
+    if (mot_transfusion(c)) {
+        if (err) *err = "the GPU path has no Transfusion setting yet (the CPU reference does)";
+        return false;
+    }
     const int Dh = c.d_model / c.n_head;
     if (!mot_gpu_head_dim_ok(Dh)) {
         if (err) *err = "head dimension " + std::to_string(Dh) + " is not supported by the GPU attention kernels "

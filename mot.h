@@ -4,7 +4,10 @@
 // Read this file top to bottom. The math is ../shared/MOT_SPEC.md; in short: every weight
 // (Q/K/V/O, QK-norm gains, FFN, norm gains) has one copy per modality ("tower"), attention is
 // global over the whole interleaved sequence, and the embedding and output head are shared.
-// The dense baseline is this same code with one tower.
+// The dense baseline is this same code with one tower. The Transfusion setting (images as 49
+// pixel patches trained by diffusion, spec "Transfusion setting") is a config switch: its pieces
+// sit beside what they extend (patch input and timestep embedding beside the embedding, the
+// image-block mask in attention, the noise loss beside cross_entropy, DDIM beside the decoder).
 //
 // Layout of the file:
 //   1. vocabulary and config          5. the CPU reference: layers, forward and backward side by side
@@ -25,6 +28,7 @@
 #include <glob.h>
 #include <cstdlib>
 #include <new>
+#include <stdexcept>
 #include <cerrno>
 #include <fcntl.h>
 #include <unistd.h>
@@ -32,6 +36,7 @@
 #include <omp.h>
 #else
 inline int omp_in_parallel() { return 0; }
+inline int omp_get_level() { return 0; }
 inline int omp_get_max_threads() { return 1; }
 inline int omp_get_thread_num() { return 0; }
 inline int omp_get_num_threads() { return 1; }
@@ -65,15 +70,19 @@ struct MotConfig {
     // Experts of each FFN copy (section 5, "Experts"): entry f is FFN copy f, i.e. tower f, or the one
     // FFN when it is tied or dense (then only entry 0 may exceed 1). 1 = the plain FFN, no router.
     int32_t n_expert[MOT_N_MOD] = {1, 1, 1};
+    // MOT_SETTING_TOKENS: every position is a token (Chameleon). MOT_SETTING_TRANSFUSION: image
+    // positions carry a 16-value pixel patch and are trained by diffusion (section 5, "Transfusion").
+    int32_t setting = 0;
 };
-enum { MOT_CONFIG_INTS = 15, MOT_CONFIG_INTS_V1 = 12, MOT_MAX_EXPERT = 64 };
+enum MotSetting { MOT_SETTING_TOKENS = 0, MOT_SETTING_TRANSFUSION = 1 };
+enum { MOT_CONFIG_INTS = 16, MOT_CONFIG_INTS_V1 = 12, MOT_CONFIG_INTS_V2 = 15, MOT_MAX_EXPERT = 64 };
 static const char* const MOT_CONFIG_NAMES[MOT_CONFIG_INTS] = {
     "n_layer", "d_model", "n_head", "d_ff", "vocab", "image_begin", "speech_begin",
-    "max_seq", "n_tower", "tie_attn", "tie_ffn", "tie_norm", "n_expert[0]", "n_expert[1]", "n_expert[2]"};
+    "max_seq", "n_tower", "tie_attn", "tie_ffn", "tie_norm", "n_expert[0]", "n_expert[1]", "n_expert[2]", "setting"};
 inline void mot_config_to_ints(const MotConfig& c, int32_t o[MOT_CONFIG_INTS]) {
     int32_t v[MOT_CONFIG_INTS] = {c.n_layer, c.d_model, c.n_head, c.d_ff, c.vocab, c.image_begin,
                                   c.speech_begin, c.max_seq, c.n_tower, c.tie_attn, c.tie_ffn, c.tie_norm,
-                                  c.n_expert[0], c.n_expert[1], c.n_expert[2]};
+                                  c.n_expert[0], c.n_expert[1], c.n_expert[2], c.setting};
     memcpy(o, v, sizeof v);
 }
 inline MotConfig mot_config_from_ints(const int32_t v[MOT_CONFIG_INTS]) {
@@ -81,9 +90,10 @@ inline MotConfig mot_config_from_ints(const int32_t v[MOT_CONFIG_INTS]) {
     c.n_layer = v[0]; c.d_model = v[1]; c.n_head = v[2]; c.d_ff = v[3]; c.vocab = v[4];
     c.image_begin = v[5]; c.speech_begin = v[6]; c.max_seq = v[7]; c.n_tower = v[8];
     c.tie_attn = v[9]; c.tie_ffn = v[10]; c.tie_norm = v[11];
-    c.n_expert[0] = v[12]; c.n_expert[1] = v[13]; c.n_expert[2] = v[14];
+    c.n_expert[0] = v[12]; c.n_expert[1] = v[13]; c.n_expert[2] = v[14]; c.setting = v[15];
     return c;
 }
+inline bool mot_transfusion(const MotConfig& c) { return c.setting == MOT_SETTING_TRANSFUSION; }
 
 // FFN copy f has n_expert[f] experts. The experts of all copies are the copies of w1, w3, w2, in
 // order (copy f's experts first at mot_expert_copy(f, 0)); with one expert each this is the plain
@@ -148,6 +158,12 @@ inline std::string mot_config_error(const MotConfig& c) {
         if (f >= mot_ffn_copies(c) && c.n_expert[f] != 1)
             return "n_expert: only the first entry is used when the FFN has one copy (dense or tied); the others must be 1";
     }
+    if (c.setting != MOT_SETTING_TOKENS && c.setting != MOT_SETTING_TRANSFUSION)
+        return "setting must be 0 (tokens) or 1 (transfusion)";
+    if (mot_transfusion(c) && mot_has_experts(c))
+        return "experts are not supported in the Transfusion setting (expert choice would mix noised image rows across the batch)";
+    if (mot_transfusion(c) && c.image_begin == c.speech_begin)
+        return "the Transfusion setting needs an image id range (image positions are marked by image ids)";
     return "";
 }
 
@@ -156,8 +172,11 @@ inline std::string mot_config_error(const MotConfig& c) {
 // All parameters live in one allocation, in this order; tensor p of layer l, copy c starts at
 // offset + (l * copies + c) * rows * cols. Gradients and Adam moments use the same layout.
 // ============================================================================================
+// The last five serve only image positions in the Transfusion setting (one copy each; none at all
+// in the token setting, so token-setting files are unchanged).
 enum MotParam { P_EMB, P_WQ, P_WK, P_WV, P_WO, P_GQ, P_GK, P_GATTN, P_W1, P_W3, P_W2, P_WR, P_U, P_GFFN, P_GOUT,
-                P_HEAD, P_COUNT };
+                P_HEAD, P_WIN, P_BIN, P_WT, P_WOUT, P_BOUT, P_COUNT };
+enum { MOT_PATCH = 16, MOT_IMAGE_POS = 49, MOT_IMAGE_SIDE = 28 };  // 4x4 patches, 7x7 of them, 28x28 pixels
 enum MotPart { PART_SHARED, PART_ATTN, PART_FFN, PART_NORM };  // which tying switch governs it
 
 struct MotParamInfo {
@@ -181,6 +200,7 @@ inline MotParamTable mot_param_table(const MotConfig& c) {
     // FFN: one copy per expert (one per tower without experts); routers: one row per expert of the
     // copies that have more than one (none without experts). Stored E x D, so r = h wr^T.
     const int kf = mot_expert_copy(c, mot_ffn_copies(c), 0), kr = mot_router_copy(c, mot_ffn_copies(c), 0);
+    const int tf = mot_transfusion(c) ? 1 : 0, P = MOT_PATCH;
     MotParamTable t{{
         {"emb",    PART_SHARED, 1, 1,  V, D,  true,  0},
         {"wq",     PART_ATTN,   L, ka, D, D,  true,  0},
@@ -198,6 +218,11 @@ inline MotParamTable mot_param_table(const MotConfig& c) {
         {"g_ffn",  PART_NORM,   L, kn, 1, D,  false, 0},
         {"g_out",  PART_NORM,   1, kn, 1, D,  false, 0},
         {"head",   PART_SHARED, 1, 1,  D, V,  true,  0},
+        {"w_in",   PART_SHARED, 1, tf, P, D,  true,  0},   // patch -> model width
+        {"b_in",   PART_SHARED, 1, tf, 1, D,  false, 0},
+        {"w_t",    PART_SHARED, 1, tf, D, D,  true,  0},   // timestep sinusoid -> model width
+        {"w_out",  PART_SHARED, 1, tf, D, P,  true,  0},   // final norm -> predicted noise
+        {"b_out",  PART_SHARED, 1, tf, 1, P,  false, 0},
     }, 0};
     for (int i = 0; i < P_COUNT; i++) { t.p[i].offset = t.total; t.total += t.p[i].size(); }
     return t;
@@ -229,6 +254,15 @@ struct MotBatch {
     std::vector<int32_t> order;            // grouped row r -> original index b*T+t
     std::vector<int32_t> row_of;           // original index -> grouped row
     int32_t group[MOT_N_MOD + 1] = {0, 0, 0, 0};  // rows [group[m], group[m+1]) have modality m
+    // Attention: position t of a sequence sees positions 0 .. vis[b*T+t] (t itself when causal;
+    // in the Transfusion setting, the end of its image block). Set by mot_group.
+    std::vector<int32_t> vis;
+    // Transfusion setting only (empty otherwise), original order. An image position (its token is
+    // any image id) has the model input xin (the noised patch x_t, 16 values), the step t of its
+    // image in tstep (0 = clean: no diffusion loss) and the noise eps it must predict. The loader
+    // draws t and eps (mot_diffuse); tests set them directly.
+    std::vector<float> xin, eps;   // [B*T*16]
+    std::vector<int32_t> tstep;    // [B*T], 0..1000
 };
 
 inline void mot_group(const MotConfig& c, MotBatch* b) {
@@ -245,6 +279,48 @@ inline void mot_group(const MotConfig& c, MotBatch* b) {
         b->order[r] = i;
         b->row_of[i] = r;
     }
+    // Causal, except that in the Transfusion setting each run of consecutive image positions (one
+    // image: the data put BOI and EOI around each 49) is a block whose positions all see each other.
+    b->vis.resize(N);
+    for (int s = 0; s < b->B; s++)
+        for (int t = 0; t < b->T; t++) {
+            const int i = s * b->T + t;
+            b->vis[i] = t;
+            if (!mot_transfusion(c) || mot_modality(c, b->tokens[i]) != MOD_IMAGE) continue;
+            int e = t;
+            while (e + 1 < b->T && mot_modality(c, b->tokens[i + e + 1 - t]) == MOD_IMAGE) e++;
+            for (int u = t; u <= e; u++) b->vis[s * b->T + u] = e;
+            t = e;
+        }
+}
+
+// ---- Transfusion: noise schedule and timestep embedding (spec, "Transfusion setting") ---------
+enum { MOT_DIFF_STEPS = 1000 };
+static const double MOT_DIFF_WEIGHT = 5.0;  // the image MSE's weight in the training loss
+// Cosine schedule: f(t) = cos^2(((t/1000) + 0.008)/1.008 * pi/2), beta_t = min(1 - f(t)/f(t-1), 0.999),
+// abar(t) = prod over s <= t of (1 - beta_s); abar(0) = 1 (the clean image).
+inline double mot_abar(int t) {
+    static const std::vector<double> table = [] {
+        std::vector<double> a(MOT_DIFF_STEPS + 1, 1.0);
+        auto f = [](int s) { double c = cos((s / 1000.0 + 0.008) / 1.008 * M_PI / 2); return c * c; };
+        for (int s = 1; s <= MOT_DIFF_STEPS; s++) a[s] = a[s - 1] * (1.0 - std::min(1.0 - f(s) / f(s - 1), 0.999));
+        return a;
+    }();
+    return table[std::max(0, std::min(t, (int)MOT_DIFF_STEPS))];
+}
+// sinusoid(t) = [sin(t w_j) || cos(t w_j)], w_j = 10000^(-2j/D), j = 0..D/2-1 (D even).
+template <typename S>
+void mot_sinusoid(S* out, int t, int D) {
+    for (int j = 0; j < D / 2; j++) {
+        const double w = pow(10000.0, -2.0 * j / D);
+        out[j] = S(sin(t * w));
+        out[D / 2 + j] = S(cos(t * w));
+    }
+}
+// x_t = sqrt(abar(t)) x0 + sqrt(1 - abar(t)) eps, for one patch of n values.
+inline void mot_noise_patch(float* xt, const float* x0, const float* eps, int t, int n) {
+    const double a = mot_abar(t);
+    for (int j = 0; j < n; j++) xt[j] = float(sqrt(a) * x0[j] + sqrt(1 - a) * eps[j]);
 }
 
 // Calls fn(copy, r0, r1) for each contiguous row range that uses one copy of a component:
@@ -270,7 +346,8 @@ inline void mot_for_each_copy(int copies, const int32_t* group, Fn fn) {
 // results to the same rows inside a larger matmul (the MoT = dense test relies on it).
 // Threads: C is split into one contiguous slab per thread (along the longer of M and N); each runs
 // the serial algorithm with its own thread_local packing buffers. Inside an OpenMP region, or for
-// products under ~2 MFLOP, it runs single-threaded. C must not overlap A or B.
+// products under ~2 MFLOP, it runs single-threaded. C must not overlap A or B. ("Inside" counts a
+// region of one thread too: a caller can make everything below it serial that way.)
 namespace gemm_detail {
 
 // Block sizes, for AMD Zen 5 (per core: 32 zmm registers, 2 x 512-bit FMA pipes, 48 KiB L1D,
@@ -452,7 +529,7 @@ void matmul(T* C, int ldc, const T* A, int lda, bool transA,
   // fork (~2 MFLOP, a few hundred microseconds of serial work at most).
   const bool splitM = M >= N;  // split the longer side: the duplicated packing is of the smaller operand
   const int tile = splitM ? G::MR : G::NR, tiles = ((splitM ? M : N) + tile - 1) / tile;
-  int nt = omp_in_parallel() ? 1 : std::min(omp_get_max_threads(), tiles);
+  int nt = omp_get_level() > 0 ? 1 : std::min(omp_get_max_threads(), tiles);
   if (2.0 * M * N * K < 2e6) nt = 1;
   if (nt <= 1) {
     gemm_detail::matmul_serial(C, ldc, A, lda, transA, B, ldb, transB, M, N, K, accumulate);
@@ -499,6 +576,9 @@ struct MotActs {
     S *z, *z_rstd;      // N x D, N        final norm output
     S *logits;          // N x V           grouped order
     S *dlogits;         // N x V           gradient of the loss wrt the logits
+    // Transfusion setting only (size 0 otherwise); grouped order, image rows used
+    S *pin, *sinu;      // N x 16, N x D   each image row's input patch x_t and sinusoid(t)
+    S *eps_hat, *deps;  // N x 16, N x 16  predicted noise, and the loss gradient wrt it
 };
 
 template <typename S>
@@ -511,7 +591,10 @@ struct MotModel {
     MotActs<S> act{};
     std::vector<S> rope_cos, rope_sin;  // max_seq x Dh/2
     // results of the last forward
-    double loss = 0, loss_mod[MOT_N_MOD] = {0, 0, 0};
+    // loss: the training objective (token setting: the CE mean; Transfusion: loss_lm + 5 loss_mod[image]).
+    // loss_mod: CE per target modality; in the Transfusion setting loss_mod[image] is the image MSE
+    // and n_mod[image] the number of noised image positions.
+    double loss = 0, loss_lm = 0, loss_mod[MOT_N_MOD] = {0, 0, 0};
     int n_valid = 0, n_mod[MOT_N_MOD] = {0, 0, 0};
     std::vector<double> pos_loss;  // -log p(target) per position, original order (0 where ignored)
     // experts (section 5, "Experts"); none of this is used by a model without them
@@ -542,7 +625,8 @@ void mot_init(MotModel<S>* m, const MotConfig& c, uint64_t seed) {
     for (int p = 0; p < P_COUNT; p++) {
         const MotParamInfo& info = m->tab.p[p];
         S* w = m->params.data() + info.offset;
-        for (size_t i = 0; i < info.size(); i++) w[i] = info.decay ? S(0.02 * mot_rand_normal(&rng)) : S(1);
+        const bool bias = p == P_BIN || p == P_BOUT;  // biases start at 0, gains at 1
+        for (size_t i = 0; i < info.size(); i++) w[i] = info.decay ? S(0.02 * mot_rand_normal(&rng)) : S(bias ? 0 : 1);
     }
     const int half = c.d_model / c.n_head / 2;
     m->rope_cos.resize((size_t)c.max_seq * half);
@@ -563,17 +647,19 @@ void mot_alloc_acts(MotModel<S>* m, int B, int T) {
     const MotConfig& c = m->cfg;
     const size_t L = c.n_layer, D = c.d_model, H = c.n_head, F = c.d_ff, V = c.vocab, N = (size_t)B * T;
     // Expert slots: copy f's E_f experts take ceil(n_f / E_f) rows each, so at most N + sum(E_f - 1) in all.
-    const bool ex = mot_has_experts(c) || m->force_expert_path;
+    const bool ex = mot_has_experts(c) || m->force_expert_path, tf = mot_transfusion(c);
     size_t NS = N, Em = 1;
     for (int f = 0; f < mot_ffn_copies(c); f++) { NS += c.n_expert[f] - 1; Em = std::max<size_t>(Em, c.n_expert[f]); }
     const size_t sizes[] = {(L + 1) * N * D, L * N * D, L * N * D, L * N * D, L * N * H, L * N * H, L * N * D,
                             L * N * D, L * B * H * T * T, L * N * D, L * N * D, L * N, L * N * D, L * NS * F,
                             L * NS * F, L * NS * F, L * N * D, L * N, ex ? L * N * Em : 0, ex ? L * N * Em : 0,
-                            ex ? L * NS * D : 0, N * D, N, N * V, N * V};
+                            ex ? L * NS * D : 0, N * D, N, N * V, N * V, tf ? N * MOT_PATCH : 0, tf ? N * D : 0,
+                            tf ? N * MOT_PATCH : 0, tf ? N * MOT_PATCH : 0};
     S** ptrs[] = {&m->act.x, &m->act.q, &m->act.k, &m->act.v, &m->act.q_rstd, &m->act.k_rstd, &m->act.qr,
                   &m->act.kr, &m->act.att, &m->act.o, &m->act.a, &m->act.a_rstd, &m->act.h, &m->act.u1,
                   &m->act.u3, &m->act.u, &m->act.y2, &m->act.y2_rstd, &m->act.gate, &m->act.aux, &m->act.ye,
-                  &m->act.z, &m->act.z_rstd, &m->act.logits, &m->act.dlogits};
+                  &m->act.z, &m->act.z_rstd, &m->act.logits, &m->act.dlogits, &m->act.pin, &m->act.sinu,
+                  &m->act.eps_hat, &m->act.deps};
     size_t total = 0;
     for (size_t s : sizes) total += s;
     m->act_mem.assign(total, S(0));
@@ -629,7 +715,8 @@ inline int mot_copy_of_row(int copies, const int32_t* group, int pos) {
 template <typename S>
 void rmsnorm_forward(S* y, S* rstd, const S* x, const S* g, int copies, const int32_t* group, int rows, int C,
                      int per_pos) {
-#pragma omp parallel for schedule(static)
+    // (threads only for batch-sized work: a decode step's few rows would pay more for the fork)
+#pragma omp parallel for schedule(static) if ((size_t)rows * C >= (1 << 15))
     for (int i = 0; i < rows; i++) {
         const S* xi = x + (size_t)i * C;
         const S* gi = g + (size_t)mot_copy_of_row(copies, group, i / per_pos) * C;
@@ -691,7 +778,8 @@ void rope_apply(S* x, const MotModel<S>& m, const MotBatch& b, int sign) {
 
 // ---- causal self-attention over the whole sequence (all modalities together) ---------------
 // Rows are in grouped order, so each (b, h) first gathers its T query/key/value vectors into
-// contiguous buffers in sequence order; causality is over sequence positions.
+// contiguous buffers in sequence order; causality is over sequence positions: position t sees
+// 0 .. vis[t] (t, except inside a Transfusion image block, whose positions all see each other).
 
 // Head h of the T positions of sequence bi, from grouped rows (N x D) into a T x Dh buffer, and back.
 template <typename S>
@@ -723,20 +811,21 @@ void attention_forward(S* o, S* att, const S* q, const S* k, const S* v, const M
             S* A = att + (size_t)bh * T * T;
             for (int t = 0; t < T; t++) {
                 S* p = A + (size_t)t * T;
+                const int lim = b.vis[(size_t)bi * T + t];  // t, or the end of t's image block
                 S mx = -INFINITY;
-                for (int j = 0; j <= t; j++) {
+                for (int j = 0; j <= lim; j++) {
                     S s = 0;
                     for (int d = 0; d < Dh; d++) s += qh[(size_t)t * Dh + d] * kh[(size_t)j * Dh + d];
                     p[j] = s * scale;
                     mx = std::max(mx, p[j]);
                 }
                 S sum = 0;
-                for (int j = 0; j <= t; j++) { p[j] = std::exp(p[j] - mx); sum += p[j]; }
-                for (int j = 0; j <= t; j++) p[j] /= sum;
-                for (int j = t + 1; j < T; j++) p[j] = 0;
+                for (int j = 0; j <= lim; j++) { p[j] = std::exp(p[j] - mx); sum += p[j]; }
+                for (int j = 0; j <= lim; j++) p[j] /= sum;
+                for (int j = lim + 1; j < T; j++) p[j] = 0;
                 S* ot = &oh[(size_t)t * Dh];
                 std::fill(ot, ot + Dh, S(0));
-                for (int j = 0; j <= t; j++)
+                for (int j = 0; j <= lim; j++)
                     for (int d = 0; d < Dh; d++) ot[d] += p[j] * vh[(size_t)j * Dh + d];
             }
             scatter_head(o, oh.data(), b, bi, h, D, Dh);
@@ -768,15 +857,16 @@ void attention_backward(S* dq, S* dk, S* dv, const S* dO, const S* att, const S*
             for (int t = 0; t < T; t++) {
                 const S* p = A + (size_t)t * T;
                 const S* dot = &doh[(size_t)t * Dh];
+                const int lim = b.vis[(size_t)bi * T + t];
                 S sum = 0;
-                for (int j = 0; j <= t; j++) {
+                for (int j = 0; j <= lim; j++) {
                     S s = 0;
                     for (int d = 0; d < Dh; d++) s += dot[d] * vh[(size_t)j * Dh + d];
                     dp[j] = s;
                     sum += p[j] * s;
                     for (int d = 0; d < Dh; d++) dvh[(size_t)j * Dh + d] += p[j] * dot[d];
                 }
-                for (int j = 0; j <= t; j++) {
+                for (int j = 0; j <= lim; j++) {
                     S ds = p[j] * (dp[j] - sum) * scale;
                     for (int d = 0; d < Dh; d++) {
                         dqh[(size_t)t * Dh + d] += ds * kh[(size_t)j * Dh + d];
@@ -794,7 +884,7 @@ void attention_backward(S* dq, S* dk, S* dv, const S* dO, const S* att, const S*
 // ---- SwiGLU: u = silu(u1) * u3, silu(z) = z sigmoid(z) ---------------------------------------
 template <typename S>
 void swiglu_forward(S* u, const S* u1, const S* u3, size_t n) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= (1 << 15))
     for (size_t i = 0; i < n; i++) u[i] = u1[i] / (S(1) + std::exp(-u1[i])) * u3[i];
 }
 // du1 = du * u3 * silu'(u1), silu'(z) = s (1 + z (1 - s));  du3 = du * silu(u1)
@@ -1061,15 +1151,26 @@ void ffn_backward_experts(MotModel<S>* m, const MotBatch& b, int l, const S* dt,
 // ---- output head and cross-entropy ---------------------------------------------------------
 // loss = mean over valid targets of logsumexp(logits) - logits[target]; loss_m restricts the
 // mean to positions whose TARGET has modality m. Writes dlogits = (softmax - onehot) / n_valid.
+// The LM target of original position i, or MOT_IGNORE. In the Transfusion setting only positions
+// whose input and target are both discrete tokens count: not an image position, not BOI (whose
+// target is a patch).
+inline int mot_lm_target(const MotConfig& c, const MotBatch& b, int i) {
+    const int tgt = b.targets[i];
+    if (tgt < 0) return MOT_IGNORE;
+    if (mot_transfusion(c) && (mot_modality(c, b.tokens[i]) == MOD_IMAGE || mot_modality(c, tgt) == MOD_IMAGE))
+        return MOT_IGNORE;
+    return tgt;
+}
+
 template <typename S>
 void cross_entropy(MotModel<S>* m, const MotBatch& b) {
     const int N = b.B * b.T, V = m->cfg.vocab;
     std::vector<double> row_loss(N, 0.0);
     int n_valid = 0;
-    for (int r = 0; r < N; r++) n_valid += b.targets[b.order[r]] >= 0;
+    for (int r = 0; r < N; r++) n_valid += mot_lm_target(m->cfg, b, b.order[r]) >= 0;
 #pragma omp parallel for schedule(static)
     for (int r = 0; r < N; r++) {
-        const int tgt = b.targets[b.order[r]];
+        const int tgt = mot_lm_target(m->cfg, b, b.order[r]);
         const S* lg = m->act.logits + (size_t)r * V;
         S* dl = m->act.dlogits + (size_t)r * V;
         if (tgt < 0) { std::fill(dl, dl + V, S(0)); continue; }
@@ -1086,7 +1187,7 @@ void cross_entropy(MotModel<S>* m, const MotBatch& b) {
     double total = 0, mod_sum[MOT_N_MOD] = {0, 0, 0};
     int mod_n[MOT_N_MOD] = {0, 0, 0};
     for (int r = 0; r < N; r++) {
-        const int tgt = b.targets[b.order[r]];
+        const int tgt = mot_lm_target(m->cfg, b, b.order[r]);
         if (tgt < 0) continue;
         const int md = mot_modality(m->cfg, tgt);
         total += row_loss[r];
@@ -1101,6 +1202,36 @@ void cross_entropy(MotModel<S>* m, const MotBatch& b) {
         m->n_mod[md] = mod_n[md];
         m->loss_mod[md] = mod_n[md] ? mod_sum[md] / mod_n[md] : 0.0;
     }
+    m->loss_lm = m->loss;
+}
+
+// ---- Transfusion: image output and the diffusion loss -------------------------------------
+// eps_hat = z W_out + b_out on the image rows; MSE = one mean over the noised (t >= 1) image
+// positions and their 16 values of (eps_hat - eps)^2; loss = loss_lm + 5 MSE. Writes deps and the
+// per-position squared error (mean over the 16 values) into pos_loss. Call after cross_entropy.
+template <typename S>
+void diffusion_loss(MotModel<S>* m, const MotBatch& b) {
+    const int D = m->cfg.d_model, P = MOT_PATCH, r0 = b.group[MOD_IMAGE], r1 = b.group[MOD_IMAGE + 1];
+    MotActs<S>& A = m->act;
+    matmul(A.eps_hat + (size_t)r0 * P, P, A.z + (size_t)r0 * D, D, false, m->param(P_WOUT), P, false, r1 - r0, P, D, false);
+    int n = 0;
+    for (int r = r0; r < r1; r++) n += b.tstep[b.order[r]] > 0;
+    double sum = 0;
+    for (int r = r0; r < r1; r++) {
+        const int i = b.order[r];
+        S *e = A.eps_hat + (size_t)r * P, *de = A.deps + (size_t)r * P;
+        double se = 0;
+        for (int j = 0; j < P; j++) {
+            e[j] += m->param(P_BOUT)[j];
+            const double d = double(e[j]) - b.eps[(size_t)i * P + j];
+            se += d * d;
+            de[j] = b.tstep[i] > 0 ? S(MOT_DIFF_WEIGHT * 2 * d / ((double)n * P)) : S(0);
+        }
+        if (b.tstep[i] > 0) { sum += se; m->pos_loss[i] = se / P; }
+    }
+    m->n_mod[MOD_IMAGE] = n;
+    m->loss_mod[MOD_IMAGE] = n ? sum / ((double)n * P) : 0.0;
+    m->loss = m->loss_lm + MOT_DIFF_WEIGHT * m->loss_mod[MOD_IMAGE];
 }
 
 // ---- the whole model -----------------------------------------------------------------------
@@ -1116,11 +1247,29 @@ double mot_forward(MotModel<S>* m, const MotBatch& b) {
     const size_t ND = (size_t)N * D, NF = (size_t)N * F;
 
     const bool experts = mot_has_experts(c) || m->force_expert_path;
+    if (mot_transfusion(c) && (b.xin.size() != (size_t)N * MOT_PATCH || b.eps.size() != (size_t)N * MOT_PATCH ||
+                               b.tstep.size() != (size_t)N))
+        throw std::invalid_argument("mot_forward: a Transfusion batch needs xin, eps (16 each) and tstep per position");
     m->aux_loss = m->aux_agree = 0;
     if (experts) mot_expert_slots(m, g);
+    const bool tf = mot_transfusion(c);
+    const int i0 = g[MOD_IMAGE], i1 = tf ? g[MOD_IMAGE + 1] : i0;  // image rows that take patches
     for (int r = 0; r < N; r++) {  // embedding, gathered straight into grouped order
+        if (r >= i0 && r < i1) continue;
         const S* e = m->param(P_EMB) + (size_t)b.tokens[b.order[r]] * D;
         std::copy(e, e + D, A.x + (size_t)r * D);
+    }
+    if (i1 > i0) {  // Transfusion image rows: x_t W_in + b_in + sinusoid(t) W_t
+        for (int r = i0; r < i1; r++) {
+            const int i = b.order[r];
+            for (int j = 0; j < MOT_PATCH; j++) A.pin[(size_t)r * MOT_PATCH + j] = S(b.xin[(size_t)i * MOT_PATCH + j]);
+            mot_sinusoid(A.sinu + (size_t)r * D, b.tstep[i], D);
+        }
+        S* xr = A.x + (size_t)i0 * D;
+        matmul(xr, D, A.pin + (size_t)i0 * MOT_PATCH, MOT_PATCH, false, m->param(P_WIN), D, false, i1 - i0, D, MOT_PATCH, false);
+        matmul(xr, D, A.sinu + (size_t)i0 * D, D, false, m->param(P_WT), D, false, i1 - i0, D, D, true);
+        for (int r = 0; r < i1 - i0; r++)
+            for (int j = 0; j < D; j++) xr[(size_t)r * D + j] += m->param(P_BIN)[j];
     }
     for (int l = 0; l < c.n_layer; l++) {
         const S* x = A.x + l * ND;
@@ -1158,6 +1307,7 @@ double mot_forward(MotModel<S>* m, const MotBatch& b) {
     rmsnorm_forward(A.z, A.z_rstd, A.x + c.n_layer * ND, m->param(P_GOUT), tab.p[P_GOUT].copies, g, N, D, 1);
     matmul(A.logits, V, A.z, D, false, m->param(P_HEAD), V, false, N, V, D, false);
     cross_entropy(m, b);
+    if (tf) diffusion_loss(m, b);
     if (experts && m->route == MOT_ROUTE_EC) {  // aux_agree: a count of rows so far (over layers)
         long rows = 0;
         for (int f = 0; f < mot_ffn_copies(c); f++) {
@@ -1191,6 +1341,15 @@ void mot_backward(MotModel<S>* m, const MotBatch& b) {
     // head and final norm
     matmul(m->grad(P_HEAD), V, A.z, D, true, A.dlogits, V, false, D, V, N, true);
     matmul(dt, D, A.dlogits, V, false, m->param(P_HEAD), V, true, N, D, V, false);
+    const bool tf = mot_transfusion(c);
+    const int i0 = g[MOD_IMAGE], i1 = tf ? g[MOD_IMAGE + 1] : i0, ni = i1 - i0, PT = MOT_PATCH;
+    if (ni > 0) {  // eps_hat = z W_out + b_out on the image rows
+        const S* de = A.deps + (size_t)i0 * PT;
+        matmul(m->grad(P_WOUT), PT, A.z + (size_t)i0 * D, D, true, de, PT, false, D, PT, ni, true);
+        matmul(dt + (size_t)i0 * D, D, de, PT, false, m->param(P_WOUT), PT, true, ni, D, PT, true);
+        for (int r = 0; r < ni; r++)
+            for (int j = 0; j < PT; j++) m->grad(P_BOUT)[j] += de[(size_t)r * PT + j];
+    }
     rmsnorm_backward(dx, false, m->grad(P_GOUT), dt, A.x + c.n_layer * ND, A.z_rstd, m->param(P_GOUT),
                      tab.p[P_GOUT].copies, g, N, D, 1);
     for (int l = c.n_layer - 1; l >= 0; l--) {
@@ -1233,7 +1392,15 @@ void mot_backward(MotModel<S>* m, const MotBatch& b) {
     }
     // embedding: rows in order, since two rows may share a token
     S* dE = m->grad(P_EMB);
+    if (ni > 0) {  // image rows: x_t W_in + b_in + sinusoid(t) W_t
+        const S* dxi = dx + (size_t)i0 * D;
+        matmul(m->grad(P_WIN), D, A.pin + (size_t)i0 * PT, PT, true, dxi, D, false, PT, D, ni, true);
+        matmul(m->grad(P_WT), D, A.sinu + (size_t)i0 * D, D, true, dxi, D, false, D, D, ni, true);
+        for (int r = 0; r < ni; r++)
+            for (int j = 0; j < D; j++) m->grad(P_BIN)[j] += dxi[(size_t)r * D + j];
+    }
     for (int r = 0; r < N; r++) {
+        if (r >= i0 && r < i1) continue;
         S* e = dE + (size_t)b.tokens[b.order[r]] * D;
         for (int j = 0; j < D; j++) e[j] += dx[(size_t)r * D + j];
     }
@@ -1379,32 +1546,72 @@ inline bool mot_get(FILE* f, void* p, size_t bytes) { return fread(p, 1, bytes, 
 // ---- token shard (.bin) ----------------------------------------------------------------------
 //   offset  size  field
 //   0       4     magic "MOTS"
-//   4       4     uint32 version = 1
+//   4       4     uint32 version = 1 (tokens only) or 2 (tokens and pixels: the Transfusion form)
 //   8       4     uint32 vocab          (V)
 //   12      4     uint32 image_begin    (text, specials included, is [0, image_begin))
 //   16      4     uint32 speech_begin   (image is [image_begin, speech_begin), speech [speech_begin, V))
 //   20      4     uint32 reserved = 0
 //   24      8     uint64 n_tokens
+//   version 1:
 //   32      2*n   uint16 token ids: documents one after another, each BOS ... EOS
-enum { MOT_SHARD_VERSION = 1, MOT_SHARD_HEADER = 32 };
+//   version 2:
+//   32      8     uint64 n_images
+//   40      2*n   uint16 token ids as in version 1, where every image is BOI, 49 image ids, EOI
+//                 (the ids only mark the positions; data/build.cpp writes image_begin), and image
+//                 ids occur nowhere else
+//   ...     784*n_images  uint8 pixels: image k (the k-th BOI) as 28x28 grey, row-major, 0..255;
+//                 the model's patch values are p / 127.5 - 1, cut into 49 raster-order 4x4 patches
+enum { MOT_SHARD_VERSION = 1, MOT_SHARD_VERSION_PIXELS = 2, MOT_SHARD_HEADER = 32, MOT_SHARD_HEADER_V2 = 40,
+       MOT_IMAGE_PIXELS = 784 };
 
 struct MotShard {
     std::string path;
     MotVocab vocab;
     std::vector<uint16_t> tokens;
+    // version 2 only: 784 pixels per image, and the token position of each image's first patch
+    std::vector<uint8_t> pixels;
+    std::vector<uint64_t> image_at;
+    bool pixels_version = false;
 };
 
+// Version 2's rule: every BOI is followed by exactly 49 image ids and EOI, and image ids appear
+// only there. Returns "" or what is wrong; fills the first-patch position of each image.
+inline std::string mot_check_image_blocks(const MotVocab& v, const uint16_t* t, size_t n, std::vector<uint64_t>* at) {
+    at->clear();
+    for (size_t i = 0; i < n; i++) {
+        const bool img = t[i] >= v.image_begin && t[i] < v.speech_begin;
+        if (img) return "image id " + std::to_string(t[i]) + " at position " + std::to_string(i) + " outside a BOI ... EOI block";
+        if (t[i] != MOT_BOI) continue;
+        size_t k = i + 1;
+        while (k < n && t[k] >= v.image_begin && t[k] < v.speech_begin) k++;
+        if (k - i - 1 != MOT_IMAGE_POS || k >= n || t[k] != MOT_EOI)
+            return "the image at position " + std::to_string(i) + " has " + std::to_string(k - i - 1) +
+                   " image positions" + (k < n && t[k] == MOT_EOI ? "" : " and no EOI after them") + " (expected 49 then EOI)";
+        at->push_back(i + 1);
+        i = k;
+    }
+    return "";
+}
+
+// pixels == nullptr: version 1. Otherwise version 2 with n_images = the number of BOI blocks.
 inline bool mot_write_shard(const std::string& path, const MotVocab& v, const uint16_t* tokens, size_t n,
-                            std::string* err) {
+                            std::string* err, const uint8_t* pixels = nullptr) {
     for (size_t i = 0; i < n; i++)
         if (tokens[i] >= v.vocab)
             return mot_fail(err, path, "token " + std::to_string(tokens[i]) + " at position " + std::to_string(i) +
                                            " is outside the vocabulary (size " + std::to_string(v.vocab) + ")");
+    std::vector<uint64_t> at;
+    if (pixels) {
+        std::string bad = mot_check_image_blocks(v, tokens, n, &at);
+        if (!bad.empty()) return mot_fail(err, path, bad);
+    }
     return mot_write_atomic(path, err, [&](FILE* f) {
-        uint32_t h[6] = {0, MOT_SHARD_VERSION, (uint32_t)v.vocab, (uint32_t)v.image_begin, (uint32_t)v.speech_begin, 0};
+        uint32_t h[6] = {0, (uint32_t)(pixels ? MOT_SHARD_VERSION_PIXELS : MOT_SHARD_VERSION), (uint32_t)v.vocab,
+                         (uint32_t)v.image_begin, (uint32_t)v.speech_begin, 0};
         memcpy(h, "MOTS", 4);
-        uint64_t nt = n;
-        return mot_put(f, h, sizeof h) && mot_put(f, &nt, 8) && mot_put(f, tokens, n * 2);
+        uint64_t nt = n, ni = at.size();
+        return mot_put(f, h, sizeof h) && mot_put(f, &nt, 8) && (!pixels || mot_put(f, &ni, 8)) &&
+               mot_put(f, tokens, n * 2) && (!pixels || mot_put(f, pixels, ni * MOT_IMAGE_PIXELS));
     });
 }
 
@@ -1414,30 +1621,49 @@ inline bool mot_read_shard(const std::string& path, MotShard* out, std::string* 
     struct Closer { FILE* f; ~Closer() { fclose(f); } } closer{f};
     const long size = mot_file_size(f);
     uint32_t h[6];
-    uint64_t n;
+    uint64_t n, ni = 0;
     if (size < MOT_SHARD_HEADER || !mot_get(f, h, sizeof h) || !mot_get(f, &n, 8))
         return mot_fail(err, path, "truncated: shorter than the 32-byte shard header");
     if (memcmp(h, "MOTS", 4) != 0) return mot_fail(err, path, "not a mot token shard (bad magic, expected MOTS)");
-    if (h[1] != MOT_SHARD_VERSION)
-        return mot_fail(err, path, "unsupported shard version " + std::to_string(h[1]) + " (expected 1)");
+    if (h[1] != MOT_SHARD_VERSION && h[1] != MOT_SHARD_VERSION_PIXELS)
+        return mot_fail(err, path, "unsupported shard version " + std::to_string(h[1]) + " (expected 1 or 2)");
+    const bool px = h[1] == MOT_SHARD_VERSION_PIXELS;
+    if (px && (size < MOT_SHARD_HEADER_V2 || !mot_get(f, &ni, 8)))
+        return mot_fail(err, path, "truncated: shorter than the 40-byte shard header of version 2");
     MotVocab v{(int32_t)h[2], (int32_t)h[3], (int32_t)h[4]};
     if (!(MOT_N_SPECIAL <= v.image_begin && v.image_begin <= v.speech_begin && v.speech_begin <= v.vocab &&
           v.vocab <= 65536))
         return mot_fail(err, path, "bad vocabulary ranges in header");
-    // Compared without computing 32 + 2n, which wraps for n >= 2^63.
-    const uint64_t body = (uint64_t)size - MOT_SHARD_HEADER;
-    if (body % 2 != 0 || body / 2 != n)
-        return mot_fail(err, path, "truncated or padded: header says " + std::to_string(n) + " tokens but the file has " +
-                                       std::to_string(size) + " bytes (expected 32 + 2 per token)");
+    if (h[5] != 0) return mot_fail(err, path, "reserved header field is " + std::to_string(h[5]) + " (expected 0)");
+    // Compared without computing 32 + 2n (+ 784 n_images), which can wrap.
+    const uint64_t body = (uint64_t)size - (px ? MOT_SHARD_HEADER_V2 : MOT_SHARD_HEADER);
+    const uint64_t pix_bytes = ni <= body / MOT_IMAGE_PIXELS ? ni * MOT_IMAGE_PIXELS : UINT64_MAX;
+    if (pix_bytes > body || (body - pix_bytes) % 2 != 0 || (body - pix_bytes) / 2 != n)
+        return mot_fail(err, path, "truncated or padded: header says " + std::to_string(n) + " tokens" +
+                                       (px ? " and " + std::to_string(ni) + " images" : std::string()) +
+                                       " but the file has " + std::to_string(size) + " bytes (expected " +
+                                       (px ? "40 + 2 per token + 784 per image)" : "32 + 2 per token)"));
     out->path = path;
     out->vocab = v;
     out->tokens.resize(n);
+    out->pixels_version = px;
     if (!mot_get(f, out->tokens.data(), 2 * n)) return mot_fail(err, path, "read error");
     for (size_t i = 0; i < n; i++)
         if (out->tokens[i] >= v.vocab)
             return mot_fail(err, path, "token " + std::to_string(out->tokens[i]) + " at position " +
                                            std::to_string(i) + " is outside the vocabulary (size " +
                                            std::to_string(v.vocab) + ")");
+    out->image_at.clear();
+    out->pixels.clear();
+    if (px) {
+        std::string bad = mot_check_image_blocks(v, out->tokens.data(), n, &out->image_at);
+        if (!bad.empty()) return mot_fail(err, path, bad);
+        if (out->image_at.size() != ni)
+            return mot_fail(err, path, "header says " + std::to_string(ni) + " images but the tokens hold " +
+                                           std::to_string(out->image_at.size()));
+        out->pixels.resize(pix_bytes);  // every byte value is a valid pixel (0..255)
+        if (!mot_get(f, out->pixels.data(), pix_bytes)) return mot_fail(err, path, "read error in pixels");
+    }
     return true;
 }
 
@@ -1449,6 +1675,7 @@ struct MotLoader {
     std::vector<uint64_t> windows;  // cumulative number of valid window starts per shard
     MotVocab vocab;
     uint64_t rng = 0;
+    bool pixels = false;            // the shards are version 2 (the Transfusion form)
 };
 
 inline bool mot_loader_open(MotLoader* ld, const std::string& pattern, int T, uint64_t seed, std::string* err) {
@@ -1468,6 +1695,8 @@ inline bool mot_loader_open(MotLoader* ld, const std::string& pattern, int T, ui
         if (!mot_read_shard(p, &s, err)) return false;
         if (!ld->shards.empty() && memcmp(&s.vocab, &ld->shards[0].vocab, sizeof(MotVocab)) != 0)
             return mot_fail(err, p, "vocabulary layout differs from " + ld->shards[0].path);
+        if (!ld->shards.empty() && s.pixels_version != ld->shards[0].pixels_version)
+            return mot_fail(err, p, "shard version differs from " + ld->shards[0].path + " (pixels in one, not the other)");
         if (s.tokens.size() < (size_t)T + 1)
             return mot_fail(err, p, "has " + std::to_string(s.tokens.size()) + " tokens, fewer than one window of " +
                                         std::to_string(T + 1) + " (sequence length + 1)");
@@ -1476,8 +1705,57 @@ inline bool mot_loader_open(MotLoader* ld, const std::string& pattern, int T, ui
         ld->shards.push_back(std::move(s));
     }
     ld->vocab = ld->shards[0].vocab;
+    ld->pixels = ld->shards[0].pixels_version;
     ld->rng = seed;
     return true;
+}
+
+// "" when the loader's shards suit the model's setting: pixels (version 2) exactly for Transfusion.
+inline std::string mot_loader_setting_error(const MotLoader& ld, const MotConfig& c) {
+    if (mot_transfusion(c) && !ld.pixels)
+        return ld.shards[0].path + ": a token shard (version 1) but the model is in the Transfusion setting (it needs pixels: version 2)";
+    if (!mot_transfusion(c) && ld.pixels)
+        return ld.shards[0].path + ": a shard with pixels (version 2, the Transfusion form) but the model is in the token setting";
+    return "";
+}
+
+// Transfusion: the noise of the images in window row bi of b (positions of image ids in the
+// window from shard s at offset off). Per image, t is uniform in {1..1000}, or, half of the time
+// when the image comes before its caption (BOS BOI ... EOI then text), in {1..500}; eps ~ N(0, I);
+// xin = x_t. All drawn from the loader's stream, so a resumed run and every validation pass
+// (which reopens its loader with the same seed) see the same noise.
+inline void mot_loader_diffuse(MotLoader* ld, const MotConfig& c, const MotShard& sh, uint64_t off, int bi, MotBatch* b) {
+    const int T = b->T;
+    int t_img = 0;
+    uint64_t cur = UINT64_MAX;  // the image whose t is t_img
+    for (int t = 0; t < T; t++) {
+        const size_t i = (size_t)bi * T + t;
+        b->tstep[i] = 0;
+        std::fill(b->xin.begin() + i * MOT_PATCH, b->xin.begin() + (i + 1) * MOT_PATCH, 0.0f);
+        std::fill(b->eps.begin() + i * MOT_PATCH, b->eps.begin() + (i + 1) * MOT_PATCH, 0.0f);
+        if (mot_modality(c, b->tokens[i]) != MOD_IMAGE) continue;
+        const uint64_t p = off + t;
+        const size_t k = std::upper_bound(sh.image_at.begin(), sh.image_at.end(), p) - sh.image_at.begin() - 1;
+        const uint64_t start = sh.image_at[k];
+        if (k != cur) {
+            cur = k;
+            const uint64_t after = start + MOT_IMAGE_POS + 1;  // the token after EOI
+            const bool image_first = start >= 2 && sh.tokens[start - 2] == MOT_BOS && after < sh.tokens.size() &&
+                                     sh.tokens[after] >= MOT_N_SPECIAL && mot_modality(c, sh.tokens[after]) == MOD_TEXT;
+            const bool light = image_first && (mot_rand_u64(&ld->rng) & 1);
+            t_img = 1 + (int)(mot_rand_u64(&ld->rng) % (light ? 500 : MOT_DIFF_STEPS));
+        }
+        const int patch = (int)(p - start);
+        float x0[MOT_PATCH], e[MOT_PATCH];
+        const uint8_t* px = sh.pixels.data() + k * MOT_IMAGE_PIXELS;
+        for (int j = 0; j < MOT_PATCH; j++) {
+            x0[j] = px[((patch / 7) * 4 + j / 4) * MOT_IMAGE_SIDE + (patch % 7) * 4 + j % 4] / 127.5f - 1.0f;
+            e[j] = float(mot_rand_normal(&ld->rng));
+        }
+        b->tstep[i] = t_img;
+        std::copy(e, e + MOT_PATCH, b->eps.begin() + i * MOT_PATCH);
+        mot_noise_patch(&b->xin[i * MOT_PATCH], x0, e, t_img, MOT_PATCH);
+    }
 }
 
 // Fills a batch (tokens, targets, grouping). A PAD target is ignored.
@@ -1495,6 +1773,12 @@ inline void mot_loader_next(MotLoader* ld, const MotConfig& c, int B, int T, Mot
             b->tokens[(size_t)bi * T + t] = tok[t];
             b->targets[(size_t)bi * T + t] = tok[t + 1] == MOT_PAD ? MOT_IGNORE : tok[t + 1];
         }
+        if (mot_transfusion(c) && ld->pixels) {
+            b->tstep.resize((size_t)B * T);
+            b->xin.resize((size_t)B * T * MOT_PATCH);
+            b->eps.resize((size_t)B * T * MOT_PATCH);
+            mot_loader_diffuse(ld, c, ld->shards[s], off, bi, b);
+        }
     }
     mot_group(c, b);
 }
@@ -1502,23 +1786,24 @@ inline void mot_loader_next(MotLoader* ld, const MotConfig& c, int B, int T, Mot
 // ---- checkpoint (.ckpt) ------------------------------------------------------------------------
 //   offset  size  field
 //   0       4     magic "MOTC"
-//   4       4     uint32 version = 2
-//   8       60    int32 config[15]: n_layer d_model n_head d_ff vocab image_begin speech_begin
-//                 max_seq n_tower tie_attn tie_ffn tie_norm n_expert[0] n_expert[1] n_expert[2]
-//   68      4     uint32 has_optimizer (1: Adam moments follow the parameters)
-//   72      4     uint32 reserved = 0
-//   76      8     int64 step (number of optimizer steps taken)
-//   84      8     uint64 data loader RNG state
-//   92      4*P   float32 parameters, in parameter-table order (P = table total)
+//   4       4     uint32 version = 3
+//   8       64    int32 config[16]: n_layer d_model n_head d_ff vocab image_begin speech_begin
+//                 max_seq n_tower tie_attn tie_ffn tie_norm n_expert[0] n_expert[1] n_expert[2] setting
+//   72      4     uint32 has_optimizer (1: Adam moments follow the parameters)
+//   76      4     uint32 reserved = 0
+//   80      8     int64 step (number of optimizer steps taken)
+//   88      8     uint64 data loader RNG state
+//   96      4*P   float32 parameters, in parameter-table order (P = table total)
 //   ...     4*P   float32 Adam first moments   (if has_optimizer)
 //   ...     4*P   float32 Adam second moments  (if has_optimizer)
-// Version 1 (still read) has config[12] (no experts: one per copy), so every later field is 12
-// bytes earlier and the parameters start at 80.
-enum { MOT_CKPT_VERSION = 2, MOT_CKPT_HEADER = 92 };
+// Older versions (still read): version 2 has config[15] (setting 0, tokens), so every later field
+// is 4 bytes earlier and the parameters start at 92; version 1 has config[12] (also one expert
+// per copy), parameters at 80.
+enum { MOT_CKPT_VERSION = 3, MOT_CKPT_HEADER = 96 };
 
 // The number of config ints in a checkpoint or debug-state header of this version (0: unknown).
 inline int mot_config_ints_of_version(uint32_t version) {
-    return version == 1 ? MOT_CONFIG_INTS_V1 : version == 2 ? MOT_CONFIG_INTS : 0;
+    return version == 1 ? MOT_CONFIG_INTS_V1 : version == 2 ? MOT_CONFIG_INTS_V2 : version == 3 ? MOT_CONFIG_INTS : 0;
 }
 
 struct MotTrainState {
@@ -1575,8 +1860,10 @@ inline bool mot_param_count(const MotConfig& c, uint64_t* total) {
     // FFN copies: one per expert; router rows: one per expert of copies with more than one (as in
     // mot_param_table; n_expert is bounded by mot_config_error, so these sums are small)
     const uint64_t kf = mot_expert_copy(c, mot_ffn_copies(c), 0), kr = mot_router_copy(c, mot_ffn_copies(c), 0);
+    const uint64_t tf = mot_transfusion(c) ? 1 : 0, P = MOT_PATCH;  // w_in b_in w_t w_out b_out
     const uint64_t per[][4] = {{1, 1, V, D},   {L, ka, 4 * D, D}, {L, ka, 2, Dh}, {L, kn, 2, D},
-                               {L, kf, 3 * D, F}, {L, kr, 2, D}, {1, kn, 1, D},  {1, 1, D, V}};
+                               {L, kf, 3 * D, F}, {L, kr, 2, D}, {1, kn, 1, D},  {1, 1, D, V},
+                               {1, tf, 2 * P + 1 + D, D}, {1, tf, 1, P}};
     uint64_t t = 0;
     for (auto& q : per) {
         uint64_t x;
@@ -1599,7 +1886,7 @@ inline bool mot_read_checkpoint_header(const std::string& path, MotConfig* cfg, 
     FILE* f = fopen(path.c_str(), "rb");
     if (!f) return mot_fail(err, path, std::string("cannot open: ") + strerror(errno));
     uint32_t h[2], flags[2];
-    int32_t c[MOT_CONFIG_INTS] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1};  // version 1: one expert each
+    int32_t c[MOT_CONFIG_INTS] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0};  // older versions: one expert each, tokens
     MotTrainState s;
     const long size = mot_file_size(f);
     bool ok = size >= 0 && mot_get(f, h, 8);
@@ -1607,10 +1894,10 @@ inline bool mot_read_checkpoint_header(const std::string& path, MotConfig* cfg, 
     ok = ok && (nc == 0 || (mot_get(f, c, 4 * nc) && mot_get(f, flags, 8) && mot_get(f, &s.step, 8) &&
                             mot_get(f, &s.data_rng, 8)));
     fclose(f);
-    if (!ok) return mot_fail(err, path, "truncated: shorter than the checkpoint header (80 or 92 bytes)");
+    if (!ok) return mot_fail(err, path, "truncated: shorter than the checkpoint header (80, 92 or 96 bytes)");
     if (memcmp(h, "MOTC", 4) != 0) return mot_fail(err, path, "not a mot checkpoint (bad magic, expected MOTC)");
     if (nc == 0)
-        return mot_fail(err, path, "unsupported checkpoint version " + std::to_string(h[1]) + " (expected 1 or 2)");
+        return mot_fail(err, path, "unsupported checkpoint version " + std::to_string(h[1]) + " (expected 1, 2 or 3)");
     const MotConfig fc = mot_config_from_ints(c);
     std::string bad = mot_config_error(fc);
     if (!bad.empty()) return mot_fail(err, path, "bad config in header: " + bad);
@@ -1619,7 +1906,7 @@ inline bool mot_read_checkpoint_header(const std::string& path, MotConfig* cfg, 
     if (s.step < 0 || s.step > MOT_MAX_STEP)
         return mot_fail(err, path, "step " + std::to_string(s.step) + " out of range [0, 2^30]");
     uint64_t P, want;
-    const uint64_t header = 8 + 4 * (uint64_t)nc + 24;  // MOT_CKPT_HEADER, or 80 for version 1
+    const uint64_t header = 8 + 4 * (uint64_t)nc + 24;  // MOT_CKPT_HEADER, or 80/92 for versions 1/2
     if (!mot_param_count(fc, &P) || !mot_mul(P, 4 * (flags[0] ? 3 : 1), &want) || !mot_add(want, header, &want))
         return mot_fail(err, path, "bad config in header: parameter count overflows");
     if ((uint64_t)size != want)
@@ -1653,7 +1940,7 @@ bool mot_load_checkpoint(const std::string& path, MotModel<S>* m, MotTrainState*
     struct Closer { FILE* f; ~Closer() { fclose(f); } } closer{f};
     uint32_t h[2];
     if (!mot_get(f, h, 8)) return mot_fail(err, path, "read error in the header");
-    const long header = 8 + 4 * mot_config_ints_of_version(h[1]) + 24;  // 92, or 80 for version 1
+    const long header = 8 + 4 * mot_config_ints_of_version(h[1]) + 24;  // 96, or 80/92 for versions 1/2
     const size_t P = m->tab.total;
     if (fseek(f, header, SEEK_SET) != 0 || !mot_get_floats(f, &m->params, P))
         return mot_fail(err, path, "read error in parameters");
@@ -1696,27 +1983,35 @@ std::string mot_upcycle(MotModel<S>* dst, const MotModel<S>& src) {
 // ---- debug state (.dbg): one batch with everything a second implementation must reproduce ----
 //   offset  size   field
 //   0       4      magic "MOTD"
-//   4       4      uint32 version = 2
-//   8       60     int32 config[15] (as in the checkpoint)
-//   68      4      int32 B
-//   72      4      int32 T
-//   76      4*P    float32 parameters (table order)
+//   4       4      uint32 version = 3
+//   8       64     int32 config[16] (as in the checkpoint)
+//   72      4      int32 B
+//   76      4      int32 T
+//   80      4*P    float32 parameters (table order)
 //   ...     4*B*T  int32 input tokens, original order (b*T + t)
 //   ...     4*B*T  int32 targets (-1 = ignored)
+//   ...     4*B*T  int32 tstep         } Transfusion setting only (config setting = 1): each
+//   ...     64*B*T float32 xin[16]     } position's diffusion step, input patch and noise
+//   ...     64*B*T float32 eps[16]     } (0 at token positions)
 //   ...     4*B*T*V float32 logits, original order
-//   ...     4      float32 loss
-//   ...     12     float32 loss per modality (text, image, speech; 0 when no target of it)
-//   ...     12     int32 number of targets per modality
+//   ...     64*B*T float32 eps_hat[16] (Transfusion only; 0 at token positions)
+//   ...     4      float32 loss (the training objective: in Transfusion LM + 5 MSE)
+//   ...     12     float32 loss per modality (text, image, speech; 0 when no target of it; in
+//                  Transfusion the image entry is the MSE)
+//   ...     12     int32 number of targets per modality (Transfusion image: noised image positions)
 //   ...     4*P    float32 gradient of the loss wrt every parameter (table order; with experts, of
 //                  the training objective loss + 0.01 aux_loss, from expert-choice routing)
-// Version 1 (still read) has config[12] (one expert per copy): B, T and the rest 12 bytes earlier.
-enum { MOT_DEBUG_VERSION = 2, MOT_MAX_BATCH = 1 << 16 };
+// Older versions (still read, setting 0): version 2 has config[15], so B, T and the rest are 4 bytes
+// earlier; version 1 has config[12] (one expert per copy), 16 bytes earlier.
+enum { MOT_DEBUG_VERSION = 3, MOT_MAX_BATCH = 1 << 16 };
 
 struct MotDebugState {
     MotConfig cfg;
     int B = 0, T = 0;
     std::vector<float> params, logits, grads;
     std::vector<int32_t> tokens, targets;
+    std::vector<int32_t> tstep;               // Transfusion only: B*T
+    std::vector<float> xin, eps, eps_hat;     // Transfusion only: B*T*16 each
     float loss = 0, loss_mod[MOT_N_MOD] = {0, 0, 0};
     int32_t n_mod[MOT_N_MOD] = {0, 0, 0};
 };
@@ -1733,6 +2028,15 @@ MotDebugState mot_debug_capture(const MotModel<S>& m, const MotBatch& b) {
     d.tokens = b.tokens;
     d.targets = b.targets;
     const int N = b.B * b.T, V = m.cfg.vocab;
+    if (mot_transfusion(m.cfg)) {
+        d.tstep = b.tstep;
+        d.xin = b.xin;
+        d.eps = b.eps;
+        d.eps_hat.assign((size_t)N * MOT_PATCH, 0.0f);
+        for (int r = b.group[MOD_IMAGE]; r < b.group[MOD_IMAGE + 1]; r++)
+            for (int j = 0; j < MOT_PATCH; j++)
+                d.eps_hat[(size_t)b.order[r] * MOT_PATCH + j] = float(m.act.eps_hat[(size_t)r * MOT_PATCH + j]);
+    }
     d.logits.resize((size_t)N * V);
     for (int i = 0; i < N; i++)
         for (int j = 0; j < V; j++) d.logits[(size_t)i * V + j] = float(mot_logit(m, b, i, j));
@@ -1748,10 +2052,14 @@ inline bool mot_write_debug_state(const std::string& path, const MotDebugState& 
         int32_t cfg[MOT_CONFIG_INTS];
         mot_config_to_ints(d.cfg, cfg);
         int32_t bt[2] = {d.B, d.T};
+        const bool tf = mot_transfusion(d.cfg);
         return mot_put(f, h, 8) && mot_put(f, cfg, sizeof cfg) && mot_put(f, bt, 8) &&
                mot_put(f, d.params.data(), 4 * d.params.size()) && mot_put(f, d.tokens.data(), 4 * d.tokens.size()) &&
                mot_put(f, d.targets.data(), 4 * d.targets.size()) &&
-               mot_put(f, d.logits.data(), 4 * d.logits.size()) && mot_put(f, &d.loss, 4) &&
+               (!tf || (mot_put(f, d.tstep.data(), 4 * d.tstep.size()) && mot_put(f, d.xin.data(), 4 * d.xin.size()) &&
+                        mot_put(f, d.eps.data(), 4 * d.eps.size()))) &&
+               mot_put(f, d.logits.data(), 4 * d.logits.size()) &&
+               (!tf || mot_put(f, d.eps_hat.data(), 4 * d.eps_hat.size())) && mot_put(f, &d.loss, 4) &&
                mot_put(f, d.loss_mod, 12) && mot_put(f, d.n_mod, 12) && mot_put(f, d.grads.data(), 4 * d.grads.size());
     });
 }
@@ -1762,14 +2070,14 @@ inline bool mot_read_debug_state(const std::string& path, MotDebugState* d, std:
     struct Closer { FILE* f; ~Closer() { fclose(f); } } closer{f};
     const long size = mot_file_size(f);
     uint32_t h[2];
-    int32_t cfg[MOT_CONFIG_INTS] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1}, bt[2];  // version 1: one expert each
+    int32_t cfg[MOT_CONFIG_INTS] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0}, bt[2];  // older versions: one expert each, tokens
     bool ok = mot_get(f, h, 8);
     const int nc = ok ? mot_config_ints_of_version(h[1]) : 0;
     if (!ok || (nc && (!mot_get(f, cfg, 4 * nc) || !mot_get(f, bt, 8))))
         return mot_fail(err, path, "truncated: shorter than the debug-state header");
     if (memcmp(h, "MOTD", 4) != 0) return mot_fail(err, path, "not a mot debug state (bad magic, expected MOTD)");
     if (nc == 0)
-        return mot_fail(err, path, "unsupported debug-state version " + std::to_string(h[1]) + " (expected 1 or 2)");
+        return mot_fail(err, path, "unsupported debug-state version " + std::to_string(h[1]) + " (expected 1, 2 or 3)");
     d->cfg = mot_config_from_ints(cfg);
     std::string bad = mot_config_error(d->cfg);
     if (!bad.empty()) return mot_fail(err, path, "bad config in header: " + bad);
@@ -1779,18 +2087,28 @@ inline bool mot_read_debug_state(const std::string& path, MotDebugState* d, std:
         return mot_fail(err, path, "bad batch shape in header (B " + std::to_string(d->B) + ", T " + std::to_string(d->T) + ")");
     uint64_t P, want;
     const uint64_t N = (uint64_t)d->B * d->T, V = d->cfg.vocab;
-    // 16 + 4 config ints + 8P + 8N + 4NV + 28, checked (B and T bound it far below 2^64: a second guard)
-    if (!mot_param_count(d->cfg, &P) || !mot_mul(N, 4 * V + 8, &want) || !mot_add(want, 8 * P + 16 + 4 * nc + 28, &want))
+    // 16 + 4 config ints + 8P + 8N + 4NV + 28 (+ 4N + 3 * 64N in Transfusion), checked (B and T bound
+    // it far below 2^64: a second guard)
+    const bool tf = mot_transfusion(d->cfg);
+    const uint64_t per_pos = 4 * V + 8 + (tf ? 4 + 3 * 4 * MOT_PATCH : 0);
+    if (!mot_param_count(d->cfg, &P) || !mot_mul(N, per_pos, &want) || !mot_add(want, 8 * P + 16 + 4 * nc + 28, &want))
         return mot_fail(err, path, "sizes in header overflow");
     if ((uint64_t)size != want)
         return mot_fail(err, path, "truncated or padded: expected " + std::to_string(want) + " bytes, found " +
                                        std::to_string(size));
     d->params.resize(P); d->grads.resize(P); d->tokens.resize(N); d->targets.resize(N); d->logits.resize(N * V);
+    const uint64_t NP = tf ? N * MOT_PATCH : 0;
+    d->tstep.resize(tf ? N : 0); d->xin.resize(NP); d->eps.resize(NP); d->eps_hat.resize(NP);
     ok = mot_get(f, d->params.data(), 4 * P) && mot_get(f, d->tokens.data(), 4 * N) &&
-              mot_get(f, d->targets.data(), 4 * N) && mot_get(f, d->logits.data(), 4 * N * V) &&
+              mot_get(f, d->targets.data(), 4 * N) && mot_get(f, d->tstep.data(), 4 * d->tstep.size()) &&
+              mot_get(f, d->xin.data(), 4 * NP) && mot_get(f, d->eps.data(), 4 * NP) &&
+              mot_get(f, d->logits.data(), 4 * N * V) && mot_get(f, d->eps_hat.data(), 4 * NP) &&
               mot_get(f, &d->loss, 4) && mot_get(f, d->loss_mod, 12) && mot_get(f, d->n_mod, 12) &&
               mot_get(f, d->grads.data(), 4 * P);
     if (!ok) return mot_fail(err, path, "read error");
+    for (size_t i = 0; i < d->tstep.size(); i++)
+        if (d->tstep[i] < 0 || d->tstep[i] > MOT_DIFF_STEPS)
+            return mot_fail(err, path, "diffusion step " + std::to_string(d->tstep[i]) + " outside [0, 1000]");
     for (size_t i = 0; i < N; i++) {
         if (d->tokens[i] < 0 || d->tokens[i] >= (int32_t)V)
             return mot_fail(err, path, "token id " + std::to_string(d->tokens[i]) + " outside the vocabulary");
@@ -1830,97 +2148,207 @@ void mot_matvec(S* y, const S* x, const S* W, int in, int out) {
     }
 }
 
-// Feeds `token` at position kv->len and writes the next-token logits (V values). Returns false
-// when the cache is full (the position would reach max_seq).
+// Feeds n positions kv->len .. kv->len + n - 1, all of modality md, whose layer-0 inputs are the
+// rows of x (n x D, overwritten), and writes their final-norm outputs z (n x D). The positions see
+// the cache and, among themselves, each earlier one (block = false) or all of them (block = true:
+// a Transfusion image). commit = false leaves the cache as it was, so a denoising step can be run
+// again on the same prefix. Returns false when the positions would pass max_seq.
 template <typename S>
-bool mot_decode_step(MotModel<S>* m, MotKVCache<S>* kv, int token, S* logits) {
+bool mot_decode_rows(MotModel<S>* m, MotKVCache<S>* kv, int n, int md, bool block, bool commit, S* x, S* z) {
     const MotConfig& c = m->cfg;
-    if (kv->len >= kv->cap) return false;
-    const int D = c.d_model, H = c.n_head, Dh = D / H, half = Dh / 2, F = c.d_ff, pos = kv->len;
-    const int md = mot_modality(c, token);
+    if (n < 1 || kv->len + n > kv->cap) return false;
+    const int D = c.d_model, H = c.n_head, Dh = D / H, half = Dh / 2, F = c.d_ff, pos0 = kv->len;
     const MotParamTable& t = m->tab;
-    const int fc = mot_ffn_copy_of_mod(c, md), E = c.n_expert[fc];  // this token's FFN copy and its experts
+    const int fc = mot_ffn_copy_of_mod(c, md), E = c.n_expert[fc];  // these rows' FFN copy and its experts
     auto copy = [&](int p) {
         if (p == P_W1 || p == P_W3 || p == P_W2) return mot_expert_copy(c, fc, 0);
         return t.p[p].copies == 1 ? 0 : md;
     };
     auto W = [&](int p, int l) { return m->param(p, l, copy(p)); };
-    std::vector<S> x(m->param(P_EMB) + (size_t)token * D, m->param(P_EMB) + (size_t)(token + 1) * D);
-    std::vector<S> q(D), k(D), v(D), o(D), a(D), h(D), y(D), u1(F), u3(F), u(F), y2(D), rs(H);
-    const int32_t one_row[MOT_N_MOD + 1] = {0, md >= 1 ? 0 : 1, md >= 2 ? 0 : 1, 1};  // a batch of one row
-    auto lin = [&](S* out, const S* in, int p, int l) { mot_matvec(out, in, W(p, l), t.p[p].rows, t.p[p].cols); };
+    const size_t nD = (size_t)n * D, nF = (size_t)n * F;
+    std::vector<S> q(nD), k(nD), v(nD), o(nD), a(nD), h(nD), u1(nF), u3(nF), u(nF), y2(nD), rs((size_t)n * H);
+    const int32_t rows[MOT_N_MOD + 1] = {0, md >= 1 ? 0 : n, md >= 2 ? 0 : n, n};  // a batch of n rows of md
+    // one row: no packing, since each weight is read once anyway; several: the packed matmul
+    auto lin = [&](S* out, const S* in, const S* w, int ri, int co) {
+        if (n == 1) mot_matvec(out, in, w, ri, co);
+        else matmul(out, co, in, ri, false, w, co, false, n, co, ri, false);
+    };
     const S scale = S(1) / std::sqrt(S(Dh));
+    // Without commit the new keys and values go to a scratch copy of the cache rows they would take.
+    std::vector<S> kscr, vscr;
     for (int l = 0; l < c.n_layer; l++) {
-        lin(q.data(), x.data(), P_WQ, l);
-        lin(k.data(), x.data(), P_WK, l);
-        lin(v.data(), x.data(), P_WV, l);
-        rmsnorm_forward(q.data(), rs.data(), q.data(), m->param(P_GQ, l), t.p[P_GQ].copies, one_row, H, Dh, H);
-        rmsnorm_forward(k.data(), rs.data(), k.data(), m->param(P_GK, l), t.p[P_GK].copies, one_row, H, Dh, H);
-        const S *cs = m->rope_cos.data() + (size_t)pos * half, *sn = m->rope_sin.data() + (size_t)pos * half;
-        for (S* z : {q.data(), k.data()})
-            for (int hh = 0; hh < H; hh++)
-                for (int j = 0; j < half; j++) {
-                    S *z1 = z + hh * Dh + j, *z2 = z1 + half, a1 = *z1, a2 = *z2;
-                    *z1 = a1 * cs[j] - a2 * sn[j];
-                    *z2 = a1 * sn[j] + a2 * cs[j];
-                }
+        lin(q.data(), x, W(P_WQ, l), D, D);
+        lin(k.data(), x, W(P_WK, l), D, D);
+        lin(v.data(), x, W(P_WV, l), D, D);
+        rmsnorm_forward(q.data(), rs.data(), q.data(), m->param(P_GQ, l), t.p[P_GQ].copies, rows, n * H, Dh, H);
+        rmsnorm_forward(k.data(), rs.data(), k.data(), m->param(P_GK, l), t.p[P_GK].copies, rows, n * H, Dh, H);
+        for (int i = 0; i < n; i++) {
+            const S *cs = m->rope_cos.data() + (size_t)(pos0 + i) * half, *sn = m->rope_sin.data() + (size_t)(pos0 + i) * half;
+            for (S* zz : {q.data() + (size_t)i * D, k.data() + (size_t)i * D})
+                for (int hh = 0; hh < H; hh++)
+                    for (int j = 0; j < half; j++) {
+                        S *z1 = zz + hh * Dh + j, *z2 = z1 + half, a1 = *z1, a2 = *z2;
+                        *z1 = a1 * cs[j] - a2 * sn[j];
+                        *z2 = a1 * sn[j] + a2 * cs[j];
+                    }
+        }
         S* Kc = kv->k.data() + (size_t)l * kv->cap * D;
         S* Vc = kv->v.data() + (size_t)l * kv->cap * D;
-        std::copy(k.begin(), k.end(), Kc + (size_t)pos * D);
-        std::copy(v.begin(), v.end(), Vc + (size_t)pos * D);
-        std::vector<S> p(pos + 1);
-        for (int hh = 0; hh < H; hh++) {
-            S mx = -INFINITY, sum = 0;
-            for (int j = 0; j <= pos; j++) {
-                S s = 0;
-                for (int d = 0; d < Dh; d++) s += q[hh * Dh + d] * Kc[(size_t)j * D + hh * Dh + d];
-                p[j] = s * scale;
-                mx = std::max(mx, p[j]);
-            }
-            for (int j = 0; j <= pos; j++) { p[j] = std::exp(p[j] - mx); sum += p[j]; }
-            for (int d = 0; d < Dh; d++) o[hh * Dh + d] = 0;
-            for (int j = 0; j <= pos; j++)
-                for (int d = 0; d < Dh; d++) o[hh * Dh + d] += p[j] / sum * Vc[(size_t)j * D + hh * Dh + d];
+        if (!commit) {  // keep the rows the block overwrites, restored below
+            kscr.assign(Kc + (size_t)pos0 * D, Kc + (size_t)(pos0 + n) * D);
+            vscr.assign(Vc + (size_t)pos0 * D, Vc + (size_t)(pos0 + n) * D);
         }
-        lin(a.data(), o.data(), P_WO, l);
-        rmsnorm_forward(h.data(), rs.data(), a.data(), m->param(P_GATTN, l), t.p[P_GATTN].copies, one_row, 1, D, 1);
-        for (int j = 0; j < D; j++) h[j] += x[j];
+        std::copy(k.begin(), k.end(), Kc + (size_t)pos0 * D);
+        std::copy(v.begin(), v.end(), Vc + (size_t)pos0 * D);
+        for (int i = 0; i < n; i++) {  // serial: a few rows against the cache cost less than a fork
+            const int last = block ? pos0 + n - 1 : pos0 + i;  // the last position row i sees
+            std::vector<S> p(last + 1);
+            const S* qi = q.data() + (size_t)i * D;
+            S* oi = o.data() + (size_t)i * D;
+            for (int hh = 0; hh < H; hh++) {
+                S mx = -INFINITY, sum = 0;
+                for (int j = 0; j <= last; j++) {
+                    S sc = 0;
+                    for (int d = 0; d < Dh; d++) sc += qi[hh * Dh + d] * Kc[(size_t)j * D + hh * Dh + d];
+                    p[j] = sc * scale;
+                    mx = std::max(mx, p[j]);
+                }
+                for (int j = 0; j <= last; j++) { p[j] = std::exp(p[j] - mx); sum += p[j]; }
+                for (int d = 0; d < Dh; d++) oi[hh * Dh + d] = 0;
+                for (int j = 0; j <= last; j++)
+                    for (int d = 0; d < Dh; d++) oi[hh * Dh + d] += p[j] / sum * Vc[(size_t)j * D + hh * Dh + d];
+            }
+        }
+        if (!commit) {
+            std::copy(kscr.begin(), kscr.end(), Kc + (size_t)pos0 * D);
+            std::copy(vscr.begin(), vscr.end(), Vc + (size_t)pos0 * D);
+        }
+        lin(a.data(), o.data(), W(P_WO, l), D, D);
+        rmsnorm_forward(h.data(), rs.data(), a.data(), m->param(P_GATTN, l), t.p[P_GATTN].copies, rows, n, D, 1);
+        for (size_t j = 0; j < nD; j++) h[j] += x[j];
         if (E == 1) {
-            lin(u1.data(), h.data(), P_W1, l);
-            lin(u3.data(), h.data(), P_W3, l);
-            swiglu_forward(u.data(), u1.data(), u3.data(), F);
-            lin(y2.data(), u.data(), P_W2, l);
-        } else {  // causal routing: expert e runs iff sigmoid(h U_e) > 0.5, weighted by its gate s_e
+            lin(u1.data(), h.data(), W(P_W1, l), D, F);
+            lin(u3.data(), h.data(), W(P_W3, l), D, F);
+            swiglu_forward(u.data(), u1.data(), u3.data(), nF);
+            lin(y2.data(), u.data(), W(P_W2, l), F, D);
+        } else {  // causal routing, row by row: expert e runs iff sigmoid(h U_e) > 0.5, weighted by its gate s_e
             const S *Wr = m->param(P_WR, l, mot_router_copy(c, fc, 0)), *U = m->param(P_U, l, mot_router_copy(c, fc, 0));
             std::vector<S> sg(E), sa(E), ye(D);
-            S mx = -INFINITY, sum = 0;
-            for (int e = 0; e < E; e++) {
-                S r = 0, z = 0;
-                for (int d = 0; d < D; d++) { r += h[d] * Wr[(size_t)e * D + d]; z += h[d] * U[(size_t)e * D + d]; }
-                sg[e] = r;
-                sa[e] = S(1) / (S(1) + std::exp(-z));
-                mx = std::max(mx, r);
-            }
-            for (int e = 0; e < E; e++) { sg[e] = std::exp(sg[e] - mx); sum += sg[e]; }
-            std::fill(y2.begin(), y2.end(), S(0));
-            for (int e = 0; e < E; e++) {
-                if (!(sa[e] > S(0.5))) continue;
-                const size_t ek = mot_expert_copy(c, fc, e);
-                mot_matvec(u1.data(), h.data(), m->param(P_W1, l, ek), D, F);
-                mot_matvec(u3.data(), h.data(), m->param(P_W3, l, ek), D, F);
-                swiglu_forward(u.data(), u1.data(), u3.data(), F);
-                mot_matvec(ye.data(), u.data(), m->param(P_W2, l, ek), F, D);
-                const S gs = sg[e] / sum;
-                for (int d = 0; d < D; d++) y2[d] += gs * ye[d];
+            for (int i = 0; i < n; i++) {
+                const S* hi = h.data() + (size_t)i * D;
+                S* yi = y2.data() + (size_t)i * D;
+                S mx = -INFINITY, sum = 0;
+                for (int e = 0; e < E; e++) {
+                    S r = 0, zz = 0;
+                    for (int d = 0; d < D; d++) { r += hi[d] * Wr[(size_t)e * D + d]; zz += hi[d] * U[(size_t)e * D + d]; }
+                    sg[e] = r;
+                    sa[e] = S(1) / (S(1) + std::exp(-zz));
+                    mx = std::max(mx, r);
+                }
+                for (int e = 0; e < E; e++) { sg[e] = std::exp(sg[e] - mx); sum += sg[e]; }
+                std::fill(yi, yi + D, S(0));
+                for (int e = 0; e < E; e++) {
+                    if (!(sa[e] > S(0.5))) continue;
+                    const size_t ek = mot_expert_copy(c, fc, e);
+                    mot_matvec(u1.data(), hi, m->param(P_W1, l, ek), D, F);
+                    mot_matvec(u3.data(), hi, m->param(P_W3, l, ek), D, F);
+                    swiglu_forward(u.data(), u1.data(), u3.data(), F);
+                    mot_matvec(ye.data(), u.data(), m->param(P_W2, l, ek), F, D);
+                    const S gs = sg[e] / sum;
+                    for (int d = 0; d < D; d++) yi[d] += gs * ye[d];
+                }
             }
         }
-        rmsnorm_forward(x.data(), rs.data(), y2.data(), m->param(P_GFFN, l), t.p[P_GFFN].copies, one_row, 1, D, 1);
-        for (int j = 0; j < D; j++) x[j] += h[j];
+        rmsnorm_forward(x, rs.data(), y2.data(), m->param(P_GFFN, l), t.p[P_GFFN].copies, rows, n, D, 1);
+        for (size_t j = 0; j < nD; j++) x[j] += h[j];
     }
-    rmsnorm_forward(y.data(), rs.data(), x.data(), m->param(P_GOUT), t.p[P_GOUT].copies, one_row, 1, D, 1);
-    mot_matvec(logits, y.data(), m->param(P_HEAD), D, c.vocab);
-    kv->len++;
+    rmsnorm_forward(z, rs.data(), x, m->param(P_GOUT), t.p[P_GOUT].copies, rows, n, D, 1);
+    if (commit) kv->len += n;
     return true;
+}
+
+// Feeds `token` at position kv->len and writes the next-token logits (V values). Returns false
+// when the cache is full (the position would reach max_seq).
+template <typename S>
+bool mot_decode_step(MotModel<S>* m, MotKVCache<S>* kv, int token, S* logits) {
+    const int D = m->cfg.d_model;
+    std::vector<S> x(m->param(P_EMB) + (size_t)token * D, m->param(P_EMB) + (size_t)(token + 1) * D), z(D);
+    if (!mot_decode_rows(m, kv, 1, mot_modality(m->cfg, token), false, true, x.data(), z.data())) return false;
+    mot_matvec(logits, z.data(), m->param(P_HEAD), D, m->cfg.vocab);
+    return true;
+}
+
+// Transfusion: one image block of n positions (49 when generating) after the cache, with inputs
+// xt (n x 16, the noised patches) at diffusion step t; writes the predicted noise (n x 16).
+// commit = false for a denoising step; commit = true appends the block to the cache (a clean
+// image, t = 0, that the text after it conditions on) and also writes the logits of its last
+// position into last_logits when given.
+template <typename S>
+bool mot_image_step(MotModel<S>* m, MotKVCache<S>* kv, int n, const S* xt, int t, bool commit, S* eps_hat,
+                    S* last_logits = nullptr) {
+    const int D = m->cfg.d_model, P = MOT_PATCH;
+    std::vector<S> x((size_t)n * D), z((size_t)n * D), sn(D), te(D);
+    mot_sinusoid(sn.data(), t, D);
+    mot_matvec(te.data(), sn.data(), m->param(P_WT), D, D);
+    matmul(x.data(), D, xt, P, false, m->param(P_WIN), D, false, n, D, P, false);
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < D; j++) x[(size_t)i * D + j] += m->param(P_BIN)[j] + te[j];
+    if (!mot_decode_rows(m, kv, n, MOD_IMAGE, true, commit, x.data(), z.data())) return false;
+    matmul(eps_hat, P, z.data(), D, false, m->param(P_WOUT), P, false, n, P, D, false);
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < P; j++) eps_hat[(size_t)i * P + j] += m->param(P_BOUT)[j];
+    if (last_logits) mot_matvec(last_logits, z.data() + (size_t)(n - 1) * D, m->param(P_HEAD), D, m->cfg.vocab);
+    return true;
+}
+
+// Transfusion: DDIM sampling of one image (eta = 0) after the prefix held in kv, over the n image
+// positions at once. Steps t_i = round(1000 (S - i) / S), i = 0..S-1, then t = 0. At each step
+//   eps = eps_u + w (eps_c - eps_u)   (classifier-free guidance: eps_c with the caption in kv, eps_u
+//                                      with the caption-dropped prefix in kvu; kvu null: eps = eps_c)
+//   x0  = clip((x - sqrt(1 - abar(t)) eps) / sqrt(abar(t)), -1, 1)
+//   x   = sqrt(abar(t')) x0 + sqrt(1 - abar(t')) eps,   t' the next step (abar(0) = 1: x = x0 at the end)
+// x (n x 16) holds the starting noise on entry (x ~ N(0, I): mot_rand_normal) and the image on exit.
+// The caches are left as they were: the caller appends the clean image with mot_image_step(t = 0).
+template <typename S>
+bool mot_ddim_image(MotModel<S>* m, MotKVCache<S>* kv, MotKVCache<S>* kvu, int n, int steps, double w, S* x) {
+    if (steps < 1) return false;
+    const size_t np = (size_t)n * MOT_PATCH;
+    std::vector<S> ec(np), eu(np);
+    for (int i = 0; i < steps; i++) {
+        const int t = (int)std::lround(1000.0 * (steps - i) / steps);
+        const int tn = i + 1 < steps ? (int)std::lround(1000.0 * (steps - i - 1) / steps) : 0;
+        bool ok[2] = {true, true};
+        // The two predictions are independent: one thread each. Inside, everything runs serially
+        // (matmul is serial inside any region, the norms and SwiGLU for so few rows): 49 rows make
+        // small matmuls whose forks cost more than they save (measured 10x slower on a loaded
+        // 2-core machine), so without guidance the one pass runs in a region of one thread.
+#pragma omp parallel for schedule(static) num_threads(kvu ? 2 : 1)
+        for (int j = 0; j < (kvu ? 2 : 1); j++)
+            ok[j] = mot_image_step(m, j ? kvu : kv, n, x, t, false, j ? eu.data() : ec.data());
+        if (!ok[0] || !ok[1]) return false;
+        if (kvu)
+            for (size_t j = 0; j < np; j++) ec[j] = eu[j] + S(w) * (ec[j] - eu[j]);
+        const double a = mot_abar(t), an = mot_abar(tn);
+        for (size_t j = 0; j < np; j++) {
+            const double x0 = std::min(1.0, std::max(-1.0, (double(x[j]) - sqrt(1 - a) * double(ec[j])) / sqrt(a)));
+            x[j] = S(sqrt(an) * x0 + sqrt(1 - an) * double(ec[j]));
+        }
+    }
+    return true;
+}
+
+// Patches (49 x 16, raster order of 4x4 patches) <-> a 28x28 image, both in [-1, 1].
+template <typename S>
+void mot_patches_to_image(const S* patches, S* image) {
+    for (int p = 0; p < MOT_IMAGE_POS; p++)
+        for (int j = 0; j < MOT_PATCH; j++)
+            image[((p / 7) * 4 + j / 4) * MOT_IMAGE_SIDE + (p % 7) * 4 + j % 4] = patches[p * MOT_PATCH + j];
+}
+template <typename S>
+void mot_image_to_patches(const S* image, S* patches) {
+    for (int p = 0; p < MOT_IMAGE_POS; p++)
+        for (int j = 0; j < MOT_PATCH; j++)
+            patches[p * MOT_PATCH + j] = image[((p / 7) * 4 + j / 4) * MOT_IMAGE_SIDE + (p % 7) * 4 + j % 4];
 }
 
 // Samples an id in [lo, hi) from softmax(logits / temperature), keeping the top_k most likely

@@ -68,6 +68,9 @@ static void usage(FILE* f) {
             "  --tie-attn        share attention weights across modalities (off)\n"
             "  --tie-ffn         share FFN weights across modalities       (off)\n"
             "  --tie-norm        share norm gains across modalities        (off)\n"
+            "  --setting S       tokens (images as VQ codes) or transfusion (images as 49 pixel patches\n"
+            "                    trained by diffusion; data: the tf_*.bin shards of data/build.sh\n"
+            "                    --transfusion; CPU reference only)                         (tokens)\n"
             "  --experts LIST    experts per FFN: one count for every tower, or one per tower (1)\n"
             "                    e.g. --dense --experts 4 (MoE-4x), --experts 4,1,1 (MoT + MoE in text),\n"
             "                    --tie-attn --experts 4,4,4 (MoMa-style); expert choice in training,\n"
@@ -171,6 +174,12 @@ static Args parse_args(int argc, char** argv) {
         else if (f == "--tie-attn") { a.cfg.tie_attn = 1; a.set.push_back("tie_attn"); }
         else if (f == "--tie-ffn") { a.cfg.tie_ffn = 1; a.set.push_back("tie_ffn"); }
         else if (f == "--tie-norm") { a.cfg.tie_norm = 1; a.set.push_back("tie_norm"); }
+        else if (f == "--setting") {
+            const std::string v = val();
+            if (v != "tokens" && v != "transfusion") die("bad value for --setting: '" + v + "' (expected tokens or transfusion)", 2);
+            a.cfg.setting = v == "transfusion" ? MOT_SETTING_TRANSFUSION : MOT_SETTING_TOKENS;
+            a.set.push_back("setting");
+        }
         else if (f == "--experts") {
             a.experts_text = val();
             a.experts.clear();
@@ -303,7 +312,7 @@ struct Engine {
         mot_zero_grad(cpu);
     }
     // Forward on a batch; the losses land in loss / loss_mod / n_mod / n_valid.
-    double loss = 0, loss_mod[MOT_N_MOD] = {0, 0, 0}, aux_loss = 0, aux_agree = 0;
+    double loss = 0, loss_lm = 0, loss_mod[MOT_N_MOD] = {0, 0, 0}, aux_loss = 0, aux_agree = 0;
     int n_valid = 0, n_mod[MOT_N_MOD] = {0, 0, 0};
     void forward(const MotBatch& b) {
 #ifdef MOT_GPU
@@ -317,6 +326,7 @@ struct Engine {
 #endif
         mot_forward(cpu, b);
         take(cpu->loss, cpu->loss_mod, cpu->n_mod, cpu->n_valid);
+        loss_lm = cpu->loss_lm;  // Transfusion: loss = loss_lm + 5 MSE (CPU reference only)
         aux_loss = cpu->aux_loss;
         aux_agree = cpu->aux_agree;
     }
@@ -354,7 +364,7 @@ struct Engine {
     }
   private:
     void take(double l, const double* lm, const int* nm, int nv) {
-        loss = l;
+        loss = loss_lm = l;
         n_valid = nv;
         for (int m = 0; m < MOT_N_MOD; m++) { loss_mod[m] = lm[m]; n_mod[m] = nm[m]; }
     }
@@ -376,12 +386,15 @@ static void evaluate(Engine* e, const std::string& pattern, const Args& a, doubl
     for (int i = 0; i < a.eval_batches; i++) {
         mot_loader_next(&ld, e->cpu->cfg, a.batch, a.seq, &b);
         e->forward(b);
-        sum += e->loss * e->n_valid;
+        sum += e->loss_lm * e->n_valid;
         n += e->n_valid;
         for (int md = 0; md < 3; md++) { ms[md] += e->loss_mod[md] * e->n_mod[md]; mn[md] += e->n_mod[md]; }
     }
     *loss = n ? sum / n : 0;
     for (int md = 0; md < 3; md++) mod[md] = mn[md] ? ms[md] / mn[md] : NAN;
+    // Transfusion: the objective, LM + 5 x the image MSE (mod[1]); the noise and t of each
+    // validation batch are the same every time (the loader restarts from the same seed)
+    if (mot_transfusion(e->cpu->cfg) && mn[MOD_IMAGE]) *loss += MOT_DIFF_WEIGHT * mod[MOD_IMAGE];
     e->set_route(MOT_ROUTE_EC);
 }
 // Both ways: EC into loss/mod, causal into closs/cmod (the same numbers without experts).
@@ -407,6 +420,7 @@ struct DataDir {
     SpeechModel sp;
     std::vector<std::string> class_name, class_caption;  // per class, from classes.txt
     std::vector<std::vector<uint16_t>> eval_image, eval_speech;  // documents BOS ... EOS
+    std::vector<std::vector<uint8_t>> eval_image_px;  // Transfusion: each eval image's 784 pixels
     std::vector<int> eval_image_class, eval_speech_class;
     std::map<std::string, int> caption_class;  // every training caption and its class (captions.txt)
 };
@@ -450,21 +464,33 @@ static bool read_lines(const std::string& path, std::vector<std::vector<std::str
     return true;
 }
 
+// base.bin and base.txt (the labels: labels.txt when given). With px, the shard must carry pixels
+// (version 2) and each document's one image lands in px.
 static bool load_eval_set(const std::string& base, const MotConfig& c, int n_classes,
-                          std::vector<std::vector<uint16_t>>* docs, std::vector<int>* cls, std::string* err) {
+                          std::vector<std::vector<uint16_t>>* docs, std::vector<int>* cls, std::string* err,
+                          std::vector<std::vector<uint8_t>>* px = nullptr, const std::string& labels = "") {
     MotShard s;
     if (!mot_read_shard(base + ".bin", &s, err)) return false;
+    if (px) {
+        if (!s.pixels_version) return mot_fail(err, base + ".bin", "expected pixels (shard version 2) for the Transfusion setting");
+        for (size_t k = 0; k < s.image_at.size(); k++)
+            px->emplace_back(s.pixels.begin() + k * MOT_IMAGE_PIXELS, s.pixels.begin() + (k + 1) * MOT_IMAGE_PIXELS);
+    }
     if (s.vocab.vocab != c.vocab || s.vocab.image_begin != c.image_begin || s.vocab.speech_begin != c.speech_begin)
         return mot_fail(err, base + ".bin", "vocabulary layout differs from the model's");
     for (size_t i = 0; i < s.tokens.size(); i++) {
         if (s.tokens[i] == MOT_BOS) docs->push_back({});
         if (!docs->empty()) docs->back().push_back(s.tokens[i]);
     }
+    if (px && px->size() != docs->size())
+        return mot_fail(err, base + ".bin", std::to_string(px->size()) + " images for " + std::to_string(docs->size()) +
+                                                " documents (expected one image each)");
     std::vector<std::vector<std::string>> rows;
-    if (!read_lines(base + ".txt", &rows, err)) return false;
+    const std::string lab = labels.empty() ? base + ".txt" : labels;
+    if (!read_lines(lab, &rows, err)) return false;
     if (rows.size() != docs->size())
-        return mot_fail(err, base + ".txt", std::to_string(rows.size()) + " labels for " + std::to_string(docs->size()) +
-                                                " documents in " + base + ".bin");
+        return mot_fail(err, lab, std::to_string(rows.size()) + " labels for " + std::to_string(docs->size()) +
+                                      " documents in " + base + ".bin");
     for (auto& r : rows) {
         int k = atoi(r[0].c_str());
         if (k < 0 || k >= n_classes) return mot_fail(err, base + ".txt", "class " + r[0] + " out of range");
@@ -493,8 +519,13 @@ static bool load_eval_sets(DataDir* d, const MotConfig& c, std::string* err) {
             d->caption_class[r[1]] = atoi(r[0].c_str());
         }
     }
-    if (access((d->dir + "/eval_image.bin").c_str(), R_OK) == 0 &&
-        !load_eval_set(d->dir + "/eval_image", c, (int)rows.size(), &d->eval_image, &d->eval_image_class, err))
+    if (mot_transfusion(c)) {  // the same eval images with their pixels (data/build.sh --transfusion)
+        if (access((d->dir + "/tf_eval_image.bin").c_str(), R_OK) == 0 &&
+            !load_eval_set(d->dir + "/tf_eval_image", c, (int)rows.size(), &d->eval_image, &d->eval_image_class, err,
+                           &d->eval_image_px, d->dir + "/eval_image.txt"))
+            return false;
+    } else if (access((d->dir + "/eval_image.bin").c_str(), R_OK) == 0 &&
+               !load_eval_set(d->dir + "/eval_image", c, (int)rows.size(), &d->eval_image, &d->eval_image_class, err))
         return false;
     if (access((d->dir + "/eval_speech.bin").c_str(), R_OK) == 0 &&
         !load_eval_set(d->dir + "/eval_speech", c, (int)rows.size(), &d->eval_speech, &d->eval_speech_class, err))
@@ -523,8 +554,36 @@ static std::string decode_text(DataDir* d, const std::vector<int>& ids) {
 // ============================================================================================
 // -log p of each candidate continuation (summed over its tokens) after a shared prefix, all
 // candidates in one batch (PAD after the shorter ones: causal attention never looks at it).
+// Transfusion: each row's image positions (a run of image ids, 49 when whole) take the patches of
+// `px` (784 pixels) in order, as a clean image (t = 0); no diffusion loss, no noise.
+static void clean_images(const MotConfig& c, MotBatch* b, const uint8_t* px) {
+    const size_t N = (size_t)b->B * b->T;
+    b->tstep.assign(N, 0);
+    b->eps.assign(N * MOT_PATCH, 0.0f);
+    b->xin.assign(N * MOT_PATCH, 0.0f);
+    for (int r = 0; r < b->B; r++) {
+        int patch = 0;
+        for (int t = 0; t < b->T; t++) {
+            const size_t i = (size_t)r * b->T + t;
+            if (mot_modality(c, b->tokens[i]) != MOD_IMAGE) { patch = 0; continue; }
+            if (!px || patch >= MOT_IMAGE_POS) continue;
+            for (int j = 0; j < MOT_PATCH; j++)
+                b->xin[i * MOT_PATCH + j] = px[((patch / 7) * 4 + j / 4) * MOT_IMAGE_SIDE + (patch % 7) * 4 + j % 4] / 127.5f - 1.0f;
+            patch++;
+        }
+    }
+}
+
+// The 49 markers of an image in the Transfusion setting (the pixels travel beside the tokens).
+static void push_image_markers(const MotConfig& c, std::vector<uint16_t>* p) {
+    p->push_back(MOT_BOI);
+    for (int i = 0; i < MOT_IMAGE_POS; i++) p->push_back((uint16_t)c.image_begin);
+    p->push_back(MOT_EOI);
+}
+
+// px: Transfusion only, the pixels of the image in the prefix (if any).
 static std::vector<double> score_candidates(MotModel<float>* m, std::vector<uint16_t> prefix,
-                                            const std::vector<std::vector<uint16_t>>& cands) {
+                                            const std::vector<std::vector<uint16_t>>& cands, const uint8_t* px = nullptr) {
     size_t longest = 0;
     for (auto& c : cands) longest = std::max(longest, c.size());
     const size_t room = (size_t)m->cfg.max_seq + 1;
@@ -543,6 +602,7 @@ static std::vector<double> score_candidates(MotModel<float>* m, std::vector<uint
         }
     }
     mot_group(m->cfg, &b);
+    if (mot_transfusion(m->cfg)) clean_images(m->cfg, &b, px);
     m->route = MOT_ROUTE_CAUSAL;  // with experts, no candidate may influence another's routing
     mot_forward(m, b);
     m->route = MOT_ROUTE_EC;
@@ -568,6 +628,9 @@ struct GenSpec {
     std::vector<uint16_t> uncond;
     // A caption: text tokens only (no BOI/BOA), and EOS only after at least one text token.
     bool caption = false;
+    // Transfusion: the pixels of the image in the prompt (fed as one clean block, t = 0); images
+    // are not written token by token there (BOI is not sampled: mot_ddim_image makes images).
+    const uint8_t* image_px = nullptr;
 };
 
 
@@ -593,7 +656,20 @@ static std::vector<int> generate(MotModel<float>* m, const std::vector<uint16_t>
     mot_kv_init(&kv, c, c.max_seq);
     if (guided) mot_kv_init(&kvu, c, c.max_seq);
     std::vector<float> logits(c.vocab), ulogits(guided ? c.vocab : 0), masked(c.vocab);
-    for (uint16_t t : prompt) {
+    const bool tf = mot_transfusion(c);
+    for (size_t i = 0; i < prompt.size(); i++) {
+        const uint16_t t = prompt[i];
+        if (tf && mot_modality(c, t) == MOD_IMAGE) {  // a clean image: its whole block at once
+            size_t e = i;
+            while (e < prompt.size() && mot_modality(c, prompt[e]) == MOD_IMAGE) e++;
+            std::vector<float> img(MOT_IMAGE_PIXELS, -1.0f), patches((e - i) * MOT_PATCH, -1.0f), eh(patches.size());
+            if (g.image_px)
+                for (int j = 0; j < MOT_IMAGE_PIXELS; j++) img[j] = g.image_px[j] / 127.5f - 1.0f;
+            if (e - i == MOT_IMAGE_POS) mot_image_to_patches(img.data(), patches.data());
+            if (!mot_image_step(m, &kv, (int)(e - i), patches.data(), 0, true, eh.data())) return {};
+            i = e - 1;
+            continue;
+        }
         if (!mot_decode_step(m, &kv, t, logits.data())) return {};
         advance(t);
     }
@@ -614,7 +690,8 @@ static std::vector<int> generate(MotModel<float>* m, const std::vector<uint16_t>
             if (state == TEXT) {
                 allow(MOT_N_SPECIAL, c.image_begin);
                 if (!g.caption || n_text > 0) allow(MOT_EOS, MOT_EOS + 1);
-                if (!g.caption) { allow(MOT_BOI, MOT_BOI + 1); allow(MOT_BOA, MOT_BOA + 1); }
+                if (!g.caption && !tf) allow(MOT_BOI, MOT_BOI + 1);
+                if (!g.caption) allow(MOT_BOA, MOT_BOA + 1);
             }
             else if (state == IMAGE) allow(c.image_begin, c.speech_begin);
             else { allow(c.speech_begin, c.vocab); allow(MOT_EOA, MOT_EOA + 1); }
@@ -690,12 +767,15 @@ struct Downstream {
 struct Decoding {
     double cfg_image = CFG_IMAGE, cfg_caption = CFG_CAPTION;
     int best_of = BEST_OF;
+    int ddim_steps = 50;  // Transfusion: DDIM steps per generated image
 };
 
 // The caption `mot sample --task caption/transcript` prints for a document prefix ending in EOI
 // or EOA: greedy, text only, at least one token, guided against the caption alone (BOS).
-static std::string generate_caption(MotModel<float>* m, DataDir* d, const std::vector<uint16_t>& prefix, double cfg) {
+static std::string generate_caption(MotModel<float>* m, DataDir* d, const std::vector<uint16_t>& prefix, double cfg,
+                                    const uint8_t* px = nullptr) {
     GenSpec g;
+    g.image_px = px;
     g.caption = true;
     g.temperature = 0;
     g.max_new = 40;
@@ -716,6 +796,59 @@ static std::vector<int> generate_image(MotModel<float>* m, DataDir* d, const std
     g.cfg = cfg;
     g.uncond = {MOT_BOS, MOT_BOI};
     return generate(m, prompt, g, rng);
+}
+
+// Transfusion, caption -> image: the prompt (BOS caption BOI) in one KV cache, BOS BOI in the
+// other for guidance (w != 1), DDIM over the 49 patches from x ~ N(0, I) drawn from rng; returns
+// the 28x28 pixels (0..255), or nothing when the image would not fit in the context.
+static double g_ddim_seconds = 0;
+static long g_ddim_images = 0;
+static std::vector<uint8_t> generate_image_ddim(MotModel<float>* m, const std::vector<uint16_t>& prompt, double cfg,
+                                                int steps, uint64_t* rng) {
+    const MotConfig& c = m->cfg;
+    const double t0 = now_s();
+    MotKVCache<float> kv, kvu;
+    mot_kv_init(&kv, c, c.max_seq);
+    std::vector<float> lg(c.vocab);
+    for (uint16_t t : prompt)
+        if (!mot_decode_step(m, &kv, t, lg.data())) return {};
+    const bool guided = cfg != 1.0;
+    if (guided) {
+        mot_kv_init(&kvu, c, c.max_seq);
+        for (uint16_t t : {MOT_BOS, MOT_BOI})
+            if (!mot_decode_step(m, &kvu, t, lg.data())) return {};
+    }
+    std::vector<float> x(MOT_IMAGE_POS * MOT_PATCH), img(MOT_IMAGE_PIXELS);
+    for (float& v : x) v = float(mot_rand_normal(rng));
+    if (!mot_ddim_image(m, &kv, guided ? &kvu : nullptr, MOT_IMAGE_POS, steps, cfg, x.data())) return {};
+    mot_patches_to_image(x.data(), img.data());
+    std::vector<uint8_t> px(MOT_IMAGE_PIXELS);
+    for (int j = 0; j < MOT_IMAGE_PIXELS; j++) px[j] = (uint8_t)std::lround(std::min(1.0f, std::max(-1.0f, img[j])) * 127.5f + 127.5f);
+#pragma omp critical(mot_gen_time)
+    {
+        g_ddim_seconds += now_s() - t0;
+        g_ddim_images++;
+    }
+    return px;
+}
+
+// Transfusion best of n: as rerank_images, on pixels.
+static size_t rerank_pixels(MotModel<float>* m, const std::vector<std::vector<uint8_t>>& images,
+                            const std::vector<std::vector<uint16_t>>& cands, const std::vector<double>& prior, size_t target) {
+    size_t best = 0;
+    double best_score = -INFINITY;
+    for (size_t i = 0; i < images.size(); i++) {
+        if (images[i].size() != MOT_IMAGE_PIXELS) continue;
+        std::vector<uint16_t> prefix = {MOT_BOS};
+        push_image_markers(m->cfg, &prefix);
+        std::vector<double> s = score_candidates(m, prefix, cands, images[i].data());
+        double mx = -INFINITY, sum = 0;
+        for (size_t c = 0; c < s.size(); c++) { s[c] = prior[c] - s[c]; mx = std::max(mx, s[c]); }
+        for (double x : s) sum += std::exp(x - mx);
+        const double score = s[target] - mx - std::log(sum);
+        if (score > best_score) { best_score = score; best = i; }
+    }
+    return best;
 }
 
 // Best of n (reranking, as DALL-E and Parti rerank their samples): among generated images (ids
@@ -754,12 +887,17 @@ static Downstream eval_downstream(MotModel<float>* m, DataDir* d, int max_items,
     std::vector<std::vector<uint16_t>> caps;
     for (int k = 0; k < C; k++) caps.push_back(encode_text(d, d->class_caption[k]));
     const std::vector<double> prior = score_candidates(m, {MOT_BOS}, caps);  // -log p(caption)
+    const bool tf = mot_transfusion(m->cfg);
+    // Transfusion: the pixels of eval document i when it holds an image (clean, t = 0)
+    auto pixels_of = [&](const std::vector<std::vector<uint16_t>>& docs, int i) -> const uint8_t* {
+        return tf && &docs == &d->eval_image && i < (int)d->eval_image_px.size() ? d->eval_image_px[i].data() : nullptr;
+    };
     auto classify = [&](const std::vector<std::vector<uint16_t>>& docs, const std::vector<int>& cls, int* n) {
         int right = 0;
         *n = std::min<int>(max_items, (int)docs.size());
         for (int i = 0; i < *n; i++) {
             std::vector<uint16_t> prefix(docs[i].begin(), docs[i].end() - 1);  // drop EOS
-            std::vector<double> s = score_candidates(m, prefix, caps);
+            std::vector<double> s = score_candidates(m, prefix, caps, pixels_of(docs, i));
             for (int k = 0; k < C; k++) s[k] -= prior[k];
             right += (int)(std::min_element(s.begin(), s.end()) - s.begin()) == cls[i];
         }
@@ -772,7 +910,7 @@ static Downstream eval_downstream(MotModel<float>* m, DataDir* d, int max_items,
 #pragma omp parallel for schedule(dynamic) reduction(+ : right)
         for (int i = 0; i < n; i++) {  // decoding is one sequence at a time: items in parallel
             std::vector<uint16_t> prefix(docs[i].begin(), docs[i].end() - 1);
-            auto it = d->caption_class.find(generate_caption(m, d, prefix, dec.cfg_caption));
+            auto it = d->caption_class.find(generate_caption(m, d, prefix, dec.cfg_caption, pixels_of(docs, i)));
             right += it != d->caption_class.end() && it->second == cls[i];
         }
         return n ? double(right) / n : NAN;
@@ -790,7 +928,8 @@ static Downstream eval_downstream(MotModel<float>* m, DataDir* d, int max_items,
             for (uint16_t t : doc)
                 if (t >= m->cfg.image_begin && t < m->cfg.speech_begin) ids.push_back(t);
             std::vector<uint8_t> px;
-            if (image_pixels(d, m->cfg, ids, &px)) { ref.push_back(px); ref_cls.push_back(d->eval_image_class[i]); }
+            if (tf) px = d->eval_image_px[i];  // the real pixels (the token setting's are VQ-decoded)
+            if (tf || image_pixels(d, m->cfg, ids, &px)) { ref.push_back(px); ref_cls.push_back(d->eval_image_class[i]); }
         }
         int right = 0;
         for (size_t i = 0; i < ref.size(); i++) right += knn_class(ref, ref_cls, ref[i], (int)i) == ref_cls[i];
@@ -801,13 +940,21 @@ static Downstream eval_downstream(MotModel<float>* m, DataDir* d, int max_items,
         std::vector<std::vector<uint16_t>> prompts;  // encoded here: the BPE cache is not thread-safe
         for (int k = 0; k < C; k++) prompts.push_back(prompt_for(d, d->class_caption[k], MOT_BOI));
         std::vector<std::vector<int>> ids((size_t)r.n_gen * n);
+        std::vector<std::vector<uint8_t>> pix(tf ? (size_t)r.n_gen * n : 0);
 #pragma omp parallel for schedule(dynamic)
         for (int j = 0; j < r.n_gen * n; j++) {  // decoding is one sequence at a time: images in parallel
             uint64_t rng = seed ^ (0x9E3779B97F4A7C15ull * (j + 1));  // per image: the same for any thread count
-            ids[j] = generate_image(m, d, prompts[j / n / gen_per_class], dec.cfg_image, &rng);
+            if (tf) pix[j] = generate_image_ddim(m, prompts[j / n / gen_per_class], dec.cfg_image, dec.ddim_steps, &rng);
+            else ids[j] = generate_image(m, d, prompts[j / n / gen_per_class], dec.cfg_image, &rng);
         }
         for (int j = 0; j < r.n_gen; j++) {
             const int k = j / gen_per_class;
+            if (tf) {  // Transfusion: the denoised pixels themselves
+                std::vector<std::vector<uint8_t>> cand(pix.begin() + (size_t)j * n, pix.begin() + (size_t)(j + 1) * n);
+                const size_t pick = n > 1 ? rerank_pixels(m, cand, caps, prior, k) : 0;
+                if (cand[pick].size() == MOT_IMAGE_PIXELS) right += knn_class(ref, ref_cls, cand[pick]) == k;
+                continue;
+            }
             std::vector<std::vector<int>> cand(ids.begin() + (size_t)j * n, ids.begin() + (size_t)(j + 1) * n);
             const size_t pick = n > 1 ? rerank_images(m, cand, caps, prior, k) : 0;
             std::vector<uint8_t> px;
@@ -838,7 +985,18 @@ static void write_samples(MotModel<float>* m, DataDir* d, const std::string& out
     std::vector<std::vector<uint16_t>> caps;
     for (const std::string& cap : d->class_caption) caps.push_back(encode_text(d, cap));
     const std::vector<double> prior = score_candidates(m, {MOT_BOS}, caps);
-    for (size_t k = 0; k < d->class_caption.size(); k++) {  // caption -> image, best of dec.best_of
+    for (size_t k = 0; k < d->class_caption.size() && mot_transfusion(c); k++) {  // Transfusion: DDIM
+        std::vector<std::vector<uint8_t>> cand;
+        for (int i = 0; i < std::max(1, dec.best_of); i++)
+            cand.push_back(generate_image_ddim(m, prompt_for(d, d->class_caption[k], MOT_BOI), dec.cfg_image, dec.ddim_steps, &rng));
+        const std::vector<uint8_t>& px = cand[cand.size() > 1 ? rerank_pixels(m, cand, caps, prior, k) : 0];
+        if (px.size() != MOT_IMAGE_PIXELS) continue;
+        char name[64];
+        snprintf(name, sizeof name, "/image_%02zu.png", k);
+        if (!vq_write_png((dir + name).c_str(), px.data(), MOT_IMAGE_SIDE, MOT_IMAGE_SIDE, &err)) die(err);
+        fprintf(f, "image_%02zu.png\t%s\t(DDIM %d steps)\n", k, d->class_caption[k].c_str(), dec.ddim_steps);
+    }
+    for (size_t k = 0; k < d->class_caption.size() && !mot_transfusion(c); k++) {  // caption -> image, best of dec.best_of
         std::vector<std::vector<int>> cand;
         for (int i = 0; i < std::max(1, dec.best_of); i++)
             cand.push_back(generate_image(m, d, prompt_for(d, d->class_caption[k], MOT_BOI), dec.cfg_image, &rng));
@@ -886,6 +1044,8 @@ static void sample_usage(FILE* f) {
             "  --cfg W            classifier-free guidance: logits u + W (c - u), u without the\n"
             "                     caption (image, speech) or without the input (caption, transcript)\n"
             "                                                                (3 for image, else 1 = off)\n"
+            "  --steps N          image, Transfusion setting: DDIM steps (eta 0; guidance on the\n"
+            "                     predicted noise, eps_u + W (eps_c - eps_u))   (50)\n"
             "  --best-of N        image: sample N, keep the one the model reads back as the prompt\n"
             "                     most surely against the classes' captions  (8; 1 = off)\n"
             "  --tokenizers DIR   folder with text.bpe, image.vq, speech.sp  (data/default)\n"
@@ -898,7 +1058,7 @@ static void sample_usage(FILE* f) {
 static int sample_main(int argc, char** argv) {
     std::string ckpt, task, prompt, input, output, tokdir = "data/default";
     double temp = -1, cfg = -1;
-    int top_k = 0, max_tokens = 100, best_of = BEST_OF;
+    int top_k = 0, max_tokens = 100, best_of = BEST_OF, steps = 50;
     uint64_t seed = 1;
     for (int i = 2; i < argc; i++) {
         const std::string f = argv[i];
@@ -916,6 +1076,7 @@ static int sample_main(int argc, char** argv) {
         else if (f == "--temp") temp = parse_float("--temp", val(), 0, 100);
         else if (f == "--cfg") cfg = parse_float("--cfg", val(), 0, 100);
         else if (f == "--best-of") best_of = parse_int("--best-of", val(), 1, 1024);
+        else if (f == "--steps") steps = parse_int("--steps", val(), 1, 1000);
         else if (f == "--top-k") top_k = parse_int("--top-k", val(), 0, 1 << 20);
         else if (f == "--max-tokens") max_tokens = parse_int("--max-tokens", val(), 1, 1 << 20);
         else if (f == "--seed") seed = parse_int("--seed", val(), 0, 0x7fffffffffffffffL);
@@ -957,6 +1118,24 @@ static int sample_main(int argc, char** argv) {
     if (task == "text") {
         std::vector<int> ids = generate(&m, prompt_for(&d, prompt, -1), g, &rng);
         printf("%s%s\n", prompt.c_str(), decode_text(&d, ids).c_str());
+    } else if (task == "image" && mot_transfusion(c)) {  // DDIM over the 49 patches
+        const std::vector<uint16_t> pr = prompt_for(&d, prompt, MOT_BOI);
+        if ((int)pr.size() + MOT_IMAGE_POS + 1 > c.max_seq) die("the model's context is too short for a whole image after this prompt");
+        std::vector<std::vector<uint8_t>> cand;
+        const double t0 = now_s();
+        for (int i = 0; i < best_of; i++) cand.push_back(generate_image_ddim(&m, pr, cfg, steps, &rng));
+        const double secs = now_s() - t0;
+        size_t pick = 0;
+        if (best_of > 1) {
+            if (!load_eval_sets(&d, c, &err)) die(err);
+            std::vector<std::vector<uint16_t>> caps = {encode_text(&d, prompt)};
+            for (const std::string& k : d.class_caption)
+                if (k != prompt) caps.push_back(encode_text(&d, k));
+            pick = rerank_pixels(&m, cand, caps, score_candidates(&m, {MOT_BOS}, caps), 0);
+        }
+        if (cand[pick].size() != MOT_IMAGE_PIXELS) die("image generation failed");
+        if (!vq_write_png(output.c_str(), cand[pick].data(), MOT_IMAGE_SIDE, MOT_IMAGE_SIDE, &err)) die(err);
+        printf("wrote %s (DDIM %d steps, guidance %g, %.3f s per image)\n", output.c_str(), steps, cfg, secs / best_of);
     } else if (task == "image") {
         g.stop = MOT_EOI;
         g.max_new = g.image_tokens + 1;
@@ -989,8 +1168,12 @@ static int sample_main(int argc, char** argv) {
         printf("wrote %s (%zu units, %.2f s)\n", output.c_str(), units.size(), wav.size() / double(d.sp.s.sample_rate));
     } else {
         std::vector<uint16_t> p = {MOT_BOS};
-        if (task == "caption") {
-            std::vector<uint8_t> px;
+        std::vector<uint8_t> px;
+        if (task == "caption" && mot_transfusion(c)) {  // the clean image (t = 0) as 49 patches
+            if (!vq_load_image(input.c_str(), MOT_IMAGE_SIDE, &px, &err)) die(err);
+            push_image_markers(c, &p);
+            g.image_px = px.data();
+        } else if (task == "caption") {
             if (!vq_load_image(input.c_str(), d.vq.side, &px, &err)) die(err);
             std::vector<int32_t> codes(vq_tokens(d.vq));
             vq_encode(d.vq, px.data(), codes.data());
@@ -1030,6 +1213,7 @@ static void check_memory(const Args& a, bool activations) {
     const char* what = "parameters, gradients and optimizer state";
     if (activations) {  // mot_alloc_acts and its backward scratch, in double: no wrap
         bytes += 4.0 * (L * N * (9 * D + 2 * H + 2 + 3 * F) + L * B * H * T * T + N * (2 * V + D + 1) + 7 * N * D + 3 * N * F);
+        if (mot_transfusion(a.cfg)) bytes += 4.0 * N * (D + 3 * MOT_PATCH);  // patches, sinusoids, eps_hat, its gradient
         what = "parameters, optimizer state and activations";
     }
     const double ram = (double)sysconf(_SC_PHYS_PAGES) * sysconf(_SC_PAGESIZE);
@@ -1177,6 +1361,14 @@ int main(int argc, char** argv) {
     }
     std::string bad = mot_config_error(a.cfg);
     if (!bad.empty()) die("bad model config: " + bad, 2);
+    bad = mot_loader_setting_error(loader, a.cfg);  // the shards' form must match the setting
+    if (!bad.empty()) die(bad + (mot_transfusion(a.cfg) ? "" : " (add --setting transfusion)"), 2);
+    if (!a.val.empty()) {
+        MotLoader vl;
+        if (!mot_loader_open(&vl, a.val, a.seq, 0, &err)) die(err);
+        bad = mot_loader_setting_error(vl, a.cfg);
+        if (!bad.empty()) die(bad, 2);
+    }
     check_memory(a, false);
 
     MotModel<float> model;
@@ -1202,6 +1394,7 @@ int main(int argc, char** argv) {
         std::string why = "CPU-only build (no nvcc)";
 #ifdef MOT_GPU
         if (a.cpu) why = "--cpu given";
+        else if (mot_transfusion(a.cfg)) why = "the Transfusion setting runs on the CPU reference only: the GPU path has none yet";
         else if (mot_gpu_available(&why)) {
 #ifdef MOT_MPI
             if (!mot_gpu_dp_init(rank, world, &err)) die("data parallel setup: " + err);
@@ -1229,8 +1422,8 @@ int main(int argc, char** argv) {
         experts_note = ", experts";
         for (int f = 0; f < mot_ffn_copies(a.cfg); f++) experts_note += (f ? "," : " ") + std::to_string(a.cfg.n_expert[f]);
     }
-    printf("model: %s, L=%d D=%d H=%d F=%d V=%d (text %d, image %d, speech %d), T=%d, %.2fM parameters%s%s%s%s\n",
-           a.cfg.n_tower == 1 ? "dense" : "MoT (3 towers)", a.cfg.n_layer, a.cfg.d_model, a.cfg.n_head, a.cfg.d_ff,
+    printf("model: %s%s, L=%d D=%d H=%d F=%d V=%d (text %d, image %d, speech %d), T=%d, %.2fM parameters%s%s%s%s\n",
+           a.cfg.n_tower == 1 ? "dense" : "MoT (3 towers)", mot_transfusion(a.cfg) ? ", Transfusion (images by diffusion)" : "", a.cfg.n_layer, a.cfg.d_model, a.cfg.n_head, a.cfg.d_ff,
            a.cfg.vocab, a.cfg.image_begin, a.cfg.speech_begin - a.cfg.image_begin, a.cfg.vocab - a.cfg.speech_begin,
            a.cfg.max_seq, tab.total / 1e6, a.cfg.tie_attn ? ", attention tied" : "", a.cfg.tie_ffn ? ", FFN tied" : "",
            a.cfg.tie_norm ? ", norms tied" : "", experts_note.c_str());

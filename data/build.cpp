@@ -74,6 +74,11 @@
 //             one line per doc: class_index <TAB> class_name <TAB> details
 //             (details: "mnist-test:123" for images; "transcript<TAB>voice speed pitch" for speech)
 //
+// Transfusion form (--transfusion): tf_train_000.bin ..., tf_val_000.bin ..., tf_eval_image.bin hold the
+// SAME documents cut at the same places, as shard version 2 (mot.h section 7): each image's 49
+// positions carry the marker id image_begin instead of its VQ codes, and its 784 pixels follow the
+// tokens. The caption-dropped caption->image documents above serve classifier-free guidance there too.
+//
 // Files in OUT_DIR: text.bpe image.vq speech.sp train_000.bin ... val_000.bin eval_image.{bin,txt}
 // eval_speech.{bin,txt} classes.txt manifest.txt (written LAST: its presence marks a complete build; it holds
 // the token counts per modality, the document counts, the vocabulary layout, the tokenizer
@@ -550,12 +555,17 @@ struct Emitter {
     const std::vector<Clip>* clips;
     const std::vector<Chunk>* chunks;
     int image_begin;
-    void emit(const Doc& d, std::vector<uint16_t>* o) const {
+    const std::vector<uint8_t>* pixels;  // per global image, 784 grey pixels
+    // px == nullptr: the token form. Otherwise the Transfusion form: each image's 49 positions are
+    // image_begin (markers) and its 784 pixels are appended to px.
+    void emit(const Doc& d, std::vector<uint16_t>* o, std::vector<uint8_t>* px = nullptr) const {
         auto img = [&](int id) {
             o->push_back(MOT_BOI);
             const int32_t* c = codes->data() + (size_t)id * img_tokens;
-            for (int j = 0; j < img_tokens; j++) o->push_back((uint16_t)(image_begin + c[j]));
+            for (int j = 0; j < img_tokens; j++) o->push_back((uint16_t)(image_begin + (px ? 0 : c[j])));
             o->push_back(MOT_EOI);
+            if (px) px->insert(px->end(), pixels->begin() + (size_t)id * MOT_IMAGE_PIXELS,
+                               pixels->begin() + (size_t)(id + 1) * MOT_IMAGE_PIXELS);
         };
         auto sp = [&](int clip) {
             o->push_back(MOT_BOA);
@@ -635,28 +645,40 @@ static void count(const std::vector<uint16_t>& t, const MotVocab& v, Stats* s) {
     for (uint16_t x : t) s->tok[x < v.image_begin ? MOD_TEXT : x < v.speech_begin ? MOD_IMAGE : MOD_SPEECH]++;
 }
 
-// Writes docs into shards prefix_000.bin ... (max_tokens each, documents never split).
+// Writes docs into shards prefix_000.bin ... (max_tokens each, documents never split). With
+// transfusion, also tf_prefix_000.bin ...: the same documents cut at the same places, in the
+// Transfusion form (shard version 2: image positions marked, pixels appended).
 static std::vector<std::pair<std::string, size_t>> write_split(const std::string& dir, const std::string& prefix,
                                                                const std::vector<Doc>& docs, const Emitter& em,
-                                                               const MotVocab& v, size_t max_tokens, Stats* st) {
+                                                               const MotVocab& v, size_t max_tokens, Stats* st,
+                                                               bool transfusion = false) {
     std::vector<std::pair<std::string, size_t>> files;
-    std::vector<uint16_t> buf, doc;
+    std::vector<uint16_t> buf, doc, tbuf, tdoc;
+    std::vector<uint8_t> pbuf;
     auto flush = [&]() {
         if (buf.empty()) return;
         char name[64];
         snprintf(name, sizeof name, "%s_%03zu.bin", prefix.c_str(), files.size());
         std::string err;
         if (!mot_write_shard(dir + "/" + name, v, buf.data(), buf.size(), &err)) die(err);
+        if (transfusion && !mot_write_shard(dir + "/tf_" + name, v, tbuf.data(), tbuf.size(), &err, pbuf.data())) die(err);
         count(buf, v, st);
-        say("  wrote %s: %zu tokens", name, buf.size());
+        say("  wrote %s%s: %zu tokens", transfusion ? "(tf_)" : "", name, buf.size());
         files.push_back({name, buf.size()});
         buf.clear();
+        tbuf.clear();
+        pbuf.clear();
     };
     for (const Doc& d : docs) {
         doc.clear();
         em.emit(d, &doc);
         if (!buf.empty() && buf.size() + doc.size() > max_tokens) flush();
         buf.insert(buf.end(), doc.begin(), doc.end());
+        if (transfusion) {
+            tdoc.clear();
+            em.emit(d, &tdoc, &pbuf);
+            tbuf.insert(tbuf.end(), tdoc.begin(), tdoc.end());
+        }
         st->docs[d.kind]++;
         st->order1[d.kind] += d.order == 1;
         st->dropped += d.kind == K_CAPIMG && d.order == 2;
@@ -675,6 +697,7 @@ struct Args {
     long long tokens = -1, train_clips = -1, val_clips = -1, eval_clips = -1, eval_images = -1;
     long long shard_tokens = 1 << 20;
     int bpe_vocab = 2048, vq_codes = 512, speech_units = 256;
+    bool transfusion = false;  // also write the Transfusion form (tf_*.bin, shard version 2)
 };
 
 static const char* kUsage =
@@ -683,6 +706,7 @@ static const char* kUsage =
     "options: --small  --seed S  --mix-image F --mix-text F --mix-speech F  --tokens N\n"
     "         --image-speech-frac F  --caption-drop F  --val-frac F  --train-clips N --val-clips N --eval-clips N\n"
     "         --eval-images N  --shard-tokens N  --bpe-vocab N  --vq-codes K  --speech-units K\n"
+    "         --transfusion (also write the Transfusion form: tf_train_*.bin, tf_val_*.bin, tf_eval_image.bin)\n"
     "         --args-line STRING (recorded in the manifest)\n";
 
 static Args parse_args(int argc, char** argv) {
@@ -697,6 +721,7 @@ static Args parse_args(int argc, char** argv) {
         std::string f = argv[i];
         if (f == "--small") { a.small = true; continue; }
         if (f == "-h" || f == "--help") { fputs(kUsage, stderr); exit(0); }
+        if (f == "--transfusion") { a.transfusion = true; continue; }
         if (i + 1 >= argc) die("option " + f + " needs a value (or is unknown)");
         const char* v = argv[++i];
         if (f == "--out") a.out = v;
@@ -943,7 +968,7 @@ int main(int argc, char** argv) {
             cap_mean += s / v.size() / 20;
         }
     }
-    Emitter em{&codes, IT, &caps, &clips, &chunks, V.image_begin};
+    Emitter em{&codes, IT, &caps, &clips, &chunks, V.image_begin, &all_px};
     auto make_pools = [&](size_t img_lo, size_t img_hi, size_t clip_lo, size_t clip_hi, const std::vector<int>& ch,
                           std::vector<int>* img_store) {
         Pools p;
@@ -988,7 +1013,7 @@ int main(int argc, char** argv) {
         Rng r(A.seed, 41);
         std::vector<Doc> docs = make_docs(plan, ptrain, img_cls, caps, chunks, r, A.caption_drop, &prose_used_train);
         say("writing %zu training documents", docs.size());
-        files_train = write_split(OUT, "train", docs, em, V, (size_t)A.shard_tokens, &st_train);
+        files_train = write_split(OUT, "train", docs, em, V, (size_t)A.shard_tokens, &st_train, A.transfusion);
     }
     {
         std::vector<int> dummy;
@@ -1003,7 +1028,7 @@ int main(int argc, char** argv) {
         Rng r(A.seed, 42);
         std::vector<Doc> docs = make_docs(pv, pval, img_cls, caps, chunks, r, A.caption_drop, &prose_used_val);
         say("writing %zu validation documents", docs.size());
-        files_val = write_split(OUT, "val", docs, em, V, (size_t)A.shard_tokens, &st_val);
+        files_val = write_split(OUT, "val", docs, em, V, (size_t)A.shard_tokens, &st_val, A.transfusion);
     }
     // eval sets
     long long eval_img_tok = 0, eval_sp_tok = 0;
@@ -1023,6 +1048,13 @@ int main(int argc, char** argv) {
         }
         std::string err;
         if (!mot_write_shard(OUT + "/eval_image.bin", V, t.data(), t.size(), &err)) die(err);
+        if (A.transfusion) {  // the same eval images with pixels
+            std::vector<uint8_t> px;
+            for (uint16_t& x : t)
+                if (x >= V.image_begin && x < V.speech_begin) x = (uint16_t)V.image_begin;
+            for (int id : eval_imgs) px.insert(px.end(), all_px.begin() + (size_t)id * 784, all_px.begin() + (size_t)(id + 1) * 784);
+            if (!mot_write_shard(OUT + "/tf_eval_image.bin", V, t.data(), t.size(), &err, px.data())) die(err);
+        }
         if (!mot_write_atomic(OUT + "/eval_image.txt", &err, [&](FILE* f) { return mot_put(f, lab.data(), lab.size()); })) die(err);
         eval_img_tok = t.size();
         t.clear();

@@ -2,7 +2,7 @@
 # data/build.sh — build the mot training set (interleaved text / image / speech tokens) offline.
 #
 #   bash data/build.sh [OUT_DIR] [--small] [--seed S] [--mix-image F --mix-text F --mix-speech F]
-#                      [--tokens N] [--force] [other data/build.cpp options]
+#                      [--tokens N] [--transfusion] [--force] [other data/build.cpp options]
 #
 # OUT_DIR defaults to data/default (data/default/small with --small, inside the git-ignored
 # data/default/). Steps: install the sources if missing (apt-get: dataset-fashion-mnist
@@ -25,6 +25,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --force) FORCE=1 ;;
         --small) SMALL=1; PASS+=("$1") ;;
+        --transfusion) PASS+=("$1") ;;  # also the Transfusion form (tf_*.bin: pixels, shard version 2)
         -h|--help) sed -n '2,/^set -e/p' "${BASH_SOURCE[0]}" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
         --*) [ $# -ge 2 ] || die "option $1 needs a value"
              PASS+=("$1" "$2"); shift ;;

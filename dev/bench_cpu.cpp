@@ -1,6 +1,8 @@
 // bench_cpu.cpp — CPU reference speed: one training step (forward + backward + AdamW) in fp32,
 // dense, MoT, MoE-4x, MoMa-style (4t4i4s) and the MoT+MoE hybrid side by side on the same shape
-// and the same tokens.
+// and the same tokens; then the Transfusion setting (images as pixel patches, diffusion loss) on
+// the same shape against the token setting, and the time to sample one image with 50 DDIM steps
+// on the CPU main job's model.
 //
 //   make bench          (or: ./dev/bench_cpu [D L H F T B V steps])
 //
@@ -32,10 +34,11 @@ int main(int argc, char** argv) {
     // The architectures at the same FLOPs per token (experts: capacity factor 1, so E C ~ n rows
     // pass through an expert; the router adds 2 E D per row). Steps are taken round-robin, one per
     // model in turn, so that a slow phase of a shared machine hits every model alike.
-    struct Arch { const char* name; int towers, tie_attn; int experts[3]; };
-    const Arch archs[] = {{"dense", 1, 0, {1, 1, 1}},  {"MoT", 3, 0, {1, 1, 1}},
-                          {"MoE-4x", 1, 0, {4, 1, 1}}, {"MoMa-4t4i4s", 3, 1, {4, 4, 4}},
-                          {"hybrid-4t", 3, 0, {4, 1, 1}}};
+    struct Arch { const char* name; int towers, tie_attn; int experts[3]; int setting; };
+    const Arch archs[] = {{"dense", 1, 0, {1, 1, 1}, 0},  {"MoT", 3, 0, {1, 1, 1}, 0},
+                          {"MoE-4x", 1, 0, {4, 1, 1}, 0}, {"MoMa-4t4i4s", 3, 1, {4, 4, 4}, 0},
+                          {"hybrid-4t", 3, 0, {4, 1, 1}, 0}, {"dense-tf", 1, 0, {1, 1, 1}, 1},
+                          {"MoT-tf", 3, 0, {1, 1, 1}, 1}};
     const int K = sizeof archs / sizeof archs[0];
     std::vector<MotModel<float>> models(K);
     std::vector<MotBatch> batches(K);
@@ -45,6 +48,7 @@ int main(int argc, char** argv) {
         c.n_layer = L; c.d_model = D; c.n_head = H; c.d_ff = F; c.vocab = V; c.max_seq = T;
         c.image_begin = V / 2; c.speech_begin = 3 * V / 4; c.n_tower = archs[a].towers; c.tie_attn = archs[a].tie_attn;
         for (int f = 0; f < 3; f++) c.n_expert[f] = archs[a].experts[f];
+        c.setting = archs[a].setting;
         mot_init(&models[a], c, 1);
         MotBatch& b = batches[a];  // a realistic mix: 35% text, 40% image, 25% speech, in runs like documents
         b.B = B; b.T = T;
@@ -57,6 +61,13 @@ int main(int argc, char** argv) {
         }
         for (int i = 0; i < B * T; i++) b.targets.push_back(i + 1 < B * T ? b.tokens[i + 1] : 0);
         mot_group(c, &b);
+        if (c.setting == MOT_SETTING_TRANSFUSION) {  // each image run a block of patches with its own t
+            b.tstep.assign(B * T, 0);
+            b.xin.resize((size_t)B * T * MOT_PATCH);
+            b.eps.resize((size_t)B * T * MOT_PATCH);
+            for (int i = 0; i < B * T; i++) b.tstep[i] = mot_modality(c, b.tokens[i]) == MOD_IMAGE ? 1 + (i / 32) % 1000 : 0;
+            for (size_t i = 0; i < b.xin.size(); i++) { b.xin[i] = float(mot_rand_normal(&rng)); b.eps[i] = float(mot_rand_normal(&rng)); }
+        }
     }
     MotOptim o;
     for (int s = 0; s <= steps; s++)
@@ -74,5 +85,34 @@ int main(int argc, char** argv) {
         printf("%-12s %6.1fM params | step %7.1f ms | %7.0f tokens/s | %6.1f GFLOP/s | / dense %.3f\n", archs[a].name,
                models[a].tab.total / 1e6, best[a] * 1e3, N / best[a], flops / best[a] / 1e9, best[a] / best[0]);
     printf("MoT / dense step time: %.3f\n", best[1] / best[0]);
+    printf("Transfusion / token setting step time: MoT %.3f, dense %.3f (target <= 1.1)\n", best[6] / best[1],
+           best[5] / best[0]);
+
+    // Sampling one image by DDIM on the CPU main job's model (make train: L=4, D=128, H=4, F=384,
+    // T=128, the dataset's V=2824): a 6-token prompt, 50 steps over the 49 patches at once, with
+    // guidance (two KV caches, 100 block passes) and without.
+    MotConfig c;
+    c.n_layer = 4; c.d_model = 128; c.n_head = 4; c.d_ff = 384; c.max_seq = 128;
+    c.vocab = 2824; c.image_begin = 2056; c.speech_begin = 2568; c.setting = MOT_SETTING_TRANSFUSION;
+    MotModel<float> m;
+    mot_init(&m, c, 1);
+    std::vector<float> lg(c.vocab), x(MOT_IMAGE_POS * MOT_PATCH);
+    for (int guided = 1; guided >= 0; guided--) {
+        double bt = 1e30;
+        for (int rep = 0; rep < 3; rep++) {
+            const double t0 = now_s();
+            MotKVCache<float> kv, kvu;
+            mot_kv_init(&kv, c, c.max_seq);
+            mot_kv_init(&kvu, c, c.max_seq);
+            for (int t : {(int)MOT_BOS, 100, 200, 300, 400, (int)MOT_BOI}) mot_decode_step(&m, &kv, t, lg.data());
+            for (int t : {MOT_BOS, MOT_BOI}) mot_decode_step(&m, &kvu, t, lg.data());
+            uint64_t r = 3;
+            for (float& v : x) v = float(mot_rand_normal(&r));
+            mot_ddim_image(&m, &kv, guided ? &kvu : nullptr, MOT_IMAGE_POS, 50, 3.0, x.data());
+            bt = std::min(bt, now_s() - t0);
+        }
+        printf("DDIM sample, main-job model (L=4 D=128), 50 steps, %s: %.3f s per image (target < 1 s)\n",
+               guided ? "guidance 3 (2 x 50 block passes)" : "no guidance", bt);
+    }
     return 0;
 }

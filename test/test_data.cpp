@@ -11,6 +11,13 @@
 
 #include <functional>
 
+#define STB_IMAGE_IMPLEMENTATION
+#define STBI_ONLY_PNG  // JPEG is decoded by libjpeg-turbo (tokenizers/vq.h)
+#include <stb/stb_image.h>
+#define STB_IMAGE_WRITE_IMPLEMENTATION
+#include <stb/stb_image_write.h>
+#define VQ_IMPLEMENTATION
+#include "tokenizers/vq.h"
 #include "mot.h"
 
 // One folder per checkout: worktrees testing at the same time must not delete each other's build.
@@ -36,7 +43,7 @@ static void build() {
     static bool done = false;
     if (done) return;
     std::string out;
-    int rc = run("rm -rf " + OUT + " && bash data/build.sh " + OUT + " --small", &out);
+    int rc = run("rm -rf " + OUT + " && bash data/build.sh " + OUT + " --small --transfusion", &out);
     INFO(out.substr(out.size() > 3000 ? out.size() - 3000 : 0));
     REQUIRE(rc == 0);
     done = true;
@@ -162,12 +169,91 @@ TEST_CASE("data: eval sets, classes and tokenizers are there and consistent") {
     }
 }
 
+TEST_CASE("data: the Transfusion form holds the same documents, with each image's pixels in place of its codes") {
+    build();
+    std::string err;
+    VqModel vq;
+    REQUIRE_MESSAGE(vq_model_load((OUT + "/image.vq").c_str(), &vq, &err), err);
+    for (const std::string name : {"train_000.bin", "val_000.bin", "eval_image.bin"}) {
+        INFO(name);
+        MotShard tok, tf;
+        REQUIRE_MESSAGE(mot_read_shard(OUT + "/" + name, &tok, &err), err);
+        REQUIRE_MESSAGE(mot_read_shard(OUT + "/tf_" + name, &tf, &err), err);
+        CHECK_FALSE(tok.pixels_version);
+        CHECK(tf.pixels_version);
+        REQUIRE(tf.tokens.size() == tok.tokens.size());
+        long differ = 0, images = 0, codes_match = 0, codes = 0;
+        for (size_t i = 0; i < tok.tokens.size(); i++) {
+            const bool img = tok.tokens[i] >= tok.vocab.image_begin && tok.tokens[i] < tok.vocab.speech_begin;
+            differ += img ? tf.tokens[i] != tf.vocab.image_begin : tf.tokens[i] != tok.tokens[i];
+            if (tok.tokens[i] == MOT_BOI) images++;
+        }
+        CHECK(differ == 0);
+        REQUIRE((long)tf.image_at.size() == images);
+        // the pixels are the image the codes came from: encoding them again gives the same codes
+        std::vector<int32_t> c(49);
+        for (size_t k = 0; k < tf.image_at.size(); k += 7) {
+            vq_encode(vq, tf.pixels.data() + k * MOT_IMAGE_PIXELS, c.data());
+            for (int j = 0; j < 49; j++) {
+                codes++;
+                codes_match += c[j] + tok.vocab.image_begin == tok.tokens[tf.image_at[k] + j];
+            }
+        }
+        CHECK(codes > 0);
+        CHECK(codes_match == codes);
+    }
+    // the loader fills Transfusion batches from them; a token-setting model is told it has the wrong form
+    MotLoader ld;
+    REQUIRE(mot_loader_open(&ld, OUT + "/tf_train_*.bin", 128, 1, &err));
+    MotConfig cfg;
+    cfg.vocab = ld.vocab.vocab; cfg.image_begin = ld.vocab.image_begin; cfg.speech_begin = ld.vocab.speech_begin;
+    CHECK(mot_loader_setting_error(ld, cfg).find("the model is in the token setting") != std::string::npos);
+    cfg.setting = MOT_SETTING_TRANSFUSION;
+    CHECK(mot_loader_setting_error(ld, cfg) == "");
+    MotBatch b;
+    mot_loader_next(&ld, cfg, 8, 128, &b);
+    CHECK(b.xin.size() == 8u * 128 * MOT_PATCH);
+}
+
+TEST_CASE("data: the Transfusion setting trains on the tf shards, samples an image by DDIM and captions it") {
+    build();
+    std::string out;
+    int rc = run("./mot --setting transfusion --data '" + OUT + "/tf_train_*.bin' --val '" + OUT + "/tf_val_*.bin' --out " +
+                     OUT + "/tfrun --overwrite --layers 1 --dim 32 --heads 2 --seq 64 --batch 4 --steps 10 --log-every 10"
+                     " --eval-items 5 --eval-gen 1 --best-of 1 --threads 2",
+                 &out);
+    INFO(out);
+    REQUIRE(rc == 0);
+    CHECK(out.find("Transfusion (images by diffusion)") != std::string::npos);
+    CHECK(out.find("eval    10 | image->caption") != std::string::npos);
+    CHECK(out.find("caption->image") != std::string::npos);
+    struct stat sb;
+    CHECK(stat((OUT + "/tfrun/samples/image_07.png").c_str(), &sb) == 0);
+    const std::string ck = OUT + "/tfrun/model.ckpt";
+    rc = run("./mot sample --ckpt " + ck + " --tokenizers " + OUT + " --task image --prompt 'a handwritten seven' --steps 5"
+             " --best-of 1 --output " + OUT + "/tf7.png", &out);
+    REQUIRE(rc == 0);
+    CHECK(out.find("DDIM 5 steps") != std::string::npos);
+    int w = 0, h = 0, n = 0;
+    unsigned char* img = stbi_load((OUT + "/tf7.png").c_str(), &w, &h, &n, 1);
+    REQUIRE(img);
+    CHECK(w == 28);
+    CHECK(h == 28);
+    stbi_image_free(img);
+    rc = run("./mot sample --ckpt " + ck + " --tokenizers " + OUT + " --task caption --input " + OUT + "/tf7.png --max-tokens 5", &out);
+    CHECK(rc == 0);
+    CHECK(std::count(out.begin(), out.end(), '\n') == 1);
+    rc = run("./mot sample --ckpt " + ck + " --tokenizers " + OUT + " --task image --prompt x --steps 0 --output " + OUT + "/x.png", &out);
+    CHECK(rc == 2);
+    CHECK(out.find("--steps") != std::string::npos);
+}
+
 TEST_CASE("data: a second run is cached and changes nothing; a different option is refused") {
     build();
     std::string out;
     struct stat before, after;
     REQUIRE(stat((OUT + "/train_000.bin").c_str(), &before) == 0);
-    REQUIRE(run("bash data/build.sh " + OUT + " --small", &out) == 0);
+    REQUIRE(run("bash data/build.sh " + OUT + " --small --transfusion", &out) == 0);
     CHECK(out.find("nothing to do") != std::string::npos);
     REQUIRE(stat((OUT + "/train_000.bin").c_str(), &after) == 0);
     CHECK(before.st_mtime == after.st_mtime);

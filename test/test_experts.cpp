@@ -348,7 +348,7 @@ TEST_CASE("upcycling: every expert holds its tower's FFN exactly, routers start 
     CHECK(mot_upcycle(&wrong, dst).find("already has experts") != std::string::npos);
 }
 
-TEST_CASE("checkpoint and debug state: version 2 round trip with experts; version 1 files still load") {
+TEST_CASE("checkpoint and debug state: round trip with experts; version 1 files still load") {
     char t[] = "/tmp/mot_experts_XXXXXX";
     REQUIRE(mkdtemp(t) != nullptr);
     const std::string dir = t;
@@ -363,7 +363,7 @@ TEST_CASE("checkpoint and debug state: version 2 round trip with experts; versio
     mot_init(&b, fc, 2);
     REQUIRE(mot_load_checkpoint(dir + "/e.ckpt", &b, nullptr, nullptr, &err));
     CHECK(a.params == b.params);
-    // a version-1 file: the same bytes without the three expert counts, version 1
+    // a version-1 file: the same bytes without the three expert counts and the setting, version 1
     MotConfig pc = tiny(3, {1, 1, 1});
     MotModel<float> p, q;
     mot_init(&p, pc, 3);
@@ -374,7 +374,7 @@ TEST_CASE("checkpoint and debug state: version 2 round trip with experts; versio
     size_t n;
     while ((n = fread(buf, 1, sizeof buf, f)) > 0) bytes.append(buf, n);
     fclose(f);
-    std::string v1 = bytes.substr(0, 56) + bytes.substr(68);
+    std::string v1 = bytes.substr(0, 56) + bytes.substr(72);
     v1[4] = 1;
     f = fopen((dir + "/v1.ckpt").c_str(), "wb");
     fwrite(v1.data(), 1, v1.size(), f);
@@ -387,13 +387,13 @@ TEST_CASE("checkpoint and debug state: version 2 round trip with experts; versio
     CHECK(p.params == q.params);
     CHECK(st.step == 5);
     CHECK(st.data_rng == 6);
-    v1[4] = 3;
-    f = fopen((dir + "/v3.ckpt").c_str(), "wb");
+    v1[4] = 4;
+    f = fopen((dir + "/v4.ckpt").c_str(), "wb");
     fwrite(v1.data(), 1, v1.size(), f);
     fclose(f);
-    CHECK_FALSE(mot_read_checkpoint_config(dir + "/v3.ckpt", &fc, &err));
-    CHECK(err.find("version 3") != std::string::npos);
-    // debug state: version 2 with experts, and a version-1 file
+    CHECK_FALSE(mot_read_checkpoint_config(dir + "/v4.ckpt", &fc, &err));
+    CHECK(err.find("version 4") != std::string::npos);
+    // debug state: the current version with experts, and a version-1 file
     MotBatch bt = random_batch(c, 2, 8, 1);
     mot_forward(&a, bt);
     mot_zero_grad(&a);
@@ -411,7 +411,7 @@ TEST_CASE("checkpoint and debug state: version 2 round trip with experts; versio
     bytes.clear();
     while ((n = fread(buf, 1, sizeof buf, f)) > 0) bytes.append(buf, n);
     fclose(f);
-    v1 = bytes.substr(0, 56) + bytes.substr(68);
+    v1 = bytes.substr(0, 56) + bytes.substr(72);
     v1[4] = 1;
     f = fopen((dir + "/v1.dbg").c_str(), "wb");
     fwrite(v1.data(), 1, v1.size(), f);

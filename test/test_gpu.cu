@@ -373,6 +373,16 @@ TEST_CASE("gpu: expert choice with tied scores equals mot_expert_choice") {
     }
 }
 
+TEST_CASE("gpu: a model in the Transfusion setting is refused with a reason, not computed wrong") {
+    MotConfig c = small_config(64, 4, 3, 16);
+    c.setting = MOT_SETTING_TRANSFUSION;
+    MotGpu g;
+    std::string err;
+    CHECK_FALSE(mot_gpu_init(&g, c, 2, 16, false, &err));
+    CHECK(err.find("Transfusion") != std::string::npos);
+    CHECK(err.find('\n') == std::string::npos);
+}
+
 TEST_CASE("gpu: backward accumulates (two backward passes = twice the gradient)") {
     const MotConfig c = small_config(64, 4, 3, 40);
     MotModel<float> cpu;

@@ -23,11 +23,18 @@ le64() { le32 $(($1 & 0xffffffff)); le32 $(($1 >> 32)); }
 { head -c 24 "$DATA/val_000.bin"; le64 64; dd if="$DATA/val_000.bin" bs=32 skip=1 count=4 2>/dev/null; } >"$OUT/shard/val64.bin"
 { printf MOTS; le32 1; le32 12; le32 8; le32 10; le32 0; le64 200; for i in $(seq 0 199); do byte $((1 + i % 11)); byte 0; done; } >"$OUT/shard/tiny.bin"
 
+# a shard of the Transfusion form (version 2): BOS BOI [49 image ids] EOI EOS four times, the pixels
+{ printf MOTS; le32 2; le32 12; le32 8; le32 10; le32 0; le64 212; le64 4
+  for d in 1 2 3 4; do byte 1; byte 0; byte 3; byte 0; for i in $(seq 1 49); do byte 8; byte 0; done; byte 4; byte 0; byte 2; byte 0; done
+  head -c 3136 /dev/zero | tr '\0' '\200'; } >"$OUT/shard/tf.bin"
+
 # checkpoints and debug states from the trainer, at the smallest shapes (fast to fuzz)
 ./mot --data "$OUT/shard/tiny.bin" --layers 1 --dim 2 --heads 1 --ffn 2 --seq 4 --batch 1 --steps 2 --warmup 1 \
     --threads 1 --save "$OUT/checkpoint/mot.ckpt" --debug-state "$OUT/debug_state/mot.dbg" >/dev/null
 ./mot --data "$OUT/shard/tiny.bin" --dense --layers 2 --dim 4 --heads 2 --ffn 3 --seq 3 --batch 2 --steps 1 --warmup 1 \
     --threads 1 --save "$OUT/checkpoint/dense.ckpt" --debug-state "$OUT/debug_state/dense.dbg" >/dev/null
+./mot --data "$OUT/shard/tf.bin" --setting transfusion --layers 1 --dim 2 --heads 1 --ffn 2 --seq 8 --batch 1 \
+    --steps 1 --warmup 1 --threads 1 --save "$OUT/checkpoint/tf.ckpt" --debug-state "$OUT/debug_state/tf.dbg" >/dev/null
 ./mot --data "$OUT/shard/tiny.bin" --tie-ffn --tie-norm --layers 1 --dim 2 --heads 1 --ffn 1 --seq 2 --batch 1 \
     --steps 0 --threads 1 --save "$OUT/checkpoint/tied.ckpt" >/dev/null
 
