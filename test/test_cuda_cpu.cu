@@ -170,6 +170,27 @@ TEST_CASE("cuda_cpu: WMMA tiles (bf16 in, fp32 accumulation) multiply as a GEMM 
         }
 }
 
+// A fragment stored, then refilled and stored again in a loop (as the attention kernels do): the
+// store's lane check must not compare with lane 0's copy after lane 0 has run on and refilled it.
+__global__ void wmma_reuse_kernel(float* out) {
+    using namespace nvcuda;
+    __shared__ __align__(32) float tile[16 * 16];
+    for (int n = 0; n < 3; n++) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+        wmma::fill_fragment(c, (float)n);
+        wmma::store_matrix_sync(tile, c, 16, wmma::mem_row_major);
+        __syncwarp();
+        out[n * 32 + threadIdx.x] = tile[threadIdx.x];
+        __syncwarp();
+    }
+}
+TEST_CASE("cuda_cpu: a fragment refilled after a store is not taken for lane-dependent code") {
+    float* d = dev<float>(96);
+    wmma_reuse_kernel<<<1, 32>>>(d);
+    std::vector<float> o = get(d, 96);
+    for (int i = 0; i < 96; i++) CHECK(o[i] == (float)(i / 32));
+}
+
 // ============================================================================================
 // 2. The checks: each broken kernel or call runs in a child; its stderr must hold the report
 // ============================================================================================
