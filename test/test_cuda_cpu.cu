@@ -170,19 +170,19 @@ TEST_CASE("cuda_cpu: WMMA tiles (bf16 in, fp32 accumulation) multiply as a GEMM 
         }
 }
 
-// A fragment stored, then refilled and stored again in a loop (as the attention kernels do): the
-// store's lane check must not compare with lane 0's copy after lane 0 has run on and refilled it.
+// A fragment stored, then refilled at once and stored again (as the attention kernels' loops do):
+// lane 0 runs on after its store and refills the fragment before the other lanes have compared
+// their copies with it, which the store's lane check must not take for lane-dependent code.
 __global__ void wmma_reuse_kernel(float* out) {
     using namespace nvcuda;
-    __shared__ __align__(32) float tile[16 * 16];
+    __shared__ __align__(32) float tile[3 * 16 * 16];
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
     for (int n = 0; n < 3; n++) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
         wmma::fill_fragment(c, (float)n);
-        wmma::store_matrix_sync(tile, c, 16, wmma::mem_row_major);
-        __syncwarp();
-        out[n * 32 + threadIdx.x] = tile[threadIdx.x];
-        __syncwarp();
+        wmma::store_matrix_sync(tile + n * 256, c, 16, wmma::mem_row_major);
     }
+    __syncwarp();
+    for (int n = 0; n < 3; n++) out[n * 32 + threadIdx.x] = tile[n * 256 + threadIdx.x];
 }
 TEST_CASE("cuda_cpu: a fragment refilled after a store is not taken for lane-dependent code") {
     float* d = dev<float>(96);
