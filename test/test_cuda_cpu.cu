@@ -482,6 +482,25 @@ TEST_CASE("cuda_cpu trainer: the GPU path gives the CPU trainer's losses (fp32),
     }
 }
 
+// The attention kernel is named once at startup, by the rule in mot_attn_tensor_cores.
+TEST_CASE("cuda_cpu trainer: says once which attention kernel runs, and why") {
+    struct Case { const char* flags; const char* says; };
+    const Case cases[] = {
+        {" --dim 128 --heads 2", "attention: bf16 tensor-core flash kernels (WMMA, fp32 accumulation), head dim 64\n"},
+        {" --dim 32 --heads 2", "attention: fp32 CUDA-core kernels (head dim 16 has no tensor-core kernel; 64 and 128 do)\n"},
+        {" --dim 128 --heads 2 --fp32", "attention: fp32 CUDA-core kernels (fp32 mode keeps them as the exact reference)\n"},
+    };
+    for (const Case& c : cases) {
+        std::string out;
+        REQUIRE(run(std::string("./mot_cpu_cuda --data ") + shard() + " --layers 1 --seq 16 --batch 2 --steps 1 --threads 1" +
+                        c.flags, &out) == 0);
+        INFO(c.flags, "\n", out);
+        const size_t at = out.find(c.says);
+        CHECK(at != std::string::npos);
+        CHECK(out.find("attention: ", at + 1) == std::string::npos);
+    }
+}
+
 TEST_CASE("cuda_cpu trainer: resume on the GPU path reproduces an uninterrupted run bitwise") {
     const std::string base = std::string("./mot_cpu_cuda --data ") + shard() + kModel + " --steps 8";
     std::string out;
