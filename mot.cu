@@ -6,7 +6,8 @@
 // Layout of the file:
 //   1. error checking, the MotGpu struct, small helpers
 //   2. kernels: embedding, RMSNorm (+residual) forward/backward, QK-norm + RoPE, SwiGLU,
-//      flash-style causal attention forward/backward, cross-entropy, reductions, AdamW
+//      flash-style causal attention forward/backward (fp32 CUDA cores; WMMA tensor cores),
+//      cross-entropy, reductions, AdamW
 //   3. GEMMs (cuBLAS, row-major wrapper) and per-tower linear layers
 //   4. the public API: init/upload/download/forward/backward/zero_grad/adamw/logits/grads/free
 //   5. data parallel over GPUs with NCCL (only with -DMOT_MPI)

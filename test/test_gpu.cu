@@ -160,7 +160,8 @@ static void compare_once(const char* name, const MotConfig& c, int B, int T, std
 // The cases: every head dim the attention kernels are instantiated for (2: one thread per row and
 // pair-wise RoPE; 16: one thread per row; 64 and 128: a row split over 2..8 threads), sequence lengths
 // that are not multiples of the attention tiles (64 query rows, 32 keys) or are 1, one-sequence
-// batches, MoT, dense, every tie switch, and batches where one or two towers have no rows.
+// batches, MoT, dense, every tie switch, and batches where one or two towers have no rows. In bf16,
+// head dims 64 and 128 run the tensor-core attention kernels and the others the fp32 ones.
 static void compare_all(bool bf16) {
     compare_once("mot dh16", small_config(64, 4, 3, 77), 3, 77, {0, 1, 2}, bf16, 50);
     compare_once("mot dh64", small_config(128, 2, 3, 130), 2, 130, {0, 1, 2}, bf16);
@@ -187,7 +188,8 @@ TEST_CASE("gpu: bf16 forward and backward are close to the CPU reference") { com
 // ---- attention alone: the kernel chosen by mot_attn_tensor_cores against attention_forward /
 // attention_backward in double, on random q, k, v, dO (q, k at the unit RMS QK-norm leaves them,
 // times 1.5, so the softmax is far from uniform: logits of std ~2.2). Returns the worst of the
-// four relative errors ||gpu - ref|| / ||ref|| of o, dq, dk, dv, and prints each.
+// four relative errors ||gpu - ref|| / ||ref|| of o, dq, dk, dv, and prints each. B*T rows in
+// grouped order reach sequence order through row_of, as in the model.
 //
 // Tolerances for the tensor-core kernels (bf16 operands, fp32 accumulation). Every operand of
 // the six products is rounded to bf16 once: a relative error of at most 2^-9 = 2e-3 per element,
