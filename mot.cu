@@ -7,7 +7,8 @@
 //   1. error checking, the MotGpu struct, small helpers
 //   2. kernels: embedding, RMSNorm (+residual) forward/backward, QK-norm + RoPE, SwiGLU,
 //      experts (router softmax, expert choice, gather, gated sum, their backward, aux routers),
-//      flash-style causal attention forward/backward, cross-entropy, reductions, AdamW
+//      flash-style causal attention forward/backward (fp32 CUDA cores; WMMA tensor cores),
+//      cross-entropy, reductions, AdamW
 //   3. GEMMs (cuBLAS, row-major wrapper) and per-tower linear layers
 //   4. the public API: init/upload/download/forward/backward/zero_grad/adamw/logits/grads/free
 //   5. data parallel over GPUs with NCCL (only with -DMOT_MPI)
@@ -15,7 +16,9 @@
 // Precision. bf16 = false: everything fp32 (cuBLAS with CUBLAS_COMPUTE_32F_PEDANTIC, so no TF32),
 // for tight comparisons with the CPU. bf16 = true: GEMM operands (weights and the activations
 // that feed GEMMs) are bf16 copies, GEMMs accumulate and write in fp32; all elementwise math,
-// attention, norms, softmax/cross-entropy and the optimizer run in fp32 on fp32 master weights.
+// attention, norms, softmax/cross-entropy and the optimizer run in fp32 on fp32 master weights,
+// except that attention at head dims 64 and 128 runs on tensor cores (bf16 operands, fp32
+// accumulation and softmax; mot_attn_tensor_cores has the rule).
 // The bf16 weight copy is refreshed by the AdamW kernel (and on upload).
 //
 // Determinism: no atomics anywhere. Every reduction (norm gains, embedding, loss, gradient norm)
@@ -34,6 +37,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <cublas_v2.h>
+#include <mma.h>
 #include <cfloat>
 #include <numeric>
 #ifdef MOT_MPI
@@ -798,6 +802,309 @@ mot_attn_backward_dq_kernel(float* dq, const float* q, const float* k, const flo
     }
 }
 
+// ---- causal attention on tensor cores (bf16 mode, head dims 64 and 128) --------------------
+// The same math as the kernels above, with the three products of each tile (S = Q K^T, O += P V;
+// in the backward also dP = dO V^T, dV += P^T dO, dK += dS^T Q, dQ += dS K) done by WMMA:
+// bf16 operands, fp32 accumulation. Q/K/V/dO stay fp32 in global memory and are rounded to bf16
+// as they are copied into shared memory. Each warp owns 16 rows of the block (query rows in the
+// forward and dQ kernels, key rows in the dK/dV kernel) and keeps its operand rows and its
+// accumulators in fragments. A fragment's element order is hidden, so every row-wise step
+// (masking, the online softmax, rescaling by alpha, dividing by l, writing out) stores the
+// fragment to the warp's own shared-memory tile, works there, and loads it back; the code uses
+// WMMA only through load/store/fill/mma, which is what the CUDA-on-CPU layer can check.
+// Shared memory stays under the 48 KB a block gets without opting in: 28 KB (forward), 40 KB
+// (dK/dV) and 36 KB (dQ) at head dim 128. dQ has its own kernel as before (no atomics).
+typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, mot_bf16, nvcuda::wmma::row_major> MotFragA;
+typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, mot_bf16, nvcuda::wmma::row_major> MotFragB;
+typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, mot_bf16, nvcuda::wmma::col_major> MotFragBt;
+typedef nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> MotFragC;
+enum { MOT_TC_THREADS = 128, MOT_TC_ROWS = 64, MOT_TC_COLS = 32 };  // 4 warps x 16 rows; 32 columns per tile
+
+// Rows [p0, p0 + ROWS) of sequence `rows` (head h) into shared memory as bf16; zeros past T.
+template <int DH, int ROWS>
+__device__ __forceinline__ void mot_tc_tile(mot_bf16* dst, const float* src, const int* rows, int p0, int T, int D,
+                                            int h, int tid) {
+    for (int i = tid; i < ROWS * DH / 4; i += MOT_TC_THREADS) {
+        const int p = p0 + i / (DH / 4), d = (i % (DH / 4)) * 4;
+        float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (p < T) x = *reinterpret_cast<const float4*>(src + (size_t)rows[p] * D + h * DH + d);
+        mot_bf16* o = dst + (size_t)i * 4;
+        o[0] = __float2bfloat16(x.x); o[1] = __float2bfloat16(x.y); o[2] = __float2bfloat16(x.z); o[3] = __float2bfloat16(x.w);
+    }
+}
+// C (16 x 16 at c) += sum over DH/16 steps of A fragments a[kk] times tiles of B^T rows at bt
+// (B^T row-major with ldm DH: the K or V rows of a tile)
+template <int DH>
+__device__ __forceinline__ void mot_tc_abt(MotFragC& c, const MotFragA* a, const mot_bf16* bt) {
+#pragma unroll
+    for (int kk = 0; kk < DH / 16; kk++) {
+        MotFragBt f;
+        nvcuda::wmma::load_matrix_sync(f, bt + kk * 16, DH);
+        nvcuda::wmma::mma_sync(c, a[kk], f, c);
+    }
+}
+// acc[dt] += A (16 x K, row-major, ldm LDA, bf16) times B (K x DH, row-major, ldm DH) for every
+// 16-column slice dt of DH
+template <int DH, int K, int LDA>
+__device__ __forceinline__ void mot_tc_ab(MotFragC* acc, const mot_bf16* a, const mot_bf16* b) {
+#pragma unroll
+    for (int kk = 0; kk < K / 16; kk++) {
+        MotFragA fa;
+        nvcuda::wmma::load_matrix_sync(fa, a + kk * 16, LDA);
+#pragma unroll
+        for (int dt = 0; dt < DH / 16; dt++) {
+            MotFragB fb;
+            nvcuda::wmma::load_matrix_sync(fb, b + (size_t)kk * 16 * DH + dt * 16, DH);
+            nvcuda::wmma::mma_sync(acc[dt], fa, fb, acc[dt]);
+        }
+    }
+}
+// Writes a warp's 16 x DH accumulator rows to global memory, row rr times scale (and mul[rr] if
+// mul is given), for rows r0 + rr < T, through the 16 x 16 float scratch tile `tmp`.
+template <int DH>
+__device__ __forceinline__ void mot_tc_write(float* f, mot_bf16* bf, const MotFragC* acc, float* tmp, const float* mul,
+                                             float scale, const int* rows, int r0, int T, int D, int h, int lane) {
+#pragma unroll
+    for (int dt = 0; dt < DH / 16; dt++) {
+        nvcuda::wmma::store_matrix_sync(tmp, acc[dt], 16, nvcuda::wmma::mem_row_major);
+        __syncwarp();
+        for (int e = lane; e < 256; e += 32) {
+            const int rr = e / 16, r = r0 + rr;
+            if (r < T) mot_store(f, bf, (size_t)rows[r] * D + h * DH + dt * 16 + e % 16, tmp[e] * (mul ? mul[rr] : 1.0f) * scale);
+        }
+        __syncwarp();
+    }
+}
+
+// Forward. grid (ceil(T / 64), B * H), 128 threads; warp w owns query rows q0 + 16w .. + 15.
+template <int DH>
+static __global__ void __launch_bounds__(MOT_TC_THREADS)
+mot_attn_tc_forward_kernel(MotBuf o, float* lse2, const float* q, const float* k, const float* v, const int* row_of,
+                           int T, int H, float c2) {
+    constexpr int BQ = MOT_TC_ROWS, BK = MOT_TC_COLS, NF = DH / 16;
+    static_assert(BQ <= 2 * BK && BK >= 16, "Q is staged in the K/V tiles; the scratch tile is 16 x 16");
+    __shared__ __align__(32) mot_bf16 KV[2 * BK * DH];  // K tile, V tile (Q before the loop)
+    __shared__ __align__(32) float S[BQ * BK];          // scores of each warp's rows; then its scratch
+    __shared__ __align__(32) mot_bf16 P[BQ * BK];       // probabilities (unnormalised), bf16
+    __shared__ float Rs[BQ];                            // per row: alpha of this tile, then 1 / l
+    mot_bf16 *Ks = KV, *Vs = KV + BK * DH;
+    const int D = H * DH, bh = blockIdx.y, b = bh / H, h = bh % H;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;  // longest rows first
+    const int tid = threadIdx.x, w = tid / 32, lane = tid % 32;
+    const int* rows = row_of + (size_t)b * T;
+    mot_tc_tile<DH, BQ>(KV, q, rows, q0, T, D, h, tid);
+    __syncthreads();
+    MotFragA qf[NF];
+    MotFragC of[NF];
+#pragma unroll
+    for (int kk = 0; kk < NF; kk++) {
+        nvcuda::wmma::load_matrix_sync(qf[kk], KV + w * 16 * DH + kk * 16, DH);
+        nvcuda::wmma::fill_fragment(of[kk], 0.0f);
+    }
+    float* Sw = S + w * 16 * BK;
+    mot_bf16* Pw = P + w * 16 * BK;
+    float* Rw = Rs + w * 16;
+    // lanes 2r and 2r+1 run the softmax of the warp's row r, each over every other column
+    const int r = lane / 2, half = lane % 2, t = q0 + w * 16 + r;
+    float m = -INFINITY, l = 0;
+    const int kend = min(T, q0 + BQ);
+    for (int k0 = 0; k0 < kend; k0 += BK) {
+        __syncthreads();
+        mot_tc_tile<DH, BK>(Ks, k, rows, k0, T, D, h, tid);
+        mot_tc_tile<DH, BK>(Vs, v, rows, k0, T, D, h, tid);
+        __syncthreads();
+#pragma unroll
+        for (int n = 0; n < BK / 16; n++) {
+            MotFragC s;
+            nvcuda::wmma::fill_fragment(s, 0.0f);
+            mot_tc_abt<DH>(s, qf, Ks + n * 16 * DH);
+            nvcuda::wmma::store_matrix_sync(Sw + n * 16, s, BK, nvcuda::wmma::mem_row_major);
+        }
+        __syncwarp();
+        // key 0 is in the first tile and never masked, so mn is finite from the first tile on
+        float mt = -INFINITY;
+        for (int c = half; c < BK; c += 2) mt = fmaxf(mt, k0 + c <= t ? Sw[r * BK + c] * c2 : -INFINITY);
+        mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 1));
+        const float mn = fmaxf(m, mt), alpha = exp2f(m - mn);  // alpha 0 on the first tile
+        float sum = 0;
+        for (int c = half; c < BK; c += 2) {
+            // l sums the rounded p that multiply V, so o stays a weighted mean of the V rows
+            const mot_bf16 p = __float2bfloat16(k0 + c <= t ? exp2f(Sw[r * BK + c] * c2 - mn) : 0.0f);
+            Pw[r * BK + c] = p;
+            sum += __bfloat162float(p);
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        l = l * alpha + sum;
+        m = mn;
+        if (half == 0) Rw[r] = alpha;
+        __syncwarp();
+        // O *= alpha row by row, through the scratch tile; skipped when no row's max moved
+        bool moved = false;
+        for (int i = 0; i < 16; i++) moved |= Rw[i] != 1.0f;
+        if (moved) {
+#pragma unroll
+            for (int dt = 0; dt < NF; dt++) {
+                nvcuda::wmma::store_matrix_sync(Sw, of[dt], 16, nvcuda::wmma::mem_row_major);
+                __syncwarp();
+                for (int e = lane; e < 256; e += 32) Sw[e] *= Rw[e / 16];
+                __syncwarp();
+                nvcuda::wmma::load_matrix_sync(of[dt], Sw, 16, nvcuda::wmma::mem_row_major);
+                __syncwarp();  // every lane has read the tile before the next store
+            }
+        }
+        mot_tc_ab<DH, BK, BK>(of, Pw, Vs);
+        __syncwarp();
+    }
+    if (half == 0) {
+        Rw[r] = 1.0f / l;
+        if (t < T) lse2[(size_t)bh * T + t] = m + log2f(l);
+    }
+    __syncwarp();
+    mot_tc_write<DH>(o.f, o.b, of, Sw, Rw, 1.0f, rows, q0 + w * 16, T, D, h, lane);
+}
+
+// Backward for dK, dV. grid (ceil(T / 64), B * H), 128 threads; warp w owns key rows
+// k0 + 16w .. + 15 and walks the query tiles i0 >= k0 (32 rows each):
+//   S^T = K Q^T, dP^T = V dO^T, p = 2^(s c2 - lse2_i) (0 where i < j), ds = p (dp - delta_i),
+//   dV += P^T dO, dK += dS^T Q (times the softmax scale at the end)
+template <int DH>
+static __global__ void __launch_bounds__(MOT_TC_THREADS)
+mot_attn_tc_dkv_kernel(float* dk, MotBuf dv, const float* q, const float* k, const float* v, const float* dO,
+                       const float* lse2, const float* delta, const int* row_of, int T, int H, float scale, float c2) {
+    constexpr int BKR = MOT_TC_ROWS, BQT = MOT_TC_COLS, NF = DH / 16;
+    static_assert(DH <= 4 * BQT && BQT >= 16, "K and V are staged in the S/dP tiles; the scratch tile is 16 x 16");
+    __shared__ __align__(32) mot_bf16 Qs[BQT * DH];
+    __shared__ __align__(32) mot_bf16 Ds[BQT * DH];
+    __shared__ __align__(32) float SD[2 * BKR * BQT];  // S^T, dP^T (K, then V, before the loop)
+    __shared__ __align__(32) mot_bf16 Pt[BKR * BQT];
+    __shared__ __align__(32) mot_bf16 dSt[BKR * BQT];
+    __shared__ float Ls[BQT], Es[BQT];
+    const int D = H * DH, bh = blockIdx.y, b = bh / H, h = bh % H;
+    const int k0 = blockIdx.x * BKR;  // lowest key rows (most queries) first
+    const int tid = threadIdx.x, w = tid / 32, lane = tid % 32;
+    const int* rows = row_of + (size_t)b * T;
+    mot_bf16* stage = reinterpret_cast<mot_bf16*>(SD);
+    MotFragA kf[NF], vf[NF];
+    MotFragC dka[NF], dva[NF];
+    mot_tc_tile<DH, BKR>(stage, k, rows, k0, T, D, h, tid);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < NF; kk++) nvcuda::wmma::load_matrix_sync(kf[kk], stage + w * 16 * DH + kk * 16, DH);
+    __syncthreads();
+    mot_tc_tile<DH, BKR>(stage, v, rows, k0, T, D, h, tid);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < NF; kk++) {
+        nvcuda::wmma::load_matrix_sync(vf[kk], stage + w * 16 * DH + kk * 16, DH);
+        nvcuda::wmma::fill_fragment(dka[kk], 0.0f);
+        nvcuda::wmma::fill_fragment(dva[kk], 0.0f);
+    }
+    float *St = SD + w * 16 * BQT, *dPt = SD + (BKR + w * 16) * BQT;
+    mot_bf16 *Ptw = Pt + w * 16 * BQT, *dStw = dSt + w * 16 * BQT;
+    for (int i0 = k0; i0 < T; i0 += BQT) {
+        __syncthreads();
+        mot_tc_tile<DH, BQT>(Qs, q, rows, i0, T, D, h, tid);
+        mot_tc_tile<DH, BQT>(Ds, dO, rows, i0, T, D, h, tid);
+        for (int ii = tid; ii < BQT; ii += MOT_TC_THREADS) {
+            const int i = i0 + ii;
+            Ls[ii] = i < T ? lse2[(size_t)bh * T + i] : 0.0f;
+            Es[ii] = i < T ? delta[(size_t)bh * T + i] : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int n = 0; n < BQT / 16; n++) {
+            MotFragC s, dp;
+            nvcuda::wmma::fill_fragment(s, 0.0f);
+            nvcuda::wmma::fill_fragment(dp, 0.0f);
+            mot_tc_abt<DH>(s, kf, Qs + n * 16 * DH);
+            mot_tc_abt<DH>(dp, vf, Ds + n * 16 * DH);
+            nvcuda::wmma::store_matrix_sync(St + n * 16, s, BQT, nvcuda::wmma::mem_row_major);
+            nvcuda::wmma::store_matrix_sync(dPt + n * 16, dp, BQT, nvcuda::wmma::mem_row_major);
+        }
+        __syncwarp();
+        for (int e = lane; e < 16 * BQT; e += 32) {
+            const int j = k0 + w * 16 + e / BQT, ii = e % BQT, i = i0 + ii;
+            const float p = (i >= j && i < T) ? exp2f(St[e] * c2 - Ls[ii]) : 0.0f;
+            Ptw[e] = __float2bfloat16(p);
+            dStw[e] = __float2bfloat16(p * (dPt[e] - Es[ii]));
+        }
+        __syncwarp();
+        mot_tc_ab<DH, BQT, BQT>(dva, Ptw, Ds);
+        mot_tc_ab<DH, BQT, BQT>(dka, dStw, Qs);
+    }
+    // St was last read before the final __syncwarp of the loop: free as the scratch tile
+    mot_tc_write<DH>(dk, nullptr, dka, St, nullptr, scale, rows, k0 + w * 16, T, D, h, lane);
+    mot_tc_write<DH>(dv.f, dv.b, dva, St, nullptr, 1.0f, rows, k0 + w * 16, T, D, h, lane);
+}
+
+// Backward for dQ. grid (ceil(T / 64), B * H), 128 threads; warp w owns query rows q0 + 16w ..
+// + 15 and walks the key tiles k0 <= its rows (32 keys each):
+//   S = Q K^T, dP = dO V^T, p = 2^(s c2 - lse2_i), ds = p (dp - delta_i), dQ += dS K (times scale)
+template <int DH>
+static __global__ void __launch_bounds__(MOT_TC_THREADS)
+mot_attn_tc_dq_kernel(float* dq, const float* q, const float* k, const float* v, const float* dO, const float* lse2,
+                      const float* delta, const int* row_of, int T, int H, float scale, float c2) {
+    constexpr int BQ = MOT_TC_ROWS, BK = MOT_TC_COLS, NF = DH / 16;
+    static_assert(BQ <= 2 * BK && BK >= 16, "Q and dO are staged in the K/V tiles; the scratch tile is 16 x 16");
+    __shared__ __align__(32) mot_bf16 KV[2 * BK * DH];  // K tile, V tile (Q, then dO, before the loop)
+    __shared__ __align__(32) float SD[2 * BQ * BK];     // S, dP of each warp's rows
+    __shared__ __align__(32) mot_bf16 dS[BQ * BK];
+    __shared__ float Ls[BQ], Es[BQ];
+    mot_bf16 *Ks = KV, *Vs = KV + BK * DH;
+    const int D = H * DH, bh = blockIdx.y, b = bh / H, h = bh % H;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;
+    const int tid = threadIdx.x, w = tid / 32, lane = tid % 32;
+    const int* rows = row_of + (size_t)b * T;
+    MotFragA qf[NF], df[NF];
+    MotFragC dqa[NF];
+    mot_tc_tile<DH, BQ>(KV, q, rows, q0, T, D, h, tid);
+    for (int ii = tid; ii < BQ; ii += MOT_TC_THREADS) {
+        const int i = q0 + ii;
+        Ls[ii] = i < T ? lse2[(size_t)bh * T + i] : 0.0f;
+        Es[ii] = i < T ? delta[(size_t)bh * T + i] : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < NF; kk++) nvcuda::wmma::load_matrix_sync(qf[kk], KV + w * 16 * DH + kk * 16, DH);
+    __syncthreads();
+    mot_tc_tile<DH, BQ>(KV, dO, rows, q0, T, D, h, tid);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < NF; kk++) {
+        nvcuda::wmma::load_matrix_sync(df[kk], KV + w * 16 * DH + kk * 16, DH);
+        nvcuda::wmma::fill_fragment(dqa[kk], 0.0f);
+    }
+    float *Sw = SD + w * 16 * BK, *dPw = SD + (BQ + w * 16) * BK;
+    mot_bf16* dSw = dS + w * 16 * BK;
+    const int kend = min(T, q0 + BQ);
+    for (int k0 = 0; k0 < kend; k0 += BK) {
+        __syncthreads();
+        mot_tc_tile<DH, BK>(Ks, k, rows, k0, T, D, h, tid);
+        mot_tc_tile<DH, BK>(Vs, v, rows, k0, T, D, h, tid);
+        __syncthreads();
+#pragma unroll
+        for (int n = 0; n < BK / 16; n++) {
+            MotFragC s, dp;
+            nvcuda::wmma::fill_fragment(s, 0.0f);
+            nvcuda::wmma::fill_fragment(dp, 0.0f);
+            mot_tc_abt<DH>(s, qf, Ks + n * 16 * DH);
+            mot_tc_abt<DH>(dp, df, Vs + n * 16 * DH);
+            nvcuda::wmma::store_matrix_sync(Sw + n * 16, s, BK, nvcuda::wmma::mem_row_major);
+            nvcuda::wmma::store_matrix_sync(dPw + n * 16, dp, BK, nvcuda::wmma::mem_row_major);
+        }
+        __syncwarp();
+        for (int e = lane; e < 16 * BK; e += 32) {
+            const int ii = w * 16 + e / BK, i = q0 + ii, j = k0 + e % BK;
+            const float p = j <= i ? exp2f(Sw[e] * c2 - Ls[ii]) : 0.0f;
+            dSw[e] = __float2bfloat16(p * (dPw[e] - Es[ii]));
+        }
+        __syncwarp();
+        mot_tc_ab<DH, BK, BK>(dqa, dSw, Ks);
+        __syncwarp();
+    }
+    mot_tc_write<DH>(dq, nullptr, dqa, Sw, nullptr, scale, rows, q0 + w * 16, T, D, h, lane);
+}
+
 // ---- cross-entropy over one chunk of rows (block per row, two passes over the row) ---------
 enum { MOT_CE_THREADS = 256 };
 static __global__ void __launch_bounds__(MOT_CE_THREADS)
@@ -1344,6 +1651,17 @@ static inline void mot_gpu_rmsnorm_backward(MotGpu* g, MotBuf dx, const float* d
 }
 
 // ---- attention dispatch over the head dimension --------------------------------------------
+// THE rule for which attention kernels run: the tensor-core kernels in bf16 mode at head dims 64
+// and 128 (multiples of the 16-wide WMMA tiles whose tiles fit the 48 KB of shared memory);
+// everything else, and fp32 mode always (the tight reference), the fp32 CUDA-core kernels.
+inline bool mot_attn_tensor_cores(bool bf16, int Dh) { return bf16 && (Dh == 64 || Dh == 128); }
+// The rule in words, for the trainer's one startup line.
+inline std::string mot_attn_kernel_note(bool bf16, int Dh) {
+    if (mot_attn_tensor_cores(bf16, Dh))
+        return "bf16 tensor-core flash kernels (WMMA, fp32 accumulation), head dim " + std::to_string(Dh);
+    if (!bf16) return "fp32 CUDA-core kernels (fp32 mode keeps them as the exact reference)";
+    return "fp32 CUDA-core kernels (head dim " + std::to_string(Dh) + " has no tensor-core kernel; 64 and 128 do)";
+}
 enum { MOT_ATT_BQ = 64, MOT_ATT_BK = 32, MOT_ATT_BKR = 64, MOT_ATT_BQT = 32 };
 template <int DH>
 static inline void mot_attn_forward_dh(MotGpu* g, MotBuf o, float* lse2, const float* q, const float* k,
@@ -1351,6 +1669,15 @@ static inline void mot_attn_forward_dh(MotGpu* g, MotBuf o, float* lse2, const f
     constexpr int PER = DH < 32 ? DH : 32;
     const int T = g->T, H = g->cfg.n_head;
     const float qscale = (float)(1.0 / sqrt((double)DH) * 1.4426950408889634);
+    if constexpr (DH == 64 || DH == 128) {
+        if (mot_attn_tensor_cores(g->bf16, DH)) {
+            dim3 grid((T + MOT_TC_ROWS - 1) / MOT_TC_ROWS, g->B * H);
+            mot_attn_tc_forward_kernel<DH><<<grid, MOT_TC_THREADS, 0, g->stream>>>(o, lse2, q, k, v, g->row_of, T, H,
+                                                                                  qscale);
+            MOT_LAUNCH_CHECK();
+            return;
+        }
+    }
     dim3 grid((T + MOT_ATT_BQ - 1) / MOT_ATT_BQ, g->B * H);
     mot_attn_forward_kernel<DH, PER, MOT_ATT_BQ, MOT_ATT_BK><<<grid, MOT_ATT_BQ * (DH / PER), 0, g->stream>>>(
         o, lse2, q, k, v, g->row_of, T, H, qscale);
@@ -1362,6 +1689,18 @@ static inline void mot_attn_backward_dh(MotGpu* g, float* dq, float* dk, MotBuf 
     constexpr int PER = DH < 16 ? DH : 16;
     const int T = g->T, H = g->cfg.n_head;
     const float scale = (float)(1.0 / sqrt((double)DH)), c2 = (float)(1.0 / sqrt((double)DH) * 1.4426950408889634);
+    if constexpr (DH == 64 || DH == 128) {
+        if (mot_attn_tensor_cores(g->bf16, DH)) {
+            dim3 grid((T + MOT_TC_ROWS - 1) / MOT_TC_ROWS, g->B * H);
+            mot_attn_tc_dkv_kernel<DH><<<grid, MOT_TC_THREADS, 0, g->stream>>>(dk, dv, q, k, v, dO, lse2, g->delta,
+                                                                              g->row_of, T, H, scale, c2);
+            MOT_LAUNCH_CHECK();
+            mot_attn_tc_dq_kernel<DH><<<grid, MOT_TC_THREADS, 0, g->stream>>>(dq, q, k, v, dO, lse2, g->delta, g->row_of,
+                                                                             T, H, scale, c2);
+            MOT_LAUNCH_CHECK();
+            return;
+        }
+    }
     dim3 gkv((T + MOT_ATT_BKR - 1) / MOT_ATT_BKR, g->B * H);
     mot_attn_backward_dkv_kernel<DH, PER, MOT_ATT_BKR, MOT_ATT_BQT><<<gkv, MOT_ATT_BKR * (DH / PER), 0, g->stream>>>(
         dk, dv, q, k, v, dO, lse2, g->delta, g->row_of, T, H, scale, c2);

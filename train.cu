@@ -1411,8 +1411,12 @@ int main(int argc, char** argv) {
         const char* gpu_kind = "GPU";
 #endif
         if (!eng.gpu_active()) check_memory(a, true);
-        if (eng.gpu_active())
+        if (eng.gpu_active()) {
             printf("device: %s x %d, %s\n", gpu_kind, world, a.fp32 ? "fp32" : "bf16 with fp32 master weights");
+#ifdef MOT_GPU
+            printf("attention: %s\n", mot_attn_kernel_note(!a.fp32, a.cfg.d_model / a.cfg.n_head).c_str());
+#endif
+        }
         else
             printf("device: CPU reference (%s)\n", why.c_str());
     }

@@ -1,6 +1,7 @@
 // bench_gpu.cu — GPU training-step benchmark: tokens/s, MFU, device memory, MoT/dense step-time
-// ratio, for D=512/L=8/H=8 and D=1024/L=24/H=16 at T=2048 (F = 3D, the default data's vocabulary
-// V = 2824: text [0,2056), image [2056,2568), speech [2568,2824)).
+// ratio and attention TFLOP/s, for D=512/L=8/H=8/T=512 and D=1024/L=24/H=16/T=2048 (the two
+// shapes of dev/roofline; F = 3D, the default data's vocabulary V = 2824: text [0,2056), image
+// [2056,2568), speech [2568,2824)).
 //
 //   nvcc -std=c++17 -O3 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
 //        -Xcompiler -fopenmp -I. dev/bench_gpu.cu -o dev/bench_gpu -lcublas -lgomp      (one line)
@@ -17,6 +18,11 @@
 //              layer forward, times 3 for forward + backward).
 // The output head's recomputation in the backward and the attention recomputation are not
 // counted (hardware FLOPs are higher than model FLOPs).
+// Attention: layer 0's attention forward, the delta kernel and the backward alone (the kernels
+// mot_attn_tensor_cores picks), on the last batch's q, k, v, dO, timed with CUDA events (median
+// of 10 after 2 warm-up). TFLOP/s are given two ways: model FLOPs, 12 Dh per causal (query, key)
+// pair and head (forward QK^T and PV: 4 Dh; backward: 8 Dh; the count MFU uses), and executed
+// FLOPs, 18 Dh (the backward recomputes S and dP in its dQ pass: 14 Dh).
 // Memory: bytes the model allocated (MotGpu::bytes) and the device memory in use after the
 // steps (cudaMemGetInfo: total - free; includes the CUDA context and cuBLAS). All buffers are
 // allocated at init, so the latter is the high-water mark of this process.
@@ -57,9 +63,39 @@ static MotBatch bench_batch(const MotConfig& c, int B, int T, uint64_t seed) {
 }
 
 struct BenchResult {
-    double step_s = 0, tok_s = 0, mfu = 0, model_gb = 0, used_gb = 0, loss = 0;
+    double step_s = 0, tok_s = 0, mfu = 0, model_gb = 0, used_gb = 0, loss = 0, attn_s = 0, attn_pairs = 0;
     size_t params = 0;
 };
+
+// One layer's attention, forward + backward, as mot_gpu_forward/backward launch it; returns the
+// median seconds. Uses layer 0's buffers of the last step (recomputing what they already hold).
+static double bench_attention(MotGpu* g, int reps) {
+    const int N = g->N, H = g->cfg.n_head, Dh = g->cfg.d_model / H;
+    MotBuf o;
+    o.f = g->o;
+    o.b = g->o_b;
+    cudaEvent_t e0, e1;
+    MOT_CUDA_CHECK(cudaEventCreate(&e0));
+    MOT_CUDA_CHECK(cudaEventCreate(&e1));
+    std::vector<double> t;
+    for (int r = 0; r < reps + 2; r++) {
+        MOT_CUDA_CHECK(cudaEventRecord(e0, g->stream));
+        MOT_DH_SWITCH(Dh, (mot_attn_forward_dh<DHC>(g, o, g->lse, g->qr, g->kr, g->v)));
+        mot_attn_delta_kernel<<<mot_blocks((size_t)N * H, 256), 256, 0, g->stream>>>(g->delta, g->dO, g->o, g->row_of,
+                                                                                      g->B, g->T, H, Dh);
+        MOT_LAUNCH_CHECK();
+        MOT_DH_SWITCH(Dh, (mot_attn_backward_dh<DHC>(g, g->dq, g->dk, g->dv, g->dO, g->lse, g->qr, g->kr, g->v)));
+        MOT_CUDA_CHECK(cudaEventRecord(e1, g->stream));
+        MOT_CUDA_CHECK(cudaEventSynchronize(e1));
+        float ms = 0;
+        MOT_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+        if (r >= 2) t.push_back(ms / 1e3);
+    }
+    MOT_CUDA_CHECK(cudaEventDestroy(e0));
+    MOT_CUDA_CHECK(cudaEventDestroy(e1));
+    std::sort(t.begin(), t.end());
+    return t[t.size() / 2];
+}
 
 static BenchResult bench_one(const MotConfig& c, int B, int T, bool bf16, int steps) {
     BenchResult r;
@@ -112,6 +148,8 @@ static BenchResult bench_one(const MotConfig& c, int B, int T, bool bf16, int st
     r.used_gb = (tot - fr) / 1e9;
     r.model_gb = g.bytes / 1e9;
     r.params = g.tab.total;
+    r.attn_s = bench_attention(&g, 10);
+    r.attn_pairs = (double)B * c.n_head * T * (T + 1) / 2;
     MOT_CUDA_CHECK(cudaEventDestroy(e0));
     MOT_CUDA_CHECK(cudaEventDestroy(e1));
     mot_gpu_free(&g);
@@ -119,7 +157,7 @@ static BenchResult bench_one(const MotConfig& c, int B, int T, bool bf16, int st
 }
 
 int main(int argc, char** argv) {
-    int steps = 10, b_small = 8, b_large = 4;
+    int steps = 10, b_small = 32, b_large = 4;
     bool bf16 = true;
     std::string only;
     for (int i = 1; i < argc; i++) {
@@ -139,26 +177,30 @@ int main(int argc, char** argv) {
     }
     cudaDeviceProp prop;
     MOT_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-    printf("device: %s, %d SMs, %.1f GB; precision %s; T=2048; median of %d steps after 2 warm-up\n", prop.name,
+    printf("device: %s, %d SMs, %.1f GB; precision %s; median of %d steps after 2 warm-up\n", prop.name,
            prop.multiProcessorCount, prop.totalGlobalMem / 1e9, bf16 ? "bf16 GEMMs (fp32 master)" : "fp32", steps);
     printf("MFU = tokens*(6*N_active + 6*L*D*T) / (step time * 989e12)\n\n");
-    struct Shape { const char* name; int D, L, H, B; };
-    const Shape shapes[] = {{"small", 512, 8, 8, b_small}, {"large", 1024, 24, 16, b_large}};
-    printf("%-6s %-5s %5s %3s %3s %3s %9s %9s %11s %7s %8s %8s %8s\n", "shape", "model", "D", "L", "H", "B", "params(M)",
-           "step(ms)", "tokens/s", "MFU(%)", "model GB", "used GB", "loss");
+    struct Shape { const char* name; int D, L, H, T, B; };
+    const Shape shapes[] = {{"small", 512, 8, 8, 512, b_small}, {"large", 1024, 24, 16, 2048, b_large}};
+    printf("%-6s %-5s %5s %3s %3s %5s %3s %9s %9s %11s %7s %8s %8s %8s %9s %11s\n", "shape", "model", "D", "L", "H",
+           "T", "B", "params(M)", "step(ms)", "tokens/s", "MFU(%)", "model GB", "used GB", "loss", "attn(ms)",
+           "attn TFLOP/s");
     for (const Shape& s : shapes) {
         if (!only.empty() && only != s.name) continue;
+        printf("%-6s attention: %s\n", s.name, mot_attn_kernel_note(bf16, s.D / s.H).c_str());
         double t_step[2] = {0, 0};
         for (int towers : {3, 1}) {
             MotConfig c;
             c.n_layer = s.L; c.d_model = s.D; c.n_head = s.H; c.d_ff = 3 * s.D;
-            c.vocab = 2824; c.image_begin = 2056; c.speech_begin = 2568; c.max_seq = 2048;
+            c.vocab = 2824; c.image_begin = 2056; c.speech_begin = 2568; c.max_seq = s.T;
             c.n_tower = towers;
-            const BenchResult r = bench_one(c, s.B, 2048, bf16, steps);
+            const BenchResult r = bench_one(c, s.B, s.T, bf16, steps);
             t_step[towers == 3 ? 0 : 1] = r.step_s;
-            printf("%-6s %-5s %5d %3d %3d %3d %9.1f %9.2f %11.0f %7.2f %8.2f %8.2f %8.4f\n", s.name,
-                   towers == 3 ? "MoT" : "dense", s.D, s.L, s.H, s.B, r.params / 1e6, r.step_s * 1e3, r.tok_s,
-                   100 * r.mfu, r.model_gb, r.used_gb, r.loss);
+            const double dh = (double)s.D / s.H;  // attention TFLOP/s: model (12 Dh per pair) / executed (18 Dh)
+            printf("%-6s %-5s %5d %3d %3d %5d %3d %9.1f %9.2f %11.0f %7.2f %8.2f %8.2f %8.4f %9.3f %5.1f / %5.1f\n",
+                   s.name, towers == 3 ? "MoT" : "dense", s.D, s.L, s.H, s.T, s.B, r.params / 1e6, r.step_s * 1e3,
+                   r.tok_s, 100 * r.mfu, r.model_gb, r.used_gb, r.loss, r.attn_s * 1e3,
+                   12 * dh * r.attn_pairs / r.attn_s / 1e12, 18 * dh * r.attn_pairs / r.attn_s / 1e12);
         }
         printf("%-6s MoT/dense step-time ratio: %.3f\n", s.name, t_step[0] / t_step[1]);
     }

@@ -6,14 +6,20 @@
 //
 //   g++ -O2 -std=c++17 dev/roofline.cpp -o dev/roofline
 //   ./dev/roofline [--gpu h100|a100] [--dim D --layers L --heads H --ffn F --seq T --batch B
-//                  --vocab V --accum A] [--experts E] [--fp32] [--design current|target] [--kernels]
+//                  --vocab V --accum A] [--experts E] [--fp32] [--design before|current|target] [--kernels]
 // Without shape flags it prints the two shapes of dev/RESULTS.md: D=512/L=8/T=512 and
 // D=1024/L=24/T=2048.
 //
-// Designs. `current` is mot.cu as it is: bf16 GEMM operands on tensor cores with fp32 outputs,
-// fp32 activations, attention on fp32 CUDA cores. `target` is the plan of the GPU-speed issue, NOT
-// yet implemented: attention on tensor cores (bf16 operands, fp32 accumulation), bf16 activations
-// between kernels, residual add fused into the norm, SwiGLU fused into the GEMM epilogue.
+// Designs.
+//   `before`: mot.cu before the GPU-speed issue: bf16 GEMM operands on tensor cores with fp32
+//     outputs, fp32 activations, attention on fp32 CUDA cores.
+//   `current`: mot.cu as it is: the same, except that in bf16 mode at head dims 64 and 128
+//     attention runs on tensor cores (mot_attn_tc_*: bf16 operands rounded from fp32 q/k/v/dO as
+//     they are read, fp32 accumulation; the backward is a dK/dV pass and a separate dQ pass that
+//     recomputes S and dP, 14 Dh FLOPs per pair instead of 10, because mot.cu uses no atomics).
+//   `target`: the plan of the GPU-speed issue, NOT yet implemented: tensor-core attention reading
+//     bf16 operands with a 10 Dh backward, bf16 activations between kernels, residual add fused
+//     into the norm, SwiGLU fused into the GEMM epilogue.
 //
 // Experts (--experts E, default 4; 1 leaves them out): a third model, dense with E experts per
 // layer (MoE-Ex, expert choice, capacity factor 1: the FFN GEMMs keep their FLOPs but read E weight
@@ -51,10 +57,21 @@ struct Op {
     double count; // launches of this op per micro-batch (or per optimizer step for AdamW)
 };
 
+enum Design { BEFORE, CURRENT, TARGET };
+static const char* design_name(int d) {
+    return d == BEFORE ? "before (fp32 attention)" : d == CURRENT ? "current (mot.cu today)"
+                                                                : "target (planned, not implemented)";
+}
+
 // One micro-batch's forward and backward, plus the optimizer step divided by A.
-static std::vector<Op> step_ops(const Shape& s, int towers, bool bf16, bool target, int experts = 1) {
+static std::vector<Op> step_ops(const Shape& s, int towers, bool bf16, int design, int experts = 1) {
     std::vector<Op> ops;
     const double N = (double)s.B * s.T, D = s.D, F = s.F, V = s.V, L = s.L, H = s.H, Dh = D / H;
+    const bool target = design == TARGET;
+    // attention on tensor cores: mot_attn_tensor_cores's rule in `current`, everywhere in `target`
+    const bool attn_tc = bf16 && (target || (design == CURRENT && (Dh == 64 || Dh == 128)));
+    const double attn_b = target && bf16 ? 2 : 4;      // bytes per q/k/v/o/dO element the kernels read
+    const double attn_bwd = target && bf16 ? 10 : 14;  // FLOPs per (query, key) pair per Dh, backward
     const double eb = bf16 ? 2 : 4;           // GEMM operand bytes
     const double ab = target && bf16 ? 2 : 4; // activation bytes between kernels
     const double gemm_out = target && bf16 ? 2 : 4;
@@ -73,9 +90,9 @@ static std::vector<Op> step_ops(const Shape& s, int towers, bool bf16, bool targ
     gemm("gemm", "q, k, v projections", N, D, D, W, gemm_out, 3 * L);
     elem("norm/rope", "QK-norm + RoPE (q, k)", 12 * N * D, N * D * (gemm_out + 4) + N * H * 4, 2 * L);
     const double pairs = s.B * H * (double)s.T * (s.T + 1) / 2;  // causal (query, key) pairs
-    const double qkvo = 4 * N * D * (target ? 2 : 4);
-    ops.push_back({"attention", target ? "flash attention forward (tensor cores)" : "attention forward (fp32 cores)",
-                   4 * Dh * pairs, qkvo + s.B * H * s.T * 4, target && bf16, L});
+    const double qkvo = 4 * N * D * attn_b;
+    ops.push_back({"attention", attn_tc ? "flash attention forward (tensor cores)" : "attention forward (fp32 cores)",
+                   4 * Dh * pairs, qkvo + s.B * H * s.T * 4, attn_tc, L});
     gemm("gemm", "output projection Wo", N, D, D, W, gemm_out, L);
     if (target) {
         elem("norm/rope", "RMSNorm + residual (fused, attention)", 6 * N * D, N * D * (2 * ab + ab) + N * 4, L);
@@ -127,9 +144,10 @@ static std::vector<Op> step_ops(const Shape& s, int towers, bool bf16, bool targ
     gemm_bwd("W1, W3", D, F, 2 * L, WF);
     elem("norm/rope", "RMSNorm backward + gain partials (attention)", 10 * N * D, N * D * (4 * ab + eb), L);
     gemm_bwd("Wo", D, D, L, W);
-    // attention backward: 14 Dh FLOPs per pair (s, dp, dV, dK in the dK/dV pass; s, dp, dQ in the dQ pass)
-    ops.push_back({"attention", target ? "flash attention backward (tensor cores)" : "attention backward (fp32 cores)",
-                   (target ? 10 : 14) * Dh * pairs, N * D * (target ? 2 : 4) * 8 + s.B * H * s.T * 8, target && bf16, L});
+    // attention backward: 14 Dh FLOPs per pair (s, dp, dV, dK in the dK/dV pass; s, dp, dQ in the dQ
+    // pass), 10 in the target (one pass, S and dP computed once)
+    ops.push_back({"attention", attn_tc ? "flash attention backward (tensor cores)" : "attention backward (fp32 cores)",
+                   attn_bwd * Dh * pairs, N * D * attn_b * 8 + s.B * H * s.T * 8, attn_tc, L});
     elem("norm/rope", "QK-norm + RoPE backward (q, k)", 20 * N * D, N * D * (4 + 4 + 4 + eb) + N * H * 4, 2 * L);
     gemm_bwd("q, k, v", D, D, 3 * L, W);
     if (!target) elem("copies", "residual gradient copies", 0, 2 * N * D * 4, 2 * L);
@@ -165,17 +183,17 @@ static Totals sum(const std::vector<Op>& ops, const Gpu& g, const Shape& s, bool
     return t;
 }
 
-static void report(const Gpu& g, const Shape& s, bool bf16, bool target, bool kernels, int experts) {
+static void report(const Gpu& g, const Shape& s, bool bf16, int design, bool kernels, int experts) {
     printf("MODEL (not a measurement): %s, D=%ld L=%ld H=%ld F=%ld T=%ld B=%ld V=%ld, %ld micro-batch(es) per "
            "AdamW step, %s, design %s\n", g.name, s.D, s.L, s.H, s.F, s.T, s.B, s.V, s.A,
-           bf16 ? "bf16 GEMMs" : "fp32", target ? "target (planned, not implemented)" : "current (mot.cu today)");
+           bf16 ? "bf16 GEMMs" : "fp32", design_name(design));
     const int models = experts > 1 ? 3 : 2;
     char moe[32];
     snprintf(moe, sizeof moe, "MoE-%dx", experts);
     Totals tot[3];
     for (int k = 0; k < models; k++) {
         const int towers = k == 0 ? 3 : 1;
-        std::vector<Op> ops = step_ops(s, towers, bf16, target, k == 2 ? experts : 1);
+        std::vector<Op> ops = step_ops(s, towers, bf16, design, k == 2 ? experts : 1);
         if (kernels) printf(" %s\n", k == 0 ? "MoT (3 towers)" : k == 1 ? "dense" : moe);
         tot[k] = sum(ops, g, s, kernels);
     }
@@ -196,7 +214,7 @@ int main(int argc, char** argv) {
     Gpu g = H100;
     bool bf16 = true, kernels = false, custom = false;
     int experts = 4;
-    int design = -1;  // -1: both
+    int design = -1;  // -1: all three
     Shape s{512, 8, 8, 1536, 512, 32, 2824, 1};
     auto num = [&](int& i, const char* f) {
         if (i + 1 >= argc) { fprintf(stderr, "roofline: %s needs a value\n", f); exit(2); }
@@ -231,12 +249,16 @@ int main(int argc, char** argv) {
         else if (f == "--kernels") kernels = true;
         else if (f == "--design" && i + 1 < argc) {
             const std::string d = argv[++i];
-            if (d == "current") design = 0;
-            else if (d == "target") design = 1;
-            else { fprintf(stderr, "roofline: --design: expected current or target, got '%s'\n", d.c_str()); return 2; }
+            if (d == "before") design = BEFORE;
+            else if (d == "current") design = CURRENT;
+            else if (d == "target") design = TARGET;
+            else {
+                fprintf(stderr, "roofline: --design: expected before, current or target, got '%s'\n", d.c_str());
+                return 2;
+            }
         } else {
             fprintf(stderr, "usage: roofline [--gpu h100|a100] [--dim D --layers L --heads H --ffn F --seq T --batch B "
-                            "--vocab V --accum A] [--experts E] [--fp32] [--design current|target] [--kernels]\n");
+                            "--vocab V --accum A] [--experts E] [--fp32] [--design before|current|target] [--kernels]\n");
             return 2;
         }
     }
@@ -248,7 +270,7 @@ int main(int argc, char** argv) {
         shapes.push_back({1024, 24, 16, 3072, 2048, 8, 2824, 4}); // 16k tokens per micro-batch, 64k per step
     }
     for (const Shape& sh : shapes)
-        for (int d = 0; d < 2; d++)
-            if (design < 0 || design == d) report(g, sh, bf16, d == 1, kernels, experts);
+        for (int d = BEFORE; d <= TARGET; d++)
+            if (design < 0 || design == d) report(g, sh, bf16, d, kernels, experts);
     return 0;
 }

@@ -340,6 +340,9 @@ bool wmma_store_lane(const void* frag, size_t bytes) {
     if (memcmp(frag, (const void*)(uintptr_t)lane0, bytes) != 0)
         report("wmma::store_matrix_sync: this lane's fragment differs from lane 0's: lane-dependent code on "
                "fragment elements relies on a layout the API hides");
+    // every lane has compared before any runs on: lane 0 may next refill the fragment it compared
+    // against (a loop-local fragment, fill_fragment has no meeting point)
+    (void)shfl_bits((ShflKind)SHFL_CONVERGE, 0xffffffffu, 0, 0, 32, "store_matrix_sync", 0);
     return (g_cur - g_threads.data()) % 32 == 0;
 }
 

@@ -198,10 +198,25 @@ inline void fill_fragment(fragment<Use, M, N, K, T, L>& f, const V& v) {
     for (int i = 0; i < f.num_elements; i++) f.x[i] = (T)v;
 }
 template <typename F, typename T>
-inline void load_tile(F& f, const T* p, unsigned ldm, bool row_major) {
-    cuda_cpu::wmma_converge(p, ldm * sizeof(T), "load_matrix_sync");
+inline void copy_tile(F& f, const T* p, unsigned ldm, bool row_major) {
     for (int r = 0; r < f.rows; r++)
         for (int c = 0; c < f.cols; c++) f.x[r * f.cols + c] = row_major ? p[(size_t)r * ldm + c] : p[(size_t)c * ldm + r];
+}
+template <typename F, typename T>
+__attribute__((no_sanitize("thread"))) inline void copy_tile_unchecked(F& f, const T* p, unsigned ldm, bool row_major) {
+    for (int r = 0; r < f.rows; r++)
+        for (int c = 0; c < f.cols; c++) f.x[r * f.cols + c] = row_major ? p[(size_t)r * ldm + c] : p[(size_t)c * ldm + r];
+}
+// Lanes 0 and 1 read through the race check; the others read the same bytes unchecked. The check
+// keeps two readers per byte, and all lanes read in one step (no __syncwarp() between), so two
+// lanes report every race 32 would, for a sixteenth of the checking.
+template <typename F, typename T>
+inline void load_tile(F& f, const T* p, unsigned ldm, bool row_major) {
+    cuda_cpu::wmma_converge(p, ldm * sizeof(T), "load_matrix_sync");
+    const uint3 t = cuda_cpu::thread_idx();
+    const dim3 bd = cuda_cpu::g_coords.block_dim;
+    if ((t.x + bd.x * (t.y + bd.y * t.z)) % 32 < 2) copy_tile(f, p, ldm, row_major);
+    else copy_tile_unchecked(f, p, ldm, row_major);
 }
 template <typename Use, int M, int N, int K, typename T>
 inline void load_matrix_sync(fragment<Use, M, N, K, T, row_major>& f, const T* p, unsigned ldm) { load_tile(f, p, ldm, true); }
@@ -221,16 +236,23 @@ inline void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, 
 inline float wmma_float(float v) { return v; }
 inline float wmma_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 inline float wmma_float(__half v) { return __half2float(v); }
-// d = a b + c, products accumulated in fp32 in k order
+// d = a b + c, products accumulated in fp32 in k order. Fragments are lane-private (never shared
+// memory), so the race check's instrumentation is left out here: every lane of every warp runs
+// this whole product, and the instrumented loop made tensor-core kernels several times slower.
 template <int M, int N, int K, typename TA, typename LA, typename TB, typename LB, typename TC>
-inline void mma_sync(fragment<accumulator, M, N, K, TC>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
-                     const fragment<matrix_b, M, N, K, TB, LB>& b, const fragment<accumulator, M, N, K, TC>& c) {
+__attribute__((no_sanitize("thread"))) inline void mma_sync(fragment<accumulator, M, N, K, TC>& d,
+                                                            const fragment<matrix_a, M, N, K, TA, LA>& a,
+                                                            const fragment<matrix_b, M, N, K, TB, LB>& b,
+                                                            const fragment<accumulator, M, N, K, TC>& c) {
     cuda_cpu::wmma_converge(nullptr, 0, "mma_sync");
-    float out[M * N];
+    float fa[M * K], fbt[N * K], out[M * N];  // b transposed, so the k loop runs over contiguous floats
+    for (int i = 0; i < M * K; i++) fa[i] = wmma_float(a.x[i]);
+    for (int k = 0; k < K; k++)
+        for (int j = 0; j < N; j++) fbt[j * K + k] = wmma_float(b.x[k * N + j]);
     for (int i = 0; i < M; i++)
         for (int j = 0; j < N; j++) {
             float s = wmma_float(c.x[i * N + j]);
-            for (int k = 0; k < K; k++) s += wmma_float(a.x[i * K + k]) * wmma_float(b.x[k * N + j]);
+            for (int k = 0; k < K; k++) s += fa[i * K + k] * fbt[j * K + k];
             out[i * N + j] = s;
         }
     for (int i = 0; i < M * N; i++) d.x[i] = (TC)out[i];

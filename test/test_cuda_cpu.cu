@@ -170,6 +170,27 @@ TEST_CASE("cuda_cpu: WMMA tiles (bf16 in, fp32 accumulation) multiply as a GEMM 
         }
 }
 
+// A fragment stored, then refilled at once and stored again (as the attention kernels' loops do):
+// lane 0 runs on after its store and refills the fragment before the other lanes have compared
+// their copies with it, which the store's lane check must not take for lane-dependent code.
+__global__ void wmma_reuse_kernel(float* out) {
+    using namespace nvcuda;
+    __shared__ __align__(32) float tile[3 * 16 * 16];
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+    for (int n = 0; n < 3; n++) {
+        wmma::fill_fragment(c, (float)n);
+        wmma::store_matrix_sync(tile + n * 256, c, 16, wmma::mem_row_major);
+    }
+    __syncwarp();
+    for (int n = 0; n < 3; n++) out[n * 32 + threadIdx.x] = tile[n * 256 + threadIdx.x];
+}
+TEST_CASE("cuda_cpu: a fragment refilled after a store is not taken for lane-dependent code") {
+    float* d = dev<float>(96);
+    wmma_reuse_kernel<<<1, 32>>>(d);
+    std::vector<float> o = get(d, 96);
+    for (int i = 0; i < 96; i++) CHECK(o[i] == (float)(i / 32));
+}
+
 // ============================================================================================
 // 2. The checks: each broken kernel or call runs in a child; its stderr must hold the report
 // ============================================================================================
@@ -495,6 +516,25 @@ TEST_CASE("cuda_cpu trainer: experts train on the GPU path with the CPU trainer'
         const std::vector<std::string> vc = lines_with(cpu, "val "), vg = lines_with(gpu, "val ");
         CHECK(vc.size() >= 10);  // 6 aux parts, 2 evaluations x (EC, causal)
         CHECK(vc == vg);
+    }
+}
+
+// The attention kernel is named once at startup, by the rule in mot_attn_tensor_cores.
+TEST_CASE("cuda_cpu trainer: says once which attention kernel runs, and why") {
+    struct Case { const char* flags; const char* says; };
+    const Case cases[] = {
+        {" --dim 128 --heads 2", "attention: bf16 tensor-core flash kernels (WMMA, fp32 accumulation), head dim 64\n"},
+        {" --dim 32 --heads 2", "attention: fp32 CUDA-core kernels (head dim 16 has no tensor-core kernel; 64 and 128 do)\n"},
+        {" --dim 128 --heads 2 --fp32", "attention: fp32 CUDA-core kernels (fp32 mode keeps them as the exact reference)\n"},
+    };
+    for (const Case& c : cases) {
+        std::string out;
+        REQUIRE(run(std::string("./mot_cpu_cuda --data ") + shard() + " --layers 1 --seq 16 --batch 2 --steps 1 --threads 1" +
+                        c.flags, &out) == 0);
+        INFO(c.flags, "\n", out);
+        const size_t at = out.find(c.says);
+        CHECK(at != std::string::npos);
+        CHECK(out.find("attention: ", at + 1) == std::string::npos);
     }
 }
 

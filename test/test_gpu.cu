@@ -283,7 +283,8 @@ static void compare_once(const char* name, const MotConfig& c, int B, int T, std
 // The cases: every head dim the attention kernels are instantiated for (2: one thread per row and
 // pair-wise RoPE; 16: one thread per row; 64 and 128: a row split over 2..8 threads), sequence lengths
 // that are not multiples of the attention tiles (64 query rows, 32 keys) or are 1, one-sequence
-// batches, MoT, dense, every tie switch, and batches where one or two towers have no rows.
+// batches, MoT, dense, every tie switch, and batches where one or two towers have no rows. In bf16,
+// head dims 64 and 128 run the tensor-core attention kernels and the others the fp32 ones.
 static void compare_all(bool bf16) {
     compare_once("mot dh16", small_config(64, 4, 3, 77), 3, 77, {0, 1, 2}, bf16, 50);
     compare_once("mot dh64", small_config(128, 2, 3, 130), 2, 130, {0, 1, 2}, bf16);
@@ -371,6 +372,112 @@ TEST_CASE("gpu: expert choice with tied scores equals mot_expert_choice") {
             MOT_CUDA_CHECK(cudaFree(dslot));
         }
     }
+}
+
+// ---- attention alone: the kernel chosen by mot_attn_tensor_cores against attention_forward /
+// attention_backward in double, on random q, k, v, dO (q, k at the unit RMS QK-norm leaves them,
+// times 1.5, so the softmax is far from uniform: logits of std ~2.2). Returns the worst of the
+// four relative errors ||gpu - ref|| / ||ref|| of o, dq, dk, dv, and prints each. B*T rows in
+// grouped order reach sequence order through row_of, as in the model.
+//
+// Tolerances for the tensor-core kernels (bf16 operands, fp32 accumulation). Every operand of
+// the six products is rounded to bf16 once: a relative error of at most 2^-9 = 2e-3 per element,
+// ~1.1e-3 rms. Errors of independent elements add in quadrature, as the signal does, so o (made
+// from rounded q, k, P and v) lands near 2e-3; dV likewise. dS = P (dP - delta) subtracts the
+// row mean of dP, which cancels part of the signal and magnifies the relative error of dP, so dQ
+// and dK are a few times worse (~5e-3). Measured through the CPU layer: o and dV 3.3e-3..4.0e-3,
+// dQ and dK 5.5e-3..5.9e-3 at head dims 64 and 128. Tolerances: 1e-2 for o and dV, 2e-2 for dQ
+// and dK, two to four times that, while an indexing, masking or scaling bug gives errors of
+// order 1 (a key off by one tile, a wrong scale or a missing rescale each give > 0.1).
+// The fp32 kernels are held to 1e-5 (float rounding only), which is also how the fallback is seen.
+template <int DH>
+static double attn_compare(const char* name, int H, int B, int T, std::vector<int> mods, bool bf16, double tol_o,
+                           double tol_d) {
+    MotConfig c = small_config(DH * H, H, 3, T);
+    MotGpu g;
+    std::string err;
+    REQUIRE_MESSAGE(mot_gpu_init(&g, c, B, T, bf16, &err), err);
+    const MotBatch b = random_batch(c, B, T, 31 + T, mods);
+    mot_gpu_set_batch(&g, b);
+    const int N = B * T, D = c.d_model;
+    const size_t ND = (size_t)N * D;
+    uint64_t seed = 77 + DH + T;
+    std::vector<double> in[4];  // q, k, v, dO (grouped rows)
+    for (int a = 0; a < 4; a++) {
+        in[a].resize(ND);
+        for (double& x : in[a]) x = (a < 2 ? 1.5 : 1.0) * mot_rand_normal(&seed);
+    }
+    // the reference in double
+    std::vector<double> att((size_t)B * H * T * T), o(ND), dq(ND), dk(ND), dv(ND);
+    attention_forward(o.data(), att.data(), in[0].data(), in[1].data(), in[2].data(), b, D, H);
+    attention_backward(dq.data(), dk.data(), dv.data(), in[3].data(), att.data(), in[0].data(), in[1].data(),
+                       in[2].data(), b, D, H);
+    // the GPU
+    float* dev[8];  // q k v dO o dq dk dv
+    for (float*& p : dev) MOT_CUDA_CHECK(cudaMalloc(&p, ND * sizeof(float)));
+    float* lse2 = nullptr;
+    MOT_CUDA_CHECK(cudaMalloc(&lse2, (size_t)N * H * sizeof(float)));
+    for (int a = 0; a < 4; a++) {
+        std::vector<float> f(in[a].begin(), in[a].end());
+        MOT_CUDA_CHECK(cudaMemcpy(dev[a], f.data(), ND * sizeof(float), cudaMemcpyHostToDevice));
+    }
+    MotBuf ob, dvb;
+    ob.f = dev[4];
+    dvb.f = dev[7];
+    mot_attn_forward_dh<DH>(&g, ob, lse2, dev[0], dev[1], dev[2]);
+    mot_attn_delta_kernel<<<mot_blocks((size_t)N * H, 256), 256, 0, g.stream>>>(g.delta, dev[3], dev[4], g.row_of, B, T,
+                                                                                 H, DH);
+    MOT_LAUNCH_CHECK();
+    mot_attn_backward_dh<DH>(&g, dev[5], dev[6], dvb, dev[3], lse2, dev[0], dev[1], dev[2]);
+    const std::vector<double>* ref[4] = {&o, &dq, &dk, &dv};
+    const char* what[4] = {"o", "dq", "dk", "dv"};
+    double worst = 0;
+    printf("attention %s %s (%s), Dh=%d H=%d B=%d T=%d:", name, bf16 ? "bf16" : "fp32",
+           mot_attn_tensor_cores(bf16, DH) ? "tensor cores" : "fp32 kernels", DH, H, B, T);
+    for (int a = 0; a < 4; a++) {
+        std::vector<float> got(ND);
+        MOT_CUDA_CHECK(cudaMemcpy(got.data(), dev[4 + a], ND * sizeof(float), cudaMemcpyDeviceToHost));
+        CHECK(all_finite(got));
+        // T = 1: softmax over one key has no gradient, so dq and dk are zero in the reference;
+        // measure them against the size of dv instead
+        const bool zero = std::all_of(ref[a]->begin(), ref[a]->end(), [](double x) { return x == 0; });
+        auto norm = [](const auto& x) {
+            double s = 0;
+            for (double e : x) s += e * e;
+            return std::sqrt(s);
+        };
+        std::vector<float> r(ref[a]->begin(), ref[a]->end());
+        const double e = zero ? norm(got) / norm(dv) : rel_err(got.data(), r.data(), ND);
+        printf(" %s %.2e", what[a], e);
+        INFO(name, ": ", what[a], " rel err ", e);
+        CHECK(e <= (a == 0 || a == 3 ? tol_o : tol_d));
+        worst = std::max(worst, e);
+    }
+    printf("\n");
+    for (float* p : dev) MOT_CUDA_CHECK(cudaFree(p));
+    MOT_CUDA_CHECK(cudaFree(lse2));
+    mot_gpu_free(&g);
+    return worst;
+}
+
+TEST_CASE("gpu: tensor-core attention (bf16) matches the CPU reference; the rule picks it at head dims 64, 128") {
+    for (int dh : {2, 4, 8, 16, 32, 64, 128}) {
+        CHECK(!mot_attn_tensor_cores(false, dh));  // fp32 mode keeps the exact kernels
+        CHECK(mot_attn_tensor_cores(true, dh) == (dh == 64 || dh == 128));
+    }
+    CHECK(mot_attn_kernel_note(true, 32).find("head dim 32 has no tensor-core kernel") != std::string::npos);
+    // T not a multiple of the 64-row / 32-column tiles, B = 1 and B > 1, mixed and one-modality batches
+    const double TO = 1e-2, TD = 2e-2;
+    attn_compare<64>("mixed", 2, 2, 77, {0, 1, 2}, true, TO, TD);
+    attn_compare<64>("B=1 text only", 1, 1, 130, {0}, true, TO, TD);
+    attn_compare<64>("T=1", 2, 3, 1, {0, 1, 2}, true, TO, TD);
+    attn_compare<128>("mixed", 2, 2, 45, {0, 1, 2}, true, TO, TD);
+    attn_compare<128>("B=1 image and speech", 1, 1, 97, {1, 2}, true, TO, TD);
+    // the same shapes through the fp32 kernels (fp32 mode): float rounding only
+    attn_compare<64>("mixed", 2, 2, 77, {0, 1, 2}, false, 1e-5, 1e-5);
+    attn_compare<128>("mixed", 2, 2, 45, {0, 1, 2}, false, 1e-5, 1e-5);
+    // the fallback: head dim 32 in bf16 runs the fp32 kernels, so it meets the fp32 tolerance
+    attn_compare<32>("fallback", 2, 2, 77, {0, 1, 2}, true, 1e-5, 1e-5);
 }
 
 TEST_CASE("gpu: a model in the Transfusion setting is refused with a reason, not computed wrong") {
@@ -469,8 +576,8 @@ TEST_CASE("gpu: debug state file") {
 // Ten AdamW steps on fresh batches, CPU and GPU from the same initial parameters. Adam divides
 // by sqrt(v), so an element whose gradient is near zero can move by ~lr on one side and not
 // the other; losses still agree closely over 10 steps (fp32 1e-3, bf16 3e-2 relative).
-static void train_compare(bool bf16) {
-    const MotConfig c = small_config(64, 4, 3, 48);
+static void train_compare(bool bf16, int d_model = 64, int n_head = 4) {
+    const MotConfig c = small_config(d_model, n_head, 3, 48);
     const int B = 3, T = 48;
     MotModel<float> cpu;
     mot_init(&cpu, c, 3);
@@ -507,6 +614,11 @@ static void train_compare(bool bf16) {
 }
 TEST_CASE("gpu: 10 fp32 training steps follow the CPU reference") { train_compare(false); }
 TEST_CASE("gpu: 10 bf16 training steps stay close to the CPU reference") { train_compare(true); }
+// head dim 64: attention on tensor cores (head dim 16 above runs the fp32 kernels)
+TEST_CASE("gpu: 10 bf16 training steps with tensor-core attention stay close to the CPU reference") {
+    REQUIRE(mot_attn_tensor_cores(true, 64));
+    train_compare(true, 128, 2);
+}
 
 // Same seed, same batches -> bitwise the same losses, gradient norms and parameters.
 static void run_steps(const MotConfig& c, bool bf16, int steps, std::vector<double>* trace, std::vector<float>* params,
