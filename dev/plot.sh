@@ -83,7 +83,9 @@ match)
         frac=$(awk -v h="$hit" -v f="$final" 'BEGIN { printf "%.2f", h / f }')
         echo "set title '${title[$m]}: dense final reached by MoT at step $hit/$final (fraction $frac)'"
         echo "set arrow from $hit, graph 0 to $hit, graph 1 nohead dt 3 lc rgb '#d94801'"
-        echo "set label 'step $hit' at $hit, graph 0.06 offset 0.5,0 tc rgb '#d94801'"
+        # to the left of the line when it is near the right edge, so the text stays inside the panel
+        if [ $((hit - lo)) -gt $(((final - lo) * 4 / 5)) ]; then side="right offset -0.5,0"; else side="offset 0.5,0"; fi
+        echo "set label 'step $hit' at $hit, graph 0.06 $side tc rgb '#d94801'"
       else
         echo "set title '${title[$m]}: MoT does not reach the dense final loss'"
       fi
