@@ -17,7 +17,10 @@ NVCC     ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2
 # CUDA code is compiled for A100 (sm_80) and H100 (sm_90)
 NVARCH   ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
 NVFLAGS  ?= -std=c++17 -O3 $(NVARCH) -Xcompiler -O3,-march=native,-fopenmp,-fno-math-errno,-Wall -I.
-NVLIBS    = -lcublas -lcublasLt -lgomp
+# The CUDA libraries are found through an rpath to the toolkit that built the binary, so ./mot runs
+# where the toolkit's lib64 is not in the loader's configuration (e.g. a fresh Debian with CUDA).
+CUDA_LIBDIR ?= $(abspath $(dir $(NVCC))../lib64)
+NVLIBS    = -lcublas -lcublasLt -lgomp $(if $(wildcard $(CUDA_LIBDIR)),-Xlinker -rpath=$(CUDA_LIBDIR))
 TOKH      = tokenizers/bpe.h tokenizers/vq.h tokenizers/speech.h
 # JPEG is decoded by Debian's libjpeg-turbo (libjpeg62-turbo-dev), PNG by stb_image
 JPEGLIBS  = -ljpeg
