@@ -144,6 +144,7 @@ struct MotGpu {
     double* host_out = nullptr;         // pinned, 6 doubles (losses, then the aux sums)
     int *tok_g = nullptr, *tgt_g = nullptr, *pos_g = nullptr, *row_of = nullptr;
     int *emb_rows = nullptr, *emb_tok = nullptr, *emb_start = nullptr;
+    int* vis = nullptr;                 // per position (b*T + t): the last position it attends to
     int group[MOT_N_MOD + 1] = {0, 0, 0, 0};
     int n_emb = 0;                      // distinct tokens in the batch
     bool have_batch = false;
@@ -632,7 +633,7 @@ __device__ __forceinline__ void mot_attn_tile(float* dst, const float* src, cons
 template <int DH, int PER, int BQ, int BK>
 static __global__ void __launch_bounds__(BQ*(DH / PER))
 mot_attn_forward_kernel(MotBuf o, float* lse2, const float* q, const float* k, const float* v, const int* row_of,
-                        int T, int H, float qscale) {
+                        const int* vis_of, int T, int H, float qscale) {
     typedef MotAttnLayout<DH, PER> Lay;
     constexpr int G = Lay::G, NT = BQ * G;
     __shared__ __align__(16) float Ks[BK * DH];
@@ -643,13 +644,15 @@ mot_attn_forward_kernel(MotBuf o, float* lse2, const float* q, const float* k, c
     const bool valid = t < T;
     const int tc = valid ? t : T - 1;  // invalid rows compute on a real row and write nothing
     const int* rows = row_of + (size_t)b * T;
+    const int* vis = vis_of + (size_t)b * T;  // t, or the end of t's image block (non-decreasing)
     const size_t qoff = (size_t)rows[tc] * D + h * DH;
+    const int vtc = vis[tc];
     float qv[PER], acc[PER];
     mot_attn_load<DH, PER>(qv, q + qoff, g);
 #pragma unroll
     for (int i = 0; i < PER; i++) { qv[i] *= qscale; acc[i] = 0; }
     float m = -INFINITY, l = 0;
-    const int kend = min(T, q0 + BQ);
+    const int kend = vis[min(T, q0 + BQ) - 1] + 1;  // the tile's largest vis (causal: min(T, q0 + BQ))
     for (int k0 = 0; k0 < kend; k0 += BK) {
         __syncthreads();
         mot_attn_tile<DH, BK>(Ks, k, rows, k0, T, D, h, tid, NT);
@@ -660,7 +663,7 @@ mot_attn_forward_kernel(MotBuf o, float* lse2, const float* q, const float* k, c
 #pragma unroll
         for (int jj = 0; jj < BK; jj++) {
             const float d = mot_group_sum<G>(mot_attn_dot<DH, PER>(qv, Ks + jj * DH, g));
-            s[jj] = (k0 + jj <= tc) ? d : -INFINITY;
+            s[jj] = (k0 + jj <= vtc) ? d : -INFINITY;
             mt = fmaxf(mt, s[jj]);
         }
         // key 0 is in the first tile and never masked, so mn is finite from the first tile on
@@ -705,26 +708,30 @@ static __global__ void mot_attn_delta_kernel(float* delta, const float* dO, cons
 template <int DH, int PER, int BKR, int BQT>
 static __global__ void __launch_bounds__(BKR*(DH / PER))
 mot_attn_backward_dkv_kernel(float* dk, MotBuf dv, const float* q, const float* k, const float* v, const float* dO,
-                             const float* lse2, const float* delta, const int* row_of, int T, int H, float scale,
-                             float c2) {
+                             const float* lse2, const float* delta, const int* row_of, const int* vis_of, int T, int H,
+                             float scale, float c2) {
     typedef MotAttnLayout<DH, PER> Lay;
     constexpr int G = Lay::G, NT = BKR * G;
     __shared__ __align__(16) float Qs[BQT * DH];
     __shared__ __align__(16) float Ds[BQT * DH];
     __shared__ float Ls[BQT], Es[BQT];
+    __shared__ int Vq[BQT];  // vis of the tile's query rows (-1 past T)
     const int D = H * DH, bh = blockIdx.y, b = bh / H, h = bh % H;
     const int k0 = blockIdx.x * BKR;  // lowest key rows (most queries) first
     const int tid = threadIdx.x, g = tid % G, j = k0 + tid / G;
     const bool valid = j < T;
     const int jc = valid ? j : T - 1;
     const int* rows = row_of + (size_t)b * T;
+    const int* vis = vis_of + (size_t)b * T;  // t, or the end of t's image block (non-decreasing)
     const size_t koff = (size_t)rows[jc] * D + h * DH;
     float kv[PER], vv[PER], dka[PER], dva[PER];
     mot_attn_load<DH, PER>(kv, k + koff, g);
     mot_attn_load<DH, PER>(vv, v + koff, g);
 #pragma unroll
     for (int i = 0; i < PER; i++) { dka[i] = 0; dva[i] = 0; }
-    for (int i0 = k0; i0 < T; i0 += BQT) {
+    int qfirst = k0;  // the first query row that sees key k0 (k0 itself when causal)
+    while (qfirst > 0 && vis[qfirst - 1] >= k0) qfirst--;
+    for (int i0 = qfirst; i0 < T; i0 += BQT) {
         __syncthreads();
         mot_attn_tile<DH, BQT>(Qs, q, rows, i0, T, D, h, tid, NT);
         mot_attn_tile<DH, BQT>(Ds, dO, rows, i0, T, D, h, tid, NT);
@@ -732,14 +739,14 @@ mot_attn_backward_dkv_kernel(float* dk, MotBuf dv, const float* q, const float* 
             const int i = i0 + ii;
             Ls[ii] = i < T ? lse2[(size_t)bh * T + i] : 0.0f;
             Es[ii] = i < T ? delta[(size_t)bh * T + i] : 0.0f;
+            Vq[ii] = i < T ? vis[i] : -1;
         }
         __syncthreads();
 #pragma unroll 4
         for (int ii = 0; ii < BQT; ii++) {
-            const int i = i0 + ii;
             const float s = mot_group_sum<G>(mot_attn_dot<DH, PER>(kv, Qs + ii * DH, g)) * c2;
             const float dp = mot_group_sum<G>(mot_attn_dot<DH, PER>(vv, Ds + ii * DH, g));
-            const float p = (i >= jc && i < T) ? exp2f(s - Ls[ii]) : 0.0f;
+            const float p = Vq[ii] >= jc ? exp2f(s - Ls[ii]) : 0.0f;
             const float ds = p * (dp - Es[ii]);
             mot_attn_axpy<DH, PER>(dva, p, Ds + ii * DH, g);
             mot_attn_axpy<DH, PER>(dka, ds, Qs + ii * DH, g);
@@ -761,8 +768,8 @@ mot_attn_backward_dkv_kernel(float* dk, MotBuf dv, const float* q, const float* 
 template <int DH, int PER, int BQ, int BK>
 static __global__ void __launch_bounds__(BQ*(DH / PER))
 mot_attn_backward_dq_kernel(float* dq, const float* q, const float* k, const float* v, const float* dO,
-                            const float* lse2, const float* delta, const int* row_of, int T, int H, float scale,
-                            float c2) {
+                            const float* lse2, const float* delta, const int* row_of, const int* vis_of, int T, int H,
+                            float scale, float c2) {
     typedef MotAttnLayout<DH, PER> Lay;
     constexpr int G = Lay::G, NT = BQ * G;
     __shared__ __align__(16) float Ks[BK * DH];
@@ -773,14 +780,16 @@ mot_attn_backward_dq_kernel(float* dq, const float* q, const float* k, const flo
     const bool valid = t < T;
     const int tc = valid ? t : T - 1;
     const int* rows = row_of + (size_t)b * T;
+    const int* vis = vis_of + (size_t)b * T;  // t, or the end of t's image block (non-decreasing)
     const size_t qoff = (size_t)rows[tc] * D + h * DH;
+    const int vtc = vis[tc];
     float qv[PER], dov[PER], dqa[PER];
     mot_attn_load<DH, PER>(qv, q + qoff, g);
     mot_attn_load<DH, PER>(dov, dO + qoff, g);
 #pragma unroll
     for (int i = 0; i < PER; i++) dqa[i] = 0;
     const float L2 = lse2[(size_t)bh * T + tc], E = delta[(size_t)bh * T + tc];
-    const int kend = min(T, q0 + BQ);
+    const int kend = vis[min(T, q0 + BQ) - 1] + 1;  // the tile's largest vis (causal: min(T, q0 + BQ))
     for (int k0 = 0; k0 < kend; k0 += BK) {
         __syncthreads();
         mot_attn_tile<DH, BK>(Ks, k, rows, k0, T, D, h, tid, NT);
@@ -790,7 +799,7 @@ mot_attn_backward_dq_kernel(float* dq, const float* q, const float* k, const flo
         for (int jj = 0; jj < BK; jj++) {
             const float s = mot_group_sum<G>(mot_attn_dot<DH, PER>(qv, Ks + jj * DH, g)) * c2;
             const float dp = mot_group_sum<G>(mot_attn_dot<DH, PER>(dov, Vs + jj * DH, g));
-            const float p = (k0 + jj <= tc) ? exp2f(s - L2) : 0.0f;
+            const float p = (k0 + jj <= vtc) ? exp2f(s - L2) : 0.0f;
             mot_attn_axpy<DH, PER>(dqa, p * (dp - E), Ks + jj * DH, g);
         }
     }
@@ -880,7 +889,7 @@ __device__ __forceinline__ void mot_tc_write(float* f, mot_bf16* bf, const MotFr
 template <int DH>
 static __global__ void __launch_bounds__(MOT_TC_THREADS)
 mot_attn_tc_forward_kernel(MotBuf o, float* lse2, const float* q, const float* k, const float* v, const int* row_of,
-                           int T, int H, float c2) {
+                           const int* vis_of, int T, int H, float c2) {
     constexpr int BQ = MOT_TC_ROWS, BK = MOT_TC_COLS, NF = DH / 16;
     static_assert(BQ <= 2 * BK && BK >= 16, "Q is staged in the K/V tiles; the scratch tile is 16 x 16");
     __shared__ __align__(32) mot_bf16 KV[2 * BK * DH];  // K tile, V tile (Q before the loop)
@@ -892,6 +901,7 @@ mot_attn_tc_forward_kernel(MotBuf o, float* lse2, const float* q, const float* k
     const int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;  // longest rows first
     const int tid = threadIdx.x, w = tid / 32, lane = tid % 32;
     const int* rows = row_of + (size_t)b * T;
+    const int* vis = vis_of + (size_t)b * T;  // t, or the end of t's image block (non-decreasing)
     mot_tc_tile<DH, BQ>(KV, q, rows, q0, T, D, h, tid);
     __syncthreads();
     MotFragA qf[NF];
@@ -905,9 +915,9 @@ mot_attn_tc_forward_kernel(MotBuf o, float* lse2, const float* q, const float* k
     mot_bf16* Pw = P + w * 16 * BK;
     float* Rw = Rs + w * 16;
     // lanes 2r and 2r+1 run the softmax of the warp's row r, each over every other column
-    const int r = lane / 2, half = lane % 2, t = q0 + w * 16 + r;
+    const int r = lane / 2, half = lane % 2, t = q0 + w * 16 + r, vt = t < T ? vis[t] : t;
     float m = -INFINITY, l = 0;
-    const int kend = min(T, q0 + BQ);
+    const int kend = vis[min(T, q0 + BQ) - 1] + 1;  // the tile's largest vis (causal: min(T, q0 + BQ))
     for (int k0 = 0; k0 < kend; k0 += BK) {
         __syncthreads();
         mot_tc_tile<DH, BK>(Ks, k, rows, k0, T, D, h, tid);
@@ -923,13 +933,13 @@ mot_attn_tc_forward_kernel(MotBuf o, float* lse2, const float* q, const float* k
         __syncwarp();
         // key 0 is in the first tile and never masked, so mn is finite from the first tile on
         float mt = -INFINITY;
-        for (int c = half; c < BK; c += 2) mt = fmaxf(mt, k0 + c <= t ? Sw[r * BK + c] * c2 : -INFINITY);
+        for (int c = half; c < BK; c += 2) mt = fmaxf(mt, k0 + c <= vt ? Sw[r * BK + c] * c2 : -INFINITY);
         mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 1));
         const float mn = fmaxf(m, mt), alpha = exp2f(m - mn);  // alpha 0 on the first tile
         float sum = 0;
         for (int c = half; c < BK; c += 2) {
             // l sums the rounded p that multiply V, so o stays a weighted mean of the V rows
-            const mot_bf16 p = __float2bfloat16(k0 + c <= t ? exp2f(Sw[r * BK + c] * c2 - mn) : 0.0f);
+            const mot_bf16 p = __float2bfloat16(k0 + c <= vt ? exp2f(Sw[r * BK + c] * c2 - mn) : 0.0f);
             Pw[r * BK + c] = p;
             sum += __bfloat162float(p);
         }
@@ -970,7 +980,8 @@ mot_attn_tc_forward_kernel(MotBuf o, float* lse2, const float* q, const float* k
 template <int DH>
 static __global__ void __launch_bounds__(MOT_TC_THREADS)
 mot_attn_tc_dkv_kernel(float* dk, MotBuf dv, const float* q, const float* k, const float* v, const float* dO,
-                       const float* lse2, const float* delta, const int* row_of, int T, int H, float scale, float c2) {
+                       const float* lse2, const float* delta, const int* row_of, const int* vis_of, int T, int H, float scale,
+                       float c2) {
     constexpr int BKR = MOT_TC_ROWS, BQT = MOT_TC_COLS, NF = DH / 16;
     static_assert(DH <= 4 * BQT && BQT >= 16, "K and V are staged in the S/dP tiles; the scratch tile is 16 x 16");
     __shared__ __align__(32) mot_bf16 Qs[BQT * DH];
@@ -979,10 +990,12 @@ mot_attn_tc_dkv_kernel(float* dk, MotBuf dv, const float* q, const float* k, con
     __shared__ __align__(32) mot_bf16 Pt[BKR * BQT];
     __shared__ __align__(32) mot_bf16 dSt[BKR * BQT];
     __shared__ float Ls[BQT], Es[BQT];
+    __shared__ int Vq[BQT];  // vis of the tile's query rows (-1 past T)
     const int D = H * DH, bh = blockIdx.y, b = bh / H, h = bh % H;
     const int k0 = blockIdx.x * BKR;  // lowest key rows (most queries) first
     const int tid = threadIdx.x, w = tid / 32, lane = tid % 32;
     const int* rows = row_of + (size_t)b * T;
+    const int* vis = vis_of + (size_t)b * T;  // t, or the end of t's image block (non-decreasing)
     mot_bf16* stage = reinterpret_cast<mot_bf16*>(SD);
     MotFragA kf[NF], vf[NF];
     MotFragC dka[NF], dva[NF];
@@ -1001,7 +1014,9 @@ mot_attn_tc_dkv_kernel(float* dk, MotBuf dv, const float* q, const float* k, con
     }
     float *St = SD + w * 16 * BQT, *dPt = SD + (BKR + w * 16) * BQT;
     mot_bf16 *Ptw = Pt + w * 16 * BQT, *dStw = dSt + w * 16 * BQT;
-    for (int i0 = k0; i0 < T; i0 += BQT) {
+    int qfirst = k0;  // the first query row that sees key k0 (k0 itself when causal)
+    while (qfirst > 0 && vis[qfirst - 1] >= k0) qfirst--;
+    for (int i0 = qfirst; i0 < T; i0 += BQT) {
         __syncthreads();
         mot_tc_tile<DH, BQT>(Qs, q, rows, i0, T, D, h, tid);
         mot_tc_tile<DH, BQT>(Ds, dO, rows, i0, T, D, h, tid);
@@ -1009,6 +1024,7 @@ mot_attn_tc_dkv_kernel(float* dk, MotBuf dv, const float* q, const float* k, con
             const int i = i0 + ii;
             Ls[ii] = i < T ? lse2[(size_t)bh * T + i] : 0.0f;
             Es[ii] = i < T ? delta[(size_t)bh * T + i] : 0.0f;
+            Vq[ii] = i < T ? vis[i] : -1;
         }
         __syncthreads();
 #pragma unroll
@@ -1023,8 +1039,8 @@ mot_attn_tc_dkv_kernel(float* dk, MotBuf dv, const float* q, const float* k, con
         }
         __syncwarp();
         for (int e = lane; e < 16 * BQT; e += 32) {
-            const int j = k0 + w * 16 + e / BQT, ii = e % BQT, i = i0 + ii;
-            const float p = (i >= j && i < T) ? exp2f(St[e] * c2 - Ls[ii]) : 0.0f;
+            const int j = k0 + w * 16 + e / BQT, ii = e % BQT;
+            const float p = Vq[ii] >= j ? exp2f(St[e] * c2 - Ls[ii]) : 0.0f;
             Ptw[e] = __float2bfloat16(p);
             dStw[e] = __float2bfloat16(p * (dPt[e] - Es[ii]));
         }
@@ -1043,18 +1059,21 @@ mot_attn_tc_dkv_kernel(float* dk, MotBuf dv, const float* q, const float* k, con
 template <int DH>
 static __global__ void __launch_bounds__(MOT_TC_THREADS)
 mot_attn_tc_dq_kernel(float* dq, const float* q, const float* k, const float* v, const float* dO, const float* lse2,
-                      const float* delta, const int* row_of, int T, int H, float scale, float c2) {
+                      const float* delta, const int* row_of, const int* vis_of, int T, int H, float scale,
+                      float c2) {
     constexpr int BQ = MOT_TC_ROWS, BK = MOT_TC_COLS, NF = DH / 16;
     static_assert(BQ <= 2 * BK && BK >= 16, "Q and dO are staged in the K/V tiles; the scratch tile is 16 x 16");
     __shared__ __align__(32) mot_bf16 KV[2 * BK * DH];  // K tile, V tile (Q, then dO, before the loop)
     __shared__ __align__(32) float SD[2 * BQ * BK];     // S, dP of each warp's rows
     __shared__ __align__(32) mot_bf16 dS[BQ * BK];
     __shared__ float Ls[BQ], Es[BQ];
+    __shared__ int Vr[BQ];  // vis of the block's query rows (the row itself past T)
     mot_bf16 *Ks = KV, *Vs = KV + BK * DH;
     const int D = H * DH, bh = blockIdx.y, b = bh / H, h = bh % H;
     const int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;
     const int tid = threadIdx.x, w = tid / 32, lane = tid % 32;
     const int* rows = row_of + (size_t)b * T;
+    const int* vis = vis_of + (size_t)b * T;  // t, or the end of t's image block (non-decreasing)
     MotFragA qf[NF], df[NF];
     MotFragC dqa[NF];
     mot_tc_tile<DH, BQ>(KV, q, rows, q0, T, D, h, tid);
@@ -1062,6 +1081,7 @@ mot_attn_tc_dq_kernel(float* dq, const float* q, const float* k, const float* v,
         const int i = q0 + ii;
         Ls[ii] = i < T ? lse2[(size_t)bh * T + i] : 0.0f;
         Es[ii] = i < T ? delta[(size_t)bh * T + i] : 0.0f;
+        Vr[ii] = i < T ? vis[i] : i;
     }
     __syncthreads();
 #pragma unroll
@@ -1076,7 +1096,7 @@ mot_attn_tc_dq_kernel(float* dq, const float* q, const float* k, const float* v,
     }
     float *Sw = SD + w * 16 * BK, *dPw = SD + (BQ + w * 16) * BK;
     mot_bf16* dSw = dS + w * 16 * BK;
-    const int kend = min(T, q0 + BQ);
+    const int kend = vis[min(T, q0 + BQ) - 1] + 1;  // the tile's largest vis (causal: min(T, q0 + BQ))
     for (int k0 = 0; k0 < kend; k0 += BK) {
         __syncthreads();
         mot_tc_tile<DH, BK>(Ks, k, rows, k0, T, D, h, tid);
@@ -1094,8 +1114,8 @@ mot_attn_tc_dq_kernel(float* dq, const float* q, const float* k, const float* v,
         }
         __syncwarp();
         for (int e = lane; e < 16 * BK; e += 32) {
-            const int ii = w * 16 + e / BK, i = q0 + ii, j = k0 + e % BK;
-            const float p = j <= i ? exp2f(Sw[e] * c2 - Ls[ii]) : 0.0f;
+            const int ii = w * 16 + e / BK, j = k0 + e % BK;
+            const float p = j <= Vr[ii] ? exp2f(Sw[e] * c2 - Ls[ii]) : 0.0f;
             dSw[e] = __float2bfloat16(p * (dPw[e] - Es[ii]));
         }
         __syncwarp();
@@ -1454,8 +1474,8 @@ inline bool mot_gpu_init(MotGpu* g, const MotConfig& c, int B, int T, bool bf16,
     g->gain_part = mot_dev_alloc<float>(g, N * D / MOT_GAIN_ROWS + 2 * D + 64);
     g->norm_part = mot_dev_alloc<double>(g, MOT_NORM_BLOCKS);
     g->norm2 = mot_dev_alloc<double>(g, 1);
-    // batch indices: tok_g, tgt_g, pos_g, row_of, emb_rows, emb_tok (N each), emb_start (N + 1)
-    const size_t ni = 7 * N + 1;
+    // batch indices: tok_g, tgt_g, pos_g, row_of, emb_rows, emb_tok (N each), emb_start (N + 1), vis (N)
+    const size_t ni = 8 * N + 1;
     g->idx_dev = mot_dev_alloc<int>(g, ni);
     MOT_CUDA_CHECK(cudaMallocHost(&g->idx_host, ni * sizeof(int)));
     MOT_CUDA_CHECK(cudaMallocHost(&g->host_out, 6 * sizeof(double)));
@@ -1466,6 +1486,7 @@ inline bool mot_gpu_init(MotGpu* g, const MotConfig& c, int B, int T, bool bf16,
     g->emb_rows = g->row_of + N;
     g->emb_tok = g->emb_rows + N;
     g->emb_start = g->emb_tok + N;
+    g->vis = g->emb_start + N + 1;
     MOT_CUDA_CHECK(cudaStreamSynchronize(g->stream));
     return true;
 }
@@ -1548,7 +1569,7 @@ static inline void mot_gpu_set_batch(MotGpu* g, const MotBatch& b) {
     };
     if (b.B < 1 || b.T < 1 || N > g->maxN || b.T > c.max_seq) fail("batch shape exceeds what mot_gpu_init was given");
     if ((int)b.tokens.size() != N || (int)b.targets.size() != N || (int)b.order.size() != N ||
-        (int)b.row_of.size() != N)
+        (int)b.row_of.size() != N || (int)b.vis.size() != N)
         fail("batch arrays have the wrong size (call mot_group first)");
     if (b.group[0] != 0 || b.group[MOT_N_MOD] != N) fail("batch grouping is inconsistent (call mot_group)");
     g->B = b.B; g->T = b.T; g->N = N;
@@ -1571,7 +1592,7 @@ static inline void mot_gpu_set_batch(MotGpu* g, const MotBatch& b) {
     g->slot0[MOT_N_MOD] = at;
     int* tok_g = g->idx_host;
     int *tgt_g = tok_g + N, *pos_g = tgt_g + N, *row_of = pos_g + N, *emb_rows = row_of + N, *emb_tok = emb_rows + N,
-        *emb_start = emb_tok + N;
+        *emb_start = emb_tok + N, *vis = emb_start + N + 1;
     g->n_valid = 0;
     for (int m = 0; m < MOT_N_MOD; m++) g->n_mod[m] = 0;
     for (int r = 0; r < N; r++) {
@@ -1588,6 +1609,12 @@ static inline void mot_gpu_set_batch(MotGpu* g, const MotBatch& b) {
         if (tgt >= 0) { g->n_valid++; g->n_mod[mot_modality(c, tgt)]++; }
     }
     for (int i = 0; i < N; i++) row_of[i] = b.row_of[i];
+    // the attention kernels' tile bounds rely on t <= vis[t] < T and vis non-decreasing in t
+    for (int i = 0; i < N; i++) {
+        const int t = i % b.T, prev = t > 0 ? b.vis[i - 1] : 0;
+        if (b.vis[i] < t || b.vis[i] >= b.T || b.vis[i] < prev) fail("vis is not a valid attention bound (call mot_group)");
+        vis[i] = b.vis[i];
+    }
     // embedding gradient lists: rows sorted by token, then by row (stable sort of 0..N-1)
     std::vector<int> rows(N);
     std::iota(rows.begin(), rows.end(), 0);
@@ -1606,11 +1633,11 @@ static inline void mot_gpu_set_batch(MotGpu* g, const MotBatch& b) {
     // the device lists are laid out for maxN, so upload each part to its place
     const int maxN = g->maxN;
     int* dev = g->idx_dev;
-    const int* parts[7] = {tok_g, tgt_g, pos_g, row_of, emb_rows, emb_tok, emb_start};
-    const int lens[7] = {N, N, N, N, N, U, U + 1};
-    for (int p = 0; p < 7; p++)
-        MOT_CUDA_CHECK(cudaMemcpyAsync(dev + (size_t)p * maxN, parts[p], lens[p] * sizeof(int), cudaMemcpyHostToDevice,
-                                       g->stream));
+    const int* parts[8] = {tok_g, tgt_g, pos_g, row_of, emb_rows, emb_tok, emb_start, vis};
+    const int lens[8] = {N, N, N, N, N, U, U + 1, N};
+    for (int p = 0; p < 8; p++)
+        MOT_CUDA_CHECK(cudaMemcpyAsync(dev + (size_t)p * maxN + (p == 7), parts[p], lens[p] * sizeof(int),
+                                       cudaMemcpyHostToDevice, g->stream));
     g->have_batch = true;
 }
 
@@ -1672,7 +1699,7 @@ static inline void mot_attn_forward_dh(MotGpu* g, MotBuf o, float* lse2, const f
     if constexpr (DH == 64 || DH == 128) {
         if (mot_attn_tensor_cores(g->bf16, DH)) {
             dim3 grid((T + MOT_TC_ROWS - 1) / MOT_TC_ROWS, g->B * H);
-            mot_attn_tc_forward_kernel<DH><<<grid, MOT_TC_THREADS, 0, g->stream>>>(o, lse2, q, k, v, g->row_of, T, H,
+            mot_attn_tc_forward_kernel<DH><<<grid, MOT_TC_THREADS, 0, g->stream>>>(o, lse2, q, k, v, g->row_of, g->vis, T, H,
                                                                                   qscale);
             MOT_LAUNCH_CHECK();
             return;
@@ -1680,7 +1707,7 @@ static inline void mot_attn_forward_dh(MotGpu* g, MotBuf o, float* lse2, const f
     }
     dim3 grid((T + MOT_ATT_BQ - 1) / MOT_ATT_BQ, g->B * H);
     mot_attn_forward_kernel<DH, PER, MOT_ATT_BQ, MOT_ATT_BK><<<grid, MOT_ATT_BQ * (DH / PER), 0, g->stream>>>(
-        o, lse2, q, k, v, g->row_of, T, H, qscale);
+        o, lse2, q, k, v, g->row_of, g->vis, T, H, qscale);
     MOT_LAUNCH_CHECK();
 }
 template <int DH>
@@ -1693,21 +1720,21 @@ static inline void mot_attn_backward_dh(MotGpu* g, float* dq, float* dk, MotBuf 
         if (mot_attn_tensor_cores(g->bf16, DH)) {
             dim3 grid((T + MOT_TC_ROWS - 1) / MOT_TC_ROWS, g->B * H);
             mot_attn_tc_dkv_kernel<DH><<<grid, MOT_TC_THREADS, 0, g->stream>>>(dk, dv, q, k, v, dO, lse2, g->delta,
-                                                                              g->row_of, T, H, scale, c2);
+                                                                              g->row_of, g->vis, T, H, scale, c2);
             MOT_LAUNCH_CHECK();
             mot_attn_tc_dq_kernel<DH><<<grid, MOT_TC_THREADS, 0, g->stream>>>(dq, q, k, v, dO, lse2, g->delta, g->row_of,
-                                                                             T, H, scale, c2);
+                                                                             g->vis, T, H, scale, c2);
             MOT_LAUNCH_CHECK();
             return;
         }
     }
     dim3 gkv((T + MOT_ATT_BKR - 1) / MOT_ATT_BKR, g->B * H);
     mot_attn_backward_dkv_kernel<DH, PER, MOT_ATT_BKR, MOT_ATT_BQT><<<gkv, MOT_ATT_BKR * (DH / PER), 0, g->stream>>>(
-        dk, dv, q, k, v, dO, lse2, g->delta, g->row_of, T, H, scale, c2);
+        dk, dv, q, k, v, dO, lse2, g->delta, g->row_of, g->vis, T, H, scale, c2);
     MOT_LAUNCH_CHECK();
     dim3 gq((T + MOT_ATT_BQ - 1) / MOT_ATT_BQ, g->B * H);
     mot_attn_backward_dq_kernel<DH, PER, MOT_ATT_BQ, MOT_ATT_BK><<<gq, MOT_ATT_BQ * (DH / PER), 0, g->stream>>>(
-        dq, q, k, v, dO, lse2, g->delta, g->row_of, T, H, scale, c2);
+        dq, q, k, v, dO, lse2, g->delta, g->row_of, g->vis, T, H, scale, c2);
     MOT_LAUNCH_CHECK();
 }
 #define MOT_DH_SWITCH(Dh, CALL)                                                                    \

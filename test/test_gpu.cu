@@ -392,12 +392,16 @@ TEST_CASE("gpu: expert choice with tied scores equals mot_expert_choice") {
 // The fp32 kernels are held to 1e-5 (float rounding only), which is also how the fallback is seen.
 template <int DH>
 static double attn_compare(const char* name, int H, int B, int T, std::vector<int> mods, bool bf16, double tol_o,
-                           double tol_d) {
+                           double tol_d, std::vector<std::pair<int, int>> blocks = {}) {
     MotConfig c = small_config(DH * H, H, 3, T);
     MotGpu g;
     std::string err;
     REQUIRE_MESSAGE(mot_gpu_init(&g, c, B, T, bf16, &err), err);
-    const MotBatch b = random_batch(c, B, T, 31 + T, mods);
+    MotBatch b = random_batch(c, B, T, 31 + T, mods);
+    // bidirectional blocks [first, last] in every sequence, as a Transfusion image makes them
+    for (auto [f, e] : blocks)
+        for (int s = 0; s < B; s++)
+            for (int u = f; u <= e; u++) b.vis[(size_t)s * T + u] = e;
     mot_gpu_set_batch(&g, b);
     const int N = B * T, D = c.d_model;
     const size_t ND = (size_t)N * D;
@@ -458,6 +462,17 @@ static double attn_compare(const char* name, int H, int B, int T, std::vector<in
     MOT_CUDA_CHECK(cudaFree(lse2));
     mot_gpu_free(&g);
     return worst;
+}
+
+// The Transfusion mask (vis[t] = the end of t's image block): blocks of 49 that straddle the
+// 32-key and 64-query tiles, one ending at T - 1, one starting at 0; both kernel families, fp32
+// held to 1e-5 as above and the tensor cores to the bf16 tolerances above.
+TEST_CASE("gpu: attention with Transfusion image blocks matches the CPU reference (both kernel families)") {
+    const std::vector<std::pair<int, int>> blocks = {{0, 20}, {30, 78}, {100, 148}, {150, 169}};
+    attn_compare<16>("transfusion blocks", 2, 2, 170, {0, 1, 2}, false, 1e-5, 1e-5, blocks);
+    attn_compare<64>("transfusion blocks", 2, 2, 170, {0, 1, 2}, false, 1e-5, 1e-5, blocks);
+    attn_compare<64>("transfusion blocks", 2, 2, 170, {0, 1, 2}, true, 1e-2, 2e-2, blocks);
+    attn_compare<128>("transfusion blocks", 1, 1, 150, {0, 1, 2}, true, 1e-2, 2e-2, {{5, 53}, {60, 108}, {120, 149}});
 }
 
 TEST_CASE("gpu: tensor-core attention (bf16) matches the CPU reference; the rule picks it at head dims 64, 128") {
