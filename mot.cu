@@ -703,7 +703,7 @@ static __global__ void mot_attn_delta_kernel(float* delta, const float* dO, cons
     delta[idx] = s;
 }
 
-// Backward for dK, dV: one key row per G threads; loops over the query rows i >= key row.
+// Backward for dK, dV: one key row per G threads; loops over the query rows that see the key row (i >= it, or in its image block).
 //   p = 2^(s2 - lse2_i), dv_j += p dO_i, ds = p (dO_i . v_j - delta_i), dk_j += scale ds q_i
 template <int DH, int PER, int BKR, int BQT>
 static __global__ void __launch_bounds__(BKR*(DH / PER))
@@ -1054,7 +1054,7 @@ mot_attn_tc_dkv_kernel(float* dk, MotBuf dv, const float* q, const float* k, con
 }
 
 // Backward for dQ. grid (ceil(T / 64), B * H), 128 threads; warp w owns query rows q0 + 16w ..
-// + 15 and walks the key tiles k0 <= its rows (32 keys each):
+// + 15 and walks the key tiles its rows see (k0 <= vis of its rows; 32 keys each):
 //   S = Q K^T, dP = dO V^T, p = 2^(s c2 - lse2_i), ds = p (dp - delta_i), dQ += dS K (times scale)
 template <int DH>
 static __global__ void __launch_bounds__(MOT_TC_THREADS)
