@@ -13,6 +13,17 @@
 
 // Random tokens drawn from the modalities `mods`, random targets likewise, two of them ignored
 // (the second and the last position).
+// Random parameters for the finite-difference checks: matrices N(0, 0.3^2), gains near 1, large
+// enough that the finite differences are not dominated by rounding.
+template <typename S>
+static inline void randomize(MotModel<S>* m, uint64_t seed) {
+    for (int p = 0; p < P_COUNT; p++) {
+        const MotParamInfo& in = m->tab.p[p];
+        for (size_t i = 0; i < in.size(); i++)
+            m->params[in.offset + i] = S(in.decay ? 0.3 * mot_rand_normal(&seed) : 1.0 + 0.2 * mot_rand_normal(&seed));
+    }
+}
+
 static inline MotBatch random_batch(const MotConfig& c, int B, int T, uint64_t seed, std::vector<int> mods = {0, 1, 2}) {
     MotBatch b;
     b.B = B; b.T = T;

@@ -25,15 +25,6 @@ static MotConfig moe4x() { return tiny(1, {4}); }                // dense, 4 exp
 static MotConfig hybrid() { return tiny(3, {4, 1, 1}); }         // MoT, 4 experts in the text tower
 static MotConfig moma() { return tiny(3, {4, 4, 4}, 1); }        // attention tied, 4t4i4s
 
-template <typename S>
-static void randomize(MotModel<S>* m, uint64_t seed) {
-    for (int p = 0; p < P_COUNT; p++) {
-        const MotParamInfo& in = m->tab.p[p];
-        for (size_t i = 0; i < in.size(); i++)
-            m->params[in.offset + i] = S(in.decay ? 0.3 * mot_rand_normal(&seed) : 1.0 + 0.2 * mot_rand_normal(&seed));
-    }
-}
-
 // The training objective loss + 0.01 aux_loss, whose gradient mot_backward computes. The aux BCE
 // sees h detached, so its gradient reaches the aux routers U only: for every other tensor the
 // finite difference is of the loss alone (and the loss does not depend on U at all).

@@ -15,18 +15,6 @@ static MotConfig tiny(int towers, int tie_attn = 0, int tie_ffn = 0, int tie_nor
     return c;
 }
 
-
-// Well-scaled random parameters (std 0.3 matrices, gains near 1) so that no gradient is tiny and
-// the finite differences are not dominated by rounding.
-template <typename S>
-static void randomize(MotModel<S>* m, uint64_t seed) {
-    for (int p = 0; p < P_COUNT; p++) {
-        const MotParamInfo& in = m->tab.p[p];
-        for (size_t i = 0; i < in.size(); i++)
-            m->params[in.offset + i] = S(in.decay ? 0.3 * mot_rand_normal(&seed) : 1.0 + 0.2 * mot_rand_normal(&seed));
-    }
-}
-
 // For every tensor of every layer and tower: ||fd - analytic|| / ||analytic|| <= 1e-6 (central
 // differences, step 1e-5, double precision: this lands near 1e-9).
 static void gradient_check(const MotConfig& c) {

@@ -18,15 +18,6 @@ static MotConfig tiny_tf(int towers, int tie_attn = 0, int tie_ffn = 0, int tie_
     return c;
 }
 
-template <typename S>
-static void randomize(MotModel<S>* m, uint64_t seed) {
-    for (int p = 0; p < P_COUNT; p++) {
-        const MotParamInfo& in = m->tab.p[p];
-        for (size_t i = 0; i < in.size(); i++)
-            m->params[in.offset + i] = S(in.decay ? 0.3 * mot_rand_normal(&seed) : 1.0 + 0.2 * mot_rand_normal(&seed));
-    }
-}
-
 // A document of the Transfusion form with small images of `np` patches:
 //   BOS text text BOI [np image positions] EOI BOA speech speech EOA EOS ...
 // repeated to length T + 1; targets are the next tokens. Image k of the batch gets step t[k % t.size()].
