@@ -14,9 +14,9 @@ CXX      ?= g++
 CXXFLAGS ?= -std=c++17 -O3 -march=native -fopenmp -fno-math-errno -Wall -Wextra
 # nvcc if the CUDA toolkit is installed (on PATH or in /usr/local/cuda), else a g++-only build
 NVCC     ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
-# CUDA code is compiled for A100 (sm_80) and H100 (sm_90)
+# CUDA code is compiled for A100 (sm_80) and H100 (sm_90); --threads 0 compiles the two in parallel
 NVARCH   ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
-NVFLAGS  ?= -std=c++17 -O3 $(NVARCH) -Xcompiler -O3,-march=native,-fopenmp,-fno-math-errno,-Wall -I.
+NVFLAGS  ?= -std=c++17 -O3 $(NVARCH) --threads 0 -Xcompiler -O3,-march=native,-fopenmp,-fno-math-errno,-Wall -I.
 # The CUDA libraries are found through an rpath to the toolkit that built the binary, so ./mot runs
 # where the toolkit's lib64 is not in the loader's configuration (e.g. a fresh Debian with CUDA).
 CUDA_LIBDIR ?= $(abspath $(dir $(NVCC))../lib64)
