@@ -5,10 +5,11 @@
 //
 // Layout of the file:
 //   1. error checking, the MotGpu struct, small helpers
-//   2. kernels: embedding, RMSNorm (+residual) forward/backward, QK-norm + RoPE, SwiGLU,
+//   2. kernels: embedding, the Transfusion image input (timestep sinusoid, patch input, their
+//      backward), RMSNorm (+residual) forward/backward, QK-norm + RoPE, SwiGLU,
 //      experts (router softmax, expert choice, gather, gated sum, their backward, aux routers),
 //      flash-style causal attention forward/backward (fp32 CUDA cores; WMMA tensor cores),
-//      cross-entropy, reductions, AdamW
+//      cross-entropy, the Transfusion diffusion loss, reductions, AdamW
 //   3. GEMMs (cuBLAS, row-major wrapper) and per-tower linear layers
 //   4. the public API: init/upload/download/forward/backward/zero_grad/adamw/logits/grads/free
 //   5. data parallel over GPUs with NCCL (only with -DMOT_MPI)
@@ -27,7 +28,8 @@
 //
 // No device-to-host synchronisation inside forward or backward: the grouping (order, row_of,
 // group ranges), the embedding-gradient index lists and the target counts are computed on the
-// host from the batch and uploaded once per forward; the only reads back are the loss (end of
+// host from the batch (in the Transfusion setting also the patches, the noise and the list of
+// distinct diffusion steps) and uploaded once per forward; the only reads back are the loss (end of
 // forward) and the gradient norm (end of the AdamW step). Experts need no more: each expert's
 // capacity C = ceil(n / E) follows from the row counts, so every size is known on the host and
 // the selection itself stays on the device.
@@ -39,7 +41,6 @@
 #include <cublas_v2.h>
 #include <mma.h>
 #include <cfloat>
-#include <numeric>
 #ifdef MOT_MPI
 #ifndef OMPI_SKIP_MPICXX
 #define OMPI_SKIP_MPICXX 1  // the C API only (OpenMPI's C++ bindings warn under -Wextra)
@@ -161,8 +162,22 @@ struct MotGpu {
     MotBuf xg, dye;                     // NS x D: gathered rows of h; gradient of ye (GEMM operands)
     float *dX = nullptr, *ds = nullptr, *dz = nullptr;  // NS x D; N x Emax router / aux-router logit gradients
     double *aux_row = nullptr, *aux_out = nullptr;      // 2N per-row BCE and agreement; 2 sums over the forward
-    // results of the last forward
-    double loss = 0, loss_mod[MOT_N_MOD] = {0, 0, 0};
+    // Transfusion setting (spec "Transfusion setting"): allocated only in it. The image rows are the
+    // contiguous range [group[1], group[2]), and these arrays are indexed from its start (image row
+    // i = grouped row group[1] + i). The timestep embedding is computed once per distinct step of
+    // the batch (n_steps rows: every patch of an image shares its t), not once per image row.
+    bool tf = false;
+    int n_noised = 0, n_steps = 0;      // image rows with t >= 1; distinct steps among the image rows
+    float *pin = nullptr, *eps = nullptr;        // N x 16: each image row's input patch x_t, its noise
+    float *eps_hat = nullptr, *deps = nullptr;   // N x 16: predicted noise, the loss gradient wrt it
+    float *sinu = nullptr, *temb = nullptr, *dtemb = nullptr;  // n_steps x D: sinusoid(t), its W_t, dL/d(temb)
+    double* row_se = nullptr;           // N: squared error of each noised image row (0 when clean)
+    int *step_of = nullptr, *step_t = nullptr, *step_rows = nullptr, *step_start = nullptr;  // device lists
+    int* tf_idx_host = nullptr;         // pinned: the four lists above (4N + 1)
+    float* tf_host = nullptr;           // pinned: pin and eps for the upload (2 x 16N)
+    // results of the last forward, as MotModel's: loss is the training objective (Transfusion:
+    // loss_lm + 5 loss_mod[image], the image entry being the MSE over the n_mod[image] noised rows)
+    double loss = 0, loss_lm = 0, loss_mod[MOT_N_MOD] = {0, 0, 0};
     int n_valid = 0, n_mod[MOT_N_MOD] = {0, 0, 0};
     double aux_loss = 0, aux_agree = 0;  // as MotModel's: EC forwards of a model with experts
 };
@@ -198,6 +213,37 @@ static __global__ void mot_embed_backward_kernel(float* dE, const float* dx, con
         float acc = 0;
         for (int k = r0; k < r1; k++) acc += dx[(size_t)rows[k] * D + j];
         e[j] += acc;
+    }
+}
+
+// ---- Transfusion: image input x_t W_in + b_in + sinusoid(t) W_t (CPU: mot_sinusoid, mot_forward)
+// The image rows take this in place of an embedding row. sinusoid(t) = [sin(t w_j) || cos(t w_j)],
+// w_j = 10000^(-2j/D), in double as mot_sinusoid; one row per distinct step of the batch.
+static __global__ void mot_sinusoid_kernel(float* s, const int* step_t, int n, int D) {
+    const int half = D / 2;
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)n * half) return;
+    const int k = (int)(i / half), j = (int)(i % half);
+    const double w = pow(10000.0, -2.0 * j / D);
+    s[(size_t)k * D + j] = (float)sin(step_t[k] * w);
+    s[(size_t)k * D + half + j] = (float)cos(step_t[k] * w);
+}
+// x = (x_t W_in, which the GEMM left in x) + temb[step of the row] + b_in over the n image rows,
+// into x and its bf16 copy
+static __global__ void mot_image_input_kernel(float* x, mot_bf16* xb, const float* b_in, const float* temb,
+                                              const int* step_of, int n, int D) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)n * D) return;
+    const size_t r = i / D, j = i % D;
+    mot_store(x, xb, i, x[i] + temb[(size_t)step_of[r] * D + j] + b_in[j]);
+}
+// dtemb[k] = sum of dx over the image rows of step k, in increasing row order (as the embedding)
+static __global__ void mot_temb_backward_kernel(float* dtemb, const float* dx, const int* rows, const int* start, int D) {
+    const int k = blockIdx.x, r0 = start[k], r1 = start[k + 1];
+    for (int j = threadIdx.x; j < D; j += blockDim.x) {
+        float acc = 0;
+        for (int u = r0; u < r1; u++) acc += dx[(size_t)rows[u] * D + j];
+        dtemb[(size_t)k * D + j] = acc;
     }
 }
 
@@ -242,7 +288,7 @@ static __global__ void mot_rmsnorm_backward_kernel(MotBuf dx, const float* dy, c
 }
 
 // Gain gradient, deterministic two-stage column sum over the rows [r0, r1) of one tower copy:
-//   dg[j] += sum_i dy[i][j] * x[i][j] * rstd[i]
+//   dg[j] += sum_i dy[i][j] * x[i][j] * rstd[i]      (x null: the plain column sum of dy, for biases)
 // Stage 1: block (32 x 8) per (32 columns, chunk of MOT_GAIN_ROWS rows) -> part[chunk][j].
 // Stage 2: dg[j] += sum over chunks in order.
 enum { MOT_GAIN_ROWS = 256 };
@@ -253,7 +299,8 @@ static __global__ void mot_gain_partial_kernel(float* part, const float* dy, con
     const int a = r0 + chunk * MOT_GAIN_ROWS, b = min(r1, a + MOT_GAIN_ROWS);
     float acc = 0;
     if (j < C)
-        for (int i = a + threadIdx.y; i < b; i += 8) acc += dy[(size_t)i * C + j] * x[(size_t)i * C + j] * rstd[i];
+        for (int i = a + threadIdx.y; i < b; i += 8)
+            acc += x ? dy[(size_t)i * C + j] * x[(size_t)i * C + j] * rstd[i] : dy[(size_t)i * C + j];
     sm[threadIdx.y][threadIdx.x] = acc;
     __syncthreads();
     if (threadIdx.y == 0 && j < C) {
@@ -1193,6 +1240,41 @@ mot_loss_reduce_kernel(double* out, const float* row_loss, const int* tgt, int N
     if (tid < 4) out[tid] = sm[tid][0];
 }
 
+// ---- Transfusion: the diffusion loss (CPU: diffusion_loss) -----------------------------------
+// One thread per image row: eps_hat += b_out (the GEMM wrote z W_out), the squared error against
+// eps in double, and deps = scale (eps_hat - eps) with scale = 5 * 2 / (n * 16) (n noised rows) on
+// noised rows, 0 on clean (t = 0) ones, which add no loss.
+static __global__ void mot_mse_kernel(float* eps_hat, float* deps, double* row_se, const float* b_out, const float* eps,
+                                      const int* step_of, const int* step_t, int n, double scale) {
+    const int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= n) return;
+    const bool noised = step_t[step_of[r]] > 0;
+    double se = 0;
+    for (int j = 0; j < MOT_PATCH; j++) {
+        const size_t i = (size_t)r * MOT_PATCH + j;
+        const float e = eps_hat[i] + b_out[j];
+        eps_hat[i] = e;
+        const double d = (double)e - (double)eps[i];
+        se += d * d;
+        deps[i] = noised ? (float)(scale * d) : 0.0f;
+    }
+    row_se[r] = noised ? se : 0.0;
+}
+// One block: out[0] = sum of x[0, n), each thread a contiguous range in order, then a fixed tree.
+static __global__ void __launch_bounds__(MOT_RED_THREADS) mot_sum_kernel(double* out, const double* x, int n) {
+    __shared__ double sm[MOT_RED_THREADS];
+    const int tid = threadIdx.x, per = (n + MOT_RED_THREADS - 1) / MOT_RED_THREADS;
+    double s = 0;
+    for (int r = tid * per; r < min(n, (tid + 1) * per); r++) s += x[r];
+    sm[tid] = s;
+    __syncthreads();
+    for (int st = MOT_RED_THREADS / 2; st > 0; st >>= 1) {
+        if (tid < st) sm[tid] += sm[tid + st];
+        __syncthreads();
+    }
+    if (tid == 0) out[0] = sm[0];
+}
+
 // ---- gradient norm (deterministic: fixed chunks per block, fixed trees) and AdamW ----------
 enum { MOT_NORM_BLOCKS = 1024 };
 static __global__ void __launch_bounds__(MOT_RED_THREADS)
@@ -1327,10 +1409,6 @@ inline bool mot_gpu_head_dim_ok(int Dh) {
 inline bool mot_gpu_init(MotGpu* g, const MotConfig& c, int B, int T, bool bf16, std::string* err) {
     std::string bad = mot_config_error(c);
     if (!bad.empty()) { if (err) *err = "bad config: " + bad; return false; }
-    if (mot_transfusion(c)) {
-        if (err) *err = "the GPU path has no Transfusion setting yet (the CPU reference does)";
-        return false;
-    }
     const int Dh = c.d_model / c.n_head;
     if (!mot_gpu_head_dim_ok(Dh)) {
         if (err) *err = "head dimension " + std::to_string(Dh) + " is not supported by the GPU attention kernels "
@@ -1434,7 +1512,7 @@ inline bool mot_gpu_init(MotGpu* g, const MotConfig& c, int B, int T, bool bf16,
     g->dlogits_b = bf16 ? mot_dev_alloc<mot_bf16>(g, (size_t)g->head_rows * V) : nullptr;
     g->ce_lse = mot_dev_alloc<float>(g, N);
     g->row_loss = mot_dev_alloc<float>(g, N);
-    g->loss_out = mot_dev_alloc<double>(g, 4);
+    g->loss_out = mot_dev_alloc<double>(g, 5);
     // backward scratch
     g->dx = mot_dev_alloc<float>(g, N * D);
     g->dh = mot_dev_alloc<float>(g, N * D);
@@ -1478,7 +1556,7 @@ inline bool mot_gpu_init(MotGpu* g, const MotConfig& c, int B, int T, bool bf16,
     const size_t ni = 8 * N + 1;
     g->idx_dev = mot_dev_alloc<int>(g, ni);
     MOT_CUDA_CHECK(cudaMallocHost(&g->idx_host, ni * sizeof(int)));
-    MOT_CUDA_CHECK(cudaMallocHost(&g->host_out, 6 * sizeof(double)));
+    MOT_CUDA_CHECK(cudaMallocHost(&g->host_out, 7 * sizeof(double)));
     g->tok_g = g->idx_dev;
     g->tgt_g = g->tok_g + N;
     g->pos_g = g->tgt_g + N;
@@ -1487,6 +1565,31 @@ inline bool mot_gpu_init(MotGpu* g, const MotConfig& c, int B, int T, bool bf16,
     g->emb_tok = g->emb_rows + N;
     g->emb_start = g->emb_tok + N;
     g->vis = g->emb_start + N + 1;
+    // Transfusion. The image projections run in fp32 in both modes: w_in and w_out have one side of
+    // 16 (GEMMs with K = 16 or N = 16 are memory-bound: bf16 operands would save nothing) and w_t is
+    // applied per distinct step (at most 1001 rows a batch, however many image rows), so all three
+    // cost a negligible part of a step, and fp32 keeps the predicted noise, whose error is the
+    // loss, free of bf16 rounding. So z is also kept in fp32 in bf16 mode (z_f, for z W_out).
+    g->tf = mot_transfusion(c);
+    if (g->tf) {
+        const size_t P16 = N * MOT_PATCH, S = std::min<size_t>(N, MOT_DIFF_STEPS + 1);
+        if (!g->z_f) g->z_f = mot_dev_alloc<float>(g, N * D);
+        g->pin = mot_dev_alloc<float>(g, P16);
+        g->eps = mot_dev_alloc<float>(g, P16);
+        g->eps_hat = mot_dev_alloc<float>(g, P16);
+        g->deps = mot_dev_alloc<float>(g, P16);
+        g->sinu = mot_dev_alloc<float>(g, S * D);
+        g->temb = mot_dev_alloc<float>(g, S * D);
+        g->dtemb = mot_dev_alloc<float>(g, S * D);
+        g->row_se = mot_dev_alloc<double>(g, N);
+        // step_of, step_t, step_rows (N each), step_start (N + 1); the same layout on the host
+        g->step_of = mot_dev_alloc<int>(g, 4 * N + 1);
+        g->step_t = g->step_of + N;
+        g->step_rows = g->step_t + N;
+        g->step_start = g->step_rows + N;
+        MOT_CUDA_CHECK(cudaMallocHost(&g->tf_idx_host, (4 * N + 1) * sizeof(int)));
+        MOT_CUDA_CHECK(cudaMallocHost(&g->tf_host, 2 * P16 * sizeof(float)));
+    }
     MOT_CUDA_CHECK(cudaStreamSynchronize(g->stream));
     return true;
 }
@@ -1501,12 +1604,15 @@ inline void mot_gpu_free(MotGpu* g) {
                     g->dk, g->dyun, g->du, g->delta, g->gdy.f, g->gdy.b, g->du1.f, g->du1.b, g->du3.f, g->du3.b,
                     g->dv.f, g->dv.b, g->gqk.f, g->gqk.b, g->gain_part, g->norm_part, g->norm2, g->idx_dev,
                     g->gate, g->aux, g->slot_of, g->sel, g->ye, g->xg.f, g->xg.b, g->dye.f, g->dye.b, g->dX, g->ds,
-                    g->dz, g->aux_row, g->aux_out, g->cublas_ws};
+                    g->dz, g->aux_row, g->aux_out, g->pin, g->eps, g->eps_hat, g->deps, g->sinu, g->temb, g->dtemb,
+                    g->row_se, g->step_of, g->cublas_ws};
     MOT_CUBLAS_CHECK(cublasDestroy(g->cublas));  // before its workspace is freed
     for (void* p : ptrs)
         if (p) MOT_CUDA_CHECK(cudaFree(p));
     if (g->idx_host) MOT_CUDA_CHECK(cudaFreeHost(g->idx_host));
     if (g->host_out) MOT_CUDA_CHECK(cudaFreeHost(g->host_out));
+    if (g->tf_idx_host) MOT_CUDA_CHECK(cudaFreeHost(g->tf_idx_host));
+    if (g->tf_host) MOT_CUDA_CHECK(cudaFreeHost(g->tf_host));
     MOT_CUDA_CHECK(cudaStreamDestroy(g->stream));
     *g = MotGpu();
 }
@@ -1598,9 +1704,10 @@ static inline void mot_gpu_set_batch(MotGpu* g, const MotBatch& b) {
     for (int r = 0; r < N; r++) {
         const int i = b.order[r];
         if (i < 0 || i >= N || b.row_of[i] != r) fail("order / row_of are not inverse permutations");
-        const int tok = b.tokens[i], tgt = b.targets[i];
+        const int tok = b.tokens[i];
         if (tok < 0 || tok >= c.vocab) fail("token id outside the vocabulary");
-        if (tgt < MOT_IGNORE || tgt >= c.vocab) fail("target id outside the vocabulary");
+        if (b.targets[i] < MOT_IGNORE || b.targets[i] >= c.vocab) fail("target id outside the vocabulary");
+        const int tgt = mot_lm_target(c, b, i);  // Transfusion: no LM target at or into an image position
         const int m = mot_modality(c, tok);
         if (r < b.group[m] || r >= b.group[m + 1]) fail("row is outside its modality's group range");
         tok_g[r] = tok;
@@ -1615,12 +1722,17 @@ static inline void mot_gpu_set_batch(MotGpu* g, const MotBatch& b) {
         if (b.vis[i] < t || b.vis[i] >= b.T || b.vis[i] < prev) fail("vis is not a valid attention bound (call mot_group)");
         vis[i] = b.vis[i];
     }
-    // embedding gradient lists: rows sorted by token, then by row (stable sort of 0..N-1)
-    std::vector<int> rows(N);
-    std::iota(rows.begin(), rows.end(), 0);
+    // embedding gradient lists: rows sorted by token, then by row (stable sort); in the Transfusion
+    // setting without the image rows [i0, i1), which take patches instead of embedding rows
+    const int i0 = b.group[MOD_IMAGE], i1 = g->tf ? b.group[MOD_IMAGE + 1] : i0;
+    std::vector<int> rows;
+    rows.reserve(N);
+    for (int r = 0; r < N; r++)
+        if (r < i0 || r >= i1) rows.push_back(r);
     std::stable_sort(rows.begin(), rows.end(), [&](int x, int y) { return tok_g[x] < tok_g[y]; });
+    const int NE = (int)rows.size();
     int U = 0;
-    for (int k = 0; k < N; k++) {
+    for (int k = 0; k < NE; k++) {
         emb_rows[k] = rows[k];
         if (k == 0 || tok_g[rows[k]] != tok_g[rows[k - 1]]) {
             emb_tok[U] = tok_g[rows[k]];
@@ -1628,16 +1740,60 @@ static inline void mot_gpu_set_batch(MotGpu* g, const MotBatch& b) {
             U++;
         }
     }
-    emb_start[U] = N;
+    emb_start[U] = NE;
     g->n_emb = U;
     // the device lists are laid out for maxN, so upload each part to its place
     const int maxN = g->maxN;
     int* dev = g->idx_dev;
     const int* parts[8] = {tok_g, tgt_g, pos_g, row_of, emb_rows, emb_tok, emb_start, vis};
-    const int lens[8] = {N, N, N, N, N, U, U + 1, N};
+    const int lens[8] = {N, N, N, N, NE, U, U + 1, N};
     for (int p = 0; p < 8; p++)
         MOT_CUDA_CHECK(cudaMemcpyAsync(dev + (size_t)p * maxN + (p == 7), parts[p], lens[p] * sizeof(int),
                                        cudaMemcpyHostToDevice, g->stream));
+    if (g->tf) {
+        // Transfusion: the image rows' patches and noise in grouped order, and the distinct steps:
+        // step_t (increasing), step_of (image row -> its step's index), step_rows (the image rows
+        // of each step in increasing order, from step_start)
+        if (b.xin.size() != (size_t)N * MOT_PATCH || b.eps.size() != (size_t)N * MOT_PATCH || (int)b.tstep.size() != N)
+            fail("a Transfusion batch needs xin, eps (16 each) and tstep per position");
+        const int ni = i1 - i0;
+        float *pin = g->tf_host, *eps = pin + (size_t)ni * MOT_PATCH;
+        int *step_of = g->tf_idx_host, *step_t = step_of + maxN, *step_rows = step_t + maxN, *step_start = step_rows + maxN;
+        std::vector<int> count(MOT_DIFF_STEPS + 1, 0), index(MOT_DIFF_STEPS + 1, -1);
+        for (int r = 0; r < ni; r++) {
+            const int i = b.order[i0 + r], t = b.tstep[i];
+            if (t < 0 || t > MOT_DIFF_STEPS) fail("diffusion step outside [0, 1000]");
+            count[t]++;
+            std::copy(b.xin.begin() + (size_t)i * MOT_PATCH, b.xin.begin() + (size_t)(i + 1) * MOT_PATCH, pin + (size_t)r * MOT_PATCH);
+            std::copy(b.eps.begin() + (size_t)i * MOT_PATCH, b.eps.begin() + (size_t)(i + 1) * MOT_PATCH, eps + (size_t)r * MOT_PATCH);
+        }
+        int S = 0, at = 0;
+        for (int t = 0; t <= MOT_DIFF_STEPS; t++) {
+            if (!count[t]) continue;
+            step_t[S] = t;
+            step_start[S] = at;
+            index[t] = S++;
+            at += count[t];
+        }
+        step_start[S] = ni;
+        std::vector<int> next(step_start, step_start + S);
+        for (int r = 0; r < ni; r++) {
+            const int k = index[b.tstep[b.order[i0 + r]]];
+            step_of[r] = k;
+            step_rows[next[k]++] = r;
+        }
+        g->n_steps = S;
+        g->n_noised = ni - count[0];
+        const size_t bytes = (size_t)ni * MOT_PATCH * sizeof(float);
+        if (ni > 0) {
+            MOT_CUDA_CHECK(cudaMemcpyAsync(g->pin, pin, bytes, cudaMemcpyHostToDevice, g->stream));
+            MOT_CUDA_CHECK(cudaMemcpyAsync(g->eps, eps, bytes, cudaMemcpyHostToDevice, g->stream));
+            MOT_CUDA_CHECK(cudaMemcpyAsync(g->step_of, step_of, ni * sizeof(int), cudaMemcpyHostToDevice, g->stream));
+            MOT_CUDA_CHECK(cudaMemcpyAsync(g->step_t, step_t, S * sizeof(int), cudaMemcpyHostToDevice, g->stream));
+            MOT_CUDA_CHECK(cudaMemcpyAsync(g->step_rows, step_rows, ni * sizeof(int), cudaMemcpyHostToDevice, g->stream));
+        }
+        MOT_CUDA_CHECK(cudaMemcpyAsync(g->step_start, step_start, (S + 1) * sizeof(int), cudaMemcpyHostToDevice, g->stream));
+    }
     g->have_batch = true;
 }
 
@@ -1656,6 +1812,16 @@ static inline void mot_gpu_gain_grad(MotGpu* g, int p, int layer, const float* d
                                                                           nchunk, C);
         MOT_LAUNCH_CHECK();
     });
+}
+
+// dst[j] += sum over the n rows of dy (C columns) of dy[.][j], the same deterministic reduction (biases)
+static inline void mot_gpu_colsum(MotGpu* g, float* dst, const float* dy, int n, int C) {
+    const int nchunk = (n + MOT_GAIN_ROWS - 1) / MOT_GAIN_ROWS;
+    mot_gain_partial_kernel<<<dim3((C + 31) / 32, nchunk), dim3(32, 8), 0, g->stream>>>(g->gain_part, dy, nullptr,
+                                                                                         nullptr, 0, n, C);
+    MOT_LAUNCH_CHECK();
+    mot_gain_final_kernel<<<mot_blocks(C, 128), 128, 0, g->stream>>>(dst, g->gain_part, nchunk, C);
+    MOT_LAUNCH_CHECK();
 }
 
 static inline void mot_gpu_rmsnorm_forward(MotGpu* g, float* out, mot_bf16* outb, float* rstd, const float* x, int p,
@@ -1960,8 +2126,31 @@ inline double mot_gpu_forward(MotGpu* g, const MotBatch& b) {
 
     g->route_fwd = g->route;
     if (g->experts) MOT_CUDA_CHECK(cudaMemsetAsync(g->aux_out, 0, 2 * sizeof(double), st));
-    mot_embed_kernel<<<mot_blocks(ND, 256), 256, 0, st>>>(g->x, g->x_b, g->params + tab.p[P_EMB].offset, g->tok_g, N, D);
-    MOT_LAUNCH_CHECK();
+    // embedding rows, except (Transfusion) the image rows [i0, i1): x_t W_in + b_in + sinusoid(t) W_t
+    const int i0 = g->group[MOD_IMAGE], i1 = g->tf ? g->group[MOD_IMAGE + 1] : i0, ni = i1 - i0, PT = MOT_PATCH;
+    auto embed = [&](int r0, int r1) {
+        if (r1 <= r0) return;
+        mot_embed_kernel<<<mot_blocks((size_t)(r1 - r0) * D, 256), 256, 0, st>>>(
+            g->x + (size_t)r0 * D, g->x_b ? g->x_b + (size_t)r0 * D : nullptr, g->params + tab.p[P_EMB].offset,
+            g->tok_g + r0, r1 - r0, D);
+        MOT_LAUNCH_CHECK();
+    };
+    if (ni > 0) {
+        embed(0, i0);
+        embed(i1, N);
+        const int S = g->n_steps;
+        mot_sinusoid_kernel<<<mot_blocks((size_t)S * (D / 2), 256), 256, 0, st>>>(g->sinu, g->step_t, S, D);
+        MOT_LAUNCH_CHECK();
+        mot_gemm_as(g, false, false, false, S, D, D, g->sinu, D, g->params + tab.p[P_WT].offset, D, 0.0f, g->temb, D);
+        mot_gemm_as(g, false, false, false, ni, D, PT, g->pin, PT, g->params + tab.p[P_WIN].offset, D, 0.0f,
+                    g->x + (size_t)i0 * D, D);
+        mot_image_input_kernel<<<mot_blocks((size_t)ni * D, 256), 256, 0, st>>>(
+            g->x + (size_t)i0 * D, g->x_b ? g->x_b + (size_t)i0 * D : nullptr, g->params + tab.p[P_BIN].offset,
+            g->temb, g->step_of, ni, D);
+        MOT_LAUNCH_CHECK();
+    } else {
+        embed(0, N);
+    }
     for (int l = 0; l < L; l++) {
         MotBuf x;
         x.f = g->x + l * ND;
@@ -2017,12 +2206,32 @@ inline double mot_gpu_forward(MotGpu* g, const MotBatch& b) {
     mot_loss_reduce_kernel<<<1, MOT_RED_THREADS, 0, st>>>(g->loss_out, g->row_loss, g->tgt_g, N, c.image_begin,
                                                           c.speech_begin);
     MOT_LAUNCH_CHECK();
-    MOT_CUDA_CHECK(cudaMemcpyAsync(g->host_out, g->loss_out, 4 * sizeof(double), cudaMemcpyDeviceToHost, st));
+    if (g->tf) {  // Transfusion: eps_hat = z W_out + b_out on the image rows (fp32), the MSE into loss_out[4]
+        if (ni > 0) {
+            mot_gemm_as(g, false, false, false, ni, PT, D, g->z_f + (size_t)i0 * D, D, g->params + tab.p[P_WOUT].offset,
+                        PT, 0.0f, g->eps_hat, PT);
+            const double scale = MOT_DIFF_WEIGHT * 2 / ((double)std::max(1, g->n_noised) * PT);
+            mot_mse_kernel<<<mot_blocks(ni, 128), 128, 0, st>>>(g->eps_hat, g->deps, g->row_se,
+                                                                g->params + tab.p[P_BOUT].offset, g->eps, g->step_of,
+                                                                g->step_t, ni, scale);
+            MOT_LAUNCH_CHECK();
+            mot_sum_kernel<<<1, MOT_RED_THREADS, 0, st>>>(g->loss_out + 4, g->row_se, ni);
+            MOT_LAUNCH_CHECK();
+        } else {
+            MOT_CUDA_CHECK(cudaMemsetAsync(g->loss_out + 4, 0, sizeof(double), st));
+        }
+    }
+    MOT_CUDA_CHECK(cudaMemcpyAsync(g->host_out, g->loss_out, (g->tf ? 5 : 4) * sizeof(double), cudaMemcpyDeviceToHost, st));
     if (g->experts)
-        MOT_CUDA_CHECK(cudaMemcpyAsync(g->host_out + 4, g->aux_out, 2 * sizeof(double), cudaMemcpyDeviceToHost, st));
+        MOT_CUDA_CHECK(cudaMemcpyAsync(g->host_out + 5, g->aux_out, 2 * sizeof(double), cudaMemcpyDeviceToHost, st));
     MOT_CUDA_CHECK(cudaStreamSynchronize(st));
-    g->loss = g->n_valid ? g->host_out[0] / g->n_valid : 0.0;
+    g->loss = g->loss_lm = g->n_valid ? g->host_out[0] / g->n_valid : 0.0;
     for (int m = 0; m < MOT_N_MOD; m++) g->loss_mod[m] = g->n_mod[m] ? g->host_out[1 + m] / g->n_mod[m] : 0.0;
+    if (g->tf) {  // as diffusion_loss: the image entry is the MSE over the noised rows' 16 values
+        g->n_mod[MOD_IMAGE] = g->n_noised;
+        g->loss_mod[MOD_IMAGE] = g->n_noised ? g->host_out[4] / ((double)g->n_noised * PT) : 0.0;
+        g->loss = g->loss_lm + MOT_DIFF_WEIGHT * g->loss_mod[MOD_IMAGE];
+    }
     // experts, EC: the aux BCE summed over layers and copies, and the fraction of rows of expert
     // copies (over layers) whose aux routers pick exactly their EC experts (as mot_forward)
     g->aux_loss = g->aux_agree = 0;
@@ -2033,8 +2242,8 @@ inline double mot_gpu_forward(MotGpu* g, const MotBatch& b) {
             mot_ffn_rows(c, g->group, f, &r0, &r1);
             if (c.n_expert[f] > 1) rows += (long)(r1 - r0) * L;
         }
-        g->aux_loss = g->host_out[4];
-        g->aux_agree = rows ? g->host_out[5] / rows : 0;
+        g->aux_loss = g->host_out[5];
+        g->aux_agree = rows ? g->host_out[6] / rows : 0;
     }
     return g->loss;  // the reported loss: the training objective adds MOT_AUX_WEIGHT * aux_loss
 }
@@ -2073,6 +2282,14 @@ inline void mot_gpu_backward(MotGpu* g) {
                  g->dt + (size_t)r0 * D, D);
         mot_gemm(g, true, false, D, V, n, mot_op(g, z, (size_t)r0 * D), D, mot_op(g, dl, 0), V, 1.0f,
                  g->grads + tab.p[P_HEAD].offset, V);
+    }
+    const int i0 = g->group[MOD_IMAGE], i1 = g->tf ? g->group[MOD_IMAGE + 1] : i0, ni = i1 - i0, PT = MOT_PATCH;
+    if (ni > 0) {  // Transfusion, eps_hat = z W_out + b_out on the image rows (fp32): dz += deps W_out^T
+        mot_gemm_as(g, false, false, true, ni, D, PT, g->deps, PT, g->params + tab.p[P_WOUT].offset, PT, 1.0f,
+                    g->dt + (size_t)i0 * D, D);
+        mot_gemm_as(g, false, true, false, D, PT, ni, g->z_f + (size_t)i0 * D, D, g->deps, PT, 1.0f,
+                    g->grads + tab.p[P_WOUT].offset, PT);
+        mot_gpu_colsum(g, g->grads + tab.p[P_BOUT].offset, g->deps, ni, PT);
     }
     MotBuf dxb;
     dxb.f = g->dx;
@@ -2132,6 +2349,15 @@ inline void mot_gpu_backward(MotGpu* g) {
         mot_gpu_gain_grad(g, P_GK, l, g->dyun, k, g->k_rstd + (size_t)l * N * H, Dh, H);
         mot_linear_backward(g, g->dx, 1.0f, g->gqk, x, P_WK, l);
         mot_linear_backward(g, g->dx, 1.0f, g->dv, x, P_WV, l);
+    }
+    if (ni > 0) {  // Transfusion, image rows: x_t W_in + b_in + sinusoid(t) W_t (fp32)
+        const float* dxi = g->dx + (size_t)i0 * D;
+        mot_gemm_as(g, false, true, false, PT, D, ni, g->pin, PT, dxi, D, 1.0f, g->grads + tab.p[P_WIN].offset, D);
+        mot_gpu_colsum(g, g->grads + tab.p[P_BIN].offset, dxi, ni, D);
+        mot_temb_backward_kernel<<<g->n_steps, 128, 0, st>>>(g->dtemb, dxi, g->step_rows, g->step_start, D);
+        MOT_LAUNCH_CHECK();
+        mot_gemm_as(g, false, true, false, D, D, g->n_steps, g->sinu, D, g->dtemb, D, 1.0f,
+                    g->grads + tab.p[P_WT].offset, D);
     }
     // embedding: one block per distinct token, rows in order
     if (g->n_emb > 0) {

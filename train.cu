@@ -70,7 +70,7 @@ static void usage(FILE* f) {
             "  --tie-norm        share norm gains across modalities        (off)\n"
             "  --setting S       tokens (images as VQ codes) or transfusion (images as 49 pixel patches\n"
             "                    trained by diffusion; data: the tf_*.bin shards of data/build.sh\n"
-            "                    --transfusion; CPU reference only)                         (tokens)\n"
+            "                    --transfusion)                                             (tokens)\n"
             "  --experts LIST    experts per FFN: one count for every tower, or one per tower (1)\n"
             "                    e.g. --dense --experts 4 (MoE-4x), --experts 4,1,1 (MoT + MoE in text),\n"
             "                    --tie-attn --experts 4,4,4 (MoMa-style); expert choice in training,\n"
@@ -319,6 +319,7 @@ struct Engine {
         if (on_gpu) {
             mot_gpu_forward(&gpu, b);
             take(gpu.loss, gpu.loss_mod, gpu.n_mod, gpu.n_valid);
+            loss_lm = gpu.loss_lm;  // Transfusion: loss = loss_lm + 5 MSE
             aux_loss = gpu.aux_loss;
             aux_agree = gpu.aux_agree;
             return;
@@ -326,7 +327,7 @@ struct Engine {
 #endif
         mot_forward(cpu, b);
         take(cpu->loss, cpu->loss_mod, cpu->n_mod, cpu->n_valid);
-        loss_lm = cpu->loss_lm;  // Transfusion: loss = loss_lm + 5 MSE (CPU reference only)
+        loss_lm = cpu->loss_lm;
         aux_loss = cpu->aux_loss;
         aux_agree = cpu->aux_agree;
     }
@@ -1394,7 +1395,6 @@ int main(int argc, char** argv) {
         std::string why = "CPU-only build (no nvcc)";
 #ifdef MOT_GPU
         if (a.cpu) why = "--cpu given";
-        else if (mot_transfusion(a.cfg)) why = "the Transfusion setting runs on the CPU reference only: the GPU path has none yet";
         else if (mot_gpu_available(&why)) {
 #ifdef MOT_MPI
             if (!mot_gpu_dp_init(rank, world, &err)) die("data parallel setup: " + err);

@@ -1,6 +1,7 @@
-// common.h — helpers shared by the tests: random batches (test_mot, test_gpu, test_experts) and,
-// for the tests that write files and run commands (test_files, test_crash, test_experts,
-// test_cuda_cpu), a temporary folder, byte I/O, a shell runner and a small mixed-modality shard.
+// common.h — helpers shared by the tests: random batches (test_mot, test_gpu, test_experts) and
+// Transfusion batches (test_transfusion, test_gpu); for the tests that write files and run commands
+// (test_files, test_crash, test_experts, test_transfusion, test_cuda_cpu), a temporary folder, byte
+// I/O, a shell runner, a small mixed-modality shard and documents of the Transfusion form.
 // Include doctest first.
 #pragma once
 #include <sys/wait.h>
@@ -36,6 +37,42 @@ static inline MotBatch random_batch(const MotConfig& c, int B, int T, uint64_t s
     for (int i = 0; i < B * T; i++) { b.tokens.push_back(draw(&seed)); b.targets.push_back(draw(&seed)); }
     b.targets[1] = MOT_IGNORE;
     b.targets[B * T - 1] = MOT_IGNORE;
+    mot_group(c, &b);
+    return b;
+}
+
+// A document of the Transfusion form with small images of `np` patches:
+//   BOS text text BOI [np image positions] EOI BOA speech speech EOA EOS ...
+// repeated to length T + 1; targets are the next tokens. Image k of the batch gets step t[k % t.size()].
+static inline MotBatch tf_batch(const MotConfig& c, int B, int T, uint64_t seed, std::vector<int> ts, int np = 4) {
+    MotBatch b;
+    b.B = B; b.T = T;
+    int img = 0;
+    for (int s = 0; s < B; s++) {
+        std::vector<int> doc, tstep;
+        while ((int)doc.size() < T + 1) {
+            doc.push_back(MOT_BOS);
+            for (int i = 0; i < 2; i++) doc.push_back(8 + (int)(mot_rand_u64(&seed) % 4));
+            doc.push_back(MOT_BOI);
+            const int t = ts[img++ % ts.size()];
+            for (int i = 0; i < np; i++) { doc.push_back(c.image_begin); tstep.resize(doc.size(), 0); tstep.back() = t; }
+            doc.push_back(MOT_EOI);
+            doc.push_back(MOT_BOA);
+            for (int i = 0; i < 2; i++) doc.push_back(c.speech_begin + (int)(mot_rand_u64(&seed) % 6));
+            doc.push_back(MOT_EOA);
+            doc.push_back(MOT_EOS);
+        }
+        tstep.resize(doc.size(), 0);
+        for (int t = 0; t < T; t++) {
+            b.tokens.push_back(doc[t]);
+            b.targets.push_back(doc[t + 1]);
+            b.tstep.push_back(mot_modality(c, doc[t]) == MOD_IMAGE ? tstep[t] : 0);
+        }
+    }
+    for (size_t i = 0; i < b.tokens.size() * MOT_PATCH; i++) {
+        b.xin.push_back(float(mot_rand_normal(&seed)));
+        b.eps.push_back(float(mot_rand_normal(&seed)));
+    }
     mot_group(c, &b);
     return b;
 }
@@ -122,4 +159,34 @@ static inline std::string write_shard(const std::string& name, uint64_t seed) {
     std::string err;
     REQUIRE_MESSAGE(mot_write_shard(tmp(name), VOC, t.data(), t.size(), &err), err);
     return tmp(name);
+}
+
+// Documents like the dataset's: BOS caption BOI [49] EOI EOS, BOS BOI [49] EOI caption EOS (image
+// first), BOS BOA speech EOA EOS; image k's pixels are (k * 7 + i) % 256.
+static inline std::vector<uint16_t> tf_tokens(int docs, uint64_t seed, int* n_images) {
+    std::vector<uint16_t> t;
+    *n_images = 0;
+    for (int d = 0; d < docs; d++) {
+        const int kind = d % 3;
+        t.push_back(MOT_BOS);
+        if (kind == 0) t.push_back(8 + mot_rand_u64(&seed) % 16);
+        if (kind < 2) {
+            t.push_back(MOT_BOI);
+            for (int i = 0; i < MOT_IMAGE_POS; i++) t.push_back(VOC.image_begin);
+            t.push_back(MOT_EOI);
+            ++*n_images;
+        } else {
+            t.push_back(MOT_BOA);
+            t.push_back(VOC.speech_begin + mot_rand_u64(&seed) % 16);
+            t.push_back(MOT_EOA);
+        }
+        if (kind == 1) t.push_back(8 + mot_rand_u64(&seed) % 16);
+        t.push_back(MOT_EOS);
+    }
+    return t;
+}
+static inline std::vector<uint8_t> tf_pixels(int n_images) {
+    std::vector<uint8_t> p((size_t)n_images * MOT_IMAGE_PIXELS);
+    for (size_t i = 0; i < p.size(); i++) p[i] = uint8_t((i / MOT_IMAGE_PIXELS * 7 + i) % 256);
+    return p;
 }

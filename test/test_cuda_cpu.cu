@@ -5,7 +5,8 @@
 //      the report must name the launch (file:line), the kernel, the block and the thread, and the
 //      child must exit non-zero
 //   3. the GPU trainer (./mot_cpu_cuda) against the CPU trainer (./mot): losses to the printed
-//      digits, with --accum, and resume reproducing an uninterrupted run bitwise
+//      digits, with --accum, experts, the Transfusion setting, and resume reproducing an
+//      uninterrupted run bitwise
 //   4. data parallel: mpirun -np 2 ./mot_cpu_cuda_mpi equals one process with --accum 2, bitwise
 // Built only through the layer (make test/test_cuda_cpu): this file is CUDA, rewritten by cuda_cpu.pl.
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
@@ -516,6 +517,81 @@ TEST_CASE("cuda_cpu trainer: experts train on the GPU path with the CPU trainer'
         const std::vector<std::string> vc = lines_with(cpu, "val "), vg = lines_with(gpu, "val ");
         CHECK(vc.size() >= 10);  // 6 aux parts, 2 evaluations x (EC, causal)
         CHECK(vc == vg);
+    }
+}
+
+// A shard of the Transfusion form (tokens and pixels, test/common.h's documents: captions with
+// 49-patch images before and after them, and speech)
+static std::string tf_shard() {
+    static const std::string path = [] {
+        int ni;
+        const std::vector<uint16_t> t = tf_tokens(300, 5, &ni);
+        const std::vector<uint8_t> px = tf_pixels(ni);
+        std::string err;
+        REQUIRE_MESSAGE(mot_write_shard(tmp("tf_0.bin"), VOC, t.data(), t.size(), &err, px.data()), err);
+        return tmp("tf_0.bin");
+    }();
+    return path;
+}
+// The numbers of every "step" and "val" line between "| loss " and " | lr" (the loss, then text,
+// image and speech), each with the number of decimals it was printed with
+static std::vector<std::pair<double, int>> printed_numbers(const std::string& out) {
+    std::vector<std::pair<double, int>> v;
+    size_t a = 0;
+    while (a < out.size()) {
+        size_t e = out.find('\n', a);
+        if (e == std::string::npos) e = out.size();
+        std::string line = out.substr(a, e - a);
+        a = e + 1;
+        if (line.compare(0, 5, "step ") != 0 && line.compare(0, 4, "val ") != 0) continue;
+        const size_t l = line.find("| loss ");
+        if (l == std::string::npos) continue;
+        line = line.substr(l + 7, line.find(" | lr") == std::string::npos ? std::string::npos : line.find(" | lr") - l - 7);
+        for (size_t s = 0; s < line.size();) {
+            const size_t t = line.find(' ', s);
+            const std::string w = line.substr(s, t == std::string::npos ? std::string::npos : t - s);
+            s = t == std::string::npos ? line.size() : t + 1;
+            if (w.empty() || !(isdigit((unsigned char)w[0]) || w[0] == '-') || w == "-" || w.find('.') == std::string::npos)
+                continue;
+            v.push_back({atof(w.c_str()), (int)(w.size() - w.find('.') - 1)});
+        }
+    }
+    return v;
+}
+
+// The Transfusion setting on the GPU path (patch input, timestep embedding, predicted noise, the
+// diffusion loss, image-block attention), MoT and dense, from the same seed as the CPU trainer:
+// every printed step and validation figure (loss = LM + 5 MSE, text CE, image MSE, speech CE)
+// within one unit of its last printed digit in fp32 (the two sides differ by float rounding,
+// ~1e-6, which can move a printed figure across a rounding boundary), and within 3% in bf16.
+TEST_CASE("cuda_cpu trainer: Transfusion trains on the GPU path with the CPU trainer's losses") {
+    for (const char* arch : {" --mot", " --dense"}) {
+        INFO("flags:", arch);
+        std::string cpu, gpu, bf;
+        const std::string base = " --setting transfusion --data " + tf_shard() + " --val " + tf_shard() + arch +
+                                 " --layers 2 --dim 32 --heads 2 --seq 64 --batch 4 --lr 3e-3 --warmup 2 --threads 1"
+                                 " --steps 6 --eval-every 3 --eval-batches 2";
+        REQUIRE(run("./mot --cpu" + base, &cpu) == 0);
+        REQUIRE(run("./mot_cpu_cuda --fp32" + base, &gpu) == 0);
+        REQUIRE(run("./mot_cpu_cuda" + base, &bf) == 0);
+        INFO("cpu:\n", cpu, "\ngpu fp32:\n", gpu, "\ngpu bf16:\n", bf);
+        CHECK(gpu.find("device: the GPU code on the CPU") != std::string::npos);
+        CHECK(gpu.find("Transfusion (images by diffusion)") != std::string::npos);
+        const auto nc = printed_numbers(cpu), ng = printed_numbers(gpu), nb = printed_numbers(bf);
+        CHECK(nc.size() == 8u * 4);  // 6 steps and 2 validations, 4 figures each
+        REQUIRE(ng.size() == nc.size());
+        REQUIRE(nb.size() == nc.size());
+        double worst = 0, worst_bf = 0;
+        for (size_t i = 0; i < nc.size(); i++) {
+            INFO("figure ", i, ": cpu ", nc[i].first, " gpu fp32 ", ng[i].first, " gpu bf16 ", nb[i].first);
+            CHECK(ng[i].second == nc[i].second);
+            CHECK(std::fabs(ng[i].first - nc[i].first) <= 1.01 * std::pow(10.0, -nc[i].second));
+            CHECK(std::fabs(nb[i].first - nc[i].first) <= 3e-2 * std::fabs(nc[i].first) + std::pow(10.0, -nc[i].second));
+            worst = std::max(worst, std::fabs(ng[i].first - nc[i].first));
+            worst_bf = std::max(worst_bf, std::fabs(nb[i].first - nc[i].first) / std::max(1e-9, std::fabs(nc[i].first)));
+        }
+        printf("Transfusion%s: %zu printed figures; fp32 GPU path worst |diff| %.1e, bf16 worst rel diff %.2e\n", arch,
+               nc.size(), worst, worst_bf);
     }
 }
 

@@ -2,9 +2,10 @@
 // parameter gradient on the same parameters and batch, in fp32 (tight) and bf16 (loose), over head
 // dims 2..128, sequence lengths that do not fill the tiles, one-sequence and one-modality batches,
 // MoT, dense and every tie switch; experts (MoE-4x, hybrid, MoMa-style: expert choice, aux loss,
-// causal routing, tied scores); a debug state file (written by this test, or the one given with
-// `--debug-state FILE`, e.g. from `./mot --debug-state FILE`); 10 training steps; bitwise
-// determinism; gradient accumulation.
+// causal routing, tied scores); the Transfusion setting (patch input, timestep embedding, predicted
+// noise, the diffusion loss, image-block attention); a debug state file (written by this test, or
+// the one given with `--debug-state FILE`, e.g. from `./mot --debug-state FILE`); 10 training
+// steps; bitwise determinism; gradient accumulation.
 //
 // Two builds of this file:
 //   test/test_gpu      nvcc, on a real GPU (without one, every case is excluded and shows as skipped)
@@ -194,8 +195,9 @@ static void compare_causal(MotModel<float>* cpu, MotGpu* g, const MotBatch& b, b
 }
 
 // One forward + backward on the CPU and the GPU with the same parameters and batch.
+// `given`: that batch instead of random_batch(c, B, T, 13, mods) (a Transfusion batch).
 static void compare_once(const char* name, const MotConfig& c, int B, int T, std::vector<int> mods, bool bf16,
-                         int head_rows = 0, bool zero_routers = false) {
+                         int head_rows = 0, bool zero_routers = false, const MotBatch* given = nullptr) {
     INFO("case ", name, (bf16 ? " (bf16)" : " (fp32)"));
     printf("%s%s: L=%d D=%d H=%d F=%d V=%d towers=%d ties=%d%d%d B=%d T=%d\n", name, bf16 ? " bf16" : " fp32",
            c.n_layer, c.d_model, c.n_head, c.d_ff, c.vocab, c.n_tower, c.tie_attn, c.tie_ffn, c.tie_norm, B, T);
@@ -205,7 +207,7 @@ static void compare_once(const char* name, const MotConfig& c, int B, int T, std
     if (zero_routers)  // every gate 1/E exactly: all scores tie, each expert takes the first C rows
         std::fill(cpu.params.begin() + cpu.tab.p[P_WR].offset,
                   cpu.params.begin() + cpu.tab.p[P_WR].offset + cpu.tab.p[P_WR].size(), 0.0f);
-    MotBatch b = random_batch(c, B, T, 13, mods);
+    MotBatch b = given ? *given : random_batch(c, B, T, 13, mods);
     mot_forward(&cpu, b);
     mot_zero_grad(&cpu);
     mot_backward(&cpu, b);
@@ -256,6 +258,21 @@ static void compare_once(const char* name, const MotConfig& c, int B, int T, std
         for (int j = 0; j < V; j++) ref[(size_t)i * V + j] = mot_logit(cpu, b, i, j);
     const double el = rel_err(logits.data(), ref.data(), ref.size());
     printf("  logits rel err %.3e\n", el);
+    if (mot_transfusion(c)) {  // the LM part of the loss alone, and the predicted noise of every image row
+        const int i0 = b.group[MOD_IMAGE], ni = b.group[MOD_IMAGE + 1] - i0;
+        printf("  loss_lm gpu %.7f cpu %.7f (rel %.2e); image MSE gpu %.7f cpu %.7f; %d image rows, %d noised, %d steps\n",
+               g.loss_lm, cpu.loss_lm, rel1(g.loss_lm, cpu.loss_lm), g.loss_mod[MOD_IMAGE], cpu.loss_mod[MOD_IMAGE], ni,
+               g.n_noised, g.n_steps);
+        CHECK(rel1(g.loss_lm, cpu.loss_lm) <= tl);
+        if (ni > 0) {
+            std::vector<float> eh((size_t)ni * MOT_PATCH);
+            MOT_CUDA_CHECK(cudaMemcpy(eh.data(), g.eps_hat, eh.size() * sizeof(float), cudaMemcpyDeviceToHost));
+            const double ee = rel_err(eh.data(), cpu.act.eps_hat + (size_t)i0 * MOT_PATCH, eh.size());
+            printf("  eps_hat rel err %.3e\n", ee);
+            CHECK(all_finite(eh));
+            CHECK(ee <= (bf16 ? TOL_BF16_LOGITS : TOL_FP32_LOGITS));
+        }
+    }
     CHECK(all_finite(logits));
     if (ex && differ) {
         printf("  (another selection: logits and gradients not compared)\n");
@@ -275,6 +292,14 @@ static void compare_once(const char* name, const MotConfig& c, int B, int T, std
         check_grads(g.tab, grads, gd, bf16 ? TOL_BF16_GRAD : TOL_FP32_GRAD, name, &cpu.grads, bf16);
     } else if (!ex) {
         check_grads(g.tab, grads, cpu.grads, bf16 ? TOL_BF16_GRAD : TOL_FP32_GRAD, name);
+    }
+    if (mot_transfusion(c)) {  // (checked above with the rest) the image tower's own tensors
+        printf("  rel err:");
+        for (int p = P_WIN; p <= P_BOUT; p++) {
+            const MotParamInfo& in = g.tab.p[p];
+            printf(" %s %.2e", in.name, rel_err(grads.data() + in.offset, cpu.grads.data() + in.offset, in.size()));
+        }
+        printf("\n");
     }
     if (ex) compare_causal(&cpu, &g, b, bf16);
     mot_gpu_free(&g);
@@ -329,6 +354,55 @@ TEST_CASE("gpu: experts, fp32: EC forward, backward, selection, aux loss and cau
     compare_experts_all(false);
 }
 TEST_CASE("gpu: experts, bf16: close to the CPU reference") { compare_experts_all(true); }
+
+// ---- the Transfusion setting (spec "Transfusion setting") -----------------------------------------
+static MotConfig tf_config(int d_model, int n_head, int towers, int T, int tie_attn = 0, int tie_ffn = 0, int tie_norm = 0) {
+    MotConfig c = small_config(d_model, n_head, towers, T, tie_attn, tie_ffn, tie_norm);
+    c.setting = MOT_SETTING_TRANSFUSION;
+    return c;
+}
+// random_batch's tokens (image runs of random lengths, so blocks of any size and position) with a
+// step per position drawn from ts (several steps within one block, many rows per step) and random
+// patches and noise
+static MotBatch tf_random_batch(const MotConfig& c, int B, int T, uint64_t seed, std::vector<int> mods,
+                                std::vector<int> ts) {
+    MotBatch b = random_batch(c, B, T, seed, mods);
+    for (int i = 0; i < B * T; i++)
+        b.tstep.push_back(mot_modality(c, b.tokens[i]) == MOD_IMAGE ? ts[mot_rand_u64(&seed) % ts.size()] : 0);
+    for (int i = 0; i < B * T * MOT_PATCH; i++) {
+        b.xin.push_back(float(mot_rand_normal(&seed)));
+        b.eps.push_back(float(mot_rand_normal(&seed)));
+    }
+    return b;
+}
+// The loss (LM + 5 MSE), loss_lm, the per-modality losses (image: the MSE), eps_hat and every gradient,
+// w_in b_in w_t w_out b_out included: 49-patch images crossing the attention tiles and the window
+// end, steps shared by several images, clean images (t = 0: no diffusion loss, but an input), a
+// batch with clean images only (w_out and b_out get no gradient), one with no image row at all,
+// MoT, dense and the tie switches; in bf16 D = 128 runs the tensor-core attention. Tolerances are
+// the token setting's (above): the image projections are fp32 GEMMs in both modes, so bf16 enters
+// only through the layers' GEMM operands, as there. Measured through the CPU layer: fp32 losses
+// within 4e-8, eps_hat 2e-7..5e-7, every gradient within 4e-6 (w_in .. b_out within 9e-7); bf16
+// losses 1e-3, eps_hat 4e-3, gradients 2.9e-2 (a QK-norm gain; w_in .. b_out within 9.3e-3). The
+// predicted noise is an output like the logits and is held to their tolerance.
+static void compare_tf_all(bool bf16) {
+    struct Case { const char* name; MotConfig c; MotBatch b; int head_rows; };
+    const MotConfig c1 = tf_config(64, 4, 3, 130), c2 = tf_config(64, 4, 1, 77), c3 = tf_config(128, 2, 3, 130);
+    const MotConfig c4 = tf_config(64, 4, 3, 40, 1, 0, 0), c5 = tf_config(64, 4, 3, 65, 0, 1, 1), c6 = tf_config(64, 4, 3, 33);
+    const Case cases[] = {
+        {"tf mot dh16", c1, tf_batch(c1, 2, 130, 13, {700, 0, 35, 700}, MOT_IMAGE_POS), 50},
+        {"tf dense dh16", c2, tf_batch(c2, 3, 77, 14, {1000, 1, 0}, MOT_IMAGE_POS), 0},
+        {"tf mot dh64", c3, tf_batch(c3, 2, 130, 15, {400, 0, 999}, MOT_IMAGE_POS), 0},
+        {"tf mot tie-attn, random image runs and steps", c4, tf_random_batch(c4, 3, 40, 16, {0, 1, 2}, {0, 1, 500, 1000}), 0},
+        {"tf mot tie-ffn tie-norm, clean images only", c5, tf_batch(c5, 2, 65, 17, {0}, MOT_IMAGE_POS), 0},
+        {"tf mot, no image rows", c6, tf_random_batch(c6, 2, 33, 18, {0, 2}, {5}), 0},
+    };
+    for (const Case& k : cases) compare_once(k.name, k.c, k.b.B, k.b.T, {}, bf16, k.head_rows, false, &k.b);
+}
+TEST_CASE("gpu: Transfusion, fp32: loss, MSE, predicted noise and every gradient match the CPU reference") {
+    compare_tf_all(false);
+}
+TEST_CASE("gpu: Transfusion, bf16: close to the CPU reference") { compare_tf_all(true); }
 
 // The selection kernel alone on scores full of ties (a handful of values, -0 beside +0, equal
 // runs across thread chunks): the same rows, in the same slots, as the CPU's mot_expert_choice.
@@ -495,16 +569,6 @@ TEST_CASE("gpu: tensor-core attention (bf16) matches the CPU reference; the rule
     attn_compare<32>("fallback", 2, 2, 77, {0, 1, 2}, true, 1e-5, 1e-5);
 }
 
-TEST_CASE("gpu: a model in the Transfusion setting is refused with a reason, not computed wrong") {
-    MotConfig c = small_config(64, 4, 3, 16);
-    c.setting = MOT_SETTING_TRANSFUSION;
-    MotGpu g;
-    std::string err;
-    CHECK_FALSE(mot_gpu_init(&g, c, 2, 16, false, &err));
-    CHECK(err.find("Transfusion") != std::string::npos);
-    CHECK(err.find('\n') == std::string::npos);
-}
-
 TEST_CASE("gpu: backward accumulates (two backward passes = twice the gradient)") {
     const MotConfig c = small_config(64, 4, 3, 40);
     MotModel<float> cpu;
@@ -530,12 +594,12 @@ TEST_CASE("gpu: backward accumulates (two backward passes = twice the gradient)"
 
 // A debug state written here from the CPU reference, as `./mot --debug-state FILE` writes one:
 // parameters, one batch, and the logits, losses and gradients of one forward and backward.
-static std::string write_own_debug_state() {
-    const MotConfig c = small_config(64, 4, 3, 48);
+static std::string write_own_debug_state(bool tf) {
+    const MotConfig c = tf ? tf_config(64, 4, 3, 64) : small_config(64, 4, 3, 48);
     MotModel<float> m;
     mot_init(&m, c, 17);
     randomize(&m, 23);
-    MotBatch b = random_batch(c, 2, 48, 31);
+    MotBatch b = tf ? tf_batch(c, 2, 64, 31, {250, 0, 900}, MOT_IMAGE_POS) : random_batch(c, 2, 48, 31);
     mot_forward(&m, b);
     mot_zero_grad(&m);
     mot_backward(&m, b);
@@ -549,10 +613,8 @@ static std::string write_own_debug_state() {
 }
 
 // The GPU (fp32) must reproduce a debug state's logits, losses and gradients from its parameters
-// and batch.
-TEST_CASE("gpu: debug state file") {
-    const bool own = g_debug_state.empty();
-    const std::string path = own ? write_own_debug_state() : g_debug_state;
+// and batch (written here: one in each setting).
+static void check_debug_state(const std::string& path, bool own) {
     MotDebugState d;
     std::string err;
     REQUIRE_MESSAGE(mot_read_debug_state(path, &d, &err), err);
@@ -564,6 +626,7 @@ TEST_CASE("gpu: debug state file") {
     host.params = d.params;
     MotBatch b;
     b.B = d.B; b.T = d.T; b.tokens = d.tokens; b.targets = d.targets;
+    b.tstep = d.tstep; b.xin = d.xin; b.eps = d.eps;  // Transfusion (empty in the token setting)
     mot_group(d.cfg, &b);
     MotGpu g;
     REQUIRE_MESSAGE(mot_gpu_init(&g, d.cfg, d.B, d.T, false, &err), err);
@@ -584,16 +647,34 @@ TEST_CASE("gpu: debug state file") {
     const double el = rel_err(logits.data(), d.logits.data(), d.logits.size());
     printf("  logits rel err %.3e\n", el);
     CHECK(el <= TOL_FP32_LOGITS);
+    if (mot_transfusion(d.cfg)) {  // the predicted noise (original order in the file) of every image row
+        const int i0 = b.group[MOD_IMAGE], ni = b.group[MOD_IMAGE + 1] - i0;
+        REQUIRE(ni > 0);
+        std::vector<float> eh((size_t)ni * MOT_PATCH), want(eh.size());
+        MOT_CUDA_CHECK(cudaMemcpy(eh.data(), g.eps_hat, eh.size() * sizeof(float), cudaMemcpyDeviceToHost));
+        for (int r = 0; r < ni; r++)
+            for (int j = 0; j < MOT_PATCH; j++) want[(size_t)r * MOT_PATCH + j] = d.eps_hat[(size_t)b.order[i0 + r] * MOT_PATCH + j];
+        const double ee = rel_err(eh.data(), want.data(), eh.size());
+        printf("  eps_hat rel err %.3e\n", ee);
+        CHECK(ee <= TOL_FP32_LOGITS);
+    }
     check_grads(g.tab, grads, d.grads, TOL_FP32_GRAD, "debug state");
     mot_gpu_free(&g);
+}
+TEST_CASE("gpu: debug state file") {
+    if (!g_debug_state.empty()) {
+        check_debug_state(g_debug_state, false);
+        return;
+    }
+    for (bool tf : {false, true}) check_debug_state(write_own_debug_state(tf), true);
 }
 
 // Ten AdamW steps on fresh batches, CPU and GPU from the same initial parameters. Adam divides
 // by sqrt(v), so an element whose gradient is near zero can move by ~lr on one side and not
 // the other; losses still agree closely over 10 steps (fp32 1e-3, bf16 3e-2 relative).
-static void train_compare(bool bf16, int d_model = 64, int n_head = 4) {
-    const MotConfig c = small_config(d_model, n_head, 3, 48);
-    const int B = 3, T = 48;
+static void train_compare(bool bf16, int d_model = 64, int n_head = 4, bool tf = false) {
+    const int B = 3, T = tf ? 64 : 48;
+    const MotConfig c = tf ? tf_config(d_model, n_head, 3, T) : small_config(d_model, n_head, 3, T);
     MotModel<float> cpu;
     mot_init(&cpu, c, 3);
     MotGpu g;
@@ -604,7 +685,8 @@ static void train_compare(bool bf16, int d_model = 64, int n_head = 4) {
     o.lr = 3e-3; o.warmup = 3; o.steps = 10;
     const double tol = bf16 ? 3e-2 : 1e-3;
     for (int step = 0; step < o.steps; step++) {
-        MotBatch b = random_batch(c, B, T, 100 + step);
+        MotBatch b = tf ? tf_batch(c, B, T, 100 + step, {600, 0, 50 + 90 * step}, MOT_IMAGE_POS)
+                        : random_batch(c, B, T, 100 + step);
         const double lc = mot_forward(&cpu, b);
         mot_zero_grad(&cpu);
         mot_backward(&cpu, b);
@@ -613,8 +695,8 @@ static void train_compare(bool bf16, int d_model = 64, int n_head = 4) {
         const double lg = mot_gpu_forward(&g, b);
         mot_gpu_backward(&g);
         const double ng = mot_gpu_adamw_step(&g, o, step, 1.0);
-        printf("  %s step %2d: loss gpu %.6f cpu %.6f | grad norm gpu %.6f cpu %.6f\n", bf16 ? "bf16" : "fp32", step + 1,
-               lg, lc, ng, nc);
+        printf("  %s%s step %2d: loss gpu %.6f cpu %.6f | grad norm gpu %.6f cpu %.6f\n", tf ? "Transfusion " : "",
+               bf16 ? "bf16" : "fp32", step + 1, lg, lc, ng, nc);
         INFO("step ", step + 1);
         CHECK(rel1(lg, lc) <= tol);
         CHECK(rel1(ng, nc) <= 10 * tol);
@@ -629,6 +711,8 @@ static void train_compare(bool bf16, int d_model = 64, int n_head = 4) {
 }
 TEST_CASE("gpu: 10 fp32 training steps follow the CPU reference") { train_compare(false); }
 TEST_CASE("gpu: 10 bf16 training steps stay close to the CPU reference") { train_compare(true); }
+TEST_CASE("gpu: 10 fp32 Transfusion training steps follow the CPU reference") { train_compare(false, 64, 4, true); }
+TEST_CASE("gpu: 10 bf16 Transfusion training steps stay close to the CPU reference") { train_compare(true, 64, 4, true); }
 // head dim 64: attention on tensor cores (head dim 16 above runs the fp32 kernels)
 TEST_CASE("gpu: 10 bf16 training steps with tensor-core attention stay close to the CPU reference") {
     REQUIRE(mot_attn_tensor_cores(true, 64));
@@ -647,7 +731,8 @@ static void run_steps(const MotConfig& c, bool bf16, int steps, std::vector<doub
     MotOptim o;
     o.warmup = 2; o.steps = steps;
     for (int s = 0; s < steps; s++) {
-        MotBatch b = random_batch(c, B, T, 500 + s);
+        MotBatch b = mot_transfusion(c) ? tf_batch(c, B, T, 500 + s, {300, 0, 20 + s}, MOT_IMAGE_POS)
+                                        : random_batch(c, B, T, 500 + s);
         mot_gpu_zero_grad(&g);
         trace->push_back(mot_gpu_forward(&g, b));
         trace->push_back(g.aux_loss);
@@ -664,10 +749,10 @@ static void run_steps(const MotConfig& c, bool bf16, int steps, std::vector<doub
 TEST_CASE("gpu: same seed gives bitwise the same run") {
     MotConfig moma = small_config(64, 4, 3, 33, 1);  // experts: selection, gated sums, aux loss
     moma.n_expert[0] = moma.n_expert[1] = moma.n_expert[2] = 4;
-    for (int k = 0; k < 4; k++) {
-        const bool bf16 = k % 2, ex = k >= 2;
-        const MotConfig c = ex ? moma : small_config(128, 2, 3, 64);
-        INFO((bf16 ? "bf16" : "fp32"), (ex ? " moma 4,4,4" : ""));
+    for (int k = 0; k < 5; k++) {  // fp32, bf16; experts fp32, bf16; Transfusion bf16
+        const bool bf16 = k % 2 || k == 4, ex = k == 2 || k == 3;
+        const MotConfig c = ex ? moma : k == 4 ? tf_config(128, 2, 3, 64) : small_config(128, 2, 3, 64);
+        INFO((bf16 ? "bf16" : "fp32"), (ex ? " moma 4,4,4" : ""), (k == 4 ? " Transfusion" : ""));
         std::vector<double> t1, t2;
         std::vector<float> p1, p2;
         run_steps(c, bf16, ex ? 3 : 5, &t1, &p1, ex ? 3 : 4, ex ? 33 : 64);
