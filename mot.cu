@@ -15,11 +15,18 @@
 //   5. data parallel over GPUs with NCCL (only with -DMOT_MPI)
 //
 // Precision. bf16 = false: everything fp32 (cuBLAS with CUBLAS_COMPUTE_32F_PEDANTIC, so no TF32),
-// for tight comparisons with the CPU. bf16 = true: GEMM operands (weights and the activations
-// that feed GEMMs) are bf16 copies, GEMMs accumulate and write in fp32; all elementwise math,
-// attention, norms, softmax/cross-entropy and the optimizer run in fp32 on fp32 master weights,
-// except that attention at head dims 64 and 128 runs on tensor cores (bf16 operands, fp32
-// accumulation and softmax; mot_attn_tensor_cores has the rule).
+// for tight comparisons with the CPU; the kernels are the same code as on plain float arrays
+// (the ones that compute on activations are templates on the element type). bf16 = true: GEMM
+// operands (weights, activations) are bf16 and GEMMs accumulate in fp32; the activations between
+// kernels are stored in bf16 too (MotBuf), each rounded once to nearest even: GEMM outputs whose
+// consumers only need bf16 (q, k, v, a, u1, u3, y2; du, dO in the backward) are written in bf16
+// by cuBLAS, and QK-norm + RoPE, attention and SwiGLU read and write bf16. All arithmetic inside a
+// kernel stays fp32 (norms, softmax, online-softmax state, reductions, cross-entropy, AdamW on fp32
+// master weights). fp32 stays where many small contributions are summed: the residual stream x, h
+// (each sublayer adds an update far smaller than the stream; bf16 would drop the part below 2^-9
+// of it) with a bf16 copy for the GEMMs, its gradient dx (the dx GEMMs add into it), logits,
+// gradients, the experts' gated sum (y2 with experts). Attention at head dims 64 and 128 runs on
+// tensor cores (bf16 operands, fp32 accumulation and softmax; mot_attn_tensor_cores has the rule).
 // The bf16 weight copy is refreshed by the AdamW kernel (and on upload).
 //
 // Determinism: no atomics anywhere. Every reduction (norm gains, embedding, loss, gradient norm)
@@ -41,6 +48,7 @@
 #include <cublas_v2.h>
 #include <mma.h>
 #include <cfloat>
+#include <type_traits>
 #ifdef MOT_MPI
 #ifndef OMPI_SKIP_MPICXX
 #define OMPI_SKIP_MPICXX 1  // the C API only (OpenMPI's C++ bindings warn under -Wextra)
@@ -87,8 +95,8 @@
 
 typedef __nv_bfloat16 mot_bf16;
 
-// A GEMM operand produced by a kernel: an fp32 array (fp32 mode, or when fp32 is needed too)
-// and/or a bf16 copy (bf16 mode). Kernels write whichever pointers are non-null.
+// An activation: an fp32 array (fp32 mode, or where fp32 is needed) and/or a bf16 array (bf16
+// mode). Kernels write whichever pointers are non-null; they read f if it is there, else b.
 struct MotBuf {
     float* f = nullptr;
     mot_bf16* b = nullptr;
@@ -104,6 +112,39 @@ __device__ __forceinline__ int mot_dev_copy(const MotRows& t, int pos) {
 __device__ __forceinline__ void mot_store(float* f, mot_bf16* b, size_t i, float v) {
     if (f) f[i] = v;
     if (b) b[i] = __float2bfloat16(v);
+}
+// (for loads that only move data, as attention's into shared memory and registers)
+__device__ __forceinline__ float mot_load(const MotBuf& x, size_t i) {
+    return x.f ? x.f[i] : __bfloat162float(x.b[i]);
+}
+static inline MotBuf mot_f32(float* f) { return MotBuf{f, nullptr}; }
+static inline MotBuf mot_buf_at(const MotBuf& b, size_t off) {
+    MotBuf r;
+    r.f = b.f ? b.f + off : nullptr;
+    r.b = b.b ? b.b + off : nullptr;
+    return r;
+}
+// Typed access for kernels that compute on activations: they are templates on the element type
+// (float or mot_bf16), so fp32 mode runs exactly the code it ran on plain float arrays (a
+// per-element branch, as mot_load has, changes how the compiler contracts and vectorises).
+__device__ __forceinline__ float mot_ld(const float* p, size_t i) { return p[i]; }
+__device__ __forceinline__ float mot_ld(const mot_bf16* p, size_t i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ void mot_st(float* p, size_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void mot_st(mot_bf16* p, size_t i, float v) { p[i] = __float2bfloat16(v); }
+template <typename T>
+static inline T* mot_typed(const MotBuf& b) {  // the array of element type T, which must be there
+    T* p = nullptr;
+    if constexpr (std::is_same<T, float>::value) p = b.f; else p = b.b;
+    if (!p) {
+        fprintf(stderr, "mot.cu: an activation is not in the precision its kernel expects\n");
+        exit(1);
+    }
+    return p;
+}
+// calls f(T()) with T the element type of activation b: float if it has an fp32 array, else bf16
+template <typename Fn>
+static inline void mot_by_type(const MotBuf& b, Fn&& f) {
+    if (b.f) f(float()); else f(mot_bf16());
 }
 
 struct MotGpu {
@@ -121,22 +162,25 @@ struct MotGpu {
     float *params = nullptr, *grads = nullptr, *adam_m = nullptr, *adam_v = nullptr;
     mot_bf16* params_bf = nullptr;
     float *rope_cos = nullptr, *rope_sin = nullptr;  // max_seq x Dh/2
-    // activations, [L][N][...] in grouped order (see mot.h MotActs)
-    float *x = nullptr, *q = nullptr, *k = nullptr, *v = nullptr, *q_rstd = nullptr, *k_rstd = nullptr;
-    float *qr = nullptr, *kr = nullptr, *o = nullptr, *a = nullptr, *a_rstd = nullptr, *h = nullptr;
-    float *y2 = nullptr, *y2_rstd = nullptr, *u1 = nullptr, *u3 = nullptr, *z_rstd = nullptr;
+    // activations, [L][N][...] in grouped order (see mot.h MotActs). The residual stream x, h is
+    // fp32 with a bf16 copy (x_b, h_b) for the GEMMs in bf16 mode; the MotBuf activations are fp32
+    // or bf16 by mode (y2 stays fp32 with experts: the gated sum adds into it).
+    float *x = nullptr, *h = nullptr, *q_rstd = nullptr, *k_rstd = nullptr, *a_rstd = nullptr;
+    float *y2_rstd = nullptr, *z_rstd = nullptr;
+    MotBuf q, k, v, qr, kr, o, a, y2, u1, u3, u;  // u1, u3, u: L x NS x F
     float* lse = nullptr;               // L x B x H x T, attention row logsumexp (log2 units)
-    float *u_f = nullptr, *z_f = nullptr;  // fp32 mode: u (L x N x F), z (N x D)
-    mot_bf16 *x_b = nullptr, *o_b = nullptr, *h_b = nullptr, *u_b = nullptr, *z_b = nullptr;  // bf16 mode copies
+    float* z_f = nullptr;               // fp32 mode: z (N x D)
+    mot_bf16 *x_b = nullptr, *h_b = nullptr, *z_b = nullptr;  // bf16 mode copies
     // output head
     float* logits = nullptr;            // head_rows x V (fp32 logits; fp32-mode dlogits in place)
     mot_bf16* dlogits_b = nullptr;      // head_rows x V (bf16 mode)
     float *ce_lse = nullptr, *row_loss = nullptr;  // N
     double* loss_out = nullptr;         // 4: sum of row losses (all, text, image, speech)
-    // backward scratch
-    float *dx = nullptr, *dh = nullptr, *dt = nullptr, *dO = nullptr, *dq = nullptr, *dk = nullptr;
-    float *dyun = nullptr, *du = nullptr, *delta = nullptr;
-    MotBuf gdy, du1, du3, dv, gqk;      // GEMM operands (fp32 or bf16 by mode)
+    // backward scratch. dx: the residual gradient (dL/dx, then dL/dh, then dL/dx of the layer
+    // below), fp32 like the stream; the rest fp32 or bf16 by mode.
+    float *dx = nullptr, *dt = nullptr, *delta = nullptr;
+    MotBuf dO, dq, dk, dyun, du;
+    MotBuf gdy, du1, du3, dv, gqk;      // GEMM operands
     float* gain_part = nullptr;         // partial sums of the gain-gradient reduction
     double *norm_part = nullptr, *norm2 = nullptr;  // gradient-norm reduction
     // batch indices on the device (one upload per forward) and their host copies
@@ -255,36 +299,43 @@ __device__ __forceinline__ float mot_warp_sum(float v) {
 
 // ---- RMSNorm over rows of C (one warp per row), with per-tower gains and a residual --------
 // out = (resid ? resid : 0) + x * rstd * g[copy],  rstd = 1 / sqrt(mean(x^2) + eps)
-static __global__ void mot_rmsnorm_forward_kernel(float* out, mot_bf16* outb, float* rstd, const float* x,
-                                                  const float* g, const float* resid, int rows, int C, MotRows tw) {
+// A sublayer's residual add is this kernel: one pass reads its output x (a GEMM output, bf16 in
+// bf16 mode) and the fp32 stream resid, and writes the new stream (fp32, plus the bf16 copy the
+// next GEMMs read). The stream stays fp32 because it is the sum of 2L small updates: in bf16
+// (8 significant bits) each add would lose the part of an update below 2^-9 of the stream.
+template <typename TX>
+static __global__ void mot_rmsnorm_forward_kernel(float* out, mot_bf16* outb, float* rstd, const TX* x, const float* g,
+                                                  const float* resid, int rows, int C, MotRows tw) {
     const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) return;  // the whole warp leaves together
-    const float* xi = x + (size_t)row * C;
+    const TX* xi = x + (size_t)row * C;
     const float* gi = g + (size_t)mot_dev_copy(tw, row) * C;
     float ss = 0;
-    for (int j = lane; j < C; j += 32) ss += xi[j] * xi[j];
+    for (int j = lane; j < C; j += 32) ss += mot_ld(xi, j) * mot_ld(xi, j);
     ss = mot_warp_sum(ss);
     const float r = 1.0f / sqrtf(ss / (float)C + (float)MOT_NORM_EPS);
     if (lane == 0) rstd[row] = r;
     for (int j = lane; j < C; j += 32) {
-        float v = xi[j] * r * gi[j];
+        float v = mot_ld(xi, j) * r * gi[j];
         if (resid) v = resid[(size_t)row * C + j] + v;
         mot_store(out, outb, (size_t)row * C + j, v);
     }
 }
 // dx = r g dy - r^3 / C * x * sum(x g dy)   (the gain gradient is reduced separately)
-static __global__ void mot_rmsnorm_backward_kernel(MotBuf dx, const float* dy, const float* x, const float* rstd,
+template <typename TX>
+static __global__ void mot_rmsnorm_backward_kernel(MotBuf dx, const float* dy, const TX* x, const float* rstd,
                                                    const float* g, int rows, int C, MotRows tw) {
     const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) return;
-    const float *xi = x + (size_t)row * C, *dyi = dy + (size_t)row * C;
+    const TX* xi = x + (size_t)row * C;
+    const float* dyi = dy + (size_t)row * C;
     const float* gi = g + (size_t)mot_dev_copy(tw, row) * C;
     float dot = 0;
-    for (int j = lane; j < C; j += 32) dot += xi[j] * gi[j] * dyi[j];
+    for (int j = lane; j < C; j += 32) dot += mot_ld(xi, j) * gi[j] * dyi[j];
     dot = mot_warp_sum(dot);
     const float r = rstd[row];
     for (int j = lane; j < C; j += 32)
-        mot_store(dx.f, dx.b, (size_t)row * C + j, r * gi[j] * dyi[j] - r * r * r / (float)C * xi[j] * dot);
+        mot_store(dx.f, dx.b, (size_t)row * C + j, r * gi[j] * dyi[j] - r * r * r / (float)C * mot_ld(xi, j) * dot);
 }
 
 // Gain gradient, deterministic two-stage column sum over the rows [r0, r1) of one tower copy:
@@ -292,15 +343,16 @@ static __global__ void mot_rmsnorm_backward_kernel(MotBuf dx, const float* dy, c
 // Stage 1: block (32 x 8) per (32 columns, chunk of MOT_GAIN_ROWS rows) -> part[chunk][j].
 // Stage 2: dg[j] += sum over chunks in order.
 enum { MOT_GAIN_ROWS = 256 };
-static __global__ void mot_gain_partial_kernel(float* part, const float* dy, const float* x, const float* rstd,
-                                               int r0, int r1, int C) {
+template <typename TY, typename TX>
+static __global__ void mot_gain_partial_kernel(float* part, const TY* dy, const TX* x, const float* rstd, int r0,
+                                               int r1, int C) {
     __shared__ float sm[8][33];
     const int j = blockIdx.x * 32 + threadIdx.x, chunk = blockIdx.y;
     const int a = r0 + chunk * MOT_GAIN_ROWS, b = min(r1, a + MOT_GAIN_ROWS);
     float acc = 0;
     if (j < C)
         for (int i = a + threadIdx.y; i < b; i += 8)
-            acc += x ? dy[(size_t)i * C + j] * x[(size_t)i * C + j] * rstd[i] : dy[(size_t)i * C + j];
+            acc += x ? mot_ld(dy, (size_t)i * C + j) * mot_ld(x, (size_t)i * C + j) * rstd[i] : mot_ld(dy, (size_t)i * C + j);
     sm[threadIdx.y][threadIdx.x] = acc;
     __syncthreads();
     if (threadIdx.y == 0 && j < C) {
@@ -319,28 +371,32 @@ static __global__ void mot_gain_final_kernel(float* dg, const float* part, int n
 
 // ---- QK-norm (per head, per-tower gains) + RoPE, one thread per (row, head) ---------------
 // out = rope(rmsnorm(x_head) * g[copy]) at the row's sequence position; rstd is [rows][H].
-static __global__ void mot_qknorm_rope_forward_kernel(float* out, float* rstd, const float* x, const float* g,
+template <typename TA>
+static __global__ void mot_qknorm_rope_forward_kernel(TA* out, float* rstd, const TA* x, const float* g,
                                                       const float* cosT, const float* sinT, const int* pos_g,
                                                       int N, int H, int Dh, MotRows tw) {
     const int idx = blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= N * H) return;
     const int r = idx / H, half = Dh / 2;
-    const float* xi = x + (size_t)idx * Dh;  // row r, head h: (r * H + h) * Dh
-    float* yi = out + (size_t)idx * Dh;
+    const TA* xi = x + (size_t)idx * Dh;  // row r, head h: (r * H + h) * Dh
+    TA* yi = out + (size_t)idx * Dh;
     const float* gi = g + (size_t)mot_dev_copy(tw, r) * Dh;
     float ss = 0;
-    for (int j = 0; j < Dh; j++) ss += xi[j] * xi[j];
+    for (int j = 0; j < Dh; j++) ss += mot_ld(xi, j) * mot_ld(xi, j);
     const float rs = 1.0f / sqrtf(ss / (float)Dh + (float)MOT_NORM_EPS);
     rstd[idx] = rs;
     const float *cs = cosT + (size_t)pos_g[r] * half, *sn = sinT + (size_t)pos_g[r] * half;
     for (int j = 0; j < half; j++) {
-        const float y1 = xi[j] * rs * gi[j], y2 = xi[j + half] * rs * gi[j + half];
-        yi[j] = y1 * cs[j] - y2 * sn[j];
-        yi[j + half] = y1 * sn[j] + y2 * cs[j];
+        const float y1 = mot_ld(xi, j) * rs * gi[j], y2 = mot_ld(xi, j + half) * rs * gi[j + half];
+        mot_st(yi, j, y1 * cs[j] - y2 * sn[j]);
+        mot_st(yi, j + half, y1 * sn[j] + y2 * cs[j]);
     }
 }
-// Backward: dyun = rope^-1(dy) (kept for the gain gradient), dx = rmsnorm backward of dyun.
-static __global__ void mot_qknorm_rope_backward_kernel(MotBuf dx, float* dyun, const float* dy, const float* x,
+// Backward: dyun = rope^-1(dy) (kept for the gain gradient), dx = rmsnorm backward of dyun. In
+// bf16 mode the second loop reads back the rounded dyun: one more bf16 rounding of dy, as the GEMM
+// operand dx gets anyway.
+template <typename TA>
+static __global__ void mot_qknorm_rope_backward_kernel(MotBuf dx, TA* dyun, const TA* dy, const TA* x,
                                                        const float* rstd, const float* g, const float* cosT,
                                                        const float* sinT, const int* pos_g, int N, int H, int Dh,
                                                        MotRows tw) {
@@ -352,31 +408,37 @@ static __global__ void mot_qknorm_rope_backward_kernel(MotBuf dx, float* dyun, c
     const float *cs = cosT + (size_t)pos_g[r] * half, *sn = sinT + (size_t)pos_g[r] * half;
     float dot = 0;
     for (int j = 0; j < half; j++) {  // rotate by -angle
-        const float d1 = dy[base + j], d2 = dy[base + j + half];
+        const float d1 = mot_ld(dy, base + j), d2 = mot_ld(dy, base + j + half);
         const float e1 = d1 * cs[j] + d2 * sn[j], e2 = -d1 * sn[j] + d2 * cs[j];
-        dyun[base + j] = e1;
-        dyun[base + j + half] = e2;
-        dot += x[base + j] * gi[j] * e1 + x[base + j + half] * gi[j + half] * e2;
+        mot_st(dyun, base + j, e1);
+        mot_st(dyun, base + j + half, e2);
+        dot += mot_ld(x, base + j) * gi[j] * e1 + mot_ld(x, base + j + half) * gi[j + half] * e2;
     }
     const float rs = rstd[idx];
     for (int j = 0; j < Dh; j++)
-        mot_store(dx.f, dx.b, base + j, rs * gi[j] * dyun[base + j] - rs * rs * rs / (float)Dh * x[base + j] * dot);
+        mot_store(dx.f, dx.b, base + j,
+                  rs * gi[j] * mot_ld(dyun, base + j) - rs * rs * rs / (float)Dh * mot_ld(x, base + j) * dot);
 }
 
 // ---- SwiGLU --------------------------------------------------------------------------------
-static __global__ void mot_swiglu_forward_kernel(MotBuf u, const float* u1, const float* u3, size_t n) {
+// One elementwise pass each way; in bf16 mode u1, u3, u, du and du1, du3 are all bf16 (6 bytes
+// per element forward, 10 backward). cuBLASLt has no gated epilogue (only bias, ReLU, GELU and
+// their gradients), so the GEMMs cannot produce u directly.
+template <typename TA>
+static __global__ void mot_swiglu_forward_kernel(MotBuf u, const TA* u1, const TA* u3, size_t n) {
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    const float a = u1[i];
-    mot_store(u.f, u.b, i, a / (1.0f + expf(-a)) * u3[i]);
+    const float a = mot_ld(u1, i);
+    mot_store(u.f, u.b, i, a / (1.0f + expf(-a)) * mot_ld(u3, i));
 }
-static __global__ void mot_swiglu_backward_kernel(MotBuf du1, MotBuf du3, const float* du, const float* u1,
-                                                  const float* u3, size_t n) {
+template <typename TA>
+static __global__ void mot_swiglu_backward_kernel(MotBuf du1, MotBuf du3, const TA* du, const TA* u1, const TA* u3,
+                                                  size_t n) {
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    const float a = u1[i], s = 1.0f / (1.0f + expf(-a));
-    mot_store(du1.f, du1.b, i, du[i] * u3[i] * s * (1.0f + a * (1.0f - s)));
-    mot_store(du3.f, du3.b, i, du[i] * a * s);
+    const float a = mot_ld(u1, i), s = 1.0f / (1.0f + expf(-a));
+    mot_store(du1.f, du1.b, i, mot_ld(du, i) * mot_ld(u3, i) * s * (1.0f + a * (1.0f - s)));
+    mot_store(du3.f, du3.b, i, mot_ld(du, i) * a * s);
 }
 
 // ---- experts (spec "Experts"; CPU twin: ffn_forward_experts / ffn_backward_experts) ---------
@@ -621,12 +683,12 @@ struct MotAttnLayout {
     __device__ static __forceinline__ int dim(int c, int v, int g) { return (c * G + g) * VEC + v; }
 };
 template <int DH, int PER>
-__device__ __forceinline__ void mot_attn_load(float* r, const float* row, int g) {
+__device__ __forceinline__ void mot_attn_load(float* r, const MotBuf& x, size_t row, int g) {
     typedef MotAttnLayout<DH, PER> Lay;
 #pragma unroll
     for (int c = 0; c < Lay::NCH; c++)
 #pragma unroll
-        for (int v = 0; v < Lay::VEC; v++) r[c * Lay::VEC + v] = row[Lay::dim(c, v, g)];
+        for (int v = 0; v < Lay::VEC; v++) r[c * Lay::VEC + v] = mot_load(x, row + Lay::dim(c, v, g));
 }
 // partial dot product of the owned dimensions with a shared-memory row (16-byte aligned)
 template <int DH, int PER>
@@ -668,19 +730,19 @@ __device__ __forceinline__ float mot_group_sum(float s) {
 }
 // Loads rows [p0, p0 + ROWS) of sequence `rows` (head h) into shared memory; zeros past T.
 template <int DH, int ROWS>
-__device__ __forceinline__ void mot_attn_tile(float* dst, const float* src, const int* rows, int p0, int T, int D,
+__device__ __forceinline__ void mot_attn_tile(float* dst, const MotBuf& src, const int* rows, int p0, int T, int D,
                                               int h, int tid, int nthreads) {
     for (int i = tid; i < ROWS * DH; i += nthreads) {
         const int p = p0 + i / DH, d = i % DH;
-        dst[i] = p < T ? src[(size_t)rows[p] * D + h * DH + d] : 0.0f;
+        dst[i] = p < T ? mot_load(src, (size_t)rows[p] * D + h * DH + d) : 0.0f;
     }
 }
 
 // Forward. grid (ceil(T / BQ), B * H), block BQ * G threads; one query row per G threads.
 template <int DH, int PER, int BQ, int BK>
 static __global__ void __launch_bounds__(BQ*(DH / PER))
-mot_attn_forward_kernel(MotBuf o, float* lse2, const float* q, const float* k, const float* v, const int* row_of,
-                        const int* vis_of, int T, int H, float qscale) {
+mot_attn_forward_kernel(MotBuf o, float* lse2, MotBuf q, MotBuf k, MotBuf v, const int* row_of, const int* vis_of,
+                        int T, int H, float qscale) {
     typedef MotAttnLayout<DH, PER> Lay;
     constexpr int G = Lay::G, NT = BQ * G;
     __shared__ __align__(16) float Ks[BK * DH];
@@ -695,7 +757,7 @@ mot_attn_forward_kernel(MotBuf o, float* lse2, const float* q, const float* k, c
     const size_t qoff = (size_t)rows[tc] * D + h * DH;
     const int vtc = vis[tc];
     float qv[PER], acc[PER];
-    mot_attn_load<DH, PER>(qv, q + qoff, g);
+    mot_attn_load<DH, PER>(qv, q, qoff, g);
 #pragma unroll
     for (int i = 0; i < PER; i++) { qv[i] *= qscale; acc[i] = 0; }
     float m = -INFINITY, l = 0;
@@ -739,14 +801,15 @@ mot_attn_forward_kernel(MotBuf o, float* lse2, const float* q, const float* k, c
 }
 
 // delta[bh][t] = sum_d dO[row][h*Dh+d] * o[row][h*Dh+d]  (the softmax backward's row term)
-static __global__ void mot_attn_delta_kernel(float* delta, const float* dO, const float* o, const int* row_of,
-                                             int B, int T, int H, int Dh) {
+template <typename TA>
+static __global__ void mot_attn_delta_kernel(float* delta, const TA* dO, const TA* o, const int* row_of, int B, int T,
+                                             int H, int Dh) {
     const int idx = blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= B * H * T) return;
     const int bh = idx / T, t = idx % T, b = bh / H, h = bh % H;
     const size_t off = (size_t)row_of[(size_t)b * T + t] * H * Dh + h * Dh;
     float s = 0;
-    for (int d = 0; d < Dh; d++) s += dO[off + d] * o[off + d];
+    for (int d = 0; d < Dh; d++) s += mot_ld(dO, off + d) * mot_ld(o, off + d);
     delta[idx] = s;
 }
 
@@ -754,9 +817,9 @@ static __global__ void mot_attn_delta_kernel(float* delta, const float* dO, cons
 //   p = 2^(s2 - lse2_i), dv_j += p dO_i, ds = p (dO_i . v_j - delta_i), dk_j += scale ds q_i
 template <int DH, int PER, int BKR, int BQT>
 static __global__ void __launch_bounds__(BKR*(DH / PER))
-mot_attn_backward_dkv_kernel(float* dk, MotBuf dv, const float* q, const float* k, const float* v, const float* dO,
-                             const float* lse2, const float* delta, const int* row_of, const int* vis_of, int T, int H,
-                             float scale, float c2) {
+mot_attn_backward_dkv_kernel(MotBuf dk, MotBuf dv, MotBuf q, MotBuf k, MotBuf v, MotBuf dO, const float* lse2,
+                             const float* delta, const int* row_of, const int* vis_of, int T, int H, float scale,
+                             float c2) {
     typedef MotAttnLayout<DH, PER> Lay;
     constexpr int G = Lay::G, NT = BKR * G;
     __shared__ __align__(16) float Qs[BQT * DH];
@@ -772,8 +835,8 @@ mot_attn_backward_dkv_kernel(float* dk, MotBuf dv, const float* q, const float* 
     const int* vis = vis_of + (size_t)b * T;  // t, or the end of t's image block (non-decreasing)
     const size_t koff = (size_t)rows[jc] * D + h * DH;
     float kv[PER], vv[PER], dka[PER], dva[PER];
-    mot_attn_load<DH, PER>(kv, k + koff, g);
-    mot_attn_load<DH, PER>(vv, v + koff, g);
+    mot_attn_load<DH, PER>(kv, k, koff, g);
+    mot_attn_load<DH, PER>(vv, v, koff, g);
 #pragma unroll
     for (int i = 0; i < PER; i++) { dka[i] = 0; dva[i] = 0; }
     int qfirst = k0;  // the first query row that sees key k0 (k0 itself when causal)
@@ -805,7 +868,7 @@ mot_attn_backward_dkv_kernel(float* dk, MotBuf dv, const float* q, const float* 
 #pragma unroll
             for (int e = 0; e < Lay::VEC; e++) {
                 const size_t off = koff + Lay::dim(c, e, g);
-                dk[off] = dka[c * Lay::VEC + e] * scale;
+                mot_store(dk.f, dk.b, off, dka[c * Lay::VEC + e] * scale);
                 mot_store(dv.f, dv.b, off, dva[c * Lay::VEC + e]);
             }
     }
@@ -814,9 +877,9 @@ mot_attn_backward_dkv_kernel(float* dk, MotBuf dv, const float* q, const float* 
 // Backward for dQ: one query row per G threads; loops over key rows j <= query row.
 template <int DH, int PER, int BQ, int BK>
 static __global__ void __launch_bounds__(BQ*(DH / PER))
-mot_attn_backward_dq_kernel(float* dq, const float* q, const float* k, const float* v, const float* dO,
-                            const float* lse2, const float* delta, const int* row_of, const int* vis_of, int T, int H,
-                            float scale, float c2) {
+mot_attn_backward_dq_kernel(MotBuf dq, MotBuf q, MotBuf k, MotBuf v, MotBuf dO, const float* lse2,
+                            const float* delta, const int* row_of, const int* vis_of, int T, int H, float scale,
+                            float c2) {
     typedef MotAttnLayout<DH, PER> Lay;
     constexpr int G = Lay::G, NT = BQ * G;
     __shared__ __align__(16) float Ks[BK * DH];
@@ -831,8 +894,8 @@ mot_attn_backward_dq_kernel(float* dq, const float* q, const float* k, const flo
     const size_t qoff = (size_t)rows[tc] * D + h * DH;
     const int vtc = vis[tc];
     float qv[PER], dov[PER], dqa[PER];
-    mot_attn_load<DH, PER>(qv, q + qoff, g);
-    mot_attn_load<DH, PER>(dov, dO + qoff, g);
+    mot_attn_load<DH, PER>(qv, q, qoff, g);
+    mot_attn_load<DH, PER>(dov, dO, qoff, g);
 #pragma unroll
     for (int i = 0; i < PER; i++) dqa[i] = 0;
     const float L2 = lse2[(size_t)bh * T + tc], E = delta[(size_t)bh * T + tc];
@@ -854,17 +917,19 @@ mot_attn_backward_dq_kernel(float* dq, const float* q, const float* k, const flo
 #pragma unroll
         for (int c = 0; c < Lay::NCH; c++)
 #pragma unroll
-            for (int e = 0; e < Lay::VEC; e++) dq[qoff + Lay::dim(c, e, g)] = dqa[c * Lay::VEC + e] * scale;
+            for (int e = 0; e < Lay::VEC; e++)
+                mot_store(dq.f, dq.b, qoff + Lay::dim(c, e, g), dqa[c * Lay::VEC + e] * scale);
     }
 }
 
 // ---- causal attention on tensor cores (bf16 mode, head dims 64 and 128) --------------------
 // The same math as the kernels above, with the three products of each tile (S = Q K^T, O += P V;
 // in the backward also dP = dO V^T, dV += P^T dO, dK += dS^T Q, dQ += dS K) done by WMMA:
-// bf16 operands, fp32 accumulation. Q/K/V/dO stay fp32 in global memory and are rounded to bf16
-// as they are copied into shared memory. Each warp owns 16 rows of the block (query rows in the
-// forward and dQ kernels, key rows in the dK/dV kernel) and keeps its operand rows and its
-// accumulators in fragments. A fragment's element order is hidden, so every row-wise step
+// bf16 operands, fp32 accumulation. Q/K/V/dO are bf16 in global memory in bf16 mode (fp32 ones,
+// as the tests also pass, are rounded to bf16 as they are copied into shared memory); O, dQ, dK,
+// dV are written in the precision of their arrays. Each warp owns 16 rows of the block (query
+// rows in the forward and dQ kernels, key rows in the dK/dV kernel) and keeps its operand rows
+// and its accumulators in fragments. A fragment's element order is hidden, so every row-wise step
 // (masking, the online softmax, rescaling by alpha, dividing by l, writing out) stores the
 // fragment to the warp's own shared-memory tile, works there, and loads it back; the code uses
 // WMMA only through load/store/fill/mma, which is what the CUDA-on-CPU layer can check.
@@ -878,12 +943,19 @@ enum { MOT_TC_THREADS = 128, MOT_TC_ROWS = 64, MOT_TC_COLS = 32 };  // 4 warps x
 
 // Rows [p0, p0 + ROWS) of sequence `rows` (head h) into shared memory as bf16; zeros past T.
 template <int DH, int ROWS>
-__device__ __forceinline__ void mot_tc_tile(mot_bf16* dst, const float* src, const int* rows, int p0, int T, int D,
+__device__ __forceinline__ void mot_tc_tile(mot_bf16* dst, const MotBuf& src, const int* rows, int p0, int T, int D,
                                             int h, int tid) {
     for (int i = tid; i < ROWS * DH / 4; i += MOT_TC_THREADS) {
         const int p = p0 + i / (DH / 4), d = (i % (DH / 4)) * 4;
+        const size_t at = p < T ? (size_t)rows[p] * D + h * DH + d : 0;
+        if (src.b) {  // 4 bf16 as one 8-byte word
+            uint2 x = make_uint2(0u, 0u);
+            if (p < T) x = *reinterpret_cast<const uint2*>(src.b + at);
+            *reinterpret_cast<uint2*>(dst + (size_t)i * 4) = x;
+            continue;
+        }
         float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (p < T) x = *reinterpret_cast<const float4*>(src + (size_t)rows[p] * D + h * DH + d);
+        if (p < T) x = *reinterpret_cast<const float4*>(src.f + at);
         mot_bf16* o = dst + (size_t)i * 4;
         o[0] = __float2bfloat16(x.x); o[1] = __float2bfloat16(x.y); o[2] = __float2bfloat16(x.z); o[3] = __float2bfloat16(x.w);
     }
@@ -935,8 +1007,8 @@ __device__ __forceinline__ void mot_tc_write(float* f, mot_bf16* bf, const MotFr
 // Forward. grid (ceil(T / 64), B * H), 128 threads; warp w owns query rows q0 + 16w .. + 15.
 template <int DH>
 static __global__ void __launch_bounds__(MOT_TC_THREADS)
-mot_attn_tc_forward_kernel(MotBuf o, float* lse2, const float* q, const float* k, const float* v, const int* row_of,
-                           const int* vis_of, int T, int H, float c2) {
+mot_attn_tc_forward_kernel(MotBuf o, float* lse2, MotBuf q, MotBuf k, MotBuf v, const int* row_of, const int* vis_of,
+                           int T, int H, float c2) {
     constexpr int BQ = MOT_TC_ROWS, BK = MOT_TC_COLS, NF = DH / 16;
     static_assert(BQ <= 2 * BK && BK >= 16, "Q is staged in the K/V tiles; the scratch tile is 16 x 16");
     __shared__ __align__(32) mot_bf16 KV[2 * BK * DH];  // K tile, V tile (Q before the loop)
@@ -1026,9 +1098,8 @@ mot_attn_tc_forward_kernel(MotBuf o, float* lse2, const float* q, const float* k
 //   dV += P^T dO, dK += dS^T Q (times the softmax scale at the end)
 template <int DH>
 static __global__ void __launch_bounds__(MOT_TC_THREADS)
-mot_attn_tc_dkv_kernel(float* dk, MotBuf dv, const float* q, const float* k, const float* v, const float* dO,
-                       const float* lse2, const float* delta, const int* row_of, const int* vis_of, int T, int H, float scale,
-                       float c2) {
+mot_attn_tc_dkv_kernel(MotBuf dk, MotBuf dv, MotBuf q, MotBuf k, MotBuf v, MotBuf dO, const float* lse2,
+                       const float* delta, const int* row_of, const int* vis_of, int T, int H, float scale, float c2) {
     constexpr int BKR = MOT_TC_ROWS, BQT = MOT_TC_COLS, NF = DH / 16;
     static_assert(DH <= 4 * BQT && BQT >= 16, "K and V are staged in the S/dP tiles; the scratch tile is 16 x 16");
     __shared__ __align__(32) mot_bf16 Qs[BQT * DH];
@@ -1096,7 +1167,7 @@ mot_attn_tc_dkv_kernel(float* dk, MotBuf dv, const float* q, const float* k, con
         mot_tc_ab<DH, BQT, BQT>(dka, dStw, Qs);
     }
     // St was last read before the final __syncwarp of the loop: free as the scratch tile
-    mot_tc_write<DH>(dk, nullptr, dka, St, nullptr, scale, rows, k0 + w * 16, T, D, h, lane);
+    mot_tc_write<DH>(dk.f, dk.b, dka, St, nullptr, scale, rows, k0 + w * 16, T, D, h, lane);
     mot_tc_write<DH>(dv.f, dv.b, dva, St, nullptr, 1.0f, rows, k0 + w * 16, T, D, h, lane);
 }
 
@@ -1105,9 +1176,8 @@ mot_attn_tc_dkv_kernel(float* dk, MotBuf dv, const float* q, const float* k, con
 //   S = Q K^T, dP = dO V^T, p = 2^(s c2 - lse2_i), ds = p (dp - delta_i), dQ += dS K (times scale)
 template <int DH>
 static __global__ void __launch_bounds__(MOT_TC_THREADS)
-mot_attn_tc_dq_kernel(float* dq, const float* q, const float* k, const float* v, const float* dO, const float* lse2,
-                      const float* delta, const int* row_of, const int* vis_of, int T, int H, float scale,
-                      float c2) {
+mot_attn_tc_dq_kernel(MotBuf dq, MotBuf q, MotBuf k, MotBuf v, MotBuf dO, const float* lse2, const float* delta,
+                      const int* row_of, const int* vis_of, int T, int H, float scale, float c2) {
     constexpr int BQ = MOT_TC_ROWS, BK = MOT_TC_COLS, NF = DH / 16;
     static_assert(BQ <= 2 * BK && BK >= 16, "Q and dO are staged in the K/V tiles; the scratch tile is 16 x 16");
     __shared__ __align__(32) mot_bf16 KV[2 * BK * DH];  // K tile, V tile (Q, then dO, before the loop)
@@ -1169,7 +1239,7 @@ mot_attn_tc_dq_kernel(float* dq, const float* q, const float* k, const float* v,
         mot_tc_ab<DH, BK, BK>(dqa, dSw, Ks);
         __syncwarp();
     }
-    mot_tc_write<DH>(dq, nullptr, dqa, Sw, nullptr, scale, rows, q0 + w * 16, T, D, h, lane);
+    mot_tc_write<DH>(dq.f, dq.b, dqa, Sw, nullptr, scale, rows, q0 + w * 16, T, D, h, lane);
 }
 
 // ---- cross-entropy over one chunk of rows (block per row, two passes over the row) ---------
@@ -1336,20 +1406,36 @@ static __global__ void mot_to_bf16_kernel(mot_bf16* dst, const float* src, size_
 // Row-major C[M x N] = op(A)[M x K] op(B)[K x N] + beta C (leading dimensions in elements).
 // cuBLAS is column-major, where a row-major X is X^T, so it computes C^T = op(B)^T op(A)^T:
 // gemm(opB, opA, m = N, n = M, k = K, B, ldb, A, lda, C, ldc).
-// mot_gemm_as: operands in bf16 (bf) or fp32; mot_gemm: in the precision of the mode.
-static inline void mot_gemm_as(MotGpu* g, bool bf, bool transA, bool transB, int M, int N, int K, const void* A,
-                               int lda, const void* B, int ldb, float beta, float* C, int ldc) {
+// mot_gemm_as: operands in bf16 (bf) or fp32; mot_gemm: in the precision of the mode. C is fp32,
+// or bf16 (an activation that only feeds bf16 consumers: bf16 operands, fp32 accumulation, the
+// result rounded to nearest even once, as cuBLAS's epilogue does).
+static inline void mot_gemm_to(MotGpu* g, bool bf, bool transA, bool transB, int M, int N, int K, const void* A,
+                               int lda, const void* B, int ldb, float beta, void* C, bool c_bf, int ldc) {
     if (M <= 0 || N <= 0 || K <= 0) return;
+    if (c_bf && !bf) {
+        fprintf(stderr, "mot_gemm: a bf16 result needs bf16 operands\n");
+        exit(1);
+    }
     const cudaDataType_t t = bf ? CUDA_R_16BF : CUDA_R_32F;
     const cublasComputeType_t ct = bf ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_PEDANTIC;
     const float alpha = 1.0f;
     MOT_CUBLAS_CHECK(cublasGemmEx(g->cublas, transB ? CUBLAS_OP_T : CUBLAS_OP_N, transA ? CUBLAS_OP_T : CUBLAS_OP_N,
-                                  N, M, K, &alpha, B, t, ldb, A, t, lda, &beta, C, CUDA_R_32F, ldc, ct,
-                                  CUBLAS_GEMM_DEFAULT));
+                                  N, M, K, &alpha, B, t, ldb, A, t, lda, &beta, C, c_bf ? CUDA_R_16BF : CUDA_R_32F, ldc,
+                                  ct, CUBLAS_GEMM_DEFAULT));
+}
+static inline void mot_gemm_as(MotGpu* g, bool bf, bool transA, bool transB, int M, int N, int K, const void* A,
+                               int lda, const void* B, int ldb, float beta, float* C, int ldc) {
+    mot_gemm_to(g, bf, transA, transB, M, N, K, A, lda, B, ldb, beta, C, false, ldc);
 }
 static inline void mot_gemm(MotGpu* g, bool transA, bool transB, int M, int N, int K, const void* A, int lda,
                             const void* B, int ldb, float beta, float* C, int ldc) {
     mot_gemm_as(g, g->bf16, transA, transB, M, N, K, A, lda, B, ldb, beta, C, ldc);
+}
+// into an activation, at element `off`: its fp32 array if it has one, else its bf16 array
+static inline void mot_gemm(MotGpu* g, bool transA, bool transB, int M, int N, int K, const void* A, int lda,
+                            const void* B, int ldb, float beta, const MotBuf& C, size_t off, int ldc) {
+    if (C.f) mot_gemm_to(g, g->bf16, transA, transB, M, N, K, A, lda, B, ldb, beta, C.f + off, false, ldc);
+    else mot_gemm_to(g, g->bf16, transA, transB, M, N, K, A, lda, B, ldb, beta, C.b + off, true, ldc);
 }
 // element `off` of a GEMM operand, in the precision of the mode
 static inline const void* mot_op(const MotGpu* g, const MotBuf& b, size_t off) {
@@ -1360,24 +1446,24 @@ static inline const void* mot_weight(const MotGpu* g, int p, int layer, int copy
     return g->bf16 ? (const void*)(g->params_bf + at) : (const void*)(g->params + at);
 }
 // y[rows] = x[rows] W[copy], one GEMM per contiguous row range of a tower (host-side ranges)
-static inline void mot_linear_forward(MotGpu* g, float* y, const MotBuf& x, int p, int layer) {
+static inline void mot_linear_forward(MotGpu* g, const MotBuf& y, const MotBuf& x, int p, int layer) {
     const MotParamInfo& info = g->tab.p[p];
     const int in = info.rows, out = info.cols;
     mot_for_each_copy(info.copies, g->group, [&](int c, int r0, int r1) {
         mot_gemm(g, false, false, r1 - r0, out, in, mot_op(g, x, (size_t)r0 * in), in, mot_weight(g, p, layer, c), out,
-                 0.0f, y + (size_t)r0 * out, out);
+                 0.0f, y, (size_t)r0 * out, out);
     });
 }
-// dx[rows] = dx_beta * dx[rows] + dy[rows] W[copy]^T  (dx may be null);  dW[copy] += x[rows]^T dy[rows]
-static inline void mot_linear_backward(MotGpu* g, float* dx, float dx_beta, const MotBuf& dy, const MotBuf& x, int p,
-                                       int layer) {
+// dx[rows] = dx_beta * dx[rows] + dy[rows] W[copy]^T  (dx may be empty);  dW[copy] += x[rows]^T dy[rows]
+static inline void mot_linear_backward(MotGpu* g, const MotBuf& dx, float dx_beta, const MotBuf& dy, const MotBuf& x,
+                                       int p, int layer) {
     const MotParamInfo& info = g->tab.p[p];
     const int in = info.rows, out = info.cols;
     mot_for_each_copy(info.copies, g->group, [&](int c, int r0, int r1) {
         const int n = r1 - r0;
-        if (dx)
+        if (dx.f || dx.b)
             mot_gemm(g, false, true, n, in, out, mot_op(g, dy, (size_t)r0 * out), out, mot_weight(g, p, layer, c), out,
-                     dx_beta, dx + (size_t)r0 * in, in);
+                     dx_beta, dx, (size_t)r0 * in, in);
         mot_gemm(g, true, false, in, out, n, mot_op(g, x, (size_t)r0 * in), in, mot_op(g, dy, (size_t)r0 * out), out,
                  1.0f, g->grads + info.at(layer, c), out);
     });
@@ -1474,35 +1560,38 @@ inline bool mot_gpu_init(MotGpu* g, const MotConfig& c, int B, int T, bool bf16,
     MOT_CUDA_CHECK(cudaMemcpyAsync(g->rope_sin, sn.data(), sn.size() * 4, cudaMemcpyHostToDevice, g->stream));
     MOT_CUDA_CHECK(cudaStreamSynchronize(g->stream));  // cs, sn are about to go out of scope
 
-    // activations
+    // activations: fp32 or bf16 by mode (buf), the residual stream fp32 (with bf16 copies)
+    auto buf = [&](size_t n) {
+        MotBuf b;
+        if (bf16) b.b = mot_dev_alloc<mot_bf16>(g, n); else b.f = mot_dev_alloc<float>(g, n);
+        return b;
+    };
     g->x = mot_dev_alloc<float>(g, (L + 1) * N * D);
-    g->q = mot_dev_alloc<float>(g, L * N * D);
-    g->k = mot_dev_alloc<float>(g, L * N * D);
-    g->v = mot_dev_alloc<float>(g, L * N * D);
+    g->h = mot_dev_alloc<float>(g, L * N * D);
+    g->q = buf(L * N * D);
+    g->k = buf(L * N * D);
+    g->v = buf(L * N * D);
+    g->qr = buf(L * N * D);
+    g->kr = buf(L * N * D);
+    g->o = buf(L * N * D);
+    g->a = buf(L * N * D);
+    g->y2 = g->experts ? mot_f32(mot_dev_alloc<float>(g, L * N * D)) : buf(L * N * D);
+    g->u1 = buf(L * NS * F);
+    g->u3 = buf(L * NS * F);
+    g->u = buf(L * NS * F);
     g->q_rstd = mot_dev_alloc<float>(g, L * N * H);
     g->k_rstd = mot_dev_alloc<float>(g, L * N * H);
-    g->qr = mot_dev_alloc<float>(g, L * N * D);
-    g->kr = mot_dev_alloc<float>(g, L * N * D);
-    g->o = mot_dev_alloc<float>(g, L * N * D);
-    g->a = mot_dev_alloc<float>(g, L * N * D);
     g->a_rstd = mot_dev_alloc<float>(g, L * N);
-    g->h = mot_dev_alloc<float>(g, L * N * D);
-    g->y2 = mot_dev_alloc<float>(g, L * N * D);
     g->y2_rstd = mot_dev_alloc<float>(g, L * N);
-    g->u1 = mot_dev_alloc<float>(g, L * NS * F);
-    g->u3 = mot_dev_alloc<float>(g, L * NS * F);
     g->z_rstd = mot_dev_alloc<float>(g, N);
     g->lse = mot_dev_alloc<float>(g, L * N * H);  // L x B x H x T
-    g->u_f = g->z_f = nullptr;
-    g->x_b = g->o_b = g->h_b = g->u_b = g->z_b = nullptr;
+    g->z_f = nullptr;
+    g->x_b = g->h_b = g->z_b = nullptr;
     if (bf16) {
         g->x_b = mot_dev_alloc<mot_bf16>(g, L * N * D);  // layer inputs x^0 .. x^(L-1)
-        g->o_b = mot_dev_alloc<mot_bf16>(g, L * N * D);
         g->h_b = mot_dev_alloc<mot_bf16>(g, L * N * D);
-        g->u_b = mot_dev_alloc<mot_bf16>(g, L * NS * F);
         g->z_b = mot_dev_alloc<mot_bf16>(g, N * D);
     } else {
-        g->u_f = mot_dev_alloc<float>(g, L * NS * F);
         g->z_f = mot_dev_alloc<float>(g, N * D);
     }
     // output head: chunks of rows so the logits never need N x V memory
@@ -1515,19 +1604,13 @@ inline bool mot_gpu_init(MotGpu* g, const MotConfig& c, int B, int T, bool bf16,
     g->loss_out = mot_dev_alloc<double>(g, 5);
     // backward scratch
     g->dx = mot_dev_alloc<float>(g, N * D);
-    g->dh = mot_dev_alloc<float>(g, N * D);
     g->dt = mot_dev_alloc<float>(g, N * D);
-    g->dO = mot_dev_alloc<float>(g, N * D);
-    g->dq = mot_dev_alloc<float>(g, N * D);
-    g->dk = mot_dev_alloc<float>(g, N * D);
-    g->dyun = mot_dev_alloc<float>(g, N * D);
-    g->du = mot_dev_alloc<float>(g, NS * F);
+    g->dO = buf(N * D);
+    g->dq = buf(N * D);
+    g->dk = buf(N * D);
+    g->dyun = buf(N * D);
+    g->du = buf(NS * F);
     g->delta = mot_dev_alloc<float>(g, N * H);
-    auto buf = [&](size_t n) {
-        MotBuf b;
-        if (bf16) b.b = mot_dev_alloc<mot_bf16>(g, n); else b.f = mot_dev_alloc<float>(g, n);
-        return b;
-    };
     g->gdy = buf(N * D);
     g->du1 = buf(NS * F);
     g->du3 = buf(NS * F);
@@ -1597,18 +1680,21 @@ inline bool mot_gpu_init(MotGpu* g, const MotConfig& c, int B, int T, bool bf16,
 inline void mot_gpu_free(MotGpu* g) {
     if (!g->stream) return;
     MOT_CUDA_CHECK(cudaStreamSynchronize(g->stream));
-    void* ptrs[] = {g->params, g->grads, g->adam_m, g->adam_v, g->params_bf, g->rope_cos, g->rope_sin, g->x, g->q,
-                    g->k, g->v, g->q_rstd, g->k_rstd, g->qr, g->kr, g->o, g->a, g->a_rstd, g->h, g->y2, g->y2_rstd,
-                    g->u1, g->u3, g->z_rstd, g->lse, g->u_f, g->z_f, g->x_b, g->o_b, g->h_b, g->u_b, g->z_b,
-                    g->logits, g->dlogits_b, g->ce_lse, g->row_loss, g->loss_out, g->dx, g->dh, g->dt, g->dO, g->dq,
-                    g->dk, g->dyun, g->du, g->delta, g->gdy.f, g->gdy.b, g->du1.f, g->du1.b, g->du3.f, g->du3.b,
-                    g->dv.f, g->dv.b, g->gqk.f, g->gqk.b, g->gain_part, g->norm_part, g->norm2, g->idx_dev,
-                    g->gate, g->aux, g->slot_of, g->sel, g->ye, g->xg.f, g->xg.b, g->dye.f, g->dye.b, g->dX, g->ds,
-                    g->dz, g->aux_row, g->aux_out, g->pin, g->eps, g->eps_hat, g->deps, g->sinu, g->temb, g->dtemb,
-                    g->row_se, g->step_of, g->cublas_ws};
+    void* ptrs[] = {g->params, g->grads, g->adam_m, g->adam_v, g->params_bf, g->rope_cos, g->rope_sin, g->x, g->h,
+                    g->q_rstd, g->k_rstd, g->a_rstd, g->y2_rstd, g->z_rstd, g->lse, g->z_f, g->x_b, g->h_b, g->z_b,
+                    g->logits, g->dlogits_b, g->ce_lse, g->row_loss, g->loss_out, g->dx, g->dt, g->delta,
+                    g->gain_part, g->norm_part, g->norm2, g->idx_dev, g->gate, g->aux, g->slot_of, g->sel, g->ye,
+                    g->dX, g->ds, g->dz, g->aux_row, g->aux_out, g->pin, g->eps, g->eps_hat, g->deps, g->sinu, g->temb,
+                    g->dtemb, g->row_se, g->step_of, g->cublas_ws};
+    const MotBuf bufs[] = {g->q, g->k, g->v, g->qr, g->kr, g->o, g->a, g->y2, g->u1, g->u3, g->u, g->dO, g->dq,
+                           g->dk, g->dyun, g->du, g->gdy, g->du1, g->du3, g->dv, g->gqk, g->xg, g->dye};
     MOT_CUBLAS_CHECK(cublasDestroy(g->cublas));  // before its workspace is freed
     for (void* p : ptrs)
         if (p) MOT_CUDA_CHECK(cudaFree(p));
+    for (const MotBuf& b : bufs) {
+        if (b.f) MOT_CUDA_CHECK(cudaFree(b.f));
+        if (b.b) MOT_CUDA_CHECK(cudaFree(b.b));
+    }
     if (g->idx_host) MOT_CUDA_CHECK(cudaFreeHost(g->idx_host));
     if (g->host_out) MOT_CUDA_CHECK(cudaFreeHost(g->host_out));
     if (g->tf_idx_host) MOT_CUDA_CHECK(cudaFreeHost(g->tf_idx_host));
@@ -1800,14 +1886,20 @@ static inline void mot_gpu_set_batch(MotGpu* g, const MotBatch& b) {
 static inline MotRows mot_gpu_rows(const MotGpu* g, int copies) { return MotRows{copies, g->group[1], g->group[2]}; }
 
 // dg[copy] += column sums of dy * x * rstd over each copy's rows (per_pos rows per position)
-static inline void mot_gpu_gain_grad(MotGpu* g, int p, int layer, const float* dy, const float* x, const float* rstd,
-                                     int C, int per_pos) {
+static inline void mot_gpu_gain_grad(MotGpu* g, int p, int layer, const MotBuf& dy, const MotBuf& x,
+                                     const float* rstd, int C, int per_pos) {
     const MotParamInfo& info = g->tab.p[p];
     mot_for_each_copy(info.copies, g->group, [&](int c, int r0, int r1) {
         const int a = r0 * per_pos, b = r1 * per_pos, nchunk = (b - a + MOT_GAIN_ROWS - 1) / MOT_GAIN_ROWS;
-        mot_gain_partial_kernel<<<dim3((C + 31) / 32, nchunk), dim3(32, 8), 0, g->stream>>>(g->gain_part, dy, x, rstd,
-                                                                                             a, b, C);
-        MOT_LAUNCH_CHECK();
+        mot_by_type(dy, [&](auto ty) {
+            mot_by_type(x, [&](auto tx) {
+                typedef decltype(ty) TY;
+                typedef decltype(tx) TX;
+                mot_gain_partial_kernel<TY, TX><<<dim3((C + 31) / 32, nchunk), dim3(32, 8), 0, g->stream>>>(
+                    g->gain_part, mot_typed<TY>(dy), mot_typed<TX>(x), rstd, a, b, C);
+                MOT_LAUNCH_CHECK();
+            });
+        });
         mot_gain_final_kernel<<<mot_blocks(C, 128), 128, 0, g->stream>>>(g->grads + info.at(layer, c), g->gain_part,
                                                                           nchunk, C);
         MOT_LAUNCH_CHECK();
@@ -1817,30 +1909,95 @@ static inline void mot_gpu_gain_grad(MotGpu* g, int p, int layer, const float* d
 // dst[j] += sum over the n rows of dy (C columns) of dy[.][j], the same deterministic reduction (biases)
 static inline void mot_gpu_colsum(MotGpu* g, float* dst, const float* dy, int n, int C) {
     const int nchunk = (n + MOT_GAIN_ROWS - 1) / MOT_GAIN_ROWS;
-    mot_gain_partial_kernel<<<dim3((C + 31) / 32, nchunk), dim3(32, 8), 0, g->stream>>>(g->gain_part, dy, nullptr,
-                                                                                         nullptr, 0, n, C);
+    mot_gain_partial_kernel<float, float><<<dim3((C + 31) / 32, nchunk), dim3(32, 8), 0, g->stream>>>(
+        g->gain_part, dy, nullptr, nullptr, 0, n, C);
     MOT_LAUNCH_CHECK();
     mot_gain_final_kernel<<<mot_blocks(C, 128), 128, 0, g->stream>>>(dst, g->gain_part, nchunk, C);
     MOT_LAUNCH_CHECK();
 }
 
-static inline void mot_gpu_rmsnorm_forward(MotGpu* g, float* out, mot_bf16* outb, float* rstd, const float* x, int p,
+static inline void mot_gpu_rmsnorm_forward(MotGpu* g, float* out, mot_bf16* outb, float* rstd, const MotBuf& x, int p,
                                            int layer, const float* resid) {
     const int N = g->N, D = g->cfg.d_model;
     const MotParamInfo& info = g->tab.p[p];
-    mot_rmsnorm_forward_kernel<<<mot_blocks(N, 8), 256, 0, g->stream>>>(
-        out, outb, rstd, x, g->params + info.at(layer, 0), resid, N, D, mot_gpu_rows(g, info.copies));
-    MOT_LAUNCH_CHECK();
+    mot_by_type(x, [&](auto t) {
+        typedef decltype(t) T;
+        mot_rmsnorm_forward_kernel<T><<<mot_blocks(N, 8), 256, 0, g->stream>>>(
+            out, outb, rstd, mot_typed<T>(x), g->params + info.at(layer, 0), resid, N, D, mot_gpu_rows(g, info.copies));
+        MOT_LAUNCH_CHECK();
+    });
+}
+static inline void mot_gpu_rmsnorm_forward(MotGpu* g, float* out, mot_bf16* outb, float* rstd, float* x, int p,
+                                           int layer, const float* resid) {
+    mot_gpu_rmsnorm_forward(g, out, outb, rstd, mot_f32(x), p, layer, resid);
 }
 // dx = norm backward of dy; gain gradient of tensor p accumulated
-static inline void mot_gpu_rmsnorm_backward(MotGpu* g, MotBuf dx, const float* dy, const float* x, const float* rstd,
+static inline void mot_gpu_rmsnorm_backward(MotGpu* g, MotBuf dx, float* dy, const MotBuf& x, const float* rstd,
                                             int p, int layer) {
     const int N = g->N, D = g->cfg.d_model;
     const MotParamInfo& info = g->tab.p[p];
-    mot_rmsnorm_backward_kernel<<<mot_blocks(N, 8), 256, 0, g->stream>>>(dx, dy, x, rstd, g->params + info.at(layer, 0),
-                                                                          N, D, mot_gpu_rows(g, info.copies));
-    MOT_LAUNCH_CHECK();
-    mot_gpu_gain_grad(g, p, layer, dy, x, rstd, D, 1);
+    mot_by_type(x, [&](auto t) {
+        typedef decltype(t) T;
+        mot_rmsnorm_backward_kernel<T><<<mot_blocks(N, 8), 256, 0, g->stream>>>(
+            dx, dy, mot_typed<T>(x), rstd, g->params + info.at(layer, 0), N, D, mot_gpu_rows(g, info.copies));
+        MOT_LAUNCH_CHECK();
+    });
+    mot_gpu_gain_grad(g, p, layer, mot_f32(dy), x, rstd, D, 1);
+}
+static inline void mot_gpu_rmsnorm_backward(MotGpu* g, MotBuf dx, float* dy, float* x, const float* rstd, int p,
+                                            int layer) {
+    mot_gpu_rmsnorm_backward(g, dx, dy, mot_f32(x), rstd, p, layer);
+}
+// QK-norm + RoPE of q or k (p = P_GQ or P_GK) of a layer; the backward also accumulates the gains'
+// gradient (dyun: scratch)
+static inline void mot_gpu_qknorm_forward(MotGpu* g, const MotBuf& out, float* rstd, const MotBuf& x, int p, int l) {
+    const int N = g->N, H = g->cfg.n_head, Dh = g->cfg.d_model / H;
+    mot_by_type(x, [&](auto t) {
+        typedef decltype(t) T;
+        mot_qknorm_rope_forward_kernel<T><<<mot_blocks((size_t)N * H, 128), 128, 0, g->stream>>>(
+            mot_typed<T>(out), rstd, mot_typed<T>(x), g->params + g->tab.p[p].at(l, 0), g->rope_cos, g->rope_sin,
+            g->pos_g, N, H, Dh, mot_gpu_rows(g, g->tab.p[p].copies));
+        MOT_LAUNCH_CHECK();
+    });
+}
+static inline void mot_gpu_qknorm_backward(MotGpu* g, const MotBuf& dx, const MotBuf& dy, const MotBuf& x,
+                                           const float* rstd, int p, int l) {
+    const int N = g->N, H = g->cfg.n_head, Dh = g->cfg.d_model / H;
+    mot_by_type(x, [&](auto t) {
+        typedef decltype(t) T;
+        mot_qknorm_rope_backward_kernel<T><<<mot_blocks((size_t)N * H, 128), 128, 0, g->stream>>>(
+            dx, mot_typed<T>(g->dyun), mot_typed<T>(dy), mot_typed<T>(x), rstd, g->params + g->tab.p[p].at(l, 0),
+            g->rope_cos, g->rope_sin, g->pos_g, N, H, Dh, mot_gpu_rows(g, g->tab.p[p].copies));
+        MOT_LAUNCH_CHECK();
+    });
+    mot_gpu_gain_grad(g, p, l, g->dyun, x, rstd, Dh, H);
+}
+static inline void mot_gpu_swiglu_forward(MotGpu* g, const MotBuf& u, const MotBuf& u1, const MotBuf& u3, size_t n) {
+    mot_by_type(u1, [&](auto t) {
+        typedef decltype(t) T;
+        mot_swiglu_forward_kernel<T><<<mot_blocks(n, 256), 256, 0, g->stream>>>(u, mot_typed<T>(u1),
+                                                                                mot_typed<T>(u3), n);
+        MOT_LAUNCH_CHECK();
+    });
+}
+static inline void mot_gpu_swiglu_backward(MotGpu* g, const MotBuf& du1, const MotBuf& du3, const MotBuf& du,
+                                           const MotBuf& u1, const MotBuf& u3, size_t n) {
+    mot_by_type(u1, [&](auto t) {
+        typedef decltype(t) T;
+        mot_swiglu_backward_kernel<T><<<mot_blocks(n, 256), 256, 0, g->stream>>>(du1, du3, mot_typed<T>(du),
+                                                                                mot_typed<T>(u1), mot_typed<T>(u3), n);
+        MOT_LAUNCH_CHECK();
+    });
+}
+// g->delta = the attention backward's row term, sum over the head's dims of dO * o
+static inline void mot_gpu_attn_delta(MotGpu* g, const MotBuf& dO, const MotBuf& o) {
+    const int H = g->cfg.n_head;
+    mot_by_type(o, [&](auto t) {
+        typedef decltype(t) T;
+        mot_attn_delta_kernel<T><<<mot_blocks((size_t)g->N * H, 256), 256, 0, g->stream>>>(
+            g->delta, mot_typed<T>(dO), mot_typed<T>(o), g->row_of, g->B, g->T, H, g->cfg.d_model / H);
+        MOT_LAUNCH_CHECK();
+    });
 }
 
 // ---- attention dispatch over the head dimension --------------------------------------------
@@ -1857,8 +2014,8 @@ inline std::string mot_attn_kernel_note(bool bf16, int Dh) {
 }
 enum { MOT_ATT_BQ = 64, MOT_ATT_BK = 32, MOT_ATT_BKR = 64, MOT_ATT_BQT = 32 };
 template <int DH>
-static inline void mot_attn_forward_dh(MotGpu* g, MotBuf o, float* lse2, const float* q, const float* k,
-                                       const float* v) {
+static inline void mot_attn_forward_dh(MotGpu* g, const MotBuf& o, float* lse2, const MotBuf& q, const MotBuf& k,
+                                       const MotBuf& v) {
     constexpr int PER = DH < 32 ? DH : 32;
     const int T = g->T, H = g->cfg.n_head;
     const float qscale = (float)(1.0 / sqrt((double)DH) * 1.4426950408889634);
@@ -1877,8 +2034,9 @@ static inline void mot_attn_forward_dh(MotGpu* g, MotBuf o, float* lse2, const f
     MOT_LAUNCH_CHECK();
 }
 template <int DH>
-static inline void mot_attn_backward_dh(MotGpu* g, float* dq, float* dk, MotBuf dv, const float* dO, const float* lse2,
-                                        const float* q, const float* k, const float* v) {
+static inline void mot_attn_backward_dh(MotGpu* g, const MotBuf& dq, const MotBuf& dk, const MotBuf& dv,
+                                        const MotBuf& dO, const float* lse2, const MotBuf& q, const MotBuf& k,
+                                        const MotBuf& v) {
     constexpr int PER = DH < 16 ? DH : 16;
     const int T = g->T, H = g->cfg.n_head;
     const float scale = (float)(1.0 / sqrt((double)DH)), c2 = (float)(1.0 / sqrt((double)DH) * 1.4426950408889634);
@@ -1929,31 +2087,24 @@ static inline MotBuf mot_gpu_z(const MotGpu* g) {
 }
 
 // ---- experts: the FFN sublayer of a model with experts (ffn_forward_experts / ffn_backward_experts)
-static inline MotBuf mot_buf_at(const MotBuf& b, size_t off) {
-    MotBuf r;
-    r.f = b.f ? b.f + off : nullptr;
-    r.b = b.b ? b.b + off : nullptr;
-    return r;
-}
 // Per-layer views of the expert arrays (slot-indexed arrays have NS rows per layer).
 struct MotGpuExpertLayer {
-    float *u1, *u3, *y2, *ye, *gate, *aux;
+    float *y2, *ye, *gate, *aux;  // y2: fp32 with experts (mot_gpu_init)
     int *sel, *slot_of;
-    MotBuf u;
+    MotBuf u1, u3, u;
 };
 static inline MotGpuExpertLayer mot_gpu_expert_layer(MotGpu* g, int l) {
     const size_t N = g->N, NS = g->NS, D = g->cfg.d_model, F = g->cfg.d_ff, Em = g->Emax;
     MotGpuExpertLayer x;
-    x.u1 = g->u1 + l * NS * F;
-    x.u3 = g->u3 + l * NS * F;
-    x.y2 = g->y2 + l * N * D;
+    x.u1 = mot_buf_at(g->u1, l * NS * F);
+    x.u3 = mot_buf_at(g->u3, l * NS * F);
+    x.u = mot_buf_at(g->u, l * NS * F);
+    x.y2 = g->y2.f + l * N * D;
     x.ye = g->ye + l * NS * D;
     x.gate = g->gate + l * N * Em;
     x.aux = g->aux + l * N * Em;
     x.sel = g->sel + l * NS;
     x.slot_of = g->slot_of + l * N * Em;
-    x.u.f = g->u_f ? g->u_f + l * NS * F : nullptr;
-    x.u.b = g->u_b ? g->u_b + l * NS * F : nullptr;
     return x;
 }
 
@@ -1976,12 +2127,10 @@ static inline void mot_gpu_ffn_forward_experts(MotGpu* g, int l, const MotBuf& h
         if (n == 0) continue;
         // expert e on `rows` rows of operand x: u1, u3, u in slots sb.., the output into out
         auto ffn = [&](int e, const void* x, int rows, size_t sb, float* out) {
-            mot_gemm(g, false, false, rows, F, D, x, D, mot_weight(g, P_W1, l, k + e), F, 0.0f, X.u1 + sb * F, F);
-            mot_gemm(g, false, false, rows, F, D, x, D, mot_weight(g, P_W3, l, k + e), F, 0.0f, X.u3 + sb * F, F);
+            mot_gemm(g, false, false, rows, F, D, x, D, mot_weight(g, P_W1, l, k + e), F, 0.0f, X.u1, sb * F, F);
+            mot_gemm(g, false, false, rows, F, D, x, D, mot_weight(g, P_W3, l, k + e), F, 0.0f, X.u3, sb * F, F);
             const size_t nf = (size_t)rows * F;
-            mot_swiglu_forward_kernel<<<mot_blocks(nf, 256), 256, 0, st>>>(mot_buf_at(X.u, sb * F), X.u1 + sb * F,
-                                                                          X.u3 + sb * F, nf);
-            MOT_LAUNCH_CHECK();
+            mot_gpu_swiglu_forward(g, mot_buf_at(X.u, sb * F), mot_buf_at(X.u1, sb * F), mot_buf_at(X.u3, sb * F), nf);
             mot_gemm(g, false, false, rows, D, F, mot_op(g, X.u, sb * F), F, mot_weight(g, P_W2, l, k + e), D, 0.0f, out,
                      D);
         };
@@ -2030,7 +2179,7 @@ static inline void mot_gpu_ffn_forward_experts(MotGpu* g, int l, const MotBuf& h
 }
 
 // Backward of mot_gpu_ffn_forward_experts (after an EC forward): dt = dL/dy2 (dt.f in fp32 always,
-// the GEMM operand in the mode's precision); adds dL/dh into g->dh and the gradients of the
+// the GEMM operand in the mode's precision); adds dL/dh into g->dx and the gradients of the
 // experts, the routers and (the aux BCE, on detached h) the auxiliary routers.
 static inline void mot_gpu_ffn_backward_experts(MotGpu* g, int l, const MotBuf& h, const MotBuf& dt) {
     const MotConfig& c = g->cfg;
@@ -2044,16 +2193,15 @@ static inline void mot_gpu_ffn_backward_experts(MotGpu* g, int l, const MotBuf& 
         mot_ffn_rows(c, g->group, f, &r0, &r1);
         const int n = r1 - r0, E = c.n_expert[f], k = mot_expert_copy(c, f, 0), s0 = g->slot0[f];
         if (n == 0) continue;
-        float* dh = g->dh + (size_t)r0 * D;
+        float* dh = g->dx + (size_t)r0 * D;  // dL/dh: the residual gradient, added to in place
         if (E == 1) {  // the plain FFN, as mot_linear_backward does it
             const size_t sf = (size_t)s0 * F, nf = (size_t)n * F;
             mot_gemm(g, false, true, n, F, D, mot_op(g, dt, (size_t)r0 * D), D, mot_weight(g, P_W2, l, k), D, 0.0f,
-                     g->du + sf, F);
+                     g->du, sf, F);
             mot_gemm(g, true, false, F, D, n, mot_op(g, X.u, sf), F, mot_op(g, dt, (size_t)r0 * D), D, 1.0f,
                      G + tab.p[P_W2].at(l, k), D);
-            mot_swiglu_backward_kernel<<<mot_blocks(nf, 256), 256, 0, st>>>(
-                mot_buf_at(g->du1, sf), mot_buf_at(g->du3, sf), g->du + sf, X.u1 + sf, X.u3 + sf, nf);
-            MOT_LAUNCH_CHECK();
+            mot_gpu_swiglu_backward(g, mot_buf_at(g->du1, sf), mot_buf_at(g->du3, sf), mot_buf_at(g->du, sf),
+                                    mot_buf_at(X.u1, sf), mot_buf_at(X.u3, sf), nf);
             const int p13[2] = {P_W1, P_W3};
             const MotBuf* d13[2] = {&g->du1, &g->du3};
             for (int t = 0; t < 2; t++) {
@@ -2076,14 +2224,13 @@ static inline void mot_gpu_ffn_backward_experts(MotGpu* g, int l, const MotBuf& 
         for (int e = 0; e < E; e++) {
             const size_t sb = (size_t)s0 + (size_t)e * C;
             mot_gemm(g, false, true, C, F, D, mot_op(g, g->dye, sb * D), D, mot_weight(g, P_W2, l, k + e), D, 0.0f,
-                     g->du + sb * F, F);
+                     g->du, sb * F, F);
             mot_gemm(g, true, false, F, D, C, mot_op(g, X.u, sb * F), F, mot_op(g, g->dye, sb * D), D, 1.0f,
                      G + tab.p[P_W2].at(l, k + e), D);
         }
         const size_t sf = (size_t)s0 * F, nf = slots * F;
-        mot_swiglu_backward_kernel<<<mot_blocks(nf, 256), 256, 0, st>>>(
-            mot_buf_at(g->du1, sf), mot_buf_at(g->du3, sf), g->du + sf, X.u1 + sf, X.u3 + sf, nf);
-        MOT_LAUNCH_CHECK();
+        mot_gpu_swiglu_backward(g, mot_buf_at(g->du1, sf), mot_buf_at(g->du3, sf), mot_buf_at(g->du, sf),
+                                mot_buf_at(X.u1, sf), mot_buf_at(X.u3, sf), nf);
         mot_gather_rows_kernel<<<mot_blocks(slots * D, 256), 256, 0, st>>>(mot_buf_at(g->xg, (size_t)s0 * D), h.f, h.b,
                                                                           X.sel + s0, (int)slots, D);
         MOT_LAUNCH_CHECK();
@@ -2152,31 +2299,21 @@ inline double mot_gpu_forward(MotGpu* g, const MotBatch& b) {
         embed(0, N);
     }
     for (int l = 0; l < L; l++) {
-        MotBuf x;
+        MotBuf x, h;
         x.f = g->x + l * ND;
         x.b = g->x_b ? g->x_b + l * ND : nullptr;
-        float *q = g->q + l * ND, *k = g->k + l * ND, *v = g->v + l * ND, *qr = g->qr + l * ND, *kr = g->kr + l * ND;
-        float *a = g->a + l * ND, *u1 = g->u1 + l * NF, *u3 = g->u3 + l * NF, *y2 = g->y2 + l * ND;
-        MotBuf o, h, u;
-        o.f = g->o + l * ND;
-        o.b = g->o_b ? g->o_b + l * ND : nullptr;
         h.f = g->h + l * ND;
         h.b = g->h_b ? g->h_b + l * ND : nullptr;
-        u.f = g->u_f ? g->u_f + l * NF : nullptr;
-        u.b = g->u_b ? g->u_b + l * NF : nullptr;
-        const int ka = tab.p[P_GQ].copies;
+        const MotBuf q = mot_buf_at(g->q, l * ND), k = mot_buf_at(g->k, l * ND), v = mot_buf_at(g->v, l * ND);
+        const MotBuf qr = mot_buf_at(g->qr, l * ND), kr = mot_buf_at(g->kr, l * ND), o = mot_buf_at(g->o, l * ND);
+        const MotBuf a = mot_buf_at(g->a, l * ND), y2 = mot_buf_at(g->y2, l * ND);
+        const MotBuf u1 = mot_buf_at(g->u1, l * NF), u3 = mot_buf_at(g->u3, l * NF), u = mot_buf_at(g->u, l * NF);
         // attention sublayer: h = x + rmsnorm(attn(x) Wo) * g_attn
         mot_linear_forward(g, q, x, P_WQ, l);
         mot_linear_forward(g, k, x, P_WK, l);
         mot_linear_forward(g, v, x, P_WV, l);
-        mot_qknorm_rope_forward_kernel<<<mot_blocks((size_t)N * H, 128), 128, 0, st>>>(
-            qr, g->q_rstd + (size_t)l * N * H, q, g->params + tab.p[P_GQ].at(l, 0), g->rope_cos, g->rope_sin, g->pos_g,
-            N, H, Dh, mot_gpu_rows(g, ka));
-        MOT_LAUNCH_CHECK();
-        mot_qknorm_rope_forward_kernel<<<mot_blocks((size_t)N * H, 128), 128, 0, st>>>(
-            kr, g->k_rstd + (size_t)l * N * H, k, g->params + tab.p[P_GK].at(l, 0), g->rope_cos, g->rope_sin, g->pos_g,
-            N, H, Dh, mot_gpu_rows(g, ka));
-        MOT_LAUNCH_CHECK();
+        mot_gpu_qknorm_forward(g, qr, g->q_rstd + (size_t)l * N * H, q, P_GQ, l);
+        mot_gpu_qknorm_forward(g, kr, g->k_rstd + (size_t)l * N * H, k, P_GK, l);
         float* lse2 = g->lse + (size_t)l * N * H;
         MOT_DH_SWITCH(Dh, (mot_attn_forward_dh<DHC>(g, o, lse2, qr, kr, v)));
         mot_linear_forward(g, a, o, P_WO, l);
@@ -2187,8 +2324,7 @@ inline double mot_gpu_forward(MotGpu* g, const MotBatch& b) {
         } else {
             mot_linear_forward(g, u1, h, P_W1, l);
             mot_linear_forward(g, u3, h, P_W3, l);
-            mot_swiglu_forward_kernel<<<mot_blocks(NF, 256), 256, 0, st>>>(u, u1, u3, NF);
-            MOT_LAUNCH_CHECK();
+            mot_gpu_swiglu_forward(g, u, u1, u3, NF);
             mot_linear_forward(g, y2, u, P_W2, l);
         }
         mot_bf16* ynext_b = (g->x_b && l + 1 < L) ? g->x_b + (l + 1) * ND : nullptr;
@@ -2295,60 +2431,46 @@ inline void mot_gpu_backward(MotGpu* g) {
     dxb.f = g->dx;
     mot_gpu_rmsnorm_backward(g, dxb, g->dt, g->x + (size_t)L * ND, g->z_rstd, P_GOUT, 0);  // dx = dL/dx^L
 
+    // The residual gradient lives in g->dx: dL/dy on entering a layer's FFN sublayer, the FFN's
+    // dx GEMMs (beta 1) add into it in place to make dL/dh, and the attention's to make dL/dx.
+    // (The residual's identity path costs nothing: no copies.)
     for (int l = L - 1; l >= 0; l--) {
-        MotBuf x, o, h, u;
+        MotBuf x, h;
         x.f = g->x + l * ND;
         x.b = g->x_b ? g->x_b + l * ND : nullptr;
-        o.f = g->o + l * ND;
-        o.b = g->o_b ? g->o_b + l * ND : nullptr;
         h.f = g->h + l * ND;
         h.b = g->h_b ? g->h_b + l * ND : nullptr;
-        u.f = g->u_f ? g->u_f + l * NF : nullptr;
-        u.b = g->u_b ? g->u_b + l * NF : nullptr;
-        const float *q = g->q + l * ND, *k = g->k + l * ND, *v = g->v + l * ND, *qr = g->qr + l * ND,
-                    *kr = g->kr + l * ND;
-        const float *a = g->a + l * ND, *u1 = g->u1 + l * NF, *u3 = g->u3 + l * NF, *y2 = g->y2 + l * ND;
-        const int ka = tab.p[P_GQ].copies;
-        // FFN sublayer; dx holds dL/dy, which the residual passes straight to dh
+        const MotBuf q = mot_buf_at(g->q, l * ND), k = mot_buf_at(g->k, l * ND), v = mot_buf_at(g->v, l * ND);
+        const MotBuf qr = mot_buf_at(g->qr, l * ND), kr = mot_buf_at(g->kr, l * ND), o = mot_buf_at(g->o, l * ND);
+        const MotBuf a = mot_buf_at(g->a, l * ND), y2 = mot_buf_at(g->y2, l * ND);
+        const MotBuf u1 = mot_buf_at(g->u1, l * NF), u3 = mot_buf_at(g->u3, l * NF), u = mot_buf_at(g->u, l * NF);
+        const MotBuf dx = mot_f32(g->dx);
+        // FFN sublayer
         if (g->experts) {  // dL/dy2 in fp32 (g->dt) for the gate gradients, and as the mode's GEMM operand
             MotBuf dt;
             dt.f = g->dt;
             dt.b = g->gdy.b;
             mot_gpu_rmsnorm_backward(g, dt, g->dx, y2, g->y2_rstd + (size_t)l * N, P_GFFN, l);
-            MOT_CUDA_CHECK(cudaMemcpyAsync(g->dh, g->dx, ND * 4, cudaMemcpyDeviceToDevice, st));
             mot_gpu_ffn_backward_experts(g, l, h, dt);
         } else {
             mot_gpu_rmsnorm_backward(g, g->gdy, g->dx, y2, g->y2_rstd + (size_t)l * N, P_GFFN, l);  // gdy = dL/dy2
             mot_linear_backward(g, g->du, 0.0f, g->gdy, u, P_W2, l);
-            mot_swiglu_backward_kernel<<<mot_blocks(NF, 256), 256, 0, st>>>(g->du1, g->du3, g->du, u1, u3, NF);
-            MOT_LAUNCH_CHECK();
-            MOT_CUDA_CHECK(cudaMemcpyAsync(g->dh, g->dx, ND * 4, cudaMemcpyDeviceToDevice, st));
-            mot_linear_backward(g, g->dh, 1.0f, g->du1, h, P_W1, l);
-            mot_linear_backward(g, g->dh, 1.0f, g->du3, h, P_W3, l);
+            mot_gpu_swiglu_backward(g, g->du1, g->du3, g->du, u1, u3, NF);
+            mot_linear_backward(g, dx, 1.0f, g->du1, h, P_W1, l);
+            mot_linear_backward(g, dx, 1.0f, g->du3, h, P_W3, l);
         }
-        // attention sublayer; dh holds dL/dh, which the residual passes straight to dx
-        mot_gpu_rmsnorm_backward(g, g->gdy, g->dh, a, g->a_rstd + (size_t)l * N, P_GATTN, l);  // gdy = dL/da
+        // attention sublayer
+        mot_gpu_rmsnorm_backward(g, g->gdy, g->dx, a, g->a_rstd + (size_t)l * N, P_GATTN, l);  // gdy = dL/da
         mot_linear_backward(g, g->dO, 0.0f, g->gdy, o, P_WO, l);
         const float* lse2 = g->lse + (size_t)l * N * H;
-        mot_attn_delta_kernel<<<mot_blocks((size_t)N * H, 256), 256, 0, st>>>(g->delta, g->dO, o.f, g->row_of, g->B,
-                                                                              g->T, H, Dh);
-        MOT_LAUNCH_CHECK();
+        mot_gpu_attn_delta(g, g->dO, o);
         MOT_DH_SWITCH(Dh, (mot_attn_backward_dh<DHC>(g, g->dq, g->dk, g->dv, g->dO, lse2, qr, kr, v)));
-        MOT_CUDA_CHECK(cudaMemcpyAsync(g->dx, g->dh, ND * 4, cudaMemcpyDeviceToDevice, st));
         // QK-norm + RoPE backward for q, then its projection; then the same for k; then v
-        mot_qknorm_rope_backward_kernel<<<mot_blocks((size_t)N * H, 128), 128, 0, st>>>(
-            g->gqk, g->dyun, g->dq, q, g->q_rstd + (size_t)l * N * H, g->params + tab.p[P_GQ].at(l, 0), g->rope_cos,
-            g->rope_sin, g->pos_g, N, H, Dh, mot_gpu_rows(g, ka));
-        MOT_LAUNCH_CHECK();
-        mot_gpu_gain_grad(g, P_GQ, l, g->dyun, q, g->q_rstd + (size_t)l * N * H, Dh, H);
-        mot_linear_backward(g, g->dx, 1.0f, g->gqk, x, P_WQ, l);
-        mot_qknorm_rope_backward_kernel<<<mot_blocks((size_t)N * H, 128), 128, 0, st>>>(
-            g->gqk, g->dyun, g->dk, k, g->k_rstd + (size_t)l * N * H, g->params + tab.p[P_GK].at(l, 0), g->rope_cos,
-            g->rope_sin, g->pos_g, N, H, Dh, mot_gpu_rows(g, ka));
-        MOT_LAUNCH_CHECK();
-        mot_gpu_gain_grad(g, P_GK, l, g->dyun, k, g->k_rstd + (size_t)l * N * H, Dh, H);
-        mot_linear_backward(g, g->dx, 1.0f, g->gqk, x, P_WK, l);
-        mot_linear_backward(g, g->dx, 1.0f, g->dv, x, P_WV, l);
+        mot_gpu_qknorm_backward(g, g->gqk, g->dq, q, g->q_rstd + (size_t)l * N * H, P_GQ, l);
+        mot_linear_backward(g, dx, 1.0f, g->gqk, x, P_WQ, l);
+        mot_gpu_qknorm_backward(g, g->gqk, g->dk, k, g->k_rstd + (size_t)l * N * H, P_GK, l);
+        mot_linear_backward(g, dx, 1.0f, g->gqk, x, P_WK, l);
+        mot_linear_backward(g, dx, 1.0f, g->dv, x, P_WV, l);
     }
     if (ni > 0) {  // Transfusion, image rows: x_t W_in + b_in + sinusoid(t) W_t (fp32)
         const float* dxi = g->dx + (size_t)i0 * D;

@@ -70,10 +70,8 @@ struct BenchResult {
 // One layer's attention, forward + backward, as mot_gpu_forward/backward launch it; returns the
 // median seconds. Uses layer 0's buffers of the last step (recomputing what they already hold).
 static double bench_attention(MotGpu* g, int reps) {
-    const int N = g->N, H = g->cfg.n_head, Dh = g->cfg.d_model / H;
-    MotBuf o;
-    o.f = g->o;
-    o.b = g->o_b;
+    const int Dh = g->cfg.d_model / g->cfg.n_head;
+    const MotBuf o = g->o;
     cudaEvent_t e0, e1;
     MOT_CUDA_CHECK(cudaEventCreate(&e0));
     MOT_CUDA_CHECK(cudaEventCreate(&e1));
@@ -81,9 +79,7 @@ static double bench_attention(MotGpu* g, int reps) {
     for (int r = 0; r < reps + 2; r++) {
         MOT_CUDA_CHECK(cudaEventRecord(e0, g->stream));
         MOT_DH_SWITCH(Dh, (mot_attn_forward_dh<DHC>(g, o, g->lse, g->qr, g->kr, g->v)));
-        mot_attn_delta_kernel<<<mot_blocks((size_t)N * H, 256), 256, 0, g->stream>>>(g->delta, g->dO, g->o, g->row_of,
-                                                                                      g->B, g->T, H, Dh);
-        MOT_LAUNCH_CHECK();
+        mot_gpu_attn_delta(g, g->dO, o);
         MOT_DH_SWITCH(Dh, (mot_attn_backward_dh<DHC>(g, g->dq, g->dk, g->dv, g->dO, g->lse, g->qr, g->kr, g->v)));
         MOT_CUDA_CHECK(cudaEventRecord(e1, g->stream));
         MOT_CUDA_CHECK(cudaEventSynchronize(e1));

@@ -6,20 +6,27 @@
 //
 //   g++ -O2 -std=c++17 dev/roofline.cpp -o dev/roofline
 //   ./dev/roofline [--gpu h100|a100] [--dim D --layers L --heads H --ffn F --seq T --batch B
-//                  --vocab V --accum A] [--experts E] [--fp32] [--design before|current|target] [--kernels]
+//                  --vocab V --accum A] [--experts E] [--fp32] [--design before|tc|current|target] [--kernels]
 // Without shape flags it prints the two shapes of dev/RESULTS.md: D=512/L=8/T=512 and
 // D=1024/L=24/T=2048.
 //
 // Designs.
 //   `before`: mot.cu before the GPU-speed issue: bf16 GEMM operands on tensor cores with fp32
 //     outputs, fp32 activations, attention on fp32 CUDA cores.
-//   `current`: mot.cu as it is: the same, except that in bf16 mode at head dims 64 and 128
-//     attention runs on tensor cores (mot_attn_tc_*: bf16 operands rounded from fp32 q/k/v/dO as
-//     they are read, fp32 accumulation; the backward is a dK/dV pass and a separate dQ pass that
-//     recomputes S and dP, 14 Dh FLOPs per pair instead of 10, because mot.cu uses no atomics).
-//   `target`: the plan of the GPU-speed issue, NOT yet implemented: tensor-core attention reading
-//     bf16 operands with a 10 Dh backward, bf16 activations between kernels, residual add fused
-//     into the norm, SwiGLU fused into the GEMM epilogue.
+//   `tc`: the same with attention on tensor cores in bf16 mode at head dims 64 and 128
+//     (mot_attn_tc_*: fp32 q/k/v/dO rounded to bf16 as they are read, fp32 accumulation; the
+//     backward is a dK/dV pass and a separate dQ pass that recomputes S and dP, 14 Dh FLOPs per
+//     pair instead of 10, because mot.cu uses no atomics). mot.cu until bf16 activations.
+//   `current`: mot.cu as it is: `tc` plus, in bf16 mode, bf16 activations: the GEMMs whose
+//     consumers only need bf16 write bf16 (q, k, v, a, u1, u3, y2, du, dO), QK-norm + RoPE writes
+//     bf16 qr, kr, attention reads bf16 and writes bf16 o, dq, dk, SwiGLU reads and writes bf16;
+//     the residual stream and its gradient stay fp32 (the norm kernel is the residual add; the
+//     backward adds into the residual gradient in place, with no copies).
+//   `target`: `current` plus what is planned and NOT implemented: SwiGLU in the W1/W3 GEMM
+//     epilogue (a custom GEMM: cuBLASLt has no gated epilogue), a one-pass attention backward
+//     (10 Dh FLOPs per pair), the RMSNorm backward fused with its gain-gradient partial sums.
+// Byte counts are per kernel of mot.cu: each array a kernel reads or writes, once, in the
+// precision it is stored in (fp32 4, bf16 2), and a GEMM with beta = 1 also reads C.
 //
 // Experts (--experts E, default 4; 1 leaves them out): a third model, dense with E experts per
 // layer (MoE-Ex, expert choice, capacity factor 1: the FFN GEMMs keep their FLOPs but read E weight
@@ -57,54 +64,59 @@ struct Op {
     double count; // launches of this op per micro-batch (or per optimizer step for AdamW)
 };
 
-enum Design { BEFORE, CURRENT, TARGET };
+enum Design { BEFORE, TC, CURRENT, TARGET };
 static const char* design_name(int d) {
-    return d == BEFORE ? "before (fp32 attention)" : d == CURRENT ? "current (mot.cu today)"
-                                                                : "target (planned, not implemented)";
+    return d == BEFORE ? "before (fp32 attention)" : d == TC ? "tc (tensor-core attention, fp32 activations)"
+         : d == CURRENT ? "current (mot.cu today)" : "target (planned, not implemented)";
 }
 
-// One micro-batch's forward and backward, plus the optimizer step divided by A.
+// One micro-batch's forward and backward, plus the optimizer step divided by A. Byte counts follow
+// the kernels of mot.cu one by one (for `current`, the code as it is): every array a kernel reads
+// or writes, once, in the precision it is stored in. A GEMM with beta = 1 reads its C as well.
 static std::vector<Op> step_ops(const Shape& s, int towers, bool bf16, int design, int experts = 1) {
     std::vector<Op> ops;
     const double N = (double)s.B * s.T, D = s.D, F = s.F, V = s.V, L = s.L, H = s.H, Dh = D / H;
     const bool target = design == TARGET;
-    // attention on tensor cores: mot_attn_tensor_cores's rule in `current`, everywhere in `target`
-    const bool attn_tc = bf16 && (target || (design == CURRENT && (Dh == 64 || Dh == 128)));
-    const double attn_b = target && bf16 ? 2 : 4;      // bytes per q/k/v/o/dO element the kernels read
-    const double attn_bwd = target && bf16 ? 10 : 14;  // FLOPs per (query, key) pair per Dh, backward
-    const double eb = bf16 ? 2 : 4;           // GEMM operand bytes
-    const double ab = target && bf16 ? 2 : 4; // activation bytes between kernels
-    const double gemm_out = target && bf16 ? 2 : 4;
-    const bool tc = bf16;                     // GEMMs on tensor cores only in bf16 mode (fp32: PEDANTIC)
-    // A GEMM M x N x K over `towers` row ranges: each tower's weight is read once.
-    auto gemm = [&](const char* fam, const char* name, double M, double Nn, double K, double wcopies, double out_b,
-                    double cnt) {
-        ops.push_back({fam, name, 2 * M * Nn * K, M * K * eb + wcopies * K * Nn * eb + M * Nn * out_b, tc, cnt});
+    // attention on tensor cores: mot_attn_tensor_cores's rule, everywhere in `target`
+    const bool attn_tc = bf16 && design != BEFORE && (target || Dh == 64 || Dh == 128);
+    const double eb = bf16 ? 2 : 4;                             // GEMM operands
+    const double ab = bf16 && design >= CURRENT ? 2 : 4;        // activations between kernels (MotBuf)
+    // o: an activation; before, fp32 (read by the delta kernel) plus the bf16 copy for the Wo GEMM
+    const double o_read = design >= CURRENT ? ab : 4, o_write = design >= CURRENT ? ab : 4 + (bf16 ? 2 : 0);
+    const double attn_bwd = target ? 10 : 14;  // FLOPs per (query, key) pair per Dh, backward
+    const bool tc = bf16;                      // GEMMs on tensor cores only in bf16 mode (fp32: PEDANTIC)
+    const double E = experts;
+    // A GEMM M x N x K over `towers` row ranges: each tower's weight is read once; beta = 1 also
+    // reads C (in its precision, out_b).
+    auto gemm = [&](const char* fam, const std::string& name, double M, double Nn, double K, double wcopies, double out_b,
+                    double cnt, bool beta1 = false) {
+        ops.push_back({fam, name, 2 * M * Nn * K,
+                       M * K * eb + wcopies * K * Nn * eb + M * Nn * out_b * (beta1 ? 2 : 1), tc, cnt});
     };
     auto elem = [&](const char* fam, const char* name, double flops, double bytes, double cnt) {
         ops.push_back({fam, name, flops, bytes, false, cnt});
     };
     const double W = towers;  // weight copies touched per projection (one per tower with rows)
     const double WF = experts > 1 ? experts : W;  // FFN weight copies: one per expert
+    const double y2b = experts > 1 ? 4 : ab;      // y2 is fp32 with experts (the gated sum adds into it)
     // ---- forward, per layer
-    gemm("gemm", "q, k, v projections", N, D, D, W, gemm_out, 3 * L);
-    elem("norm/rope", "QK-norm + RoPE (q, k)", 12 * N * D, N * D * (gemm_out + 4) + N * H * 4, 2 * L);
+    gemm("gemm", "q, k, v projections", N, D, D, W, ab, 3 * L);
+    elem("norm/rope", "QK-norm + RoPE (q, k)", 12 * N * D, N * D * 2 * ab + N * H * 4, 2 * L);
     const double pairs = s.B * H * (double)s.T * (s.T + 1) / 2;  // causal (query, key) pairs
-    const double qkvo = 4 * N * D * attn_b;
     ops.push_back({"attention", attn_tc ? "flash attention forward (tensor cores)" : "attention forward (fp32 cores)",
-                   4 * Dh * pairs, qkvo + s.B * H * s.T * 4, attn_tc, L});
-    gemm("gemm", "output projection Wo", N, D, D, W, gemm_out, L);
+                   4 * Dh * pairs, N * D * (3 * ab + o_write) + N * H * 4, attn_tc, L});
+    gemm("gemm", "output projection Wo", N, D, D, W, ab, L);
+    // the residual add is the norm kernel: reads the sublayer output and the fp32 stream, writes
+    // the stream and its bf16 copy
+    elem("norm/rope", "RMSNorm + residual (attention)", 6 * N * D, N * D * (ab + 4 + 4 + (bf16 ? 2 : 0)) + N * 4, L);
     if (target) {
-        elem("norm/rope", "RMSNorm + residual (fused, attention)", 6 * N * D, N * D * (2 * ab + ab) + N * 4, L);
         gemm("gemm", "W1, W3 (SwiGLU in the epilogue)", N, 2 * F, D, WF, 0, L);
-        elem("swiglu", "SwiGLU output (epilogue write)", 6 * N * F, N * F * (ab + 2 * ab), L);  // u, and u1/u3 kept for backward
+        elem("swiglu", "SwiGLU output (epilogue write)", 6 * N * F, N * F * (eb + 2 * ab), L);  // u; u1, u3 kept
     } else {
-        elem("norm/rope", "RMSNorm + residual (attention)", 6 * N * D, N * D * (4 + 4 + 4 + (bf16 ? 2 : 0)) + N * 4, L);
-        gemm("gemm", "W1, W3", N, F, D, WF, gemm_out, 2 * L);
-        elem("swiglu", "SwiGLU", 6 * N * F, N * F * (4 + 4 + eb), L);
+        gemm("gemm", "W1, W3", N, F, D, WF, ab, 2 * L);
+        elem("swiglu", "SwiGLU", 6 * N * F, N * F * (2 * ab + eb), L);
     }
-    gemm("gemm", "W2", N, D, F, WF, gemm_out, L);
-    const double E = experts;
+    gemm("gemm", "W2", N, D, F, WF, experts > 1 ? 4 : ab, L);
     auto fp32_gemm = [&](const char* name, double flops, double bytes, double cnt) {
         ops.push_back({"routing", name, flops, bytes, false, cnt});  // fp32 operands, PEDANTIC: CUDA cores
     };
@@ -115,23 +127,30 @@ static std::vector<Op> step_ops(const Shape& s, int towers, bool bf16, int desig
         elem("routing", "gather rows into expert slots", 0, N * D * 2 * eb + N * 4, L);
         elem("routing", "gated sum in expert order", 2 * N * D, 2 * N * D * 4 + 2 * N * E * 4, L);
     }
-    elem("norm/rope", "RMSNorm + residual (FFN)", 6 * N * D, N * D * (3 * ab + (bf16 && !target ? 2 : 0)) + N * 4, L);
+    elem("norm/rope", "RMSNorm + residual (FFN)", 6 * N * D, N * D * (y2b + 4 + 4 + (bf16 ? 2 : 0)) + N * 4, L);
     // ---- head: forward, then recomputed in the backward
-    elem("norm/rope", "final RMSNorm", 4 * N * D, N * D * (ab + eb) + N * 4, 1);
+    elem("norm/rope", "final RMSNorm", 4 * N * D, N * D * (4 + eb) + N * 4, 1);
     gemm("head", "output head (forward)", N, V, D, 1, 4, 1);
     elem("head", "cross-entropy forward", 4 * N * V, N * V * 4, 1);
     gemm("head", "output head (recomputed)", N, V, D, 1, 4, 1);
     elem("head", "cross-entropy backward", 3 * N * V, N * V * (4 + eb), 1);
     gemm("head", "dz = dlogits W_head^T", N, D, V, 1, 4, 1);
-    gemm("head", "dW_head += z^T dlogits", D, V, N, 0, 4, 1);
-    ops.back().bytes += D * V * 4;  // read-modify-write of the fp32 gradient
-    // ---- backward, per layer: each projection y = x W gives dx = dy W^T and dW += x^T dy
-    auto gemm_bwd = [&](const char* name, double in, double out, double cnt, double wc) {
-        gemm("gemm", (std::string(name) + " dx").c_str(), N, in, out, wc, 4, cnt);
-        gemm("gemm", (std::string(name) + " dW").c_str(), in, out, N, 0, 4, cnt);
-        ops.back().bytes += wc * in * out * 4;  // fp32 gradient read-modify-write
+    gemm("head", "dW_head += z^T dlogits", D, V, N, 0, 4, 1, true);
+    elem("norm/rope", "final RMSNorm backward + gain partials", 10 * N * D, N * D * (4 + 4 + 4 + 4 + 4), 1);
+    // ---- backward, per layer: each projection y = x W gives dx = dy W^T (into an activation, or
+    // added to the fp32 residual gradient: beta 1) and dW += x^T dy (fp32, beta 1)
+    auto gemm_bwd = [&](const char* name, double in, double out, double cnt, double wc, double dx_b, bool dx_acc) {
+        gemm("gemm", std::string(name) + " dx", N, in, out, wc, dx_b, cnt, dx_acc);
+        gemm("gemm", std::string(name) + " dW", in, out, N, 0, 4, cnt);
+        ops.back().bytes += wc * in * out * 4;  // the fp32 gradient's read (beta 1)
     };
-    elem("norm/rope", "RMSNorm backward + gain partials (FFN)", 10 * N * D, N * D * (4 * ab + eb), L);
+    // RMSNorm backward (one pass: dy fp32, x, writes dx as a GEMM operand) and the gain-gradient
+    // partial sums (a second pass over dy and x), fused into one pass in the target
+    auto norm_bwd = [&](const char* name, double xb, double cnt) {
+        elem("norm/rope", name, 10 * N * D, N * D * (4 + xb + eb + (target ? 0 : 4 + xb)) + N * 4, cnt);
+    };
+    norm_bwd(target ? "RMSNorm backward + gain partials, one pass (FFN)" : "RMSNorm backward + gain partials (FFN)",
+             y2b, L);
     if (experts > 1) {  // backward routing, per layer
         elem("routing", "gate backward (ds = dt . ye, dye = s dt)", 4 * N * D, N * D * (4 + 4 + eb) + N * E * 4, L);
         elem("routing", "gather rows again (backward)", 0, N * D * 2 * eb + N * 4, L);
@@ -139,18 +158,26 @@ static std::vector<Op> step_ops(const Shape& s, int towers, bool bf16, int desig
         elem("routing", "softmax backward + aux gradient", 10 * N * E, 6 * N * E * 4, L);
         fp32_gemm("router GEMMs backward (dWr, dh, dU; fp32)", 6 * N * D * E, 4 * N * D * 4 + 2 * N * E * 4 + 4 * D * E * 4, L);
     }
-    gemm_bwd("W2", F, D, L, WF);
+    gemm_bwd("W2", F, D, L, WF, ab, false);
     elem("swiglu", "SwiGLU backward", 10 * N * F, N * F * (3 * ab + 2 * eb), L);
-    gemm_bwd("W1, W3", D, F, 2 * L, WF);
-    elem("norm/rope", "RMSNorm backward + gain partials (attention)", 10 * N * D, N * D * (4 * ab + eb), L);
-    gemm_bwd("Wo", D, D, L, W);
-    // attention backward: 14 Dh FLOPs per pair (s, dp, dV, dK in the dK/dV pass; s, dp, dQ in the dQ
-    // pass), 10 in the target (one pass, S and dP computed once)
-    ops.push_back({"attention", attn_tc ? "flash attention backward (tensor cores)" : "attention backward (fp32 cores)",
-                   attn_bwd * Dh * pairs, N * D * attn_b * 8 + s.B * H * s.T * 8, attn_tc, L});
-    elem("norm/rope", "QK-norm + RoPE backward (q, k)", 20 * N * D, N * D * (4 + 4 + 4 + eb) + N * H * 4, 2 * L);
-    gemm_bwd("q, k, v", D, D, 3 * L, W);
-    if (!target) elem("copies", "residual gradient copies", 0, 2 * N * D * 4, 2 * L);
+    if (design <= TC) elem("copies", "residual gradient copy (dh = dx)", 0, 2 * N * D * 4, L);
+    gemm_bwd("W1, W3", D, F, 2 * L, WF, 4, true);
+    norm_bwd(target ? "RMSNorm backward + gain partials, one pass (attention)"
+                    : "RMSNorm backward + gain partials (attention)", ab, L);
+    gemm_bwd("Wo", D, D, L, W, ab, false);
+    elem("attention", "delta = rowsum(dO o)", 2 * N * D, N * D * (ab + o_read) + N * H * 4, L);
+    // attention backward: 14 Dh FLOPs per pair (s, dp, dV, dK in the dK/dV pass; s, dp, dQ in the
+    // dQ pass, each pass reading q, k, v, dO), 10 in the target (one pass, S and dP computed once)
+    {
+        const double reads = (target ? 1 : 2) * 4 * ab, writes = 2 * ab + eb;  // dq, dk; dv (a GEMM operand)
+        ops.push_back({"attention", attn_tc ? "flash attention backward (tensor cores)" : "attention backward (fp32 cores)",
+                       attn_bwd * Dh * pairs, N * D * (reads + writes) + s.B * H * s.T * 8 * (target ? 1 : 2), attn_tc, L});
+    }
+    if (design <= TC) elem("copies", "residual gradient copy (dx = dh)", 0, 2 * N * D * 4, L);
+    // reads dq and q, writes dyun and the GEMM operand; the gain partials read dyun and q again
+    elem("norm/rope", "QK-norm + RoPE backward + gain partials (q, k)", 20 * N * D,
+         N * D * (ab + ab + ab + eb + 2 * ab) + N * H * 4, 2 * L);
+    gemm_bwd("q, k, v", D, D, 3 * L, W, 4, true);
     elem("embedding", "embedding gather and gradient", N * D, 3 * N * D * 4, 1);
     // ---- optimizer: once per A micro-batches
     const double P = towers * L * (4 * D * D + 2 * Dh + 2 * D) + WF * L * 3 * D * F + (experts > 1 ? 2 * E * D * L : 0) +
@@ -162,6 +189,9 @@ static std::vector<Op> step_ops(const Shape& s, int towers, bool bf16, int desig
 struct Totals {
     double time = 0, flops = 0, model_flops = 0;
     std::map<std::string, double> family_time;
+    // per layer, in bytes per (token x d_model) element: the kernels other than GEMMs (and their
+    // launches), and the GEMMs
+    double layer_other = 0, layer_launches = 0, layer_gemm = 0;
 };
 static Totals sum(const std::vector<Op>& ops, const Gpu& g, const Shape& s, bool print) {
     Totals t;
@@ -174,6 +204,11 @@ static Totals sum(const std::vector<Op>& ops, const Gpu& g, const Shape& s, bool
         t.time += tt;
         t.flops += o.flops * o.count;
         t.family_time[o.family] += tt;
+        if (o.count >= s.L) {  // per-layer work (counted once per layer or more)
+            const double per = o.bytes * o.count / s.L / ((double)s.B * s.T * s.D);
+            if (o.family == "gemm") t.layer_gemm += per;
+            else { t.layer_other += per; t.layer_launches += o.count / s.L; }
+        }
         if (print)
             printf("  %-44s %8.2f %10.2f %10.1f %7s %10.1f\n", o.name.c_str(), o.count, o.flops * o.count / 1e9,
                    o.bytes * o.count / 1e6, tc >= tm ? (o.tensor ? "tensor" : "fp32") : "memory", tt * 1e6);
@@ -205,6 +240,9 @@ static void report(const Gpu& g, const Shape& s, bool bf16, int design, bool ker
         for (const auto& f : t.family_time) printf(" %s %.0f%%", f.first.c_str(), 100 * f.second / t.time);
         printf("\n");
     }
+    printf("  per layer (dense): the kernels other than GEMMs (norms, RoPE, SwiGLU, attention, copies) move %.0f "
+           "bytes per token x d_model element in %.0f passes (lines above), the GEMMs %.0f\n", tot[1].layer_other,
+           tot[1].layer_launches, tot[1].layer_gemm);
     printf("  MoT / dense time ratio: %.3f", tot[0].time / tot[1].time);
     if (models == 3) printf(" | %s / dense: %.3f", moe, tot[2].time / tot[1].time);
     printf("\n\n");
@@ -250,15 +288,16 @@ int main(int argc, char** argv) {
         else if (f == "--design" && i + 1 < argc) {
             const std::string d = argv[++i];
             if (d == "before") design = BEFORE;
+            else if (d == "tc") design = TC;
             else if (d == "current") design = CURRENT;
             else if (d == "target") design = TARGET;
             else {
-                fprintf(stderr, "roofline: --design: expected before, current or target, got '%s'\n", d.c_str());
+                fprintf(stderr, "roofline: --design: expected before, tc, current or target, got '%s'\n", d.c_str());
                 return 2;
             }
         } else {
             fprintf(stderr, "usage: roofline [--gpu h100|a100] [--dim D --layers L --heads H --ffn F --seq T --batch B "
-                            "--vocab V --accum A] [--experts E] [--fp32] [--design before|current|target] [--kernels]\n");
+                            "--vocab V --accum A] [--experts E] [--fp32] [--design before|tc|current|target] [--kernels]\n");
             return 2;
         }
     }

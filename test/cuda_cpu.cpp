@@ -988,6 +988,9 @@ namespace cuda_cpu {
 // C (m x n, column-major, ldc) = alpha op(A) op(B) + beta C, with op(A) m x k and op(B) k x n.
 // beta == 0 never reads C (it may hold anything, NaN included), as in cuBLAS. Products accumulate
 // in fp32 (compute types 32F and 32F_PEDANTIC: no TF32), in eight interleaved partial sums.
+// C is fp32, or bf16 with bf16 A and B (cuBLAS's CUDA_R_16BF / 32F-compute combination): then
+// alpha s + beta C is formed in fp32 and rounded once to nearest even (cuda_bf16.h's
+// __float2bfloat16, the rounding of the GPU's cvt.rn.bf16.f32).
 cublasStatus_t gemm_at(const char* file, int line, cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb,
                        int m, int n, int k, const void* alpha, const void* A, cudaDataType_t at, int lda,
                        const void* B, cudaDataType_t bt, int ldb, const void* beta, void* C, cudaDataType_t ct,
@@ -999,7 +1002,7 @@ cublasStatus_t gemm_at(const char* file, int line, cublasHandle_t h, cublasOpera
     const int b_rows = tb == CUBLAS_OP_N ? k : n, b_cols = tb == CUBLAS_OP_N ? n : k;
     if (lda < std::max(1, a_rows) || ldb < std::max(1, b_rows) || ldc < std::max(1, m)) return CUBLAS_STATUS_INVALID_VALUE;
     const bool types_ok = (at == CUDA_R_32F && bt == CUDA_R_32F) || (at == CUDA_R_16BF && bt == CUDA_R_16BF);
-    if (!types_ok || ct != CUDA_R_32F) return CUBLAS_STATUS_NOT_SUPPORTED;
+    if (!types_ok || (ct != CUDA_R_32F && !(ct == CUDA_R_16BF && at == CUDA_R_16BF))) return CUBLAS_STATUS_NOT_SUPPORTED;
     if (compute != CUBLAS_COMPUTE_32F && compute != CUBLAS_COMPUTE_32F_PEDANTIC) return CUBLAS_STATUS_NOT_SUPPORTED;
     if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
     const float al = *(const float*)alpha, be = *(const float*)beta;
@@ -1008,7 +1011,7 @@ cublasStatus_t gemm_at(const char* file, int line, cublasHandle_t h, cublasOpera
         check_device_range(file, line, "cublasGemmEx", "A", A, ((size_t)(a_cols - 1) * lda + a_rows) * elt_bytes(at));
         check_device_range(file, line, "cublasGemmEx", "B", B, ((size_t)(b_cols - 1) * ldb + b_rows) * elt_bytes(bt));
     }
-    check_device_range(file, line, "cublasGemmEx", "C", C, ((size_t)(n - 1) * ldc + m) * 4);
+    check_device_range(file, line, "cublasGemmEx", "C", C, ((size_t)(n - 1) * ldc + m) * elt_bytes(ct));
     install_handlers();
     g_api_file = file; g_api_line = line; g_api_what = "cublasGemmEx";
     const unsigned csr = _mm_getcsr();
@@ -1021,6 +1024,7 @@ cublasStatus_t gemm_at(const char* file, int line, cublasHandle_t h, cublasOpera
         for (int p = 0; p < k; p++)
             Bc[(size_t)j * k + p] = tb == CUBLAS_OP_N ? load_elt(B, bt, p + (size_t)j * ldb) : load_elt(B, bt, j + (size_t)p * ldb);
     float* Cf = (float*)C;
+    __nv_bfloat16* Cb = (__nv_bfloat16*)C;
     for (int j = 0; j < n; j++)
         for (int i = 0; i < m; i++) {
             const float* a = &Ar[(size_t)i * k];
@@ -1031,8 +1035,13 @@ cublasStatus_t gemm_at(const char* file, int line, cublasHandle_t h, cublasOpera
                 for (int u = 0; u < 8; u++) acc[u] += a[p + u] * b[p + u];
             for (; p < k; p++) acc[p % 8] += a[p] * b[p];
             const float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-            float& c = Cf[i + (size_t)j * ldc];
-            c = be == 0.0f ? al * s : al * s + be * c;
+            const size_t at_c = i + (size_t)j * ldc;
+            if (ct == CUDA_R_32F) {
+                float& c = Cf[at_c];
+                c = be == 0.0f ? al * s : al * s + be * c;
+            } else {
+                Cb[at_c] = __float2bfloat16(be == 0.0f ? al * s : al * s + be * __bfloat162float(Cb[at_c]));
+            }
         }
     _mm_setcsr(csr);
     g_api_what = nullptr;

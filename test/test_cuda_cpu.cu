@@ -136,6 +136,48 @@ TEST_CASE("cuda_cpu: cublasGemmEx has cuBLAS's column-major semantics") {
     cublasDestroy(h);
 }
 
+// A bf16 C (mot.cu writes activations that only feed bf16 consumers this way): alpha A B + beta C
+// formed in fp32 and rounded once, to nearest even, as the GPU's epilogue does. C = A B with
+// A = [1, 1] (1 x 2) and column j of B = [1, t_j]: 1 + t_j is exact in fp32, and t_j = 2^-8 and
+// 3 * 2^-8 put it exactly halfway between bf16 neighbours (even: 1, and 1 + 2^-6; truncation or
+// rounding half up would give 1 + 2^-7 for one of them), 2^-8 + 2^-15 just above the tie.
+// Then beta = 1 on a bf16 C holding t_j, with A B = 1: the same sums, read from C, one rounding.
+TEST_CASE("cuda_cpu: cublasGemmEx into a bf16 C rounds alpha A B + beta C once, to nearest even") {
+    cublasHandle_t h;
+    REQUIRE(cublasCreate(&h) == CUBLAS_STATUS_SUCCESS);
+    const float t[3] = {1.0f / 256, 3.0f / 256, 1.0f / 256 + 1.0f / 32768};
+    const float want[3] = {1.0f, 1.0f + 1.0f / 64, 1.0f + 1.0f / 128};
+    auto bf = [](std::vector<float> v) {
+        std::vector<__nv_bfloat16> b;
+        for (float x : v) b.push_back(__float2bfloat16(x));
+        return b;
+    };
+    __nv_bfloat16* dA = put(bf({1, 1}));
+    __nv_bfloat16* dB = put(bf({1, t[0], 1, t[1], 1, t[2]}));
+    __nv_bfloat16* dB0 = put(bf({1, 0, 1, 0, 1, 0}));
+    __nv_bfloat16* dC = put(bf({t[0], t[1], t[2]}));
+    for (int k = 0; k < 3; k++) CHECK(__bfloat162float(__float2bfloat16(t[k])) == t[k]);  // exact operands
+    const float one = 1, zero = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        INFO((pass == 0 ? "beta 0, 1 + t_j from A B" : "beta 1, 1 from A B + t_j from C"));
+        if (pass == 1) CK(cudaMemcpy(dC, bf({t[0], t[1], t[2]}).data(), 6, cudaMemcpyHostToDevice));
+        REQUIRE(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, 1, 3, 2, &one, dA, CUDA_R_16BF, 1, pass ? dB0 : dB,
+                             CUDA_R_16BF, 2, pass ? &one : &zero, dC, CUDA_R_16BF, 1, CUBLAS_COMPUTE_32F,
+                             CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_SUCCESS);
+        const std::vector<__nv_bfloat16> out = get(dC, 3);
+        for (int j = 0; j < 3; j++) {
+            INFO("column ", j);
+            CHECK(__bfloat162float(out[j]) == want[j]);
+        }
+    }
+    // a bf16 C needs bf16 operands, as in cuBLAS
+    float* d = dev<float>(16);
+    CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 2, &one, d, CUDA_R_32F, 2, d, CUDA_R_32F, 2, &zero, dC,
+                       CUDA_R_16BF, 2, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_NOT_SUPPORTED);
+    CK(cudaFree(d)); CK(cudaFree(dA)); CK(cudaFree(dB)); CK(cudaFree(dB0)); CK(cudaFree(dC));
+    cublasDestroy(h);
+}
+
 // WMMA: one warp per 16 x 16 tile of C = A B (A 32 x 16 row-major, B 16 x 32 column-major, bf16).
 __global__ void wmma_gemm_kernel(float* C, const __nv_bfloat16* A, const __nv_bfloat16* B) {
     using namespace nvcuda;
