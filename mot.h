@@ -313,12 +313,13 @@ inline double mot_abar(int t) {
 // checkpoints, like the learning rate. MOT_DIFF_MSE is the paper's plain MSE (the default).
 // MOT_DIFF_MIN_SNR is min-SNR-gamma (Hang et al. 2023): each noised position's squared error is
 // weighted by w(t) = min(SNR, gamma) / SNR = min(1, gamma / SNR), SNR = abar / (1 - abar).
-// Why it is meant to help the high-noise end: an eps error e implies an x0 error e^2 / SNR, so the
-// plain eps MSE is an x0 loss weighted by SNR, which spends most of the gradient on low t, where eps
-// is nearly unpredictable (error ~0.9 at t = 1) and sampling barely depends on it. min-SNR leaves
-// t >= 262 (SNR <= 5 on this schedule) at weight 1 and cuts the weight below it (0.56 at t = 200,
-// 0.04 at t = 50, 2e-4 at t = 1): high t does not gain weight, low t loses it, so high t gets a
-// larger share of each (Adam-normalised) update. Mean weight over t uniform in 1..1000: 0.82.
+// Why it is meant to help the high-noise end: a squared eps error e implies an x0 error e / SNR, so
+// the plain eps MSE is an x0 loss weighted by SNR; and most of it (and of its gradient) comes from
+// low t, where eps is nearly unpredictable (noise MSE 0.5-1 at t = 1 in dev/RESULTS.md's runs, 0.01
+// at t = 1000) and the image barely changes. min-SNR leaves t >= 262 (SNR <= 5 on this schedule) at
+// weight 1 and cuts the weight below it (0.56 at t = 200, 0.04 at t = 50, 2e-4 at t = 1): high t
+// gains no weight, low t loses it, so high t gets a larger share of each (Adam-normalised) update.
+// Mean weight over t uniform in 1..1000: 0.82. Measured effect: dev/RESULTS.md ("min-SNR").
 enum MotDiffLoss { MOT_DIFF_MSE = 0, MOT_DIFF_MIN_SNR = 1 };
 static const double MOT_MIN_SNR_GAMMA = 5.0;
 inline double mot_diff_loss_weight(int mode, int t) {
