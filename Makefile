@@ -104,6 +104,9 @@ roofline: dev/roofline
 
 dev/bench_cpu: dev/bench_cpu.cpp mot.h | setup
 	$(CXX) $(CXXFLAGS) -I. $< -o $@
+# Transfusion: a model's noise and x0 error per diffusion step (dev/RESULTS.md)
+dev/diffusion_t: dev/diffusion_t.cpp mot.h | setup
+	$(CXX) $(CXXFLAGS) -I. $< -o $@
 
 # ---- the GPU code on the CPU (README "Running the GPU code without a GPU") -----------------------
 # test/cuda_cpu.pl copies each .cu to build/cuda_cpu/ with kernel launches, __shared__ and
@@ -198,5 +201,5 @@ bench-gpu: dev/bench_gpu
 
 clean:
 	rm -f mot mot_mpi mot_cpu_cuda mot_cpu_cuda_mpi $(TESTBINS) test/test_gpu test/test_gpu_cpu_asan $(TOOLS) $(FUZZBINS) \
-	      dev/bench_cpu dev/bench_gpu dev/roofline test/*.o
+	      dev/bench_cpu dev/bench_gpu dev/roofline dev/diffusion_t test/*.o
 	rm -rf build

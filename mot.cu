@@ -216,6 +216,12 @@ struct MotGpu {
     float *eps_hat = nullptr, *deps = nullptr;   // N x 16: predicted noise, the loss gradient wrt it
     float *sinu = nullptr, *temb = nullptr, *dtemb = nullptr;  // n_steps x D: sinusoid(t), its W_t, dL/d(temb)
     double* row_se = nullptr;           // N: squared error of each noised image row (0 when clean)
+    // the diffusion loss weighting (MotModel's diff_loss). In row_se's allocation, after its N:
+    // row_wse (N, each row's squared error times w(t)), wse_sum (1, their sum) and snr_w (1001,
+    // the min-SNR weight of each t, mot_diff_loss_weight), so Transfusion's buffers stay one list
+    int diff_loss = MOT_DIFF_MSE;
+    double *row_wse = nullptr, *wse_sum = nullptr, *snr_w = nullptr;
+    double wse_host = 0;                // the last forward's wse_sum (with min-SNR only)
     int *step_of = nullptr, *step_t = nullptr, *step_rows = nullptr, *step_start = nullptr;  // device lists
     int* tf_idx_host = nullptr;         // pinned: the four lists above (4N + 1)
     float* tf_host = nullptr;           // pinned: pin and eps for the upload (2 x 16N)
@@ -1312,13 +1318,17 @@ mot_loss_reduce_kernel(double* out, const float* row_loss, const int* tgt, int N
 
 // ---- Transfusion: the diffusion loss (CPU: diffusion_loss) -----------------------------------
 // One thread per image row: eps_hat += b_out (the GEMM wrote z W_out), the squared error against
-// eps in double, and deps = scale (eps_hat - eps) with scale = 5 * 2 / (n * 16) (n noised rows) on
-// noised rows, 0 on clean (t = 0) ones, which add no loss.
-static __global__ void mot_mse_kernel(float* eps_hat, float* deps, double* row_se, const float* b_out, const float* eps,
-                                      const int* step_of, const int* step_t, int n, double scale) {
+// eps in double, and deps = w(t) scale (eps_hat - eps) with scale = 5 * 2 / (n * 16) (n noised
+// rows) on noised rows, 0 on clean (t = 0) ones, which add no loss. w_of_t: the weight of each
+// step (min-SNR; then row_wse gets each row's weighted error), or null for the plain MSE (w = 1).
+static __global__ void mot_mse_kernel(float* eps_hat, float* deps, double* row_se, double* row_wse, const float* b_out,
+                                      const float* eps, const int* step_of, const int* step_t, const double* w_of_t,
+                                      int n, double scale) {
     const int r = blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= n) return;
-    const bool noised = step_t[step_of[r]] > 0;
+    const int t = step_t[step_of[r]];
+    const bool noised = t > 0;
+    const double w = w_of_t ? w_of_t[t] : 1.0, ws = w * scale;
     double se = 0;
     for (int j = 0; j < MOT_PATCH; j++) {
         const size_t i = (size_t)r * MOT_PATCH + j;
@@ -1326,9 +1336,10 @@ static __global__ void mot_mse_kernel(float* eps_hat, float* deps, double* row_s
         eps_hat[i] = e;
         const double d = (double)e - (double)eps[i];
         se += d * d;
-        deps[i] = noised ? (float)(scale * d) : 0.0f;
+        deps[i] = noised ? (float)(ws * d) : 0.0f;
     }
     row_se[r] = noised ? se : 0.0;
+    if (w_of_t) row_wse[r] = noised ? w * se : 0.0;
 }
 // One block: out[0] = sum of x[0, n), each thread a contiguous range in order, then a fixed tree.
 static __global__ void __launch_bounds__(MOT_RED_THREADS) mot_sum_kernel(double* out, const double* x, int n) {
@@ -1664,7 +1675,13 @@ inline bool mot_gpu_init(MotGpu* g, const MotConfig& c, int B, int T, bool bf16,
         g->sinu = mot_dev_alloc<float>(g, S * D);
         g->temb = mot_dev_alloc<float>(g, S * D);
         g->dtemb = mot_dev_alloc<float>(g, S * D);
-        g->row_se = mot_dev_alloc<double>(g, N);
+        g->row_se = mot_dev_alloc<double>(g, 2 * N + 1 + MOT_DIFF_STEPS + 1);
+        g->row_wse = g->row_se + N;
+        g->wse_sum = g->row_wse + N;
+        g->snr_w = g->wse_sum + 1;
+        std::vector<double> w(MOT_DIFF_STEPS + 1);
+        for (int t = 0; t <= MOT_DIFF_STEPS; t++) w[t] = mot_diff_loss_weight(MOT_DIFF_MIN_SNR, t);
+        MOT_CUDA_CHECK(cudaMemcpy(g->snr_w, w.data(), w.size() * sizeof(double), cudaMemcpyHostToDevice));
         // step_of, step_t, step_rows (N each), step_start (N + 1); the same layout on the host
         g->step_of = mot_dev_alloc<int>(g, 4 * N + 1);
         g->step_t = g->step_of + N;
@@ -2347,12 +2364,18 @@ inline double mot_gpu_forward(MotGpu* g, const MotBatch& b) {
             mot_gemm_as(g, false, false, false, ni, PT, D, g->z_f + (size_t)i0 * D, D, g->params + tab.p[P_WOUT].offset,
                         PT, 0.0f, g->eps_hat, PT);
             const double scale = MOT_DIFF_WEIGHT * 2 / ((double)std::max(1, g->n_noised) * PT);
-            mot_mse_kernel<<<mot_blocks(ni, 128), 128, 0, st>>>(g->eps_hat, g->deps, g->row_se,
+            const bool weighted = g->diff_loss == MOT_DIFF_MIN_SNR;
+            mot_mse_kernel<<<mot_blocks(ni, 128), 128, 0, st>>>(g->eps_hat, g->deps, g->row_se, g->row_wse,
                                                                 g->params + tab.p[P_BOUT].offset, g->eps, g->step_of,
-                                                                g->step_t, ni, scale);
+                                                                g->step_t, weighted ? g->snr_w : nullptr, ni, scale);
             MOT_LAUNCH_CHECK();
             mot_sum_kernel<<<1, MOT_RED_THREADS, 0, st>>>(g->loss_out + 4, g->row_se, ni);
             MOT_LAUNCH_CHECK();
+            if (weighted) {  // the weighted sum, for the objective only (loss_mod[image] stays the MSE)
+                mot_sum_kernel<<<1, MOT_RED_THREADS, 0, st>>>(g->wse_sum, g->row_wse, ni);
+                MOT_LAUNCH_CHECK();
+                MOT_CUDA_CHECK(cudaMemcpyAsync(&g->wse_host, g->wse_sum, sizeof(double), cudaMemcpyDeviceToHost, st));
+            }
         } else {
             MOT_CUDA_CHECK(cudaMemsetAsync(g->loss_out + 4, 0, sizeof(double), st));
         }
@@ -2366,7 +2389,9 @@ inline double mot_gpu_forward(MotGpu* g, const MotBatch& b) {
     if (g->tf) {  // as diffusion_loss: the image entry is the MSE over the noised rows' 16 values
         g->n_mod[MOD_IMAGE] = g->n_noised;
         g->loss_mod[MOD_IMAGE] = g->n_noised ? g->host_out[4] / ((double)g->n_noised * PT) : 0.0;
-        g->loss = g->loss_lm + MOT_DIFF_WEIGHT * g->loss_mod[MOD_IMAGE];
+        const bool weighted = g->diff_loss == MOT_DIFF_MIN_SNR;  // as diffusion_loss: the WMSE, the same count
+        g->loss = g->loss_lm + MOT_DIFF_WEIGHT * (!weighted ? g->loss_mod[MOD_IMAGE]
+                                                  : g->n_noised ? g->wse_host / ((double)g->n_noised * PT) : 0.0);
     }
     // experts, EC: the aux BCE summed over layers and copies, and the fraction of rows of expert
     // copies (over layers) whose aux routers pick exactly their EC experts (as mot_forward)

@@ -308,6 +308,25 @@ inline double mot_abar(int t) {
     }();
     return table[std::max(0, std::min(t, (int)MOT_DIFF_STEPS))];
 }
+// Weighting of the diffusion loss: a training option (the trainer's --diffusion-loss), not part of
+// the model, which predicts eps and samples the same way under either; so it is not stored in
+// checkpoints, like the learning rate. MOT_DIFF_MSE is the paper's plain MSE (the default).
+// MOT_DIFF_MIN_SNR is min-SNR-gamma (Hang et al. 2023): each noised position's squared error is
+// weighted by w(t) = min(SNR, gamma) / SNR = min(1, gamma / SNR), SNR = abar / (1 - abar).
+// Why it is meant to help the high-noise end: a squared eps error e implies an x0 error e / SNR, so
+// the plain eps MSE is an x0 loss weighted by SNR; and most of it (and of its gradient) comes from
+// low t, where eps is nearly unpredictable (noise MSE 0.5-1 at t = 1 in dev/RESULTS.md's runs, 0.01
+// at t = 1000) and the image barely changes. min-SNR leaves t >= 262 (SNR <= 5 on this schedule) at
+// weight 1 and cuts the weight below it (0.56 at t = 200, 0.04 at t = 50, 2e-4 at t = 1): high t
+// gains no weight, low t loses it, so high t gets a larger share of each (Adam-normalised) update.
+// Mean weight over t uniform in 1..1000: 0.82. Measured effect: dev/RESULTS.md ("min-SNR").
+enum MotDiffLoss { MOT_DIFF_MSE = 0, MOT_DIFF_MIN_SNR = 1 };
+static const double MOT_MIN_SNR_GAMMA = 5.0;
+inline double mot_diff_loss_weight(int mode, int t) {
+    if (mode != MOT_DIFF_MIN_SNR || t <= 0) return 1.0;
+    const double a = mot_abar(t);
+    return std::min(1.0, MOT_MIN_SNR_GAMMA * (1 - a) / a);
+}
 // sinusoid(t) = [sin(t w_j) || cos(t w_j)], w_j = 10000^(-2j/D), j = 0..D/2-1 (D even).
 template <typename S>
 void mot_sinusoid(S* out, int t, int D) {
@@ -599,6 +618,7 @@ struct MotModel {
     std::vector<double> pos_loss;  // -log p(target) per position, original order (0 where ignored)
     // experts (section 5, "Experts"); none of this is used by a model without them
     int route = MOT_ROUTE_EC;        // MOT_ROUTE_EC (training, "EC" eval) or MOT_ROUTE_CAUSAL (aux routers)
+    int diff_loss = MOT_DIFF_MSE;    // Transfusion: the weighting of the diffusion term of `loss` (MotDiffLoss)
     bool force_expert_path = false;  // test hook: run the expert code even with one expert per copy
     double aux_loss = 0, aux_agree = 0;  // last EC forward: aux-router BCE (summed over layers and copies),
                                          // and the fraction of rows (of expert copies, over layers)
@@ -1207,8 +1227,12 @@ void cross_entropy(MotModel<S>* m, const MotBatch& b) {
 
 // ---- Transfusion: image output and the diffusion loss -------------------------------------
 // eps_hat = z W_out + b_out on the image rows; MSE = one mean over the noised (t >= 1) image
-// positions and their 16 values of (eps_hat - eps)^2; loss = loss_lm + 5 MSE. Writes deps and the
-// per-position squared error (mean over the 16 values) into pos_loss. Call after cross_entropy.
+// positions and their 16 values of (eps_hat - eps)^2; loss = loss_lm + 5 MSE. With m->diff_loss =
+// MOT_DIFF_MIN_SNR, loss = loss_lm + 5 WMSE, WMSE = sum of w(t) (eps_hat - eps)^2 over the same
+// positions divided by the same count (w = 1 gives the MSE exactly); loss_mod[image] stays the
+// plain MSE, so reported and validation image losses compare across weightings. Writes deps and
+// the per-position squared error (mean over the 16 values, unweighted) into pos_loss. Call after
+// cross_entropy.
 template <typename S>
 void diffusion_loss(MotModel<S>* m, const MotBatch& b) {
     const int D = m->cfg.d_model, P = MOT_PATCH, r0 = b.group[MOD_IMAGE], r1 = b.group[MOD_IMAGE + 1];
@@ -1216,22 +1240,23 @@ void diffusion_loss(MotModel<S>* m, const MotBatch& b) {
     matmul(A.eps_hat + (size_t)r0 * P, P, A.z + (size_t)r0 * D, D, false, m->param(P_WOUT), P, false, r1 - r0, P, D, false);
     int n = 0;
     for (int r = r0; r < r1; r++) n += b.tstep[b.order[r]] > 0;
-    double sum = 0;
+    double sum = 0, wsum = 0;
     for (int r = r0; r < r1; r++) {
         const int i = b.order[r];
+        const double w = mot_diff_loss_weight(m->diff_loss, b.tstep[i]);
         S *e = A.eps_hat + (size_t)r * P, *de = A.deps + (size_t)r * P;
         double se = 0;
         for (int j = 0; j < P; j++) {
             e[j] += m->param(P_BOUT)[j];
             const double d = double(e[j]) - b.eps[(size_t)i * P + j];
             se += d * d;
-            de[j] = b.tstep[i] > 0 ? S(MOT_DIFF_WEIGHT * 2 * d / ((double)n * P)) : S(0);
+            de[j] = b.tstep[i] > 0 ? S(w * MOT_DIFF_WEIGHT * 2 * d / ((double)n * P)) : S(0);
         }
-        if (b.tstep[i] > 0) { sum += se; m->pos_loss[i] = se / P; }
+        if (b.tstep[i] > 0) { sum += se; wsum += w * se; m->pos_loss[i] = se / P; }
     }
     m->n_mod[MOD_IMAGE] = n;
     m->loss_mod[MOD_IMAGE] = n ? sum / ((double)n * P) : 0.0;
-    m->loss = m->loss_lm + MOT_DIFF_WEIGHT * m->loss_mod[MOD_IMAGE];
+    m->loss = m->loss_lm + MOT_DIFF_WEIGHT * (n ? wsum / ((double)n * P) : 0.0);
 }
 
 // ---- the whole model -----------------------------------------------------------------------

@@ -51,6 +51,7 @@ struct Args {
     bool resume = false, overwrite = false, cpu = false, fp32 = false, eval_only = false;
     double cfg_image = CFG_IMAGE, cfg_caption = CFG_CAPTION;
     int best_of = BEST_OF;
+    int diff_loss = MOT_DIFF_MSE;  // --diffusion-loss: a training option, not stored (mot.h, MotDiffLoss)
     std::vector<std::string> set;  // the model-shape flags the user gave (checked against --init-from)
     std::vector<int> experts;      // --experts: one count for every FFN copy, or one per copy
     std::string experts_text;
@@ -90,6 +91,9 @@ static void usage(FILE* f) {
             "  --wd X            decoupled weight decay                    (0.1)\n"
             "  --clip X          global gradient-norm clip, 0 = off        (1.0)\n"
             "  --seed N          initialisation and data order             (1)\n"
+            "  --diffusion-loss W  Transfusion: weighting of the image noise MSE in the training loss,\n"
+            "                    mse (the paper's) or min-snr (min-SNR-5, Hang et al. 2023: less weight\n"
+            "                    at low noise); the validation image loss is the plain MSE either way  (mse)\n"
             "checkpoints, evaluation and logs:\n"
             "  --out DIR         run folder: log.csv, step_NNNNNN.ckpt every --save-every steps, model.ckpt,\n"
             "                    eval.csv, samples/  (without --out or --save nothing is saved)\n"
@@ -180,6 +184,11 @@ static Args parse_args(int argc, char** argv) {
             a.cfg.setting = v == "transfusion" ? MOT_SETTING_TRANSFUSION : MOT_SETTING_TOKENS;
             a.set.push_back("setting");
         }
+        else if (f == "--diffusion-loss") {
+            const std::string v = val();
+            if (v != "mse" && v != "min-snr") die("bad value for --diffusion-loss: '" + v + "' (expected mse or min-snr)", 2);
+            a.diff_loss = v == "min-snr" ? MOT_DIFF_MIN_SNR : MOT_DIFF_MSE;
+        }
         else if (f == "--experts") {
             a.experts_text = val();
             a.experts.clear();
@@ -235,6 +244,9 @@ static Args parse_args(int argc, char** argv) {
     if (a.resume && !a.init_from.empty()) die("give either --resume or --init-from, not both", 2);
     if (a.overwrite && a.out.empty()) die("--overwrite needs --out DIR (the run folder to start over)", 2);
     if (a.overwrite && a.resume) die("give either --resume or --overwrite, not both", 2);
+    // the debug state's loss and gradient are the paper's objective, and its format has no field for another
+    if (a.diff_loss != MOT_DIFF_MSE && !a.debug_state.empty())
+        die("--debug-state records the plain-MSE objective: give it without --diffusion-loss min-snr", 2);
     a.cfg.max_seq = a.seq;
     return a;
 }
@@ -336,6 +348,13 @@ struct Engine {
         cpu->route = route;
 #ifdef MOT_GPU
         gpu.route = route;
+#endif
+    }
+    // Transfusion: the weighting of the diffusion term of the training loss (MotDiffLoss).
+    void set_diff_loss(int mode) {
+        cpu->diff_loss = mode;
+#ifdef MOT_GPU
+        gpu.diff_loss = mode;
 #endif
     }
     void backward(const MotBatch& b) {
@@ -1362,6 +1381,8 @@ int main(int argc, char** argv) {
     }
     std::string bad = mot_config_error(a.cfg);
     if (!bad.empty()) die("bad model config: " + bad, 2);
+    if (a.diff_loss != MOT_DIFF_MSE && !mot_transfusion(a.cfg))
+        die("--diffusion-loss min-snr needs the Transfusion setting (--setting transfusion)", 2);
     bad = mot_loader_setting_error(loader, a.cfg);  // the shards' form must match the setting
     if (!bad.empty()) die(bad + (mot_transfusion(a.cfg) ? "" : " (add --setting transfusion)"), 2);
     if (!a.val.empty()) {
@@ -1420,6 +1441,9 @@ int main(int argc, char** argv) {
         else
             printf("device: CPU reference (%s)\n", why.c_str());
     }
+    eng.set_diff_loss(a.diff_loss);
+    if (a.diff_loss == MOT_DIFF_MIN_SNR)
+        printf("diffusion loss: min-SNR weighted, gamma %g (validation image loss: the plain MSE)\n", MOT_MIN_SNR_GAMMA);
     const MotParamTable& tab = model.tab;
     std::string experts_note;
     if (mot_has_experts(a.cfg)) {

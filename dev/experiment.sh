@@ -8,14 +8,42 @@
 #
 #   bash dev/experiment.sh [OUT_DIR] [extra ./mot flags]       (default OUT_DIR runs/experiment)
 #   e.g. bash dev/experiment.sh runs/exp --steps 2000 --dim 256 --layers 4 --heads 8
+#
+# SETTING=transfusion: the same comparison in the Transfusion setting (images as pixel patches
+# trained by diffusion) on the tf_train_*.bin / tf_val_*.bin shards of the same documents
+# (`bash data/build.sh DATA --transfusion`, run here when DATA has no build yet). The image row
+# of the table is then the validation noise MSE, the overall row LM + 5 MSE. At the end both
+# models are evaluated on caption->image accuracy (EVAL_GEN images per class, default 3, the
+# trainer's --cfg and --best-of; the 5-NN classifier of the token setting), printed beside the
+# table and appended to OUT_DIR/table.md. Extra flags go to both runs and to the evaluation,
+# e.g. --diffusion-loss min-snr, --threads 1.
+#   e.g. SETTING=transfusion bash dev/experiment.sh runs/tf --threads 1
+# DATA (default data/default) is the dataset folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/experiment}; shift || true
 data=${DATA:-data/default}
-[ -f "$data/manifest.txt" ] || bash data/build.sh "$data"
+setting=${SETTING:-tokens}
+eval_gen=${EVAL_GEN:-3}
+case "$setting" in
+tokens)
+  [ -f "$data/manifest.txt" ] || bash data/build.sh "$data"
+  prefix="" ; setting_flag="" ;;
+transfusion)
+  if [ ! -f "$data/manifest.txt" ]; then
+    bash data/build.sh "$data" --transfusion
+  elif ! ls "$data"/tf_train_*.bin >/dev/null 2>&1; then
+    echo "experiment.sh: $data was built without --transfusion (no tf_train_*.bin): rebuild it with" \
+         "'bash data/build.sh $data --transfusion --force', or set DATA to another folder" >&2
+    exit 1
+  fi
+  prefix="tf_" ; setting_flag="--setting transfusion" ;;
+*) echo "experiment.sh: bad SETTING '$setting' (expected tokens or transfusion)" >&2; exit 2 ;;
+esac
 make -s mot
-flags="--data $data/train_*.bin --val $data/val_*.bin --layers 4 --dim 128 --heads 4 --seq 128 --batch 16
-       --steps 1000 --warmup 50 --lr 3e-3 --eval-every 25 --eval-batches 8 --eval-items 0 --seed 1 --log-every 50"
+flags="--data $data/${prefix}train_*.bin --val $data/${prefix}val_*.bin $setting_flag --layers 4 --dim 128 --heads 4
+       --seq 128 --batch 16 --steps 1000 --warmup 50 --lr 3e-3 --eval-every 25 --eval-batches 8 --eval-items 0 --seed 1
+       --log-every 50"
 mkdir -p "$out"
 set -f  # the shard patterns in $flags are for ./mot, not for the shell
 for kind in dense mot; do
@@ -46,5 +74,19 @@ awk -F, '
              hit < 0 ? "not reached" : hit, hit < 0 ? "> 1" : sprintf("%.2f", hit / final)
     }
   }' "$out/dense/log.csv" "$out/mot/log.csv" | tee "$out/table.md"
+if [ "$setting" = transfusion ]; then
+  # caption -> image of each final model (DDIM samples, classified by the 5-NN on real images)
+  echo | tee -a "$out/table.md"
+  echo "| model | caption->image accuracy (images; 5-NN on real images) |" | tee -a "$out/table.md"
+  echo "|---|---|" | tee -a "$out/table.md"
+  for kind in dense mot; do
+    # shellcheck disable=SC2086
+    line=$(./mot --data "$data/tf_train_*.bin" --init-from "$out/$kind/model.ckpt" --eval-only --eval-items 0 \
+             --eval-gen "$eval_gen" "$@" | grep '^eval ' | tail -1)
+    acc=$(echo "$line" | sed -n 's/.*caption->image \([0-9.]*\) (\([0-9]*\); k-NN on real images \([0-9.]*\)).*/\1 (\2; \3)/p')
+    [ -n "$acc" ] || { echo "experiment.sh: no caption->image figure from $kind: '$line'" >&2; exit 1; }
+    echo "| $kind | $acc |" | tee -a "$out/table.md"
+  done
+fi
 bash dev/plot.sh loss "$out/loss.png" dense="$out/dense" MoT="$out/mot"
 bash dev/plot.sh match "$out/match.png" "$out/dense" "$out/mot"

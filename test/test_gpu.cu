@@ -220,7 +220,8 @@ static void compare_causal(MotModel<float>* cpu, MotGpu* g, const MotBatch& b, b
 // One forward + backward on the CPU and the GPU with the same parameters and batch.
 // `given`: that batch instead of random_batch(c, B, T, 13, mods) (a Transfusion batch).
 static void compare_once(const char* name, const MotConfig& c, int B, int T, std::vector<int> mods, bool bf16,
-                         int head_rows = 0, bool zero_routers = false, const MotBatch* given = nullptr) {
+                         int head_rows = 0, bool zero_routers = false, const MotBatch* given = nullptr,
+                         int diff_loss = MOT_DIFF_MSE) {
     INFO("case ", name, (bf16 ? " (bf16)" : " (fp32)"));
     printf("%s%s: L=%d D=%d H=%d F=%d V=%d towers=%d ties=%d%d%d B=%d T=%d\n", name, bf16 ? " bf16" : " fp32",
            c.n_layer, c.d_model, c.n_head, c.d_ff, c.vocab, c.n_tower, c.tie_attn, c.tie_ffn, c.tie_norm, B, T);
@@ -231,6 +232,7 @@ static void compare_once(const char* name, const MotConfig& c, int B, int T, std
         std::fill(cpu.params.begin() + cpu.tab.p[P_WR].offset,
                   cpu.params.begin() + cpu.tab.p[P_WR].offset + cpu.tab.p[P_WR].size(), 0.0f);
     MotBatch b = given ? *given : random_batch(c, B, T, 13, mods);
+    cpu.diff_loss = diff_loss;
     mot_forward(&cpu, b);
     mot_zero_grad(&cpu);
     mot_backward(&cpu, b);
@@ -239,6 +241,7 @@ static void compare_once(const char* name, const MotConfig& c, int B, int T, std
     std::string err;
     REQUIRE_MESSAGE(mot_gpu_init(&g, c, B, T, bf16, &err), err);
     if (head_rows > 0) g.head_rows = std::min(g.head_rows, head_rows);  // exercise the chunked head
+    g.diff_loss = diff_loss;
     mot_gpu_upload(&g, cpu);
     mot_gpu_zero_grad(&g);
     const double loss = mot_gpu_forward(&g, b);
@@ -411,8 +414,10 @@ static MotBatch tf_random_batch(const MotConfig& c, int B, int T, uint64_t seed,
 // within 4e-8, eps_hat 2e-7..5e-7, every gradient within 4e-6 (w_in .. b_out within 9e-7); bf16
 // losses 1e-3, eps_hat 4e-3, gradients 2.9e-2 (a QK-norm gain; w_in .. b_out within 9.3e-3). The
 // predicted noise is an output like the logits and is held to their tolerance.
+// min-SNR weighting (the objective and the image gradients; the reported MSE stays plain): steps
+// below 262 (weight < 1, down to 2e-4 at t = 1) beside steps above it, and clean images.
 static void compare_tf_all(bool bf16) {
-    struct Case { const char* name; MotConfig c; MotBatch b; int head_rows; };
+    struct Case { const char* name; MotConfig c; MotBatch b; int head_rows; int diff_loss = MOT_DIFF_MSE; };
     const MotConfig c1 = tf_config(64, 4, 3, 130), c2 = tf_config(64, 4, 1, 77), c3 = tf_config(128, 2, 3, 130);
     const MotConfig c4 = tf_config(64, 4, 3, 40, 1, 0, 0), c5 = tf_config(64, 4, 3, 65, 0, 1, 1), c6 = tf_config(64, 4, 3, 33);
     const Case cases[] = {
@@ -422,8 +427,12 @@ static void compare_tf_all(bool bf16) {
         {"tf mot tie-attn, random image runs and steps", c4, tf_random_batch(c4, 3, 40, 16, {0, 1, 2}, {0, 1, 500, 1000}), 0},
         {"tf mot tie-ffn tie-norm, clean images only", c5, tf_batch(c5, 2, 65, 17, {0}, MOT_IMAGE_POS), 0},
         {"tf mot, no image rows", c6, tf_random_batch(c6, 2, 33, 18, {0, 2}, {5}), 0},
+        {"tf mot dh16 min-SNR", c1, tf_batch(c1, 2, 130, 19, {700, 0, 35, 150}, MOT_IMAGE_POS), 50, MOT_DIFF_MIN_SNR},
+        {"tf dense min-SNR, random image runs and steps", c2,
+         tf_random_batch(c2, 3, 77, 20, {0, 1, 2}, {0, 1, 40, 200, 261, 262, 800}), 0, MOT_DIFF_MIN_SNR},
+        {"tf mot min-SNR, no image rows", c6, tf_random_batch(c6, 2, 33, 18, {0, 2}, {5}), 0, MOT_DIFF_MIN_SNR},
     };
-    for (const Case& k : cases) compare_once(k.name, k.c, k.b.B, k.b.T, {}, bf16, k.head_rows, false, &k.b);
+    for (const Case& k : cases) compare_once(k.name, k.c, k.b.B, k.b.T, {}, bf16, k.head_rows, false, &k.b, k.diff_loss);
 }
 TEST_CASE("gpu: Transfusion, fp32: loss, MSE, predicted noise and every gradient match the CPU reference") {
     compare_tf_all(false);
@@ -717,7 +726,7 @@ TEST_CASE("gpu: debug state file") {
 // Ten AdamW steps on fresh batches, CPU and GPU from the same initial parameters. Adam divides
 // by sqrt(v), so an element whose gradient is near zero can move by ~lr on one side and not
 // the other; losses still agree closely over 10 steps (fp32 1e-3, bf16 3e-2 relative).
-static void train_compare(bool bf16, int d_model = 64, int n_head = 4, bool tf = false) {
+static void train_compare(bool bf16, int d_model = 64, int n_head = 4, bool tf = false, int diff_loss = MOT_DIFF_MSE) {
     const int B = 3, T = tf ? 64 : 48;
     const MotConfig c = tf ? tf_config(d_model, n_head, 3, T) : small_config(d_model, n_head, 3, T);
     MotModel<float> cpu;
@@ -726,6 +735,7 @@ static void train_compare(bool bf16, int d_model = 64, int n_head = 4, bool tf =
     std::string err;
     REQUIRE_MESSAGE(mot_gpu_init(&g, c, B, T, bf16, &err), err);
     mot_gpu_upload(&g, cpu);
+    cpu.diff_loss = g.diff_loss = diff_loss;
     MotOptim o;
     o.lr = 3e-3; o.warmup = 3; o.steps = 10;
     const double tol = bf16 ? 3e-2 : 1e-3;
@@ -758,6 +768,9 @@ TEST_CASE("gpu: 10 fp32 training steps follow the CPU reference") { train_compar
 TEST_CASE("gpu: 10 bf16 training steps stay close to the CPU reference") { train_compare(true); }
 TEST_CASE("gpu: 10 fp32 Transfusion training steps follow the CPU reference") { train_compare(false, 64, 4, true); }
 TEST_CASE("gpu: 10 bf16 Transfusion training steps stay close to the CPU reference") { train_compare(true, 64, 4, true); }
+TEST_CASE("gpu: 10 fp32 Transfusion min-SNR training steps follow the CPU reference") {
+    train_compare(false, 64, 4, true, MOT_DIFF_MIN_SNR);
+}
 // head dim 64: attention on tensor cores (head dim 16 above runs the fp32 kernels)
 TEST_CASE("gpu: 10 bf16 training steps with tensor-core attention stay close to the CPU reference") {
     REQUIRE(mot_attn_tensor_cores(true, 64));

@@ -24,13 +24,15 @@ static double eps_hat_at(const MotModel<double>& m, const MotBatch& b, int i, in
 
 // Every tensor of every layer and copy, w_in b_in w_t w_out b_out included: ||fd - analytic|| /
 // ||analytic|| <= 1e-6 (central differences, step 1e-5, in double). One image of each sequence is
-// noised, one clean, so the clean image's positions must add nothing.
-static void gradient_check(const MotConfig& c) {
+// noised, one clean, so the clean image's positions must add nothing. diff_loss: the weighting of
+// the diffusion term (min-SNR: t = 700 has weight 1, t = 150 about 0.31, t = 35 about 0.02).
+static void gradient_check(const MotConfig& c, int diff_loss = MOT_DIFF_MSE, std::vector<int> ts = {700, 0, 35}) {
     omp_set_num_threads(1);
     MotModel<double> m;
     mot_init(&m, c, 7);
     randomize(&m, 11);
-    MotBatch b = tf_batch(c, 2, 16, 3, {700, 0, 35});
+    m.diff_loss = diff_loss;
+    MotBatch b = tf_batch(c, 2, 16, 3, ts);
     REQUIRE(b.group[1] > b.group[0]);
     REQUIRE(b.group[2] > b.group[1]);
     REQUIRE(b.group[3] > b.group[2]);
@@ -74,6 +76,76 @@ TEST_CASE("Transfusion gradient check: MoT") { gradient_check(tiny_tf(3)); }
 TEST_CASE("Transfusion gradient check: dense") { gradient_check(tiny_tf(1)); }
 TEST_CASE("Transfusion gradient check: MoT, attention tied") { gradient_check(tiny_tf(3, 1, 0, 0)); }
 TEST_CASE("Transfusion gradient check: MoT, FFN and norms tied") { gradient_check(tiny_tf(3, 0, 1, 1)); }
+TEST_CASE("Transfusion gradient check: min-SNR weighting, MoT") { gradient_check(tiny_tf(3), MOT_DIFF_MIN_SNR, {700, 0, 150, 35}); }
+TEST_CASE("Transfusion gradient check: min-SNR weighting, dense") { gradient_check(tiny_tf(1), MOT_DIFF_MIN_SNR, {150, 0, 700, 5}); }
+
+TEST_CASE("min-SNR weighting: w(t) = min(SNR, 5) / SNR; loss = LM + 5 weighted MSE; the MSE it reports is plain; mse is today's loss bit for bit") {
+    // the weight: 1 from SNR <= 5 (t >= 262 on the cosine schedule) up, min-SNR / SNR below
+    for (int t : {1, 50, 200, 261, 262, 500, 1000}) {
+        const double a = mot_abar(t), snr = a / (1 - a);
+        INFO("t = ", t);
+        CHECK(mot_diff_loss_weight(MOT_DIFF_MIN_SNR, t) == doctest::Approx(std::min(snr, 5.0) / snr).epsilon(1e-12));
+        CHECK(mot_diff_loss_weight(MOT_DIFF_MSE, t) == 1.0);
+    }
+    CHECK(mot_diff_loss_weight(MOT_DIFF_MIN_SNR, 261) < 1);
+    CHECK(mot_diff_loss_weight(MOT_DIFF_MIN_SNR, 262) == 1);
+    CHECK(mot_diff_loss_weight(MOT_DIFF_MIN_SNR, 1) < 1e-3);
+    for (int t = 2; t <= 1000; t++)  // never decreasing in t: low noise is what loses weight
+        CHECK(mot_diff_loss_weight(MOT_DIFF_MIN_SNR, t) >= mot_diff_loss_weight(MOT_DIFF_MIN_SNR, t - 1));
+
+    MotConfig c = tiny_tf(3);
+    MotModel<double> m;
+    mot_init(&m, c, 1);
+    randomize(&m, 2);
+    const int T = 20, P = MOT_PATCH;
+    MotBatch b = tf_batch(c, 2, T, 5, {300, 0, 40, 120});
+    const int N = b.B * T;
+    // mse: exactly today's formulas, loss = loss_lm + 5 MSE and deps = 5 * 2 (eps_hat - eps) / (n 16)
+    mot_forward(&m, b);
+    const int n = m.n_mod[MOD_IMAGE];
+    REQUIRE(n > 0);
+    CHECK(m.loss == m.loss_lm + MOT_DIFF_WEIGHT * m.loss_mod[MOD_IMAGE]);
+    for (int i = 0; i < N; i++)
+        if (mot_modality(c, b.tokens[i]) == MOD_IMAGE)
+            for (int j = 0; j < P; j++) {
+                const double d = eps_hat_at(m, b, i, j) - b.eps[(size_t)i * P + j];
+                CHECK(m.act.deps[(size_t)b.row_of[i] * P + j] == (b.tstep[i] > 0 ? MOT_DIFF_WEIGHT * 2 * d / ((double)n * P) : 0.0));
+            }
+    const double loss_mse = m.loss, lm = m.loss_lm, mse = m.loss_mod[MOD_IMAGE];
+    mot_zero_grad(&m);
+    mot_backward(&m, b);
+    const std::vector<double> g_mse = m.grads;
+    // min-SNR: the same MSE and LM loss reported, the objective weighted by hand
+    m.diff_loss = MOT_DIFF_MIN_SNR;
+    mot_forward(&m, b);
+    CHECK(m.loss_lm == lm);
+    CHECK(m.loss_mod[MOD_IMAGE] == mse);
+    CHECK(m.n_mod[MOD_IMAGE] == n);
+    double wse = 0;
+    for (int i = 0; i < N; i++)
+        if (mot_modality(c, b.tokens[i]) == MOD_IMAGE && b.tstep[i] > 0)
+            for (int j = 0; j < P; j++) {
+                const double d = eps_hat_at(m, b, i, j) - b.eps[(size_t)i * P + j];
+                wse += mot_diff_loss_weight(MOT_DIFF_MIN_SNR, b.tstep[i]) * d * d;
+            }
+    CHECK(m.loss == doctest::Approx(lm + 5 * wse / ((double)n * P)).epsilon(1e-12));
+    CHECK(m.loss < loss_mse);  // t = 40, 120 lose weight, t = 300 keeps it
+    mot_zero_grad(&m);
+    mot_backward(&m, b);
+    CHECK(m.grads != g_mse);
+    // with every t at 262 or more, min-SNR is the plain MSE, bit for bit
+    MotBatch hi = tf_batch(c, 2, T, 5, {300, 0, 262, 999});
+    m.diff_loss = MOT_DIFF_MSE;
+    const double l_hi = mot_forward(&m, hi);
+    mot_zero_grad(&m);
+    mot_backward(&m, hi);
+    const std::vector<double> g_hi = m.grads;
+    m.diff_loss = MOT_DIFF_MIN_SNR;
+    CHECK(mot_forward(&m, hi) == l_hi);
+    mot_zero_grad(&m);
+    mot_backward(&m, hi);
+    CHECK(m.grads == g_hi);
+}
 
 TEST_CASE("config: the setting is validated, experts are refused, the token setting has no image-tower tensors") {
     MotConfig c = tiny_tf(3);
@@ -536,6 +608,38 @@ TEST_CASE("mot --setting transfusion: trains on pixel shards, logs the image MSE
     refused(" --setting diffusion --data " + tmp("tf.bin"), "bad value for --setting: 'diffusion'");
     refused(" --setting transfusion --experts 4 --data " + tmp("tf.bin"), "experts are not supported in the Transfusion setting");
     refused(" --setting tokens --data " + tmp("tf.bin") + " --init-from " + tmp("tf.ckpt"), "setting is 1 in the checkpoint but 0");
+    refused(" --setting transfusion --diffusion-loss snr --data " + tmp("tf.bin"), "bad value for --diffusion-loss: 'snr'");
+    refused(" --diffusion-loss min-snr --data " + tmp("tok.bin"), "--diffusion-loss min-snr needs the Transfusion setting");
+    refused(" --setting transfusion --diffusion-loss min-snr --data " + tmp("tf.bin") + " --debug-state " + tmp("x.dbg"),
+            "--debug-state records the plain-MSE objective");
+    // min-SNR: step 1 reports the same image MSE as mse (same model, same batch) and a smaller
+    // objective; validation is the plain MSE, the same under either option
+    auto csv_row1 = [&](const std::string& path) {
+        const std::string all = read_bytes(path), r = all.substr(all.find("\n1,") + 1);
+        std::vector<std::string> f;
+        for (size_t a = 0, b; a < r.size() && (b = r.find_first_of(",\n", a)) != std::string::npos; a = b + 1) {
+            f.push_back(r.substr(a, b - a));
+            if (r[b] == '\n') break;
+        }
+        return f;
+    };
+    remove(tmp("mse.csv").c_str());
+    remove(tmp("snr.csv").c_str());
+    REQUIRE(run("./mot --setting transfusion --data " + tmp("tf.bin") + model + " --steps 1 --log " + tmp("mse.csv"), &out) == 0);
+    REQUIRE(run("./mot --setting transfusion --diffusion-loss min-snr --data " + tmp("tf.bin") + model + " --steps 1 --log " +
+                    tmp("snr.csv"), &out) == 0);
+    CHECK(out.find("diffusion loss: min-SNR weighted, gamma 5") != std::string::npos);
+    const std::vector<std::string> fm = csv_row1(tmp("mse.csv")), fs = csv_row1(tmp("snr.csv"));
+    REQUIRE(fm.size() > 4);
+    REQUIRE(fs.size() > 4);
+    CHECK(fm[3] == fs[3]);
+    CHECK(atof(fs[1].c_str()) < atof(fm[1].c_str()));
+    std::string val_mse, val_snr;
+    const std::string ev = " --data " + tmp("tf.bin") + " --val " + tmp("tf.bin") + model + " --init-from " + tmp("tf.ckpt") + " --eval-only";
+    REQUIRE(run("./mot" + ev, &val_mse) == 0);
+    REQUIRE(run("./mot" + ev + " --diffusion-loss min-snr", &val_snr) == 0);
+    CHECK(val_mse.find("val      3 | loss") != std::string::npos);
+    CHECK(val_mse.substr(val_mse.find("val      3")) == val_snr.substr(val_snr.find("val      3")));
     // resuming from the checkpoint without --setting takes the checkpoint's
     REQUIRE(run("./mot --data " + tmp("tf.bin") + model + " --steps 4 --init-from " + tmp("tf.ckpt"), &out) == 0);
     CHECK(out.find("step     4/4") != std::string::npos);
