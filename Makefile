@@ -188,7 +188,10 @@ $(DATA)/manifest.txt: | setup
 # OMP_WAIT_POLICY=passive: threads waiting at a barrier sleep instead of spinning. On a machine
 # shared with other jobs, spinning threads take the CPU the thread being waited for needs: 2-thread
 # training steps measured 3.5-4.4 s with the default policy and 0.5-1.0 s passive (load ~6, 2 cores).
-train: mot $(DATA)/manifest.txt
+# The trainer's compile and the dataset build run side by side (-j2): each keeps about one core
+# busy for its minute, so together they take about 40 s less than one after the other.
+train:
+	@$(MAKE) --no-print-directory -j2 mot $(DATA)/manifest.txt
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} ./mot --data '$(DATA)/train_*.bin' --val '$(DATA)/val_*.bin' --out $(RUN) --resume $(TRAIN_FLAGS)
 	bash dev/plot.sh loss $(RUN)/loss.png MoT=$(RUN)
 	bash dev/plot.sh samples $(RUN)

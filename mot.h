@@ -809,6 +809,15 @@ void gather_head(S* dst, const S* src, const MotBatch& b, int bi, int h, int D, 
         std::copy(row, row + Dh, dst + (size_t)t * Dh);
     }
 }
+// The same, transposed (Dh x T): a score loop over j then reads consecutive floats and
+// vectorises, while each score still sums over d in order (the same result as a dot product).
+template <typename S>
+void gather_head_t(S* dst, const S* src, const MotBatch& b, int bi, int h, int D, int Dh) {
+    for (int t = 0; t < b.T; t++) {
+        const S* row = src + (size_t)b.row_of[bi * b.T + t] * D + h * Dh;
+        for (int d = 0; d < Dh; d++) dst[(size_t)d * b.T + t] = row[d];
+    }
+}
 template <typename S>
 void scatter_head(S* dst, const S* src, const MotBatch& b, int bi, int h, int D, int Dh) {
     for (int t = 0; t < b.T; t++)
@@ -821,22 +830,25 @@ void attention_forward(S* o, S* att, const S* q, const S* k, const S* v, const M
     const S scale = S(1) / std::sqrt(S(Dh));
 #pragma omp parallel
     {
-        std::vector<S> qh((size_t)T * Dh), kh((size_t)T * Dh), vh((size_t)T * Dh), oh((size_t)T * Dh);
+        std::vector<S> qh((size_t)T * Dh), kt((size_t)Dh * T), vh((size_t)T * Dh), oh((size_t)T * Dh);
 #pragma omp for schedule(dynamic)
         for (int bh = 0; bh < b.B * H; bh++) {
             const int bi = bh / H, h = bh % H;
             gather_head(qh.data(), q, b, bi, h, D, Dh);
-            gather_head(kh.data(), k, b, bi, h, D, Dh);
+            gather_head_t(kt.data(), k, b, bi, h, D, Dh);
             gather_head(vh.data(), v, b, bi, h, D, Dh);
             S* A = att + (size_t)bh * T * T;
             for (int t = 0; t < T; t++) {
                 S* p = A + (size_t)t * T;
                 const int lim = b.vis[(size_t)bi * T + t];  // t, or the end of t's image block
+                std::fill(p, p + lim + 1, S(0));  // p_j = q_t . k_j, summed over d in order
+                for (int d = 0; d < Dh; d++) {
+                    const S qd = qh[(size_t)t * Dh + d], *kd = &kt[(size_t)d * T];
+                    for (int j = 0; j <= lim; j++) p[j] += qd * kd[j];
+                }
                 S mx = -INFINITY;
                 for (int j = 0; j <= lim; j++) {
-                    S s = 0;
-                    for (int d = 0; d < Dh; d++) s += qh[(size_t)t * Dh + d] * kh[(size_t)j * Dh + d];
-                    p[j] = s * scale;
+                    p[j] *= scale;
                     mx = std::max(mx, p[j]);
                 }
                 S sum = 0;
@@ -861,14 +873,14 @@ void attention_backward(S* dq, S* dk, S* dv, const S* dO, const S* att, const S*
     const S scale = S(1) / std::sqrt(S(Dh));
 #pragma omp parallel
     {
-        std::vector<S> qh((size_t)T * Dh), kh((size_t)T * Dh), vh((size_t)T * Dh), doh((size_t)T * Dh),
+        std::vector<S> qh((size_t)T * Dh), kh((size_t)T * Dh), vt((size_t)Dh * T), doh((size_t)T * Dh),
             dqh((size_t)T * Dh), dkh((size_t)T * Dh), dvh((size_t)T * Dh), dp(T);
 #pragma omp for schedule(dynamic)
         for (int bh = 0; bh < b.B * H; bh++) {
             const int bi = bh / H, h = bh % H;
             gather_head(qh.data(), q, b, bi, h, D, Dh);
             gather_head(kh.data(), k, b, bi, h, D, Dh);
-            gather_head(vh.data(), v, b, bi, h, D, Dh);
+            gather_head_t(vt.data(), v, b, bi, h, D, Dh);
             gather_head(doh.data(), dO, b, bi, h, D, Dh);
             std::fill(dqh.begin(), dqh.end(), S(0));
             std::fill(dkh.begin(), dkh.end(), S(0));
@@ -878,12 +890,14 @@ void attention_backward(S* dq, S* dk, S* dv, const S* dO, const S* att, const S*
                 const S* p = A + (size_t)t * T;
                 const S* dot = &doh[(size_t)t * Dh];
                 const int lim = b.vis[(size_t)bi * T + t];
+                std::fill(dp.begin(), dp.begin() + lim + 1, S(0));  // dp_j = dO_t . v_j
+                for (int d = 0; d < Dh; d++) {
+                    const S od = dot[d], *vd = &vt[(size_t)d * T];
+                    for (int j = 0; j <= lim; j++) dp[j] += od * vd[j];
+                }
                 S sum = 0;
                 for (int j = 0; j <= lim; j++) {
-                    S s = 0;
-                    for (int d = 0; d < Dh; d++) s += dot[d] * vh[(size_t)j * Dh + d];
-                    dp[j] = s;
-                    sum += p[j] * s;
+                    sum += p[j] * dp[j];
                     for (int d = 0; d < Dh; d++) dvh[(size_t)j * Dh + d] += p[j] * dot[d];
                 }
                 for (int j = 0; j <= lim; j++) {
