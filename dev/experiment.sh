@@ -12,11 +12,11 @@
 # SETTING=transfusion: the same comparison in the Transfusion setting (images as pixel patches
 # trained by diffusion) on the tf_train_*.bin / tf_val_*.bin shards of the same documents
 # (`bash data/build.sh DATA --transfusion`, run here when DATA has no build yet). The image row
-# of the table is then the validation noise MSE, the overall row LM + 5 MSE. At the end both
-# models are evaluated on caption->image accuracy (EVAL_GEN images per class, default 3, the
-# trainer's --cfg and --best-of; the 5-NN classifier of the token setting), printed beside the
-# table and appended to OUT_DIR/table.md. Extra flags go to both runs and to the evaluation,
-# e.g. --diffusion-loss min-snr, --threads 1.
+# of the table is then the validation noise MSE, the overall row LM + 5 MSE. Extra flags go to
+# both runs and to the evaluation, e.g. --diffusion-loss min-snr, --threads 1.
+# In both settings both final models are then evaluated on caption->image accuracy (EVAL_GEN
+# images per class, default 3, 0 skips it; the trainer's --cfg and --best-of; the 5-NN classifier
+# on real images), printed beside the table and appended to OUT_DIR/table.md.
 #   e.g. SETTING=transfusion bash dev/experiment.sh runs/tf --threads 1
 # DATA (default data/default) is the dataset folder.
 set -euo pipefail
@@ -74,14 +74,15 @@ awk -F, '
              hit < 0 ? "not reached" : hit, hit < 0 ? "> 1" : sprintf("%.2f", hit / final)
     }
   }' "$out/dense/log.csv" "$out/mot/log.csv" | tee "$out/table.md"
-if [ "$setting" = transfusion ]; then
-  # caption -> image of each final model (DDIM samples, classified by the 5-NN on real images)
+# caption -> image of each final model (token images or DDIM samples, the trainer's --cfg and
+# --best-of, classified by the 5-NN on real images), so the two settings can be compared
+if [ "$eval_gen" -gt 0 ]; then
   echo | tee -a "$out/table.md"
   echo "| model | caption->image accuracy (images; 5-NN on real images) |" | tee -a "$out/table.md"
   echo "|---|---|" | tee -a "$out/table.md"
   for kind in dense mot; do
     # shellcheck disable=SC2086
-    line=$(./mot --data "$data/tf_train_*.bin" --init-from "$out/$kind/model.ckpt" --eval-only --eval-items 0 \
+    line=$(./mot --data "$data/${prefix}train_*.bin" --init-from "$out/$kind/model.ckpt" --eval-only --eval-items 0 \
              --eval-gen "$eval_gen" "$@" | grep '^eval ' | tail -1)
     acc=$(echo "$line" | sed -n 's/.*caption->image \([0-9.]*\) (\([0-9]*\); k-NN on real images \([0-9.]*\)).*/\1 (\2; \3)/p')
     [ -n "$acc" ] || { echo "experiment.sh: no caption->image figure from $kind: '$line'" >&2; exit 1; }
