@@ -3,7 +3,7 @@
 #   make test        build everything and run every test; ends with "N passed, N failed, N skipped"
 #   (these run dev/setup.sh first, which installs missing Debian packages)
 #   make train       the main job: build the default dataset if missing, train, evaluate, sample,
-#                    plot, all into the run folder $(RUN)
+#                    plot, all into the run folder $(RUN); SETTING=transfusion for images by diffusion
 #   make bench       CPU benchmark (MoT vs dense step time)
 #   make mot_cpu_cuda    the trainer's GPU path run on the CPU by test/cuda_cpu.h (no GPU needed)
 #   make roofline    a model of one GPU training step, kernel by kernel (dev/roofline.cpp)
@@ -28,6 +28,18 @@ TESTBINS  = test/test_mot test/test_transfusion test/test_experts test/test_file
             test/test_crash test/test_cuda_cpu test/test_gpu_cpu
 TOOLS     = tokenizers/bpe tokenizers/vq tokenizers/speech
 
+# SETTING=transfusion: the main job in the Transfusion setting (images as pixel patches trained by
+# diffusion; README, "Transfusion"): its own dataset build (--transfusion, tf_*.bin) and run folder.
+SETTING  ?= tokens
+ifeq ($(SETTING),transfusion)
+DATA     ?= data/default/transfusion
+RUN      ?= runs/transfusion
+SHARDS    = tf_
+BUILD_FLAGS = --transfusion
+SETTING_FLAG = --setting transfusion
+else ifneq ($(SETTING),tokens)
+$(error SETTING must be tokens or transfusion, not '$(SETTING)')
+endif
 DATA     ?= data/default
 RUN      ?= runs/default
 # The main job's model. On the CPU reference: D=128, 4 layers, 3,000 steps of 16 x 128 tokens
@@ -183,7 +195,7 @@ fuzz: mot $(TOOLS) $(FUZZBINS)
 	@FUZZ_S=$(FUZZ_S) bash test/fuzz/run.sh $(FUZZBINS)
 
 $(DATA)/manifest.txt: | setup
-	bash data/build.sh $(DATA)
+	bash data/build.sh $(DATA) $(BUILD_FLAGS)
 
 # OMP_WAIT_POLICY=passive: threads waiting at a barrier sleep instead of spinning. On a machine
 # shared with other jobs, spinning threads take the CPU the thread being waited for needs: 2-thread
@@ -192,7 +204,8 @@ $(DATA)/manifest.txt: | setup
 # busy for its minute, so together they take about 40 s less than one after the other.
 train:
 	@$(MAKE) --no-print-directory -j2 mot $(DATA)/manifest.txt
-	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} ./mot --data '$(DATA)/train_*.bin' --val '$(DATA)/val_*.bin' --out $(RUN) --resume $(TRAIN_FLAGS)
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} ./mot --data '$(DATA)/$(SHARDS)train_*.bin' --val '$(DATA)/$(SHARDS)val_*.bin' $(SETTING_FLAG) \
+	      --out $(RUN) --resume $(TRAIN_FLAGS)
 	bash dev/plot.sh loss $(RUN)/loss.png MoT=$(RUN)
 	bash dev/plot.sh samples $(RUN)
 	@echo "run folder: $(RUN) (log.csv, eval.csv, loss.png, model.ckpt, samples/grid.png, samples/speech.wav)"
