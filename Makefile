@@ -202,7 +202,8 @@ $(DATA)/manifest.txt: | setup
 # shared with other jobs, spinning threads take the CPU the thread being waited for needs: 2-thread
 # training steps measured 3.5-4.4 s with the default policy and 0.5-1.0 s passive (load ~6, 2 cores).
 # The trainer's compile and the dataset build run side by side (-j2): each keeps about one core
-# busy for its minute, so together they take about 40 s less than one after the other.
+# busy for its minute, so together they should take about 40 s less than one after the other
+# (an estimate: only the whole job was timed, 9 min 4 s at 3,000 steps).
 train:
 	@$(MAKE) --no-print-directory -j2 mot $(DATA)/manifest.txt
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} ./mot --data '$(DATA)/$(SHARDS)train_*.bin' --val '$(DATA)/$(SHARDS)val_*.bin' $(SETTING_FLAG) \

@@ -810,7 +810,8 @@ void gather_head(S* dst, const S* src, const MotBatch& b, int bi, int h, int D, 
     }
 }
 // The same, transposed (Dh x T): a score loop over j then reads consecutive floats and
-// vectorises, while each score still sums over d in order (the same result as a dot product).
+// vectorises; each score still sums over d in order (equal to the dot product up to rounding:
+// not bit for bit the loop it replaced, dev/RESULTS.md).
 template <typename S>
 void gather_head_t(S* dst, const S* src, const MotBatch& b, int bi, int h, int D, int Dh) {
     for (int t = 0; t < b.T; t++) {
