@@ -18,12 +18,13 @@
 # images per class, default 3, 0 skips it; the trainer's --cfg and --best-of; the 5-NN classifier
 # on real images), printed beside the table and appended to OUT_DIR/table.md.
 #   e.g. SETTING=transfusion bash dev/experiment.sh runs/tf --threads 1
-# DATA (default data/default) is the dataset folder.
+# DATA is the dataset folder (default data/default; with SETTING=transfusion data/default/transfusion).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/experiment}; shift || true
-data=${DATA:-data/default}
 setting=${SETTING:-tokens}
+# the Transfusion default is the folder `make train SETTING=transfusion` builds, so the two share it
+if [ "$setting" = transfusion ]; then data=${DATA:-data/default/transfusion}; else data=${DATA:-data/default}; fi
 eval_gen=${EVAL_GEN:-3}
 case "$setting" in
 tokens)
