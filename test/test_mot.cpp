@@ -61,6 +61,35 @@ TEST_CASE("gradient check: MoT, attention tied") { gradient_check(tiny(3, 1, 0, 
 TEST_CASE("gradient check: MoT, FFN tied") { gradient_check(tiny(3, 0, 1, 0)); }
 TEST_CASE("gradient check: MoT, norms tied") { gradient_check(tiny(3, 0, 0, 1)); }
 
+TEST_CASE("matmul: all four layouts, accumulate or not, against a plain triple loop") {
+    // sizes around the blocking: edges of the 12 x 32 micro-tile, K over one 256-deep slice and
+    // not a multiple of the 16-deep transposed packing, M over one 240-row block
+    uint64_t rng = 3;
+    for (int M : {1, 13, 20, 250}) for (int N : {5, 32, 70}) for (int K : {7, 48, 300}) for (int ta = 0; ta < 2; ta++)
+        for (int tb = 0; tb < 2; tb++) for (int acc = 0; acc < 2; acc++) {
+            std::vector<float> A((size_t)M * K), B((size_t)K * N), C((size_t)M * N);
+            for (float& v : A) v = float(mot_rand_normal(&rng));
+            for (float& v : B) v = float(mot_rand_normal(&rng));
+            for (float& v : C) v = float(mot_rand_normal(&rng));
+            const std::vector<float> C0 = C;
+            matmul(C.data(), N, A.data(), ta ? M : K, ta, B.data(), tb ? K : N, tb, M, N, K, acc);
+            double worst = 0;
+            for (int i = 0; i < M; i++)
+                for (int j = 0; j < N; j++) {
+                    double r = acc ? C0[(size_t)i * N + j] : 0, mag = std::fabs(r);
+                    for (int k = 0; k < K; k++) {
+                        const double t = double(ta ? A[(size_t)k * M + i] : A[(size_t)i * K + k]) *
+                                         double(tb ? B[(size_t)j * K + k] : B[(size_t)k * N + j]);
+                        r += t;
+                        mag += std::fabs(t);
+                    }
+                    worst = std::max(worst, std::fabs(C[(size_t)i * N + j] - r) / mag);
+                }
+            INFO(M, "x", N, "x", K, " transA ", ta, " transB ", tb, " accumulate ", acc);
+            CHECK(worst < 1e-6);  // fp32 rounding of a sum of K products, relative to its magnitudes
+        }
+}
+
 TEST_CASE("parameter table: copies follow the tying switches; each extra tower adds 4D^2 + 3DF + gains per layer") {
     MotConfig c = tiny(3, 0, 1, 0);
     MotParamTable t = mot_param_table(c);
