@@ -1465,9 +1465,10 @@ static inline void mot_linear_forward(MotGpu* g, const MotBuf& y, const MotBuf& 
                  0.0f, y, (size_t)r0 * out, out);
     });
 }
-// dx[rows] = dx_beta * dx[rows] + dy[rows] W[copy]^T  (dx may be empty);  dW[copy] += x[rows]^T dy[rows]
+// dx[rows] = dx_beta * dx[rows] + dy[rows] W[copy]^T  (dx may be empty);
+// dW[copy] = dw_beta * dW[copy] + x[rows]^T dy[rows]
 static inline void mot_linear_backward(MotGpu* g, const MotBuf& dx, float dx_beta, const MotBuf& dy, const MotBuf& x,
-                                       int p, int layer) {
+                                       int p, int layer, float dw_beta) {
     const MotParamInfo& info = g->tab.p[p];
     const int in = info.rows, out = info.cols;
     mot_for_each_copy(info.copies, g->group, [&](int c, int r0, int r1) {
@@ -1476,7 +1477,7 @@ static inline void mot_linear_backward(MotGpu* g, const MotBuf& dx, float dx_bet
             mot_gemm(g, false, true, n, in, out, mot_op(g, dy, (size_t)r0 * out), out, mot_weight(g, p, layer, c), out,
                      dx_beta, dx, (size_t)r0 * in, in);
         mot_gemm(g, true, false, in, out, n, mot_op(g, x, (size_t)r0 * in), in, mot_op(g, dy, (size_t)r0 * out), out,
-                 1.0f, g->grads + info.at(layer, c), out);
+                 dw_beta, g->grads + info.at(layer, c), out);
     });
 }
 
@@ -2198,7 +2199,7 @@ static inline void mot_gpu_ffn_forward_experts(MotGpu* g, int l, const MotBuf& h
 // Backward of mot_gpu_ffn_forward_experts (after an EC forward): dt = dL/dy2 (dt.f in fp32 always,
 // the GEMM operand in the mode's precision); adds dL/dh into g->dx and the gradients of the
 // experts, the routers and (the aux BCE, on detached h) the auxiliary routers.
-static inline void mot_gpu_ffn_backward_experts(MotGpu* g, int l, const MotBuf& h, const MotBuf& dt) {
+static inline void mot_gpu_ffn_backward_experts(MotGpu* g, int l, const MotBuf& h, const MotBuf& dt, float dw_beta) {
     const MotConfig& c = g->cfg;
     const MotParamTable& tab = g->tab;
     const int D = c.d_model, F = c.d_ff, Em = g->Emax;
@@ -2215,7 +2216,7 @@ static inline void mot_gpu_ffn_backward_experts(MotGpu* g, int l, const MotBuf& 
             const size_t sf = (size_t)s0 * F, nf = (size_t)n * F;
             mot_gemm(g, false, true, n, F, D, mot_op(g, dt, (size_t)r0 * D), D, mot_weight(g, P_W2, l, k), D, 0.0f,
                      g->du, sf, F);
-            mot_gemm(g, true, false, F, D, n, mot_op(g, X.u, sf), F, mot_op(g, dt, (size_t)r0 * D), D, 1.0f,
+            mot_gemm(g, true, false, F, D, n, mot_op(g, X.u, sf), F, mot_op(g, dt, (size_t)r0 * D), D, dw_beta,
                      G + tab.p[P_W2].at(l, k), D);
             mot_gpu_swiglu_backward(g, mot_buf_at(g->du1, sf), mot_buf_at(g->du3, sf), mot_buf_at(g->du, sf),
                                     mot_buf_at(X.u1, sf), mot_buf_at(X.u3, sf), nf);
@@ -2223,7 +2224,7 @@ static inline void mot_gpu_ffn_backward_experts(MotGpu* g, int l, const MotBuf& 
             const MotBuf* d13[2] = {&g->du1, &g->du3};
             for (int t = 0; t < 2; t++) {
                 mot_gemm(g, false, true, n, D, F, mot_op(g, *d13[t], sf), F, mot_weight(g, p13[t], l, k), F, 1.0f, dh, D);
-                mot_gemm(g, true, false, D, F, n, mot_op(g, h, (size_t)r0 * D), D, mot_op(g, *d13[t], sf), F, 1.0f,
+                mot_gemm(g, true, false, D, F, n, mot_op(g, h, (size_t)r0 * D), D, mot_op(g, *d13[t], sf), F, dw_beta,
                          G + tab.p[p13[t]].at(l, k), F);
             }
             continue;
@@ -2242,7 +2243,7 @@ static inline void mot_gpu_ffn_backward_experts(MotGpu* g, int l, const MotBuf& 
             const size_t sb = (size_t)s0 + (size_t)e * C;
             mot_gemm(g, false, true, C, F, D, mot_op(g, g->dye, sb * D), D, mot_weight(g, P_W2, l, k + e), D, 0.0f,
                      g->du, sb * F, F);
-            mot_gemm(g, true, false, F, D, C, mot_op(g, X.u, sb * F), F, mot_op(g, g->dye, sb * D), D, 1.0f,
+            mot_gemm(g, true, false, F, D, C, mot_op(g, X.u, sb * F), F, mot_op(g, g->dye, sb * D), D, dw_beta,
                      G + tab.p[P_W2].at(l, k + e), D);
         }
         const size_t sf = (size_t)s0 * F, nf = slots * F;
@@ -2253,9 +2254,9 @@ static inline void mot_gpu_ffn_backward_experts(MotGpu* g, int l, const MotBuf& 
         MOT_LAUNCH_CHECK();
         for (int e = 0; e < E; e++) {
             const size_t sb = (size_t)s0 + (size_t)e * C;
-            mot_gemm(g, true, false, D, F, C, mot_op(g, g->xg, sb * D), D, mot_op(g, g->du1, sb * F), F, 1.0f,
+            mot_gemm(g, true, false, D, F, C, mot_op(g, g->xg, sb * D), D, mot_op(g, g->du1, sb * F), F, dw_beta,
                      G + tab.p[P_W1].at(l, k + e), F);
-            mot_gemm(g, true, false, D, F, C, mot_op(g, g->xg, sb * D), D, mot_op(g, g->du3, sb * F), F, 1.0f,
+            mot_gemm(g, true, false, D, F, C, mot_op(g, g->xg, sb * D), D, mot_op(g, g->du3, sb * F), F, dw_beta,
                      G + tab.p[P_W3].at(l, k + e), F);
             mot_gemm(g, false, true, C, D, F, mot_op(g, g->du1, sb * F), F, mot_weight(g, P_W1, l, k + e), F, 0.0f,
                      g->dX + sb * D, D);
@@ -2409,8 +2410,11 @@ inline double mot_gpu_forward(MotGpu* g, const MotBatch& b) {
     return g->loss;  // the reported loss: the training objective adds MOT_AUX_WEIGHT * aux_loss
 }
 
-// Backward pass for the batch of the last forward: ACCUMULATES into the gradients.
-inline void mot_gpu_backward(MotGpu* g) {
+// Backward pass for the batch of the last forward. accumulate = true: ADDS into the gradients
+// (mot_gpu_zero_grad first). accumulate = false (a step's first micro-batch): the weight-gradient
+// GEMMs write with beta 0 and only the gradients they do not write are zeroed (mot_grad_unwritten),
+// which saves a memset and a read of every weight gradient (dev/roofline counts both).
+inline void mot_gpu_backward(MotGpu* g, bool accumulate = true) {
     if (!g->have_batch) {
         fprintf(stderr, "mot_gpu_backward: no forward pass to differentiate\n");
         exit(1);
@@ -2425,6 +2429,10 @@ inline void mot_gpu_backward(MotGpu* g) {
     const MotParamTable& tab = g->tab;
     cudaStream_t st = g->stream;
     const MotBuf z = mot_gpu_z(g);
+    const float wb = accumulate ? 1.0f : 0.0f;  // beta of the weight-gradient GEMMs
+    if (!accumulate)
+        for (const auto& r : mot_grad_unwritten(c, tab, g->group))
+            MOT_CUDA_CHECK(cudaMemsetAsync(g->grads + r.first, 0, (r.second - r.first) * 4, st));
 
     // output head, chunk by chunk: recompute the logits, dlogits from the stored logsumexp,
     // dz = dlogits W_head^T, dW_head += z^T dlogits
@@ -2441,7 +2449,7 @@ inline void mot_gpu_backward(MotGpu* g) {
         dl.b = g->dlogits_b;
         mot_gemm(g, false, true, n, D, V, mot_op(g, dl, 0), V, mot_weight(g, P_HEAD, 0, 0), V, 0.0f,
                  g->dt + (size_t)r0 * D, D);
-        mot_gemm(g, true, false, D, V, n, mot_op(g, z, (size_t)r0 * D), D, mot_op(g, dl, 0), V, 1.0f,
+        mot_gemm(g, true, false, D, V, n, mot_op(g, z, (size_t)r0 * D), D, mot_op(g, dl, 0), V, r0 == 0 ? wb : 1.0f,
                  g->grads + tab.p[P_HEAD].offset, V);
     }
     const int i0 = g->group[MOD_IMAGE], i1 = g->tf ? g->group[MOD_IMAGE + 1] : i0, ni = i1 - i0, PT = MOT_PATCH;
@@ -2476,26 +2484,26 @@ inline void mot_gpu_backward(MotGpu* g) {
             dt.f = g->dt;
             dt.b = g->gdy.b;
             mot_gpu_rmsnorm_backward(g, dt, g->dx, y2, g->y2_rstd + (size_t)l * N, P_GFFN, l);
-            mot_gpu_ffn_backward_experts(g, l, h, dt);
+            mot_gpu_ffn_backward_experts(g, l, h, dt, wb);
         } else {
             mot_gpu_rmsnorm_backward(g, g->gdy, g->dx, y2, g->y2_rstd + (size_t)l * N, P_GFFN, l);  // gdy = dL/dy2
-            mot_linear_backward(g, g->du, 0.0f, g->gdy, u, P_W2, l);
+            mot_linear_backward(g, g->du, 0.0f, g->gdy, u, P_W2, l, wb);
             mot_gpu_swiglu_backward(g, g->du1, g->du3, g->du, u1, u3, NF);
-            mot_linear_backward(g, dx, 1.0f, g->du1, h, P_W1, l);
-            mot_linear_backward(g, dx, 1.0f, g->du3, h, P_W3, l);
+            mot_linear_backward(g, dx, 1.0f, g->du1, h, P_W1, l, wb);
+            mot_linear_backward(g, dx, 1.0f, g->du3, h, P_W3, l, wb);
         }
         // attention sublayer
         mot_gpu_rmsnorm_backward(g, g->gdy, g->dx, a, g->a_rstd + (size_t)l * N, P_GATTN, l);  // gdy = dL/da
-        mot_linear_backward(g, g->dO, 0.0f, g->gdy, o, P_WO, l);
+        mot_linear_backward(g, g->dO, 0.0f, g->gdy, o, P_WO, l, wb);
         const float* lse2 = g->lse + (size_t)l * N * H;
         mot_gpu_attn_delta(g, g->dO, o);
         MOT_DH_SWITCH(Dh, (mot_attn_backward_dh<DHC>(g, g->dq, g->dk, g->dv, g->dO, lse2, qr, kr, v)));
         // QK-norm + RoPE backward for q, then its projection; then the same for k; then v
         mot_gpu_qknorm_backward(g, g->gqk, g->dq, q, g->q_rstd + (size_t)l * N * H, P_GQ, l);
-        mot_linear_backward(g, dx, 1.0f, g->gqk, x, P_WQ, l);
+        mot_linear_backward(g, dx, 1.0f, g->gqk, x, P_WQ, l, wb);
         mot_gpu_qknorm_backward(g, g->gqk, g->dk, k, g->k_rstd + (size_t)l * N * H, P_GK, l);
-        mot_linear_backward(g, dx, 1.0f, g->gqk, x, P_WK, l);
-        mot_linear_backward(g, dx, 1.0f, g->dv, x, P_WV, l);
+        mot_linear_backward(g, dx, 1.0f, g->gqk, x, P_WK, l, wb);
+        mot_linear_backward(g, dx, 1.0f, g->dv, x, P_WV, l, wb);
     }
     if (ni > 0) {  // Transfusion, image rows: x_t W_in + b_in + sinusoid(t) W_t (fp32)
         const float* dxi = g->dx + (size_t)i0 * D;

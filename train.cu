@@ -317,12 +317,6 @@ struct Engine {
         return false;
 #endif
     }
-    void zero_grad() {
-#ifdef MOT_GPU
-        if (on_gpu) { mot_gpu_zero_grad(&gpu); return; }
-#endif
-        mot_zero_grad(cpu);
-    }
     // Forward on a batch; the losses land in loss / loss_mod / n_mod / n_valid.
     double loss = 0, loss_lm = 0, loss_mod[MOT_N_MOD] = {0, 0, 0}, aux_loss = 0, aux_agree = 0;
     int n_valid = 0, n_mod[MOT_N_MOD] = {0, 0, 0};
@@ -357,11 +351,13 @@ struct Engine {
         gpu.diff_loss = mode;
 #endif
     }
-    void backward(const MotBatch& b) {
+    // accumulate = false for a step's first micro-batch: its gradients replace the old ones, without
+    // a zeroing pass (the weight products write instead of add)
+    void backward(const MotBatch& b, bool accumulate) {
 #ifdef MOT_GPU
-        if (on_gpu) { mot_gpu_backward(&gpu); return; }
+        if (on_gpu) { mot_gpu_backward(&gpu, accumulate); return; }
 #endif
-        mot_backward(cpu, b);
+        mot_backward(cpu, b, accumulate);
     }
     // AdamW on the gradients accumulated over `accum` micro-batches; returns the gradient norm.
     double update(const MotOptim& o, int step, int accum) {
@@ -1590,14 +1586,13 @@ int main(int argc, char** argv) {
     };
     for (int step = (int)st.step; step < a.opt.steps; step++) {
         const double t0 = now_s();
-        eng.zero_grad();
         double loss = 0, lmod[3] = {0, 0, 0}, aux = 0, agree = 0;
         int nmod[3] = {0, 0, 0};
         for (int micro = 0; micro < a.accum; micro++) {
             for (int r = 0; r < world; r++)  // rank r takes the r-th of every `world` batches
                 mot_loader_next(&loader, a.cfg, a.batch, a.seq, r == rank ? &batch : &other_rank);
             eng.forward(batch);
-            eng.backward(batch);
+            eng.backward(batch, micro > 0);
             loss += eng.loss / a.accum;
             aux += eng.aux_loss / a.accum;
             agree += eng.aux_agree / a.accum;

@@ -75,8 +75,7 @@ int main(int argc, char** argv) {
             MotModel<float>& m = models[a];
             const double t0 = now_s();
             mot_forward(&m, batches[a]);
-            mot_zero_grad(&m);
-            mot_backward(&m, batches[a]);
+            mot_backward(&m, batches[a], false);  // as the trainer: no zeroing pass
             mot_adamw_step(&m, o, s);
             const double dt = now_s() - t0;
             if (s > 0) best[a] = std::min(best[a], dt);

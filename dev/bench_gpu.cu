@@ -122,9 +122,8 @@ static BenchResult bench_one(const MotConfig& c, int B, int T, bool bf16, int st
     std::vector<double> times;
     for (int s = 0; s < steps + 2; s++) {
         MOT_CUDA_CHECK(cudaEventRecord(e0, g.stream));
-        mot_gpu_zero_grad(&g);
         r.loss = mot_gpu_forward(&g, batches[s % batches.size()]);
-        mot_gpu_backward(&g);
+        mot_gpu_backward(&g, false);  // as the trainer: the GEMMs write the weight gradients
         mot_gpu_adamw_step(&g, o, s, 1.0);
         MOT_CUDA_CHECK(cudaEventRecord(e1, g.stream));
         MOT_CUDA_CHECK(cudaEventSynchronize(e1));

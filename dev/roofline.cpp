@@ -21,7 +21,10 @@
 //     consumers only need bf16 write bf16 (q, k, v, a, u1, u3, y2, du, dO), QK-norm + RoPE writes
 //     bf16 qr, kr, attention reads bf16 and writes bf16 o, dq, dk, SwiGLU reads and writes bf16;
 //     the residual stream and its gradient stay fp32 (the norm kernel is the residual add; the
-//     backward adds into the residual gradient in place, with no copies).
+//     backward adds into the residual gradient in place, with no copies). A step's first
+//     micro-batch writes the weight gradients with beta 0 (mot_gpu_backward(g, false)): no memset
+//     of them and no read of C in those GEMMs; only the gradients they do not write (embedding,
+//     gains, routers) are zeroed.
 //   `target`: `current` plus what is planned and NOT implemented: SwiGLU in the W1/W3 GEMM
 //     epilogue (a custom GEMM: cuBLASLt has no gated epilogue), a one-pass attention backward
 //     (10 Dh FLOPs per pair), the RMSNorm backward fused with its gain-gradient partial sums.
@@ -139,10 +142,12 @@ static std::vector<Op> step_ops(const Shape& s, int towers, bool bf16, int desig
     elem("norm/rope", "final RMSNorm backward + gain partials", 10 * N * D, N * D * (4 + 4 + 4 + 4 + 4), 1);
     // ---- backward, per layer: each projection y = x W gives dx = dy W^T (into an activation, or
     // added to the fp32 residual gradient: beta 1) and dW += x^T dy (fp32, beta 1)
+    // (current, target: beta 0 in a step's first micro-batch, so the read is in A - 1 of A)
+    const double dw_reads = design >= CURRENT ? (s.A - 1.0) / s.A : 1.0;
     auto gemm_bwd = [&](const char* name, double in, double out, double cnt, double wc, double dx_b, bool dx_acc) {
         gemm("gemm", std::string(name) + " dx", N, in, out, wc, dx_b, cnt, dx_acc);
         gemm("gemm", std::string(name) + " dW", in, out, N, 0, 4, cnt);
-        ops.back().bytes += wc * in * out * 4;  // the fp32 gradient's read (beta 1)
+        ops.back().bytes += wc * in * out * 4 * dw_reads;  // the fp32 gradient's read (beta 1)
     };
     // RMSNorm backward (one pass: dy fp32, x, writes dx as a GEMM operand) and the gain-gradient
     // partial sums (a second pass over dy and x), fused into one pass in the target
@@ -182,7 +187,11 @@ static std::vector<Op> step_ops(const Shape& s, int towers, bool bf16, int desig
     // ---- optimizer: once per A micro-batches
     const double P = towers * L * (4 * D * D + 2 * Dh + 2 * D) + WF * L * 3 * D * F + (experts > 1 ? 2 * E * D * L : 0) +
                      2 * V * D + D;
-    elem("adamw", "zero grad + gradient norm + AdamW", 12 * P, P * (4 + 4 + 4 * 7 + (bf16 ? 2 : 0)), 1.0 / s.A);
+    // zeroing: every gradient before (memset), or only those the beta-0 GEMMs do not write: the
+    // embedding, gains and routers (the head's dW is written by the first chunk's GEMM)
+    const double P_zero = design >= CURRENT ? V * D + towers * L * (2 * Dh + 2 * D) + D + (experts > 1 ? 2 * E * D * L : 0) : P;
+    elem("adamw", design >= CURRENT ? "zero unwritten grads + gradient norm + AdamW" : "zero grad + gradient norm + AdamW",
+         12 * P, P_zero * 4 + P * (4 + 4 * 7 + (bf16 ? 2 : 0)), 1.0 / s.A);
     return ops;
 }
 

@@ -646,6 +646,53 @@ TEST_CASE("gpu: backward accumulates (two backward passes = twice the gradient)"
     mot_gpu_free(&g);
 }
 
+// accumulate = false (a step's first micro-batch, as the trainer runs it): the weight-gradient GEMMs
+// write with beta 0 and everything else is zeroed first; the gradients must be those of zero_grad +
+// backward bit for bit, whatever the buffer held, also for the copies of a tower with no rows
+// (never written: zeroed) and the chunked head (only its first chunk writes); and a second
+// batch accumulated on top must match too.
+TEST_CASE("gpu: backward without accumulating equals zero_grad + backward, over any old contents") {
+    struct Case { const char* name; MotConfig c; std::vector<int> mods; bool bf16; int head_rows; };
+    MotConfig tf = tf_config(64, 4, 3, 40);
+    const Case cases[] = {{"MoT fp32, no speech rows", small_config(64, 4, 3, 40), {0, 1}, false, 0},
+                          {"dense bf16, chunked head", small_config(64, 4, 1, 40), {0, 1, 2}, true, 24},
+                          {"MoMa 4,4,4 fp32, no image rows", experts_config(3, 40, 1, {4, 4, 4}), {0, 2}, false, 0},
+                          {"hybrid 4,1,1 bf16", experts_config(3, 40, 0, {4, 1, 1}), {0, 1, 2}, true, 0},
+                          {"Transfusion MoT fp32", tf, {0, 1, 2}, false, 24}};
+    for (const Case& k : cases) {
+        INFO(k.name);
+        MotModel<float> cpu;
+        mot_init(&cpu, k.c, 5);
+        randomize(&cpu, 9);
+        const bool tfs = mot_transfusion(k.c);
+        MotBatch b1 = tfs ? tf_random_batch(k.c, 2, 40, 21, k.mods, {0, 300, 800}) : random_batch(k.c, 2, 40, 21, k.mods);
+        MotBatch b2 = tfs ? tf_random_batch(k.c, 2, 40, 8, {0, 1, 2}, {100}) : random_batch(k.c, 2, 40, 8);
+        MotGpu g;
+        std::string err;
+        REQUIRE_MESSAGE(mot_gpu_init(&g, k.c, 2, 40, k.bf16, &err), err);
+        if (k.head_rows > 0) g.head_rows = std::min(g.head_rows, k.head_rows);
+        mot_gpu_upload(&g, cpu);
+        std::vector<float> ref1, ref2, got1, got2;
+        mot_gpu_zero_grad(&g);
+        mot_gpu_forward(&g, b1);
+        mot_gpu_backward(&g);
+        mot_gpu_grads(&g, &ref1);
+        mot_gpu_forward(&g, b2);
+        mot_gpu_backward(&g);
+        mot_gpu_grads(&g, &ref2);
+        MOT_CUDA_CHECK(cudaMemsetAsync(g.grads, 0x41, g.tab.total * 4, g.stream));  // old contents: 12.1 everywhere
+        mot_gpu_forward(&g, b1);
+        mot_gpu_backward(&g, false);
+        mot_gpu_grads(&g, &got1);
+        mot_gpu_forward(&g, b2);
+        mot_gpu_backward(&g, true);
+        mot_gpu_grads(&g, &got2);
+        CHECK(got1 == ref1);
+        CHECK(got2 == ref2);
+        mot_gpu_free(&g);
+    }
+}
+
 // A debug state written here from the CPU reference, as `./mot --debug-state FILE` writes one:
 // parameters, one batch, and the logits, losses and gradients of one forward and backward.
 static std::string write_own_debug_state(bool tf) {
@@ -743,12 +790,10 @@ static void train_compare(bool bf16, int d_model = 64, int n_head = 4, bool tf =
         MotBatch b = tf ? tf_batch(c, B, T, 100 + step, {600, 0, 50 + 90 * step}, MOT_IMAGE_POS)
                         : random_batch(c, B, T, 100 + step);
         const double lc = mot_forward(&cpu, b);
-        mot_zero_grad(&cpu);
-        mot_backward(&cpu, b);
+        mot_backward(&cpu, b, false);  // as the trainer: a step's only micro-batch writes its gradients
         const double nc = mot_adamw_step(&cpu, o, step);
-        mot_gpu_zero_grad(&g);
         const double lg = mot_gpu_forward(&g, b);
-        mot_gpu_backward(&g);
+        mot_gpu_backward(&g, false);
         const double ng = mot_gpu_adamw_step(&g, o, step, 1.0);
         printf("  %s%s step %2d: loss gpu %.6f cpu %.6f | grad norm gpu %.6f cpu %.6f\n", tf ? "Transfusion " : "",
                bf16 ? "bf16" : "fp32", step + 1, lg, lc, ng, nc);
