@@ -147,7 +147,7 @@ test/cuda_cpu_mpi.o: test/cuda_cpu.cpp $(CUDA_CPU_HDRS) | setup
 # (libtsan is not linked: the link line has no -fsanitize).
 test/cuda_cpu_race.o: test/cuda_cpu.cpp $(CUDA_CPU_HDRS) | setup
 	$(CXX) $(CUDA_CPU_BASE) -DCUDA_CPU_RACE -c $< -o $@
-test/test_gpu_cpu: build/cuda_cpu/test/test_gpu.cu build/cuda_cpu/mot.cu mot.h test/common.h test/cuda_cpu_race.o
+test/test_gpu_cpu: build/cuda_cpu/test/test_gpu.cu build/cuda_cpu/mot.cu mot.h test/common.h dev/roofline.cpp test/cuda_cpu_race.o
 	$(CXX) $(CUDA_CPU_FLAGS) -fsanitize=thread -x c++ -c $< -o $@.o
 	$(CXX) -fopenmp $@.o test/cuda_cpu_race.o -o $@ && rm -f $@.o
 test/test_cuda_cpu: build/cuda_cpu/test/test_cuda_cpu.cu test/cuda_cpu_race.o mot mot_cpu_cuda mot_cpu_cuda_mpi
@@ -157,7 +157,7 @@ test/test_cuda_cpu: build/cuda_cpu/test/test_cuda_cpu.cu test/cuda_cpu_race.o mo
 # past an allocation, and shared arrays' redzones, are caught). About 2 CPU minutes; not part of CI.
 test/cuda_cpu_asan.o: test/cuda_cpu.cpp $(CUDA_CPU_HDRS) | setup
 	$(CXX) $(CUDA_CPU_BASE) -fsanitize=address,undefined -c $< -o $@
-test/test_gpu_cpu_asan: build/cuda_cpu/test/test_gpu.cu build/cuda_cpu/mot.cu mot.h test/common.h test/cuda_cpu_asan.o
+test/test_gpu_cpu_asan: build/cuda_cpu/test/test_gpu.cu build/cuda_cpu/mot.cu mot.h test/common.h dev/roofline.cpp test/cuda_cpu_asan.o
 	$(CXX) $(CUDA_CPU_FLAGS) -fsanitize=address,undefined -x c++ $< -x none test/cuda_cpu_asan.o -o $@ $(JPEGLIBS)
 test-cuda-asan: test/test_gpu_cpu_asan
 	@bash test/run.sh test/test_gpu_cpu_asan

@@ -29,7 +29,9 @@
 //     epilogue (a custom GEMM: cuBLASLt has no gated epilogue), a one-pass attention backward
 //     (10 Dh FLOPs per pair), the RMSNorm backward fused with its gain-gradient partial sums.
 // Byte counts are per kernel of mot.cu: each array a kernel reads or writes, once, in the
-// precision it is stored in (fp32 4, bf16 2), and a GEMM with beta = 1 also reads C.
+// precision it is stored in (fp32 4, bf16 2), and a GEMM with beta = 1 also reads C. Checked
+// against the bytes each launch really moves, as the CUDA-on-CPU layer counts them, family by
+// family (test_gpu_cpu, "dev/roofline's bytes"): GEMMs to the byte, the rest within 12%.
 //
 // Experts (--experts E, default 4; 1 leaves them out): a third model, dense with E experts per
 // layer (MoE-Ex, expert choice, capacity factor 1: the FFN GEMMs keep their FLOPs but read E weight
@@ -60,11 +62,13 @@ static const Gpu A100{"A100 SXM4 80GB", 312e12, 19.5e12, 2.039e12};
 struct Shape {
     long D, L, H, F, T, B, V, A;  // A: micro-batches per optimizer step
 };
+enum OpKind { KERNEL, GEMM, MEMSET };  // test_gpu_cpu checks the bytes of each kind against the CPU layer's counts
 struct Op {
     std::string family, name;
     double flops, bytes;
     bool tensor;  // on tensor cores (else fp32 CUDA cores)
     double count; // launches of this op per micro-batch (or per optimizer step for AdamW)
+    int kind = KERNEL;
 };
 
 enum Design { BEFORE, TC, CURRENT, TARGET };
@@ -89,12 +93,18 @@ static std::vector<Op> step_ops(const Shape& s, int towers, bool bf16, int desig
     const double attn_bwd = target ? 10 : 14;  // FLOPs per (query, key) pair per Dh, backward
     const bool tc = bf16;                      // GEMMs on tensor cores only in bf16 mode (fp32: PEDANTIC)
     const double E = experts;
+    // weight-gradient GEMMs read their fp32 C (beta 1) in every micro-batch, or (current, target:
+    // beta 0 in a step's first micro-batch) in A - 1 of A
+    const double dw_reads = design >= CURRENT ? (s.A - 1.0) / s.A : 1.0;
+    // distinct tokens in a micro-batch, for uniform draws: the embedding rows read, and the rows of
+    // its gradient added to
+    const double U = V * (1 - std::exp(-N / V));
     // A GEMM M x N x K over `towers` row ranges: each tower's weight is read once; beta = 1 also
     // reads C (in its precision, out_b).
     auto gemm = [&](const char* fam, const std::string& name, double M, double Nn, double K, double wcopies, double out_b,
                     double cnt, bool beta1 = false) {
         ops.push_back({fam, name, 2 * M * Nn * K,
-                       M * K * eb + wcopies * K * Nn * eb + M * Nn * out_b * (beta1 ? 2 : 1), tc, cnt});
+                       M * K * eb + wcopies * K * Nn * eb + M * Nn * out_b * (beta1 ? 2 : 1), tc, cnt, GEMM});
     };
     auto elem = [&](const char* fam, const char* name, double flops, double bytes, double cnt) {
         ops.push_back({fam, name, flops, bytes, false, cnt});
@@ -121,7 +131,7 @@ static std::vector<Op> step_ops(const Shape& s, int towers, bool bf16, int desig
     }
     gemm("gemm", "W2", N, D, F, WF, experts > 1 ? 4 : ab, L);
     auto fp32_gemm = [&](const char* name, double flops, double bytes, double cnt) {
-        ops.push_back({"routing", name, flops, bytes, false, cnt});  // fp32 operands, PEDANTIC: CUDA cores
+        ops.push_back({"routing", name, flops, bytes, false, cnt, GEMM});  // fp32 operands, PEDANTIC: CUDA cores
     };
     if (experts > 1) {  // forward routing, per layer
         fp32_gemm("router + aux-router logits (fp32)", 4 * N * D * E, N * D * 4 + 2 * D * E * 4 + 2 * N * E * 4, L);
@@ -138,16 +148,19 @@ static std::vector<Op> step_ops(const Shape& s, int towers, bool bf16, int desig
     gemm("head", "output head (recomputed)", N, V, D, 1, 4, 1);
     elem("head", "cross-entropy backward", 3 * N * V, N * V * (4 + eb), 1);
     gemm("head", "dz = dlogits W_head^T", N, D, V, 1, 4, 1);
-    gemm("head", "dW_head += z^T dlogits", D, V, N, 0, 4, 1, true);
+    // reads z and dlogits; beta 0 in a step's first micro-batch (the first chunk of the head's; a
+    // chunked head's later chunks read the gradient again, not counted)
+    ops.push_back({"head", "dW_head += z^T dlogits", 2 * D * V * N, N * (D + V) * eb + D * V * 4 * (1 + dw_reads), tc, 1,
+                   GEMM});
     elem("norm/rope", "final RMSNorm backward + gain partials", 10 * N * D, N * D * (4 + 4 + 4 + 4 + 4), 1);
     // ---- backward, per layer: each projection y = x W gives dx = dy W^T (into an activation, or
     // added to the fp32 residual gradient: beta 1) and dW += x^T dy (fp32, beta 1)
-    // (current, target: beta 0 in a step's first micro-batch, so the read is in A - 1 of A)
-    const double dw_reads = design >= CURRENT ? (s.A - 1.0) / s.A : 1.0;
     auto gemm_bwd = [&](const char* name, double in, double out, double cnt, double wc, double dx_b, bool dx_acc) {
         gemm("gemm", std::string(name) + " dx", N, in, out, wc, dx_b, cnt, dx_acc);
-        gemm("gemm", std::string(name) + " dW", in, out, N, 0, 4, cnt);
-        ops.back().bytes += wc * in * out * 4 * dw_reads;  // the fp32 gradient's read (beta 1)
+        // dW: reads x and dy (each row once, whichever copy it belongs to), writes each copy's fp32
+        // gradient (and reads it when beta = 1)
+        ops.push_back({"gemm", std::string(name) + " dW", 2 * in * out * N,
+                       N * (in + out) * eb + wc * in * out * 4 * (1 + dw_reads), tc, cnt, GEMM});
     };
     // RMSNorm backward (one pass: dy fp32, x, writes dx as a GEMM operand) and the gain-gradient
     // partial sums (a second pass over dy and x), fused into one pass in the target
@@ -183,15 +196,19 @@ static std::vector<Op> step_ops(const Shape& s, int towers, bool bf16, int desig
     elem("norm/rope", "QK-norm + RoPE backward + gain partials (q, k)", 20 * N * D,
          N * D * (ab + ab + ab + eb + 2 * ab) + N * H * 4, 2 * L);
     gemm_bwd("q, k, v", D, D, 3 * L, W, 4, true);
-    elem("embedding", "embedding gather and gradient", N * D, 3 * N * D * 4, 1);
+    // forward: U table rows in, x (fp32 and its bf16 copy) out; backward: dx in, U gradient rows
+    // read and written, and the token/row index lists
+    elem("embedding", "embedding gather and gradient", N * D, U * D * 4 * 3 + N * D * (4 + (bf16 ? 2 : 0) + 4) + 4 * (2 * N + 3 * U),
+         1);
     // ---- optimizer: once per A micro-batches
     const double P = towers * L * (4 * D * D + 2 * Dh + 2 * D) + WF * L * 3 * D * F + (experts > 1 ? 2 * E * D * L : 0) +
                      2 * V * D + D;
     // zeroing: every gradient before (memset), or only those the beta-0 GEMMs do not write: the
     // embedding, gains and routers (the head's dW is written by the first chunk's GEMM)
     const double P_zero = design >= CURRENT ? V * D + towers * L * (2 * Dh + 2 * D) + D + (experts > 1 ? 2 * E * D * L : 0) : P;
-    elem("adamw", design >= CURRENT ? "zero unwritten grads + gradient norm + AdamW" : "zero grad + gradient norm + AdamW",
-         12 * P, P_zero * 4 + P * (4 + 4 * 7 + (bf16 ? 2 : 0)), 1.0 / s.A);
+    ops.push_back({"adamw", design >= CURRENT ? "zero unwritten grads (memsets)" : "zero grad (memset)", 0, P_zero * 4,
+                   false, 1.0 / s.A, MEMSET});
+    elem("adamw", "gradient norm + AdamW", 12 * P, P * (4 + 4 * 7 + (bf16 ? 2 : 0)), 1.0 / s.A);
     return ops;
 }
 
@@ -257,6 +274,7 @@ static void report(const Gpu& g, const Shape& s, bool bf16, int design, bool ker
     printf("\n\n");
 }
 
+#ifndef ROOFLINE_NO_MAIN  // test/test_gpu.cu includes this file for step_ops
 int main(int argc, char** argv) {
     Gpu g = H100;
     bool bf16 = true, kernels = false, custom = false;
@@ -322,3 +340,4 @@ int main(int argc, char** argv) {
             if (design < 0 || design == d) report(g, sh, bf16, d, kernels, experts);
     return 0;
 }
+#endif

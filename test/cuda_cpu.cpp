@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <map>
 #include <string>
+#include <unordered_set>
 #include <sys/mman.h>
 #include <unistd.h>
 #include <vector>
@@ -455,6 +456,35 @@ static void run_block(int nthreads) {
     g_cur = nullptr;
 }
 
+// ---- device-memory traffic (cuda_cpu.h, traffic_begin) ---------------------------------------------
+static bool g_traffic_on = false;
+static std::unordered_set<uintptr_t> g_tr_read, g_tr_write;  // distinct bytes of the running launch
+static std::vector<Traffic> g_traffic;
+static bool is_device(const void* p);  // section 4
+static void traffic_access(const void* p, size_t n, bool write) {
+    if (!is_device(p)) return;  // shared memory, the stack, host memory
+    std::unordered_set<uintptr_t>& seen = write ? g_tr_write : g_tr_read;
+    for (size_t i = 0; i < n; i++) seen.insert((uintptr_t)p + i);
+}
+static void traffic_close(const char* what) {
+    g_traffic.push_back({what, g_tr_read.size(), g_tr_write.size()});
+    g_tr_read.clear();
+    g_tr_write.clear();
+}
+bool traffic_begin() {
+#ifdef CUDA_CPU_RACE
+    g_traffic.clear();
+    g_traffic_on = true;
+    return true;
+#else
+    return false;  // kernels' accesses are invisible without the instrumentation
+#endif
+}
+std::vector<Traffic> traffic_end() {
+    g_traffic_on = false;
+    return std::move(g_traffic);
+}
+
 // ---- the shared-memory race check --------------------------------------------------------------
 // A race: two threads touch the same byte of a __shared__ array in one barrier interval (between two
 // __syncthreads() of the block), and at least one of them writes it. Built in with -DCUDA_CPU_RACE,
@@ -493,6 +523,7 @@ static void race_track(const void* p, size_t bytes) {
 // A full-warp __syncwarp() orders the accesses of that warp's lanes; only __syncthreads() orders
 // those of different warps.
 static inline void race_access(const void* p, size_t n, bool write) {
+    if (g_traffic_on && g_in_kernel) traffic_access(p, n, write);
     if (!g_in_kernel || g_race_arrays.empty()) return;
     const char* c = (const char*)p;
     for (ArrayShadow& a : g_race_arrays) {
@@ -597,6 +628,7 @@ void run_grid(const LaunchSite& site, void (*body)(void*), void* arg) {
                 g_coords.block_idx = make_uint3(x, y, z);
                 run_block((int)nt);
             }
+    if (g_traffic_on) traffic_close(site.kernel);
     g_site = nullptr;
 }
 
@@ -787,6 +819,7 @@ cudaError_t memset_at(const char* file, int line, void* dst, int value, size_t n
     if (n == 0) return cudaSuccess;
     check_device_range(file, line, "cudaMemset", "destination", dst, n);
     memset(dst, value, n);
+    if (g_traffic_on) g_traffic.push_back({"cudaMemset", 0, n});
     return cudaSuccess;
 }
 cudaError_t free_at(const char* file, int line, void* p) {
@@ -1006,6 +1039,10 @@ cublasStatus_t gemm_at(const char* file, int line, cublasHandle_t h, cublasOpera
     if (compute != CUBLAS_COMPUTE_32F && compute != CUBLAS_COMPUTE_32F_PEDANTIC) return CUBLAS_STATUS_NOT_SUPPORTED;
     if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
     const float al = *(const float*)alpha, be = *(const float*)beta;
+    if (g_traffic_on)
+        g_traffic.push_back({"cublasGemmEx",
+                             (size_t)m * k * elt_bytes(at) + (size_t)k * n * elt_bytes(bt) + (be != 0.0f ? (size_t)m * n * elt_bytes(ct) : 0),
+                             (size_t)m * n * elt_bytes(ct)});
     // every operand must be device memory, within its allocation
     if (k > 0) {
         check_device_range(file, line, "cublasGemmEx", "A", A, ((size_t)(a_cols - 1) * lda + a_rows) * elt_bytes(at));

@@ -32,9 +32,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 // ---- execution-space keywords: plain C++ on the CPU ------------------------------------------
 #undef __global__
@@ -262,6 +264,20 @@ __attribute__((no_sanitize("thread"))) inline void mma_sync(fragment<accumulator
 
 // ---- runtime calls that can go wrong in ways a report should place: they take the call site ----
 namespace cuda_cpu {
+// Device-memory traffic, for checking dev/roofline's byte counts: between traffic_begin() and
+// traffic_end(), every kernel launch, cublasGemmEx and cudaMemset records the distinct bytes of
+// device allocations it read and the distinct bytes it wrote (a byte read by many threads, or
+// twice, counts once: compulsory traffic, as the roofline counts it; a byte read and written counts
+// in both). Kernels are counted only in the instrumented build (-DCUDA_CPU_RACE, test_gpu_cpu),
+// whose load and store hooks see their accesses; elsewhere traffic_begin() returns false.
+// GEMMs count A and B once and C (read too when beta != 0) at their element sizes.
+struct Traffic {
+    std::string what;  // kernel name, "cublasGemmEx" or "cudaMemset"
+    size_t read, written;
+};
+bool traffic_begin();
+std::vector<Traffic> traffic_end();
+
 cudaError_t memcpy_at(const char* file, int line, void* dst, const void* src, size_t n, cudaMemcpyKind kind);
 cudaError_t memset_at(const char* file, int line, void* dst, int value, size_t n);
 cudaError_t free_at(const char* file, int line, void* p);
