@@ -417,6 +417,8 @@ void pack_A(T* Ap, const T* A, int lda, bool transA, int i0, int p0, int mc, int
   }
 }
 
+#if defined(__GNUC__) && !defined(__clang__)
+#define MOT_TRANSPOSE16 1  // GCC's two-vector __builtin_shuffle; clang (the fuzz builds) keeps the plain copy
 // dst[k * ldd + c] = src[c * lds + k] for a 16 x 16 block of floats: 16 vector loads, four rounds
 // of two-register shuffles (round s swaps the off-diagonal s x s blocks of every 2s x 2s block),
 // 16 vector stores. Packing a 256 x 768 weight transposed: 0.33 -> 0.14 ns per float (as fast as
@@ -447,6 +449,7 @@ inline void transpose16(float* dst, int ldd, const float* src, int lds) {
   round(1, lo1, hi1);
   for (int i = 0; i < 16; ++i) std::memcpy(dst + (size_t)i * ldd, &r[i], sizeof(V));
 }
+#endif
 
 // Pack op(B)[p0 .. p0+kc) x [j0 .. j0+nc) into NR-column panels: Bp[(panel*kc + k)*NR + c].
 template <typename T>
@@ -465,12 +468,14 @@ void pack_B(T* Bp, const T* B, int ldb, bool transB, int p0, int j0, int kc, int
       // that costs 10-15% of a product with the ~100 rows an expert gets).
       for (int k0 = 0; k0 < kc; k0 += 16) {
         const int kn = std::min(16, kc - k0);
+#ifdef MOT_TRANSPOSE16
         if constexpr (std::is_same<T, float>::value)
           if (kn == 16 && nr == NR) {  // whole 16 x 16 blocks in registers
             for (int c0 = 0; c0 < NR; c0 += 16)
               transpose16(Bp + k0 * NR + c0, NR, B + (size_t)(j0 + jp + c0) * ldb + p0 + k0, ldb);
             continue;
           }
+#endif
         for (int c = 0; c < NR; ++c) {
           const T* src = B + (size_t)(j0 + jp + c) * ldb + p0 + k0;
           if (c < nr)
