@@ -432,7 +432,8 @@ inline void transpose16(float* dst, int ldd, const float* src, int lds) {
   const I lo4 = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}, hi4 = lo4 + 4;
   const I lo2 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}, hi2 = lo2 + 2;
   const I lo1 = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}, hi1 = lo1 + 1;
-  auto round = [&r](int s, I lo, I hi) {
+  // (the masks by reference: a 64-byte value passed by value draws a psABI note without AVX-512)
+  auto round = [&r](int s, const I& lo, const I& hi) {
 #if defined(__GNUC__) && !defined(__CUDACC__)
 #pragma GCC unroll 16
 #endif
