@@ -32,7 +32,9 @@ loss)
   # y axis fitted to the late losses: from the lowest value plotted to the highest after the first
   # 15% of training (the first steps, near log V, would squash the part worth reading)
   steps=$(cat "$tmp"/*.dat | awk 'END { print $1 }')
-  train_c=("#6baed6" "#fd8d3c" "#74c476" "#9e9ac8"); val_c=("#08519c" "#d94801" "#006d2c" "#54278f")
+  # six colours (dev/experiment_experts.sh draws five runs), light for the train line, dark for val
+  train_c=("#6baed6" "#fd8d3c" "#74c476" "#9e9ac8" "#bdbdbd" "#fa9fb5")
+  val_c=("#08519c" "#d94801" "#006d2c" "#54278f" "#252525" "#ae017e")
   {
     echo "set terminal pngcairo size 1500,450 font ',10'; set output '$out'"
     echo "set multiplot layout 1,3; set grid; set key top right; set xlabel 'step'; set ylabel 'loss'"
@@ -44,8 +46,8 @@ loss)
       echo "set yrange $range"
       line="plot "
       for ((k = 0; k < i; k++)); do
-        line+="'$tmp/$k.dat' using 1:$((m + 2)) with lines lw 1.5 lc rgb '${train_c[$((k % 4))]}' title '${names[$k]} train', "
-        [ -s "$tmp/$k.val" ] && line+="'$tmp/$k.val' using 1:$((m + 5)) with linespoints pt 7 ps 0.9 lw 2 lc rgb '${val_c[$((k % 4))]}' title '${names[$k]} val', "
+        line+="'$tmp/$k.dat' using 1:$((m + 2)) with lines lw 1.5 lc rgb '${train_c[$((k % 6))]}' title '${names[$k]} train', "
+        [ -s "$tmp/$k.val" ] && line+="'$tmp/$k.val' using 1:$((m + 5)) with linespoints pt 7 ps 0.9 lw 2 lc rgb '${val_c[$((k % 6))]}' title '${names[$k]} val', "
       done
       echo "${line%, }"
     done
