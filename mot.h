@@ -1424,8 +1424,9 @@ inline std::vector<std::pair<size_t, size_t>> mot_grad_unwritten(const MotConfig
     for (int p = 0; p < P_COUNT; p++) {
         const MotParamInfo& info = tab.p[p];
         std::vector<char> absent(info.copies, 0);  // copies of p with no rows in the batch
-        if (p == P_WQ || p == P_WK || p == P_WV || p == P_WO) {  // one copy, or one per tower
-            for (int k = 0; k < info.copies; k++) absent[k] = info.copies == 1 ? g[MOT_N_MOD] == 0 : g[k + 1] == g[k];
+        if (p == P_WQ || p == P_WK || p == P_WV || p == P_WO) {  // written: the copies the products visit
+            std::fill(absent.begin(), absent.end(), 1);
+            mot_for_each_copy(info.copies, g, [&](int k, int, int) { absent[k] = 0; });
         } else if (p == P_W1 || p == P_W3 || p == P_W2) {  // every expert of an FFN copy without rows
             for (int f = 0; f < mot_ffn_copies(c); f++) {
                 int r0, r1;
