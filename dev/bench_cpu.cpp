@@ -22,7 +22,7 @@ static double now_s() {
 }
 
 int main(int argc, char** argv) {
-    int D = 256, L = 4, H = 8, F = 768, T = 256, B = 4, V = 4096, steps = 5;
+    int D = 256, L = 4, H = 8, F = 768, T = 256, B = 4, V = 4096, steps = 10;
     int* vals[] = {&D, &L, &H, &F, &T, &B, &V, &steps};
     for (int i = 1; i < argc && i <= 8; i++) *vals[i - 1] = atoi(argv[i]);
     printf("shape: D=%d L=%d H=%d F=%d T=%d B=%d V=%d, fp32, %d threads, best of %d steps after 1 warmup\n", D, L,
@@ -33,7 +33,8 @@ int main(int argc, char** argv) {
     printf("FLOPs per step: %.2f G (%.1f M per token)\n", flops / 1e9, flops / N / 1e6);
     // The architectures at the same FLOPs per token (experts: capacity factor 1, so E C ~ n rows
     // pass through an expert; the router adds 2 E D per row). Steps are taken round-robin, one per
-    // model in turn, so that a slow phase of a shared machine hits every model alike.
+    // model in turn, so that a slow phase of a shared machine hits every model alike; the best of
+    // 10 (not 5): with 5, the 2-thread ratios of three runs on a quiet machine spread by up to 8%.
     struct Arch { const char* name; int towers, tie_attn; int experts[3]; int setting; };
     const Arch archs[] = {{"dense", 1, 0, {1, 1, 1}, 0},  {"MoT", 3, 0, {1, 1, 1}, 0},
                           {"MoE-4x", 1, 0, {4, 1, 1}, 0}, {"MoMa-4t4i4s", 3, 1, {4, 4, 4}, 0},

@@ -63,9 +63,10 @@ TEST_CASE("gradient check: MoT, norms tied") { gradient_check(tiny(3, 0, 0, 1));
 
 TEST_CASE("matmul: all four layouts, accumulate or not, against a plain triple loop") {
     // sizes around the blocking: edges of the 12 x 32 micro-tile, K over one 256-deep slice and
-    // not a multiple of the 16-deep transposed packing, M over one 240-row block
+    // not a multiple of the 16-deep transposed packing, M over one 240-row block; N = 32, 64 with B
+    // untransposed is read in place (M <= 480), the other N and transposes packed
     uint64_t rng = 3;
-    for (int M : {1, 13, 20, 250}) for (int N : {5, 32, 70}) for (int K : {7, 48, 300}) for (int ta = 0; ta < 2; ta++)
+    for (int M : {1, 13, 20, 250}) for (int N : {5, 32, 64, 70}) for (int K : {7, 48, 300}) for (int ta = 0; ta < 2; ta++)
         for (int tb = 0; tb < 2; tb++) for (int acc = 0; acc < 2; acc++) {
             std::vector<float> A((size_t)M * K), B((size_t)K * N), C((size_t)M * N);
             for (float& v : A) v = float(mot_rand_normal(&rng));
@@ -88,6 +89,20 @@ TEST_CASE("matmul: all four layouts, accumulate or not, against a plain triple l
             INFO(M, "x", N, "x", K, " transA ", ta, " transB ", tb, " accumulate ", acc);
             CHECK(worst < 1e-6);  // fp32 rounding of a sum of K products, relative to its magnitudes
         }
+    // B read in place (85 rows) and packed (600 rows): the same rows come out bit for bit, as the
+    // MoT = dense tests need of a tower's rows inside the whole batch's product
+    for (int ta = 0; ta < 2; ta++) {
+        const int M = 600, N = 64, K = 300, r0 = 100, m = 85;
+        std::vector<float> A((size_t)M * K), B((size_t)K * N), C((size_t)M * N), Cr((size_t)m * N), Ar((size_t)m * K);
+        for (float& v : A) v = float(mot_rand_normal(&rng));
+        for (float& v : B) v = float(mot_rand_normal(&rng));
+        for (int i = 0; i < m; i++)
+            for (int k = 0; k < K; k++) Ar[(size_t)i * K + k] = ta ? A[(size_t)k * M + r0 + i] : A[(size_t)(r0 + i) * K + k];
+        gemm_detail::matmul_serial(C.data(), N, A.data(), ta ? M : K, ta, B.data(), N, false, M, N, K, false);
+        gemm_detail::matmul_serial(Cr.data(), N, Ar.data(), K, false, B.data(), N, false, m, N, K, false);
+        INFO("transA ", ta);
+        CHECK(std::memcmp(Cr.data(), C.data() + (size_t)r0 * N, Cr.size() * sizeof(float)) == 0);
+    }
 }
 
 TEST_CASE("parameter table: copies follow the tying switches; each extra tower adds 4D^2 + 3DF + gains per layer") {
