@@ -358,8 +358,9 @@ inline void mot_for_each_copy(int copies, const int32_t* group, Fn fn) {
 // 4. matmul: the one routine where the CPU speed lives
 // ============================================================================================
 // BLIS-style: for each NC-wide column block and KC-deep slice of K, op(B) is packed into NR-column
-// panels (a product of at most 2 MC rows reads an untransposed B in place instead); for each MC-tall row block op(A) is packed into MR-row panels; a register-blocked MR x NR
-// micro-kernel then sweeps the panels. Packing absorbs the transposes (and zero-pads the edges), so
+// panels (a product of at most 2 MC rows reads an untransposed B in place instead); for each
+// MC-tall row block op(A) is packed into MR-row panels; a register-blocked MR x NR micro-kernel
+// then sweeps the panels. Packing absorbs the transposes (and zero-pads the edges), so
 // one micro-kernel serves all four layouts and every size, and each element of C is computed by the
 // same sequence of operations wherever its row falls: a tower's row range gives bit-identical
 // results to the same rows inside a larger matmul (the MoT = dense test relies on it).
@@ -565,8 +566,8 @@ void matmul_serial(T* C, int ldc, const T* A, int lda, bool transA, const T* B, 
       // With few rows op(B) is read in place when it can be (each k row of a panel is NR
       // contiguous floats of B): the copy is not paid back over a handful of row tiles, and B is
       // often a cold weight (an expert's is read once per step), so the first row tile prefetches
-      // the next panel instead. Cold 256 x 768 and 768 x 256 products, one thread: 15-18% faster
-      // at M = 85 (an expert of MoMa-style at the bench shape), 28% at 40, 6% at 256, none at 1024.
+      // the next panel instead. Cold 256 x 768 and 768 x 256 products, one thread: 15-18% less time
+      // at M = 85 (an expert of MoMa-style at the bench shape), 22% at 40, 6% at 256, 0 at 1024.
       const bool direct = !transB && nc % G::NR == 0 && M <= 2 * G::MC;
       if (!direct) pack_B(Bp, B, ldb, transB, pc, jc, kc, nc);
       const int ldbp = direct ? ldb : G::NR;  // distance between a panel's k rows

@@ -34,7 +34,7 @@ int main(int argc, char** argv) {
     // The architectures at the same FLOPs per token (experts: capacity factor 1, so E C ~ n rows
     // pass through an expert; the router adds 2 E D per row). Steps are taken round-robin, one per
     // model in turn, so that a slow phase of a shared machine hits every model alike; the best of
-    // 10 (not 5): with 5, the 2-thread ratios of three runs on a quiet machine spread by up to 8%.
+    // 10 (not 5): with 5, the 2-thread ratios of six runs on a quiet machine spread by up to 11%.
     struct Arch { const char* name; int towers, tie_attn; int experts[3]; int setting; };
     const Arch archs[] = {{"dense", 1, 0, {1, 1, 1}, 0},  {"MoT", 3, 0, {1, 1, 1}, 0},
                           {"MoE-4x", 1, 0, {4, 1, 1}, 0}, {"MoMa-4t4i4s", 3, 1, {4, 4, 4}, 0},
