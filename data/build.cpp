@@ -433,7 +433,10 @@ struct Clip {
 
 // In-process libespeak-ng (AUDIO_OUTPUT_SYNCHRONOUS): about 3 ms per clip, ten times faster than
 // spawning the espeak-ng program (whose start-up dominates). The library keeps global state, so
-// synthesis runs on one thread; its output is 16-bit mono PCM at 22,050 Hz.
+// synthesis runs on one thread; its output is 16-bit mono PCM at 22,050 Hz. The breathy variants
+// (f2, f3: 2 of the 9 training variants) draw their noise from the C library's rand() as one
+// stream, so a single stray rand() call anywhere in the process changes every later breathy clip;
+// the generator is reset before synthesis.
 static std::vector<int16_t>* g_synth_buf = nullptr;
 static int synth_callback(short* wav, int n, espeak_EVENT*) {
     if (wav && n > 0) g_synth_buf->insert(g_synth_buf->end(), wav, wav + n);
@@ -444,6 +447,7 @@ static void synthesise(std::vector<Clip>& clips, const std::vector<Caption>& cap
     const int rate = espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, 0, nullptr, espeakINITIALIZE_DONT_EXIT);
     if (rate <= 0) die("espeak-ng: cannot initialise libespeak-ng (is espeak-ng-data installed? apt-get install espeak-ng)");
     espeak_SetSynthCallback(synth_callback);
+    srand(1);  // = a fresh process's state (C standard), so earlier builds' clips are unchanged
     double t0 = now_s();
     std::vector<int16_t> buf;
     g_synth_buf = &buf;
