@@ -17,8 +17,9 @@
 #   e.g. bash dev/experiment_experts.sh runs/exp --steps 3000 --dim 256 --layers 4 --heads 8 --ffn 768
 #   DATA=data/default/small bash dev/experiment_experts.sh /tmp/exp --steps 20 --dim 32 ...  (smoke test)
 #   JOBS=2 ... --threads 1: two runs at a time (each run's output then goes to OUT_DIR/KIND.out);
-#   on 2 cores that halves the wall time, and every run shares the machine alike, so the step-time
-#   ratios stay comparable. A finished run (its model.ckpt exists) is not trained again.
+#   on 2 cores that halves the wall time, but each run's step times then include its partner's
+#   load, so the wall-clock column is rougher (`make bench` measures the step-time ratios).
+#   A finished run (its model.ckpt exists) is not trained again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/experts}; shift || true
@@ -31,8 +32,8 @@ kinds="dense mot moe4x moma hybrid"
 declare -A arch=([dense]="--dense" [mot]="--mot" [moe4x]="--dense --experts 4"
                  [moma]="--mot --tie-attn --experts 4,4,4" [hybrid]="--mot --experts 4,1,1")
 mkdir -p "$out"
-jobs=${JOBS:-1}
-[[ "$jobs" =~ ^[1-9][0-9]?$ ]] || { echo "experiment_experts.sh: JOBS must be 1-99, not '$jobs'" >&2; exit 2; }
+njobs=${JOBS:-1}
+[[ "$njobs" =~ ^[1-9][0-9]?$ ]] || { echo "experiment_experts.sh: JOBS must be 1-99, not '$njobs'" >&2; exit 2; }
 set -f  # the shard patterns in $flags are for ./mot, not for the shell
 running=0
 fail() { echo "experiment_experts.sh: a run failed (see $out/*.out)" >&2; kill $(jobs -p) 2>/dev/null; exit 1; }
@@ -40,11 +41,11 @@ for kind in $kinds; do
   if [ -s "$out/$kind/model.ckpt" ]; then echo "$out/$kind: done already"; continue; fi
   rm -rf "${out:?}/$kind"
   echo "=== training $kind (${arch[$kind]})"
-  if [ "$jobs" = 1 ]; then
+  if [ "$njobs" = 1 ]; then
     # shellcheck disable=SC2086
     ./mot $flags ${arch[$kind]} --out "$out/$kind" "$@"
   else
-    if [ "$running" -ge "$jobs" ]; then wait -n || fail; running=$((running - 1)); fi
+    if [ "$running" -ge "$njobs" ]; then wait -n || fail; running=$((running - 1)); fi
     # shellcheck disable=SC2086
     OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive} ./mot $flags ${arch[$kind]} --out "$out/$kind" "$@" >"$out/$kind.out" 2>&1 &
     running=$((running + 1))
