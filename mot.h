@@ -1584,20 +1584,49 @@ inline double mot_lr_at(const MotOptim& o, int step) {
 template <typename S>
 double mot_grad_norm(const MotModel<S>& m) {
     // Fixed chunks summed in double, then the chunk sums in order: the same result whatever the
-    // number of threads (a resumed run must reproduce an uninterrupted one bit for bit).
+    // number of threads (a resumed run must reproduce an uninterrupted one bit for bit). Each
+    // chunk keeps eight running sums, lane j taking elements j, j+8, ...: eight independent chains
+    // instead of one, whose order a vector of eight doubles follows exactly.
     const size_t n = m.grads.size(), chunk = 1 << 16, nchunks = (n + chunk - 1) / chunk;
     std::vector<double> part(nchunks, 0.0);
-#pragma omp parallel for schedule(static)
-    for (long c = 0; c < (long)nchunks; c++) {
-        // Eight running sums, not one: a single chain of dependent double adds runs at one add
-        // per FMA latency and made this pass cost as much as the AdamW update itself.
-        const size_t lo = c * chunk, hi = std::min(n, (c + 1) * chunk);
-        double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        size_t i = lo;
-        for (; i + 8 <= hi; i += 8)
-            for (int j = 0; j < 8; j++) acc[j] += double(m.grads[i + j]) * double(m.grads[i + j]);
-        for (; i < hi; i++) acc[(i - lo) & 7] += double(m.grads[i]) * double(m.grads[i]);
-        part[c] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    const S* g = m.grads.data();
+#pragma omp parallel
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        size_t c = nchunks * t / nt;
+        const size_t cend = nchunks * (t + 1) / nt;
+#if defined(__GNUC__) && !defined(__CUDACC__)
+        // float: four whole chunks at a time, one vector of sums each, so that four add chains
+        // are in flight (one chain, or the scalar loop, leaves the pass latency-bound: 2.5 ms
+        // against 1.4 ms for 31.5M floats on 2 threads; the same bits either way)
+        if constexpr (std::is_same<S, float>::value) {
+            typedef float V8f __attribute__((vector_size(32)));
+            typedef double V8d __attribute__((vector_size(64)));
+            for (; c + 4 <= cend && (c + 4) * chunk <= n; c += 4) {
+                V8d acc[4] = {};
+                for (size_t i = 0; i < chunk; i += 8)
+                    for (int q = 0; q < 4; q++) {
+                        V8f x;
+                        std::memcpy(&x, g + (c + q) * chunk + i, sizeof x);
+                        const V8d y = __builtin_convertvector(x, V8d);
+                        acc[q] += y * y;
+                    }
+                for (int q = 0; q < 4; q++) {
+                    const V8d& a = acc[q];
+                    part[c + q] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+                }
+            }
+        }
+#endif
+        for (; c < cend; c++) {
+            const size_t lo = c * chunk, hi = std::min(n, (c + 1) * chunk);
+            double a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            size_t i = lo;
+            for (; i + 8 <= hi; i += 8)
+                for (int j = 0; j < 8; j++) a[j] += double(g[i + j]) * double(g[i + j]);
+            for (; i < hi; i++) a[(i - lo) & 7] += double(g[i]) * double(g[i]);
+            part[c] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+        }
     }
     double ss = 0;
     for (double p : part) ss += p;
@@ -1615,18 +1644,28 @@ double mot_adamw_step(MotModel<S>* m, const MotOptim& o, int step) {
     const double bc1 = 1.0 - pow(o.beta1, t), bc2 = 1.0 - pow(o.beta2, t);
     const S b1 = S(o.beta1), b2 = S(o.beta2), inv_bc1 = S(1 / bc1), inv_bc2 = S(1 / bc2), eps = S(o.eps);
     const S lr_s = S(lr), scale = S(clip);
-    for (int p = 0; p < P_COUNT; p++) {
-        const MotParamInfo& info = m->tab.p[p];
-        const S keep = S(1.0 - (info.decay ? lr * o.weight_decay : 0.0));  // decoupled weight decay
-        S *w = m->params.data() + info.offset, *gr = m->grads.data() + info.offset;
-        S *mm = m->adam_m.data() + info.offset, *vv = m->adam_v.data() + info.offset;
-        const long n = (long)info.size();
-#pragma omp parallel for schedule(static)
-        for (long i = 0; i < n; i++) {
-            const S gi = gr[i] * scale;
-            mm[i] = b1 * mm[i] + (S(1) - b1) * gi;
-            vv[i] = b2 * vv[i] + (S(1) - b2) * gi * gi;
-            w[i] = w[i] * keep - lr_s * (mm[i] * inv_bc1) / (std::sqrt(vv[i] * inv_bc2) + eps);
+    S *W = m->params.data(), *Gr = m->grads.data(), *M = m->adam_m.data(), *Vv = m->adam_v.data();
+    // One parallel region; each thread updates its share of every tensor in blocks of 16 floats.
+    // (Measured on the bench machine, 31.5M floats, 2 threads: 7.5-8.6 ms in 16-float blocks,
+    // 10.5-11 ms as one long vector loop; the same bits either way. Memory-bound: 28 bytes per
+    // parameter, so this pass grows with the parameter count, not the FLOPs.)
+#pragma omp parallel
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        for (int p = 0; p < P_COUNT; p++) {
+            const MotParamInfo& info = m->tab.p[p];
+            const S keep = S(1.0 - (info.decay ? lr * o.weight_decay : 0.0));  // decoupled weight decay
+            const long n = (long)info.size(), lo = (long)info.offset + n * t / nt, hi = (long)info.offset + n * (t + 1) / nt;
+            for (long i0 = lo; i0 < hi; i0 += 16) {
+                const long i1 = std::min(hi, i0 + 16);
+#pragma omp simd
+                for (long i = i0; i < i1; i++) {
+                    const S gi = Gr[i] * scale;
+                    M[i] = b1 * M[i] + (S(1) - b1) * gi;
+                    Vv[i] = b2 * Vv[i] + (S(1) - b2) * gi * gi;
+                    W[i] = W[i] * keep - lr_s * (M[i] * inv_bc1) / (std::sqrt(Vv[i] * inv_bc2) + eps);
+                }
+            }
         }
     }
     return norm;
