@@ -64,7 +64,8 @@ TEST_CASE("gradient check: MoT, norms tied") { gradient_check(tiny(3, 0, 0, 1));
 TEST_CASE("matmul: all four layouts, accumulate or not, against a plain triple loop") {
     // sizes around the blocking: edges of the 12 x 32 micro-tile, K over one 256-deep slice and
     // not a multiple of the 16-deep transposed packing, M over one 240-row block; N = 32, 64 with B
-    // untransposed is read in place (M <= 480), the other N and transposes packed
+    // untransposed is read in place (M <= 480), the other N packed; B transposed is read in place
+    // with the product turned round for M <= 192, packed for M = 250
     uint64_t rng = 3;
     for (int M : {1, 13, 20, 250}) for (int N : {5, 32, 64, 70}) for (int K : {7, 48, 300}) for (int ta = 0; ta < 2; ta++)
         for (int tb = 0; tb < 2; tb++) for (int acc = 0; acc < 2; acc++) {
@@ -103,6 +104,24 @@ TEST_CASE("matmul: all four layouts, accumulate or not, against a plain triple l
         INFO("transA ", ta);
         CHECK(std::memcmp(Cr.data(), C.data() + (size_t)r0 * N, Cr.size() * sizeof(float)) == 0);
     }
+    // B transposed: 600 rows packed, 85 rows turned round (B read in place, C^T transposed into C),
+    // accumulating into C or not, over two 256-deep slices: again the same bits
+    for (int ta = 0; ta < 2; ta++)
+        for (int acc = 0; acc < 2; acc++) {
+            const int M = 600, N = 70, K = 300, r0 = 100, m = 85;
+            std::vector<float> A((size_t)M * K), B((size_t)N * K), C((size_t)M * N), Cr((size_t)m * N), Ar((size_t)m * K);
+            for (float& v : A) v = float(mot_rand_normal(&rng));
+            for (float& v : B) v = float(mot_rand_normal(&rng));
+            for (float& v : C) v = float(mot_rand_normal(&rng));
+            for (int i = 0; i < m; i++) {
+                for (int k = 0; k < K; k++) Ar[(size_t)i * K + k] = ta ? A[(size_t)k * M + r0 + i] : A[(size_t)(r0 + i) * K + k];
+                for (int j = 0; j < N; j++) Cr[(size_t)i * N + j] = C[(size_t)(r0 + i) * N + j];
+            }
+            gemm_detail::matmul_serial(C.data(), N, A.data(), ta ? M : K, ta, B.data(), K, true, M, N, K, acc);
+            gemm_detail::matmul_serial(Cr.data(), N, Ar.data(), K, false, B.data(), K, true, m, N, K, acc);
+            INFO("transA ", ta, " accumulate ", acc);
+            CHECK(std::memcmp(Cr.data(), C.data() + (size_t)r0 * N, Cr.size() * sizeof(float)) == 0);
+        }
 }
 
 TEST_CASE("parameter table: copies follow the tying switches; each extra tower adds 4D^2 + 3DF + gains per layer") {
