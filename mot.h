@@ -358,7 +358,8 @@ inline void mot_for_each_copy(int copies, const int32_t* group, Fn fn) {
 // 4. matmul: the one routine where the CPU speed lives
 // ============================================================================================
 // BLIS-style: for each NC-wide column block and KC-deep slice of K, op(B) is packed into NR-column
-// panels (a product of at most 2 MC rows reads an untransposed B in place instead); for each
+// panels (a product of at most 2 MC rows reads an untransposed B in place instead, and one of at
+// most 192 rows with B transposed is turned round: C^T = B op(A)^T, B's rows read in place); for each
 // MC-tall row block op(A) is packed into MR-row panels; a register-blocked MR x NR micro-kernel
 // then sweeps the panels. Packing absorbs the transposes (and zero-pads the edges), so
 // one micro-kernel serves all four layouts and every size, and each element of C is computed by the
