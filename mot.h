@@ -496,14 +496,19 @@ void pack_B(T* Bp, const T* B, int ldb, bool transB, int p0, int j0, int kc, int
 // unrolled i loop becomes 2 R FMAs with broadcast memory operands. R < MR serves a tile's last rows:
 // an expert's ~100-row products would otherwise spend up to 11 of every 12 edge rows on padding.
 // B's k rows are ldbp apart (NR when packed). pf, when set, walks the next panel's rows alongside.
-template <typename T, int R = Cfg<T>::MR>
+// ROWS: A is not a packed panel but R rows read in place, lda apart, each contiguous along k
+// (rows past m repeat row m - 1); matmul's turned-round product passes the rows of its B this way.
+template <typename T, int R = Cfg<T>::MR, bool ROWS = false>
 inline void micro_kernel(int kc, const T* __restrict Ap, const T* __restrict Bp, T* C, int ldc,
-                         int m, int n, bool acc, int ldbp = Cfg<T>::NR, const T* pf = nullptr) {
+                         int m, int n, bool acc, int ldbp = Cfg<T>::NR, const T* pf = nullptr, int lda = 0) {
   constexpr int MR = Cfg<T>::MR, NR = Cfg<T>::NR, L = Cfg<T>::L;
   typedef T V __attribute__((vector_size(64)));
+  const T* a[R];
+  if constexpr (ROWS)
+    for (int i = 0; i < R; ++i) a[i] = Ap + (size_t)std::min(i, m - 1) * lda;
   V c[R][2];
   for (int i = 0; i < R; ++i) c[i][0] = c[i][1] = V{};
-  for (int k = 0; k < kc; ++k, Ap += MR, Bp += ldbp) {
+  for (int k = 0; k < kc; ++k, Bp += ldbp) {
     if (pf) { __builtin_prefetch(pf); __builtin_prefetch(pf + L); pf += ldbp; }
     V b0, b1;
     std::memcpy(&b0, Bp, sizeof b0);
@@ -512,9 +517,13 @@ inline void micro_kernel(int kc, const T* __restrict Ap, const T* __restrict Bp,
 #pragma GCC unroll 16
 #endif
     for (int i = 0; i < R; ++i) {
-      c[i][0] += Ap[i] * b0;
-      c[i][1] += Ap[i] * b1;
+      T ai;
+      if constexpr (ROWS) ai = a[i][k];
+      else ai = Ap[i];
+      c[i][0] += ai * b0;
+      c[i][1] += ai * b1;
     }
+    if constexpr (!ROWS) Ap += MR;
   }
   if (m == R && n == NR) {  // full tile: vector read-modify-write of C (C may be unaligned)
     for (int i = 0; i < R; ++i)
@@ -530,49 +539,6 @@ inline void micro_kernel(int kc, const T* __restrict Ap, const T* __restrict Bp,
       for (int j = 0; j < n; ++j) {
         T& dst = C[(size_t)i * ldc + j];
         dst = acc ? dst + tmp[i][j] : tmp[i][j];
-      }
-  }
-}
-
-// micro_kernel with the roles turned round, for C = op(A) B^T with few rows in C: the m x n tile
-// of C^T at Ct whose rows are R rows of B (read in place, ldb apart, each contiguous along k) and
-// whose columns are NR rows of op(A) (packed as a B panel). Each element is the same chain of FMAs
-// as in micro_kernel (a b = b a exactly), so the product has the same bits either way.
-template <typename T, int R = Cfg<T>::MR>
-inline void micro_kernel_bt(int kc, const T* __restrict B, int ldb, const T* __restrict Ap, T* Ct, int ldt,
-                            int m, int n, bool acc) {
-  constexpr int NR = Cfg<T>::NR, L = Cfg<T>::L;
-  typedef T V __attribute__((vector_size(64)));
-  const T* b[R];
-  for (int r = 0; r < R; ++r) b[r] = B + (size_t)std::min(r, m - 1) * ldb;  // padding rows repeat the last
-  V c[R][2];
-  for (int r = 0; r < R; ++r) c[r][0] = c[r][1] = V{};
-  for (int k = 0; k < kc; ++k, Ap += NR) {
-    V a0, a1;
-    std::memcpy(&a0, Ap, sizeof a0);
-    std::memcpy(&a1, Ap + L, sizeof a1);
-#if defined(__GNUC__) && !defined(__CUDACC__)
-#pragma GCC unroll 16
-#endif
-    for (int r = 0; r < R; ++r) {
-      c[r][0] += b[r][k] * a0;
-      c[r][1] += b[r][k] * a1;
-    }
-  }
-  if (m == R && n == NR) {
-    for (int r = 0; r < R; ++r)
-      for (int h = 0; h < 2; ++h) {
-        T* dst = Ct + (size_t)r * ldt + h * L;
-        if (acc) { V x; std::memcpy(&x, dst, sizeof x); c[r][h] += x; }
-        std::memcpy(dst, &c[r][h], sizeof(V));
-      }
-  } else {
-    alignas(64) T tmp[R][NR];
-    std::memcpy(tmp, c, sizeof tmp);
-    for (int r = 0; r < m; ++r)
-      for (int i = 0; i < n; ++i) {
-        T& dst = Ct[(size_t)r * ldt + i];
-        dst = acc ? dst + tmp[r][i] : tmp[r][i];
       }
   }
 }
@@ -640,9 +606,10 @@ void matmul_serial(T* C, int ldc, const T* A, int lda, bool transA, const T* B, 
         for (int ir = 0; ir < M; ir += G::NR) {  // ... while the panels of op(A) stream past
           const int n = std::min(G::NR, M - ir);
           T* c = Ct + (size_t)jr * ldt + ir;
-          if (m > 8) micro_kernel_bt(kc, b, ldb, Ap + (size_t)ir * kc, c, ldt, m, n, acc);
-          else if (m > 4) micro_kernel_bt<T, 8>(kc, b, ldb, Ap + (size_t)ir * kc, c, ldt, m, n, acc);
-          else micro_kernel_bt<T, 4>(kc, b, ldb, Ap + (size_t)ir * kc, c, ldt, m, n, acc);
+          const T* a = Ap + (size_t)ir * kc;  // each FMA as in the packed path (a b = b a): the same bits
+          if (m > 8) micro_kernel<T, G::MR, true>(kc, b, a, c, ldt, m, n, acc, G::NR, nullptr, ldb);
+          else if (m > 4) micro_kernel<T, 8, true>(kc, b, a, c, ldt, m, n, acc, G::NR, nullptr, ldb);
+          else micro_kernel<T, 4, true>(kc, b, a, c, ldt, m, n, acc, G::NR, nullptr, ldb);
         }
       }
     }
