@@ -202,7 +202,8 @@ struct MotGpu {
     int slot0[MOT_N_MOD + 1] = {0, 0, 0, 0}, cap[MOT_N_MOD] = {0, 0, 0};  // as MotModel's (host)
     float *gate = nullptr, *aux = nullptr;  // L x N x Emax: router softmax s, aux-router sigmoid a
     int *sel = nullptr, *slot_of = nullptr; // L x NS: row of each slot; L x N x Emax: slot of (row, expert) or -1
-    float* ye = nullptr;                // L x NS x D: each slot's expert output
+    float* ye = nullptr;                // L x NS x D: each slot's expert output, normalised (rmsnorm, no gain)
+    float* ye_rstd = nullptr;           // L x NS: 1/rms of each slot's expert output before its norm
     MotBuf xg, dye;                     // NS x D: gathered rows of h; gradient of ye (GEMM operands)
     float *dX = nullptr, *ds = nullptr, *dz = nullptr;  // NS x D; N x Emax router / aux-router logit gradients
     double *aux_row = nullptr, *aux_out = nullptr;      // 2N per-row BCE and agreement; 2 sums over the forward
@@ -309,9 +310,12 @@ __device__ __forceinline__ float mot_warp_sum(float v) {
 // bf16 mode) and the fp32 stream resid, and writes the new stream (fp32, plus the bf16 copy the
 // next GEMMs read). The stream stays fp32 because it is the sum of 2L small updates: in bf16
 // (8 significant bits) each add would lose the part of an update below 2^-9 of the stream.
+// Rows of an FFN copy with experts (bit mot_dev_copy(fr, row) of gain_only; CPU: mot_gain_only)
+// take the gain alone, rstd 1: each expert normalised its own output.
 template <typename TX>
 static __global__ void mot_rmsnorm_forward_kernel(float* out, mot_bf16* outb, float* rstd, const TX* x, const float* g,
-                                                  const float* resid, int rows, int C, MotRows tw) {
+                                                  const float* resid, int rows, int C, MotRows tw, MotRows fr,
+                                                  unsigned gain_only) {
     const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) return;  // the whole warp leaves together
     const TX* xi = x + (size_t)row * C;
@@ -319,7 +323,8 @@ static __global__ void mot_rmsnorm_forward_kernel(float* out, mot_bf16* outb, fl
     float ss = 0;
     for (int j = lane; j < C; j += 32) ss += mot_ld(xi, j) * mot_ld(xi, j);
     ss = mot_warp_sum(ss);
-    const float r = 1.0f / sqrtf(ss / (float)C + (float)MOT_NORM_EPS);
+    const bool go = (gain_only >> mot_dev_copy(fr, row)) & 1u;
+    const float r = go ? 1.0f : 1.0f / sqrtf(ss / (float)C + (float)MOT_NORM_EPS);
     if (lane == 0) rstd[row] = r;
     for (int j = lane; j < C; j += 32) {
         float v = mot_ld(xi, j) * r * gi[j];
@@ -327,17 +332,20 @@ static __global__ void mot_rmsnorm_forward_kernel(float* out, mot_bf16* outb, fl
         mot_store(out, outb, (size_t)row * C + j, v);
     }
 }
-// dx = r g dy - r^3 / C * x * sum(x g dy)   (the gain gradient is reduced separately)
+// dx = r g dy - r^3 / C * x * sum(x g dy)   (the gain gradient is reduced separately; gain-only
+// rows: dx = g dy)
 template <typename TX>
 static __global__ void mot_rmsnorm_backward_kernel(MotBuf dx, const float* dy, const TX* x, const float* rstd,
-                                                   const float* g, int rows, int C, MotRows tw) {
+                                                   const float* g, int rows, int C, MotRows tw, MotRows fr,
+                                                   unsigned gain_only) {
     const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) return;
     const TX* xi = x + (size_t)row * C;
     const float* dyi = dy + (size_t)row * C;
     const float* gi = g + (size_t)mot_dev_copy(tw, row) * C;
     float dot = 0;
-    for (int j = lane; j < C; j += 32) dot += mot_ld(xi, j) * gi[j] * dyi[j];
+    if (!((gain_only >> mot_dev_copy(fr, row)) & 1u))
+        for (int j = lane; j < C; j += 32) dot += mot_ld(xi, j) * gi[j] * dyi[j];
     dot = mot_warp_sum(dot);
     const float r = rstd[row];
     for (int j = lane; j < C; j += 32)
@@ -626,21 +634,34 @@ static __global__ void mot_expert_causal_add_kernel(float* y, const float* ye, c
     if (a[i * ld + e] > 0.5f) acc += s[i * ld + e] * ye[idx];
     y[idx] = acc;
 }
-// Backward of the gated sum, one warp per slot of the copy (slots slot0 .. slot0 + E*C):
-// ds[row][e] = dt[row] . ye[slot] and dye[slot] = s[row][e] dt[row].
-static __global__ void mot_expert_dye_kernel(MotBuf dye, float* ds, const float* dt, const float* ye, const float* s,
-                                             const int* sel, int slot0, int slots, int C, int ld, int D) {
+// Each expert's own norm, in place, one warp per slot: ye = ye * rstd, rstd = 1/rms(ye) (no gain).
+static __global__ void mot_expert_norm_kernel(float* ye, float* rstd, int slots, int D) {
+    const int w = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (w >= slots) return;  // the whole warp leaves together
+    float* yj = ye + (size_t)w * D;
+    float ss = 0;
+    for (int d = lane; d < D; d += 32) ss += yj[d] * yj[d];
+    ss = mot_warp_sum(ss);
+    const float r = 1.0f / sqrtf(ss / (float)D + (float)MOT_NORM_EPS);
+    if (lane == 0) rstd[w] = r;
+    for (int d = lane; d < D; d += 32) yj[d] *= r;
+}
+// Backward of the gated sum of normalised outputs n (= ye), one warp per slot of the copy (slots
+// slot0 .. slot0 + E*C): ds[row][e] = dt[row] . n[slot], and the gradient of the expert's output
+// before its norm dye[slot] = s r (dt[row] - n[slot] ds / D).
+static __global__ void mot_expert_dye_kernel(MotBuf dye, float* ds, const float* dt, const float* ye,
+                                             const float* ye_rstd, const float* s, const int* sel, int slot0,
+                                             int slots, int C, int ld, int D) {
     const int w = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (w >= slots) return;  // the whole warp leaves together
     const int sl = slot0 + w, e = w / C, r = sel[sl];
-    const float gs = s[(size_t)r * ld + e];
-    const float *dti = dt + (size_t)r * D, *yj = ye + (size_t)sl * D;
+    const float gs = s[(size_t)r * ld + e], rs = ye_rstd[sl];
+    const float *dti = dt + (size_t)r * D, *nj = ye + (size_t)sl * D;
     float dot = 0;
-    for (int d = lane; d < D; d += 32) {
-        dot += dti[d] * yj[d];
-        mot_store(dye.f, dye.b, (size_t)sl * D + d, gs * dti[d]);
-    }
+    for (int d = lane; d < D; d += 32) dot += dti[d] * nj[d];
     dot = mot_warp_sum(dot);
+    for (int d = lane; d < D; d += 32)
+        mot_store(dye.f, dye.b, (size_t)sl * D + d, gs * rs * (dti[d] - nj[d] * dot / (float)D));
     if (lane == 0) ds[(size_t)r * ld + e] = dot;
 }
 // dh[i] += sum over experts e (in order) that took row i of dX[slot_of[i][e]]
@@ -1632,6 +1653,7 @@ inline bool mot_gpu_init(MotGpu* g, const MotConfig& c, int B, int T, bool bf16,
         g->slot_of = mot_dev_alloc<int>(g, L * N * Em);
         g->sel = mot_dev_alloc<int>(g, L * NS);
         g->ye = mot_dev_alloc<float>(g, L * NS * D);
+        g->ye_rstd = mot_dev_alloc<float>(g, L * NS);
         g->xg = buf(NS * D);
         g->dye = buf(NS * D);
         g->dX = mot_dev_alloc<float>(g, NS * D);
@@ -1702,7 +1724,7 @@ inline void mot_gpu_free(MotGpu* g) {
                     g->q_rstd, g->k_rstd, g->a_rstd, g->y2_rstd, g->z_rstd, g->lse, g->z_f, g->x_b, g->h_b, g->z_b,
                     g->logits, g->dlogits_b, g->ce_lse, g->row_loss, g->loss_out, g->dx, g->dt, g->delta,
                     g->gain_part, g->norm_part, g->norm2, g->idx_dev, g->gate, g->aux, g->slot_of, g->sel, g->ye,
-                    g->dX, g->ds, g->dz, g->aux_row, g->aux_out, g->pin, g->eps, g->eps_hat, g->deps, g->sinu, g->temb,
+                    g->ye_rstd, g->dX, g->ds, g->dz, g->aux_row, g->aux_out, g->pin, g->eps, g->eps_hat, g->deps, g->sinu, g->temb,
                     g->dtemb, g->row_se, g->step_of, g->cublas_ws};
     const MotBuf bufs[] = {g->q, g->k, g->v, g->qr, g->kr, g->o, g->a, g->y2, g->u1, g->u3, g->u, g->dO, g->dq,
                            g->dk, g->dyun, g->du, g->gdy, g->du1, g->du3, g->dv, g->gqk, g->xg, g->dye};
@@ -1934,37 +1956,40 @@ static inline void mot_gpu_colsum(MotGpu* g, float* dst, const float* dy, int n,
     MOT_LAUNCH_CHECK();
 }
 
+// gain_only: mot_gain_only_copies for the FFN sublayer's norm, 0 for every other
 static inline void mot_gpu_rmsnorm_forward(MotGpu* g, float* out, mot_bf16* outb, float* rstd, const MotBuf& x, int p,
-                                           int layer, const float* resid) {
+                                           int layer, const float* resid, unsigned gain_only = 0) {
     const int N = g->N, D = g->cfg.d_model;
     const MotParamInfo& info = g->tab.p[p];
     mot_by_type(x, [&](auto t) {
         typedef decltype(t) T;
         mot_rmsnorm_forward_kernel<T><<<mot_blocks(N, 8), 256, 0, g->stream>>>(
-            out, outb, rstd, mot_typed<T>(x), g->params + info.at(layer, 0), resid, N, D, mot_gpu_rows(g, info.copies));
+            out, outb, rstd, mot_typed<T>(x), g->params + info.at(layer, 0), resid, N, D, mot_gpu_rows(g, info.copies),
+            mot_gpu_rows(g, mot_ffn_copies(g->cfg)), gain_only);
         MOT_LAUNCH_CHECK();
     });
 }
 static inline void mot_gpu_rmsnorm_forward(MotGpu* g, float* out, mot_bf16* outb, float* rstd, float* x, int p,
-                                           int layer, const float* resid) {
-    mot_gpu_rmsnorm_forward(g, out, outb, rstd, mot_f32(x), p, layer, resid);
+                                           int layer, const float* resid, unsigned gain_only = 0) {
+    mot_gpu_rmsnorm_forward(g, out, outb, rstd, mot_f32(x), p, layer, resid, gain_only);
 }
 // dx = norm backward of dy; gain gradient of tensor p accumulated
 static inline void mot_gpu_rmsnorm_backward(MotGpu* g, MotBuf dx, float* dy, const MotBuf& x, const float* rstd,
-                                            int p, int layer) {
+                                            int p, int layer, unsigned gain_only = 0) {
     const int N = g->N, D = g->cfg.d_model;
     const MotParamInfo& info = g->tab.p[p];
     mot_by_type(x, [&](auto t) {
         typedef decltype(t) T;
         mot_rmsnorm_backward_kernel<T><<<mot_blocks(N, 8), 256, 0, g->stream>>>(
-            dx, dy, mot_typed<T>(x), rstd, g->params + info.at(layer, 0), N, D, mot_gpu_rows(g, info.copies));
+            dx, dy, mot_typed<T>(x), rstd, g->params + info.at(layer, 0), N, D, mot_gpu_rows(g, info.copies),
+            mot_gpu_rows(g, mot_ffn_copies(g->cfg)), gain_only);
         MOT_LAUNCH_CHECK();
     });
     mot_gpu_gain_grad(g, p, layer, mot_f32(dy), x, rstd, D, 1);
 }
 static inline void mot_gpu_rmsnorm_backward(MotGpu* g, MotBuf dx, float* dy, float* x, const float* rstd, int p,
-                                            int layer) {
-    mot_gpu_rmsnorm_backward(g, dx, dy, mot_f32(x), rstd, p, layer);
+                                            int layer, unsigned gain_only = 0) {
+    mot_gpu_rmsnorm_backward(g, dx, dy, mot_f32(x), rstd, p, layer, gain_only);
 }
 // QK-norm + RoPE of q or k (p = P_GQ or P_GK) of a layer; the backward also accumulates the gains'
 // gradient (dyun: scratch)
@@ -2107,7 +2132,7 @@ static inline MotBuf mot_gpu_z(const MotGpu* g) {
 // ---- experts: the FFN sublayer of a model with experts (ffn_forward_experts / ffn_backward_experts)
 // Per-layer views of the expert arrays (slot-indexed arrays have NS rows per layer).
 struct MotGpuExpertLayer {
-    float *y2, *ye, *gate, *aux;  // y2: fp32 with experts (mot_gpu_init)
+    float *y2, *ye, *ye_rstd, *gate, *aux;  // y2: fp32 with experts (mot_gpu_init)
     int *sel, *slot_of;
     MotBuf u1, u3, u;
 };
@@ -2119,6 +2144,7 @@ static inline MotGpuExpertLayer mot_gpu_expert_layer(MotGpu* g, int l) {
     x.u = mot_buf_at(g->u, l * NS * F);
     x.y2 = g->y2.f + l * N * D;
     x.ye = g->ye + l * NS * D;
+    x.ye_rstd = g->ye_rstd + l * NS;
     x.gate = g->gate + l * N * Em;
     x.aux = g->aux + l * N * Em;
     x.sel = g->sel + l * NS;
@@ -2182,12 +2208,17 @@ static inline void mot_gpu_ffn_forward_experts(MotGpu* g, int l, const MotBuf& h
                 const size_t sb = (size_t)s0 + (size_t)e * C;
                 ffn(e, mot_op(g, g->xg, sb * D), C, sb, X.ye + sb * D);
             }
+            mot_expert_norm_kernel<<<mot_blocks(slots, 8), 256, 0, st>>>(X.ye + (size_t)s0 * D, X.ye_rstd + s0,
+                                                                          (int)slots, D);
+            MOT_LAUNCH_CHECK();
             mot_expert_combine_kernel<<<mot_blocks((size_t)n * D, 256), 256, 0, st>>>(X.y2 + (size_t)r0 * D, X.ye, sg,
                                                                                      so, n, E, Em, D);
             MOT_LAUNCH_CHECK();
         } else {
             for (int e = 0; e < E; e++) {
                 ffn(e, mot_op(g, h, (size_t)r0 * D), n, s0, X.ye + (size_t)s0 * D);
+                mot_expert_norm_kernel<<<mot_blocks(n, 8), 256, 0, st>>>(X.ye + (size_t)s0 * D, X.ye_rstd + s0, n, D);
+                MOT_LAUNCH_CHECK();
                 mot_expert_causal_add_kernel<<<mot_blocks((size_t)n * D, 256), 256, 0, st>>>(
                     X.y2 + (size_t)r0 * D, X.ye + (size_t)s0 * D, sg, sa, n, e, Em, D, e == 0 ? 1 : 0);
                 MOT_LAUNCH_CHECK();
@@ -2233,10 +2264,11 @@ static inline void mot_gpu_ffn_backward_experts(MotGpu* g, int l, const MotBuf& 
         const size_t slots = (size_t)E * C;
         float *sg = X.gate + (size_t)r0 * Em, *sa = X.aux + (size_t)r0 * Em;
         const int* so = X.slot_of + (size_t)r0 * Em;
-        // the gated sum: ds = dt . ye, dye = s dt (ds is 0 where an expert did not take the row)
+        // the gated sum of normalised outputs: ds = dt . ye, dye through the norm (ds is 0 where an
+        // expert did not take the row)
         MOT_CUDA_CHECK(cudaMemsetAsync(g->ds + (size_t)r0 * Em, 0, (size_t)n * Em * sizeof(float), st));
-        mot_expert_dye_kernel<<<mot_blocks(slots, 8), 256, 0, st>>>(g->dye, g->ds, dt.f, X.ye, X.gate, X.sel, s0,
-                                                                     (int)slots, C, Em, D);
+        mot_expert_dye_kernel<<<mot_blocks(slots, 8), 256, 0, st>>>(g->dye, g->ds, dt.f, X.ye, X.ye_rstd, X.gate, X.sel,
+                                                                     s0, (int)slots, C, Em, D);
         MOT_LAUNCH_CHECK();
         // each expert's SwiGLU FFN on its gathered rows
         for (int e = 0; e < E; e++) {
@@ -2336,7 +2368,8 @@ inline double mot_gpu_forward(MotGpu* g, const MotBatch& b) {
         MOT_DH_SWITCH(Dh, (mot_attn_forward_dh<DHC>(g, o, lse2, qr, kr, v)));
         mot_linear_forward(g, a, o, P_WO, l);
         mot_gpu_rmsnorm_forward(g, h.f, h.b, g->a_rstd + (size_t)l * N, a, P_GATTN, l, x.f);
-        // FFN sublayer: y = h + rmsnorm(swiglu(h) W2) * g_ffn   (or the experts' mixture in place of swiglu(h) W2)
+        // FFN sublayer: y = h + rmsnorm(swiglu(h) W2) * g_ffn; rows of a copy with experts: y = h + y2 * g_ffn,
+        // y2 the gated sum of the experts' normalised outputs
         if (g->experts) {
             mot_gpu_ffn_forward_experts(g, l, h);
         } else {
@@ -2346,7 +2379,8 @@ inline double mot_gpu_forward(MotGpu* g, const MotBatch& b) {
             mot_linear_forward(g, y2, u, P_W2, l);
         }
         mot_bf16* ynext_b = (g->x_b && l + 1 < L) ? g->x_b + (l + 1) * ND : nullptr;
-        mot_gpu_rmsnorm_forward(g, g->x + (l + 1) * ND, ynext_b, g->y2_rstd + (size_t)l * N, y2, P_GFFN, l, h.f);
+        mot_gpu_rmsnorm_forward(g, g->x + (l + 1) * ND, ynext_b, g->y2_rstd + (size_t)l * N, y2, P_GFFN, l, h.f,
+                                mot_gain_only_copies(c));
     }
     // final norm and the output head, chunk by chunk: logits, then per-row logsumexp and loss
     const MotBuf z = mot_gpu_z(g);
@@ -2483,7 +2517,7 @@ inline void mot_gpu_backward(MotGpu* g, bool accumulate = true) {
             MotBuf dt;
             dt.f = g->dt;
             dt.b = g->gdy.b;
-            mot_gpu_rmsnorm_backward(g, dt, g->dx, y2, g->y2_rstd + (size_t)l * N, P_GFFN, l);
+            mot_gpu_rmsnorm_backward(g, dt, g->dx, y2, g->y2_rstd + (size_t)l * N, P_GFFN, l, mot_gain_only_copies(c));
             mot_gpu_ffn_backward_experts(g, l, h, dt, wb);
         } else {
             mot_gpu_rmsnorm_backward(g, g->gdy, g->dx, y2, g->y2_rstd + (size_t)l * N, P_GFFN, l);  // gdy = dL/dy2

@@ -120,6 +120,14 @@ inline bool mot_has_experts(const MotConfig& c) {
         if (c.n_expert[f] > 1) return true;
     return false;
 }
+// The FFN copies whose rows skip the sublayer's own norm (bit f: copy f has E > 1 experts, each
+// of which normalises its own output; rmsnorm_forward's gain_only).
+inline unsigned mot_gain_only_copies(const MotConfig& c) {
+    unsigned m = 0;
+    for (int f = 0; f < mot_ffn_copies(c); f++)
+        if (c.n_expert[f] > 1) m |= 1u << f;
+    return m;
+}
 inline MotVocab mot_vocab(const MotConfig& c) { return MotVocab{c.vocab, c.image_begin, c.speech_begin}; }
 
 inline int mot_modality(const MotConfig& c, int id) {
@@ -713,7 +721,7 @@ struct MotActs {
     S *u1, *u3, *u;     // L x NS x F      h W1, h W3, silu(u1) * u3 (per expert slot; NS = N without experts)
     S *y2, *y2_rstd;    // L x N x D, L x N   u W2, and 1/rms(y2)
     S *gate, *aux;      // L x N x Emax    experts: router softmax s, auxiliary router sigmoid a
-    S *ye;              // L x NS x D      experts: each expert slot's output (u W2 of that expert)
+    S *ye, *ye_rstd;    // L x NS x D, L x NS  experts: each slot's output rmsnorm(u W2), and 1/rms(u W2)
     S *z, *z_rstd;      // N x D, N        final norm output
     S *logits;          // N x V           grouped order
     S *dlogits;         // N x V           gradient of the loss wrt the logits
@@ -795,17 +803,18 @@ void mot_alloc_acts(MotModel<S>* m, int B, int T) {
     const size_t sizes[] = {(L + 1) * N * D, L * N * D, L * N * D, L * N * D, L * N * H, L * N * H, L * N * D,
                             L * N * D, L * B * H * T * T, L * N * D, L * N * D, L * N, L * N * D, L * NS * F,
                             L * NS * F, L * NS * F, L * N * D, L * N, ex ? L * N * Em : 0, ex ? L * N * Em : 0,
-                            ex ? L * NS * D : 0, N * D, N, N * V, N * V, tf ? N * MOT_PATCH : 0, tf ? N * D : 0,
-                            tf ? N * MOT_PATCH : 0, tf ? N * MOT_PATCH : 0};
+                            ex ? L * NS * D : 0, ex ? L * NS : 0, N * D, N, N * V, N * V,
+                            tf ? N * MOT_PATCH : 0, tf ? N * D : 0, tf ? N * MOT_PATCH : 0, tf ? N * MOT_PATCH : 0};
     S** ptrs[] = {&m->act.x, &m->act.q, &m->act.k, &m->act.v, &m->act.q_rstd, &m->act.k_rstd, &m->act.qr,
                   &m->act.kr, &m->act.att, &m->act.o, &m->act.a, &m->act.a_rstd, &m->act.h, &m->act.u1,
-                  &m->act.u3, &m->act.u, &m->act.y2, &m->act.y2_rstd, &m->act.gate, &m->act.aux, &m->act.ye,
-                  &m->act.z, &m->act.z_rstd, &m->act.logits, &m->act.dlogits, &m->act.pin, &m->act.sinu,
-                  &m->act.eps_hat, &m->act.deps};
+                  &m->act.u3, &m->act.u, &m->act.y2, &m->act.y2_rstd, &m->act.gate, &m->act.aux,
+                  &m->act.ye, &m->act.ye_rstd, &m->act.z, &m->act.z_rstd, &m->act.logits, &m->act.dlogits,
+                  &m->act.pin, &m->act.sinu, &m->act.eps_hat, &m->act.deps};
     size_t total = 0;
     for (size_t s : sizes) total += s;
     m->act_mem.assign(total, S(0));
     S* p = m->act_mem.data();
+    static_assert(sizeof sizes / sizeof sizes[0] == sizeof ptrs / sizeof ptrs[0], "one size per array");
     for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) { *ptrs[i] = p; p += sizes[i]; }
     // backward scratch: dx, dh, dt, dq, dk, dv, dO (N x D each) and du1, du3, du (NS x F each); with
     // experts also two NS x D buffers for gathered rows per slot (the forward uses the first too)
@@ -854,9 +863,16 @@ inline int mot_copy_of_row(int copies, const int32_t* group, int pos) {
     return pos < group[1] ? 0 : pos < group[2] ? 1 : 2;
 }
 
+// Experts: an FFN copy with E > 1 normalises inside each expert (section 5), so on its rows the
+// FFN sublayer's norm is the gain alone, y = x g (rstd 1). Bit f of gain_only marks such a copy f
+// of the ffn_copies FFN copies; gain_only = 0 everywhere else.
+inline bool mot_gain_only(unsigned gain_only, int ffn_copies, const int32_t* group, int pos) {
+    return gain_only && ((gain_only >> mot_copy_of_row(ffn_copies, group, pos)) & 1u);
+}
+
 template <typename S>
 void rmsnorm_forward(S* y, S* rstd, const S* x, const S* g, int copies, const int32_t* group, int rows, int C,
-                     int per_pos) {
+                     int per_pos, int ffn_copies = 1, unsigned gain_only = 0) {
     // (threads only for batch-sized work: a decode step's few rows would pay more for the fork)
 #pragma omp parallel for schedule(static) if ((size_t)rows * C >= (1 << 15))
     for (int i = 0; i < rows; i++) {
@@ -864,21 +880,24 @@ void rmsnorm_forward(S* y, S* rstd, const S* x, const S* g, int copies, const in
         const S* gi = g + (size_t)mot_copy_of_row(copies, group, i / per_pos) * C;
         S ss = 0;
         for (int j = 0; j < C; j++) ss += xi[j] * xi[j];
-        S r = S(1) / std::sqrt(ss / C + S(MOT_NORM_EPS));
+        S r = mot_gain_only(gain_only, ffn_copies, group, i / per_pos) ? S(1) : S(1) / std::sqrt(ss / C + S(MOT_NORM_EPS));
         rstd[i] = r;
         for (int j = 0; j < C; j++) y[(size_t)i * C + j] = xi[j] * r * gi[j];
     }
 }
 // dx (+)= r * (g dy) - r^3 / C * x * sum(x * g dy);   dg[copy] += dy * x * r
+// (gain-only rows: r = 1 and no second term, dx = g dy)
 template <typename S>
 void rmsnorm_backward(S* dx, bool dx_accumulate, S* dg, const S* dy, const S* x, const S* rstd, const S* g,
-                      int copies, const int32_t* group, int rows, int C, int per_pos) {
+                      int copies, const int32_t* group, int rows, int C, int per_pos, int ffn_copies = 1,
+                      unsigned gain_only = 0) {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < rows; i++) {
         const S *xi = x + (size_t)i * C, *dyi = dy + (size_t)i * C;
         const S* gi = g + (size_t)mot_copy_of_row(copies, group, i / per_pos) * C;
         S r = rstd[i], dot = 0;
-        for (int j = 0; j < C; j++) dot += xi[j] * gi[j] * dyi[j];
+        if (!mot_gain_only(gain_only, ffn_copies, group, i / per_pos))
+            for (int j = 0; j < C; j++) dot += xi[j] * gi[j] * dyi[j];
         S* dxi = dx + (size_t)i * C;
         for (int j = 0; j < C; j++) {
             S v = r * gi[j] * dyi[j] - r * r * r / C * xi[j] * dot;
@@ -1058,12 +1077,14 @@ void swiglu_backward(S* du1, S* du3, const S* du, const S* u1, const S* u3, size
 // ---- experts: the FFN of a copy as E SwiGLU experts with expert-choice routing ---------------
 // Spec, "Experts". For FFN copy f with rows [r0, r1) (n rows) and E > 1 experts:
 //   s = softmax(h Wr^T)   C = ceil(n / E)   S_e = the C rows with the largest s_ie (ties: lower row)
-//   y2_i = sum over e with i in S_e of s_ie FFN_e(h_i)        (then rmsnorm as for the plain FFN)
+//   y2_i = sum over e with i in S_e of s_ie rmsnorm(FFN_e(h_i))  (then the gain g_ffn alone: the norm
+//          is each expert's, after it and before its gate, so the gate's scale reaches the output)
 //   a = sigmoid(h U^T), trained by BCE against [i in S_e] on detached h (weight MOT_AUX_WEIGHT);
 //   causal routing replaces S_e by {i : a_ie > 0.5}.
 // Rows of one tower are in sequence order (b*T + t) within the grouped order, so "lower row index"
 // is the lower grouped row. Expert e of copy f keeps its C rows in the slots slot0[f] + e*C ..: u1,
-// u3, u and ye are stored per slot for the backward, and sel maps each slot to its row.
+// u3, u, ye (normalised) and ye_rstd are stored per slot for the backward, and sel maps each slot
+// to its row.
 inline void mot_ffn_rows(const MotConfig& c, const int32_t* group, int f, int* r0, int* r1) {
     *r0 = mot_ffn_copies(c) == 1 ? 0 : group[f];
     *r1 = mot_ffn_copies(c) == 1 ? group[MOT_N_MOD] : group[f + 1];
@@ -1111,7 +1132,7 @@ void ffn_forward_experts(MotModel<S>* m, const MotBatch& b, int l) {
     const int N = b.B * b.T, D = c.d_model, F = c.d_ff, Em = m->Emax, NS = m->NS;
     MotActs<S>& A = m->act;
     const S* h = A.h + (size_t)l * N * D;
-    S *y2 = A.y2 + (size_t)l * N * D, *ye = A.ye + (size_t)l * NS * D;
+    S *y2 = A.y2 + (size_t)l * N * D, *ye = A.ye + (size_t)l * NS * D, *yr = A.ye_rstd + (size_t)l * NS;
     S *u1 = A.u1 + (size_t)l * NS * F, *u3 = A.u3 + (size_t)l * NS * F, *u = A.u + (size_t)l * NS * F;
     S *gate = A.gate + (size_t)l * N * Em, *aux = A.aux + (size_t)l * N * Em;
     S* xg = m->scratch_mem.data() + 7 * (size_t)N * D + 3 * (size_t)NS * F;  // gathered rows of h
@@ -1197,7 +1218,8 @@ void ffn_forward_experts(MotModel<S>* m, const MotBatch& b, int l) {
             m->aux_loss += sum / ((double)n * E);
             m->aux_agree += agree;  // a count here; mot_forward divides by the number of rows
         }
-        // expert e on its ce rows re (slots from sb): X = h[re], ye = swiglu(X W1, X W3) W2
+        // expert e on its ce rows re (slots from sb): X = h[re], ye = rmsnorm(swiglu(X W1, X W3) W2)
+        // (no gain: the sublayer's g_ffn scales the sum)
         auto run_expert = [&](int e, const int32_t* re, int ce, size_t sb) {
             S* x = xg + sb * D;
             for (int j = 0; j < ce; j++) std::copy(h + (size_t)re[j] * D, h + (size_t)(re[j] + 1) * D, x + (size_t)j * D);
@@ -1205,6 +1227,14 @@ void ffn_forward_experts(MotModel<S>* m, const MotBatch& b, int l) {
             matmul(u3 + sb * F, F, x, D, false, W3 + e * e1, F, false, ce, F, D, false);
             swiglu_forward(u + sb * F, u1 + sb * F, u3 + sb * F, (size_t)ce * F);
             matmul(ye + sb * D, D, u + sb * F, F, false, W2 + e * e2, D, false, ce, D, F, false);
+            for (int j = 0; j < ce; j++) {
+                S* yj = ye + (sb + j) * D;
+                S ss = 0;
+                for (int d = 0; d < D; d++) ss += yj[d] * yj[d];
+                const S r = S(1) / std::sqrt(ss / D + S(MOT_NORM_EPS));
+                yr[sb + j] = r;
+                for (int d = 0; d < D; d++) yj[d] *= r;
+            }
         };
         // y2_i = sum of s_ie ye over the experts that took row i, added in expert order
         std::fill(y2 + (size_t)r0 * D, y2 + (size_t)r1 * D, S(0));
@@ -1247,7 +1277,8 @@ void ffn_backward_experts(MotModel<S>* m, const MotBatch& b, int l, const S* dt,
     const int N = b.B * b.T, D = c.d_model, F = c.d_ff, Em = m->Emax, NS = m->NS;
     const MotActs<S>& A = m->act;
     const S* h = A.h + (size_t)l * N * D;
-    const S *ye = A.ye + (size_t)l * NS * D, *gate = A.gate + (size_t)l * N * Em, *aux = A.aux + (size_t)l * N * Em;
+    const S *ye = A.ye + (size_t)l * NS * D, *yr = A.ye_rstd + (size_t)l * NS;
+    const S *gate = A.gate + (size_t)l * N * Em, *aux = A.aux + (size_t)l * N * Em;
     const S *u1 = A.u1 + (size_t)l * NS * F, *u3 = A.u3 + (size_t)l * NS * F, *u = A.u + (size_t)l * NS * F;
     S* sc = m->scratch_mem.data() + 7 * (size_t)N * D;
     S *du1 = sc, *du3 = sc + (size_t)NS * F, *du = sc + 2 * (size_t)NS * F;
@@ -1284,16 +1315,19 @@ void ffn_backward_experts(MotModel<S>* m, const MotBatch& b, int l, const S* dt,
             const int32_t* re = sel + (size_t)e * C;
             const size_t sb = m->slot0[f] + (size_t)e * C;
             S *x = xg + sb * D, *dy = db + sb * D;
-            // y2_i += s_ie ye_j:  dL/ds_ie = dt_i . ye_j,  dL/dye_j = s_ie dt_i
+            // y2_i += s_ie n_j with n_j = r_j w_j the normalised expert output (w_j = u_j W2, stored
+            // as n_j): dL/ds_ie = dt_i . n_j, and through the norm (rmsnorm_backward without a gain,
+            // r^3 w (w . v) = r n (n . v)) dL/dw_j = s_ie r_j (dt_i - n_j (n_j . dt_i) / D)
             for (int j = 0; j < C; j++) {
                 const S* dti = dt + (size_t)re[j] * D;
-                const S* yj = ye + (sb + j) * D;
-                const S gs = gate[(size_t)re[j] * Em + e];
+                const S* nj = ye + (sb + j) * D;
+                const S gs = gate[(size_t)re[j] * Em + e], r = yr[sb + j];
                 S dot = 0;
-                for (int d = 0; d < D; d++) { dot += dti[d] * yj[d]; dy[(size_t)j * D + d] = gs * dti[d]; }
+                for (int d = 0; d < D; d++) dot += dti[d] * nj[d];
+                for (int d = 0; d < D; d++) dy[(size_t)j * D + d] = gs * r * (dti[d] - nj[d] * dot / D);
                 ds[(size_t)(re[j] - r0) * E + e] = dot;
             }
-            // the expert's SwiGLU FFN on its gathered rows X: ye = swiglu(X W1, X W3) W2
+            // the expert's SwiGLU FFN on its gathered rows X: w = swiglu(X W1, X W3) W2
             matmul(du + sb * F, F, dy, D, false, P + o2 + e * e2, D, true, C, F, D, false);
             matmul(G + o2 + e * e2, D, u + sb * F, F, true, dy, D, false, F, D, C, acc);
             swiglu_backward(du1 + sb * F, du3 + sb * F, du + sb * F, u1 + sb * F, u3 + sb * F, (size_t)C * F);
@@ -1480,7 +1514,8 @@ double mot_forward(MotModel<S>* m, const MotBatch& b) {
         rmsnorm_forward(h, A.a_rstd + (size_t)l * N, a, m->param(P_GATTN, l), kn, g, N, D, 1);
 #pragma omp parallel for schedule(static)
         for (size_t i = 0; i < ND; i++) h[i] += x[i];
-        // FFN sublayer: y = h + rmsnorm(swiglu(h) W2) * g_ffn   (or the experts' mixture in place of swiglu(h) W2)
+        // FFN sublayer: y = h + rmsnorm(swiglu(h) W2) * g_ffn; rows of a copy with experts: y = h + y2 * g_ffn,
+        // y2 the gated sum of the experts' normalised outputs
         if (experts) {
             ffn_forward_experts(m, b, l);
         } else {
@@ -1489,7 +1524,8 @@ double mot_forward(MotModel<S>* m, const MotBatch& b) {
             swiglu_forward(u, u1, u3, NF);
             linear_forward(y2, u, m->params.data() + tab.p[P_W2].offset, tab.p[P_W2], l, g);
         }
-        rmsnorm_forward(y, A.y2_rstd + (size_t)l * N, y2, m->param(P_GFFN, l), kn, g, N, D, 1);
+        rmsnorm_forward(y, A.y2_rstd + (size_t)l * N, y2, m->param(P_GFFN, l), kn, g, N, D, 1, mot_ffn_copies(c),
+                        mot_gain_only_copies(c));
 #pragma omp parallel for schedule(static)
         for (size_t i = 0; i < ND; i++) y[i] += h[i];
     }
@@ -1592,7 +1628,7 @@ void mot_backward(MotModel<S>* m, const MotBatch& b, bool accumulate = true) {
         const int ka = tab.p[P_GQ].copies, kn = tab.p[P_GATTN].copies;
         // FFN sublayer; dx holds dL/dy. The residual passes dy straight to dh.
         rmsnorm_backward(dt, false, m->grad(P_GFFN, l), dx, y2, A.y2_rstd + (size_t)l * N, m->param(P_GFFN, l),
-                         kn, g, N, D, 1);  // dt = dL/dy2
+                         kn, g, N, D, 1, mot_ffn_copies(c), mot_gain_only_copies(c));  // dt = dL/dy2
         if (experts) {
             std::copy(dx, dx + ND, dh);
             ffn_backward_experts(m, b, l, dt, dh, acc);
@@ -2057,7 +2093,7 @@ inline void mot_loader_next(MotLoader* ld, const MotConfig& c, int B, int T, Mot
 // ---- checkpoint (.ckpt) ------------------------------------------------------------------------
 //   offset  size  field
 //   0       4     magic "MOTC"
-//   4       4     uint32 version = 3
+//   4       4     uint32 version = 4
 //   8       64    int32 config[16]: n_layer d_model n_head d_ff vocab image_begin speech_begin
 //                 max_seq n_tower tie_attn tie_ffn tie_norm n_expert[0] n_expert[1] n_expert[2] setting
 //   72      4     uint32 has_optimizer (1: Adam moments follow the parameters)
@@ -2067,14 +2103,23 @@ inline void mot_loader_next(MotLoader* ld, const MotConfig& c, int B, int T, Mot
 //   96      4*P   float32 parameters, in parameter-table order (P = table total)
 //   ...     4*P   float32 Adam first moments   (if has_optimizer)
 //   ...     4*P   float32 Adam second moments  (if has_optimizer)
-// Older versions (still read): version 2 has config[15] (setting 0, tokens), so every later field
-// is 4 bytes earlier and the parameters start at 92; version 1 has config[12] (also one expert
-// per copy), parameters at 80.
-enum { MOT_CKPT_VERSION = 3, MOT_CKPT_HEADER = 96 };
+// Older versions: version 3 has the layout of 4 but its experts (E > 1) were trained under the
+// old expert rule, out = h + rmsnorm(sum_e s_ie FFN_e(h)) g, so a version-3 file with experts is
+// refused (the weights would run under a different function); without experts it is read. Version
+// 2 has config[15] (setting 0, tokens), so every later field is 4 bytes earlier and the parameters
+// start at 92; version 1 has config[12] (also one expert per copy), parameters at 80.
+enum { MOT_CKPT_VERSION = 4, MOT_CKPT_HEADER = 96 };
 
 // The number of config ints in a checkpoint or debug-state header of this version (0: unknown).
 inline int mot_config_ints_of_version(uint32_t version) {
-    return version == 1 ? MOT_CONFIG_INTS_V1 : version == 2 ? MOT_CONFIG_INTS_V2 : version == 3 ? MOT_CONFIG_INTS : 0;
+    return version == 1 ? MOT_CONFIG_INTS_V1 : version == 2 ? MOT_CONFIG_INTS_V2
+                                                            : version == 3 || version == 4 ? MOT_CONFIG_INTS : 0;
+}
+// "" unless a file of this version holds experts made under the old expert rule (version 3).
+inline std::string mot_old_expert_rule(uint32_t version, const MotConfig& c) {
+    if (version != 3 || !mot_has_experts(c)) return "";
+    return "version 3 file with experts: made under the old expert rule (the norm of the gated sum); this "
+           "mot normalises each expert's output before its gate (version 4), so retrain (or upcycle again)";
 }
 
 struct MotTrainState {
@@ -2168,10 +2213,12 @@ inline bool mot_read_checkpoint_header(const std::string& path, MotConfig* cfg, 
     if (!ok) return mot_fail(err, path, "truncated: shorter than the checkpoint header (80, 92 or 96 bytes)");
     if (memcmp(h, "MOTC", 4) != 0) return mot_fail(err, path, "not a mot checkpoint (bad magic, expected MOTC)");
     if (nc == 0)
-        return mot_fail(err, path, "unsupported checkpoint version " + std::to_string(h[1]) + " (expected 1, 2 or 3)");
+        return mot_fail(err, path, "unsupported checkpoint version " + std::to_string(h[1]) + " (expected 1 to 4)");
     const MotConfig fc = mot_config_from_ints(c);
     std::string bad = mot_config_error(fc);
     if (!bad.empty()) return mot_fail(err, path, "bad config in header: " + bad);
+    bad = mot_old_expert_rule(h[1], fc);
+    if (!bad.empty()) return mot_fail(err, path, bad);
     if (flags[0] > 1) return mot_fail(err, path, "bad has_optimizer flag " + std::to_string(flags[0]) + " (expected 0 or 1)");
     if (flags[1] != 0) return mot_fail(err, path, "reserved header field is " + std::to_string(flags[1]) + " (expected 0)");
     if (s.step < 0 || s.step > MOT_MAX_STEP)
@@ -2254,7 +2301,7 @@ std::string mot_upcycle(MotModel<S>* dst, const MotModel<S>& src) {
 // ---- debug state (.dbg): one batch with everything a second implementation must reproduce ----
 //   offset  size   field
 //   0       4      magic "MOTD"
-//   4       4      uint32 version = 3
+//   4       4      uint32 version = 4
 //   8       64     int32 config[16] (as in the checkpoint)
 //   72      4      int32 B
 //   76      4      int32 T
@@ -2272,9 +2319,10 @@ std::string mot_upcycle(MotModel<S>* dst, const MotModel<S>& src) {
 //   ...     12     int32 number of targets per modality (Transfusion image: noised image positions)
 //   ...     4*P    float32 gradient of the loss wrt every parameter (table order; with experts, of
 //                  the training objective loss + 0.01 aux_loss, from expert-choice routing)
-// Older versions (still read, setting 0): version 2 has config[15], so B, T and the rest are 4 bytes
+// Older versions: version 3 is read as 4 unless it has experts (the old expert rule, as for
+// checkpoints: refused). Version 2 (setting 0) has config[15], so B, T and the rest are 4 bytes
 // earlier; version 1 has config[12] (one expert per copy), 16 bytes earlier.
-enum { MOT_DEBUG_VERSION = 3, MOT_MAX_BATCH = 1 << 16 };
+enum { MOT_DEBUG_VERSION = 4, MOT_MAX_BATCH = 1 << 16 };
 
 struct MotDebugState {
     MotConfig cfg;
@@ -2348,10 +2396,12 @@ inline bool mot_read_debug_state(const std::string& path, MotDebugState* d, std:
         return mot_fail(err, path, "truncated: shorter than the debug-state header");
     if (memcmp(h, "MOTD", 4) != 0) return mot_fail(err, path, "not a mot debug state (bad magic, expected MOTD)");
     if (nc == 0)
-        return mot_fail(err, path, "unsupported debug-state version " + std::to_string(h[1]) + " (expected 1, 2 or 3)");
+        return mot_fail(err, path, "unsupported debug-state version " + std::to_string(h[1]) + " (expected 1 to 4)");
     d->cfg = mot_config_from_ints(cfg);
     std::string bad = mot_config_error(d->cfg);
     if (!bad.empty()) return mot_fail(err, path, "bad config in header: " + bad);
+    bad = mot_old_expert_rule(h[1], d->cfg);
+    if (!bad.empty()) return mot_fail(err, path, bad);
     d->B = bt[0];
     d->T = bt[1];
     if (d->B < 1 || d->B > MOT_MAX_BATCH || d->T < 1 || d->T > d->cfg.max_seq)
@@ -2502,7 +2552,8 @@ bool mot_decode_rows(MotModel<S>* m, MotKVCache<S>* kv, int n, int md, bool bloc
             lin(u3.data(), h.data(), W(P_W3, l), D, F);
             swiglu_forward(u.data(), u1.data(), u3.data(), nF);
             lin(y2.data(), u.data(), W(P_W2, l), F, D);
-        } else {  // causal routing, row by row: expert e runs iff sigmoid(h U_e) > 0.5, weighted by its gate s_e
+        } else {  // causal routing, row by row: expert e runs iff sigmoid(h U_e) > 0.5; its normalised
+                  // output is weighted by its gate s_e
             const S *Wr = m->param(P_WR, l, mot_router_copy(c, fc, 0)), *U = m->param(P_U, l, mot_router_copy(c, fc, 0));
             std::vector<S> sg(E), sa(E), ye(D);
             for (int i = 0; i < n; i++) {
@@ -2525,12 +2576,15 @@ bool mot_decode_rows(MotModel<S>* m, MotKVCache<S>* kv, int n, int md, bool bloc
                     mot_matvec(u3.data(), hi, m->param(P_W3, l, ek), D, F);
                     swiglu_forward(u.data(), u1.data(), u3.data(), F);
                     mot_matvec(ye.data(), u.data(), m->param(P_W2, l, ek), F, D);
-                    const S gs = sg[e] / sum;
-                    for (int d = 0; d < D; d++) yi[d] += gs * ye[d];
+                    S ss = 0;
+                    for (int d = 0; d < D; d++) ss += ye[d] * ye[d];
+                    const S gs = sg[e] / sum, r = S(1) / std::sqrt(ss / D + S(MOT_NORM_EPS));
+                    for (int d = 0; d < D; d++) yi[d] += gs * (ye[d] * r);
                 }
             }
         }
-        rmsnorm_forward(x, rs.data(), y2.data(), m->param(P_GFFN, l), t.p[P_GFFN].copies, rows, n, D, 1);
+        rmsnorm_forward(x, rs.data(), y2.data(), m->param(P_GFFN, l), t.p[P_GFFN].copies, rows, n, D, 1,
+                        mot_ffn_copies(c), mot_gain_only_copies(c));
         for (size_t j = 0; j < nD; j++) x[j] += h[j];
     }
     rmsnorm_forward(z, rs.data(), x, m->param(P_GOUT), t.p[P_GOUT].copies, rows, n, D, 1);

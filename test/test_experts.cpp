@@ -105,6 +105,67 @@ TEST_CASE("gradient check: 2 and 3 experts in different towers, FFN of the image
     gradient_check(tiny(3, {2, 1, 3}), 12);
 }
 
+// Spec, "Experts": y_i = sum_e s_ie rmsnorm(FFN_e(h_i)), so a row i taken by expert e alone has
+// dL/ds_ie = c = dt_i . n_ie (not ~0, as when the norm came after the gate and cancelled s), and
+// its router logits get dr_ie' = s_ie' (delta_e'e - s_ie) c. With one layer and row i the only
+// target, the loss reaches the router through row i alone, so dL/dWr[e'] = dr_ie' h_i exactly.
+// c is measured independently: scaling g_ffn by (1 + t) scales y_i as s_ie (1 + t) would, so
+// dL/dt = s_ie c.
+TEST_CASE("router gradient: a row taken by one expert teaches its router (the size the math predicts)") {
+    omp_set_num_threads(1);
+    MotConfig c = moe4x();
+    c.n_layer = 1;
+    MotModel<double> m;
+    mot_init(&m, c, 7);
+    randomize(&m, 21);
+    MotBatch b = random_batch(c, 1, 8, 5);
+    mot_forward(&m, b);
+    const int N = b.B * b.T, D = c.d_model, E = 4, C = m.cap[0], Em = m.Emax;
+    REQUIRE(C == 2);
+    // a row that exactly one expert took
+    int row = -1, ex = -1;
+    for (int i = 0; i < N && row < 0; i++) {
+        int takers = 0, last = -1;
+        for (int e = 0; e < E; e++)
+            for (int j = 0; j < C; j++)
+                if (m.sel[(size_t)e * C + j] == i) { takers++; last = e; }
+        if (takers == 1) { row = i; ex = last; }
+    }
+    REQUIRE(row >= 0);
+    for (int i = 0; i < N; i++)
+        if (i != b.order[row]) b.targets[i] = MOT_IGNORE;
+    REQUIRE(b.targets[b.order[row]] != MOT_IGNORE);
+    mot_forward(&m, b);
+    const std::vector<int32_t> sel = m.sel;
+    mot_zero_grad(&m);
+    mot_backward(&m, b);
+    const double* s = m.act.gate + (size_t)row * Em;
+    const double* hi = m.act.h + (size_t)row * D;
+    // c from the gain: dL/dt at t = 0 of g_ffn (1 + t)
+    const size_t og = m.tab.p[P_GFFN].at(0, 0);
+    const std::vector<double> g0(m.params.begin() + og, m.params.begin() + og + D);
+    auto loss_at = [&](double t) {
+        for (int d = 0; d < D; d++) m.params[og + d] = g0[d] * (1 + t);
+        mot_forward(&m, b);
+        CHECK(m.sel == sel);
+        return m.loss;
+    };
+    const double t = 1e-5, cfd = (loss_at(t) - loss_at(-t)) / (2 * t) / s[ex];
+    loss_at(0);
+    MESSAGE("row ", row, " taken by expert ", ex, " alone: s = ", s[ex], ", dL/ds = ", cfd);
+    CHECK(std::fabs(cfd) > 1e-3);
+    const size_t orr = m.tab.p[P_WR].at(0, 0);
+    double num = 0, den = 0;
+    for (int e = 0; e < E; e++)
+        for (int d = 0; d < D; d++) {
+            const double want = s[e] * ((e == ex) - s[ex]) * cfd * hi[d], got = m.grads[orr + (size_t)e * D + d];
+            num += (got - want) * (got - want);
+            den += want * want;
+        }
+    CHECK(std::sqrt(num) <= 1e-6 * std::sqrt(den));
+    omp_set_num_threads(omp_get_num_procs());
+}
+
 TEST_CASE("parameter table: experts multiply the FFN copies; routers exist only where E > 1") {
     MotConfig c = hybrid();
     MotParamTable t = mot_param_table(c);
@@ -417,12 +478,12 @@ TEST_CASE("checkpoint and debug state: round trip with experts; version 1 files 
     CHECK(p.params == q.params);
     CHECK(st.step == 5);
     CHECK(st.data_rng == 6);
-    v1[4] = 4;
-    f = fopen((dir + "/v4.ckpt").c_str(), "wb");
+    v1[4] = 5;
+    f = fopen((dir + "/v5.ckpt").c_str(), "wb");
     fwrite(v1.data(), 1, v1.size(), f);
     fclose(f);
-    CHECK_FALSE(mot_read_checkpoint_config(dir + "/v4.ckpt", &fc, &err));
-    CHECK(err.find("version 4") != std::string::npos);
+    CHECK_FALSE(mot_read_checkpoint_config(dir + "/v5.ckpt", &fc, &err));
+    CHECK(err.find("version 5") != std::string::npos);
     // debug state: the current version with experts, and a version-1 file
     MotBatch bt = random_batch(c, 2, 8, 1);
     mot_forward(&a, bt);
@@ -448,6 +509,36 @@ TEST_CASE("checkpoint and debug state: round trip with experts; version 1 files 
     fclose(f);
     REQUIRE(mot_read_debug_state(dir + "/v1.dbg", &d, &err));
     CHECK(d.params == std::vector<float>(p.params.begin(), p.params.end()));
+    CHECK(d.loss == float(p.loss));
+    // version 3 (the old expert rule, the norm of the gated sum): a file with experts is refused
+    // with its version and the reason; a file without experts is read as it was
+    auto as_v3 = [&](const std::string& from, const std::string& to) {
+        FILE* g = fopen((dir + from).c_str(), "rb");
+        std::string s;
+        size_t k;
+        while ((k = fread(buf, 1, sizeof buf, g)) > 0) s.append(buf, k);
+        fclose(g);
+        s[4] = 3;
+        g = fopen((dir + to).c_str(), "wb");
+        fwrite(s.data(), 1, s.size(), g);
+        fclose(g);
+    };
+    as_v3("/e.ckpt", "/e3.ckpt");
+    as_v3("/e.dbg", "/e3.dbg");
+    as_v3("/p.ckpt", "/p3.ckpt");
+    as_v3("/p.dbg", "/p3.dbg");
+    CHECK_FALSE(mot_read_checkpoint_config(dir + "/e3.ckpt", &fc, &err));
+    CHECK(err.find(dir + "/e3.ckpt: version 3") == 0);
+    CHECK(err.find("old expert rule") != std::string::npos);
+    CHECK_FALSE(mot_load_checkpoint(dir + "/e3.ckpt", &b, nullptr, nullptr, &err));
+    CHECK(err.find("old expert rule") != std::string::npos);
+    CHECK_FALSE(mot_read_debug_state(dir + "/e3.dbg", &d, &err));
+    CHECK(err.find(dir + "/e3.dbg: version 3") == 0);
+    REQUIRE(mot_read_checkpoint_config(dir + "/p3.ckpt", &fc, &err));
+    CHECK(mot_config_mismatch(fc, pc).empty());
+    REQUIRE(mot_load_checkpoint(dir + "/p3.ckpt", &q, &st, nullptr, &err));
+    CHECK(p.params == q.params);
+    REQUIRE(mot_read_debug_state(dir + "/p3.dbg", &d, &err));
     CHECK(d.loss == float(p.loss));
 }
 

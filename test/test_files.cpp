@@ -116,8 +116,8 @@ TEST_CASE("checkpoint: wrong magic, version, truncation, other config, missing f
     };
     std::string b = good; b[1] = 'X';
     bad("magic.ckpt", b, "bad magic");
-    b = good; b[4] = 4;
-    bad("version.ckpt", b, "version 4");
+    b = good; b[4] = 5;
+    bad("version.ckpt", b, "version 5");
     bad("trunc.ckpt", good.substr(0, good.size() - 1), "truncated");
     bad("head.ckpt", good.substr(0, 20), "truncated");
     MotModel<float> other;
@@ -168,12 +168,12 @@ TEST_CASE("debug state: round trip, and bad files are refused") {
 template <class T>
 static std::string bytes_of(const T& v) { return std::string((const char*)&v, sizeof v); }
 static std::string header(const char* magic, const int32_t cfg[MOT_CONFIG_INTS]) {
-    return std::string(magic, 4) + bytes_of<uint32_t>(3) + std::string((const char*)cfg, 4 * MOT_CONFIG_INTS);  // version 3
+    return std::string(magic, 4) + bytes_of<uint32_t>(4) + std::string((const char*)cfg, 4 * MOT_CONFIG_INTS);  // version 4
 }
 
 TEST_CASE("hostile headers: sizes that wrap, huge configs in tiny files, unchecked fields") {
     std::string err;
-    // (headers below are version 3: config[16], then the experts per FFN copy and the setting)
+    // (headers below are version 4: config[16], then the experts per FFN copy and the setting)
     // a 40-byte shard claiming 2^63 tokens: 32 + 2n wraps to 32 + 0
     uint32_t sh[6] = {0, 1, 64, 24, 48, 0};
     memcpy(sh, "MOTS", 4);
