@@ -19,25 +19,34 @@
 #   JOBS=2 ... --threads 1: two runs at a time (each run's output then goes to OUT_DIR/KIND.out);
 #   on 2 cores that halves the wall time, but each run's step times then include its partner's
 #   load, so the wall-clock column is rougher (`make bench` measures the step-time ratios).
+#   ORDER="moma dense moe4x hybrid mot": the order to train in (default the table's order); with
+#   JOBS=2 the slowest first keeps both cores busy to the end.
 #   A finished run (its model.ckpt exists) is not trained again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/experts}; shift || true
 data=${DATA:-data/default}
+kinds="dense mot moe4x moma hybrid"
+order=${ORDER:-$kinds}
+for kind in $order; do
+  [[ " $kinds " == *" $kind "* ]] || { echo "experiment_experts.sh: ORDER: unknown model '$kind' (one of: $kinds)" >&2; exit 2; }
+done
 [ -f "$data/manifest.txt" ] || bash data/build.sh "$data"
 make -s mot
 flags="--data $data/train_*.bin --val $data/val_*.bin --layers 4 --dim 128 --heads 4 --seq 128 --batch 16
        --steps 1000 --warmup 50 --lr 3e-3 --eval-every 25 --eval-batches 8 --eval-items 0 --seed 1 --log-every 50"
-kinds="dense mot moe4x moma hybrid"
 declare -A arch=([dense]="--dense" [mot]="--mot" [moe4x]="--dense --experts 4"
                  [moma]="--mot --tie-attn --experts 4,4,4" [hybrid]="--mot --experts 4,1,1")
 mkdir -p "$out"
+declare -A started=()
 njobs=${JOBS:-1}
 [[ "$njobs" =~ ^[1-9][0-9]?$ ]] || { echo "experiment_experts.sh: JOBS must be 1-99, not '$njobs'" >&2; exit 2; }
 set -f  # the shard patterns in $flags are for ./mot, not for the shell
 running=0
 fail() { echo "experiment_experts.sh: a run failed (see $out/*.out)" >&2; kill $(jobs -p) 2>/dev/null; exit 1; }
-for kind in $kinds; do
+for kind in $order $kinds; do
+  if [ -n "${started[$kind]:-}" ]; then continue; fi
+  started[$kind]=1
   if [ -s "$out/$kind/model.ckpt" ]; then echo "$out/$kind: done already"; continue; fi
   rm -rf "${out:?}/$kind"
   echo "=== training $kind (${arch[$kind]})"
