@@ -1,6 +1,9 @@
 # mot — build, test, train.
 #   make             build ./mot (the trainer, from train.cu) and the tokenizer tools
+#   make check       the edit loop: the core of the suite in under two minutes (gradients, one GPU case,
+#                    file formats, links); ends with "N passed, N failed, N skipped" like make test
 #   make test        build everything and run every test; ends with "N passed, N failed, N skipped"
+#   make dev-tools   the benchmarks and tools in dev/ (listed at DEVTOOLS below)
 #   (these run dev/setup.sh first, which installs missing Debian packages)
 #   make train       the main job: build the default dataset if missing, train, evaluate, sample,
 #                    plot, all into the run folder $(RUN); SETTING=transfusion for images by diffusion
@@ -12,11 +15,17 @@
 CXX      ?= g++
 # -fno-math-errno lets GCC vectorise sqrt (results are the same: it only drops errno updates)
 CXXFLAGS ?= -std=c++17 -O3 -march=native -fopenmp -fno-math-errno -Wall -Wextra
+# Warnings: the project's own files compile with none (g++ -Wall -Wextra, clang, nvcc and its host
+# compiler). make test and make check build with WERROR=-Werror, so a new warning fails them; a
+# plain make does not (another compiler version may warn where this one does not).
+WERROR   ?=
+CXXFLAGS += $(WERROR)
 # nvcc if the CUDA toolkit is installed (on PATH or in /usr/local/cuda), else a g++-only build
 NVCC     ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 # CUDA code is compiled for A100 (sm_80) and H100 (sm_90); --threads 0 compiles the two in parallel
 NVARCH   ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
 NVFLAGS  ?= -std=c++17 -O3 $(NVARCH) --threads 0 -Xcompiler -O3,-march=native,-fopenmp,-fno-math-errno,-Wall -I.
+NVFLAGS  += $(if $(WERROR),-Werror all-warnings -Xcompiler -Werror)
 # The CUDA libraries are found through an rpath to the toolkit that built the binary, so ./mot runs
 # where the toolkit's lib64 is not in the loader's configuration (e.g. a fresh Debian with CUDA).
 CUDA_LIBDIR ?= $(abspath $(dir $(NVCC))../lib64)
@@ -27,6 +36,10 @@ JPEGLIBS  = -ljpeg
 TESTBINS  = test/test_mot test/test_transfusion test/test_experts test/test_files test/test_bpe test/test_vq test/test_speech test/test_data \
             test/test_crash test/test_cuda_cpu test/test_gpu_cpu
 TOOLS     = tokenizers/bpe tokenizers/vq tokenizers/speech
+# dev/: bench_cpu (make bench), bench_gemm (the CPU matmul), bench_bpe, bench_vq, bench_speech (the
+# tokenizers on real data), diffusion_t (a Transfusion model's error per diffusion step), roofline
+# (make roofline), bench_gpu (make bench-gpu; with nvcc). make dev-tools builds them; make test too.
+DEVTOOLS  = dev/bench_cpu dev/bench_gemm dev/bench_bpe dev/bench_vq dev/bench_speech dev/diffusion_t dev/roofline
 
 # SETTING=transfusion: the main job in the Transfusion setting (images as pixel patches trained by
 # diffusion; README, "Transfusion"): its own dataset build (--transfusion, tf_*.bin) and run folder.
@@ -53,6 +66,9 @@ CPU_TRAIN_FLAGS ?= --layers 4 --dim 128 --heads 4 --seq 128 --batch 16 --steps 3
                    --eval-every 1000 --eval-items 100 --eval-gen 3 --save-every 500 --log-every 25
 GPU_TRAIN_FLAGS ?= --layers 8 --dim 512 --heads 8 --seq 512 --batch 32 --steps 5000 --lr 1e-3 --warmup 200 \
                    --eval-every 500 --eval-items 200 --eval-gen 5 --save-every 500
+ifneq ($(NVCC),)
+DEVTOOLS += dev/bench_gpu
+endif
 ifeq ($(HAVE_GPU),1)
 TESTBINS += test/test_gpu
 TRAIN_FLAGS ?= $(GPU_TRAIN_FLAGS)
@@ -63,19 +79,22 @@ endif
 # Sanitizers: the CPU tests, ./mot and the tools again with ASan + UBSan, in build/asan (the
 # tests run there: they call ./mot, tokenizers/* and data/build.sh relative to it).
 ASAN_DIR   = build/asan
-ASANFLAGS ?= -std=c++17 -O1 -g1 -fopenmp -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+ASANFLAGS ?= -std=c++17 -O1 -g1 -fopenmp -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all \
+             -Wall -Wextra
+ASANFLAGS += $(WERROR)
 ASAN_TESTS = test/test_mot test/test_transfusion test/test_files test/test_bpe test/test_vq test/test_speech test/test_data test/test_crash
 ASANBINS   = $(ASAN_TESTS:%=$(ASAN_DIR)/%) $(ASAN_DIR)/mot $(TOOLS:%=$(ASAN_DIR)/%)
 ASANLINKS  = $(ASAN_DIR)/data $(ASAN_DIR)/mot.h $(TOKH:%=$(ASAN_DIR)/%)
 # Fuzzing: libFuzzer targets for every reader (test/fuzz), with ASan + UBSan. make test replays
 # their seed corpora and fuzzes each for FUZZ_CI_S seconds; make fuzz for FUZZ_S seconds.
 FUZZ_CXX   ?= clang++
-FUZZFLAGS  ?= -std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -Wno-unknown-pragmas -I.
+FUZZFLAGS  ?= -std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -Wall -Wextra -Wno-unknown-pragmas -I.
+FUZZFLAGS  += $(WERROR)
 FUZZ_S     ?= 60
 FUZZ_CI_S  ?= 10
 FUZZBINS    = $(patsubst %,test/fuzz/fuzz_%,shard checkpoint debug_state bpe vq_model speech_model wav image)
 
-.PHONY: all test test-asan fuzz train bench bench-gpu roofline test-cuda-asan clean setup
+.PHONY: all test check test-asan fuzz train bench bench-gpu roofline test-cuda-asan clean setup dev-tools
 all: mot $(TOOLS)
 
 # Installs what is missing (compilers, doctest, stb, gnuplot ...): the one package list is in the
@@ -112,15 +131,14 @@ dev/bench_gpu: dev/bench_gpu.cu mot.cu mot.h
 	$(NVCC) $(NVFLAGS) $< -o $@ $(NVLIBS)
 
 dev/roofline: dev/roofline.cpp | setup
-	$(CXX) -std=c++17 -O2 -Wall -Wextra $< -o $@
+	$(CXX) -std=c++17 -O2 -Wall -Wextra $(WERROR) $< -o $@
 roofline: dev/roofline
 	./dev/roofline
 
-dev/bench_cpu: dev/bench_cpu.cpp mot.h | setup
-	$(CXX) $(CXXFLAGS) -I. $< -o $@
-# Transfusion: a model's noise and x0 error per diffusion step (dev/RESULTS.md)
-dev/diffusion_t: dev/diffusion_t.cpp mot.h | setup
-	$(CXX) $(CXXFLAGS) -I. $< -o $@
+# The CPU tools in dev/ (DEVTOOLS; each file's header says what it measures and how to run it)
+dev/%: dev/%.cpp mot.h $(TOKH) | setup
+	$(CXX) $(CXXFLAGS) -I. $< -o $@ $(JPEGLIBS)
+dev-tools: $(DEVTOOLS)
 
 # ---- the GPU code on the CPU (README "Running the GPU code without a GPU") -----------------------
 # test/cuda_cpu.pl copies each .cu to build/cuda_cpu/ with kernel launches, __shared__ and
@@ -129,7 +147,7 @@ dev/diffusion_t: dev/diffusion_t.cpp mot.h | setup
 CUDA_HOME ?= /usr/local/cuda
 CUDA_CPU_OPT  ?= -O2
 CUDA_CPU_BASE  = -std=c++17 $(CUDA_CPU_OPT) -g -march=native -fno-math-errno -Wall -Wextra -Wno-unknown-pragmas \
-                 -Ibuild/cuda_cpu -I. -I$(CUDA_HOME)/include
+                 -Ibuild/cuda_cpu -I. -I$(CUDA_HOME)/include $(WERROR)
 CUDA_CPU_FLAGS = $(CUDA_CPU_BASE) -include test/cuda_cpu.h -fopenmp
 CUDA_CPU_HDRS  = test/cuda_cpu.h $(CUDA_HOME)/include/cuda_runtime.h
 $(CUDA_HOME)/include/cuda_runtime.h:
@@ -167,7 +185,23 @@ mot_cpu_cuda: build/cuda_cpu/train.cu build/cuda_cpu/mot.cu mot.h $(TOKH) test/c
 mot_cpu_cuda_mpi: build/cuda_cpu/train.cu build/cuda_cpu/mot.cu mot.h $(TOKH) test/cuda_cpu_mpi.o
 	$(CXX) $(CUDA_CPU_FLAGS) -DMOT_MPI $(MPI_CFLAGS) -x c++ $< -x none test/cuda_cpu_mpi.o -o $@ $(MPI_LIBS) $(JPEGLIBS)
 
-test: mot $(TOOLS) $(TESTBINS) $(ASANBINS) $(ASANLINKS) $(FUZZBINS)
+# make check: the edit loop (README, "The edit loop"): the finite-difference gradient checks
+# (dense, MoT, ties, experts, Transfusion), one GPU-through-CPU case, the file formats' round trips
+# and refusals, and the README's links; under two minutes on 2 cores from a clean tree. Test cases
+# named "mot ..." run the ./mot binary and are left to make test (its nvcc build alone is a minute).
+CHECK_BINS = test/test_mot test/test_experts test/test_transfusion test/test_files test/test_gpu_cpu
+CHECK_RUN  = test/test_mot "test/test_experts -tce=mot *" "test/test_transfusion -tce=mot *" \
+             "test/test_files -tc=shard:*,checkpoint:*,debug state*" "test/test_gpu_cpu -tc=gpu: make check*" \
+             test/links.sh
+check:
+	@start=$$(date +%s); \
+	if $(MAKE) --no-print-directory -j2 WERROR=-Werror $(CHECK_BINS); then \
+	  RUN_START=$$start bash test/run.sh $(CHECK_RUN); \
+	else echo "make check: the build failed"; echo "0 passed, 1 failed, 0 skipped"; exit 1; fi
+
+TEST_DEPS = mot $(TOOLS) $(TESTBINS) $(ASANBINS) $(ASANLINKS) $(FUZZBINS) $(DEVTOOLS)
+test: WERROR = -Werror
+test: $(TEST_DEPS)
 	@FUZZ_S=$(FUZZ_CI_S) bash test/run.sh $(TESTBINS) $(ASAN_TESTS:%=$(ASAN_DIR):%) test/fuzz/run.sh
 
 test-asan: $(ASANBINS) $(ASANLINKS)
@@ -220,5 +254,5 @@ bench-gpu: dev/bench_gpu
 
 clean:
 	rm -f mot mot_mpi mot_cpu_cuda mot_cpu_cuda_mpi $(TESTBINS) test/test_gpu test/test_gpu_cpu_asan $(TOOLS) $(FUZZBINS) \
-	      dev/bench_cpu dev/bench_gpu dev/roofline dev/diffusion_t test/*.o
+	      $(DEVTOOLS) dev/bench_gpu test/*.o
 	rm -rf build

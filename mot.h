@@ -1171,10 +1171,10 @@ void ffn_forward_experts(MotModel<S>* m, const MotBatch& b, int l) {
                     sa[(size_t)i * Em + e] = lt[(size_t)(E + e) * n + i];
                 }
         }
-        // Routing, parallel over rows or over experts: each writes only its own entries, and the
-        // BCE terms are summed after, in order, so the bits do not depend on the threads.
-        const bool par = n * E >= 1024;
-#pragma omp parallel for schedule(static) if (par)
+        // Routing, parallel over rows or over experts (when n E >= 1024): each writes only its own
+        // entries, and the BCE terms are summed after, in order, so the bits do not depend on the
+        // threads.
+#pragma omp parallel for schedule(static) if (n * E >= 1024)
         for (int i = 0; i < n; i++) {
             S* si = sg + (size_t)i * Em;
             S mx = si[0], sum = 0;
@@ -1188,7 +1188,7 @@ void ffn_forward_experts(MotModel<S>* m, const MotBatch& b, int l) {
         std::vector<char> chosen(ec ? (size_t)n * E : 0, 0);
         std::vector<double> bce(ec ? (size_t)n * E : 0);
         if (ec) {
-#pragma omp parallel for schedule(dynamic) if (par)
+#pragma omp parallel for schedule(dynamic) if (n * E >= 1024)
             for (int e = 0; e < E; e++) {
                 mot_expert_choice(sel + (size_t)e * C, sg, Em, e, n, C, r0);
                 for (int j = 0; j < C; j++) chosen[(size_t)(sel[(size_t)e * C + j] - r0) * E + e] = 1;
@@ -1198,7 +1198,7 @@ void ffn_forward_experts(MotModel<S>* m, const MotBatch& b, int l) {
         // and whether each row's causal experts (a > 0.5, i.e. z > 0) are exactly its EC experts.
         // Then the aux logits become sigmoids.
         long agree = 0;
-#pragma omp parallel for schedule(static) reduction(+ : agree) if (par)
+#pragma omp parallel for schedule(static) reduction(+ : agree) if (n * E >= 1024)
         for (int i = 0; i < n; i++) {
             S* ai = sa + (size_t)i * Em;
             if (ec) {

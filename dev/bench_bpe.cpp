@@ -2,8 +2,8 @@
 // decoding.
 //
 //   apt-get install -y bible-kjv && bible "gen1:1-rev22:21" > /tmp/kjv.txt
-//   g++ -std=c++17 -O2 -march=native -fopenmp -Wall -Wextra -I. dev/bench_bpe.cpp -o bench_bpe
-//   ./bench_bpe [CORPUS=/tmp/kjv.txt] [VOCAB...=2048 4096]
+//   make dev/bench_bpe
+//   ./dev/bench_bpe [CORPUS=/tmp/kjv.txt] [VOCAB...=2048 4096]
 
 #define BPE_IMPLEMENTATION
 #include "tokenizers/bpe.h"

@@ -1,6 +1,6 @@
-// bench_gemm.cpp -- correctness and speed of dev/gemm.h.
-// Build: g++ -std=c++17 -O3 -march=native -fopenmp -Wall -Wextra -I. dev/bench_gemm.cpp -o /tmp/bench_gemm
-// Usage: /tmp/bench_gemm [reps]   (reps = timed repetitions per shape, default 15)
+// bench_gemm.cpp -- correctness and speed of the CPU reference's matmul (mot.h).
+// Build: make dev/bench_gemm
+// Usage: ./dev/bench_gemm [reps]   (reps = timed repetitions per shape, default 15)
 //
 // Correctness: every layout (NN, NT, TN, TT) x accumulate on/off x float/double x sizes with odd
 // values and zeros, leading dimensions padded (odd, so rows are unaligned), against a naive triple

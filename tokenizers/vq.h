@@ -515,8 +515,10 @@ inline void jpeg_progress_(j_common_ptr c) {
 
 // The libjpeg part of decode_jpeg: no C++ object with a destructor lives in this frame, so a
 // longjmp out of it skips nothing. Returns 0, or 1 (libjpeg error) / 2 (too many scans).
+// (No C++ object with a destructor lives in this function: longjmp would skip it, and GCC warns
+// that its locals may be clobbered. Its results go out through the pointers; 3: too large.)
 inline int jpeg_run_(jpeg_decompress_struct* cinfo, JpegErr* je, const uint8_t* data, size_t n, int side,
-                     GreySink** sink, unsigned char** rowpx, std::string* too_large) {
+                     GreySink** sink, unsigned char** rowpx) {
     switch (setjmp(je->jump)) {
     case 0: break;
     case 2: return 2;
@@ -524,10 +526,7 @@ inline int jpeg_run_(jpeg_decompress_struct* cinfo, JpegErr* je, const uint8_t* 
     }
     jpeg_mem_src(cinfo, data, (unsigned long)n);
     jpeg_read_header(cinfo, TRUE);
-    if ((uint64_t)cinfo->image_width * cinfo->image_height > VQ_MAX_PIXELS) {
-        *too_large = std::to_string(cinfo->image_width) + "x" + std::to_string(cinfo->image_height);
-        return 3;
-    }
+    if ((uint64_t)cinfo->image_width * cinfo->image_height > VQ_MAX_PIXELS) return 3;
     cinfo->out_color_space = JCS_RGB;
     // Large images are decoded at 1/2, 1/4 or 1/8 by libjpeg's scaled IDCT, never below side.
     cinfo->scale_num = 1;
@@ -567,8 +566,8 @@ inline bool decode_jpeg(const uint8_t* data, size_t n, const std::string& nm, in
     cinfo.mem->max_memory_to_use = VQ_MAX_JPEG_MEMORY;
     GreySink* sink = nullptr;
     unsigned char* rowpx = nullptr;
-    std::string dims;
-    const int rc = jpeg_run_(&cinfo, &je, data, n, side, &sink, &rowpx, &dims);
+    const int rc = jpeg_run_(&cinfo, &je, data, n, side, &sink, &rowpx);
+    const std::string dims = std::to_string(cinfo.image_width) + "x" + std::to_string(cinfo.image_height);
     char msg[JMSG_LENGTH_MAX] = "";
     if (rc == 1 || (rc == 0 && je.mgr.num_warnings > 0))  // a warning: e.g. truncated data filled with grey
         je.mgr.format_message((j_common_ptr)&cinfo, msg);
