@@ -4,6 +4,7 @@
 #                    file formats, links); ends with "N passed, N failed, N skipped" like make test
 #   make test        build everything and run every test; ends with "N passed, N failed, N skipped"
 #   make dev-tools   the benchmarks and tools in dev/ (listed at DEVTOOLS below)
+#   make format      lay out every C++/CUDA file as .clang-format says (make check checks it)
 #   (these run dev/setup.sh first, which installs missing Debian packages)
 #   make train       the main job: build the default dataset if missing, train, evaluate, sample,
 #                    plot, all into the run folder $(RUN); SETTING=transfusion for images by diffusion
@@ -94,7 +95,7 @@ FUZZ_S     ?= 60
 FUZZ_CI_S  ?= 10
 FUZZBINS    = $(patsubst %,test/fuzz/fuzz_%,shard checkpoint debug_state bpe vq_model speech_model wav image)
 
-.PHONY: all test check test-asan fuzz train bench bench-gpu roofline test-cuda-asan clean setup dev-tools
+.PHONY: all test check format test-asan fuzz train bench bench-gpu roofline test-cuda-asan clean setup dev-tools
 all: mot $(TOOLS)
 
 # Installs what is missing (compilers, doctest, stb, gnuplot ...): the one package list is in the
@@ -245,6 +246,13 @@ train:
 	bash dev/plot.sh loss $(RUN)/loss.png MoT=$(RUN)
 	bash dev/plot.sh samples $(RUN)
 	@echo "run folder: $(RUN) (log.csv, eval.csv, loss.png, model.ckpt, samples/grid.png, samples/speech.wav)"
+
+# One layout for every C++/CUDA file (.clang-format; clang-format 14, Debian 12's): make format
+# applies it, test/format.sh (in make check and make test) fails on a file that differs.
+FORMAT_FILES = $(wildcard *.h *.cu tokenizers/*.h tokenizers/*.cpp test/*.h test/*.cpp test/*.cu test/fuzz/*.h \
+                 test/fuzz/*.cpp dev/*.cpp dev/*.cu data/*.cpp)
+format: | setup
+	clang-format -i $(FORMAT_FILES)
 
 bench: dev/bench_cpu
 	./dev/bench_cpu

@@ -209,6 +209,8 @@ inline MotParamTable mot_param_table(const MotConfig& c) {
     // copies that have more than one (none without experts). Stored E x D, so r = h wr^T.
     const int kf = mot_expert_copy(c, mot_ffn_copies(c), 0), kr = mot_router_copy(c, mot_ffn_copies(c), 0);
     const int tf = mot_transfusion(c) ? 1 : 0, P = MOT_PATCH;
+    // (the table's columns are aligned by hand)
+    // clang-format off
     MotParamTable t{{
         {"emb",    PART_SHARED, 1, 1,  V, D,  true,  0},
         {"wq",     PART_ATTN,   L, ka, D, D,  true,  0},
@@ -232,6 +234,7 @@ inline MotParamTable mot_param_table(const MotConfig& c) {
         {"w_out",  PART_SHARED, 1, tf, D, P,  true,  0},   // final norm -> predicted noise
         {"b_out",  PART_SHARED, 1, tf, 1, P,  false, 0},
     }, 0};
+    // clang-format on
     for (int i = 0; i < P_COUNT; i++) { t.p[i].offset = t.total; t.total += t.p[i].size(); }
     return t;
 }

@@ -21,6 +21,7 @@ PACKAGES=(
   "perl          cmd:perl"                             # test/cuda_cpu.pl rewrites .cu files for that build
   "libjpeg62-turbo-dev /usr/include/jpeglib.h"         # JPEG decoding (tokenizers/vq.h)
   "clang         cmd:clang++"                          # libFuzzer targets (test/fuzz)
+  "clang-format  cmd:clang-format"                     # make format, test/format.sh
   "libclang-rt-dev /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a"  # the libFuzzer runtime
 )
 
