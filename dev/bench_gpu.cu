@@ -32,7 +32,10 @@
 static __global__ void bench_init_kernel(float* w, size_t n, uint64_t seed, float std, int is_gain) {
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    if (is_gain) { w[i] = 1.0f; return; }
+    if (is_gain) {
+        w[i] = 1.0f;
+        return;
+    }
     // two hashed uniforms -> Box-Muller normal
     uint64_t z = seed + 0x9E3779B97F4A7C15ull * (i + 1);
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -45,7 +48,8 @@ static __global__ void bench_init_kernel(float* w, size_t n, uint64_t seed, floa
 // Interleaved documents: runs of one modality, 1..400 tokens long, random ids in its range.
 static MotBatch bench_batch(const MotConfig& c, int B, int T, uint64_t seed) {
     MotBatch b;
-    b.B = B; b.T = T;
+    b.B = B;
+    b.T = T;
     std::vector<int> seq;
     for (int bi = 0; bi < B; bi++) {
         seq.clear();
@@ -53,9 +57,13 @@ static MotBatch bench_batch(const MotConfig& c, int B, int T, uint64_t seed) {
             const int m = (int)(mot_rand_u64(&seed) % 3), len = 1 + (int)(mot_rand_u64(&seed) % 400);
             const int lo = m == 0 ? 0 : m == 1 ? c.image_begin : c.speech_begin;
             const int hi = m == 0 ? c.image_begin : m == 1 ? c.speech_begin : c.vocab;
-            for (int i = 0; i < len && (int)seq.size() < T + 1; i++) seq.push_back(lo + (int)(mot_rand_u64(&seed) % (hi - lo)));
+            for (int i = 0; i < len && (int)seq.size() < T + 1; i++)
+                seq.push_back(lo + (int)(mot_rand_u64(&seed) % (hi - lo)));
         }
-        for (int t = 0; t < T; t++) { b.tokens.push_back(seq[t]); b.targets.push_back(seq[t + 1]); }
+        for (int t = 0; t < T; t++) {
+            b.tokens.push_back(seq[t]);
+            b.targets.push_back(seq[t + 1]);
+        }
     }
     mot_group(c, &b);
     return b;
@@ -112,7 +120,9 @@ static BenchResult bench_one(const MotConfig& c, int B, int T, bool bf16, int st
     }
     MOT_CUDA_CHECK(cudaStreamSynchronize(g.stream));
     MotOptim o;
-    o.lr = 1e-3; o.warmup = 5; o.steps = steps + 2;
+    o.lr = 1e-3;
+    o.warmup = 5;
+    o.steps = steps + 2;
     std::vector<MotBatch> batches;
     for (int i = 0; i < 4; i++) batches.push_back(bench_batch(c, B, T, 77 + i));
     cudaEvent_t e0, e1;
@@ -161,7 +171,11 @@ int main(int argc, char** argv) {
         else if (f == "--batch-large" && i + 1 < argc) b_large = atoi(argv[++i]);
         else if (f == "--fp32") bf16 = false;
         else if (f == "--only" && i + 1 < argc) only = argv[++i];
-        else { fprintf(stderr, "usage: bench_gpu [--steps N] [--batch-small B] [--batch-large B] [--fp32] [--only small|large]\n"); return 2; }
+        else {
+            fprintf(stderr,
+                    "usage: bench_gpu [--steps N] [--batch-small B] [--batch-large B] [--fp32] [--only small|large]\n");
+            return 2;
+        }
     }
     if (steps < 1) steps = 1;
     std::string why;
@@ -174,7 +188,10 @@ int main(int argc, char** argv) {
     printf("device: %s, %d SMs, %.1f GB; precision %s; median of %d steps after 2 warm-up\n", prop.name,
            prop.multiProcessorCount, prop.totalGlobalMem / 1e9, bf16 ? "bf16 GEMMs (fp32 master)" : "fp32", steps);
     printf("MFU = tokens*(6*N_active + 6*L*D*T) / (step time * 989e12)\n\n");
-    struct Shape { const char* name; int D, L, H, T, B; };
+    struct Shape {
+        const char* name;
+        int D, L, H, T, B;
+    };
     const Shape shapes[] = {{"small", 512, 8, 8, 512, b_small}, {"large", 1024, 24, 16, 2048, b_large}};
     printf("%-6s %-5s %5s %3s %3s %5s %3s %9s %9s %11s %7s %8s %8s %8s %9s %11s\n", "shape", "model", "D", "L", "H",
            "T", "B", "params(M)", "step(ms)", "tokens/s", "MFU(%)", "model GB", "used GB", "loss", "attn(ms)",
@@ -185,8 +202,14 @@ int main(int argc, char** argv) {
         double t_step[2] = {0, 0};
         for (int towers : {3, 1}) {
             MotConfig c;
-            c.n_layer = s.L; c.d_model = s.D; c.n_head = s.H; c.d_ff = 3 * s.D;
-            c.vocab = 2824; c.image_begin = 2056; c.speech_begin = 2568; c.max_seq = s.T;
+            c.n_layer = s.L;
+            c.d_model = s.D;
+            c.n_head = s.H;
+            c.d_ff = 3 * s.D;
+            c.vocab = 2824;
+            c.image_begin = 2056;
+            c.speech_begin = 2568;
+            c.max_seq = s.T;
             c.n_tower = towers;
             const BenchResult r = bench_one(c, s.B, s.T, bf16, steps);
             t_step[towers == 3 ? 0 : 1] = r.step_s;

@@ -46,7 +46,10 @@ int main(int argc, char** argv) {
     for (int i = 1; i < argc; i++) {
         std::string a = argv[i];
         auto val = [&]() -> const char* {
-            if (i + 1 >= argc) { fprintf(stderr, "%s needs a value\n", a.c_str()); exit(2); }
+            if (i + 1 >= argc) {
+                fprintf(stderr, "%s needs a value\n", a.c_str());
+                exit(2);
+            }
             return argv[++i];
         };
         if (a == "--mnist") mnist = val();
@@ -60,8 +63,16 @@ int main(int argc, char** argv) {
         else if (a == "--tol") o.tol = atof(val());
         else if (a == "--seed") o.seed = strtoull(val(), nullptr, 10);
         else if (a == "--save") save = val();
-        else if (a == "--baseline") { o.plusplus = false; o.iters = 15; o.samples = 100000; images = 3000; o.tol = 0; }
-        else { fprintf(stderr, "unknown option %s\n", a.c_str()); return 2; }
+        else if (a == "--baseline") {
+            o.plusplus = false;
+            o.iters = 15;
+            o.samples = 100000;
+            images = 3000;
+            o.tol = 0;
+        } else {
+            fprintf(stderr, "unknown option %s\n", a.c_str());
+            return 2;
+        }
     }
     VqImages mtr, ftr, mte, fte;
     if (!load_set(mnist, "train-images-idx3-ubyte", &mtr) || !load_set(fashion, "train-images-idx3-ubyte", &ftr) ||
@@ -76,13 +87,20 @@ int main(int argc, char** argv) {
     auto t0 = std::chrono::steady_clock::now();
     VqModel m;
     std::string err;
-    if (!vq_train(pool.data(), nm + nf, o, &m, &err)) { fprintf(stderr, "%s\n", err.c_str()); return 1; }
+    if (!vq_train(pool.data(), nm + nf, o, &m, &err)) {
+        fprintf(stderr, "%s\n", err.c_str());
+        return 1;
+    }
     double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     double pm = vq_eval_psnr(m, mte.pixels.data(), mte.n);
     double pf = vq_eval_psnr(m, fte.pixels.data(), fte.n);
-    printf("patch %d codes %d init %s iters %d tol %g samples %lld images %zu+%zu: "
-           "MNIST test %.2f dB, Fashion test %.2f dB, train %.1f s\n",
-           o.patch, o.codes, o.plusplus ? "k-means++" : "random", o.iters, o.tol, o.samples, nm, nf, pm, pf, secs);
-    if (!save.empty() && !vq_model_save(m, save.c_str(), &err)) { fprintf(stderr, "%s\n", err.c_str()); return 1; }
+    printf(
+        "patch %d codes %d init %s iters %d tol %g samples %lld images %zu+%zu: "
+        "MNIST test %.2f dB, Fashion test %.2f dB, train %.1f s\n",
+        o.patch, o.codes, o.plusplus ? "k-means++" : "random", o.iters, o.tol, o.samples, nm, nf, pm, pf, secs);
+    if (!save.empty() && !vq_model_save(m, save.c_str(), &err)) {
+        fprintf(stderr, "%s\n", err.c_str());
+        return 1;
+    }
     return 0;
 }

@@ -33,7 +33,8 @@ int main(int argc, char** argv) {
     if (!mot_read_shard(argv[2], &sh, &err)) die(err);
     if (!sh.pixels_version) die(std::string(argv[2]) + ": a token shard (version 1), not pixels");
     if (sh.image_at.size() < (size_t)n_img)
-        die(std::string(argv[2]) + " has " + std::to_string(sh.image_at.size()) + " images, fewer than " + std::to_string(n_img));
+        die(std::string(argv[2]) + " has " + std::to_string(sh.image_at.size()) + " images, fewer than " +
+            std::to_string(n_img));
     // x0 of every patch of every image, and one fixed noise draw used at every t
     std::vector<float> x0((size_t)n_img * MOT_IMAGE_POS * P), img(MOT_IMAGE_PIXELS), noise(x0.size());
     for (int k = 0; k < n_img; k++) {
@@ -45,7 +46,8 @@ int main(int argc, char** argv) {
     double black = 0;
     for (float v : x0) black += (v + 1.0) * (v + 1.0);
     black /= x0.size();
-    printf("%s: %d images of %s, prefix BOS BOI, fixed noise; all-black guess x0 MSE %.3f\n", argv[1], n_img, argv[2], black);
+    printf("%s: %d images of %s, prefix BOS BOI, fixed noise; all-black guess x0 MSE %.3f\n", argv[1], n_img, argv[2],
+           black);
     printf("%6s %10s %10s %10s\n", "t", "SNR", "noise MSE", "x0 MSE");
     MotBatch b;
     b.B = n_img;

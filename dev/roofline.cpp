@@ -66,15 +66,17 @@ enum OpKind { KERNEL, GEMM, MEMSET };  // test_gpu_cpu checks the bytes of each 
 struct Op {
     std::string family, name;
     double flops, bytes;
-    bool tensor;  // on tensor cores (else fp32 CUDA cores)
-    double count; // launches of this op per micro-batch (or per optimizer step for AdamW)
+    bool tensor;   // on tensor cores (else fp32 CUDA cores)
+    double count;  // launches of this op per micro-batch (or per optimizer step for AdamW)
     int kind = KERNEL;
 };
 
 enum Design { BEFORE, TC, CURRENT, TARGET };
 static const char* design_name(int d) {
-    return d == BEFORE ? "before (fp32 attention)" : d == TC ? "tc (tensor-core attention, fp32 activations)"
-         : d == CURRENT ? "current (mot.cu today)" : "target (planned, not implemented)";
+    return d == BEFORE    ? "before (fp32 attention)"
+           : d == TC      ? "tc (tensor-core attention, fp32 activations)"
+           : d == CURRENT ? "current (mot.cu today)"
+                          : "target (planned, not implemented)";
 }
 
 // One micro-batch's forward and backward, plus the optimizer step divided by A. Byte counts follow
@@ -86,8 +88,8 @@ static std::vector<Op> step_ops(const Shape& s, int towers, bool bf16, int desig
     const bool target = design == TARGET;
     // attention on tensor cores: mot_attn_tensor_cores's rule, everywhere in `target`
     const bool attn_tc = bf16 && design != BEFORE && (target || Dh == 64 || Dh == 128);
-    const double eb = bf16 ? 2 : 4;                             // GEMM operands
-    const double ab = bf16 && design >= CURRENT ? 2 : 4;        // activations between kernels (MotBuf)
+    const double eb = bf16 ? 2 : 4;                       // GEMM operands
+    const double ab = bf16 && design >= CURRENT ? 2 : 4;  // activations between kernels (MotBuf)
     // o: an activation; before, fp32 (read by the delta kernel) plus the bf16 copy for the Wo GEMM
     const double o_read = design >= CURRENT ? ab : 4, o_write = design >= CURRENT ? ab : 4 + (bf16 ? 2 : 0);
     const double attn_bwd = target ? 10 : 14;  // FLOPs per (query, key) pair per Dh, backward
@@ -101,15 +103,15 @@ static std::vector<Op> step_ops(const Shape& s, int towers, bool bf16, int desig
     const double U = V * (1 - std::exp(-N / V));
     // A GEMM M x N x K over `towers` row ranges: each tower's weight is read once; beta = 1 also
     // reads C (in its precision, out_b).
-    auto gemm = [&](const char* fam, const std::string& name, double M, double Nn, double K, double wcopies, double out_b,
-                    double cnt, bool beta1 = false) {
-        ops.push_back({fam, name, 2 * M * Nn * K,
-                       M * K * eb + wcopies * K * Nn * eb + M * Nn * out_b * (beta1 ? 2 : 1), tc, cnt, GEMM});
+    auto gemm = [&](const char* fam, const std::string& name, double M, double Nn, double K, double wcopies,
+                    double out_b, double cnt, bool beta1 = false) {
+        ops.push_back({fam, name, 2 * M * Nn * K, M * K * eb + wcopies * K * Nn * eb + M * Nn * out_b * (beta1 ? 2 : 1),
+                       tc, cnt, GEMM});
     };
     auto elem = [&](const char* fam, const char* name, double flops, double bytes, double cnt) {
         ops.push_back({fam, name, flops, bytes, false, cnt});
     };
-    const double W = towers;  // weight copies touched per projection (one per tower with rows)
+    const double W = towers;                      // weight copies touched per projection (one per tower with rows)
     const double WF = experts > 1 ? experts : W;  // FFN weight copies: one per expert
     const double y2b = experts > 1 ? 4 : ab;      // y2 is fp32 with experts (the gated sum adds into it)
     // ---- forward, per layer
@@ -150,8 +152,8 @@ static std::vector<Op> step_ops(const Shape& s, int towers, bool bf16, int desig
     gemm("head", "dz = dlogits W_head^T", N, D, V, 1, 4, 1);
     // reads z and dlogits; beta 0 in a step's first micro-batch (the first chunk of the head's; a
     // chunked head's later chunks read the gradient again, not counted)
-    ops.push_back({"head", "dW_head += z^T dlogits", 2 * D * V * N, N * (D + V) * eb + D * V * 4 * (1 + dw_reads), tc, 1,
-                   GEMM});
+    ops.push_back(
+        {"head", "dW_head += z^T dlogits", 2 * D * V * N, N * (D + V) * eb + D * V * 4 * (1 + dw_reads), tc, 1, GEMM});
     elem("norm/rope", "final RMSNorm backward + gain partials", 10 * N * D, N * D * (4 + 4 + 4 + 4 + 4), 1);
     // ---- backward, per layer: each projection y = x W gives dx = dy W^T (into an activation, or
     // added to the fp32 residual gradient: beta 1) and dW += x^T dy (fp32, beta 1)
@@ -174,22 +176,25 @@ static std::vector<Op> step_ops(const Shape& s, int towers, bool bf16, int desig
         elem("routing", "gather rows again (backward)", 0, N * D * 2 * eb + N * 4, L);
         elem("routing", "scatter-add dX in expert order", N * D, 3 * N * D * 4 + N * E * 4, L);
         elem("routing", "softmax backward + aux gradient", 10 * N * E, 6 * N * E * 4, L);
-        fp32_gemm("router GEMMs backward (dWr, dh, dU; fp32)", 6 * N * D * E, 4 * N * D * 4 + 2 * N * E * 4 + 4 * D * E * 4, L);
+        fp32_gemm("router GEMMs backward (dWr, dh, dU; fp32)", 6 * N * D * E,
+                  4 * N * D * 4 + 2 * N * E * 4 + 4 * D * E * 4, L);
     }
     gemm_bwd("W2", F, D, L, WF, ab, false);
     elem("swiglu", "SwiGLU backward", 10 * N * F, N * F * (3 * ab + 2 * eb), L);
     if (design <= TC) elem("copies", "residual gradient copy (dh = dx)", 0, 2 * N * D * 4, L);
     gemm_bwd("W1, W3", D, F, 2 * L, WF, 4, true);
     norm_bwd(target ? "RMSNorm backward + gain partials, one pass (attention)"
-                    : "RMSNorm backward + gain partials (attention)", ab, L);
+                    : "RMSNorm backward + gain partials (attention)",
+             ab, L);
     gemm_bwd("Wo", D, D, L, W, ab, false);
     elem("attention", "delta = rowsum(dO o)", 2 * N * D, N * D * (ab + o_read) + N * H * 4, L);
     // attention backward: 14 Dh FLOPs per pair (s, dp, dV, dK in the dK/dV pass; s, dp, dQ in the
     // dQ pass, each pass reading q, k, v, dO), 10 in the target (one pass, S and dP computed once)
     {
         const double reads = (target ? 1 : 2) * 4 * ab, writes = 2 * ab + eb;  // dq, dk; dv (a GEMM operand)
-        ops.push_back({"attention", attn_tc ? "flash attention backward (tensor cores)" : "attention backward (fp32 cores)",
-                       attn_bwd * Dh * pairs, N * D * (reads + writes) + s.B * H * s.T * 8 * (target ? 1 : 2), attn_tc, L});
+        ops.push_back(
+            {"attention", attn_tc ? "flash attention backward (tensor cores)" : "attention backward (fp32 cores)",
+             attn_bwd * Dh * pairs, N * D * (reads + writes) + s.B * H * s.T * 8 * (target ? 1 : 2), attn_tc, L});
     }
     if (design <= TC) elem("copies", "residual gradient copy (dx = dh)", 0, 2 * N * D * 4, L);
     // reads dq and q, writes dyun and the GEMM operand; the gain partials read dyun and q again
@@ -198,14 +203,15 @@ static std::vector<Op> step_ops(const Shape& s, int towers, bool bf16, int desig
     gemm_bwd("q, k, v", D, D, 3 * L, W, 4, true);
     // forward: U table rows in, x (fp32 and its bf16 copy) out; backward: dx in, U gradient rows
     // read and written, and the token/row index lists
-    elem("embedding", "embedding gather and gradient", N * D, U * D * 4 * 3 + N * D * (4 + (bf16 ? 2 : 0) + 4) + 4 * (2 * N + 3 * U),
-         1);
+    elem("embedding", "embedding gather and gradient", N * D,
+         U * D * 4 * 3 + N * D * (4 + (bf16 ? 2 : 0) + 4) + 4 * (2 * N + 3 * U), 1);
     // ---- optimizer: once per A micro-batches
-    const double P = towers * L * (4 * D * D + 2 * Dh + 2 * D) + WF * L * 3 * D * F + (experts > 1 ? 2 * E * D * L : 0) +
-                     2 * V * D + D;
+    const double P = towers * L * (4 * D * D + 2 * Dh + 2 * D) + WF * L * 3 * D * F +
+                     (experts > 1 ? 2 * E * D * L : 0) + 2 * V * D + D;
     // zeroing: every gradient before (memset), or only those the beta-0 GEMMs do not write: the
     // embedding, gains and routers (the head's dW is written by the first chunk's GEMM)
-    const double P_zero = design >= CURRENT ? V * D + towers * L * (2 * Dh + 2 * D) + D + (experts > 1 ? 2 * E * D * L : 0) : P;
+    const double P_zero =
+        design >= CURRENT ? V * D + towers * L * (2 * Dh + 2 * D) + D + (experts > 1 ? 2 * E * D * L : 0) : P;
     ops.push_back({"adamw", design >= CURRENT ? "zero unwritten grads (memsets)" : "zero grad (memset)", 0, P_zero * 4,
                    false, 1.0 / s.A, MEMSET});
     elem("adamw", "gradient norm + AdamW", 12 * P, P * (4 + 4 * 7 + (bf16 ? 2 : 0)), 1.0 / s.A);
@@ -222,8 +228,8 @@ struct Totals {
 static Totals sum(const std::vector<Op>& ops, const Gpu& g, const Shape& s, bool print) {
     Totals t;
     if (print)
-        printf("  %-44s %8s %10s %10s %7s %10s\n", "kernel / GEMM (per micro-batch)", "launches", "GFLOP", "MB", "bound",
-               "us (lower)");
+        printf("  %-44s %8s %10s %10s %7s %10s\n", "kernel / GEMM (per micro-batch)", "launches", "GFLOP", "MB",
+               "bound", "us (lower)");
     for (const Op& o : ops) {
         const double peak = o.tensor ? g.tensor : g.fp32;
         const double tc = o.flops / peak, tm = o.bytes / g.bw, tt = std::max(tc, tm) * o.count;
@@ -233,7 +239,10 @@ static Totals sum(const std::vector<Op>& ops, const Gpu& g, const Shape& s, bool
         if (o.count >= s.L) {  // per-layer work (counted once per layer or more)
             const double per = o.bytes * o.count / s.L / ((double)s.B * s.T * s.D);
             if (o.family == "gemm") t.layer_gemm += per;
-            else { t.layer_other += per; t.layer_launches += o.count / s.L; }
+            else {
+                t.layer_other += per;
+                t.layer_launches += o.count / s.L;
+            }
         }
         if (print)
             printf("  %-44s %8.2f %10.2f %10.1f %7s %10.1f\n", o.name.c_str(), o.count, o.flops * o.count / 1e9,
@@ -245,9 +254,10 @@ static Totals sum(const std::vector<Op>& ops, const Gpu& g, const Shape& s, bool
 }
 
 static void report(const Gpu& g, const Shape& s, bool bf16, int design, bool kernels, int experts) {
-    printf("MODEL (not a measurement): %s, D=%ld L=%ld H=%ld F=%ld T=%ld B=%ld V=%ld, %ld micro-batch(es) per "
-           "AdamW step, %s, design %s\n", g.name, s.D, s.L, s.H, s.F, s.T, s.B, s.V, s.A,
-           bf16 ? "bf16 GEMMs" : "fp32", design_name(design));
+    printf(
+        "MODEL (not a measurement): %s, D=%ld L=%ld H=%ld F=%ld T=%ld B=%ld V=%ld, %ld micro-batch(es) per "
+        "AdamW step, %s, design %s\n",
+        g.name, s.D, s.L, s.H, s.F, s.T, s.B, s.V, s.A, bf16 ? "bf16 GEMMs" : "fp32", design_name(design));
     const int models = experts > 1 ? 3 : 2;
     char moe[32];
     snprintf(moe, sizeof moe, "MoE-%dx", experts);
@@ -261,14 +271,17 @@ static void report(const Gpu& g, const Shape& s, bool bf16, int design, bool ker
     for (int k = 0; k < models; k++) {
         const Totals& t = tot[k];
         printf("  %-6s lower-bound time per micro-batch %8.2f ms | hardware %7.1f TFLOP | MFU ceiling %5.1f%% |",
-               k == 0 ? "MoT" : k == 1 ? "dense" : moe, t.time * 1e3, t.flops / 1e12,
-               100 * t.model_flops / (t.time * g.tensor));
+               k == 0   ? "MoT"
+               : k == 1 ? "dense"
+                        : moe,
+               t.time * 1e3, t.flops / 1e12, 100 * t.model_flops / (t.time * g.tensor));
         for (const auto& f : t.family_time) printf(" %s %.0f%%", f.first.c_str(), 100 * f.second / t.time);
         printf("\n");
     }
-    printf("  per layer (dense): the kernels other than GEMMs (norms, RoPE, SwiGLU, attention, copies) move %.0f "
-           "bytes per token x d_model element in %.0f passes (lines above), the GEMMs %.0f\n", tot[1].layer_other,
-           tot[1].layer_launches, tot[1].layer_gemm);
+    printf(
+        "  per layer (dense): the kernels other than GEMMs (norms, RoPE, SwiGLU, attention, copies) move %.0f "
+        "bytes per token x d_model element in %.0f passes (lines above), the GEMMs %.0f\n",
+        tot[1].layer_other, tot[1].layer_launches, tot[1].layer_gemm);
     printf("  MoT / dense time ratio: %.3f", tot[0].time / tot[1].time);
     if (models == 3) printf(" | %s / dense: %.3f", moe, tot[2].time / tot[1].time);
     printf("\n\n");
@@ -282,10 +295,16 @@ int main(int argc, char** argv) {
     int design = -1;  // -1: all three
     Shape s{512, 8, 8, 1536, 512, 32, 2824, 1};
     auto num = [&](int& i, const char* f) {
-        if (i + 1 >= argc) { fprintf(stderr, "roofline: %s needs a value\n", f); exit(2); }
+        if (i + 1 >= argc) {
+            fprintf(stderr, "roofline: %s needs a value\n", f);
+            exit(2);
+        }
         char* end;
         const long v = strtol(argv[++i], &end, 10);
-        if (*end || v < 1 || v > (1L << 24)) { fprintf(stderr, "roofline: %s: expected an integer in [1, 16777216]\n", f); exit(2); }
+        if (*end || v < 1 || v > (1L << 24)) {
+            fprintf(stderr, "roofline: %s: expected an integer in [1, 16777216]\n", f);
+            exit(2);
+        }
         custom = true;
         return v;
     };
@@ -295,7 +314,10 @@ int main(int argc, char** argv) {
             const std::string n = argv[++i];
             if (n == "h100") g = H100;
             else if (n == "a100") g = A100;
-            else { fprintf(stderr, "roofline: --gpu: expected h100 or a100, got '%s'\n", n.c_str()); return 2; }
+            else {
+                fprintf(stderr, "roofline: --gpu: expected h100 or a100, got '%s'\n", n.c_str());
+                return 2;
+            }
         } else if (f == "--dim") s.D = num(i, "--dim");
         else if (f == "--layers") s.L = num(i, "--layers");
         else if (f == "--heads") s.H = num(i, "--heads");
@@ -305,10 +327,16 @@ int main(int argc, char** argv) {
         else if (f == "--vocab") s.V = num(i, "--vocab");
         else if (f == "--accum") s.A = num(i, "--accum");
         else if (f == "--experts") {
-            if (i + 1 >= argc) { fprintf(stderr, "roofline: --experts needs a value\n"); return 2; }
+            if (i + 1 >= argc) {
+                fprintf(stderr, "roofline: --experts needs a value\n");
+                return 2;
+            }
             char* end;
             const long v = strtol(argv[++i], &end, 10);
-            if (*end || v < 1 || v > 64) { fprintf(stderr, "roofline: --experts: expected an integer in [1, 64]\n"); return 2; }
+            if (*end || v < 1 || v > 64) {
+                fprintf(stderr, "roofline: --experts: expected an integer in [1, 64]\n");
+                return 2;
+            }
             experts = (int)v;
         } else if (f == "--fp32") bf16 = false;
         else if (f == "--kernels") kernels = true;
@@ -323,17 +351,21 @@ int main(int argc, char** argv) {
                 return 2;
             }
         } else {
-            fprintf(stderr, "usage: roofline [--gpu h100|a100] [--dim D --layers L --heads H --ffn F --seq T --batch B "
-                            "--vocab V --accum A] [--experts E] [--fp32] [--design before|tc|current|target] [--kernels]\n");
+            fprintf(stderr,
+                    "usage: roofline [--gpu h100|a100] [--dim D --layers L --heads H --ffn F --seq T --batch B "
+                    "--vocab V --accum A] [--experts E] [--fp32] [--design before|tc|current|target] [--kernels]\n");
             return 2;
         }
     }
-    if (s.D % s.H) { fprintf(stderr, "roofline: --dim %ld is not a multiple of --heads %ld\n", s.D, s.H); return 2; }
+    if (s.D % s.H) {
+        fprintf(stderr, "roofline: --dim %ld is not a multiple of --heads %ld\n", s.D, s.H);
+        return 2;
+    }
     std::vector<Shape> shapes;
     if (custom) shapes.push_back(s);
     else {
-        shapes.push_back({512, 8, 8, 1536, 512, 32, 2824, 1});    // 16k tokens per step
-        shapes.push_back({1024, 24, 16, 3072, 2048, 8, 2824, 4}); // 16k tokens per micro-batch, 64k per step
+        shapes.push_back({512, 8, 8, 1536, 512, 32, 2824, 1});     // 16k tokens per step
+        shapes.push_back({1024, 24, 16, 3072, 2048, 8, 2824, 4});  // 16k tokens per micro-batch, 64k per step
     }
     for (const Shape& sh : shapes)
         for (int d = BEFORE; d <= TARGET; d++)

@@ -25,16 +25,21 @@ static inline void randomize(MotModel<S>* m, uint64_t seed) {
     }
 }
 
-static inline MotBatch random_batch(const MotConfig& c, int B, int T, uint64_t seed, std::vector<int> mods = {0, 1, 2}) {
+static inline MotBatch random_batch(const MotConfig& c, int B, int T, uint64_t seed,
+                                    std::vector<int> mods = {0, 1, 2}) {
     MotBatch b;
-    b.B = B; b.T = T;
+    b.B = B;
+    b.T = T;
     auto draw = [&](uint64_t* s) {
         int m = mods[mot_rand_u64(s) % mods.size()];
         int lo = m == 0 ? 0 : m == 1 ? c.image_begin : c.speech_begin;
         int hi = m == 0 ? c.image_begin : m == 1 ? c.speech_begin : c.vocab;
         return lo + (int)(mot_rand_u64(s) % (hi - lo));
     };
-    for (int i = 0; i < B * T; i++) { b.tokens.push_back(draw(&seed)); b.targets.push_back(draw(&seed)); }
+    for (int i = 0; i < B * T; i++) {
+        b.tokens.push_back(draw(&seed));
+        b.targets.push_back(draw(&seed));
+    }
     b.targets[1] = MOT_IGNORE;
     b.targets[B * T - 1] = MOT_IGNORE;
     mot_group(c, &b);
@@ -46,7 +51,8 @@ static inline MotBatch random_batch(const MotConfig& c, int B, int T, uint64_t s
 // repeated to length T + 1; targets are the next tokens. Image k of the batch gets step t[k % t.size()].
 static inline MotBatch tf_batch(const MotConfig& c, int B, int T, uint64_t seed, std::vector<int> ts, int np = 4) {
     MotBatch b;
-    b.B = B; b.T = T;
+    b.B = B;
+    b.T = T;
     int img = 0;
     for (int s = 0; s < B; s++) {
         std::vector<int> doc, tstep;
@@ -55,7 +61,11 @@ static inline MotBatch tf_batch(const MotConfig& c, int B, int T, uint64_t seed,
             for (int i = 0; i < 2; i++) doc.push_back(8 + (int)(mot_rand_u64(&seed) % 4));
             doc.push_back(MOT_BOI);
             const int t = ts[img++ % ts.size()];
-            for (int i = 0; i < np; i++) { doc.push_back(c.image_begin); tstep.resize(doc.size(), 0); tstep.back() = t; }
+            for (int i = 0; i < np; i++) {
+                doc.push_back(c.image_begin);
+                tstep.resize(doc.size(), 0);
+                tstep.back() = t;
+            }
             doc.push_back(MOT_EOI);
             doc.push_back(MOT_BOA);
             for (int i = 0; i < 2; i++) doc.push_back(c.speech_begin + (int)(mot_rand_u64(&seed) % 6));

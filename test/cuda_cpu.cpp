@@ -82,7 +82,8 @@ static void vreport(const char* file, int line, const char* fmt, va_list ap) {
     va_end(ap);
     _exit(1);
 }
-[[noreturn]] static void report_at(const char* file, int line, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
+[[noreturn]] static void report_at(const char* file, int line, const char* fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 [[noreturn]] static void report_at(const char* file, int line, const char* fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
@@ -189,8 +190,8 @@ static void fiber_exit_switch();
 static void fiber_init(Thread* t, int index) {
     char* top = stack_for(index) + kPage + stack_bytes();  // 16-byte aligned (page aligned)
     void** sp = (void**)top;
-    *--sp = nullptr;               // fake return address of fiber_main (keeps the ABI's alignment)
-    *--sp = (void*)&fiber_main;    // where switch_stack's `ret` goes
+    *--sp = nullptr;                              // fake return address of fiber_main (keeps the ABI's alignment)
+    *--sp = (void*)&fiber_main;                   // where switch_stack's `ret` goes
     for (int i = 0; i < 6; i++) *--sp = nullptr;  // rbp rbx r12 r13 r14 r15
     uint32_t ctl[2];
     ctl[0] = (_mm_getcsr() & ~0x3Fu) & ~(1u << 7);  // flags cleared, invalid-operation trap on
@@ -269,9 +270,9 @@ static std::vector<SharedArray> g_shared_launch;  // the static shared arrays th
 static uint32_t g_interval = 0;                   // barrier intervals so far (the race check's clock)
 static const char* g_interval_file = nullptr;     // the __syncthreads() that began the current one
 static int g_interval_line = 0;
-static std::vector<void*> g_shared_block;         // ... and those filled for the running block
+static std::vector<void*> g_shared_block;  // ... and those filled for the running block
 static size_t g_shared_static = 0;
-static std::vector<char> g_dyn_shared;            // dynamic shared memory of the running block
+static std::vector<char> g_dyn_shared;  // dynamic shared memory of the running block
 static bool g_dyn_filled = false;
 
 static std::vector<uint32_t> g_warp_syncs;  // full-warp __syncwarp() calls per warp of the block (race check)
@@ -280,8 +281,9 @@ static const char* state_name(const Thread& t) {
         case Thread::RUNNABLE: return "running";
         case Thread::AT_BARRIER: return "waiting at __syncthreads()";
         case Thread::AT_SHFL:
-            return t.kind == SHFL_SYNC ? "waiting at __syncwarp()" : t.kind == SHFL_CONVERGE ? "waiting at a wmma call"
-                                                                    : "waiting at a shuffle";
+            return t.kind == SHFL_SYNC       ? "waiting at __syncwarp()"
+                   : t.kind == SHFL_CONVERGE ? "waiting at a wmma call"
+                                             : "waiting at a shuffle";
         default: return "exited";
     }
 }
@@ -311,7 +313,8 @@ uint64_t shfl_bits(ShflKind kind, unsigned mask, uint64_t bits, int arg, int wid
         report("shuffle at %s:%d: width %d is not a power of two in [1, 32]", file, line, width);
     Thread* me = g_cur;
     const int tid = (int)(me - g_threads.data()), lane = tid % 32;
-    if (!(mask >> lane & 1u)) report("shuffle at %s:%d: mask 0x%08x does not name the calling lane %d", file, line, mask, lane);
+    if (!(mask >> lane & 1u))
+        report("shuffle at %s:%d: mask 0x%08x does not name the calling lane %d", file, line, mask, lane);
     me->state = Thread::AT_SHFL;
     me->kind = kind;
     me->mask = mask;
@@ -332,15 +335,17 @@ void wmma_converge(const void* p, size_t ldm_bytes, const char* what) {
     if (p && ((uintptr_t)p % 32 || ldm_bytes % 16))
         report("wmma::%s: pointer %p must be 32-byte aligned and ldm a multiple of 16 bytes (it is %zu)", what, p,
                ldm_bytes);
-    const int tid = (int)(g_cur - g_threads.data()), w0 = tid / 32 * 32, lanes = std::min(32, (int)g_threads.size() - w0);
+    const int tid = (int)(g_cur - g_threads.data()), w0 = tid / 32 * 32,
+              lanes = std::min(32, (int)g_threads.size() - w0);
     if (lanes != 32) report("wmma::%s in a warp of %d threads: WMMA needs whole warps", what, lanes);
     (void)shfl_bits((ShflKind)SHFL_CONVERGE, 0xffffffffu, 0, 0, 32, what, 0);
 }
 bool wmma_store_lane(const void* frag, size_t bytes) {
     const uint64_t lane0 = shfl_bits(SHFL_IDX, 0xffffffffu, (uint64_t)(uintptr_t)frag, 0, 32, "store_matrix_sync", 0);
     if (memcmp(frag, (const void*)(uintptr_t)lane0, bytes) != 0)
-        report("wmma::store_matrix_sync: this lane's fragment differs from lane 0's: lane-dependent code on "
-               "fragment elements relies on a layout the API hides");
+        report(
+            "wmma::store_matrix_sync: this lane's fragment differs from lane 0's: lane-dependent code on "
+            "fragment elements relies on a layout the API hides");
     // every lane has compared before any runs on: lane 0 may next refill the fragment it compared
     // against (a loop-local fragment, fill_fragment has no meeting point)
     (void)shfl_bits((ShflKind)SHFL_CONVERGE, 0xffffffffu, 0, 0, 32, "store_matrix_sync", 0);
@@ -362,9 +367,10 @@ static void try_exchange(Thread* w, int nlanes, int lane) {
                           mask, j);
         if (w[j].state != Thread::AT_SHFL) return;  // not there yet
         if (w[j].mask != mask || w[j].kind != t.kind)
-            report_thread(t, "shuffle at %s:%d (mask 0x%08x) meets lane %d at %s:%d with mask 0x%08x: the lanes of a mask "
-                          "must run the same shuffle", t.wait_file, t.wait_line, mask, j, w[j].wait_file, w[j].wait_line,
-                          w[j].mask);
+            report_thread(t,
+                          "shuffle at %s:%d (mask 0x%08x) meets lane %d at %s:%d with mask 0x%08x: the lanes of a mask "
+                          "must run the same shuffle",
+                          t.wait_file, t.wait_line, mask, j, w[j].wait_file, w[j].wait_line, w[j].mask);
     }
     for (int j = 0; j < 32; j++) {
         if (!(mask >> j & 1u)) continue;
@@ -375,7 +381,10 @@ static void try_exchange(Thread* w, int nlanes, int lane) {
             case SHFL_IDX: src = seg + ((d.arg % wd) + wd) % wd; break;
             case SHFL_UP: src = (j - seg) - d.arg >= 0 ? j - d.arg : j; break;
             case SHFL_DOWN: src = (j - seg) + d.arg < wd ? j + d.arg : j; break;
-            case SHFL_XOR: src = j ^ d.arg; if (src >= seg + wd || src >= 32) src = j; break;
+            case SHFL_XOR:
+                src = j ^ d.arg;
+                if (src >= seg + wd || src >= 32) src = j;
+                break;
             default: break;
         }
         if (d.kind < SHFL_SYNC && (src >= nlanes || !(mask >> src & 1u)))
@@ -415,9 +424,11 @@ static void run_block(int nthreads) {
                 if (++at_barrier == nthreads) {  // everyone is here: check they are at the same barrier, release
                     for (Thread& u : g_threads)
                         if (u.wait_line != t.wait_line || strcmp(u.wait_file, t.wait_file) != 0)
-                            report_thread(u, "waits at __syncthreads() at %s:%d while thread (%u,%u,%u) waits at the one "
-                                          "at %s:%d: a block's threads must meet at the same barrier", u.wait_file,
-                                          u.wait_line, t.idx.x, t.idx.y, t.idx.z, t.wait_file, t.wait_line);
+                            report_thread(u,
+                                          "waits at __syncthreads() at %s:%d while thread (%u,%u,%u) waits at the one "
+                                          "at %s:%d: a block's threads must meet at the same barrier",
+                                          u.wait_file, u.wait_line, t.idx.x, t.idx.y, t.idx.z, t.wait_file,
+                                          t.wait_line);
                     for (Thread& u : g_threads) u.state = Thread::RUNNABLE;
                     at_barrier = 0;
                     g_interval++;
@@ -433,11 +444,16 @@ static void run_block(int nthreads) {
         // Nothing can run and not everyone has finished: say why.
         const Thread* gone = nullptr;
         for (const Thread& u : g_threads)
-            if (u.state == Thread::EXITED) { gone = &u; break; }
+            if (u.state == Thread::EXITED) {
+                gone = &u;
+                break;
+            }
         for (const Thread& u : g_threads) {
             if (u.state == Thread::AT_BARRIER && gone)
-                report_thread(*gone, "exited without reaching __syncthreads() at %s:%d, where thread (%u,%u,%u) waits: "
-                              "every thread of a block must reach it", u.wait_file, u.wait_line, u.idx.x, u.idx.y, u.idx.z);
+                report_thread(*gone,
+                              "exited without reaching __syncthreads() at %s:%d, where thread (%u,%u,%u) waits: "
+                              "every thread of a block must reach it",
+                              u.wait_file, u.wait_line, u.idx.x, u.idx.y, u.idx.z);
             if (u.state == Thread::AT_SHFL) {
                 const int i = (int)(&u - g_threads.data()), w0 = i / 32 * 32;
                 for (int j = 0; j < 32 && w0 + j < nthreads; j++) {
@@ -446,8 +462,10 @@ static void run_block(int nthreads) {
                     if (o.state == Thread::EXITED)
                         report_thread(u, "shuffle at %s:%d: mask 0x%08x names lane %d, which has exited", u.wait_file,
                                       u.wait_line, u.mask, j);
-                    report_thread(u, "shuffle at %s:%d: mask 0x%08x names lane %d, which never arrives (it is %s at "
-                                  "%s:%d)", u.wait_file, u.wait_line, u.mask, j, state_name(o), o.wait_file, o.wait_line);
+                    report_thread(u,
+                                  "shuffle at %s:%d: mask 0x%08x names lane %d, which never arrives (it is %s at "
+                                  "%s:%d)",
+                                  u.wait_file, u.wait_line, u.mask, j, state_name(o), o.wait_file, o.wait_line);
                 }
             }
         }
@@ -493,9 +511,9 @@ std::vector<Traffic> traffic_end() {
 // not linked), answer them. Accesses outside the launch's shared arrays return at once.
 struct ByteShadow {
     uint32_t interval = 0;
-    int32_t writer = -1;          // thread index in the block, or -1
-    int32_t r1 = -1, r2 = -1;     // two distinct readers (-1: none), enough to name one that is not you
-    int32_t rwarp = -1;           // the warp of every reader, or -1 when they span warps
+    int32_t writer = -1;            // thread index in the block, or -1
+    int32_t r1 = -1, r2 = -1;       // two distinct readers (-1: none), enough to name one that is not you
+    int32_t rwarp = -1;             // the warp of every reader, or -1 when they span warps
     uint32_t wsync = 0, rsync = 0;  // the writer's / last reader's warp's __syncwarp() count then
 };
 struct ArrayShadow {
@@ -509,16 +527,18 @@ static void race_track(const void* p, size_t bytes) {
         if (a.lo == p) return;
     g_race_arrays.push_back({(const char*)p, bytes, std::vector<ByteShadow>(bytes)});
 }
-[[noreturn]] static void race_report(const ArrayShadow& a, size_t off, int other, const char* other_did, const char* me_do) {
+[[noreturn]] static void race_report(const ArrayShadow& a, size_t off, int other, const char* other_did,
+                                     const char* me_do) {
     const char* name = "?";
     for (const SharedArray& s : g_shared_launch)
         if (s.p == a.lo) name = s.name;
     const Thread& o = g_threads[other];
     char since[200] = "the start of the block";
     if (g_interval_file) snprintf(since, sizeof since, "__syncthreads() at %s:%d", g_interval_file, g_interval_line);
-    report("data race on __shared__ %s (byte %zu of %zu): thread (%u,%u,%u) %s it and this thread %s it with no "
-           "__syncthreads() between (both since %s)", name, off, a.bytes, o.idx.x, o.idx.y, o.idx.z, other_did, me_do,
-           since);
+    report(
+        "data race on __shared__ %s (byte %zu of %zu): thread (%u,%u,%u) %s it and this thread %s it with no "
+        "__syncthreads() between (both since %s)",
+        name, off, a.bytes, o.idx.x, o.idx.y, o.idx.z, other_did, me_do, since);
 }
 // A full-warp __syncwarp() orders the accesses of that warp's lanes; only __syncthreads() orders
 // those of different warps.
@@ -546,8 +566,10 @@ static inline void race_access(const void* p, size_t n, bool write) {
                 b.writer = me;
                 b.wsync = now;
             } else {
-                if (b.r1 < 0) { b.r1 = me; b.rwarp = warp; }
-                else if (b.r1 != me && b.r2 < 0) b.r2 = me;
+                if (b.r1 < 0) {
+                    b.r1 = me;
+                    b.rwarp = warp;
+                } else if (b.r1 != me && b.r2 < 0) b.r2 = me;
                 if (b.rwarp != warp) b.rwarp = -1;
                 b.rsync = now;
             }
@@ -575,9 +597,10 @@ void shared_array(void* p, size_t bytes, const char* name, const char* file, int
     race_track(p, bytes);
     g_shared_static += bytes;
     if (g_shared_static + g_site->smem > kSharedLimit)
-        report("__shared__ %s (%s:%d) brings the block's shared memory to %zu bytes (static %zu + dynamic %zu), over "
-               "the %zu bytes a launch may use", name, file, line, g_shared_static + g_site->smem, g_shared_static,
-               g_site->smem, kSharedLimit);
+        report(
+            "__shared__ %s (%s:%d) brings the block's shared memory to %zu bytes (static %zu + dynamic %zu), over "
+            "the %zu bytes a launch may use",
+            name, file, line, g_shared_static + g_site->smem, g_shared_static, g_site->smem, kSharedLimit);
 }
 void* dynamic_shared() {
     if (!g_in_kernel) report("extern __shared__ used outside a kernel");
@@ -646,8 +669,8 @@ const uint3& thread_idx_checked() { report("threadIdx read outside a kernel"); }
 struct Alloc {
     char* base;
     size_t size;
-    bool pinned;      // cudaMallocHost: host memory that kernels may also use
-    char* map;        // the mapping (guarded device allocations), else null
+    bool pinned;  // cudaMallocHost: host memory that kernels may also use
+    char* map;    // the mapping (guarded device allocations), else null
     size_t map_len;
 };
 static std::map<uintptr_t, Alloc> g_allocs;
@@ -699,7 +722,8 @@ static void describe_address(const void* p, char* out, size_t n) {
         const Alloc& a = kv.second;
         if (a.pinned) continue;
         if (c >= a.base + a.size && c < a.base + a.size + kPage + 16) {
-            snprintf(out, n, "byte %zu of a device allocation of %zu bytes: past its end", (size_t)(c - a.base), a.size);
+            snprintf(out, n, "byte %zu of a device allocation of %zu bytes: past its end", (size_t)(c - a.base),
+                     a.size);
             return;
         }
         if (c < a.base && c >= a.base - kPage - 16) {
@@ -710,7 +734,8 @@ static void describe_address(const void* p, char* out, size_t n) {
     }
     for (size_t i = 0; i < g_stacks.size(); i++)
         if (g_stacks[i].lo && c >= g_stacks[i].lo && c < g_stacks[i].lo + kPage) {
-            snprintf(out, n, "the guard page of thread %zu's fiber stack (a stack overflow: set CUDA_CPU_STACK_KB above %zu)",
+            snprintf(out, n,
+                     "the guard page of thread %zu's fiber stack (a stack overflow: set CUDA_CPU_STACK_KB above %zu)",
                      i, stack_bytes() >> 10);
             return;
         }
@@ -723,8 +748,9 @@ static void on_signal(int sig, siginfo_t* si, void*) {
     if (g_in_kernel || g_api_what) {
         if (sig == SIGFPE) {
             if (g_in_kernel)
-                report("invalid floating-point operation: arithmetic on a signaling NaN, i.e. on device or shared memory "
-                       "that nothing wrote (or 0*inf, inf-inf, sqrt of a negative)");
+                report(
+                    "invalid floating-point operation: arithmetic on a signaling NaN, i.e. on device or shared memory "
+                    "that nothing wrote (or 0*inf, inf-inf, sqrt of a negative)");
             report_at(g_api_file, g_api_line, "%s reads device memory that nothing wrote (a signaling NaN operand)",
                       g_api_what);
         }
@@ -757,9 +783,10 @@ static void install_handlers() {
         if (g_in_kernel && g_site) {
             char out[512];
             const uint3 b = g_coords.block_idx, t = g_coords.thread_idx;
-            const int n = snprintf(out, sizeof out, "cuda_cpu: %s:%d: kernel %s, block (%u,%u,%u), thread (%u,%u,%u): "
-                                   "AddressSanitizer report above\n", g_site->file, g_site->line, g_site->kernel, b.x,
-                                   b.y, b.z, t.x, t.y, t.z);
+            const int n = snprintf(out, sizeof out,
+                                   "cuda_cpu: %s:%d: kernel %s, block (%u,%u,%u), thread (%u,%u,%u): "
+                                   "AddressSanitizer report above\n",
+                                   g_site->file, g_site->line, g_site->kernel, b.x, b.y, b.z, t.x, t.y, t.z);
             if (write(2, out, (size_t)n) < 0) {}
         }
     });
@@ -776,13 +803,15 @@ static const char* kind_name(cudaMemcpyKind k) {
     }
 }
 // [p, p + n) must lie in one device allocation.
-static void check_device_range(const char* file, int line, const char* call, const char* role, const void* p, size_t n) {
+static void check_device_range(const char* file, int line, const char* call, const char* role, const void* p,
+                               size_t n) {
     const Alloc* a = find_alloc(p);
     if (!a || a->pinned) report_at(file, line, "%s: the %s %p is not device memory", call, role, p);
     const size_t off = (size_t)((const char*)p - a->base);
     if (n > a->size - off)
-        report_at(file, line, "%s: %zu bytes at offset %zu of a %zu-byte device allocation run %zu bytes past its end (%s)",
-                  call, n, off, a->size, n - (a->size - off), role);
+        report_at(file, line,
+                  "%s: %zu bytes at offset %zu of a %zu-byte device allocation run %zu bytes past its end (%s)", call,
+                  n, off, a->size, n - (a->size - off), role);
 }
 // A copy out of device memory must not carry the fill of memory that nothing wrote.
 static void check_written(const char* file, int line, const char* call, const void* p, size_t n) {
@@ -840,8 +869,10 @@ cudaError_t free_at(const char* file, int line, void* p) {
 
 void check_pointer_arg(const LaunchSite& site, int index, const void* p) {
     if (!p || find_alloc(p)) return;
-    report_at(site.file, site.line, "launch of kernel %s: argument %d (%p) is a host pointer, not memory from "
-              "cudaMalloc or cudaMallocHost", site.kernel, index + 1, p);
+    report_at(site.file, site.line,
+              "launch of kernel %s: argument %d (%p) is a host pointer, not memory from "
+              "cudaMalloc or cudaMallocHost",
+              site.kernel, index + 1, p);
 }
 
 }  // namespace cuda_cpu
@@ -879,8 +910,12 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int d) {
     p->regsPerBlock = 65536;
     p->warpSize = 32;
     p->maxThreadsPerBlock = 1024;
-    p->maxThreadsDim[0] = 1024; p->maxThreadsDim[1] = 1024; p->maxThreadsDim[2] = 64;
-    p->maxGridSize[0] = 2147483647; p->maxGridSize[1] = 65535; p->maxGridSize[2] = 65535;
+    p->maxThreadsDim[0] = 1024;
+    p->maxThreadsDim[1] = 1024;
+    p->maxThreadsDim[2] = 64;
+    p->maxGridSize[0] = 2147483647;
+    p->maxGridSize[1] = 65535;
+    p->maxGridSize[2] = 65535;
     p->major = 9;
     p->minor = 0;
     p->multiProcessorCount = 1;
@@ -1024,24 +1059,27 @@ namespace cuda_cpu {
 // C is fp32, or bf16 with bf16 A and B (cuBLAS's CUDA_R_16BF / 32F-compute combination): then
 // alpha s + beta C is formed in fp32 and rounded once to nearest even (cuda_bf16.h's
 // __float2bfloat16, the rounding of the GPU's cvt.rn.bf16.f32).
-cublasStatus_t gemm_at(const char* file, int line, cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb,
-                       int m, int n, int k, const void* alpha, const void* A, cudaDataType_t at, int lda,
-                       const void* B, cudaDataType_t bt, int ldb, const void* beta, void* C, cudaDataType_t ct,
-                       int ldc, cublasComputeType_t compute, cublasGemmAlgo_t) {
+cublasStatus_t gemm_at(const char* file, int line, cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m,
+                       int n, int k, const void* alpha, const void* A, cudaDataType_t at, int lda, const void* B,
+                       cudaDataType_t bt, int ldb, const void* beta, void* C, cudaDataType_t ct, int ldc,
+                       cublasComputeType_t compute, cublasGemmAlgo_t) {
     if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
     const bool opA_ok = ta == CUBLAS_OP_N || ta == CUBLAS_OP_T, opB_ok = tb == CUBLAS_OP_N || tb == CUBLAS_OP_T;
     if (!opA_ok || !opB_ok || m < 0 || n < 0 || k < 0) return CUBLAS_STATUS_INVALID_VALUE;
     const int a_rows = ta == CUBLAS_OP_N ? m : k, a_cols = ta == CUBLAS_OP_N ? k : m;
     const int b_rows = tb == CUBLAS_OP_N ? k : n, b_cols = tb == CUBLAS_OP_N ? n : k;
-    if (lda < std::max(1, a_rows) || ldb < std::max(1, b_rows) || ldc < std::max(1, m)) return CUBLAS_STATUS_INVALID_VALUE;
+    if (lda < std::max(1, a_rows) || ldb < std::max(1, b_rows) || ldc < std::max(1, m))
+        return CUBLAS_STATUS_INVALID_VALUE;
     const bool types_ok = (at == CUDA_R_32F && bt == CUDA_R_32F) || (at == CUDA_R_16BF && bt == CUDA_R_16BF);
-    if (!types_ok || (ct != CUDA_R_32F && !(ct == CUDA_R_16BF && at == CUDA_R_16BF))) return CUBLAS_STATUS_NOT_SUPPORTED;
+    if (!types_ok || (ct != CUDA_R_32F && !(ct == CUDA_R_16BF && at == CUDA_R_16BF)))
+        return CUBLAS_STATUS_NOT_SUPPORTED;
     if (compute != CUBLAS_COMPUTE_32F && compute != CUBLAS_COMPUTE_32F_PEDANTIC) return CUBLAS_STATUS_NOT_SUPPORTED;
     if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
     const float al = *(const float*)alpha, be = *(const float*)beta;
     if (g_traffic_on)
         g_traffic.push_back({"cublasGemmEx",
-                             (size_t)m * k * elt_bytes(at) + (size_t)k * n * elt_bytes(bt) + (be != 0.0f ? (size_t)m * n * elt_bytes(ct) : 0),
+                             (size_t)m * k * elt_bytes(at) + (size_t)k * n * elt_bytes(bt) +
+                                 (be != 0.0f ? (size_t)m * n * elt_bytes(ct) : 0),
                              (size_t)m * n * elt_bytes(ct)});
     // every operand must be device memory, within its allocation
     if (k > 0) {
@@ -1050,16 +1088,20 @@ cublasStatus_t gemm_at(const char* file, int line, cublasHandle_t h, cublasOpera
     }
     check_device_range(file, line, "cublasGemmEx", "C", C, ((size_t)(n - 1) * ldc + m) * elt_bytes(ct));
     install_handlers();
-    g_api_file = file; g_api_line = line; g_api_what = "cublasGemmEx";
+    g_api_file = file;
+    g_api_line = line;
+    g_api_what = "cublasGemmEx";
     const unsigned csr = _mm_getcsr();
-    _mm_setcsr((csr & ~0x3Fu) & ~(1u << 7));  // trap on signaling NaNs: an operand nothing wrote
+    _mm_setcsr((csr & ~0x3Fu) & ~(1u << 7));                  // trap on signaling NaNs: an operand nothing wrote
     std::vector<float> Ar((size_t)m * k), Bc((size_t)n * k);  // op(A) by rows, op(B) by columns
     for (int i = 0; i < m; i++)
         for (int p = 0; p < k; p++)
-            Ar[(size_t)i * k + p] = ta == CUBLAS_OP_N ? load_elt(A, at, i + (size_t)p * lda) : load_elt(A, at, p + (size_t)i * lda);
+            Ar[(size_t)i * k + p] =
+                ta == CUBLAS_OP_N ? load_elt(A, at, i + (size_t)p * lda) : load_elt(A, at, p + (size_t)i * lda);
     for (int j = 0; j < n; j++)
         for (int p = 0; p < k; p++)
-            Bc[(size_t)j * k + p] = tb == CUBLAS_OP_N ? load_elt(B, bt, p + (size_t)j * ldb) : load_elt(B, bt, j + (size_t)p * ldb);
+            Bc[(size_t)j * k + p] =
+                tb == CUBLAS_OP_N ? load_elt(B, bt, p + (size_t)j * ldb) : load_elt(B, bt, j + (size_t)p * ldb);
     float* Cf = (float*)C;
     __nv_bfloat16* Cb = (__nv_bfloat16*)C;
     for (int j = 0; j < n; j++)
@@ -1119,7 +1161,10 @@ ncclResult_t ncclCommInitRank(ncclComm_t* c, int nranks, ncclUniqueId, int rank)
     MPI_Comm_size(MPI_COMM_WORLD, &n);
     if (r != rank || n != nranks) return ncclInvalidArgument;  // one communicator: MPI_COMM_WORLD's ranks
     ncclComm* cm = new ncclComm{MPI_COMM_NULL, rank, nranks};
-    if (MPI_Comm_dup(MPI_COMM_WORLD, &cm->comm) != MPI_SUCCESS) { delete cm; return ncclSystemError; }
+    if (MPI_Comm_dup(MPI_COMM_WORLD, &cm->comm) != MPI_SUCCESS) {
+        delete cm;
+        return ncclSystemError;
+    }
     *c = cm;
     return ncclSuccess;
 }
@@ -1144,15 +1189,28 @@ ncclResult_t ncclAllReduce(const void* send, void* recv, size_t count, ncclDataT
     MPI_Datatype mt;
     size_t eb;
     switch (type) {
-        case ncclFloat32: mt = MPI_FLOAT; eb = 4; break;
-        case ncclFloat64: mt = MPI_DOUBLE; eb = 8; break;
-        case ncclInt32: mt = MPI_INT; eb = 4; break;
-        case ncclInt64: mt = MPI_LONG_LONG; eb = 8; break;
+        case ncclFloat32:
+            mt = MPI_FLOAT;
+            eb = 4;
+            break;
+        case ncclFloat64:
+            mt = MPI_DOUBLE;
+            eb = 8;
+            break;
+        case ncclInt32:
+            mt = MPI_INT;
+            eb = 4;
+            break;
+        case ncclInt64:
+            mt = MPI_LONG_LONG;
+            eb = 8;
+            break;
         default: return ncclInvalidArgument;
     }
     MPI_Op mo;
     switch (op) {
-        case ncclSum: case ncclAvg: mo = MPI_SUM; break;
+        case ncclSum:
+        case ncclAvg: mo = MPI_SUM; break;
         case ncclProd: mo = MPI_PROD; break;
         case ncclMax: mo = MPI_MAX; break;
         case ncclMin: mo = MPI_MIN; break;
@@ -1190,10 +1248,10 @@ void __tsan_func_entry(void*) {}
 void __tsan_func_exit() {}
 void __tsan_vptr_update(void**, void*) {}
 void __tsan_vptr_read(void**) {}
-#define CUDA_CPU_HOOKS(N)                                                            \
-    void __tsan_read##N(void* p) { race_access(p, N, false); }                      \
-    void __tsan_write##N(void* p) { race_access(p, N, true); }                      \
-    void __tsan_unaligned_read##N(void* p) { race_access(p, N, false); }            \
+#define CUDA_CPU_HOOKS(N)                                                \
+    void __tsan_read##N(void* p) { race_access(p, N, false); }           \
+    void __tsan_write##N(void* p) { race_access(p, N, true); }           \
+    void __tsan_unaligned_read##N(void* p) { race_access(p, N, false); } \
     void __tsan_unaligned_write##N(void* p) { race_access(p, N, true); }
 CUDA_CPU_HOOKS(1)
 CUDA_CPU_HOOKS(2)
@@ -1203,17 +1261,17 @@ CUDA_CPU_HOOKS(16)
 void __tsan_read_range(void* p, unsigned long n) { race_access(p, n, false); }
 void __tsan_write_range(void* p, unsigned long n) { race_access(p, n, true); }
 // atomics the instrumented standard library uses: done for real (sequentially consistent)
-#define CUDA_CPU_ATOMICS(B, T)                                                                              \
-    T __tsan_atomic##B##_load(const volatile T* a, int) { return __atomic_load_n(a, __ATOMIC_SEQ_CST); }   \
-    void __tsan_atomic##B##_store(volatile T* a, T v, int) { __atomic_store_n(a, v, __ATOMIC_SEQ_CST); }   \
+#define CUDA_CPU_ATOMICS(B, T)                                                                                     \
+    T __tsan_atomic##B##_load(const volatile T* a, int) { return __atomic_load_n(a, __ATOMIC_SEQ_CST); }           \
+    void __tsan_atomic##B##_store(volatile T* a, T v, int) { __atomic_store_n(a, v, __ATOMIC_SEQ_CST); }           \
     T __tsan_atomic##B##_fetch_add(volatile T* a, T v, int) { return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST); } \
     T __tsan_atomic##B##_fetch_sub(volatile T* a, T v, int) { return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST); } \
     T __tsan_atomic##B##_exchange(volatile T* a, T v, int) { return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST); } \
-    int __tsan_atomic##B##_compare_exchange_strong(volatile T* a, T* c, T v, int, int) {                   \
-        return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);            \
-    }                                                                                                      \
-    int __tsan_atomic##B##_compare_exchange_weak(volatile T* a, T* c, T v, int, int) {                     \
-        return __atomic_compare_exchange_n(a, c, v, true, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);             \
+    int __tsan_atomic##B##_compare_exchange_strong(volatile T* a, T* c, T v, int, int) {                           \
+        return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                    \
+    }                                                                                                              \
+    int __tsan_atomic##B##_compare_exchange_weak(volatile T* a, T* c, T v, int, int) {                             \
+        return __atomic_compare_exchange_n(a, c, v, true, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                     \
     }
 CUDA_CPU_ATOMICS(8, unsigned char)
 CUDA_CPU_ATOMICS(16, unsigned short)

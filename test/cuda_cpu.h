@@ -124,8 +124,8 @@ struct Launch {
             std::tuple<std::decay_t<P>...> args;
         } call{kernel, std::tuple<std::decay_t<P>...>(std::forward<A>(a)...)};
         check_pointer_args(site, call.args, std::index_sequence_for<P...>());
-        run_grid(site, [](void* c) { std::apply(static_cast<Call*>(c)->kernel, static_cast<Call*>(c)->args); },
-                 &call);
+        run_grid(
+            site, [](void* c) { std::apply(static_cast<Call*>(c)->kernel, static_cast<Call*>(c)->args); }, &call);
     }
 };
 template <typename... P>
@@ -184,10 +184,20 @@ struct accumulator {};
 struct row_major {};
 struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
-template <typename Use, int M, int N, int K> struct tile_shape;
-template <int M, int N, int K> struct tile_shape<matrix_a, M, N, K> { static constexpr int rows = M, cols = K; };
-template <int M, int N, int K> struct tile_shape<matrix_b, M, N, K> { static constexpr int rows = K, cols = N; };
-template <int M, int N, int K> struct tile_shape<accumulator, M, N, K> { static constexpr int rows = M, cols = N; };
+template <typename Use, int M, int N, int K>
+struct tile_shape;
+template <int M, int N, int K>
+struct tile_shape<matrix_a, M, N, K> {
+    static constexpr int rows = M, cols = K;
+};
+template <int M, int N, int K>
+struct tile_shape<matrix_b, M, N, K> {
+    static constexpr int rows = K, cols = N;
+};
+template <int M, int N, int K>
+struct tile_shape<accumulator, M, N, K> {
+    static constexpr int rows = M, cols = N;
+};
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
     static constexpr int rows = tile_shape<Use, M, N, K>::rows, cols = tile_shape<Use, M, N, K>::cols;
@@ -202,12 +212,14 @@ inline void fill_fragment(fragment<Use, M, N, K, T, L>& f, const V& v) {
 template <typename F, typename T>
 inline void copy_tile(F& f, const T* p, unsigned ldm, bool row_major) {
     for (int r = 0; r < f.rows; r++)
-        for (int c = 0; c < f.cols; c++) f.x[r * f.cols + c] = row_major ? p[(size_t)r * ldm + c] : p[(size_t)c * ldm + r];
+        for (int c = 0; c < f.cols; c++)
+            f.x[r * f.cols + c] = row_major ? p[(size_t)r * ldm + c] : p[(size_t)c * ldm + r];
 }
 template <typename F, typename T>
 __attribute__((no_sanitize("thread"))) inline void copy_tile_unchecked(F& f, const T* p, unsigned ldm, bool row_major) {
     for (int r = 0; r < f.rows; r++)
-        for (int c = 0; c < f.cols; c++) f.x[r * f.cols + c] = row_major ? p[(size_t)r * ldm + c] : p[(size_t)c * ldm + r];
+        for (int c = 0; c < f.cols; c++)
+            f.x[r * f.cols + c] = row_major ? p[(size_t)r * ldm + c] : p[(size_t)c * ldm + r];
 }
 // Lanes 0 and 1 read through the race check; the others read the same bytes unchecked. The check
 // keeps two readers per byte, and all lanes read in one step (no __syncwarp() between), so two
@@ -221,9 +233,13 @@ inline void load_tile(F& f, const T* p, unsigned ldm, bool row_major) {
     else copy_tile_unchecked(f, p, ldm, row_major);
 }
 template <typename Use, int M, int N, int K, typename T>
-inline void load_matrix_sync(fragment<Use, M, N, K, T, row_major>& f, const T* p, unsigned ldm) { load_tile(f, p, ldm, true); }
+inline void load_matrix_sync(fragment<Use, M, N, K, T, row_major>& f, const T* p, unsigned ldm) {
+    load_tile(f, p, ldm, true);
+}
 template <typename Use, int M, int N, int K, typename T>
-inline void load_matrix_sync(fragment<Use, M, N, K, T, col_major>& f, const T* p, unsigned ldm) { load_tile(f, p, ldm, false); }
+inline void load_matrix_sync(fragment<Use, M, N, K, T, col_major>& f, const T* p, unsigned ldm) {
+    load_tile(f, p, ldm, false);
+}
 template <int M, int N, int K, typename T>
 inline void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const T* p, unsigned ldm, layout_t l) {
     load_tile(f, p, ldm, l == mem_row_major);
@@ -233,7 +249,8 @@ inline void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, 
     cuda_cpu::wmma_converge(p, ldm * sizeof(T), "store_matrix_sync");
     if (!cuda_cpu::wmma_store_lane(&f, sizeof f)) return;  // one lane writes the tile all lanes hold
     for (int r = 0; r < f.rows; r++)
-        for (int c = 0; c < f.cols; c++) (l == mem_row_major ? p[(size_t)r * ldm + c] : p[(size_t)c * ldm + r]) = f.x[r * f.cols + c];
+        for (int c = 0; c < f.cols; c++)
+            (l == mem_row_major ? p[(size_t)r * ldm + c] : p[(size_t)c * ldm + r]) = f.x[r * f.cols + c];
 }
 inline float wmma_float(float v) { return v; }
 inline float wmma_float(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -281,10 +298,10 @@ std::vector<Traffic> traffic_end();
 cudaError_t memcpy_at(const char* file, int line, void* dst, const void* src, size_t n, cudaMemcpyKind kind);
 cudaError_t memset_at(const char* file, int line, void* dst, int value, size_t n);
 cudaError_t free_at(const char* file, int line, void* p);
-cublasStatus_t gemm_at(const char* file, int line, cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb,
-                       int m, int n, int k, const void* alpha, const void* A, cudaDataType_t at, int lda,
-                       const void* B, cudaDataType_t bt, int ldb, const void* beta, void* C, cudaDataType_t ct,
-                       int ldc, cublasComputeType_t compute, cublasGemmAlgo_t algo);
+cublasStatus_t gemm_at(const char* file, int line, cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m,
+                       int n, int k, const void* alpha, const void* A, cudaDataType_t at, int lda, const void* B,
+                       cudaDataType_t bt, int ldb, const void* beta, void* C, cudaDataType_t ct, int ldc,
+                       cublasComputeType_t compute, cublasGemmAlgo_t algo);
 }  // namespace cuda_cpu
 #define cudaMemcpy(dst, src, n, kind) cuda_cpu::memcpy_at(__FILE__, __LINE__, dst, src, n, kind)
 #define cudaMemcpyAsync(dst, src, n, kind, ...) cuda_cpu::memcpy_at(__FILE__, __LINE__, dst, src, n, kind)

@@ -48,11 +48,13 @@ static std::string random_bytes(std::mt19937& rng, size_t n) {
     for (size_t i = 0; i < n; i++) {
         uint32_t r = rng();
         switch (mode) {
-            case 0: s[i] = (char)(r & 0xff); break;                            // any byte
-            case 1: s[i] = " etaoinshrdlu\n'.,0"[r % 18]; break;              // text-like
-            case 2: s[i] = (char)((r % 3 == 0) ? 0x80 + (r >> 8) % 64        // UTF-8-ish, often
-                                               : (r % 3 == 1) ? 0xc0 + (r >> 8) % 32  // invalid
-                                                              : 'a' + (r >> 8) % 26); break;
+            case 0: s[i] = (char)(r & 0xff); break;               // any byte
+            case 1: s[i] = " etaoinshrdlu\n'.,0"[r % 18]; break;  // text-like
+            case 2:
+                s[i] = (char)((r % 3 == 0)   ? 0x80 + (r >> 8) % 64  // UTF-8-ish, often
+                              : (r % 3 == 1) ? 0xc0 + (r >> 8) % 32  // invalid
+                                             : 'a' + (r >> 8) % 26);
+                break;
             default: s[i] = (r % 5 == 0) ? '\0' : " \t\r\nab"[r % 6]; break;  // NULs, spaces
         }
     }
@@ -70,8 +72,7 @@ static std::vector<int> reference_encode(const Bpe& b, const std::string& text) 
         for (size_t m = 0; m < b.merges.size() && w.size() > 1; m++) {
             std::vector<int> nw;
             for (size_t j = 0; j < w.size();) {
-                if (j + 1 < w.size() && w[j] == (int)b.merges[m].first &&
-                    w[j + 1] == (int)b.merges[m].second) {
+                if (j + 1 < w.size() && w[j] == (int)b.merges[m].first && w[j + 1] == (int)b.merges[m].second) {
                     nw.push_back(256 + (int)m);
                     j += 2;
                 } else {
@@ -97,9 +98,7 @@ static std::vector<std::string> words_of(const std::string& s) {
     return w;
 }
 
-static std::string tmp_path(const char* name) {
-    return "/tmp/test_bpe_" + std::to_string(getpid()) + "_" + name;
-}
+static std::string tmp_path(const char* name) { return "/tmp/test_bpe_" + std::to_string(getpid()) + "_" + name; }
 
 // Removes its files when the test case ends, even if a REQUIRE failed.
 struct TmpFiles {
@@ -225,8 +224,7 @@ TEST_CASE("merged tokens never cross a word boundary") {
 }
 
 // Slow reference trainer: recount every pair of every word before each merge.
-static std::vector<std::pair<uint32_t, uint32_t>> reference_train(const BpeWordCounts& wc,
-                                                                   int vocab) {
+static std::vector<std::pair<uint32_t, uint32_t>> reference_train(const BpeWordCounts& wc, int vocab) {
     std::vector<std::vector<int>> words;
     std::vector<uint64_t> freq;
     for (auto& kv : wc.counts) {
@@ -238,8 +236,7 @@ static std::vector<std::pair<uint32_t, uint32_t>> reference_train(const BpeWordC
     for (int id = 256; id < vocab; id++) {
         std::map<std::pair<int, int>, uint64_t> cnt;
         for (size_t k = 0; k < words.size(); k++)
-            for (size_t j = 0; j + 1 < words[k].size(); j++)
-                cnt[{words[k][j], words[k][j + 1]}] += freq[k];
+            for (size_t j = 0; j + 1 < words[k].size(); j++) cnt[{words[k][j], words[k][j + 1]}] += freq[k];
         if (cnt.empty()) break;
         auto best = cnt.begin();  // highest count, first (smallest) pair on ties
         for (auto it = cnt.begin(); it != cnt.end(); ++it)

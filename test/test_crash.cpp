@@ -117,7 +117,8 @@ TEST_CASE("kill -9 at random moments: every restart resumes from the newest comp
             siginfo_t si{};
             if (it % 4 != 0)  // wait (at most 20 s) until it trains; WNOWAIT: not reaped here
                 for (int w = 0; w < 4000 && read_bytes(log).find("threads:") == std::string::npos &&
-                                waitid(P_PID, pid, &si, WEXITED | WNOHANG | WNOWAIT) == 0 && si.si_pid == 0; w++) {
+                                waitid(P_PID, pid, &si, WEXITED | WNOHANG | WNOWAIT) == 0 && si.si_pid == 0;
+                     w++) {
                     struct timespec t5 = {0, 5000000L};
                     nanosleep(&t5, nullptr);
                 }
@@ -210,7 +211,9 @@ TEST_CASE("log.csv holds every step once after a resume from an older checkpoint
     const std::string dir = tmp("dup");
     run_to(dir, 30);  // log rows 1..30, checkpoints 10, 20, 30
     std::string out;
-    REQUIRE(run("rm " + dir + "/step_000030.ckpt " + dir + "/step_000020.ckpt && printf '31,torn' >> " + dir + "/log.csv", &out) == 0);
+    REQUIRE(
+        run("rm " + dir + "/step_000030.ckpt " + dir + "/step_000020.ckpt && printf '31,torn' >> " + dir + "/log.csv",
+            &out) == 0);
     REQUIRE(run("./mot " + flags(30) + " --save-every 10 --keep 3 --out " + dir + " --resume", &out) == 0);
     CHECK(out.find("at step 10") != std::string::npos);
     int dups = 0;
@@ -244,7 +247,9 @@ TEST_CASE("a full disk: the checkpoint write fails with one line and the last go
         REQUIRE(mot_read_checkpoint_config(tmp("size.ckpt"), &c, &err));
     }
     const size_t ck = MOT_CKPT_HEADER + 12 * mot_param_table(c).total;
-    const bool tmpfs = !getenv("MOT_TEST_NO_TMPFS") && mount("tmpfs", mnt.c_str(), "tmpfs", 0, ("size=" + std::to_string(2 * ck + 64 * 1024)).c_str()) == 0;
+    const bool tmpfs =
+        !getenv("MOT_TEST_NO_TMPFS") &&
+        mount("tmpfs", mnt.c_str(), "tmpfs", 0, ("size=" + std::to_string(2 * ck + 64 * 1024)).c_str()) == 0;
     const std::string how = tmpfs ? "a tmpfs of " + std::to_string(2 * ck + 64 * 1024) + " bytes"
                                   : "ulimit -f (mount failed), checkpoints of " + std::to_string(ck) + " bytes";
     MESSAGE("disk full: ", how);
@@ -252,13 +257,13 @@ TEST_CASE("a full disk: the checkpoint write fails with one line and the last go
     // run's write of step 30 is the one that runs out of space
     run_to(tmp("before_full"), 20);
     REQUIRE(run("mkdir -p " + dir + " && cp " + tmp("before_full") + "/step_0000[12]0.ckpt " + tmp("before_full") +
-                   "/log.csv " + dir + "/",
-               &out) == 0);
+                    "/log.csv " + dir + "/",
+                &out) == 0);
     // bash's ulimit -f counts 1024-byte blocks: half a checkpoint
     const std::string prefix = tmpfs ? "" : "ulimit -f " + std::to_string(ck / 2 / 1024) + "; trap '' XFSZ; ";
     const int rc = run("bash -c \"" + prefix + "exec ./mot " + flags(40) + " --save-every 10 --keep 3 --out " + dir +
-                          " --resume 2>" + tmp("full_err.txt") + "\"",
-                      &out);
+                           " --resume 2>" + tmp("full_err.txt") + "\"",
+                       &out);
     const std::string err_out = read_bytes(tmp("full_err.txt"));
     INFO(out, "\nstderr: ", err_out);
     CHECK(rc == 1);

@@ -87,14 +87,16 @@ TEST_CASE("cuda_cpu: warp shuffles follow CUDA's lane rules (xor, up, down, idx,
 }
 
 TEST_CASE("cuda_cpu: bf16 conversions round to nearest even (the real cuda_bf16.h)") {
-    CHECK(__bfloat162float(__float2bfloat16(1.0f + 1.0f / 256)) == 1.0f);               // tie -> even (down)
-    CHECK(__bfloat162float(__float2bfloat16(1.0f + 3.0f / 256)) == 1.0f + 1.0f / 64);   // tie -> even (up)
+    CHECK(__bfloat162float(__float2bfloat16(1.0f + 1.0f / 256)) == 1.0f);                       // tie -> even (down)
+    CHECK(__bfloat162float(__float2bfloat16(1.0f + 3.0f / 256)) == 1.0f + 1.0f / 64);           // tie -> even (up)
     CHECK(__bfloat162float(__float2bfloat16(1.0f + 1.0f / 256 + 1e-6f)) == 1.0f + 1.0f / 128);  // above the tie
 }
 
 // cuBLAS semantics: column-major, op(A) m x k, op(B) k x n, leading dimensions may exceed the rows,
 // beta == 0 never reads C.
-static float ref_elt(const std::vector<float>& X, int ld, bool t, int r, int c) { return t ? X[c + (size_t)r * ld] : X[r + (size_t)c * ld]; }
+static float ref_elt(const std::vector<float>& X, int ld, bool t, int r, int c) {
+    return t ? X[c + (size_t)r * ld] : X[r + (size_t)c * ld];
+}
 TEST_CASE("cuda_cpu: cublasGemmEx has cuBLAS's column-major semantics") {
     cublasHandle_t h;
     REQUIRE(cublasCreate(&h) == CUBLAS_STATUS_SUCCESS);
@@ -125,7 +127,9 @@ TEST_CASE("cuda_cpu: cublasGemmEx has cuBLAS's column-major semantics") {
                 for (int j = 0; j < n; j++)  // rows past m of each column are untouched
                     for (int i = m; i < ldc; i++)
                         CHECK(memcmp(&out[i + (size_t)j * ldc], &C[i + (size_t)j * ldc], 4) == 0);
-                CK(cudaFree(dA)); CK(cudaFree(dB)); CK(cudaFree(dC));
+                CK(cudaFree(dA));
+                CK(cudaFree(dB));
+                CK(cudaFree(dC));
             }
     // a leading dimension below the rows is an error, as in cuBLAS
     const float one = 1, zero = 0;
@@ -174,7 +178,11 @@ TEST_CASE("cuda_cpu: cublasGemmEx into a bf16 C rounds alpha A B + beta C once, 
     float* d = dev<float>(16);
     CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 2, &one, d, CUDA_R_32F, 2, d, CUDA_R_32F, 2, &zero, dC,
                        CUDA_R_16BF, 2, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_NOT_SUPPORTED);
-    CK(cudaFree(d)); CK(cudaFree(dA)); CK(cudaFree(dB)); CK(cudaFree(dB0)); CK(cudaFree(dC));
+    CK(cudaFree(d));
+    CK(cudaFree(dA));
+    CK(cudaFree(dB));
+    CK(cudaFree(dB0));
+    CK(cudaFree(dC));
     cublasDestroy(h);
 }
 
@@ -284,8 +292,9 @@ __global__ void two_barriers_kernel(float* out) {
 TEST_CASE("cuda_cpu check: a __syncthreads() that not every thread of the block reaches") {
     float* d = dev<float>(64);
     int line = __LINE__ + 1;
-    expect_report([&] { half_barrier_kernel<<<2, 32>>>(d); }, line,
-                  {"kernel half_barrier_kernel, block (0,0,0), thread (16,0,0)", "exited without reaching __syncthreads()"});
+    expect_report(
+        [&] { half_barrier_kernel<<<2, 32>>>(d); }, line,
+        {"kernel half_barrier_kernel, block (0,0,0), thread (16,0,0)", "exited without reaching __syncthreads()"});
     line = __LINE__ + 1;
     expect_report([&] { two_barriers_kernel<<<1, 32>>>(d); }, line,
                   {"kernel two_barriers_kernel, block (0,0,0), thread (", "must meet at the same barrier"});
@@ -326,16 +335,19 @@ __global__ void big_shared_kernel(float* out) {
 TEST_CASE("cuda_cpu check: launches over the block/grid limits, __launch_bounds__ or 48 KB of shared memory") {
     float* d = dev<float>(2048);
     int line = __LINE__ + 1;
-    expect_report([&] { plain_kernel<<<1, dim3(32, 33)>>>(d); }, line, {"kernel plain_kernel", "threads per block is 1056"});
+    expect_report([&] { plain_kernel<<<1, dim3(32, 33)>>>(d); }, line,
+                  {"kernel plain_kernel", "threads per block is 1056"});
     line = __LINE__ + 1;
-    expect_report([&] { plain_kernel<<<dim3(1, 65536), 32>>>(d); }, line, {"kernel plain_kernel", "gridDim.y is 65536"});
+    expect_report([&] { plain_kernel<<<dim3(1, 65536), 32>>>(d); }, line,
+                  {"kernel plain_kernel", "gridDim.y is 65536"});
     line = __LINE__ + 1;
     expect_report([&] { plain_kernel<<<1, dim3(2, 2, 65)>>>(d); }, line, {"blockDim.z is 65"});
     line = __LINE__ + 1;
     expect_report([&] { plain_kernel<<<1, 32, 49153>>>(d); }, line, {"dynamic shared memory in bytes is 49153"});
     line = __LINE__ + 1;
     expect_report([&] { bounded_kernel<<<1, 128>>>(d); }, line,
-                  {"kernel bounded_kernel, block (0,0,0), thread (0,0,0)", "128 threads per block, over the kernel's "
+                  {"kernel bounded_kernel, block (0,0,0), thread (0,0,0)",
+                   "128 threads per block, over the kernel's "
                    "__launch_bounds__(64)"});
     line = __LINE__ + 1;
     expect_report([&] { big_shared_kernel<<<1, 32>>>(d); }, line,
@@ -353,10 +365,12 @@ TEST_CASE("cuda_cpu check: an out-of-bounds device access") {
     float* d = dev<float>(64);  // 256 bytes: ends flush against the guard page
     int line = __LINE__ + 1;
     expect_report([&] { past_end_kernel<<<1, 32>>>(d, 64); }, line,
-                  {"kernel past_end_kernel, block (0,0,0), thread (5,0,0)", "byte 256 of a device allocation of 256 bytes: past its end"});
+                  {"kernel past_end_kernel, block (0,0,0), thread (5,0,0)",
+                   "byte 256 of a device allocation of 256 bytes: past its end"});
     line = __LINE__ + 1;
-    expect_report([&] { before_start_kernel<<<2, 32>>>(d); }, line,
-                  {"kernel before_start_kernel, block (0,0,0), thread (3,0,0)", "before the start of a device allocation"});
+    expect_report(
+        [&] { before_start_kernel<<<2, 32>>>(d); }, line,
+        {"kernel before_start_kernel, block (0,0,0), thread (3,0,0)", "before the start of a device allocation"});
 }
 
 __global__ void scale_kernel(float* out, const float* in) { out[threadIdx.x] = 2.0f * in[threadIdx.x]; }
@@ -376,8 +390,12 @@ TEST_CASE("cuda_cpu check: a read of device or shared memory that nothing wrote"
     expect_report([&] { shared_unwritten_kernel<<<1, 32>>>(out); }, line,
                   {"kernel shared_unwritten_kernel, block (0,0,0), thread (6,0,0)", "memory that nothing wrote"});
     line = __LINE__ + 1;
-    expect_report([&] { std::vector<float> h(32); cudaMemcpy(h.data(), in, 128, cudaMemcpyDeviceToHost); }, line,
-                  {"cudaMemcpyDeviceToHost reads device memory that nothing wrote (byte 0"});
+    expect_report(
+        [&] {
+            std::vector<float> h(32);
+            cudaMemcpy(h.data(), in, 128, cudaMemcpyDeviceToHost);
+        },
+        line, {"cudaMemcpyDeviceToHost reads device memory that nothing wrote (byte 0"});
 }
 
 __global__ void racy_kernel(float* out) {
@@ -413,8 +431,8 @@ TEST_CASE("cuda_cpu check: a shared-memory race inside a warp (a __syncwarp() mi
     float* d = dev<float>(32);
     const int line = __LINE__ + 1;
     expect_report([&] { no_syncwarp_kernel<<<1, 32>>>(d); }, line,
-                  {"kernel no_syncwarp_kernel, block (0,0,0), thread (1,0,0)", "data race on __shared__ s (byte 4 of 128)",
-                   "thread (0,0,0) writes it and this thread reads it"});
+                  {"kernel no_syncwarp_kernel, block (0,0,0), thread (1,0,0)",
+                   "data race on __shared__ s (byte 4 of 128)", "thread (0,0,0) writes it and this thread reads it"});
 }
 
 __global__ void wmma_lane_layout_kernel(float* out) {
@@ -458,10 +476,12 @@ TEST_CASE("cuda_cpu check: a copy in the wrong direction or past an allocation")
     expect_report([&] { cudaMemcpy(d, h.data(), 64, cudaMemcpyDeviceToHost); }, line,
                   {"cudaMemcpyDeviceToHost: the destination", "is device memory (wrong direction?)"});
     line = __LINE__ + 1;
-    expect_report([&] { cudaMemcpy(d, h.data(), 68, cudaMemcpyHostToDevice); }, line,
-                  {"cudaMemcpyHostToDevice: 68 bytes at offset 0 of a 64-byte device allocation run 4 bytes past its end"});
+    expect_report(
+        [&] { cudaMemcpy(d, h.data(), 68, cudaMemcpyHostToDevice); }, line,
+        {"cudaMemcpyHostToDevice: 68 bytes at offset 0 of a 64-byte device allocation run 4 bytes past its end"});
     line = __LINE__ + 1;
-    expect_report([&] { cudaMemset(d + 8, 0, 40); }, line, {"cudaMemset: 40 bytes at offset 32", "run 8 bytes past its end"});
+    expect_report([&] { cudaMemset(d + 8, 0, 40); }, line,
+                  {"cudaMemset: 40 bytes at offset 32", "run 8 bytes past its end"});
     line = __LINE__ + 1;
     expect_report([&] { cudaFree(h.data()); }, line, {"cudaFree", "not a pointer that cudaMalloc returned"});
 }
@@ -536,7 +556,8 @@ static std::vector<std::string> lines_with(const std::string& out, const std::st
         a = e + 1;
         if (line.compare(0, prefix.size(), prefix) == 0) v.push_back(line);
         const size_t x = line.find("| aux ");
-        if (x != std::string::npos && line.compare(0, 5, "step ") == 0) v.push_back(line.substr(x, line.find(" | lr") - x));
+        if (x != std::string::npos && line.compare(0, 5, "step ") == 0)
+            v.push_back(line.substr(x, line.find(" | lr") - x));
     }
     return v;
 }
@@ -588,12 +609,14 @@ static std::vector<std::pair<double, int>> printed_numbers(const std::string& ou
         if (line.compare(0, 5, "step ") != 0 && line.compare(0, 4, "val ") != 0) continue;
         const size_t l = line.find("| loss ");
         if (l == std::string::npos) continue;
-        line = line.substr(l + 7, line.find(" | lr") == std::string::npos ? std::string::npos : line.find(" | lr") - l - 7);
+        line = line.substr(l + 7,
+                           line.find(" | lr") == std::string::npos ? std::string::npos : line.find(" | lr") - l - 7);
         for (size_t s = 0; s < line.size();) {
             const size_t t = line.find(' ', s);
             const std::string w = line.substr(s, t == std::string::npos ? std::string::npos : t - s);
             s = t == std::string::npos ? line.size() : t + 1;
-            if (w.empty() || !(isdigit((unsigned char)w[0]) || w[0] == '-') || w == "-" || w.find('.') == std::string::npos)
+            if (w.empty() || !(isdigit((unsigned char)w[0]) || w[0] == '-') || w == "-" ||
+                w.find('.') == std::string::npos)
                 continue;
             v.push_back({atof(w.c_str()), (int)(w.size() - w.find('.') - 1)});
         }
@@ -628,9 +651,11 @@ TEST_CASE("cuda_cpu trainer: Transfusion trains on the GPU path with the CPU tra
             INFO("figure ", i, ": cpu ", nc[i].first, " gpu fp32 ", ng[i].first, " gpu bf16 ", nb[i].first);
             CHECK(ng[i].second == nc[i].second);
             CHECK(std::fabs(ng[i].first - nc[i].first) <= 1.01 * std::pow(10.0, -nc[i].second));
-            CHECK(std::fabs(nb[i].first - nc[i].first) <= 3e-2 * std::fabs(nc[i].first) + std::pow(10.0, -nc[i].second));
+            CHECK(std::fabs(nb[i].first - nc[i].first) <=
+                  3e-2 * std::fabs(nc[i].first) + std::pow(10.0, -nc[i].second));
             worst = std::max(worst, std::fabs(ng[i].first - nc[i].first));
-            worst_bf = std::max(worst_bf, std::fabs(nb[i].first - nc[i].first) / std::max(1e-9, std::fabs(nc[i].first)));
+            worst_bf =
+                std::max(worst_bf, std::fabs(nb[i].first - nc[i].first) / std::max(1e-9, std::fabs(nc[i].first)));
         }
         printf("Transfusion%s: %zu printed figures; fp32 GPU path worst |diff| %.1e, bf16 worst rel diff %.2e\n", arch,
                nc.size(), worst, worst_bf);
@@ -639,16 +664,22 @@ TEST_CASE("cuda_cpu trainer: Transfusion trains on the GPU path with the CPU tra
 
 // The attention kernel is named once at startup, by the rule in mot_attn_tensor_cores.
 TEST_CASE("cuda_cpu trainer: says once which attention kernel runs, and why") {
-    struct Case { const char* flags; const char* says; };
+    struct Case {
+        const char* flags;
+        const char* says;
+    };
     const Case cases[] = {
         {" --dim 128 --heads 2", "attention: bf16 tensor-core flash kernels (WMMA, fp32 accumulation), head dim 64\n"},
-        {" --dim 32 --heads 2", "attention: fp32 CUDA-core kernels (head dim 16 has no tensor-core kernel; 64 and 128 do)\n"},
-        {" --dim 128 --heads 2 --fp32", "attention: fp32 CUDA-core kernels (fp32 mode keeps them as the exact reference)\n"},
+        {" --dim 32 --heads 2",
+         "attention: fp32 CUDA-core kernels (head dim 16 has no tensor-core kernel; 64 and 128 do)\n"},
+        {" --dim 128 --heads 2 --fp32",
+         "attention: fp32 CUDA-core kernels (fp32 mode keeps them as the exact reference)\n"},
     };
     for (const Case& c : cases) {
         std::string out;
-        REQUIRE(run(std::string("./mot_cpu_cuda --data ") + shard() + " --layers 1 --seq 16 --batch 2 --steps 1 --threads 1" +
-                        c.flags, &out) == 0);
+        REQUIRE(run(std::string("./mot_cpu_cuda --data ") + shard() +
+                        " --layers 1 --seq 16 --batch 2 --steps 1 --threads 1" + c.flags,
+                    &out) == 0);
         INFO(c.flags, "\n", out);
         const size_t at = out.find(c.says);
         CHECK(at != std::string::npos);
@@ -661,20 +692,23 @@ TEST_CASE("cuda_cpu trainer: resume on the GPU path reproduces an uninterrupted 
     std::string out;
     run("rm -rf " + tmp("full") + " " + tmp("resumed"), &out);
     REQUIRE(run(base + " --out " + tmp("full") + " --save-every 4", &out) == 0);
-    REQUIRE(run("mkdir " + tmp("resumed") + " && cp " + tmp("full") + "/step_000004.ckpt " + tmp("resumed") + "/", &out) == 0);
+    REQUIRE(run("mkdir " + tmp("resumed") + " && cp " + tmp("full") + "/step_000004.ckpt " + tmp("resumed") + "/",
+                &out) == 0);
     REQUIRE(run(base + " --out " + tmp("resumed") + " --resume", &out) == 0);
     INFO(out);
     const std::vector<std::string> full = log_rows(read_bytes(tmp("full") + "/log.csv"));
     const std::vector<std::string> resumed = log_rows(read_bytes(tmp("resumed") + "/log.csv"));
     REQUIRE(full.size() == 8);
     REQUIRE(resumed.size() >= 4);
-    CHECK(std::vector<std::string>(full.end() - 4, full.end()) == std::vector<std::string>(resumed.end() - 4, resumed.end()));
+    CHECK(std::vector<std::string>(full.end() - 4, full.end()) ==
+          std::vector<std::string>(resumed.end() - 4, resumed.end()));
     CHECK(run("cmp " + tmp("full") + "/model.ckpt " + tmp("resumed") + "/model.ckpt", &out) == 0);
 }
 
 TEST_CASE("cuda_cpu trainer: mpirun -np 2 (NCCL over MPI) equals one process with --accum 2, bitwise") {
-    const std::string mpirun = "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1 "
-                               "mpirun --oversubscribe --mca btl self,vader --mca btl_vader_single_copy_mechanism none -np 2 ";
+    const std::string mpirun =
+        "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1 "
+        "mpirun --oversubscribe --mca btl self,vader --mca btl_vader_single_copy_mechanism none -np 2 ";
     const std::string args = std::string(" --fp32 --data ") + shard() + kModel + " --steps 6";
     std::string one, two;
     run("rm -rf " + tmp("dp1") + " " + tmp("dp2"), &one);

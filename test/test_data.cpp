@@ -58,34 +58,50 @@ struct Counts {
 // is BOA, one or more speech units, EOA; everything else is text.
 static Counts check_docs(const MotShard& s, int image_tokens) {
     Counts c;
-    const MotConfig cfg = [&] { MotConfig k; k.vocab = s.vocab.vocab; k.image_begin = s.vocab.image_begin; k.speech_begin = s.vocab.speech_begin; return k; }();
+    const MotConfig cfg = [&] {
+        MotConfig k;
+        k.vocab = s.vocab.vocab;
+        k.image_begin = s.vocab.image_begin;
+        k.speech_begin = s.vocab.speech_begin;
+        return k;
+    }();
     enum { OUTSIDE, TEXT, IMAGE, SPEECH } state = OUTSIDE;
     int run_len = 0;
     for (uint16_t t : s.tokens) {
         const int m = mot_modality(cfg, t);
         c.tok[m]++;
         switch (state) {
-        case OUTSIDE:
-            if (t != MOT_BOS) c.errors++;
-            state = TEXT;
-            c.docs++;
-            break;
-        case TEXT:
-            if (t == MOT_BOI) { state = IMAGE; run_len = 0; }
-            else if (t == MOT_BOA) { state = SPEECH; run_len = 0; }
-            else if (t == MOT_EOS) state = OUTSIDE;
-            else if (m != MOD_TEXT || t < MOT_N_SPECIAL) c.errors++;
-            break;
-        case IMAGE:
-            if (t == MOT_EOI) { c.errors += run_len != image_tokens; c.images++; state = TEXT; }
-            else if (m != MOD_IMAGE) c.errors++;
-            else run_len++;
-            break;
-        case SPEECH:
-            if (t == MOT_EOA) { c.errors += run_len == 0; c.speech++; state = TEXT; }
-            else if (m != MOD_SPEECH) c.errors++;
-            else run_len++;
-            break;
+            case OUTSIDE:
+                if (t != MOT_BOS) c.errors++;
+                state = TEXT;
+                c.docs++;
+                break;
+            case TEXT:
+                if (t == MOT_BOI) {
+                    state = IMAGE;
+                    run_len = 0;
+                } else if (t == MOT_BOA) {
+                    state = SPEECH;
+                    run_len = 0;
+                } else if (t == MOT_EOS) state = OUTSIDE;
+                else if (m != MOD_TEXT || t < MOT_N_SPECIAL) c.errors++;
+                break;
+            case IMAGE:
+                if (t == MOT_EOI) {
+                    c.errors += run_len != image_tokens;
+                    c.images++;
+                    state = TEXT;
+                } else if (m != MOD_IMAGE) c.errors++;
+                else run_len++;
+                break;
+            case SPEECH:
+                if (t == MOT_EOA) {
+                    c.errors += run_len == 0;
+                    c.speech++;
+                    state = TEXT;
+                } else if (m != MOD_SPEECH) c.errors++;
+                else run_len++;
+                break;
         }
     }
     c.errors += state != OUTSIDE;  // the shard ends with a whole document
@@ -106,7 +122,9 @@ TEST_CASE("data: the small build's shards hold well-formed interleaved documents
         INFO(s.path);
         CHECK(c.errors == 0);
         for (int m = 0; m < 3; m++) total.tok[m] += c.tok[m];
-        total.docs += c.docs; total.images += c.images; total.speech += c.speech;
+        total.docs += c.docs;
+        total.images += c.images;
+        total.speech += c.speech;
     }
     const double n = total.tok[0] + total.tok[1] + total.tok[2];
     MESSAGE("train: ", total.docs, " docs, ", total.images, " images, ", total.speech, " speech clips; shares text ",
@@ -132,7 +150,9 @@ TEST_CASE("data: the small build's shards hold well-formed interleaved documents
     CHECK(check_docs(v, 49).errors == 0);
     // "all three modalities present in every batch, on average": 20 training batches of 8 x 128
     MotConfig cfg;
-    cfg.vocab = ld.vocab.vocab; cfg.image_begin = ld.vocab.image_begin; cfg.speech_begin = ld.vocab.speech_begin;
+    cfg.vocab = ld.vocab.vocab;
+    cfg.image_begin = ld.vocab.image_begin;
+    cfg.speech_begin = ld.vocab.speech_begin;
     int with_all = 0;
     MotBatch b;
     for (int i = 0; i < 20; i++) {
@@ -155,8 +175,11 @@ TEST_CASE("data: eval sets, classes and tokenizers are there and consistent") {
     }
     // captions.txt: every training caption with its class (460 captions over 20 classes), so the
     // trainer can name the class of a generated caption
-    REQUIRE(run("cut -f1 " + OUT + "/captions.txt | sort -n | uniq | wc -l; wc -l < " + OUT + "/captions.txt; grep -c -P "
-                "'^7\\ta handwritten seven$' " + OUT + "/captions.txt", &out) == 0);
+    REQUIRE(run("cut -f1 " + OUT + "/captions.txt | sort -n | uniq | wc -l; wc -l < " + OUT +
+                    "/captions.txt; grep -c -P "
+                    "'^7\\ta handwritten seven$' " +
+                    OUT + "/captions.txt",
+                &out) == 0);
     CHECK(out == "20\n460\n1\n");
     REQUIRE(run("cut -f3 " + OUT + "/classes.txt", &out) == 0);
     CHECK(std::count(out.begin(), out.end(), '\n') == 20);
@@ -206,7 +229,9 @@ TEST_CASE("data: the Transfusion form holds the same documents, with each image'
     MotLoader ld;
     REQUIRE(mot_loader_open(&ld, OUT + "/tf_train_*.bin", 128, 1, &err));
     MotConfig cfg;
-    cfg.vocab = ld.vocab.vocab; cfg.image_begin = ld.vocab.image_begin; cfg.speech_begin = ld.vocab.speech_begin;
+    cfg.vocab = ld.vocab.vocab;
+    cfg.image_begin = ld.vocab.image_begin;
+    cfg.speech_begin = ld.vocab.speech_begin;
     CHECK(mot_loader_setting_error(ld, cfg).find("the model is in the token setting") != std::string::npos);
     cfg.setting = MOT_SETTING_TRANSFUSION;
     CHECK(mot_loader_setting_error(ld, cfg) == "");
@@ -218,8 +243,9 @@ TEST_CASE("data: the Transfusion form holds the same documents, with each image'
 TEST_CASE("data: the Transfusion setting trains on the tf shards, samples an image by DDIM and captions it") {
     build();
     std::string out;
-    int rc = run("./mot --setting transfusion --data '" + OUT + "/tf_train_*.bin' --val '" + OUT + "/tf_val_*.bin' --out " +
-                     OUT + "/tfrun --overwrite --layers 1 --dim 32 --heads 2 --seq 64 --batch 4 --steps 10 --log-every 10"
+    int rc = run("./mot --setting transfusion --data '" + OUT + "/tf_train_*.bin' --val '" + OUT +
+                     "/tf_val_*.bin' --out " + OUT +
+                     "/tfrun --overwrite --layers 1 --dim 32 --heads 2 --seq 64 --batch 4 --steps 10 --log-every 10"
                      " --eval-items 5 --eval-gen 1 --best-of 1 --threads 2",
                  &out);
     INFO(out);
@@ -230,8 +256,11 @@ TEST_CASE("data: the Transfusion setting trains on the tf shards, samples an ima
     struct stat sb;
     CHECK(stat((OUT + "/tfrun/samples/image_07.png").c_str(), &sb) == 0);
     const std::string ck = OUT + "/tfrun/model.ckpt";
-    rc = run("./mot sample --ckpt " + ck + " --tokenizers " + OUT + " --task image --prompt 'a handwritten seven' --steps 5"
-             " --best-of 1 --output " + OUT + "/tf7.png", &out);
+    rc = run("./mot sample --ckpt " + ck + " --tokenizers " + OUT +
+                 " --task image --prompt 'a handwritten seven' --steps 5"
+                 " --best-of 1 --output " +
+                 OUT + "/tf7.png",
+             &out);
     REQUIRE(rc == 0);
     CHECK(out.find("DDIM 5 steps") != std::string::npos);
     int w = 0, h = 0, n = 0;
@@ -240,10 +269,14 @@ TEST_CASE("data: the Transfusion setting trains on the tf shards, samples an ima
     CHECK(w == 28);
     CHECK(h == 28);
     stbi_image_free(img);
-    rc = run("./mot sample --ckpt " + ck + " --tokenizers " + OUT + " --task caption --input " + OUT + "/tf7.png --max-tokens 5", &out);
+    rc = run("./mot sample --ckpt " + ck + " --tokenizers " + OUT + " --task caption --input " + OUT +
+                 "/tf7.png --max-tokens 5",
+             &out);
     CHECK(rc == 0);
     CHECK(std::count(out.begin(), out.end(), '\n') == 1);
-    rc = run("./mot sample --ckpt " + ck + " --tokenizers " + OUT + " --task image --prompt x --steps 0 --output " + OUT + "/x.png", &out);
+    rc = run("./mot sample --ckpt " + ck + " --tokenizers " + OUT + " --task image --prompt x --steps 0 --output " +
+                 OUT + "/x.png",
+             &out);
     CHECK(rc == 2);
     CHECK(out.find("--steps") != std::string::npos);
 }
@@ -298,7 +331,8 @@ TEST_CASE("data: the trainer trains on the built shards and evaluates downstream
     auto image = [&](const std::string& prompt, const std::string& cfg, const std::string& file) {
         std::string o;
         REQUIRE(run("./mot sample --ckpt " + OUT + "/run/model.ckpt --tokenizers " + OUT + " --task image --prompt '" +
-                        prompt + "' " + cfg + " --output " + OUT + "/" + file, &o) == 0);
+                        prompt + "' " + cfg + " --output " + OUT + "/" + file,
+                    &o) == 0);
         FILE* f = fopen((OUT + "/" + file).c_str(), "rb");
         REQUIRE(f);
         std::string bytes;
@@ -308,16 +342,21 @@ TEST_CASE("data: the trainer trains on the built shards and evaluates downstream
         fclose(f);
         return bytes;
     };
-    CHECK(image("a handwritten seven", "--cfg 0 --best-of 1", "u7.png") == image("a photo of a dress", "--cfg 0 --best-of 1", "ud.png"));
+    CHECK(image("a handwritten seven", "--cfg 0 --best-of 1", "u7.png") ==
+          image("a photo of a dress", "--cfg 0 --best-of 1", "ud.png"));
     CHECK(image("a handwritten seven", "--cfg 1", "c7.png") != image("a photo of a dress", "--cfg 1", "cd.png"));
     CHECK(image("a handwritten seven", "", "g7.png") != image("a handwritten seven", "--cfg 1", "c7b.png"));
-    rc = run("./mot sample --ckpt " + OUT + "/run/model.ckpt --tokenizers " + OUT + " --task caption --input /nonexistent.png", &out);
+    rc = run("./mot sample --ckpt " + OUT + "/run/model.ckpt --tokenizers " + OUT +
+                 " --task caption --input /nonexistent.png",
+             &out);
     CHECK(rc == 1);
     CHECK(out.find("/nonexistent.png") != std::string::npos);
     // a prompt that fills the context (T=64) leaves nothing to generate: an error, not silence
     std::string longp;
     for (int i = 0; i < 40; i++) longp += "and God said ";
-    rc = run("./mot sample --ckpt " + OUT + "/run/model.ckpt --tokenizers " + OUT + " --task text --prompt '" + longp + "'", &out);
+    rc = run(
+        "./mot sample --ckpt " + OUT + "/run/model.ckpt --tokenizers " + OUT + " --task text --prompt '" + longp + "'",
+        &out);
     INFO(out);
     CHECK(rc == 2);
     CHECK(std::count(out.begin(), out.end(), '\n') == 1);
@@ -329,7 +368,9 @@ TEST_CASE("data: the trainer trains on the built shards and evaluates downstream
     REQUIRE(f);
     fwrite(dht.data(), 1, dht.size(), f);
     fclose(f);
-    rc = run("./mot sample --ckpt " + OUT + "/run/model.ckpt --tokenizers " + OUT + " --task caption --input " + OUT + "/crafted.jpg", &out);
+    rc = run("./mot sample --ckpt " + OUT + "/run/model.ckpt --tokenizers " + OUT + " --task caption --input " + OUT +
+                 "/crafted.jpg",
+             &out);
     CHECK(rc == 1);
     CHECK(std::count(out.begin(), out.end(), '\n') == 1);
     CHECK(out.find("crafted.jpg: corrupt JPEG image") != std::string::npos);
@@ -361,7 +402,9 @@ TEST_CASE("tokenizer tools: bad inputs get one line naming the file and a non-ze
     write_file(d + "/eight.wav", wav_bytes(8, 1600));
     write_file(d + "/empty.wav", "");
     write_file(d + "/ids.txt", "1 2 99999\n");
-    struct Case { std::string cmd, file, words; };
+    struct Case {
+        std::string cmd, file, words;
+    };
     const std::vector<Case> cases = {
         {"tokenizers/vq encode " + OUT + "/image.vq " + d + "/corrupt.png", "corrupt.png", ""},
         {"tokenizers/vq encode " + OUT + "/image.vq " + d + "/empty.png", "empty.png", "empty"},

@@ -15,15 +15,23 @@
 // The tiny config of test_mot.cpp: text [0,12), image [12,18), speech [18,24).
 static MotConfig tiny(int towers, std::vector<int> experts, int tie_attn = 0, int tie_ffn = 0) {
     MotConfig c;
-    c.n_layer = 2; c.d_model = 8; c.n_head = 2; c.d_ff = 12;
-    c.vocab = 24; c.image_begin = 12; c.speech_begin = 18; c.max_seq = 10;
-    c.n_tower = towers; c.tie_attn = tie_attn; c.tie_ffn = tie_ffn;
+    c.n_layer = 2;
+    c.d_model = 8;
+    c.n_head = 2;
+    c.d_ff = 12;
+    c.vocab = 24;
+    c.image_begin = 12;
+    c.speech_begin = 18;
+    c.max_seq = 10;
+    c.n_tower = towers;
+    c.tie_attn = tie_attn;
+    c.tie_ffn = tie_ffn;
     for (size_t f = 0; f < experts.size(); f++) c.n_expert[f] = experts[f];
     return c;
 }
-static MotConfig moe4x() { return tiny(1, {4}); }                // dense, 4 experts
-static MotConfig hybrid() { return tiny(3, {4, 1, 1}); }         // MoT, 4 experts in the text tower
-static MotConfig moma() { return tiny(3, {4, 4, 4}, 1); }        // attention tied, 4t4i4s
+static MotConfig moe4x() { return tiny(1, {4}); }          // dense, 4 experts
+static MotConfig hybrid() { return tiny(3, {4, 1, 1}); }   // MoT, 4 experts in the text tower
+static MotConfig moma() { return tiny(3, {4, 4, 4}, 1); }  // attention tied, 4t4i4s
 
 // The training objective loss + 0.01 aux_loss, whose gradient mot_backward computes. The aux BCE
 // sees h detached, so its gradient reaches the aux routers U only: for every other tensor the
@@ -98,7 +106,9 @@ static void gradient_check(const MotConfig& c, uint64_t seed) {
     omp_set_num_threads(omp_get_num_procs());
 }
 
-TEST_CASE("gradient check: MoE-4x (dense, 4 experts), routers and aux routers included") { gradient_check(moe4x(), 11); }
+TEST_CASE("gradient check: MoE-4x (dense, 4 experts), routers and aux routers included") {
+    gradient_check(moe4x(), 11);
+}
 TEST_CASE("gradient check: MoT+MoE hybrid (4 experts in the text tower)") { gradient_check(hybrid(), 11); }
 TEST_CASE("gradient check: MoMa-style (attention tied, 4 experts per modality)") { gradient_check(moma(), 11); }
 TEST_CASE("gradient check: 2 and 3 experts in different towers, FFN of the image tower plain") {
@@ -128,8 +138,14 @@ TEST_CASE("router gradient: a row taken by one expert teaches its router (the si
         int takers = 0, last = -1;
         for (int e = 0; e < E; e++)
             for (int j = 0; j < C; j++)
-                if (m.sel[(size_t)e * C + j] == i) { takers++; last = e; }
-        if (takers == 1) { row = i; ex = last; }
+                if (m.sel[(size_t)e * C + j] == i) {
+                    takers++;
+                    last = e;
+                }
+        if (takers == 1) {
+            row = i;
+            ex = last;
+        }
     }
     REQUIRE(row >= 0);
     for (int i = 0; i < N; i++)
@@ -241,7 +257,10 @@ TEST_CASE("expert choice in the model: every expert takes exactly C = ceil(n/E) 
                         CHECK(s[j] < r1);
                         if (j) CHECK(s[j] > s[j - 1]);
                         const double g = m.act.gate[((size_t)l * b.B * b.T + s[j]) * m.Emax + e];
-                        if (g < worst_in || (g == worst_in && s[j] > worst_row)) { worst_in = g; worst_row = s[j]; }
+                        if (g < worst_in || (g == worst_in && s[j] > worst_row)) {
+                            worst_in = g;
+                            worst_row = s[j];
+                        }
                     }
                     for (int r = r0; r < r1; r++) {
                         if (std::find(s, s + C, r) != s + C) continue;
@@ -274,7 +293,10 @@ TEST_CASE("expert choice: with a zero router every gate ties and each expert tak
 // logits, losses and gradients bit for bit (float, threads on), and the file layout is unchanged.
 TEST_CASE("--experts 1: the expert code path equals the plain model bitwise") {
     for (MotConfig c : {tiny(3, {1, 1, 1}), tiny(1, {1}), tiny(3, {1, 1, 1}, 1, 0), tiny(3, {1, 1, 1}, 0, 1)}) {
-        c.d_model = 32; c.n_head = 4; c.d_ff = 80; c.max_seq = 48;
+        c.d_model = 32;
+        c.n_head = 4;
+        c.d_ff = 80;
+        c.max_seq = 48;
         MotModel<float> a, e;
         mot_init(&a, c, 5);
         mot_init(&e, c, 5);
@@ -286,8 +308,10 @@ TEST_CASE("--experts 1: the expert code path equals the plain model bitwise") {
         for (int md = 0; md < 3; md++) CHECK(a.loss_mod[md] == e.loss_mod[md]);
         const size_t NV = (size_t)b.B * b.T * c.vocab;
         CHECK(std::equal(a.act.logits, a.act.logits + NV, e.act.logits));
-        mot_zero_grad(&a); mot_backward(&a, b);
-        mot_zero_grad(&e); mot_backward(&e, b);
+        mot_zero_grad(&a);
+        mot_backward(&a, b);
+        mot_zero_grad(&e);
+        mot_backward(&e, b);
         CHECK(a.grads == e.grads);
         CHECK(e.aux_loss == 0);
     }
@@ -298,8 +322,8 @@ TEST_CASE("backward without accumulating: the zero_grad + backward gradients, ov
     // first; it must equal zero_grad + mot_backward(m, b) for every architecture, also when a tower
     // has no rows (its copies are not written and must be zeroed), and accumulating a second batch
     // on top must equal doing both on zeroed gradients.
-    std::vector<MotConfig> cs = {tiny(1, {1}), tiny(3, {1, 1, 1}), tiny(3, {1, 1, 1}, 1, 1), moe4x(), hybrid(), moma(),
-                                 tiny(3, {3, 1, 2})};
+    std::vector<MotConfig> cs = {tiny(1, {1}), tiny(3, {1, 1, 1}), tiny(3, {1, 1, 1}, 1, 1), moe4x(), hybrid(),
+                                 moma(),       tiny(3, {3, 1, 2})};
     MotConfig tf = tiny(3, {1, 1, 1});
     tf.setting = MOT_SETTING_TRANSFUSION;
     cs.push_back(tf);
@@ -308,7 +332,10 @@ TEST_CASE("backward without accumulating: the zero_grad + backward gradients, ov
             MotConfig c = cs[ci];
             const bool tfs = mot_transfusion(c);
             if (tfs && absent >= 0) continue;
-            c.d_model = 32; c.n_head = 4; c.d_ff = 80; c.max_seq = 48;
+            c.d_model = 32;
+            c.n_head = 4;
+            c.d_ff = 80;
+            c.max_seq = 48;
             INFO("config ", ci, " absent modality ", absent);
             std::vector<int> mods = absent < 0 ? std::vector<int>{0, 1, 2} : std::vector<int>{0, 2};
             MotBatch b1 = tfs ? tf_batch(c, 2, 48, 9, {300, 0, 40}) : random_batch(c, 3, 48, 9, mods);
@@ -334,7 +361,10 @@ TEST_CASE("backward without accumulating: the zero_grad + backward gradients, ov
 
 TEST_CASE("determinism: experts give the same bits on 1 and 2 threads (a resumed run must match)") {
     for (MotConfig c : {moe4x(), moma(), tiny(3, {3, 1, 2})}) {
-        c.d_model = 32; c.n_head = 4; c.d_ff = 80; c.max_seq = 48;
+        c.d_model = 32;
+        c.n_head = 4;
+        c.d_ff = 80;
+        c.max_seq = 48;
         MotModel<float> a, b;
         mot_init(&a, c, 5);
         mot_init(&b, c, 5);
@@ -399,9 +429,13 @@ TEST_CASE("generation: the KV-cache decode equals the full forward with causal r
 
 TEST_CASE("upcycling: every expert holds its tower's FFN exactly, routers start N(0, 0.02), the rest is copied") {
     MotConfig sc = tiny(3, {1, 1, 1}, 1);
-    sc.d_model = 32; sc.n_head = 4; sc.d_ff = 64;
+    sc.d_model = 32;
+    sc.n_head = 4;
+    sc.d_ff = 64;
     MotConfig dc = sc;
-    dc.n_expert[0] = 4; dc.n_expert[1] = 2; dc.n_expert[2] = 4;
+    dc.n_expert[0] = 4;
+    dc.n_expert[1] = 2;
+    dc.n_expert[2] = 4;
     MotModel<float> src, dst;
     mot_init(&src, sc, 1);
     randomize(&src, 2);
@@ -412,7 +446,10 @@ TEST_CASE("upcycling: every expert holds its tower's FFN exactly, routers start 
         INFO(std::string(si.name));
         if (p == P_WR || p == P_U) {
             double sum = 0, sq = 0;
-            for (size_t i = 0; i < di.size(); i++) { sum += dst.params[di.offset + i]; sq += dst.params[di.offset + i] * dst.params[di.offset + i]; }
+            for (size_t i = 0; i < di.size(); i++) {
+                sum += dst.params[di.offset + i];
+                sq += dst.params[di.offset + i] * dst.params[di.offset + i];
+            }
             const double n = di.size(), mean = sum / n, sd = std::sqrt(sq / n - mean * mean);
             CHECK(n == 2.0 * 10 * 32);  // 10 router rows of D per layer
             CHECK(std::fabs(mean) < 0.004);
@@ -423,7 +460,8 @@ TEST_CASE("upcycling: every expert holds its tower's FFN exactly, routers start 
             for (int f = 0; f < si.copies; f++) {
                 const int n_e = (p == P_W1 || p == P_W3 || p == P_W2) ? dc.n_expert[f] : 1;
                 for (int e = 0; e < n_e; e++) {
-                    const size_t to = (p == P_W1 || p == P_W3 || p == P_W2) ? di.at(l, mot_expert_copy(dc, f, e)) : di.at(l, f);
+                    const size_t to =
+                        (p == P_W1 || p == P_W3 || p == P_W2) ? di.at(l, mot_expert_copy(dc, f, e)) : di.at(l, f);
                     CHECK(std::equal(src.params.begin() + si.at(l, f), src.params.begin() + si.at(l, f) + si.each(),
                                      dst.params.begin() + to));
                 }
@@ -432,7 +470,8 @@ TEST_CASE("upcycling: every expert holds its tower's FFN exactly, routers start 
     CHECK(std::all_of(dst.adam_m.begin(), dst.adam_m.end(), [](float x) { return x == 0; }));
     // different shapes and sources with experts are refused
     MotConfig bad = dc;
-    bad.d_model = 16; bad.n_head = 2;
+    bad.d_model = 16;
+    bad.n_head = 2;
     MotModel<float> wrong;
     mot_init(&wrong, bad, 1);
     CHECK(mot_upcycle(&wrong, src).find("d_model") != std::string::npos);
@@ -544,12 +583,21 @@ TEST_CASE("checkpoint and debug state: round trip with experts; version 1 files 
 
 TEST_CASE("training: MoE-4x learns one batch and its aux routers learn to route like expert choice") {
     MotConfig c = tiny(1, {4});
-    c.d_model = 32; c.n_head = 4; c.d_ff = 64; c.vocab = 48; c.image_begin = 24; c.speech_begin = 36; c.max_seq = 16;
+    c.d_model = 32;
+    c.n_head = 4;
+    c.d_ff = 64;
+    c.vocab = 48;
+    c.image_begin = 24;
+    c.speech_begin = 36;
+    c.max_seq = 16;
     MotModel<float> m;
     mot_init(&m, c, 1);
     MotBatch b = random_batch(c, 4, 16, 21);
     MotOptim o;
-    o.lr = 1e-2; o.warmup = 10; o.steps = 150; o.weight_decay = 0;
+    o.lr = 1e-2;
+    o.warmup = 10;
+    o.steps = 150;
+    o.weight_decay = 0;
     const double first = mot_forward(&m, b), aux0 = m.aux_loss;
     for (int s = 0; s < o.steps; s++) {
         mot_forward(&m, b);
@@ -558,7 +606,8 @@ TEST_CASE("training: MoE-4x learns one batch and its aux routers learn to route 
         mot_adamw_step(&m, o, s);
     }
     const double last = mot_forward(&m, b);
-    MESSAGE("MoE-4x overfit: loss ", first, " -> ", last, "; aux BCE ", aux0, " -> ", m.aux_loss, " (agree ", m.aux_agree, ")");
+    MESSAGE("MoE-4x overfit: loss ", first, " -> ", last, "; aux BCE ", aux0, " -> ", m.aux_loss, " (agree ",
+            m.aux_agree, ")");
     CHECK(last < 0.1);
     // a constant predictor of [i in S_e] does no better than the entropy of the base rate C/n
     // (about 1/4) per layer; "no expert" for every row is right for the rows no expert took
@@ -617,7 +666,8 @@ TEST_CASE("mot --experts: MoE-4x, hybrid and MoMa-style train, report EC and cau
         CHECK(out.find("aux ") != std::string::npos);
         CHECK(out.find("val     20 | causal routing: loss") != std::string::npos);
         const std::string csv = read_bytes(tmp("e.csv"));
-        CHECK(csv.find("val_causal,val_causal_text,val_causal_image,val_causal_speech,aux_loss,aux_agree") != std::string::npos);
+        CHECK(csv.find("val_causal,val_causal_text,val_causal_image,val_causal_speech,aux_loss,aux_agree") !=
+              std::string::npos);
         // and the checkpoint evaluates (both ways) and resumes
         CHECK(run("./mot --data " + data + " --val " + data + " --eval-only --init-from " + tmp("e.ckpt"), &out) == 0);
         CHECK(out.find("causal routing") != std::string::npos);
@@ -651,8 +701,9 @@ TEST_CASE("mot --init-from a checkpoint without experts upcycles: experts hold t
     const std::string data = shard("up_0.bin", 7);
     std::string out, err;
     REQUIRE(run("./mot --data " + data + MODEL + " --steps 5 --tie-attn --save " + tmp("src.ckpt"), &out) == 0);
-    const int rc = run("./mot --data " + data + " --init-from " + tmp("src.ckpt") + " --experts 4,2,4 --steps 0 --save " +
-                           tmp("up.ckpt"), &out);
+    const int rc = run("./mot --data " + data + " --init-from " + tmp("src.ckpt") +
+                           " --experts 4,2,4 --steps 0 --save " + tmp("up.ckpt"),
+                       &out);
     INFO(out);
     REQUIRE(rc == 0);
     CHECK(out.find("upcycled from") != std::string::npos);
@@ -702,15 +753,19 @@ TEST_CASE("mot --experts: bad lists, bad counts and bad upcycling sources are on
     REQUIRE(run("./mot " + data + " --save " + tmp("src32.ckpt"), &out) == 0);
     REQUIRE(run("./mot " + data + " --experts 2 --save " + tmp("e2.ckpt"), &out) == 0);
     // a source of another shape, a source that already has other experts
-    expect_error(data + " --dim 64 --experts 4 --init-from " + tmp("src32.ckpt"), "src32.ckpt: config does not match: d_model");
-    expect_error(data + " --dense --experts 4 --init-from " + tmp("src32.ckpt"), "src32.ckpt: config does not match: n_tower");
-    expect_error(data + " --experts 4 --init-from " + tmp("e2.ckpt"), "e2.ckpt: config does not match: n_expert[0] is 2");
+    expect_error(data + " --dim 64 --experts 4 --init-from " + tmp("src32.ckpt"),
+                 "src32.ckpt: config does not match: d_model");
+    expect_error(data + " --dense --experts 4 --init-from " + tmp("src32.ckpt"),
+                 "src32.ckpt: config does not match: n_tower");
+    expect_error(data + " --experts 4 --init-from " + tmp("e2.ckpt"),
+                 "e2.ckpt: config does not match: n_expert[0] is 2");
 }
 
 TEST_CASE("mot with experts trains on the GPU path: the GPU build on the CPU says so") {
     // ./mot_cpu_cuda is the GPU trainer run by the CUDA-on-CPU layer (built by make test, which
     // builds it before this test runs); mot.cu has experts, so there is no fallback to the CPU
-    if (access("./mot_cpu_cuda", X_OK) != 0) FAIL("./mot_cpu_cuda is not built (make mot_cpu_cuda; make test builds it)");
+    if (access("./mot_cpu_cuda", X_OK) != 0)
+        FAIL("./mot_cpu_cuda is not built (make mot_cpu_cuda; make test builds it)");
     const std::string data = shard("gpu_0.bin", 9);
     std::string out;
     REQUIRE(run("./mot_cpu_cuda --data " + data + MODEL + " --steps 2 --dense --experts 4", &out) == 0);

@@ -25,7 +25,9 @@ TEST_CASE("shard: write and read back, loader windows and targets") {
     MotLoader ld;
     REQUIRE(mot_loader_open(&ld, tmp("a.bin"), 32, 123, &err));
     MotConfig c;
-    c.vocab = 64; c.image_begin = 24; c.speech_begin = 48;
+    c.vocab = 64;
+    c.image_begin = 24;
+    c.speech_begin = 48;
     MotBatch b1, b2;
     mot_loader_next(&ld, c, 4, 32, &b1);
     int seen[3] = {0, 0, 0};
@@ -33,7 +35,9 @@ TEST_CASE("shard: write and read back, loader windows and targets") {
         seen[mot_modality(c, b1.tokens[i])]++;
         if (i % 32 != 31) CHECK(b1.targets[i] == b1.tokens[i + 1]);  // targets are the next token
     }
-    CHECK(seen[0] > 0); CHECK(seen[1] > 0); CHECK(seen[2] > 0);
+    CHECK(seen[0] > 0);
+    CHECK(seen[1] > 0);
+    CHECK(seen[2] > 0);
     MotLoader ld2;  // deterministic for a seed
     REQUIRE(mot_loader_open(&ld2, tmp("a.bin"), 32, 123, &err));
     mot_loader_next(&ld2, c, 4, 32, &b2);
@@ -54,14 +58,18 @@ TEST_CASE("shard: every bad input gets an error naming the file") {
         CHECK(err.find(tmp(name)) == 0);
         CHECK(err.find(expect) != std::string::npos);
     };
-    std::string b = good; b[0] = 'X';
+    std::string b = good;
+    b[0] = 'X';
     bad("magic.bin", b, "bad magic");
-    b = good; b[4] = 9;
+    b = good;
+    b[4] = 9;
     bad("version.bin", b, "version 9");
     bad("trunc.bin", good.substr(0, good.size() - 3), "truncated");
     bad("short.bin", good.substr(0, 10), "truncated");
     bad("empty.bin", "", "truncated");
-    b = good; b[32] = (char)0xff; b[33] = 0x7f;  // token 32767 >= 64
+    b = good;
+    b[32] = (char)0xff;
+    b[33] = 0x7f;  // token 32767 >= 64
     bad("oov.bin", b, "outside the vocabulary");
     CHECK_FALSE(mot_read_shard(tmp("missing.bin"), &s, &err));
     CHECK(err.find("missing.bin: cannot open") != std::string::npos);
@@ -77,15 +85,24 @@ TEST_CASE("shard: every bad input gets an error naming the file") {
 
 static MotConfig small_config() {
     MotConfig c;
-    c.n_layer = 2; c.d_model = 16; c.n_head = 2; c.d_ff = 32;
-    c.vocab = 64; c.image_begin = 24; c.speech_begin = 48; c.max_seq = 16;
+    c.n_layer = 2;
+    c.d_model = 16;
+    c.n_head = 2;
+    c.d_ff = 32;
+    c.vocab = 64;
+    c.image_begin = 24;
+    c.speech_begin = 48;
+    c.max_seq = 16;
     return c;
 }
 
 TEST_CASE("checkpoint: round trip of parameters, optimizer state and train state; atomic write") {
     MotModel<float> a, b;
     mot_init(&a, small_config(), 1);
-    for (size_t i = 0; i < a.adam_m.size(); i++) { a.adam_m[i] = i * 1e-3f; a.adam_v[i] = i * 1e-4f; }
+    for (size_t i = 0; i < a.adam_m.size(); i++) {
+        a.adam_m[i] = i * 1e-3f;
+        a.adam_v[i] = i * 1e-4f;
+    }
     std::string err;
     REQUIRE(mot_save_checkpoint(tmp("m.ckpt"), a, MotTrainState{42, 0xABCDEF}, true, &err));
     CHECK(access(tmp("m.ckpt.tmp").c_str(), F_OK) != 0);  // the temp file was renamed away
@@ -114,9 +131,11 @@ TEST_CASE("checkpoint: wrong magic, version, truncation, other config, missing f
         CHECK(err.find(tmp(name)) == 0);
         CHECK(err.find(expect) != std::string::npos);
     };
-    std::string b = good; b[1] = 'X';
+    std::string b = good;
+    b[1] = 'X';
     bad("magic.ckpt", b, "bad magic");
-    b = good; b[4] = 5;
+    b = good;
+    b[4] = 5;
     bad("version.ckpt", b, "version 5");
     bad("trunc.ckpt", good.substr(0, good.size() - 1), "truncated");
     bad("head.ckpt", good.substr(0, 20), "truncated");
@@ -136,8 +155,12 @@ TEST_CASE("debug state: round trip, and bad files are refused") {
     mot_init(&m, c, 3);
     auto toks = make_tokens(40, 3);
     MotBatch b;
-    b.B = 2; b.T = 16;
-    for (int i = 0; i < 32; i++) { b.tokens.push_back(toks[i]); b.targets.push_back(toks[i + 1]); }
+    b.B = 2;
+    b.T = 16;
+    for (int i = 0; i < 32; i++) {
+        b.tokens.push_back(toks[i]);
+        b.targets.push_back(toks[i + 1]);
+    }
     mot_group(c, &b);
     mot_forward(&m, b);
     mot_zero_grad(&m);
@@ -155,7 +178,8 @@ TEST_CASE("debug state: round trip, and bad files are refused") {
     CHECK(e.n_mod[1] == d.n_mod[1]);
     CHECK(mot_config_mismatch(e.cfg, c).empty());
     const std::string good = read_bytes(tmp("d.dbg"));
-    std::string x = good; x[0] = 'Q';
+    std::string x = good;
+    x[0] = 'Q';
     write_bytes(tmp("x.dbg"), x);
     CHECK_FALSE(mot_read_debug_state(tmp("x.dbg"), &e, &err));
     CHECK(err.find("bad magic") != std::string::npos);
@@ -166,9 +190,12 @@ TEST_CASE("debug state: round trip, and bad files are refused") {
 
 // A header of the given magic/version/config followed by `tail` bytes (little-endian host).
 template <class T>
-static std::string bytes_of(const T& v) { return std::string((const char*)&v, sizeof v); }
+static std::string bytes_of(const T& v) {
+    return std::string((const char*)&v, sizeof v);
+}
 static std::string header(const char* magic, const int32_t cfg[MOT_CONFIG_INTS]) {
-    return std::string(magic, 4) + bytes_of<uint32_t>(4) + std::string((const char*)cfg, 4 * MOT_CONFIG_INTS);  // version 4
+    return std::string(magic, 4) + bytes_of<uint32_t>(4) +
+           std::string((const char*)cfg, 4 * MOT_CONFIG_INTS);  // version 4
 }
 
 TEST_CASE("hostile headers: sizes that wrap, huge configs in tiny files, unchecked fields") {
@@ -188,12 +215,14 @@ TEST_CASE("hostile headers: sizes that wrap, huge configs in tiny files, uncheck
     int32_t ci[MOT_CONFIG_INTS];
     mot_config_to_ints(c, ci);
     MotDebugState d;
-    write_bytes(tmp("big.dbg"), header("MOTD", ci) + bytes_of<int32_t>(1 << 29) + bytes_of<int32_t>(1 << 29) + std::string(64, 0));
+    write_bytes(tmp("big.dbg"),
+                header("MOTD", ci) + bytes_of<int32_t>(1 << 29) + bytes_of<int32_t>(1 << 29) + std::string(64, 0));
     CHECK_FALSE(mot_read_debug_state(tmp("big.dbg"), &d, &err));
     CHECK(err.find("bad batch shape") != std::string::npos);
     c.max_seq = 1 << 20;
     mot_config_to_ints(c, ci);
-    write_bytes(tmp("big.dbg"), header("MOTD", ci) + bytes_of<int32_t>(1 << 16) + bytes_of<int32_t>(1 << 20) + std::string(64, 0));
+    write_bytes(tmp("big.dbg"),
+                header("MOTD", ci) + bytes_of<int32_t>(1 << 16) + bytes_of<int32_t>(1 << 20) + std::string(64, 0));
     CHECK_FALSE(mot_read_debug_state(tmp("big.dbg"), &d, &err));
     CHECK(err.find("truncated or padded") != std::string::npos);
 
@@ -213,11 +242,13 @@ TEST_CASE("hostile headers: sizes that wrap, huge configs in tiny files, uncheck
     int32_t wrap[MOT_CONFIG_INTS] = {0x7fffffff, 2, 1, 1431655762, 64, 24, 48, 16, 3, 0, 0, 0, 1, 1, 1};
     refused(ckpt(wrap, 1, 0, 0), "sizes too large");
     // the largest config the bounds allow, in a 92-byte file: the size check comes first
-    int32_t huge[MOT_CONFIG_INTS] = {MOT_MAX_LAYER, MOT_MAX_DIM, 2, MOT_MAX_FFN, 65536, 24, 48, MOT_MAX_SEQ, 3, 0, 0, 0, 1, 1, 1};
+    int32_t huge[MOT_CONFIG_INTS] = {
+        MOT_MAX_LAYER, MOT_MAX_DIM, 2, MOT_MAX_FFN, 65536, 24, 48, MOT_MAX_SEQ, 3, 0, 0, 0, 1, 1, 1};
     refused(ckpt(huge, 1, 0, 0), "truncated or padded: expected ");
     // the same with 64 experts in every FFN copy: the parameter count (with experts) still fits
-    int32_t huge_experts[MOT_CONFIG_INTS] = {MOT_MAX_LAYER, MOT_MAX_DIM, 2, MOT_MAX_FFN, 65536, 24, 48, MOT_MAX_SEQ, 3, 0, 0, 0,
-                                             MOT_MAX_EXPERT, MOT_MAX_EXPERT, MOT_MAX_EXPERT};
+    int32_t huge_experts[MOT_CONFIG_INTS] = {
+        MOT_MAX_LAYER,  MOT_MAX_DIM,   2, MOT_MAX_FFN, 65536, 24, 48, MOT_MAX_SEQ, 3, 0, 0, 0, MOT_MAX_EXPERT,
+        MOT_MAX_EXPERT, MOT_MAX_EXPERT};
     refused(ckpt(huge_experts, 1, 0, 0), "truncated or padded: expected ");
     mot_config_to_ints(small_config(), ci);
     MotModel<float> m;
@@ -233,7 +264,8 @@ TEST_CASE("hostile headers: sizes that wrap, huge configs in tiny files, uncheck
     write_bytes(tmp("wrap.ckpt"), ckpt(wrap, 1, 0, 0));
     write_bytes(tmp("huge.ckpt"), ckpt(huge, 1, 0, 0));
     for (const char* f : {"wrap.ckpt", "huge.ckpt"})
-        for (std::string cmd : {"./mot --data " + tmp("g.bin") + " --seq 8 --init-from ", std::string("./mot sample --task text --prompt hi --ckpt ")}) {
+        for (std::string cmd : {"./mot --data " + tmp("g.bin") + " --seq 8 --init-from ",
+                                std::string("./mot sample --task text --prompt hi --ckpt ")}) {
             std::string out;
             const int rc = run(cmd + tmp(f), &out);
             INFO(cmd, f, "\n", out);
@@ -262,7 +294,8 @@ TEST_CASE("mot: trains on a shard, loss falls, writes checkpoint and debug state
     auto toks = make_tokens(20000, 5);
     std::string err, out;
     REQUIRE(mot_write_shard(tmp("train_0.bin"), VOC, toks.data(), toks.size(), &err));
-    const std::string base = "--data " + tmp("train_0.bin") + " --layers 2 --dim 32 --heads 4 --seq 32 --batch 4"
+    const std::string base = "--data " + tmp("train_0.bin") +
+                             " --layers 2 --dim 32 --heads 4 --seq 32 --batch 4"
                              " --lr 3e-3 --warmup 5 --threads 2";
     int rc = run("./mot " + base + " --steps 40 --save " + tmp("r.ckpt") + " --debug-state " + tmp("r.dbg") +
                      " --log " + tmp("r.csv"),
@@ -286,7 +319,9 @@ TEST_CASE("mot: trains on a shard, loss falls, writes checkpoint and debug state
     CHECK(out.find("step    45/45") != std::string::npos);
     CHECK(out.find("step     1/") == std::string::npos);
     // without model flags the checkpoint decides the shape, sequence length included
-    rc = run("./mot --data " + tmp("train_0.bin") + " --eval-only --val " + tmp("train_0.bin") + " --init-from " + tmp("r.ckpt"), &out);
+    rc = run("./mot --data " + tmp("train_0.bin") + " --eval-only --val " + tmp("train_0.bin") + " --init-from " +
+                 tmp("r.ckpt"),
+             &out);
     CHECK(rc == 0);
     CHECK(out.find("T=32") != std::string::npos);
     // and ones that disagree are refused, naming the field
@@ -319,7 +354,8 @@ TEST_CASE("mot: bad flags, bad values, missing and broken files") {
     write_bytes(tmp("magic_0.bin"), g);
     expect_error("--data " + tmp("magic_0.bin"), "bad magic");
     g = read_bytes(tmp("ok_0.bin"));
-    g[40] = (char)0xff; g[41] = (char)0xff;
+    g[40] = (char)0xff;
+    g[41] = (char)0xff;
     write_bytes(tmp("oov_0.bin"), g);
     expect_error("--data " + tmp("oov_0.bin"), "token 65535 at position 4 is outside the vocabulary");
     expect_error(data + " --init-from " + tmp("missing.ckpt"), "missing.ckpt: cannot open");
@@ -327,13 +363,16 @@ TEST_CASE("mot: bad flags, bad values, missing and broken files") {
     expect_error(data + " --init-from " + tmp("junk.ckpt"), "junk.ckpt: truncated");
     expect_error(data + " --save /nonexistent/dir/x.ckpt", "/nonexistent/dir/x.ckpt.tmp: cannot open for writing");
     // sizes beyond the machine get a message before any allocation, not std::bad_alloc
-    expect_error("--data " + tmp("ok_0.bin") + " --seq 16 --dim 65536 --heads 8", "model too large for this machine", 2);
-    expect_error("--data " + tmp("ok_0.bin") + " --seq 1900 --batch 65536 --layers 1 --dim 8 --heads 2", "model too large", 2);
+    expect_error("--data " + tmp("ok_0.bin") + " --seq 16 --dim 65536 --heads 8", "model too large for this machine",
+                 2);
+    expect_error("--data " + tmp("ok_0.bin") + " --seq 1900 --batch 65536 --layers 1 --dim 8 --heads 2",
+                 "model too large", 2);
     auto longer = make_tokens(120000, 7);
     REQUIRE(mot_write_shard(tmp("long_0.bin"), VOC, longer.data(), longer.size(), &err));
     expect_error("--data " + tmp("long_0.bin") + " --seq 100000", "model too large for this machine", 2);
     // a bad --val is found before the first step (no log, no checkpoint written)
-    expect_error(data + " --steps 5 --val " + tmp("nope_*.bin") + " --out " + tmp("runV"), "nope_*.bin: no file matches");
+    expect_error(data + " --steps 5 --val " + tmp("nope_*.bin") + " --out " + tmp("runV"),
+                 "nope_*.bin: no file matches");
     CHECK(access(tmp("runV/log.csv").c_str(), F_OK) != 0);
     expect_error(data + " --dense --mot", "give either --mot or --dense, not both", 2);
     expect_error(data + " --mot --dense", "give either --mot or --dense, not both", 2);
@@ -369,7 +408,8 @@ TEST_CASE("mot: a resumed run's losses are bitwise identical to an uninterrupted
     CHECK(outc.find("step_000016.ckpt") == std::string::npos);
     // resume B from step 20 into a fresh folder and compare steps 21..24 with run A
     REQUIRE(run("rm -rf " + tmp("runD") + " && mkdir " + tmp("runD") + " && cp " + tmp("runB") + "/step_000020.ckpt " +
-                tmp("runD") + "/", &outc) == 0);
+                    tmp("runD") + "/",
+                &outc) == 0);
     REQUIRE(run(base + " --out " + tmp("runD") + " --resume", &out) == 0);
     CHECK(out.find("resumed from") != std::string::npos);
     auto a = losses(read_bytes(tmp("deep/er/runA/log.csv"))), d = losses(read_bytes(tmp("runD/log.csv")));
@@ -393,8 +433,11 @@ TEST_CASE("mot: a NaN or Inf loss stops the run with a message and keeps the las
     std::string err, out;
     REQUIRE(mot_write_shard(tmp("nan_0.bin"), VOC, toks.data(), toks.size(), &err));
     // lr 1e30: after one update the weights overflow float and the next loss is not finite
-    int rc = run("./mot --data " + tmp("nan_0.bin") + " --layers 1 --dim 16 --heads 2 --seq 16 --batch 2"
-                 " --warmup 1 --clip 0 --lr 1e30 --steps 10 --save-every 1 --out " + tmp("runN"), &out);
+    int rc = run("./mot --data " + tmp("nan_0.bin") +
+                     " --layers 1 --dim 16 --heads 2 --seq 16 --batch 2"
+                     " --warmup 1 --clip 0 --lr 1e30 --steps 10 --save-every 1 --out " +
+                     tmp("runN"),
+                 &out);
     INFO(out);
     CHECK(rc == 1);
     CHECK(out.find("error: loss is") != std::string::npos);
@@ -416,11 +459,13 @@ TEST_CASE("mot: --out on a folder holding a run refuses; --overwrite clears the 
     auto toks = make_tokens(5000, 11);
     std::string err, out;
     REQUIRE(mot_write_shard(tmp("ow_0.bin"), VOC, toks.data(), toks.size(), &err));
-    const std::string base = "--data " + tmp("ow_0.bin") + " --layers 1 --dim 16 --heads 2 --seq 16 --batch 2 --threads 1";
+    const std::string base =
+        "--data " + tmp("ow_0.bin") + " --layers 1 --dim 16 --heads 2 --seq 16 --batch 2 --threads 1";
     const std::string dir = tmp("runO");
     REQUIRE(run("./mot " + base + " --steps 4 --save-every 2 --out " + dir, &out) == 0);
     REQUIRE(run("mkdir -p " + dir + "/samples && echo old > " + dir + "/samples/image_00.png && echo old > " + dir +
-                "/eval.csv", &out) == 0);
+                    "/eval.csv",
+                &out) == 0);
     const std::string model = read_bytes(dir + "/model.ckpt"), log = read_bytes(dir + "/log.csv");
     // a new run into it: refused, one line naming both ways out, nothing touched
     expect_error(base + " --steps 3 --out " + dir, dir + " already holds a run", 2);
@@ -455,7 +500,8 @@ TEST_CASE("mot: progress messages: ETA, and a warning when nothing is saved") {
     auto toks = make_tokens(5000, 12);
     std::string err, out;
     REQUIRE(mot_write_shard(tmp("eta_0.bin"), VOC, toks.data(), toks.size(), &err));
-    const std::string base = "./mot --data " + tmp("eta_0.bin") + " --layers 1 --dim 16 --heads 2 --seq 16 --batch 2 --threads 1";
+    const std::string base =
+        "./mot --data " + tmp("eta_0.bin") + " --layers 1 --dim 16 --heads 2 --seq 16 --batch 2 --threads 1";
     REQUIRE(run(base + " --steps 12 --val " + tmp("eta_0.bin") + " --eval-every 8 --eval-batches 1", &out) == 0);
     INFO(out);
     CHECK(out.find("nothing of this run is saved") != std::string::npos);  // no --out, no --save

@@ -30,19 +30,28 @@ static std::string g_debug_state;  // --debug-state FILE
 static MotConfig small_config(int d_model, int n_head, int towers, int T, int tie_attn = 0, int tie_ffn = 0,
                               int tie_norm = 0) {
     MotConfig c;
-    c.n_layer = 2; c.d_model = d_model; c.n_head = n_head; c.d_ff = d_model * 3 / 2;
-    c.vocab = 96; c.image_begin = 40; c.speech_begin = 72; c.max_seq = T;
-    c.n_tower = towers; c.tie_attn = tie_attn; c.tie_ffn = tie_ffn; c.tie_norm = tie_norm;
+    c.n_layer = 2;
+    c.d_model = d_model;
+    c.n_head = n_head;
+    c.d_ff = d_model * 3 / 2;
+    c.vocab = 96;
+    c.image_begin = 40;
+    c.speech_begin = 72;
+    c.max_seq = T;
+    c.n_tower = towers;
+    c.tie_attn = tie_attn;
+    c.tie_ffn = tie_ffn;
+    c.tie_norm = tie_norm;
     return c;
 }
-
 
 // Well-scaled random parameters (std 0.1 matrices, gains near 1) so that every gradient matters.
 static void randomize(MotModel<float>* m, uint64_t seed) {
     for (int p = 0; p < P_COUNT; p++) {
         const MotParamInfo& in = m->tab.p[p];
         for (size_t i = 0; i < in.size(); i++)
-            m->params[in.offset + i] = float(in.decay ? 0.1 * mot_rand_normal(&seed) : 1.0 + 0.2 * mot_rand_normal(&seed));
+            m->params[in.offset + i] =
+                float(in.decay ? 0.1 * mot_rand_normal(&seed) : 1.0 + 0.2 * mot_rand_normal(&seed));
     }
 }
 
@@ -92,7 +101,8 @@ static void check_grads(const MotParamTable& tab, const std::vector<float>& gpu,
         for (int l = 0; l < info.layers; l++)
             for (int c = 0; c < info.copies; c++) {
                 const size_t at = info.at(l, c);
-                const std::string name = std::string(info.name) + " layer " + std::to_string(l) + " copy " + std::to_string(c);
+                const std::string name =
+                    std::string(info.name) + " layer " + std::to_string(l) + " copy " + std::to_string(c);
                 double rn = 0, gn = 0;
                 for (size_t i = 0; i < info.each(); i++) {
                     rn += double(ref[at + i]) * double(ref[at + i]);
@@ -120,7 +130,10 @@ static void check_grads(const MotParamTable& tab, const std::vector<float>& gpu,
                 INFO(what, ": gradient of ", name, " rel err ", e, " (fp32 CPU: ", ec, ")");
                 CHECK(e <= std::max(tol, 4 * ec));
                 if (f32) worst_cpu = std::max(worst_cpu, ec);
-                if (e > worst) { worst = e; worst_name = name; }
+                if (e > worst) {
+                    worst = e;
+                    worst_name = name;
+                }
             }
     }
     printf("  %s: worst gradient rel err %.3e (%s), tolerance %.0e\n", what, worst, worst_name.c_str(), tol);
@@ -157,17 +170,22 @@ static void selection_diff(const MotModel<float>& cpu, const MotGpu& g, long* di
     const MotConfig& c = cpu.cfg;
     const int NS = g.NS;
     REQUIRE(NS == cpu.NS);
-    for (int f = 0; f < MOT_N_MOD; f++) { CHECK(g.slot0[f] == cpu.slot0[f]); CHECK(g.cap[f] == cpu.cap[f]); }
+    for (int f = 0; f < MOT_N_MOD; f++) {
+        CHECK(g.slot0[f] == cpu.slot0[f]);
+        CHECK(g.cap[f] == cpu.cap[f]);
+    }
     std::vector<int> sel((size_t)c.n_layer * NS);  // only the slots of copies with experts hold rows
     *differ = *used = 0;
     for (int l = 0; l < c.n_layer; l++)
         for (int f = 0; f < mot_ffn_copies(c); f++) {
             if (c.n_expert[f] == 1) continue;
             const size_t a = (size_t)l * NS + g.slot0[f], z = a + (size_t)c.n_expert[f] * g.cap[f];
-            if (z > a) MOT_CUDA_CHECK(cudaMemcpy(sel.data() + a, g.sel + a, (z - a) * sizeof(int), cudaMemcpyDeviceToHost));
+            if (z > a)
+                MOT_CUDA_CHECK(cudaMemcpy(sel.data() + a, g.sel + a, (z - a) * sizeof(int), cudaMemcpyDeviceToHost));
             for (int e = 0; e < c.n_expert[f]; e++) {
                 const size_t e0 = a + (size_t)e * g.cap[f], e1 = e0 + g.cap[f];
-                std::vector<int> mine(sel.begin() + e0, sel.begin() + e1), ref(cpu.sel.begin() + e0, cpu.sel.begin() + e1);
+                std::vector<int> mine(sel.begin() + e0, sel.begin() + e1),
+                    ref(cpu.sel.begin() + e0, cpu.sel.begin() + e1);
                 std::sort(mine.begin(), mine.end());
                 std::sort(ref.begin(), ref.end());
                 std::vector<int> only;
@@ -189,7 +207,8 @@ static void compare_causal(MotModel<float>* cpu, MotGpu* g, const MotBatch& b, b
     cpu->route = MOT_ROUTE_CAUSAL;
     g->route = MOT_ROUTE_CAUSAL;
     mot_forward(cpu, b);
-    MOT_CUDA_CHECK(cudaMemset(g->aux, 0, (size_t)L * N * Em * sizeof(float)));  // columns past a copy's E stay unwritten
+    MOT_CUDA_CHECK(
+        cudaMemset(g->aux, 0, (size_t)L * N * Em * sizeof(float)));  // columns past a copy's E stay unwritten
     std::vector<float> logits;
     mot_gpu_logits(g, b, &logits);
     std::vector<float> a((size_t)L * N * Em);
@@ -293,9 +312,10 @@ static void compare_once(const char* name, const MotConfig& c, int B, int T, std
     printf("  logits rel err %.3e\n", el);
     if (mot_transfusion(c)) {  // the LM part of the loss alone, and the predicted noise of every image row
         const int i0 = b.group[MOD_IMAGE], ni = b.group[MOD_IMAGE + 1] - i0;
-        printf("  loss_lm gpu %.7f cpu %.7f (rel %.2e); image MSE gpu %.7f cpu %.7f; %d image rows, %d noised, %d steps\n",
-               g.loss_lm, cpu.loss_lm, rel1(g.loss_lm, cpu.loss_lm), g.loss_mod[MOD_IMAGE], cpu.loss_mod[MOD_IMAGE], ni,
-               g.n_noised, g.n_steps);
+        printf(
+            "  loss_lm gpu %.7f cpu %.7f (rel %.2e); image MSE gpu %.7f cpu %.7f; %d image rows, %d noised, %d steps\n",
+            g.loss_lm, cpu.loss_lm, rel1(g.loss_lm, cpu.loss_lm), g.loss_mod[MOD_IMAGE], cpu.loss_mod[MOD_IMAGE], ni,
+            g.n_noised, g.n_steps);
         CHECK(rel1(g.loss_lm, cpu.loss_lm) <= tl);
         if (ni > 0) {
             std::vector<float> eh((size_t)ni * MOT_PATCH);
@@ -395,7 +415,8 @@ TEST_CASE("gpu: experts, fp32: EC forward, backward, selection, aux loss and cau
 TEST_CASE("gpu: experts, bf16: close to the CPU reference") { compare_experts_all(true); }
 
 // ---- the Transfusion setting (spec "Transfusion setting") -----------------------------------------
-static MotConfig tf_config(int d_model, int n_head, int towers, int T, int tie_attn = 0, int tie_ffn = 0, int tie_norm = 0) {
+static MotConfig tf_config(int d_model, int n_head, int towers, int T, int tie_attn = 0, int tie_ffn = 0,
+                           int tie_norm = 0) {
     MotConfig c = small_config(d_model, n_head, towers, T, tie_attn, tie_ffn, tie_norm);
     c.setting = MOT_SETTING_TRANSFUSION;
     return c;
@@ -427,14 +448,22 @@ static MotBatch tf_random_batch(const MotConfig& c, int B, int T, uint64_t seed,
 // min-SNR weighting (the objective and the image gradients; the reported MSE stays plain): steps
 // below 262 (weight < 1, down to 2e-4 at t = 1) beside steps above it, and clean images.
 static void compare_tf_all(bool bf16) {
-    struct Case { const char* name; MotConfig c; MotBatch b; int head_rows; int diff_loss = MOT_DIFF_MSE; };
+    struct Case {
+        const char* name;
+        MotConfig c;
+        MotBatch b;
+        int head_rows;
+        int diff_loss = MOT_DIFF_MSE;
+    };
     const MotConfig c1 = tf_config(64, 4, 3, 130), c2 = tf_config(64, 4, 1, 77), c3 = tf_config(128, 2, 3, 130);
-    const MotConfig c4 = tf_config(64, 4, 3, 40, 1, 0, 0), c5 = tf_config(64, 4, 3, 65, 0, 1, 1), c6 = tf_config(64, 4, 3, 33);
+    const MotConfig c4 = tf_config(64, 4, 3, 40, 1, 0, 0), c5 = tf_config(64, 4, 3, 65, 0, 1, 1),
+                    c6 = tf_config(64, 4, 3, 33);
     const Case cases[] = {
         {"tf mot dh16", c1, tf_batch(c1, 2, 130, 13, {700, 0, 35, 700}, MOT_IMAGE_POS), 50},
         {"tf dense dh16", c2, tf_batch(c2, 3, 77, 14, {1000, 1, 0}, MOT_IMAGE_POS), 0},
         {"tf mot dh64", c3, tf_batch(c3, 2, 130, 15, {400, 0, 999}, MOT_IMAGE_POS), 0},
-        {"tf mot tie-attn, random image runs and steps", c4, tf_random_batch(c4, 3, 40, 16, {0, 1, 2}, {0, 1, 500, 1000}), 0},
+        {"tf mot tie-attn, random image runs and steps", c4,
+         tf_random_batch(c4, 3, 40, 16, {0, 1, 2}, {0, 1, 500, 1000}), 0},
         {"tf mot tie-ffn tie-norm, clean images only", c5, tf_batch(c5, 2, 65, 17, {0}, MOT_IMAGE_POS), 0},
         {"tf mot, no image rows", c6, tf_random_batch(c6, 2, 33, 18, {0, 2}, {5}), 0},
         {"tf mot dh16 min-SNR", c1, tf_batch(c1, 2, 130, 19, {700, 0, 35, 150}, MOT_IMAGE_POS), 50, MOT_DIFF_MIN_SNR},
@@ -442,7 +471,8 @@ static void compare_tf_all(bool bf16) {
          tf_random_batch(c2, 3, 77, 20, {0, 1, 2}, {0, 1, 40, 200, 261, 262, 800}), 0, MOT_DIFF_MIN_SNR},
         {"tf mot min-SNR, no image rows", c6, tf_random_batch(c6, 2, 33, 18, {0, 2}, {5}), 0, MOT_DIFF_MIN_SNR},
     };
-    for (const Case& k : cases) compare_once(k.name, k.c, k.b.B, k.b.T, {}, bf16, k.head_rows, false, &k.b, k.diff_loss);
+    for (const Case& k : cases)
+        compare_once(k.name, k.c, k.b.B, k.b.T, {}, bf16, k.head_rows, false, &k.b, k.diff_loss);
 }
 TEST_CASE("gpu: Transfusion, fp32: loss, MSE, predicted noise and every gradient match the CPU reference") {
     compare_tf_all(false);
@@ -662,7 +692,13 @@ TEST_CASE("gpu: backward accumulates (two backward passes = twice the gradient)"
 // (never written: zeroed) and the chunked head (only its first chunk writes); and a second
 // batch accumulated on top must match too.
 TEST_CASE("gpu: backward without accumulating equals zero_grad + backward, over any old contents") {
-    struct Case { const char* name; MotConfig c; std::vector<int> mods; bool bf16; int head_rows; };
+    struct Case {
+        const char* name;
+        MotConfig c;
+        std::vector<int> mods;
+        bool bf16;
+        int head_rows;
+    };
     MotConfig tf = tf_config(64, 4, 3, 40);
     const Case cases[] = {{"MoT fp32, no speech rows", small_config(64, 4, 3, 40), {0, 1}, false, 0},
                           {"dense bf16, chunked head", small_config(64, 4, 1, 40), {0, 1, 2}, true, 24},
@@ -675,7 +711,8 @@ TEST_CASE("gpu: backward without accumulating equals zero_grad + backward, over 
         mot_init(&cpu, k.c, 5);
         randomize(&cpu, 9);
         const bool tfs = mot_transfusion(k.c);
-        MotBatch b1 = tfs ? tf_random_batch(k.c, 2, 40, 21, k.mods, {0, 300, 800}) : random_batch(k.c, 2, 40, 21, k.mods);
+        MotBatch b1 =
+            tfs ? tf_random_batch(k.c, 2, 40, 21, k.mods, {0, 300, 800}) : random_batch(k.c, 2, 40, 21, k.mods);
         MotBatch b2 = tfs ? tf_random_batch(k.c, 2, 40, 8, {0, 1, 2}, {100}) : random_batch(k.c, 2, 40, 8);
         MotGpu g;
         std::string err;
@@ -714,10 +751,10 @@ namespace roofline {
 // The family of dev/roofline each kernel of mot.cu belongs to.
 static std::string kernel_family(const std::string& k) {
     const std::pair<const char*, const char*> by_part[] = {
-        {"attn", "attention"},      {"rmsnorm", "norm/rope"}, {"gain_", "norm/rope"},   {"qknorm", "norm/rope"},
-        {"swiglu", "swiglu"},       {"embed", "embedding"},   {"ce_", "head"},          {"loss_reduce", "head"},
-        {"adamw", "adamw"},         {"sumsq", "adamw"},       {"expert", "routing"},    {"router", "routing"},
-        {"aux_", "routing"},        {"gather_rows", "routing"}};
+        {"attn", "attention"}, {"rmsnorm", "norm/rope"},  {"gain_", "norm/rope"}, {"qknorm", "norm/rope"},
+        {"swiglu", "swiglu"},  {"embed", "embedding"},    {"ce_", "head"},        {"loss_reduce", "head"},
+        {"adamw", "adamw"},    {"sumsq", "adamw"},        {"expert", "routing"},  {"router", "routing"},
+        {"aux_", "routing"},   {"gather_rows", "routing"}};
     for (const auto& p : by_part)
         if (k.find(p.first) != std::string::npos) return p.second;
     return "other: " + k;
@@ -754,15 +791,20 @@ static double traffic_compare(int towers, int experts) {
     if (getenv("MOT_TRAFFIC_DUMP"))
         for (const auto& k : per_kernel) printf("      %-36s %10.0f\n", k.first.c_str(), k.second);
     for (const cuda_cpu::Traffic& t : tr) {
-        const std::string f = t.what == "cublasGemmEx" ? "(GEMMs)" : t.what == "cudaMemset" ? "(memsets)" : kernel_family(t.what);
+        const std::string f = t.what == "cublasGemmEx" ? "(GEMMs)"
+                              : t.what == "cudaMemset" ? "(memsets)"
+                                                       : kernel_family(t.what);
         measured[f] += double(t.read + t.written);
     }
     const roofline::Shape s{D, c.n_layer, H, c.d_ff, T, B, c.vocab, 1};
     for (const roofline::Op& op : roofline::step_ops(s, towers, true, roofline::CURRENT, experts))
-        model[op.kind == roofline::GEMM ? "(GEMMs)" : op.kind == roofline::MEMSET ? "(memsets)" : op.family] += op.bytes * op.count;
+        model[op.kind == roofline::GEMM     ? "(GEMMs)"
+              : op.kind == roofline::MEMSET ? "(memsets)"
+                                            : op.family] += op.bytes * op.count;
     double worst = 0;
-    printf("  %s: bytes per training step, the CPU layer's count / dev/roofline's model\n",
-           experts > 1 ? "MoE-4x" : towers == 3 ? "MoT" : "dense");
+    printf("  %s: bytes per training step, the CPU layer's count / dev/roofline's model\n", experts > 1   ? "MoE-4x"
+                                                                                            : towers == 3 ? "MoT"
+                                                                                                          : "dense");
     for (const auto& f : model) measured[f.first] += 0;
     for (const auto& f : measured) {
         const double mod = model[f.first], r = mod > 0 ? f.second / mod : 0;
@@ -821,8 +863,13 @@ static void check_debug_state(const std::string& path, bool own) {
     mot_init(&host, d.cfg, 1);
     host.params = d.params;
     MotBatch b;
-    b.B = d.B; b.T = d.T; b.tokens = d.tokens; b.targets = d.targets;
-    b.tstep = d.tstep; b.xin = d.xin; b.eps = d.eps;  // Transfusion (empty in the token setting)
+    b.B = d.B;
+    b.T = d.T;
+    b.tokens = d.tokens;
+    b.targets = d.targets;
+    b.tstep = d.tstep;
+    b.xin = d.xin;
+    b.eps = d.eps;  // Transfusion (empty in the token setting)
     mot_group(d.cfg, &b);
     MotGpu g;
     REQUIRE_MESSAGE(mot_gpu_init(&g, d.cfg, d.B, d.T, false, &err), err);
@@ -849,7 +896,8 @@ static void check_debug_state(const std::string& path, bool own) {
         std::vector<float> eh((size_t)ni * MOT_PATCH), want(eh.size());
         MOT_CUDA_CHECK(cudaMemcpy(eh.data(), g.eps_hat, eh.size() * sizeof(float), cudaMemcpyDeviceToHost));
         for (int r = 0; r < ni; r++)
-            for (int j = 0; j < MOT_PATCH; j++) want[(size_t)r * MOT_PATCH + j] = d.eps_hat[(size_t)b.order[i0 + r] * MOT_PATCH + j];
+            for (int j = 0; j < MOT_PATCH; j++)
+                want[(size_t)r * MOT_PATCH + j] = d.eps_hat[(size_t)b.order[i0 + r] * MOT_PATCH + j];
         const double ee = rel_err(eh.data(), want.data(), eh.size());
         printf("  eps_hat rel err %.3e\n", ee);
         CHECK(ee <= TOL_FP32_LOGITS);
@@ -879,7 +927,9 @@ static void train_compare(bool bf16, int d_model = 64, int n_head = 4, bool tf =
     mot_gpu_upload(&g, cpu);
     cpu.diff_loss = g.diff_loss = diff_loss;
     MotOptim o;
-    o.lr = 3e-3; o.warmup = 3; o.steps = 10;
+    o.lr = 3e-3;
+    o.warmup = 3;
+    o.steps = 10;
     const double tol = bf16 ? 3e-2 : 1e-3;
     for (int step = 0; step < o.steps; step++) {
         MotBatch b = tf ? tf_batch(c, B, T, 100 + step, {600, 0, 50 + 90 * step}, MOT_IMAGE_POS)
@@ -907,7 +957,9 @@ static void train_compare(bool bf16, int d_model = 64, int n_head = 4, bool tf =
 TEST_CASE("gpu: 10 fp32 training steps follow the CPU reference") { train_compare(false); }
 TEST_CASE("gpu: 10 bf16 training steps stay close to the CPU reference") { train_compare(true); }
 TEST_CASE("gpu: 10 fp32 Transfusion training steps follow the CPU reference") { train_compare(false, 64, 4, true); }
-TEST_CASE("gpu: 10 bf16 Transfusion training steps stay close to the CPU reference") { train_compare(true, 64, 4, true); }
+TEST_CASE("gpu: 10 bf16 Transfusion training steps stay close to the CPU reference") {
+    train_compare(true, 64, 4, true);
+}
 TEST_CASE("gpu: 10 fp32 Transfusion min-SNR training steps follow the CPU reference") {
     train_compare(false, 64, 4, true, MOT_DIFF_MIN_SNR);
 }
@@ -927,7 +979,8 @@ static void run_steps(const MotConfig& c, bool bf16, int steps, std::vector<doub
     REQUIRE_MESSAGE(mot_gpu_init(&g, c, B, T, bf16, &err), err);
     mot_gpu_upload(&g, init);
     MotOptim o;
-    o.warmup = 2; o.steps = steps;
+    o.warmup = 2;
+    o.steps = steps;
     for (int s = 0; s < steps; s++) {
         MotBatch b = mot_transfusion(c) ? tf_batch(c, B, T, 500 + s, {300, 0, 20 + s}, MOT_IMAGE_POS)
                                         : random_batch(c, B, T, 500 + s);
@@ -966,7 +1019,10 @@ int main(int argc, char** argv) {
     // our own flag first; the rest goes to doctest
     std::vector<char*> args;
     for (int i = 0; i < argc; i++) {
-        if (std::string(argv[i]) == "--debug-state" && i + 1 < argc) { g_debug_state = argv[++i]; continue; }
+        if (std::string(argv[i]) == "--debug-state" && i + 1 < argc) {
+            g_debug_state = argv[++i];
+            continue;
+        }
         args.push_back(argv[i]);
     }
     doctest::Context ctx;

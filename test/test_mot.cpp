@@ -9,9 +9,18 @@
 // A tiny config whose vocabulary has all three modalities: text [0,12), image [12,18), speech [18,24).
 static MotConfig tiny(int towers, int tie_attn = 0, int tie_ffn = 0, int tie_norm = 0) {
     MotConfig c;
-    c.n_layer = 2; c.d_model = 8; c.n_head = 2; c.d_ff = 12;
-    c.vocab = 24; c.image_begin = 12; c.speech_begin = 18; c.max_seq = 10;
-    c.n_tower = towers; c.tie_attn = tie_attn; c.tie_ffn = tie_ffn; c.tie_norm = tie_norm;
+    c.n_layer = 2;
+    c.d_model = 8;
+    c.n_head = 2;
+    c.d_ff = 12;
+    c.vocab = 24;
+    c.image_begin = 12;
+    c.speech_begin = 18;
+    c.max_seq = 10;
+    c.n_tower = towers;
+    c.tie_attn = tie_attn;
+    c.tie_ffn = tie_ffn;
+    c.tie_norm = tie_norm;
     return c;
 }
 
@@ -67,29 +76,33 @@ TEST_CASE("matmul: all four layouts, accumulate or not, against a plain triple l
     // untransposed is read in place (M <= 480), the other N packed; B transposed is read in place
     // with the product turned round for M <= 192, packed for M = 250
     uint64_t rng = 3;
-    for (int M : {1, 13, 20, 250}) for (int N : {5, 32, 64, 70}) for (int K : {7, 48, 300}) for (int ta = 0; ta < 2; ta++)
-        for (int tb = 0; tb < 2; tb++) for (int acc = 0; acc < 2; acc++) {
-            std::vector<float> A((size_t)M * K), B((size_t)K * N), C((size_t)M * N);
-            for (float& v : A) v = float(mot_rand_normal(&rng));
-            for (float& v : B) v = float(mot_rand_normal(&rng));
-            for (float& v : C) v = float(mot_rand_normal(&rng));
-            const std::vector<float> C0 = C;
-            matmul(C.data(), N, A.data(), ta ? M : K, ta, B.data(), tb ? K : N, tb, M, N, K, acc);
-            double worst = 0;
-            for (int i = 0; i < M; i++)
-                for (int j = 0; j < N; j++) {
-                    double r = acc ? C0[(size_t)i * N + j] : 0, mag = std::fabs(r);
-                    for (int k = 0; k < K; k++) {
-                        const double t = double(ta ? A[(size_t)k * M + i] : A[(size_t)i * K + k]) *
-                                         double(tb ? B[(size_t)j * K + k] : B[(size_t)k * N + j]);
-                        r += t;
-                        mag += std::fabs(t);
-                    }
-                    worst = std::max(worst, std::fabs(C[(size_t)i * N + j] - r) / mag);
-                }
-            INFO(M, "x", N, "x", K, " transA ", ta, " transB ", tb, " accumulate ", acc);
-            CHECK(worst < 1e-6);  // fp32 rounding of a sum of K products, relative to its magnitudes
-        }
+    for (int M : {1, 13, 20, 250})
+        for (int N : {5, 32, 64, 70})
+            for (int K : {7, 48, 300})
+                for (int ta = 0; ta < 2; ta++)
+                    for (int tb = 0; tb < 2; tb++)
+                        for (int acc = 0; acc < 2; acc++) {
+                            std::vector<float> A((size_t)M * K), B((size_t)K * N), C((size_t)M * N);
+                            for (float& v : A) v = float(mot_rand_normal(&rng));
+                            for (float& v : B) v = float(mot_rand_normal(&rng));
+                            for (float& v : C) v = float(mot_rand_normal(&rng));
+                            const std::vector<float> C0 = C;
+                            matmul(C.data(), N, A.data(), ta ? M : K, ta, B.data(), tb ? K : N, tb, M, N, K, acc);
+                            double worst = 0;
+                            for (int i = 0; i < M; i++)
+                                for (int j = 0; j < N; j++) {
+                                    double r = acc ? C0[(size_t)i * N + j] : 0, mag = std::fabs(r);
+                                    for (int k = 0; k < K; k++) {
+                                        const double t = double(ta ? A[(size_t)k * M + i] : A[(size_t)i * K + k]) *
+                                                         double(tb ? B[(size_t)j * K + k] : B[(size_t)k * N + j]);
+                                        r += t;
+                                        mag += std::fabs(t);
+                                    }
+                                    worst = std::max(worst, std::fabs(C[(size_t)i * N + j] - r) / mag);
+                                }
+                            INFO(M, "x", N, "x", K, " transA ", ta, " transB ", tb, " accumulate ", acc);
+                            CHECK(worst < 1e-6);  // fp32 rounding of a sum of K products, relative to its magnitudes
+                        }
     // B read in place (85 rows) and packed (600 rows): the same rows come out bit for bit, as the
     // MoT = dense tests need of a tower's rows inside the whole batch's product
     for (int ta = 0; ta < 2; ta++) {
@@ -98,7 +111,8 @@ TEST_CASE("matmul: all four layouts, accumulate or not, against a plain triple l
         for (float& v : A) v = float(mot_rand_normal(&rng));
         for (float& v : B) v = float(mot_rand_normal(&rng));
         for (int i = 0; i < m; i++)
-            for (int k = 0; k < K; k++) Ar[(size_t)i * K + k] = ta ? A[(size_t)k * M + r0 + i] : A[(size_t)(r0 + i) * K + k];
+            for (int k = 0; k < K; k++)
+                Ar[(size_t)i * K + k] = ta ? A[(size_t)k * M + r0 + i] : A[(size_t)(r0 + i) * K + k];
         gemm_detail::matmul_serial(C.data(), N, A.data(), ta ? M : K, ta, B.data(), N, false, M, N, K, false);
         gemm_detail::matmul_serial(Cr.data(), N, Ar.data(), K, false, B.data(), N, false, m, N, K, false);
         INFO("transA ", ta);
@@ -109,12 +123,14 @@ TEST_CASE("matmul: all four layouts, accumulate or not, against a plain triple l
     for (int ta = 0; ta < 2; ta++)
         for (int acc = 0; acc < 2; acc++) {
             const int M = 600, N = 70, K = 300, r0 = 100, m = 85;
-            std::vector<float> A((size_t)M * K), B((size_t)N * K), C((size_t)M * N), Cr((size_t)m * N), Ar((size_t)m * K);
+            std::vector<float> A((size_t)M * K), B((size_t)N * K), C((size_t)M * N), Cr((size_t)m * N),
+                Ar((size_t)m * K);
             for (float& v : A) v = float(mot_rand_normal(&rng));
             for (float& v : B) v = float(mot_rand_normal(&rng));
             for (float& v : C) v = float(mot_rand_normal(&rng));
             for (int i = 0; i < m; i++) {
-                for (int k = 0; k < K; k++) Ar[(size_t)i * K + k] = ta ? A[(size_t)k * M + r0 + i] : A[(size_t)(r0 + i) * K + k];
+                for (int k = 0; k < K; k++)
+                    Ar[(size_t)i * K + k] = ta ? A[(size_t)k * M + r0 + i] : A[(size_t)(r0 + i) * K + k];
                 for (int j = 0; j < N; j++) Cr[(size_t)i * N + j] = C[(size_t)(r0 + i) * N + j];
             }
             gemm_detail::matmul_serial(C.data(), N, A.data(), ta ? M : K, ta, B.data(), K, true, M, N, K, acc);
@@ -135,11 +151,13 @@ TEST_CASE("parameter table: copies follow the tying switches; each extra tower a
     CHECK(t.p[P_HEAD].offset + t.p[P_HEAD].size() == t.total);
     MotConfig d = tiny(1), k3 = tiny(3);
     const size_t D = 24, F = 64, Dh = 12, L = d.n_layer;  // F = 8D/3: matrices add 12 D^2 per tower
-    d.d_model = k3.d_model = D; d.d_ff = k3.d_ff = F; d.n_head = k3.n_head = 2;
+    d.d_model = k3.d_model = D;
+    d.d_ff = k3.d_ff = F;
+    d.n_head = k3.n_head = 2;
     const size_t extra = mot_param_table(k3).total - mot_param_table(d).total;
     const size_t per_layer = 4 * D * D + 3 * D * F + 2 * Dh + 2 * D;  // Wq Wk Wv Wo, W1 W3 W2, gq gk, g_attn g_ffn
     CHECK(4 * D * D + 3 * D * F == 12 * D * D);
-    CHECK(extra == 2 * (L * per_layer + D));                           // + g_out, for 2 extra towers
+    CHECK(extra == 2 * (L * per_layer + D));  // + g_out, for 2 extra towers
 }
 
 TEST_CASE("causality: changing the token at position j changes no logit before j") {
@@ -188,8 +206,10 @@ TEST_CASE("MoT with identical towers equals dense; per-tower gradients sum to de
     for (int i = 0; i < b.B * b.T; i++)
         for (int v = 0; v < cm.vocab; v++) exact &= mot_logit(dense, b, i, v) == mot_logit(mot, b, i, v);
     CHECK(exact);
-    mot_zero_grad(&dense); mot_backward(&dense, b);
-    mot_zero_grad(&mot); mot_backward(&mot, b);
+    mot_zero_grad(&dense);
+    mot_backward(&dense, b);
+    mot_zero_grad(&mot);
+    mot_backward(&mot, b);
     for (int p = 0; p < P_COUNT; p++) {
         const MotParamInfo &di = dense.tab.p[p], &mi = mot.tab.p[p];
         if (di.size() == 0) continue;  // the routers: empty without experts
@@ -236,11 +256,16 @@ TEST_CASE("AdamW: one step against the formula worked by hand") {
     MotModel<double> m;
     mot_init(&m, tiny(1), 1);
     MotOptim o;
-    o.lr = 0.01; o.warmup = 1; o.steps = 10; o.grad_clip = 0;
+    o.lr = 0.01;
+    o.warmup = 1;
+    o.steps = 10;
+    o.grad_clip = 0;
     std::fill(m.grads.begin(), m.grads.end(), 0.0);
     const size_t iw = m.tab.p[P_WQ].offset, ig = m.tab.p[P_GQ].offset;  // a decayed matrix, a gain
-    m.params[iw] = 0.5; m.grads[iw] = 0.2;
-    m.params[ig] = 1.5; m.grads[ig] = -0.4;
+    m.params[iw] = 0.5;
+    m.grads[iw] = 0.2;
+    m.params[ig] = 1.5;
+    m.grads[ig] = -0.4;
     mot_adamw_step(&m, o, 0);
     // step 1: m = 0.1 g, v = 0.05 g^2; mhat = g, vhat = g^2; update = lr * g / (|g| + eps)
     const double lr = 0.01;  // warmup 1: the first step is at peak
@@ -259,38 +284,55 @@ TEST_CASE("AdamW: global-norm clipping scales every gradient by clip / norm") {
     MotModel<double> m;
     mot_init(&m, tiny(1), 1);
     MotOptim o;
-    o.grad_clip = 1.0; o.weight_decay = 0; o.warmup = 1;
+    o.grad_clip = 1.0;
+    o.weight_decay = 0;
+    o.warmup = 1;
     std::fill(m.grads.begin(), m.grads.end(), 0.0);
     const size_t i0 = m.tab.p[P_WQ].offset, i1 = m.tab.p[P_HEAD].offset;
-    m.grads[i0] = 3; m.grads[i1] = 4;  // norm 5
+    m.grads[i0] = 3;
+    m.grads[i1] = 4;  // norm 5
     double norm = mot_adamw_step(&m, o, 0);
     CHECK(norm == doctest::Approx(5.0));
     CHECK(m.adam_m[i0] == doctest::Approx(0.1 * 3 / (5 + 1e-6)));
     CHECK(m.adam_m[i1] == doctest::Approx(0.1 * 4 / (5 + 1e-6)));
-    m.grads[i0] = 0.3; m.grads[i1] = 0.4; m.adam_m[i0] = 0;  // norm 0.5: not clipped
+    m.grads[i0] = 0.3;
+    m.grads[i1] = 0.4;
+    m.adam_m[i0] = 0;  // norm 0.5: not clipped
     mot_adamw_step(&m, o, 1);
     CHECK(m.adam_m[i0] == doctest::Approx(0.1 * 0.3));
 }
 
 TEST_CASE("schedule: linear warmup, peak, cosine to the floor") {
     MotOptim o;
-    o.lr = 1e-3; o.warmup = 10; o.steps = 110; o.min_lr_frac = 0.05;
+    o.lr = 1e-3;
+    o.warmup = 10;
+    o.steps = 110;
+    o.min_lr_frac = 0.05;
     CHECK(mot_lr_at(o, 0) == doctest::Approx(1e-4));
     CHECK(mot_lr_at(o, 4) == doctest::Approx(5e-4));
     CHECK(mot_lr_at(o, 9) == doctest::Approx(1e-3));
-    CHECK(mot_lr_at(o, 10) == doctest::Approx(1e-3));                      // peak
+    CHECK(mot_lr_at(o, 10) == doctest::Approx(1e-3));                               // peak
     CHECK(mot_lr_at(o, 59) == doctest::Approx(0.5 * (1e-3 + 5e-5)).epsilon(1e-2));  // half way
-    CHECK(mot_lr_at(o, 109) == doctest::Approx(5e-5));                     // end: floor
+    CHECK(mot_lr_at(o, 109) == doctest::Approx(5e-5));                              // end: floor
 }
 
 TEST_CASE("a small model overfits one batch: loss from ~log(V) to below 0.05 in 150 steps") {
     MotConfig c = tiny(3);
-    c.d_model = 32; c.n_head = 4; c.d_ff = 64; c.vocab = 48; c.image_begin = 24; c.speech_begin = 36; c.max_seq = 16;
+    c.d_model = 32;
+    c.n_head = 4;
+    c.d_ff = 64;
+    c.vocab = 48;
+    c.image_begin = 24;
+    c.speech_begin = 36;
+    c.max_seq = 16;
     MotModel<float> m;
     mot_init(&m, c, 1);
     MotBatch b = random_batch(c, 2, 16, 21);
     MotOptim o;
-    o.lr = 1e-2; o.warmup = 10; o.steps = 150; o.weight_decay = 0;
+    o.lr = 1e-2;
+    o.warmup = 10;
+    o.steps = 150;
+    o.weight_decay = 0;
     const double first = mot_forward(&m, b);
     CHECK(first == doctest::Approx(std::log(48.0)).epsilon(0.1));
     double last = first;
@@ -341,7 +383,9 @@ TEST_CASE("sampling: greedy takes the argmax, top-k 1 equals greedy, the range i
     CHECK(mot_sample(lg.data(), 0, 5, 1.0, 1, &rng) == 3);
     int counts[5] = {0, 0, 0, 0, 0};
     for (int i = 0; i < 2000; i++) counts[mot_sample(lg.data(), 1, 4, 1.0, 2, &rng)]++;
-    CHECK(counts[0] == 0); CHECK(counts[2] == 0); CHECK(counts[4] == 0);
+    CHECK(counts[0] == 0);
+    CHECK(counts[2] == 0);
+    CHECK(counts[4] == 0);
     CHECK(counts[3] > counts[1]);  // p(3) / p(1) = e^2
     CHECK(counts[1] > 100);
 }

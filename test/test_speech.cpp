@@ -17,9 +17,7 @@
 #include <unistd.h>
 #include <vector>
 
-static std::string tmp_path(const char* name) {
-    return "/tmp/test_speech_" + std::to_string(getpid()) + "_" + name;
-}
+static std::string tmp_path(const char* name) { return "/tmp/test_speech_" + std::to_string(getpid()) + "_" + name; }
 
 static uint64_t g_rng_state(uint64_t seed) { return seed; }
 static float rnd(uint64_t* s) {  // uniform in [-1, 1)
@@ -27,7 +25,8 @@ static float rnd(uint64_t* s) {  // uniform in [-1, 1)
     return (float)((*s >> 40) / (double)(1ull << 24)) * 2.0f - 1.0f;
 }
 
-static std::vector<float> sine(double freq, double rate, size_t n, double amp = 0.5, double noise = 0.0, uint64_t seed = 1) {
+static std::vector<float> sine(double freq, double rate, size_t n, double amp = 0.5, double noise = 0.0,
+                               uint64_t seed = 1) {
     std::vector<float> x(n);
     uint64_t s = g_rng_state(seed);
     for (size_t i = 0; i < n; i++) x[i] = (float)(amp * sin(2 * M_PI * freq * i / rate) + noise * rnd(&s));
@@ -63,13 +62,17 @@ TEST_CASE("FFT matches a naive DFT, and inverse undoes forward") {
         SpeechFFT f;
         REQUIRE(speech_fft_init(&f, n, nullptr));
         std::vector<float> re(n), im(n);
-        for (int i = 0; i < n; i++) { re[i] = rnd(&s); im[i] = rnd(&s); }
+        for (int i = 0; i < n; i++) {
+            re[i] = rnd(&s);
+            im[i] = rnd(&s);
+        }
         std::vector<float> r0 = re, i0 = im;
         speech_fft(f, re.data(), im.data(), false);
         double maxerr = 0;
         for (int k = 0; k < n; k++) {
             std::complex<double> acc = 0;
-            for (int t = 0; t < n; t++) acc += std::complex<double>(r0[t], i0[t]) * std::polar(1.0, -2 * M_PI * k * t / n);
+            for (int t = 0; t < n; t++)
+                acc += std::complex<double>(r0[t], i0[t]) * std::polar(1.0, -2 * M_PI * k * t / n);
             maxerr = std::max(maxerr, std::abs(acc - std::complex<double>(re[k], im[k])));
         }
         CHECK(maxerr < 1e-4 * sqrt((double)n));
@@ -106,8 +109,8 @@ TEST_CASE("WAV write/read round trip, stereo mixing, streamed size") {
     std::vector<uint8_t> b;
     speech_wav_encode(x.data(), 4, 22050, &b);
     b.resize(44 + 4 * 3);
-    b[22] = 2;            // channels
-    b[32] = 4;            // block align
+    b[22] = 2;  // channels
+    b[32] = 4;  // block align
     uint32_t dsize = 12, bps = 22050 * 4;
     memcpy(&b[40], &dsize, 4);
     memcpy(&b[28], &bps, 4);
@@ -356,13 +359,17 @@ TEST_CASE("bad WAV files give errors, not crashes") {
     b[8] = 'A';
     fails_with(b, "not a RIFF/WAVE");
     b = good;
-    b[34] = 8; b[32] = 1;
+    b[34] = 8;
+    b[32] = 1;
     fails_with(b, "8-bit samples not supported: convert to 16-bit PCM");
     b = good;
-    b[34] = 24; b[32] = 3;
+    b[34] = 24;
+    b[32] = 3;
     fails_with(b, "24-bit samples not supported");
     b = good;
-    b[20] = 3; b[34] = 32; b[32] = 4;
+    b[20] = 3;
+    b[34] = 32;
+    b[32] = 4;
     fails_with(b, "non-PCM format 3");
     fails_with(std::vector<uint8_t>(good.begin(), good.begin() + 44 + 100), "truncated data chunk");
     fails_with(std::vector<uint8_t>(good.begin(), good.begin() + 30), "truncated 'fmt ' chunk");

@@ -11,9 +11,18 @@
 // text [0,12), image [12,18) (any image id marks an image position), speech [18,24)
 static MotConfig tiny_tf(int towers, int tie_attn = 0, int tie_ffn = 0, int tie_norm = 0) {
     MotConfig c;
-    c.n_layer = 2; c.d_model = 8; c.n_head = 2; c.d_ff = 12;
-    c.vocab = 24; c.image_begin = 12; c.speech_begin = 18; c.max_seq = 24;
-    c.n_tower = towers; c.tie_attn = tie_attn; c.tie_ffn = tie_ffn; c.tie_norm = tie_norm;
+    c.n_layer = 2;
+    c.d_model = 8;
+    c.n_head = 2;
+    c.d_ff = 12;
+    c.vocab = 24;
+    c.image_begin = 12;
+    c.speech_begin = 18;
+    c.max_seq = 24;
+    c.n_tower = towers;
+    c.tie_attn = tie_attn;
+    c.tie_ffn = tie_ffn;
+    c.tie_norm = tie_norm;
     c.setting = MOT_SETTING_TRANSFUSION;
     return c;
 }
@@ -76,10 +85,15 @@ TEST_CASE("Transfusion gradient check: MoT") { gradient_check(tiny_tf(3)); }
 TEST_CASE("Transfusion gradient check: dense") { gradient_check(tiny_tf(1)); }
 TEST_CASE("Transfusion gradient check: MoT, attention tied") { gradient_check(tiny_tf(3, 1, 0, 0)); }
 TEST_CASE("Transfusion gradient check: MoT, FFN and norms tied") { gradient_check(tiny_tf(3, 0, 1, 1)); }
-TEST_CASE("Transfusion gradient check: min-SNR weighting, MoT") { gradient_check(tiny_tf(3), MOT_DIFF_MIN_SNR, {700, 0, 150, 35}); }
-TEST_CASE("Transfusion gradient check: min-SNR weighting, dense") { gradient_check(tiny_tf(1), MOT_DIFF_MIN_SNR, {150, 0, 700, 5}); }
+TEST_CASE("Transfusion gradient check: min-SNR weighting, MoT") {
+    gradient_check(tiny_tf(3), MOT_DIFF_MIN_SNR, {700, 0, 150, 35});
+}
+TEST_CASE("Transfusion gradient check: min-SNR weighting, dense") {
+    gradient_check(tiny_tf(1), MOT_DIFF_MIN_SNR, {150, 0, 700, 5});
+}
 
-TEST_CASE("min-SNR weighting: w(t) = min(SNR, 5) / SNR; loss = LM + 5 weighted MSE; the MSE it reports is plain; mse is today's loss bit for bit") {
+TEST_CASE(
+    "min-SNR weighting: w(t) = min(SNR, 5) / SNR; loss = LM + 5 weighted MSE; the MSE it reports is plain; mse is today's loss bit for bit") {
     // the weight: 1 from SNR <= 5 (t >= 262 on the cosine schedule) up, min-SNR / SNR below
     for (int t : {1, 50, 200, 261, 262, 500, 1000}) {
         const double a = mot_abar(t), snr = a / (1 - a);
@@ -109,7 +123,8 @@ TEST_CASE("min-SNR weighting: w(t) = min(SNR, 5) / SNR; loss = LM + 5 weighted M
         if (mot_modality(c, b.tokens[i]) == MOD_IMAGE)
             for (int j = 0; j < P; j++) {
                 const double d = eps_hat_at(m, b, i, j) - b.eps[(size_t)i * P + j];
-                CHECK(m.act.deps[(size_t)b.row_of[i] * P + j] == (b.tstep[i] > 0 ? MOT_DIFF_WEIGHT * 2 * d / ((double)n * P) : 0.0));
+                CHECK(m.act.deps[(size_t)b.row_of[i] * P + j] ==
+                      (b.tstep[i] > 0 ? MOT_DIFF_WEIGHT * 2 * d / ((double)n * P) : 0.0));
             }
     const double loss_mse = m.loss, lm = m.loss_lm, mse = m.loss_mod[MOD_IMAGE];
     mot_zero_grad(&m);
@@ -185,7 +200,8 @@ TEST_CASE("losses: LM over token->token positions only, 5x the MSE over noised i
     int n_lm = 0, n_img = 0;
     double mse = 0;
     for (int i = 0; i < 20; i++) {
-        const bool in_img = mot_modality(c, b.tokens[i]) == MOD_IMAGE, tg_img = mot_modality(c, b.targets[i]) == MOD_IMAGE;
+        const bool in_img = mot_modality(c, b.tokens[i]) == MOD_IMAGE,
+                   tg_img = mot_modality(c, b.targets[i]) == MOD_IMAGE;
         if (!in_img && !tg_img) n_lm++;
         if (b.tokens[i] == MOT_BOI) CHECK(mot_lm_target(c, b, i) == MOT_IGNORE);
         if (in_img && b.tstep[i] > 0) {
@@ -227,7 +243,8 @@ TEST_CASE("mask: a patch sees every patch of its own image and nothing later out
     std::vector<double> lg0, eh0;
     for (int i = 0; i < T; i++) {
         for (int v = 0; v < c.vocab; v++) lg0.push_back(mot_logit(m, b, i, v));
-        for (int j = 0; j < MOT_PATCH; j++) eh0.push_back(mot_modality(c, b.tokens[i]) == MOD_IMAGE ? eps_hat_at(m, b, i, j) : 0);
+        for (int j = 0; j < MOT_PATCH; j++)
+            eh0.push_back(mot_modality(c, b.tokens[i]) == MOD_IMAGE ? eps_hat_at(m, b, i, j) : 0);
     }
     // change the last patch of the image: the first patch's output changes; no position before the
     // image changes
@@ -263,7 +280,10 @@ TEST_CASE("cosine schedule") {
     CHECK(mot_abar(1000) > 0);
     for (int t = 1; t <= 1000; t++) CHECK_MESSAGE(mot_abar(t) < mot_abar(t - 1), t);
     // f(t)/f(0) where no beta is clipped: abar(500) = cos^2((0.5 + 0.008)/1.008 pi/2) / cos^2(0.008/1.008 pi/2)
-    auto f = [](double t) { double x = cos((t / 1000 + 0.008) / 1.008 * M_PI / 2); return x * x; };
+    auto f = [](double t) {
+        double x = cos((t / 1000 + 0.008) / 1.008 * M_PI / 2);
+        return x * x;
+    };
     CHECK(mot_abar(500) == doctest::Approx(f(500) / f(0)).epsilon(1e-9));
     float x0[3] = {0.5f, -1, 1}, e[3] = {1, 2, -3}, xt[3];
     mot_noise_patch(xt, x0, e, 0, 3);
@@ -297,7 +317,8 @@ TEST_CASE("KV-cached denoising step equals the full forward; a committed clean i
         CHECK(kv.len == 4);
         double worst = 0;
         for (int p = 0; p < MOT_IMAGE_POS; p++)
-            for (int j = 0; j < MOT_PATCH; j++) worst = std::max(worst, std::fabs(eh[p * MOT_PATCH + j] - eps_hat_at(m, b, 4 + p, j)));
+            for (int j = 0; j < MOT_PATCH; j++)
+                worst = std::max(worst, std::fabs(eh[p * MOT_PATCH + j] - eps_hat_at(m, b, 4 + p, j)));
         CHECK(worst < 1e-12);
         // not committing left the cache unchanged: the same step again gives the same bits
         REQUIRE(mot_image_step(&m, &kv, MOT_IMAGE_POS, xt.data(), 640, false, eh2.data()));
@@ -369,21 +390,26 @@ TEST_CASE("patches <-> image: raster order of 4x4 patches") {
     std::vector<double> img(784), p(784), back(784);
     for (int i = 0; i < 784; i++) img[i] = i;
     mot_image_to_patches(img.data(), p.data());
-    CHECK(p[0] == 0); CHECK(p[1] == 1); CHECK(p[4] == 28);     // patch 0: rows 0..3, cols 0..3
-    CHECK(p[16] == 4);                                         // patch 1 starts at column 4
-    CHECK(p[7 * 16] == 4 * 28);                                // patch 7 starts at row 4
+    CHECK(p[0] == 0);
+    CHECK(p[1] == 1);
+    CHECK(p[4] == 28);           // patch 0: rows 0..3, cols 0..3
+    CHECK(p[16] == 4);           // patch 1 starts at column 4
+    CHECK(p[7 * 16] == 4 * 28);  // patch 7 starts at row 4
     mot_patches_to_image(p.data(), back.data());
     CHECK(back == img);
 }
 
 TEST_CASE("float training on one Transfusion batch lowers both losses") {
     MotConfig c = tiny_tf(3);
-    c.d_model = 16; c.d_ff = 32;
+    c.d_model = 16;
+    c.d_ff = 32;
     MotModel<float> m;
     mot_init(&m, c, 1);
     MotBatch b = tf_batch(c, 2, 20, 5, {100, 400});
     MotOptim o;
-    o.lr = 1e-2; o.warmup = 1; o.steps = 60;
+    o.lr = 1e-2;
+    o.warmup = 1;
+    o.steps = 60;
     mot_forward(&m, b);
     const double lm0 = m.loss_lm, mse0 = m.loss_mod[MOD_IMAGE];
     for (int s = 0; s < 60; s++) {
@@ -417,7 +443,10 @@ TEST_CASE("shard version 2: round trip; the loader gives x_t of the right pixels
     CHECK_FALSE(s.pixels_version);
 
     MotConfig c = tiny_tf(3);
-    c.vocab = VOC.vocab; c.image_begin = VOC.image_begin; c.speech_begin = VOC.speech_begin; c.max_seq = 128;
+    c.vocab = VOC.vocab;
+    c.image_begin = VOC.image_begin;
+    c.speech_begin = VOC.speech_begin;
+    c.max_seq = 128;
     MotLoader ld;
     REQUIRE(mot_loader_open(&ld, tmp("p.bin"), 100, 5, &err));
     CHECK(mot_loader_setting_error(ld, c) == "");
@@ -434,13 +463,17 @@ TEST_CASE("shard version 2: round trip; the loader gives x_t of the right pixels
         mot_loader_next(&ld, c, 4, 100, &b);
         REQUIRE(b.xin.size() == 400u * MOT_PATCH);
         for (int i = 0; i < 400; i++) {
-            if (mot_modality(c, b.tokens[i]) != MOD_IMAGE) { CHECK(b.tstep[i] == 0); continue; }
+            if (mot_modality(c, b.tokens[i]) != MOD_IMAGE) {
+                CHECK(b.tstep[i] == 0);
+                continue;
+            }
             REQUIRE(b.tstep[i] >= 1);
             REQUIRE(b.tstep[i] <= 1000);
             // recover x0 from x_t and eps: it must be the pixels of a stored image, in [-1, 1]
             const double a = mot_abar(b.tstep[i]);
             for (int j = 0; j < MOT_PATCH; j++) {
-                const double x0 = (b.xin[(size_t)i * MOT_PATCH + j] - sqrt(1 - a) * b.eps[(size_t)i * MOT_PATCH + j]) / sqrt(a);
+                const double x0 =
+                    (b.xin[(size_t)i * MOT_PATCH + j] - sqrt(1 - a) * b.eps[(size_t)i * MOT_PATCH + j]) / sqrt(a);
                 if (b.tstep[i] < 300) CHECK(std::fabs(x0) <= 1.0 + 1e-3);
             }
             // one t per image: the next position of the same block has the same t
@@ -471,10 +504,15 @@ TEST_CASE("shard version 2: round trip; the loader gives x_t of the right pixels
             mot_patches_to_image(x0.data(), img.data());
             const int p0 = (int)std::lround((img[0] + 1) * 127.5);  // image k starts at (791 k) % 256
             int k = -1;
-            for (int q = 0; q < ni; q++) if ((791 * q) % 256 == p0) { k = q; break; }
+            for (int q = 0; q < ni; q++)
+                if ((791 * q) % 256 == p0) {
+                    k = q;
+                    break;
+                }
             REQUIRE(k >= 0);
             double worst = 0;
-            for (int j = 0; j < 784; j++) worst = std::max(worst, std::fabs(img[j] - (px[(size_t)k * 784 + j] / 127.5 - 1)));
+            for (int j = 0; j < 784; j++)
+                worst = std::max(worst, std::fabs(img[j] - (px[(size_t)k * 784 + j] / 127.5 - 1)));
             CHECK(worst < 1e-3);
             found = true;
         }
@@ -498,16 +536,18 @@ TEST_CASE("shard version 2: bad input is refused with one line naming the file")
         CHECK(err.find(expect) != std::string::npos);
         CHECK(err.find('\n') == std::string::npos);
     };
-    bad("trunc_px.bin", good.substr(0, good.size() - 100), "truncated or padded");        // pixel block cut
-    bad("pad_px.bin", good + std::string(784, '\0'), "truncated or padded");              // one image too many
-    bad("short.bin", good.substr(0, 36), "truncated");                                    // header cut
+    bad("trunc_px.bin", good.substr(0, good.size() - 100), "truncated or padded");  // pixel block cut
+    bad("pad_px.bin", good + std::string(784, '\0'), "truncated or padded");        // one image too many
+    bad("short.bin", good.substr(0, 36), "truncated");                              // header cut
     std::string b = good;
     uint64_t n_img = ni + 1;  // header and pixel block agree, the tokens hold one image fewer
     memcpy(&b[32], &n_img, 8);
     bad("count.bin", b + std::string(784, '\0'), "images but the tokens hold");
-    b = good; b[20] = 1;
+    b = good;
+    b[20] = 1;
     bad("reserved.bin", b, "reserved header field");
-    b = good; b[4] = 3;
+    b = good;
+    b[4] = 3;
     bad("version.bin", b, "version 3");
     // an image of 48 and one of 50 positions; an image id outside a block; no EOI
     for (int delta : {-1, +1}) {
@@ -515,7 +555,8 @@ TEST_CASE("shard version 2: bad input is refused with one line naming the file")
         const size_t boi = std::find(u.begin(), u.end(), (uint16_t)MOT_BOI) - u.begin();
         if (delta < 0) u.erase(u.begin() + boi + 1);
         else u.insert(u.begin() + boi + 1, (uint16_t)VOC.image_begin);
-        std::string bytes = good.substr(0, 40) + std::string((const char*)u.data(), 2 * u.size()) + good.substr(40 + 2 * t.size());
+        std::string bytes =
+            good.substr(0, 40) + std::string((const char*)u.data(), 2 * u.size()) + good.substr(40 + 2 * t.size());
         uint64_t nt = u.size();
         memcpy(&bytes[24], &nt, 8);
         bad(delta < 0 ? "p48.bin" : "p50.bin", bytes, delta < 0 ? "has 48 image positions" : "has 50 image positions");
@@ -524,7 +565,8 @@ TEST_CASE("shard version 2: bad input is refused with one line naming the file")
     }
     std::vector<uint16_t> u = t;
     u[0] = VOC.image_begin;  // BOS -> an image id
-    std::string bytes = good.substr(0, 40) + std::string((const char*)u.data(), 2 * u.size()) + good.substr(40 + 2 * t.size());
+    std::string bytes =
+        good.substr(0, 40) + std::string((const char*)u.data(), 2 * u.size()) + good.substr(40 + 2 * t.size());
     bad("stray.bin", bytes, "outside a BOI ... EOI block");
     u = t;
     u[std::find(u.begin(), u.end(), (uint16_t)MOT_EOI) - u.begin()] = MOT_EOS;
@@ -541,7 +583,8 @@ TEST_CASE("shard version 2: bad input is refused with one line naming the file")
 }
 
 // ---- the trainer ----------------------------------------------------------------------------------
-TEST_CASE("mot --setting transfusion: trains on pixel shards, logs the image MSE, records the setting; bad input refused") {
+TEST_CASE(
+    "mot --setting transfusion: trains on pixel shards, logs the image MSE, records the setting; bad input refused") {
     if (access("./mot", X_OK) != 0) {
         MESSAGE("./mot not built: skipped");
         return;
@@ -554,7 +597,8 @@ TEST_CASE("mot --setting transfusion: trains on pixel shards, logs the image MSE
     REQUIRE(mot_write_shard(tmp("tok.bin"), VOC, t.data(), t.size(), &err));
     const std::string model = " --layers 1 --dim 16 --heads 2 --seq 64 --batch 2 --threads 2";
     REQUIRE(run("./mot --setting transfusion --data " + tmp("tf.bin") + " --val " + tmp("tf.bin") + model +
-                    " --steps 3 --log " + tmp("tf.csv") + " --save " + tmp("tf.ckpt") + " --debug-state " + tmp("tf.dbg"),
+                    " --steps 3 --log " + tmp("tf.csv") + " --save " + tmp("tf.ckpt") + " --debug-state " +
+                    tmp("tf.dbg"),
                 &out) == 0);
     INFO(out);
     CHECK(out.find("Transfusion (images by diffusion)") != std::string::npos);
@@ -586,7 +630,13 @@ TEST_CASE("mot --setting transfusion: trains on pixel shards, logs the image MSE
     mot_init(&m, d.cfg, 1);
     m.params.assign(d.params.begin(), d.params.end());
     MotBatch b;
-    b.B = d.B; b.T = d.T; b.tokens = d.tokens; b.targets = d.targets; b.tstep = d.tstep; b.xin = d.xin; b.eps = d.eps;
+    b.B = d.B;
+    b.T = d.T;
+    b.tokens = d.tokens;
+    b.targets = d.targets;
+    b.tstep = d.tstep;
+    b.xin = d.xin;
+    b.eps = d.eps;
     mot_group(d.cfg, &b);
     CHECK(mot_forward(&m, b) == doctest::Approx(d.loss).epsilon(1e-4));
     // a truncated Transfusion debug state is refused
@@ -604,14 +654,20 @@ TEST_CASE("mot --setting transfusion: trains on pixel shards, logs the image MSE
     };
     refused(" --data " + tmp("tf.bin"), tmp("tf.bin") + ": a shard with pixels (version 2");
     refused(" --setting transfusion --data " + tmp("tok.bin"), tmp("tok.bin") + ": a token shard (version 1)");
-    refused(" --setting transfusion --data " + tmp("tf.bin") + " --val " + tmp("tok.bin"), tmp("tok.bin") + ": a token shard");
+    refused(" --setting transfusion --data " + tmp("tf.bin") + " --val " + tmp("tok.bin"),
+            tmp("tok.bin") + ": a token shard");
     refused(" --setting diffusion --data " + tmp("tf.bin"), "bad value for --setting: 'diffusion'");
-    refused(" --setting transfusion --experts 4 --data " + tmp("tf.bin"), "experts are not supported in the Transfusion setting");
-    refused(" --setting tokens --data " + tmp("tf.bin") + " --init-from " + tmp("tf.ckpt"), "setting is 1 in the checkpoint but 0");
-    refused(" --setting transfusion --diffusion-loss snr --data " + tmp("tf.bin"), "bad value for --diffusion-loss: 'snr'");
-    refused(" --diffusion-loss min-snr --data " + tmp("tok.bin"), "--diffusion-loss min-snr needs the Transfusion setting");
-    refused(" --setting transfusion --diffusion-loss min-snr --data " + tmp("tf.bin") + " --debug-state " + tmp("x.dbg"),
-            "--debug-state records the plain-MSE objective");
+    refused(" --setting transfusion --experts 4 --data " + tmp("tf.bin"),
+            "experts are not supported in the Transfusion setting");
+    refused(" --setting tokens --data " + tmp("tf.bin") + " --init-from " + tmp("tf.ckpt"),
+            "setting is 1 in the checkpoint but 0");
+    refused(" --setting transfusion --diffusion-loss snr --data " + tmp("tf.bin"),
+            "bad value for --diffusion-loss: 'snr'");
+    refused(" --diffusion-loss min-snr --data " + tmp("tok.bin"),
+            "--diffusion-loss min-snr needs the Transfusion setting");
+    refused(
+        " --setting transfusion --diffusion-loss min-snr --data " + tmp("tf.bin") + " --debug-state " + tmp("x.dbg"),
+        "--debug-state records the plain-MSE objective");
     // min-SNR: step 1 reports the same image MSE as mse (same model, same batch) and a smaller
     // objective; validation is the plain MSE, the same under either option
     auto csv_row1 = [&](const std::string& path) {
@@ -625,9 +681,11 @@ TEST_CASE("mot --setting transfusion: trains on pixel shards, logs the image MSE
     };
     remove(tmp("mse.csv").c_str());
     remove(tmp("snr.csv").c_str());
-    REQUIRE(run("./mot --setting transfusion --data " + tmp("tf.bin") + model + " --steps 1 --log " + tmp("mse.csv"), &out) == 0);
-    REQUIRE(run("./mot --setting transfusion --diffusion-loss min-snr --data " + tmp("tf.bin") + model + " --steps 1 --log " +
-                    tmp("snr.csv"), &out) == 0);
+    REQUIRE(run("./mot --setting transfusion --data " + tmp("tf.bin") + model + " --steps 1 --log " + tmp("mse.csv"),
+                &out) == 0);
+    REQUIRE(run("./mot --setting transfusion --diffusion-loss min-snr --data " + tmp("tf.bin") + model +
+                    " --steps 1 --log " + tmp("snr.csv"),
+                &out) == 0);
     CHECK(out.find("diffusion loss: min-SNR weighted, gamma 5") != std::string::npos);
     const std::vector<std::string> fm = csv_row1(tmp("mse.csv")), fs = csv_row1(tmp("snr.csv"));
     REQUIRE(fm.size() > 4);
@@ -635,7 +693,8 @@ TEST_CASE("mot --setting transfusion: trains on pixel shards, logs the image MSE
     CHECK(fm[3] == fs[3]);
     CHECK(atof(fs[1].c_str()) < atof(fm[1].c_str()));
     std::string val_mse, val_snr;
-    const std::string ev = " --data " + tmp("tf.bin") + " --val " + tmp("tf.bin") + model + " --init-from " + tmp("tf.ckpt") + " --eval-only";
+    const std::string ev = " --data " + tmp("tf.bin") + " --val " + tmp("tf.bin") + model + " --init-from " +
+                           tmp("tf.ckpt") + " --eval-only";
     REQUIRE(run("./mot" + ev, &val_mse) == 0);
     REQUIRE(run("./mot" + ev + " --diffusion-loss min-snr", &val_snr) == 0);
     CHECK(val_mse.find("val      3 | loss") != std::string::npos);

@@ -22,9 +22,7 @@
 
 namespace {
 
-std::string tmp_path(const char* name) {
-    return std::string("/tmp/test_vq_") + std::to_string(getpid()) + "_" + name;
-}
+std::string tmp_path(const char* name) { return std::string("/tmp/test_vq_") + std::to_string(getpid()) + "_" + name; }
 
 void write_bytes(const std::string& path, const std::vector<uint8_t>& b) {
     FILE* f = fopen(path.c_str(), "wb");
@@ -69,7 +67,9 @@ std::vector<uint8_t> make_idx(uint32_t magic, uint32_t n, uint32_t h, uint32_t w
 
 VqModel small_model() {
     VqModel m;
-    m.side = 8; m.patch = 4; m.codes = 3;
+    m.side = 8;
+    m.patch = 4;
+    m.codes = 3;
     for (int i = 0; i < 3 * 16; i++) m.centroids.push_back(i / 47.f);
     return m;
 }
@@ -90,7 +90,8 @@ TEST_CASE("vq_assign matches brute force (SIMD path, odd k, dim > 64 path)") {
                 double best = 1e30;
                 for (int j = 0; j < k; j++) {
                     double e = 0;
-                    for (int d = 0; d < dim; d++) e += (x[i * dim + d] - c[j * dim + d]) * (x[i * dim + d] - c[j * dim + d]);
+                    for (int d = 0; d < dim; d++)
+                        e += (x[i * dim + d] - c[j * dim + d]) * (x[i * dim + d] - c[j * dim + d]);
                     best = std::min(best, e);
                 }
                 // allow float rounding ties: the chosen code must be (nearly) as close as the best
@@ -110,7 +111,9 @@ TEST_CASE("k-means recovers known clusters (k-means++ and weights)") {
         for (int i = 0; i < per; i++)
             for (int d = 0; d < D; d++) x.push_back(centers[k * D + d] + 0.05f * (float)(r.uniform() - 0.5));
     VqKmeansOpts o;
-    o.k = K; o.iters = 20; o.seed = 11;
+    o.k = K;
+    o.iters = 20;
+    o.seed = 11;
     std::vector<float> c;
     double sse = 0;
     std::string err;
@@ -121,7 +124,10 @@ TEST_CASE("k-means recovers known clusters (k-means++ and weights)") {
         for (int j = 0; j < K; j++) {
             double e = 0;
             for (int d = 0; d < D; d++) e += (c[j * D + d] - centers[k * D + d]) * (c[j * D + d] - centers[k * D + d]);
-            if (e < 0.01) { near++; used[j]++; }
+            if (e < 0.01) {
+                near++;
+                used[j]++;
+            }
         }
         CHECK(near == 1);
     }
@@ -143,7 +149,9 @@ TEST_CASE("k-means recovers known clusters (k-means++ and weights)") {
     CHECK_FALSE(vq_kmeans(two, nullptr, 0, 2, o, &c, &sse, &err));
 
     // keep_init starts from the given centroids: the true centres are already a fixed point.
-    o.k = K; o.keep_init = true; o.iters = 3;
+    o.k = K;
+    o.keep_init = true;
+    o.iters = 3;
     c = centers;
     REQUIRE(vq_kmeans(x.data(), nullptr, x.size() / D, D, o, &c, &sse, &err));
     for (int i = 0; i < K * D; i++) CHECK(std::fabs(c[i] - centers[i]) < 0.01);
@@ -157,13 +165,18 @@ TEST_CASE("train on drawn strokes, encode/decode held-out images above a PSNR fl
     std::vector<uint8_t> imgs((n_train + n_test) * 784);
     for (int i = 0; i < n_train + n_test; i++) draw_image(r, &imgs[i * 784]);
     VqTrainOpts o;
-    o.codes = 64; o.iters = 20; o.verbose = false;
+    o.codes = 64;
+    o.iters = 20;
+    o.verbose = false;
     VqModel m;
     std::string err;
     REQUIRE(vq_train(imgs.data(), n_train, o, &m, &err));
     CHECK(vq_tokens(m) == 49);
     REQUIRE(vq_model_check(m, &err));
-    for (float v : m.centroids) { CHECK(v >= 0.f); CHECK(v <= 1.f); }
+    for (float v : m.centroids) {
+        CHECK(v >= 0.f);
+        CHECK(v <= 1.f);
+    }
     const uint8_t* test = &imgs[n_train * 784];
     double psnr = vq_eval_psnr(m, test, n_test);
     MESSAGE("held-out PSNR of 64-code 4x4 codebook on drawn strokes: " << psnr << " dB");
@@ -210,11 +223,13 @@ TEST_CASE("train on drawn strokes, encode/decode held-out images above a PSNR fl
     CHECK_FALSE(vq_decode(m, codes.data(), 48, rec.data(), &err));
 
     // Random init (baseline) also trains; sampled patches work.
-    o.plusplus = false; o.samples = 2000;
+    o.plusplus = false;
+    o.samples = 2000;
     VqModel m2;
     REQUIRE(vq_train(imgs.data(), n_train, o, &m2, &err));
     CHECK(vq_eval_psnr(m2, test, n_test) > 18.0);
-    o.side = 28; o.patch = 5;
+    o.side = 28;
+    o.patch = 5;
     CHECK_FALSE(vq_train(imgs.data(), n_train, o, &m2, &err));
 }
 
@@ -248,24 +263,34 @@ TEST_CASE("model file round trip and corrupt model files") {
     std::vector<uint8_t> b = bytes;
     b[0] = 'X';
     bad(b, "magic");
-    b = bytes; b[4] = 2;
+    b = bytes;
+    b[4] = 2;
     bad(b, "version");
-    b = bytes; b.pop_back();
+    b = bytes;
+    b.pop_back();
     bad(b, "truncated");
     bad(std::vector<uint8_t>(bytes.begin(), bytes.begin() + 10), "truncated");
-    b = bytes; b.push_back(0);
+    b = bytes;
+    b.push_back(0);
     bad(b, "extra");
-    b = bytes; b[12] = 3;  // P = 3 does not divide R = 8
+    b = bytes;
+    b[12] = 3;  // P = 3 does not divide R = 8
     bad(b, "inconsistent");
-    b = bytes; b[16] = 0;  // K = 0
+    b = bytes;
+    b[16] = 0;  // K = 0
     bad(b, "inconsistent");
-    b = bytes; b[16] = 4;  // K = 4 but data for 3
+    b = bytes;
+    b[16] = 4;  // K = 4 but data for 3
     bad(b, "truncated");
     // side 4096 with 8,192 codes of 1x1 patches: a 32 KB file whose encoding would take minutes
     b.assign(20 + 4 * 8192, 0);
     memcpy(b.data(), "MOTV\x01\0\0\0\0\x10\0\0\x01\0\0\0\0\x20\0\0", 20);
     bad(b, "too costly");
-    b = bytes; b[20] = 0; b[21] = 0; b[22] = 0xC0; b[23] = 0x7F;  // NaN
+    b = bytes;
+    b[20] = 0;
+    b[21] = 0;
+    b[22] = 0xC0;
+    b[23] = 0x7F;  // NaN
     bad(b, "non-finite");
     CHECK_FALSE(vq_model_load((path + ".missing").c_str(), &l, &err));
     CHECK(err.find("cannot open") != std::string::npos);
@@ -436,10 +461,13 @@ TEST_CASE("PNG/JPEG loading: grey, RGB, alpha, resize, bad files") {
 // A PNG whose IHDR says w x h, with arbitrary chunks after it (CRCs are not checked by stb).
 static std::vector<uint8_t> png_header(uint32_t w, uint32_t h, const std::string& extra_chunk_type) {
     std::vector<uint8_t> b = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
-    auto be = [&](uint32_t v) { for (int i = 3; i >= 0; i--) b.push_back((uint8_t)(v >> (8 * i))); };
+    auto be = [&](uint32_t v) {
+        for (int i = 3; i >= 0; i--) b.push_back((uint8_t)(v >> (8 * i)));
+    };
     be(13);
     for (char c : std::string("IHDR")) b.push_back(c);
-    be(w); be(h);
+    be(w);
+    be(h);
     for (uint8_t v : {8, 0, 0, 0, 0}) b.push_back(v);  // 8-bit grey
     be(0);                                             // CRC
     if (!extra_chunk_type.empty()) {

@@ -35,9 +35,7 @@ static int fail(const std::string& msg) {
     return 1;
 }
 
-static bool write_stdout(const void* p, size_t n) {
-    return fwrite(p, 1, n, stdout) == n;
-}
+static bool write_stdout(const void* p, size_t n) { return fwrite(p, 1, n, stdout) == n; }
 
 static double now_s() {
     return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -56,8 +54,8 @@ static int cmd_train(int argc, char** argv) {
     double t0 = now_s();
     if (!bpe_train_files(&b, files, (int)v, true, &err)) return fail(err);
     if (!bpe_save(b, argv[2], &err)) return fail(err);
-    fprintf(stderr, "bpe: wrote %s: %d tokens (%zu merges) in %.2f s\n", argv[2],
-            bpe_vocab_size(b), b.merges.size(), now_s() - t0);
+    fprintf(stderr, "bpe: wrote %s: %d tokens (%zu merges) in %.2f s\n", argv[2], bpe_vocab_size(b), b.merges.size(),
+            now_s() - t0);
     return 0;
 }
 
@@ -91,9 +89,8 @@ static int cmd_encode(const char* model, bool bin) {
     }
     if (!write_stdout(out.data(), out.size()) || fflush(stdout) != 0)
         return fail(std::string("stdout: write failed: ") + strerror(errno));
-    fprintf(stderr, "bpe: %zu bytes -> %zu tokens (%.2f bytes/token), %.1f MB/s\n", text.size(),
-            ids.size(), ids.empty() ? 0.0 : (double)text.size() / ids.size(),
-            text.size() / 1e6 / (dt > 0 ? dt : 1e-9));
+    fprintf(stderr, "bpe: %zu bytes -> %zu tokens (%.2f bytes/token), %.1f MB/s\n", text.size(), ids.size(),
+            ids.empty() ? 0.0 : (double)text.size() / ids.size(), text.size() / 1e6 / (dt > 0 ? dt : 1e-9));
     return 0;
 }
 
@@ -104,11 +101,9 @@ static int cmd_decode(const char* model, bool bin) {
     if (!bpe_read_file("-", &in, &err)) return fail(err);
     std::vector<int> ids;
     if (bin) {
-        if (in.size() % 2) return fail("stdin: odd number of bytes (" + std::to_string(in.size()) +
-                                       ") for uint16 ids");
+        if (in.size() % 2) return fail("stdin: odd number of bytes (" + std::to_string(in.size()) + ") for uint16 ids");
         ids.resize(in.size() / 2);
-        for (size_t i = 0; i < ids.size(); i++)
-            ids[i] = (uint8_t)in[2 * i] | (uint8_t)in[2 * i + 1] << 8;
+        for (size_t i = 0; i < ids.size(); i++) ids[i] = (uint8_t)in[2 * i] | (uint8_t)in[2 * i + 1] << 8;
     } else {
         const char* p = in.c_str();  // NUL terminated
         while (true) {
@@ -121,12 +116,11 @@ static int cmd_decode(const char* model, bool bin) {
             errno = 0;
             long long v = strtoll(word.c_str(), &end, 10);
             if (word.empty() || *end || errno || word[0] == '+')
-                return fail("stdin: token " + std::to_string(ids.size()) + " is not an id: '" +
-                            word.substr(0, 40) + "'");
+                return fail("stdin: token " + std::to_string(ids.size()) + " is not an id: '" + word.substr(0, 40) +
+                            "'");
             if (v < 0 || v >= bpe_vocab_size(b))
-                return fail("stdin: bad token id " + word + " at position " +
-                            std::to_string(ids.size()) + " (vocab size " +
-                            std::to_string(bpe_vocab_size(b)) + ")");
+                return fail("stdin: bad token id " + word + " at position " + std::to_string(ids.size()) +
+                            " (vocab size " + std::to_string(bpe_vocab_size(b)) + ")");
             ids.push_back((int)v);
             p = q;
         }
@@ -144,8 +138,11 @@ static std::string escape(const std::string& s) {
         if (c == '\n') r += "\\n";
         else if (c == '\t') r += "\\t";
         else if (c == '\\') r += "\\\\";
-        else if (c < 32 || c == 127) { char buf[8]; snprintf(buf, sizeof buf, "\\x%02x", c); r += buf; }
-        else r.push_back((char)c);
+        else if (c < 32 || c == 127) {
+            char buf[8];
+            snprintf(buf, sizeof buf, "\\x%02x", c);
+            r += buf;
+        } else r.push_back((char)c);
     }
     return r;
 }

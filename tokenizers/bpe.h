@@ -68,9 +68,9 @@
 #include <utility>
 #include <vector>
 
-#define BPE_MAX_WORD 256          // max bytes per pre-token word
-#define BPE_MAX_MERGES (1 << 24)  // bpe_load refuses larger models before reading them
-#define BPE_CACHE_MAX_WORD 64     // longer words are not cached
+#define BPE_MAX_WORD 256                // max bytes per pre-token word
+#define BPE_MAX_MERGES (1 << 24)        // bpe_load refuses larger models before reading them
+#define BPE_CACHE_MAX_WORD 64           // longer words are not cached
 #define BPE_CACHE_MAX_SLOTS (1 << 20)   // cache is dropped when half full at this size
 #define BPE_CACHE_MAX_TOKENS (1 << 22)  // ... or when it holds this many ids
 
@@ -117,8 +117,7 @@ void bpe_count_words(BpeWordCounts* wc, const void* data, size_t n);
 // Train to vocab_size tokens (>= 256). Stops early, with fewer tokens, only when no pair
 // is left to merge. progress: print merges done / total and rate on stderr.
 bool bpe_train(Bpe* b, const BpeWordCounts& wc, int vocab_size, bool progress, std::string* err);
-bool bpe_train_files(Bpe* b, const std::vector<std::string>& paths, int vocab_size,
-                     bool progress, std::string* err);
+bool bpe_train_files(Bpe* b, const std::vector<std::string>& paths, int vocab_size, bool progress, std::string* err);
 
 // Append the tokens of data to out. Never fails; all ids are < bpe_vocab_size(b).
 void bpe_encode(Bpe* b, const void* data, size_t n, std::vector<int>* out);
@@ -180,17 +179,18 @@ bool bpe_init(Bpe* b, const std::vector<std::pair<uint32_t, uint32_t>>& merges, 
     for (size_t i = 0; i < m.size(); i++) {
         uint32_t id = 256 + (uint32_t)i, l = m[i].first, r = m[i].second;
         if (l >= id || r >= id) {
-            if (err) *err = "merge " + std::to_string(i) + " (" + std::to_string(l) + ", " +
-                            std::to_string(r) + ") refers to token " +
-                            std::to_string(std::max(l, r)) + " >= its own id " + std::to_string(id);
+            if (err)
+                *err = "merge " + std::to_string(i) + " (" + std::to_string(l) + ", " + std::to_string(r) +
+                       ") refers to token " + std::to_string(std::max(l, r)) + " >= its own id " + std::to_string(id);
             return false;
         }
         uint64_t key = bpe__key(l, r);
         size_t h = bpe__mix(key) & (cap - 1);
         while (t.rank_keys[h] != ~(uint64_t)0 && t.rank_keys[h] != key) h = (h + 1) & (cap - 1);
         if (t.rank_keys[h] == key) {
-            if (err) *err = "merge " + std::to_string(i) + " repeats pair (" + std::to_string(l) +
-                            ", " + std::to_string(r) + ")";
+            if (err)
+                *err = "merge " + std::to_string(i) + " repeats pair (" + std::to_string(l) + ", " + std::to_string(r) +
+                       ")";
             return false;
         }
         t.rank_keys[h] = key;
@@ -199,8 +199,9 @@ bool bpe_init(Bpe* b, const std::vector<std::pair<uint32_t, uint32_t>>& merges, 
         // Merges never cross a pre-token word, so no real token is longer than a word; a longer
         // one is a hostile file (doubling merges would build 2^31-byte tokens from 260 bytes).
         if (t.bytes[id].size() > BPE_MAX_WORD) {
-            if (err) *err = "merge " + std::to_string(i) + " builds a token of " + std::to_string(t.bytes[id].size()) +
-                            " bytes, longer than the longest word (" + std::to_string(BPE_MAX_WORD) + ")";
+            if (err)
+                *err = "merge " + std::to_string(i) + " builds a token of " + std::to_string(t.bytes[id].size()) +
+                       " bytes, longer than the longest word (" + std::to_string(BPE_MAX_WORD) + ")";
             return false;
         }
     }
@@ -229,8 +230,7 @@ size_t bpe_word_end(const uint8_t* p, size_t n, size_t i) {
         if (c == 's' || c == 't' || c == 'm' || c == 'd') return i + 2;
         if (i + 2 < lim) {
             uint8_t d = p[i + 2];
-            if ((c == 'r' && d == 'e') || (c == 'v' && d == 'e') || (c == 'l' && d == 'l'))
-                return i + 3;
+            if ((c == 'r' && d == 'e') || (c == 'v' && d == 'e') || (c == 'l' && d == 'l')) return i + 3;
         }
     }
     size_t j = i;
@@ -267,9 +267,7 @@ struct BpeHeapItem {
     int64_t count;
     uint64_t key;
     // priority_queue puts the "largest" on top: highest count, then smallest pair
-    bool operator<(const BpeHeapItem& o) const {
-        return count != o.count ? count < o.count : key > o.key;
-    }
+    bool operator<(const BpeHeapItem& o) const { return count != o.count ? count < o.count : key > o.key; }
 };
 }  // namespace
 
@@ -373,7 +371,8 @@ bool bpe_train(Bpe* b, const BpeWordCounts& wc, int vocab_size, bool progress, s
                 if (it != count.end()) count.erase(it);
                 where.erase(kv.first);
             } else {
-                if (it == count.end()) count.emplace(kv.first, v); else it->second = v;
+                if (it == count.end()) count.emplace(kv.first, v);
+                else it->second = v;
                 heap.push({v, kv.first});
             }
         }
@@ -384,8 +383,8 @@ bool bpe_train(Bpe* b, const BpeWordCounts& wc, int vocab_size, bool progress, s
                 t_last = now;
                 printed = true;
                 double s = std::chrono::duration<double>(now - t0).count();
-                fprintf(stderr, "\rbpe: merges %d/%d  %.0f merges/s  (last pair count %lld)   ",
-                        m + 1, n_merges, (m + 1) / (s > 0 ? s : 1e-9), (long long)top.count);
+                fprintf(stderr, "\rbpe: merges %d/%d  %.0f merges/s  (last pair count %lld)   ", m + 1, n_merges,
+                        (m + 1) / (s > 0 ? s : 1e-9), (long long)top.count);
                 fflush(stderr);
             }
         }
@@ -393,24 +392,21 @@ bool bpe_train(Bpe* b, const BpeWordCounts& wc, int vocab_size, bool progress, s
     if (progress) {
         double s = std::chrono::duration<double>(clk::now() - t0).count();
         if (printed) fputc('\n', stderr);
-        fprintf(stderr, "bpe: %zu merges in %.2f s, vocab %zu%s\n", merges.size(), s,
-                256 + merges.size(),
+        fprintf(stderr, "bpe: %zu merges in %.2f s, vocab %zu%s\n", merges.size(), s, 256 + merges.size(),
                 (int)merges.size() < n_merges ? " (stopped early: no pairs left)" : "");
     }
     return bpe_init(b, merges, err);
 }
 
-bool bpe_train_files(Bpe* b, const std::vector<std::string>& paths, int vocab_size,
-                     bool progress, std::string* err) {
+bool bpe_train_files(Bpe* b, const std::vector<std::string>& paths, int vocab_size, bool progress, std::string* err) {
     BpeWordCounts wc;
     std::string text;
     for (const std::string& path : paths) {
         if (!bpe_read_file(path.c_str(), &text, err)) return false;
         bpe_count_words(&wc, text.data(), text.size());
         if (progress)
-            fprintf(stderr, "bpe: %s: %.2f MB, total %.2f MB, %llu words, %zu unique\n",
-                    path.c_str(), text.size() / 1e6, wc.n_bytes / 1e6,
-                    (unsigned long long)wc.n_words, wc.counts.size());
+            fprintf(stderr, "bpe: %s: %.2f MB, total %.2f MB, %llu words, %zu unique\n", path.c_str(),
+                    text.size() / 1e6, wc.n_bytes / 1e6, (unsigned long long)wc.n_words, wc.counts.size());
     }
     return bpe_train(b, wc, vocab_size, progress, err);
 }
@@ -452,10 +448,8 @@ static void bpe__cache_reset(Bpe* b, size_t slots) {
 }
 
 // Insert a word (not present) with its ids; grows, or drops everything when full.
-static void bpe__cache_put(Bpe* b, uint64_t h, const uint8_t* p, size_t len, const int* ids,
-                           size_t n_ids) {
-    if (b->cache_ids.size() + n_ids > BPE_CACHE_MAX_TOKENS ||
-        2 * (b->cache_used + 1) > BPE_CACHE_MAX_SLOTS)
+static void bpe__cache_put(Bpe* b, uint64_t h, const uint8_t* p, size_t len, const int* ids, size_t n_ids) {
+    if (b->cache_ids.size() + n_ids > BPE_CACHE_MAX_TOKENS || 2 * (b->cache_used + 1) > BPE_CACHE_MAX_SLOTS)
         bpe__cache_reset(b, b->cache.size());
     if (2 * (b->cache_used + 1) > b->cache.size()) {  // grow to keep load <= 1/2
         std::vector<BpeCacheSlot> old;
@@ -472,8 +466,8 @@ static void bpe__cache_put(Bpe* b, uint64_t h, const uint8_t* p, size_t len, con
     const size_t mask = b->cache.size() - 1;
     size_t i = h & mask;
     while (b->cache[i].word_len) i = (i + 1) & mask;
-    b->cache[i] = BpeCacheSlot{h, (uint32_t)b->cache_bytes.size(), (uint32_t)b->cache_ids.size(),
-                               (uint16_t)len, (uint16_t)n_ids};
+    b->cache[i] =
+        BpeCacheSlot{h, (uint32_t)b->cache_bytes.size(), (uint32_t)b->cache_ids.size(), (uint16_t)len, (uint16_t)n_ids};
     b->cache_bytes.append((const char*)p, len);
     b->cache_ids.insert(b->cache_ids.end(), ids, ids + n_ids);
     b->cache_used++;
@@ -563,8 +557,7 @@ void bpe_encode(Bpe* b, const void* data, size_t n, std::vector<int>* out) {
         size_t k = h & mask;
         for (; b->cache[k].word_len; k = (k + 1) & mask) {
             const BpeCacheSlot& s = b->cache[k];
-            if (s.hash == h && s.word_len == len && !memcmp(b->cache_bytes.data() + s.word_off, w, len))
-                break;
+            if (s.hash == h && s.word_len == len && !memcmp(b->cache_bytes.data() + s.word_off, w, len)) break;
         }
         const BpeCacheSlot& s = b->cache[k];
         if (s.word_len) {  // hit
@@ -584,8 +577,9 @@ bool bpe_decode(const Bpe& b, const int* ids, size_t n, std::string* out, std::s
     const int v = (int)b.bytes.size();
     for (size_t i = 0; i < n; i++) {
         if (ids[i] < 0 || ids[i] >= v) {
-            if (err) *err = "bad token id " + std::to_string(ids[i]) + " at position " +
-                            std::to_string(i) + " (vocab size " + std::to_string(v) + ")";
+            if (err)
+                *err = "bad token id " + std::to_string(ids[i]) + " at position " + std::to_string(i) +
+                       " (vocab size " + std::to_string(v) + ")";
             return false;
         }
         out->append(b.bytes[ids[i]]);
@@ -664,9 +658,9 @@ bool bpe_load(Bpe* b, const char* path, std::string* err) {
     }
     uint64_t want = 12 + 8 * (uint64_t)n;
     if (s.size() != want) {
-        if (err) *err = P + (s.size() < want ? "truncated" : "trailing bytes") + ": " +
-                        std::to_string(s.size()) + " bytes, header says " + std::to_string(n) +
-                        " merges = " + std::to_string(want) + " bytes";
+        if (err)
+            *err = P + (s.size() < want ? "truncated" : "trailing bytes") + ": " + std::to_string(s.size()) +
+                   " bytes, header says " + std::to_string(n) + " merges = " + std::to_string(want) + " bytes";
         return false;
     }
     if (n > BPE_MAX_MERGES) {

@@ -59,7 +59,8 @@ static int cmd_train(int argc, char** argv) {
         if (a == "--units" && has) {
             if (!parse_int(argv[++i], 1, 65536, &opt.K)) return die(std::string("bad --units '") + argv[i] + "'");
         } else if (a == "--iters" && has) {
-            if (!parse_int(argv[++i], 1, 1000, &opt.max_iters)) return die(std::string("bad --iters '") + argv[i] + "'");
+            if (!parse_int(argv[++i], 1, 1000, &opt.max_iters))
+                return die(std::string("bad --iters '") + argv[i] + "'");
         } else if (a == "--seed" && has) {
             int s;
             if (!parse_int(argv[++i], 0, 2147483647, &s)) return die(std::string("bad --seed '") + argv[i] + "'");
@@ -87,7 +88,8 @@ static int cmd_train(int argc, char** argv) {
     std::string err;
     for (size_t i = 0; i < files.size(); i++) {
         if (!speech_wav_load(files[i].c_str(), opt.settings.sample_rate, &clips[i], &err)) return die(err);
-        if ((i + 1) % 100 == 0 || i + 1 == files.size()) fprintf(stderr, "\rspeech: read %zu/%zu files", i + 1, files.size());
+        if ((i + 1) % 100 == 0 || i + 1 == files.size())
+            fprintf(stderr, "\rspeech: read %zu/%zu files", i + 1, files.size());
     }
     fprintf(stderr, " (%.1f s)\n", now_s() - t0);
     SpeechModel m;
@@ -141,7 +143,8 @@ static int cmd_decode(int argc, char** argv) {
         if (a == "--repeat" && has) {
             if (!parse_int(argv[++i], 1, 1000, &opt.repeat)) return die(std::string("bad --repeat '") + argv[i] + "'");
         } else if (a == "--iters" && has) {
-            if (!parse_int(argv[++i], 0, 10000, &opt.gl_iters)) return die(std::string("bad --iters '") + argv[i] + "'");
+            if (!parse_int(argv[++i], 0, 10000, &opt.gl_iters))
+                return die(std::string("bad --iters '") + argv[i] + "'");
         } else {
             usage();
         }
@@ -175,7 +178,8 @@ static int cmd_decode(int argc, char** argv) {
     std::vector<float> y;
     if (!speech_decode(m, units.data(), units.size(), opt, &y, &err)) return die("stdin: " + err);
     if (!speech_wav_write(argv[1], y.data(), y.size(), m.s.sample_rate, &err)) return die(err);
-    fprintf(stderr, "speech: %zu units -> %.2f s of audio in %s\n", units.size(), (double)y.size() / m.s.sample_rate, argv[1]);
+    fprintf(stderr, "speech: %zu units -> %.2f s of audio in %s\n", units.size(), (double)y.size() / m.s.sample_rate,
+            argv[1]);
     return 0;
 }
 

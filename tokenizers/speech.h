@@ -78,10 +78,10 @@
 // ---------------------------------------------------------------------------------------------
 #ifndef SPEECH_H
 #define SPEECH_H
-#define SPEECH_MAX_FILE (1u << 30)           // bytes of a WAV or model file
-#define SPEECH_MAX_SECONDS 3600              // WAV clip length
-#define SPEECH_MAX_DURATION 500              // a unit's mean run length, in frames (10 s at 50 frames/s)
-#define SPEECH_MAX_DECODE_FRAMES 30000       // decoded length (10 minutes at 50 frames/s)
+#define SPEECH_MAX_FILE (1u << 30)      // bytes of a WAV or model file
+#define SPEECH_MAX_SECONDS 3600         // WAV clip length
+#define SPEECH_MAX_DURATION 500         // a unit's mean run length, in frames (10 s at 50 frames/s)
+#define SPEECH_MAX_DECODE_FRAMES 30000  // decoded length (10 minutes at 50 frames/s)
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -101,8 +101,7 @@ void speech_fft(const SpeechFFT& f, float* re, float* im, bool inverse);
 // Parse RIFF/WAVE PCM 16-bit (any channel count, mixed to mono by averaging; any rate) into
 // floats in [-1, 1). A data chunk whose size is a streaming placeholder (>= 0x7FFF0000, as
 // written by `espeak-ng --stdout`) runs to the end of the input.
-bool speech_wav_parse(const uint8_t* data, size_t n, std::vector<float>* mono, int* sample_rate,
-                      std::string* err);
+bool speech_wav_parse(const uint8_t* data, size_t n, std::vector<float>* mono, int* sample_rate, std::string* err);
 bool speech_wav_read(const char* path, std::vector<float>* mono, int* sample_rate, std::string* err);
 // Read and resample to target_rate (errors are prefixed with the path).
 bool speech_wav_load(const char* path, int target_rate, std::vector<float>* out, std::string* err);
@@ -119,7 +118,7 @@ struct SpeechSettings {
 };
 struct SpeechFrontend {  // settings plus everything derived from them (read-only once built)
     SpeechSettings s;
-    int n_bins = 0;                   // n_fft/2 + 1
+    int n_bins = 0;  // n_fft/2 + 1
     SpeechFFT fft;
     std::vector<float> window;        // periodic Hann, win_length
     std::vector<int> mel_lo, mel_hi;  // band m uses bins [mel_lo[m], mel_hi[m])
@@ -133,20 +132,19 @@ void speech_features(const SpeechFrontend& fe, const float* x, size_t n, std::ve
 // Log-mel distance between two clips: RMS over frames and bands of the difference of
 // ln(mel + floor), floor = 1e-5 x the largest mel value of clip a (a 50 dB range, so that
 // near-silence does not dominate). Frames beyond the shorter clip are ignored.
-float speech_logmel_distance(const SpeechFrontend& fe, const float* a, size_t na, const float* b,
-                             size_t nb);
+float speech_logmel_distance(const SpeechFrontend& fe, const float* a, size_t na, const float* b, size_t nb);
 
 // ---- model -----------------------------------------------------------------------------------
 struct SpeechModel {
     SpeechSettings s;
     int K = 0;
-    std::vector<float> mean, std_;     // n_mels each
-    std::vector<float> centroid;       // K * n_mels, normalised space
-    std::vector<float> spectrum;       // K * n_bins, mean linear magnitude
-    std::vector<float> duration;       // K, mean run length in frames
+    std::vector<float> mean, std_;  // n_mels each
+    std::vector<float> centroid;    // K * n_mels, normalised space
+    std::vector<float> spectrum;    // K * n_bins, mean linear magnitude
+    std::vector<float> duration;    // K, mean run length in frames
     // derived by speech_model_finish (not stored):
     SpeechFrontend fe;
-    std::vector<float> cnorm;          // |centroid_k|^2
+    std::vector<float> cnorm;  // |centroid_k|^2
 };
 bool speech_model_finish(SpeechModel* m, std::string* err);  // validate + build derived data
 bool speech_model_save(const SpeechModel& m, const char* path, std::string* err);
@@ -161,12 +159,12 @@ struct SpeechTrainOptions {
     int max_frames = 200000;  // k-means runs on at most this many frames (evenly subsampled);
                               // the final assignment, spectra and durations use every frame
     uint32_t seed = 1234;
-    bool verbose = true;      // progress on stderr
+    bool verbose = true;  // progress on stderr
     SpeechSettings settings;
 };
 // clips: mono audio already at settings.sample_rate.
-bool speech_train(const std::vector<std::vector<float>>& clips, const SpeechTrainOptions& opt,
-                  SpeechModel* m, std::string* err);
+bool speech_train(const std::vector<std::vector<float>>& clips, const SpeechTrainOptions& opt, SpeechModel* m,
+                  std::string* err);
 
 // ---- encode ----------------------------------------------------------------------------------
 // Nearest centroid of each log-mel frame (n_frames * n_mels floats, not yet normalised).
@@ -177,11 +175,11 @@ void speech_encode_frames(const SpeechModel& m, const float* x, size_t n, std::v
 void speech_collapse(const int* frames, size_t n, std::vector<int>* units, std::vector<int>* runs);
 // The entry point for the dataset builder: an in-memory buffer at any sample rate ->
 // collapsed units in [0, K). Thread-safe on a shared model.
-bool speech_encode(const SpeechModel& m, const float* x, size_t n, int sample_rate,
-                   std::vector<int>* units, std::string* err);
+bool speech_encode(const SpeechModel& m, const float* x, size_t n, int sample_rate, std::vector<int>* units,
+                   std::string* err);
 // The same from 16-bit PCM samples (e.g. what libespeak-ng's synthesis callback delivers).
-bool speech_encode_i16(const SpeechModel& m, const int16_t* x, size_t n, int sample_rate,
-                       std::vector<int>* units, std::string* err);
+bool speech_encode_i16(const SpeechModel& m, const int16_t* x, size_t n, int sample_rate, std::vector<int>* units,
+                       std::string* err);
 
 // ---- decode ----------------------------------------------------------------------------------
 struct SpeechDecodeOptions {
@@ -195,11 +193,11 @@ struct SpeechDecodeOptions {
 bool speech_decode(const SpeechModel& m, const int* units, size_t n, const SpeechDecodeOptions& opt,
                    std::vector<float>* out, std::string* err);
 // One unit per 20 ms frame (no duration model) -> samples; n_frames * hop samples long.
-bool speech_decode_frames(const SpeechModel& m, const int* frame_units, size_t n_frames,
-                          const SpeechDecodeOptions& opt, std::vector<float>* out, std::string* err);
+bool speech_decode_frames(const SpeechModel& m, const int* frame_units, size_t n_frames, const SpeechDecodeOptions& opt,
+                          std::vector<float>* out, std::string* err);
 // Griffin-Lim from magnitudes given per 20 ms frame (n_frames * n_bins): output n_frames * hop.
-void speech_griffin_lim(const SpeechFrontend& fe, const float* mag, int n_frames,
-                        const SpeechDecodeOptions& opt, std::vector<float>* out);
+void speech_griffin_lim(const SpeechFrontend& fe, const float* mag, int n_frames, const SpeechDecodeOptions& opt,
+                        std::vector<float>* out);
 
 #endif  // SPEECH_H
 
@@ -222,7 +220,8 @@ static bool speech_fail_(std::string* err, const std::string& msg) {
 
 // ---- FFT ----------------------------------------------------------------------------------------
 bool speech_fft_init(SpeechFFT* f, int n, std::string* err) {
-    if (n < 2 || (n & (n - 1)) != 0) return speech_fail_(err, "FFT size " + std::to_string(n) + " is not a power of two");
+    if (n < 2 || (n & (n - 1)) != 0)
+        return speech_fail_(err, "FFT size " + std::to_string(n) + " is not a power of two");
     f->n = n;
     f->cs.resize(n / 2);
     f->sn.resize(n / 2);
@@ -246,7 +245,10 @@ void speech_fft(const SpeechFFT& f, float* re, float* im, bool inverse) {
     const int n = f.n;
     for (int i = 0; i < n; i++) {
         int j = f.rev[i];
-        if (j > i) { std::swap(re[i], re[j]); std::swap(im[i], im[j]); }
+        if (j > i) {
+            std::swap(re[i], re[j]);
+            std::swap(im[i], im[j]);
+        }
     }
     const float sgn = inverse ? 1.0f : -1.0f;
     for (int len = 2; len <= n; len <<= 1) {
@@ -257,14 +259,19 @@ void speech_fft(const SpeechFFT& f, float* re, float* im, bool inverse) {
                 int a = i + k, b = a + half;
                 float tr = re[b] * wr - im[b] * wi;
                 float ti = re[b] * wi + im[b] * wr;
-                re[b] = re[a] - tr; im[b] = im[a] - ti;
-                re[a] += tr;        im[a] += ti;
+                re[b] = re[a] - tr;
+                im[b] = im[a] - ti;
+                re[a] += tr;
+                im[a] += ti;
             }
         }
     }
     if (inverse) {
         float s = 1.0f / n;
-        for (int i = 0; i < n; i++) { re[i] *= s; im[i] *= s; }
+        for (int i = 0; i < n; i++) {
+            re[i] *= s;
+            im[i] *= s;
+        }
     }
 }
 
@@ -272,8 +279,7 @@ void speech_fft(const SpeechFFT& f, float* re, float* im, bool inverse) {
 static uint32_t speech_u32_(const uint8_t* p) { return p[0] | (p[1] << 8) | (p[2] << 16) | ((uint32_t)p[3] << 24); }
 static uint16_t speech_u16_(const uint8_t* p) { return (uint16_t)(p[0] | (p[1] << 8)); }
 
-bool speech_wav_parse(const uint8_t* d, size_t n, std::vector<float>* mono, int* sample_rate,
-                      std::string* err) {
+bool speech_wav_parse(const uint8_t* d, size_t n, std::vector<float>* mono, int* sample_rate, std::string* err) {
     if (n == 0) return speech_fail_(err, "empty file");
     if (n < 12 || memcmp(d, "RIFF", 4) != 0) return speech_fail_(err, "not a RIFF/WAVE file (no RIFF header)");
     if (memcmp(d + 8, "WAVE", 4) != 0) return speech_fail_(err, "not a RIFF/WAVE file (RIFF but not WAVE)");
@@ -305,7 +311,8 @@ bool speech_wav_parse(const uint8_t* d, size_t n, std::vector<float>* mono, int*
         }
         if (size > avail) {
             std::string id((const char*)c, 4);
-            for (char& ch : id) if (ch < 32 || ch > 126) ch = '?';
+            for (char& ch : id)
+                if (ch < 32 || ch > 126) ch = '?';
             return speech_fail_(err, "truncated '" + id + "' chunk");
         }
         if (memcmp(c, "fmt ", 4) == 0) {
@@ -353,7 +360,8 @@ static bool speech_read_file_(const char* path, std::vector<uint8_t>* buf, std::
     if (!f) return speech_fail_(err, std::string(path) + ": cannot open: " + strerror(errno));
     if (fseek(f, 0, SEEK_END) == 0 && ftell(f) > (long)SPEECH_MAX_FILE) {  // refused before reading
         fclose(f);
-        return speech_fail_(err, std::string(path) + ": file too large (over " + std::to_string(SPEECH_MAX_FILE) + " bytes)");
+        return speech_fail_(
+            err, std::string(path) + ": file too large (over " + std::to_string(SPEECH_MAX_FILE) + " bytes)");
     }
     rewind(f);
     buf->clear();
@@ -379,7 +387,10 @@ bool speech_wav_load(const char* path, int target_rate, std::vector<float>* out,
     std::vector<float> x;
     int rate = 0;
     if (!speech_wav_read(path, &x, &rate, err)) return false;
-    if (rate == target_rate) { out->swap(x); return true; }
+    if (rate == target_rate) {
+        out->swap(x);
+        return true;
+    }
     speech_resample(x.data(), x.size(), rate, target_rate, out);
     return true;
 }
@@ -387,12 +398,29 @@ bool speech_wav_load(const char* path, int target_rate, std::vector<float>* out,
 void speech_wav_encode(const float* x, size_t n, int sample_rate, std::vector<uint8_t>* b) {
     b->assign(44 + 2 * n, 0);
     uint8_t* p = b->data();
-    auto put32 = [](uint8_t* q, uint32_t v) { q[0] = v; q[1] = v >> 8; q[2] = v >> 16; q[3] = v >> 24; };
-    auto put16 = [](uint8_t* q, uint16_t v) { q[0] = v; q[1] = v >> 8; };
-    memcpy(p, "RIFF", 4); put32(p + 4, (uint32_t)(36 + 2 * n)); memcpy(p + 8, "WAVE", 4);
-    memcpy(p + 12, "fmt ", 4); put32(p + 16, 16); put16(p + 20, 1); put16(p + 22, 1);
-    put32(p + 24, sample_rate); put32(p + 28, sample_rate * 2); put16(p + 32, 2); put16(p + 34, 16);
-    memcpy(p + 36, "data", 4); put32(p + 40, (uint32_t)(2 * n));
+    auto put32 = [](uint8_t* q, uint32_t v) {
+        q[0] = v;
+        q[1] = v >> 8;
+        q[2] = v >> 16;
+        q[3] = v >> 24;
+    };
+    auto put16 = [](uint8_t* q, uint16_t v) {
+        q[0] = v;
+        q[1] = v >> 8;
+    };
+    memcpy(p, "RIFF", 4);
+    put32(p + 4, (uint32_t)(36 + 2 * n));
+    memcpy(p + 8, "WAVE", 4);
+    memcpy(p + 12, "fmt ", 4);
+    put32(p + 16, 16);
+    put16(p + 20, 1);
+    put16(p + 22, 1);
+    put32(p + 24, sample_rate);
+    put32(p + 28, sample_rate * 2);
+    put16(p + 32, 2);
+    put16(p + 34, 16);
+    memcpy(p + 36, "data", 4);
+    put32(p + 40, (uint32_t)(2 * n));
     for (size_t i = 0; i < n; i++) {
         float v = std::max(-1.0f, std::min(1.0f, x[i])) * 32767.0f;
         put16(p + 44 + 2 * i, (uint16_t)(int16_t)lrintf(v));
@@ -425,8 +453,14 @@ static double speech_kernel_(double d, double fc, double hw) {
 }
 
 void speech_resample(const float* in, size_t n, int in_rate, int out_rate, std::vector<float>* out) {
-    if (in_rate <= 0 || out_rate <= 0) { out->clear(); return; }
-    if (in_rate == out_rate || n == 0) { out->assign(in, in + n); return; }
+    if (in_rate <= 0 || out_rate <= 0) {
+        out->clear();
+        return;
+    }
+    if (in_rate == out_rate || n == 0) {
+        out->assign(in, in + n);
+        return;
+    }
     const int zeros = 16;
     const double fc = 0.5 * std::min(1.0, (double)out_rate / in_rate) * 0.97;
     const double hw = zeros / (2.0 * fc);  // half-width in input samples
@@ -475,9 +509,12 @@ static double speech_mel_to_hz_(double m) {
 }
 
 bool speech_frontend_init(SpeechFrontend* fe, const SpeechSettings& s, std::string* err) {
-    if (s.sample_rate < 1000 || s.sample_rate > 768000) return speech_fail_(err, "bad sample rate " + std::to_string(s.sample_rate));
-    if (s.n_fft < 16 || s.n_fft > 65536 || (s.n_fft & (s.n_fft - 1))) return speech_fail_(err, "bad n_fft " + std::to_string(s.n_fft));
-    if (s.win_length < 2 || s.win_length > s.n_fft) return speech_fail_(err, "bad win_length " + std::to_string(s.win_length));
+    if (s.sample_rate < 1000 || s.sample_rate > 768000)
+        return speech_fail_(err, "bad sample rate " + std::to_string(s.sample_rate));
+    if (s.n_fft < 16 || s.n_fft > 65536 || (s.n_fft & (s.n_fft - 1)))
+        return speech_fail_(err, "bad n_fft " + std::to_string(s.n_fft));
+    if (s.win_length < 2 || s.win_length > s.n_fft)
+        return speech_fail_(err, "bad win_length " + std::to_string(s.win_length));
     if (s.hop < 1 || s.hop > s.n_fft) return speech_fail_(err, "bad hop " + std::to_string(s.hop));
     if (s.n_mels < 1 || s.n_mels > 512) return speech_fail_(err, "bad n_mels " + std::to_string(s.n_mels));
     fe->s = s;
@@ -505,7 +542,10 @@ bool speech_frontend_init(SpeechFrontend* fe, const SpeechSettings& s, std::stri
                 last = k + 1;
             }
         }
-        if (first >= last) { first = 0; last = 0; }  // empty band (only with too many mels): stays at the floor
+        if (first >= last) {
+            first = 0;
+            last = 0;
+        }  // empty band (only with too many mels): stays at the floor
         fe->mel_lo[m] = first;
         fe->mel_hi[m] = last;
     }
@@ -538,7 +578,8 @@ void speech_features(const SpeechFrontend& fe, const float* x, size_t n, std::ve
     for (int t = 0; t < T; t++) {
         speech_frame_fft_(fe, x, n, (long long)t * hop + hop / 2, re.data(), im.data());
         for (int k = 0; k < nb; k++) pw[k] = re[k] * re[k] + im[k] * im[k];
-        if (mag) for (int k = 0; k < nb; k++) (*mag)[(size_t)t * nb + k] = sqrtf(pw[k]);
+        if (mag)
+            for (int k = 0; k < nb; k++) (*mag)[(size_t)t * nb + k] = sqrtf(pw[k]);
         float* out = &(*logmel)[(size_t)t * nm];
         for (int m = 0; m < nm; m++) {
             const float* w = &fe.mel_w[(size_t)m * nb];
@@ -579,14 +620,17 @@ bool speech_model_finish(SpeechModel* m, std::string* err) {
     if ((int)m->mean.size() != nm || (int)m->std_.size() != nm || m->centroid.size() != (size_t)K * nm ||
         m->spectrum.size() != (size_t)K * nb || (int)m->duration.size() != K)
         return speech_fail_(err, "model arrays have the wrong sizes");
-    for (float v : m->std_) if (!(v > 0) || !std::isfinite(v)) return speech_fail_(err, "model has a non-positive std");
+    for (float v : m->std_)
+        if (!(v > 0) || !std::isfinite(v)) return speech_fail_(err, "model has a non-positive std");
     for (const std::vector<float>* a : {&m->mean, &m->centroid, &m->spectrum})
         for (float v : *a)
             if (!std::isfinite(v)) return speech_fail_(err, "model has a non-finite value");
-    for (float v : m->spectrum) if (v < 0) return speech_fail_(err, "model has a negative magnitude");
+    for (float v : m->spectrum)
+        if (v < 0) return speech_fail_(err, "model has a negative magnitude");
     for (float v : m->duration)
         if (!(v >= 1.0f && v <= SPEECH_MAX_DURATION))
-            return speech_fail_(err, "model has a unit duration outside [1, " + std::to_string(SPEECH_MAX_DURATION) + "] frames");
+            return speech_fail_(
+                err, "model has a unit duration outside [1, " + std::to_string(SPEECH_MAX_DURATION) + "] frames");
     m->cnorm.assign(K, 0.0f);
     for (int k = 0; k < K; k++) {
         float s = 0;
@@ -598,15 +642,30 @@ bool speech_model_finish(SpeechModel* m, std::string* err) {
 
 bool speech_model_serialize(const SpeechModel& m, std::vector<uint8_t>* b) {
     b->clear();
-    auto put32 = [&](uint32_t v) { for (int i = 0; i < 4; i++) b->push_back((uint8_t)(v >> (8 * i))); };
+    auto put32 = [&](uint32_t v) {
+        for (int i = 0; i < 4; i++) b->push_back((uint8_t)(v >> (8 * i)));
+    };
     auto putf = [&](const std::vector<float>& v) {
-        for (float f : v) { uint32_t u; memcpy(&u, &f, 4); put32(u); }
+        for (float f : v) {
+            uint32_t u;
+            memcpy(&u, &f, 4);
+            put32(u);
+        }
     };
     b->reserve(32 + 4 * (m.mean.size() + m.std_.size() + m.centroid.size() + m.spectrum.size() + m.duration.size()));
     for (char ch : {'M', 'O', 'T', 'A'}) b->push_back((uint8_t)ch);
     put32(SPEECH_VERSION);
-    put32(m.s.sample_rate); put32(m.s.n_fft); put32(m.s.win_length); put32(m.s.hop); put32(m.s.n_mels); put32(m.K);
-    putf(m.mean); putf(m.std_); putf(m.centroid); putf(m.spectrum); putf(m.duration);
+    put32(m.s.sample_rate);
+    put32(m.s.n_fft);
+    put32(m.s.win_length);
+    put32(m.s.hop);
+    put32(m.s.n_mels);
+    put32(m.K);
+    putf(m.mean);
+    putf(m.std_);
+    putf(m.centroid);
+    putf(m.spectrum);
+    putf(m.duration);
     return true;
 }
 
@@ -626,11 +685,17 @@ bool speech_model_parse(SpeechModel* m, const uint8_t* d, size_t n, std::string*
     if (h[0] > 768000 || h[1] > 65536 || h[2] > 65536 || h[3] > 65536 || h[4] > 512 || h[4] < 1 || h[5] > 65536 ||
         h[5] < 1)
         return speech_fail_(err, "speech model settings out of range");
-    m->s.sample_rate = h[0]; m->s.n_fft = h[1]; m->s.win_length = h[2]; m->s.hop = h[3]; m->s.n_mels = h[4];
+    m->s.sample_rate = h[0];
+    m->s.n_fft = h[1];
+    m->s.win_length = h[2];
+    m->s.hop = h[3];
+    m->s.n_mels = h[4];
     m->K = h[5];
     const size_t nm = h[4], K = h[5], nb = h[1] / 2 + 1;
     const size_t floats = 2 * nm + K * nm + K * nb + K, want = 32 + 4 * floats;
-    if (n < want) return speech_fail_(err, "truncated speech model (" + std::to_string(n) + " bytes, expected " + std::to_string(want) + ")");
+    if (n < want)
+        return speech_fail_(
+            err, "truncated speech model (" + std::to_string(n) + " bytes, expected " + std::to_string(want) + ")");
     if (n > want) return speech_fail_(err, "speech model has " + std::to_string(n - want) + " trailing bytes");
     const uint8_t* p = d + 32;
     auto getf = [&](std::vector<float>* v, size_t count) {
@@ -638,7 +703,11 @@ bool speech_model_parse(SpeechModel* m, const uint8_t* d, size_t n, std::string*
         if (count) memcpy(v->data(), p, 4 * count);  // little-endian host assumed (x86/ARM)
         p += 4 * count;
     };
-    getf(&m->mean, nm); getf(&m->std_, nm); getf(&m->centroid, K * nm); getf(&m->spectrum, K * nb); getf(&m->duration, K);
+    getf(&m->mean, nm);
+    getf(&m->std_, nm);
+    getf(&m->centroid, K * nm);
+    getf(&m->spectrum, K * nb);
+    getf(&m->duration, K);
     return speech_model_finish(m, err);
 }
 
@@ -661,7 +730,10 @@ static int speech_nearest_(const float* x, const float* cent, const float* cnorm
 #pragma omp simd reduction(+ : dot)
         for (int j = 0; j < d; j++) dot += x[j] * c[j];
         float v = cnorm[k] - 2 * dot;
-        if (v < bd) { bd = v; best = k; }
+        if (v < bd) {
+            bd = v;
+            best = k;
+        }
     }
     if (dist) {
         float xx = 0;
@@ -692,7 +764,10 @@ void speech_collapse(const int* f, size_t n, std::vector<int>* units, std::vecto
     units->clear();
     if (runs) runs->clear();
     for (size_t i = 0; i < n; i++) {
-        if (i > 0 && f[i] == f[i - 1]) { if (runs) runs->back()++; continue; }
+        if (i > 0 && f[i] == f[i - 1]) {
+            if (runs) runs->back()++;
+            continue;
+        }
         units->push_back(f[i]);
         if (runs) runs->push_back(1);
     }
@@ -701,7 +776,8 @@ void speech_collapse(const int* f, size_t n, std::vector<int>* units, std::vecto
 bool speech_encode(const SpeechModel& m, const float* x, size_t n, int sample_rate, std::vector<int>* units,
                    std::string* err) {
     if (m.K < 1 || m.cnorm.size() != (size_t)m.K) return speech_fail_(err, "speech model not loaded");
-    if (sample_rate < 1000 || sample_rate > 768000) return speech_fail_(err, "bad sample rate " + std::to_string(sample_rate));
+    if (sample_rate < 1000 || sample_rate > 768000)
+        return speech_fail_(err, "bad sample rate " + std::to_string(sample_rate));
     std::vector<float> rs;
     if (sample_rate != m.s.sample_rate) {
         speech_resample(x, n, sample_rate, m.s.sample_rate, &rs);
@@ -741,7 +817,9 @@ bool speech_train(const std::vector<std::vector<float>>& clips, const SpeechTrai
     std::vector<size_t> off(C + 1, 0);
     for (int c = 0; c < C; c++) off[c + 1] = off[c] + speech_num_frames(fe, clips[c].size());
     const size_t N = off[C];
-    if (N < (size_t)K) return speech_fail_(err, "only " + std::to_string(N) + " frames for " + std::to_string(K) + " units: need more audio");
+    if (N < (size_t)K)
+        return speech_fail_(
+            err, "only " + std::to_string(N) + " frames for " + std::to_string(K) + " units: need more audio");
     std::vector<float> X(N * nm);
 #pragma omp parallel for schedule(dynamic, 4)
     for (int c = 0; c < C; c++) {
@@ -751,9 +829,14 @@ bool speech_train(const std::vector<std::vector<float>>& clips, const SpeechTrai
     }
     // 2. per-band mean / std, then normalise in place.
     std::vector<double> mu(nm, 0.0), var(nm, 0.0);
-    for (size_t i = 0; i < N; i++) for (int j = 0; j < nm; j++) mu[j] += X[i * nm + j];
+    for (size_t i = 0; i < N; i++)
+        for (int j = 0; j < nm; j++) mu[j] += X[i * nm + j];
     for (int j = 0; j < nm; j++) mu[j] /= N;
-    for (size_t i = 0; i < N; i++) for (int j = 0; j < nm; j++) { double d = X[i * nm + j] - mu[j]; var[j] += d * d; }
+    for (size_t i = 0; i < N; i++)
+        for (int j = 0; j < nm; j++) {
+            double d = X[i * nm + j] - mu[j];
+            var[j] += d * d;
+        }
     m->s = opt.settings;
     m->K = K;
     m->mean.resize(nm);
@@ -771,8 +854,9 @@ bool speech_train(const std::vector<std::vector<float>>& clips, const SpeechTrai
     for (size_t i = 0; i < S; i++) sub.push_back(i * N / S);
     std::vector<float> Y(S * nm);
     for (size_t i = 0; i < S; i++) std::copy(&X[sub[i] * nm], &X[sub[i] * nm] + nm, &Y[i * nm]);
-    if (opt.verbose) fprintf(stderr, "speech: %d clips, %zu frames (%.1f s of audio); k-means K=%d on %zu frames\n",
-                             C, N, N * (double)opt.settings.hop / opt.settings.sample_rate, K, S);
+    if (opt.verbose)
+        fprintf(stderr, "speech: %d clips, %zu frames (%.1f s of audio); k-means K=%d on %zu frames\n", C, N,
+                N * (double)opt.settings.hop / opt.settings.sample_rate, K, S);
     uint64_t rng = opt.seed;
     std::vector<float> cent((size_t)K * nm), cn(K);
     // k-means++: each next centre drawn with probability proportional to squared distance.
@@ -786,14 +870,23 @@ bool speech_train(const std::vector<std::vector<float>>& clips, const SpeechTrai
 #pragma omp parallel for schedule(static) reduction(+ : total)
             for (long long i = 0; i < (long long)S; i++) {
                 float s = 0;
-                for (int j = 0; j < nm; j++) { float d = Y[i * nm + j] - c[j]; s += d * d; }
+                for (int j = 0; j < nm; j++) {
+                    float d = Y[i * nm + j] - c[j];
+                    s += d * d;
+                }
                 if (k == 0 || s < d2[i]) d2[i] = s;
                 total += d2[i];
             }
             if (k + 1 == K) break;
             double r = speech_uniform_(&rng) * total, acc = 0;
             size_t pick = S - 1;
-            for (size_t i = 0; i < S; i++) { acc += d2[i]; if (acc >= r && d2[i] > 0) { pick = i; break; } }
+            for (size_t i = 0; i < S; i++) {
+                acc += d2[i];
+                if (acc >= r && d2[i] > 0) {
+                    pick = i;
+                    break;
+                }
+            }
             std::copy(&Y[pick * nm], &Y[pick * nm] + nm, &cent[(size_t)(k + 1) * nm]);
         }
     }
@@ -813,7 +906,10 @@ bool speech_train(const std::vector<std::vector<float>>& clips, const SpeechTrai
 #pragma omp parallel for schedule(static) reduction(+ : changed, inertia)
         for (long long i = 0; i < (long long)S; i++) {
             int a = speech_nearest_(&Y[i * nm], cent.data(), cn.data(), K, nm, &dist[i]);
-            if (a != as[i]) { changed++; as[i] = a; }
+            if (a != as[i]) {
+                changed++;
+                as[i] = a;
+            }
             inertia += dist[i];
         }
         std::fill(sum.begin(), sum.end(), 0.0);
@@ -834,8 +930,8 @@ bool speech_train(const std::vector<std::vector<float>>& clips, const SpeechTrai
             }
         }
         if (opt.verbose)
-            fprintf(stderr, "speech: k-means iter %2d: mean sq dist %.4f, %lld frames changed%s\n", it + 1,
-                    inertia / S, changed, reseeded ? (", " + std::to_string(reseeded) + " empty re-seeded").c_str() : "");
+            fprintf(stderr, "speech: k-means iter %2d: mean sq dist %.4f, %lld frames changed%s\n", it + 1, inertia / S,
+                    changed, reseeded ? (", " + std::to_string(reseeded) + " empty re-seeded").c_str() : "");
         if (it > 0 && reseeded == 0 && changed * 1000 < (long long)S) break;
     }
     m->centroid = cent;
@@ -850,12 +946,16 @@ bool speech_train(const std::vector<std::vector<float>>& clips, const SpeechTrai
     // 4. assign every frame; mean run lengths per unit.
     std::vector<int> all(N);
 #pragma omp parallel for schedule(static)
-    for (long long i = 0; i < (long long)N; i++) all[i] = speech_nearest_(&X[i * nm], cent.data(), m->cnorm.data(), K, nm, nullptr);
+    for (long long i = 0; i < (long long)N; i++)
+        all[i] = speech_nearest_(&X[i * nm], cent.data(), m->cnorm.data(), K, nm, nullptr);
     std::vector<double> run_sum(K, 0.0), run_cnt(K, 0.0);
     for (int c = 0; c < C; c++) {
         std::vector<int> u, r;
         speech_collapse(&all[off[c]], off[c + 1] - off[c], &u, &r);
-        for (size_t i = 0; i < u.size(); i++) { run_sum[u[i]] += r[i]; run_cnt[u[i]] += 1; }
+        for (size_t i = 0; i < u.size(); i++) {
+            run_sum[u[i]] += r[i];
+            run_cnt[u[i]] += 1;
+        }
     }
     for (int k = 0; k < K; k++) m->duration[k] = run_cnt[k] > 0 ? (float)(run_sum[k] / run_cnt[k]) : 2.0f;
     // 5. mean linear magnitude spectrum per unit (a second STFT pass, so magnitudes are never all in memory).
@@ -867,7 +967,10 @@ bool speech_train(const std::vector<std::vector<float>>& clips, const SpeechTrai
         for (size_t t = 0; t + off[c] < off[c + 1]; t++) {
             int u = all[off[c] + t];
             fcnt[u]++;
-            for (int k = 0; k < nb; k++) { spec[(size_t)u * nb + k] += mag[t * nb + k]; gspec[k] += mag[t * nb + k]; }
+            for (int k = 0; k < nb; k++) {
+                spec[(size_t)u * nb + k] += mag[t * nb + k];
+                gspec[k] += mag[t * nb + k];
+            }
         }
     }
     int unused = 0;
@@ -890,9 +993,9 @@ void speech_griffin_lim(const SpeechFrontend& fe, const float* mag, int T, const
                         std::vector<float>* out) {
     const int N = fe.s.n_fft, W = fe.s.win_length, nb = fe.n_bins, hop = fe.s.hop;
     const int ov = std::max(1, std::min(opt.overlap, hop));
-    const int hs = hop / ov;                 // synthesis hop
-    const size_t L = (size_t)T * hop;        // output length
-    const int J = (int)(L / hs);             // synthesis frames, frame j centred at j*hs + hs/2
+    const int hs = hop / ov;           // synthesis hop
+    const size_t L = (size_t)T * hop;  // output length
+    const int J = (int)(L / hs);       // synthesis frames, frame j centred at j*hs + hs/2
     out->assign(L, 0.0f);
     if (T <= 0) return;
     // Target magnitudes per synthesis frame: linear interpolation between 20 ms frame centres.
@@ -927,8 +1030,14 @@ void speech_griffin_lim(const SpeechFrontend& fe, const float* mag, int T, const
     auto project_mag = [&]() {  // set |t| = S, keep the phase
         for (size_t i = 0; i < JB; i++) {
             float r = sqrtf(tr[i] * tr[i] + ti[i] * ti[i]);
-            if (r > 1e-20f) { float g = S[i] / r; tr[i] *= g; ti[i] *= g; }
-            else { tr[i] = S[i]; ti[i] = 0; }
+            if (r > 1e-20f) {
+                float g = S[i] / r;
+                tr[i] *= g;
+                ti[i] *= g;
+            } else {
+                tr[i] = S[i];
+                ti[i] = 0;
+            }
         }
     };
     // Two real frames share one complex FFT (frame j in the real part, j+1 in the imaginary part),
@@ -945,8 +1054,12 @@ void speech_griffin_lim(const SpeechFrontend& fe, const float* mag, int T, const
             for (int k = 0; k < nb; k++) {
                 float Ar = ar[k], Ai = (k == 0 || k == N / 2) ? 0.0f : ai[k];
                 float Br = two ? br[k] : 0.0f, Bi = (two && k != 0 && k != N / 2) ? bi[k] : 0.0f;
-                re[k] = Ar - Bi; im[k] = Ai + Br;
-                if (k > 0 && k < N / 2) { re[N - k] = Ar + Bi; im[N - k] = Br - Ai; }
+                re[k] = Ar - Bi;
+                im[k] = Ai + Br;
+                if (k > 0 && k < N / 2) {
+                    re[N - k] = Ar + Bi;
+                    im[N - k] = Br - Ai;
+                }
             }
             speech_fft(fe.fft, re.data(), im.data(), true);
             for (int f = 0; f < (two ? 2 : 1); f++) {
@@ -964,7 +1077,8 @@ void speech_griffin_lim(const SpeechFrontend& fe, const float* mag, int T, const
         size_t i = (size_t)j * nb + k;
         tr[i] = cr + opt.momentum * (cr - pr[i]);
         ti[i] = ci + opt.momentum * (ci - pi[i]);
-        pr[i] = cr; pi[i] = ci;
+        pr[i] = cr;
+        pi[i] = ci;
     };
     for (int it = 0; it < opt.gl_iters; it++) {
         project_mag();
@@ -1005,7 +1119,8 @@ bool speech_decode_frames(const SpeechModel& m, const int* fu, size_t T, const S
     std::vector<float> mag(T * nb);
     for (size_t t = 0; t < T; t++) {
         if (fu[t] < 0 || fu[t] >= m.K)
-            return speech_fail_(err, "unit " + std::to_string(fu[t]) + " out of range [0, " + std::to_string(m.K) + ")");
+            return speech_fail_(err,
+                                "unit " + std::to_string(fu[t]) + " out of range [0, " + std::to_string(m.K) + ")");
         std::copy(&m.spectrum[(size_t)fu[t] * nb], &m.spectrum[(size_t)fu[t] * nb] + nb, &mag[t * nb]);
     }
     speech_griffin_lim(m.fe, mag.data(), (int)T, opt, out);
@@ -1030,7 +1145,8 @@ bool speech_decode(const SpeechModel& m, const int* u, size_t n, const SpeechDec
         }
         emitted += reps;
         if (emitted > SPEECH_MAX_DECODE_FRAMES)  // checked before inserting: bounded memory for any input
-            return speech_fail_(err, "too long to decode: more than " + std::to_string(SPEECH_MAX_DECODE_FRAMES) + " frames");
+            return speech_fail_(
+                err, "too long to decode: more than " + std::to_string(SPEECH_MAX_DECODE_FRAMES) + " frames");
         fr.insert(fr.end(), (size_t)reps, u[i]);
     }
     return speech_decode_frames(m, fr.data(), fr.size(), opt, out, err);

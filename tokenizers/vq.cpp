@@ -56,8 +56,8 @@ static size_t append_resized(const VqImages& im, int side, long long limit, std:
     return n;
 }
 
-static bool load_idx_resized(const char* path, int side, long long limit, std::vector<uint8_t>* out,
-                             size_t* count, std::string* err) {
+static bool load_idx_resized(const char* path, int side, long long limit, std::vector<uint8_t>* out, size_t* count,
+                             std::string* err) {
     VqImages im;
     if (!vq_load_idx(path, &im, err)) return false;
     *count = append_resized(im, side, limit, out);
@@ -122,7 +122,8 @@ static int cmd_train(int argc, char** argv) {
     VqModel m;
     if (!vq_train(pool.data(), n, o, &m, &err)) return die(err);
     if (!vq_model_save(m, out.c_str(), &err)) return die(err);
-    fprintf(stderr, "wrote %s (R=%d P=%d K=%d, %d tokens per image)\n", out.c_str(), m.side, m.patch, m.codes, vq_tokens(m));
+    fprintf(stderr, "wrote %s (R=%d P=%d K=%d, %d tokens per image)\n", out.c_str(), m.side, m.patch, m.codes,
+            vq_tokens(m));
     return 0;
 }
 
@@ -137,10 +138,13 @@ static int cmd_encode(int argc, char** argv) {
     } else {
         if (strcmp(argv[1], "--idx") || strcmp(argv[3], "--index")) return usage();
         long long index = 0;
-        if (!parse_count(argv[4], &index)) return die(std::string("--index: '") + argv[4] + "' is not a non-negative integer");
+        if (!parse_count(argv[4], &index))
+            return die(std::string("--index: '") + argv[4] + "' is not a non-negative integer");
         VqImages im;
         if (!vq_load_idx(argv[2], &im, &err)) return die(err);
-        if (index >= im.n) return die(std::string(argv[2]) + ": index " + std::to_string(index) + " out of range (" + std::to_string(im.n) + " images)");
+        if (index >= im.n)
+            return die(std::string(argv[2]) + ": index " + std::to_string(index) + " out of range (" +
+                       std::to_string(im.n) + " images)");
         img.resize((size_t)m.side * m.side);
         vq_resize_u8(&im.pixels[(size_t)index * im.h * im.w], im.w, im.h, img.data(), m.side);
     }
@@ -166,12 +170,16 @@ static int cmd_decode(int argc, char** argv) {
     std::vector<int32_t> codes;
     size_t i = 0;
     while (i < s.size()) {
-        if (isspace((unsigned char)s[i])) { i++; continue; }
+        if (isspace((unsigned char)s[i])) {
+            i++;
+            continue;
+        }
         size_t j = i;
         while (j < s.size() && !isspace((unsigned char)s[j])) j++;
         std::string tok = s.substr(i, j - i);
         long long v;
-        if (!parse_count(tok.c_str(), &v)) return die("<stdin>: '" + tok.substr(0, 20) + "' is not a code (non-negative integer)");
+        if (!parse_count(tok.c_str(), &v))
+            return die("<stdin>: '" + tok.substr(0, 20) + "' is not a code (non-negative integer)");
         if (v >= m.codes) return die("<stdin>: code " + tok.substr(0, 20) + " >= K=" + std::to_string(m.codes));
         codes.push_back((int32_t)v);
         i = j;
@@ -186,14 +194,18 @@ static int cmd_decode(int argc, char** argv) {
 static bool load_model_and_images(const char* model, const char* idx, long long n, VqModel* m,
                                   std::vector<uint8_t>* imgs, size_t* count, std::string* err) {
     if (!vq_model_load(model, m, err) || !load_idx_resized(idx, m->side, n, imgs, count, err)) return false;
-    if (*count == 0) { *err = std::string(idx) + ": no images"; return false; }
+    if (*count == 0) {
+        *err = std::string(idx) + ": no images";
+        return false;
+    }
     return true;
 }
 
 static int cmd_psnr(int argc, char** argv) {
     if (argc != 2 && argc != 3) return usage();
     long long n = 0;
-    if (argc == 3 && (!parse_count(argv[2], &n) || n == 0)) return die(std::string("N: '") + argv[2] + "' is not a positive integer");
+    if (argc == 3 && (!parse_count(argv[2], &n) || n == 0))
+        return die(std::string("N: '") + argv[2] + "' is not a positive integer");
     VqModel m;
     std::vector<uint8_t> imgs;
     size_t count = 0;
@@ -206,7 +218,8 @@ static int cmd_psnr(int argc, char** argv) {
 static int cmd_grid(int argc, char** argv) {
     if (argc != 4) return usage();
     long long n = 0;
-    if (!parse_count(argv[3], &n) || n == 0 || n > 10000) return die(std::string("N: '") + argv[3] + "' is not an integer in 1..10000");
+    if (!parse_count(argv[3], &n) || n == 0 || n > 10000)
+        return die(std::string("N: '") + argv[3] + "' is not an integer in 1..10000");
     VqModel m;
     std::vector<uint8_t> imgs;
     size_t count = 0;

@@ -64,9 +64,9 @@
 
 // A trained codebook.
 struct VqModel {
-    int side = 28;               // R: images are R x R
-    int patch = 4;               // P: patches are P x P
-    int codes = 512;             // K
+    int side = 28;                 // R: images are R x R
+    int patch = 4;                 // P: patches are P x P
+    int codes = 512;               // K
     std::vector<float> centroids;  // K * P * P, values 0..1
 };
 
@@ -78,7 +78,7 @@ struct VqImages {
 
 struct VqKmeansOpts {
     int k = 512;
-    int iters = 30;          // Lloyd iterations (upper bound)
+    int iters = 30;  // Lloyd iterations (upper bound)
     uint64_t seed = 1;
     bool plusplus = true;    // k-means++ init; false = k random points (baseline)
     bool keep_init = false;  // start from the k*dim values already in *centroids
@@ -104,8 +104,8 @@ bool vq_is_idx_or_gz(const uint8_t* data, size_t n);
 bool vq_parse_idx(const uint8_t* data, size_t n, const char* name, VqImages* out, std::string* err);
 bool vq_load_idx(const char* path, VqImages* out, std::string* err);
 // Decode PNG/JPEG bytes to grey (alpha over white) and resize to side x side.
-bool vq_image_from_memory(const uint8_t* data, size_t n, const char* name, int side,
-                          std::vector<uint8_t>* out, std::string* err);
+bool vq_image_from_memory(const uint8_t* data, size_t n, const char* name, int side, std::vector<uint8_t>* out,
+                          std::string* err);
 bool vq_load_image(const char* path, int side, std::vector<uint8_t>* out, std::string* err);
 // Resample a grey float image: area average when shrinking, bilinear when enlarging
 // (per axis). Non-square inputs are stretched; vq_image_from_memory pads to square first.
@@ -116,15 +116,13 @@ bool vq_write_png(const char* path, const uint8_t* grey, int w, int h, std::stri
 
 // ---- k-means ----
 // x: n points of dim floats; w: n weights (nullptr = all 1). Writes k*dim centroids.
-bool vq_kmeans(const float* x, const float* w, size_t n, int dim, const VqKmeansOpts& o,
-               std::vector<float>* centroids, double* sse, std::string* err);
+bool vq_kmeans(const float* x, const float* w, size_t n, int dim, const VqKmeansOpts& o, std::vector<float>* centroids,
+               double* sse, std::string* err);
 // Nearest centroid (squared L2) of each point; dist2 may be nullptr.
-void vq_assign(const float* c, int k, int dim, const float* x, size_t n, int32_t* idx,
-               float* dist2);
+void vq_assign(const float* c, int k, int dim, const float* x, size_t n, int32_t* idx, float* dist2);
 
 // ---- model ----
-bool vq_train(const uint8_t* images, size_t n_images, const VqTrainOpts& o, VqModel* out,
-              std::string* err);
+bool vq_train(const uint8_t* images, size_t n_images, const VqTrainOpts& o, VqModel* out, std::string* err);
 bool vq_model_check(const VqModel& m, std::string* err);
 bool vq_model_save(const VqModel& m, const char* path, std::string* err);
 bool vq_model_parse(const uint8_t* data, size_t n, const char* name, VqModel* m, std::string* err);
@@ -137,8 +135,7 @@ void vq_encode(const VqModel& m, const uint8_t* img, int32_t* codes);
 // Encode n R x R images (OpenMP); codes gets n * vq_tokens(m).
 void vq_encode_batch(const VqModel& m, const uint8_t* imgs, size_t n, int32_t* codes);
 // Decode vq_tokens(m) codes to an R x R image; false if a code is out of range.
-bool vq_decode(const VqModel& m, const int32_t* codes, size_t n_codes, uint8_t* img,
-               std::string* err);
+bool vq_decode(const VqModel& m, const int32_t* codes, size_t n_codes, uint8_t* img, std::string* err);
 // PSNR in dB of two uint8 buffers (peak 255); identical buffers give 100 (a cap, not inf).
 double vq_psnr(const uint8_t* a, const uint8_t* b, size_t n);
 // Mean per-image PSNR of encode -> decode over the first n images of imgs (R x R each).
@@ -167,14 +164,13 @@ double vq_eval_psnr(const VqModel& m, const uint8_t* imgs, size_t n);
 
 // The stb functions we use, declared exactly as stb declares them (extern "C").
 extern "C" {
-unsigned char* stbi_load_from_memory(unsigned char const* buffer, int len, int* x, int* y,
-                                     int* channels_in_file, int desired_channels);
+unsigned char* stbi_load_from_memory(unsigned char const* buffer, int len, int* x, int* y, int* channels_in_file,
+                                     int desired_channels);
 int stbi_info_from_memory(unsigned char const* buffer, int len, int* x, int* y, int* comp);
 const char* stbi_failure_reason(void);
 void stbi_image_free(void* retval_from_stbi_load);
 int stbi_zlib_decode_noheader_buffer(char* obuffer, int olen, const char* ibuffer, int ilen);
-int stbi_write_png(char const* filename, int w, int h, int comp, const void* data,
-                   int stride_in_bytes);
+int stbi_write_png(char const* filename, int w, int h, int comp, const void* data, int stride_in_bytes);
 }
 
 namespace vq_detail {
@@ -213,16 +209,11 @@ inline void put_le32(std::vector<uint8_t>& b, uint32_t v) {
 }
 
 inline bool is_gzip(const uint8_t* d, size_t n) { return n >= 2 && d[0] == 0x1f && d[1] == 0x8b; }
-inline bool is_png(const uint8_t* d, size_t n) {
-    return n >= 8 && memcmp(d, "\x89PNG\r\n\x1a\n", 8) == 0;
-}
-inline bool is_jpeg(const uint8_t* d, size_t n) {
-    return n >= 3 && d[0] == 0xFF && d[1] == 0xD8 && d[2] == 0xFF;
-}
+inline bool is_png(const uint8_t* d, size_t n) { return n >= 8 && memcmp(d, "\x89PNG\r\n\x1a\n", 8) == 0; }
+inline bool is_jpeg(const uint8_t* d, size_t n) { return n >= 3 && d[0] == 0xFF && d[1] == 0xD8 && d[2] == 0xFF; }
 
 // Inflate a gzip member (RFC 1952) with stb's raw-deflate decoder.
-inline bool gunzip(const uint8_t* d, size_t n, const char* name, std::vector<uint8_t>* out,
-                   std::string* err) {
+inline bool gunzip(const uint8_t* d, size_t n, const char* name, std::vector<uint8_t>* out, std::string* err) {
     std::string nm = name;
     if (n < 18 || d[2] != 8) return fail(err, nm + ": truncated or unsupported gzip data");
     uint8_t flg = d[3];
@@ -246,10 +237,8 @@ inline bool gunzip(const uint8_t* d, size_t n, const char* name, std::vector<uin
     out->assign(isize, 0);
     // The 8-byte trailer stays in the input: stb's bit reader may look a few bytes past the
     // last deflate block, and stops at that block's end anyway.
-    int got = stbi_zlib_decode_noheader_buffer((char*)out->data(), (int)isize,
-                                               (const char*)d + p, (int)(n - p));
-    if (got < 0 || (uint32_t)got != isize)
-        return fail(err, nm + ": corrupt or truncated gzip data");
+    int got = stbi_zlib_decode_noheader_buffer((char*)out->data(), (int)isize, (const char*)d + p, (int)(n - p));
+    if (got < 0 || (uint32_t)got != isize) return fail(err, nm + ": corrupt or truncated gzip data");
     return true;
 }
 
@@ -267,15 +256,20 @@ inline Taps make_taps(int n_in, int n_out) {
             double a = o * scale, b = (o + 1) * scale;
             for (int i = (int)std::floor(a); i < (int)std::ceil(b) && i < n_in; i++) {
                 double ov = std::min(b, i + 1.0) - std::max(a, (double)i);
-                if (ov > 1e-9) { t.idx.push_back(i); t.w.push_back((float)(ov / scale)); }
+                if (ov > 1e-9) {
+                    t.idx.push_back(i);
+                    t.w.push_back((float)(ov / scale));
+                }
             }
         } else {  // enlarge: bilinear between pixel centres, clamped at the edges
             double s = (o + 0.5) * scale - 0.5;
             s = std::max(0.0, std::min(s, n_in - 1.0));
             int i0 = (int)std::floor(s), i1 = std::min(i0 + 1, n_in - 1);
             float f = (float)(s - i0);
-            t.idx.push_back(i0); t.w.push_back(1 - f);
-            t.idx.push_back(i1); t.w.push_back(f);
+            t.idx.push_back(i0);
+            t.w.push_back(1 - f);
+            t.idx.push_back(i1);
+            t.w.push_back(f);
         }
         t.count.push_back((int)t.idx.size() - t.start.back());
     }
@@ -352,8 +346,7 @@ bool vq_parse_idx(const uint8_t* d, size_t n, const char* name, VqImages* out, s
         return fail(err, nm + ": truncated IDX (header says " + std::to_string(cnt) + " images of " +
                              std::to_string(rows) + "x" + std::to_string(cols) + " = " + std::to_string(need) +
                              " bytes, file has " + std::to_string(n - 16) + ")");
-    if (n - 16 > need)
-        return fail(err, nm + ": IDX has " + std::to_string(n - 16 - need) + " bytes after the data");
+    if (n - 16 > need) return fail(err, nm + ": IDX has " + std::to_string(n - 16 - need) + " bytes after the data");
     out->n = (int)cnt;
     out->h = (int)rows;
     out->w = (int)cols;
@@ -380,13 +373,17 @@ void vq_resize(const float* src, int w, int h, float* dst, int dw, int dh) {
     for (int y = 0; y < dh; y++)
         for (int x = 0; x < dw; x++) {
             float s = 0;
-            for (int j = ty.start[y]; j < ty.start[y] + ty.count[y]; j++) s += ty.w[j] * tmp[(size_t)ty.idx[j] * dw + x];
+            for (int j = ty.start[y]; j < ty.start[y] + ty.count[y]; j++)
+                s += ty.w[j] * tmp[(size_t)ty.idx[j] * dw + x];
             dst[(size_t)y * dw + x] = s;
         }
 }
 
 void vq_resize_u8(const uint8_t* src, int w, int h, uint8_t* dst, int side) {
-    if (w == side && h == side) { memcpy(dst, src, (size_t)side * side); return; }
+    if (w == side && h == side) {
+        memcpy(dst, src, (size_t)side * side);
+        return;
+    }
     std::vector<float> in(src, src + (size_t)w * h), o((size_t)side * side);
     vq_resize(in.data(), w, h, o.data(), side, side);
     for (size_t i = 0; i < o.size(); i++) dst[i] = (uint8_t)std::lround(std::min(255.f, std::max(0.f, o[i])));
@@ -424,7 +421,8 @@ struct Shrinker {
         for (int y = 0; y < h; y++) span(y + oy, [&](int o, double wt) { cy[o] += wt; });
     }
     // Output cells overlapped by padded pixel i ([i, i+1)), with weight overlap / scale: at most two.
-    template <class F> void span(int i, F f) const {
+    template <class F>
+    void span(int i, F f) const {
         int o = std::min(side - 1, (int)(i / scale));
         for (; o < side && o * scale < i + 1.0; o++) {
             const double ov = std::min((o + 1) * scale, i + 1.0) - std::max(o * scale, (double)i);
@@ -434,9 +432,17 @@ struct Shrinker {
     void row(int y, const float* g) {
         double wy[2];
         int oyc[2], ny = 0;
-        span(y + oy, [&](int o, double wt) { if (ny < 2) { oyc[ny] = o; wy[ny++] = wt; } });
+        span(y + oy, [&](int o, double wt) {
+            if (ny < 2) {
+                oyc[ny] = o;
+                wy[ny++] = wt;
+            }
+        });
         for (int x = 0; x < w; x++) {
-            if (x == 0 || y == 0 || x == w - 1 || y == h - 1) { border += g[x]; nb++; }
+            if (x == 0 || y == 0 || x == w - 1 || y == h - 1) {
+                border += g[x];
+                nb++;
+            }
             span(x + ox, [&](int o, double wt) {
                 for (int k = 0; k < ny; k++) acc[(size_t)oyc[k] * side + o] += wy[k] * wt * g[x];
             });
@@ -482,13 +488,19 @@ struct GreySink {
         if (!enlarge) shr->row(y, g);
     }
     void finish(std::vector<uint8_t>* out) {
-        if (!enlarge) { shr->finish(out); return; }
+        if (!enlarge) {
+            shr->finish(out);
+            return;
+        }
         const int s = std::max(w, h);
         double border = 0;
         long nb = 0;
         for (int y = 0; y < h; y++)
             for (int x = 0; x < w; x++)
-                if (x == 0 || y == 0 || x == w - 1 || y == h - 1) { border += grey[(size_t)y * w + x]; nb++; }
+                if (x == 0 || y == 0 || x == w - 1 || y == h - 1) {
+                    border += grey[(size_t)y * w + x];
+                    nb++;
+                }
         // Non-square: pad the short side with the mean border colour rather than distort shapes.
         std::vector<float> sq((size_t)s * s, (float)(border / std::max(1L, nb)));
         const int ox = (s - w) / 2, oy = (s - h) / 2;
@@ -520,9 +532,9 @@ inline void jpeg_progress_(j_common_ptr c) {
 inline int jpeg_run_(jpeg_decompress_struct* cinfo, JpegErr* je, const uint8_t* data, size_t n, int side,
                      GreySink** sink, unsigned char** rowpx) {
     switch (setjmp(je->jump)) {
-    case 0: break;
-    case 2: return 2;
-    default: return 1;
+        case 0: break;
+        case 2: return 2;
+        default: return 1;
     }
     jpeg_mem_src(cinfo, data, (unsigned long)n);
     jpeg_read_header(cinfo, TRUE);
@@ -571,14 +583,14 @@ inline bool decode_jpeg(const uint8_t* data, size_t n, const std::string& nm, in
     char msg[JMSG_LENGTH_MAX] = "";
     if (rc == 1 || (rc == 0 && je.mgr.num_warnings > 0))  // a warning: e.g. truncated data filled with grey
         je.mgr.format_message((j_common_ptr)&cinfo, msg);
-    else if (rc == 2)
-        snprintf(msg, sizeof msg, "more than %d progressive scans", VQ_MAX_JPEG_SCANS);
+    else if (rc == 2) snprintf(msg, sizeof msg, "more than %d progressive scans", VQ_MAX_JPEG_SCANS);
     jpeg_destroy_decompress(&cinfo);
     free(rowpx);
     if (rc == 0 && !msg[0]) sink->finish(out);
     delete sink;
     if (rc == 3)
-        return fail(err, nm + ": image too large (" + dims + ", more than " + std::to_string(VQ_MAX_PIXELS) + " pixels)");
+        return fail(err,
+                    nm + ": image too large (" + dims + ", more than " + std::to_string(VQ_MAX_PIXELS) + " pixels)");
     if (msg[0]) return fail(err, nm + ": corrupt JPEG image (" + printable(msg) + ")");
     return true;
 }
@@ -615,8 +627,8 @@ inline bool png_prepare(const uint8_t* d, size_t n, std::vector<uint8_t>* copy, 
 
 }  // namespace vq_detail
 
-bool vq_image_from_memory(const uint8_t* data, size_t n, const char* name, int side,
-                          std::vector<uint8_t>* out, std::string* err) {
+bool vq_image_from_memory(const uint8_t* data, size_t n, const char* name, int side, std::vector<uint8_t>* out,
+                          std::string* err) {
     using namespace vq_detail;
     std::string nm = name;
     if (n == 0) return fail(err, nm + ": empty file");
@@ -648,8 +660,7 @@ bool vq_load_image(const char* path, int side, std::vector<uint8_t>* out, std::s
 }
 
 bool vq_write_png(const char* path, const uint8_t* grey, int w, int h, std::string* err) {
-    if (!stbi_write_png(path, w, h, 1, grey, w))
-        return vq_detail::fail(err, std::string(path) + ": cannot write PNG");
+    if (!stbi_write_png(path, w, h, 1, grey, w)) return vq_detail::fail(err, std::string(path) + ": cannot write PNG");
     return true;
 }
 
@@ -663,7 +674,10 @@ void vq_assign(const float* c, int k, int dim, const float* x, size_t n, int32_t
     std::vector<float> ct((size_t)dim * kp, 0.f), cn(kp, FLT_MAX);
     for (int j = 0; j < k; j++) {
         double s = 0;
-        for (int d = 0; d < dim; d++) { ct[(size_t)d * kp + j] = c[(size_t)j * dim + d]; s += (double)c[(size_t)j * dim + d] * c[(size_t)j * dim + d]; }
+        for (int d = 0; d < dim; d++) {
+            ct[(size_t)d * kp + j] = c[(size_t)j * dim + d];
+            s += (double)c[(size_t)j * dim + d] * c[(size_t)j * dim + d];
+        }
         cn[j] = (float)s;
     }
     const float* CT = ct.data();
@@ -686,7 +700,10 @@ void vq_assign(const float* c, int k, int dim, const float* x, size_t n, int32_t
                 float bv[4][16];
                 int bi[4][16];
                 for (int b = 0; b < 4; b++)
-                    for (int t = 0; t < 16; t++) { bv[b][t] = FLT_MAX; bi[b][t] = 0; }
+                    for (int t = 0; t < 16; t++) {
+                        bv[b][t] = FLT_MAX;
+                        bi[b][t] = 0;
+                    }
                 for (int k0 = 0; k0 < kp; k0 += 16) {
                     float a0[16], a1[16], a2[16], a3[16];
                     for (int t = 0; t < 16; t++) a0[t] = a1[t] = a2[t] = a3[t] = CN[k0 + t];
@@ -695,15 +712,30 @@ void vq_assign(const float* c, int k, int dim, const float* x, size_t n, int32_t
                         const float v0 = xm[0][d], v1 = xm[1][d], v2 = xm[2][d], v3 = xm[3][d];
 #pragma omp simd
                         for (int t = 0; t < 16; t++) {
-                            a0[t] += v0 * r[t]; a1[t] += v1 * r[t]; a2[t] += v2 * r[t]; a3[t] += v3 * r[t];
+                            a0[t] += v0 * r[t];
+                            a1[t] += v1 * r[t];
+                            a2[t] += v2 * r[t];
+                            a3[t] += v3 * r[t];
                         }
                     }
 #pragma omp simd
                     for (int t = 0; t < 16; t++) {
-                        if (a0[t] < bv[0][t]) { bv[0][t] = a0[t]; bi[0][t] = k0 + t; }
-                        if (a1[t] < bv[1][t]) { bv[1][t] = a1[t]; bi[1][t] = k0 + t; }
-                        if (a2[t] < bv[2][t]) { bv[2][t] = a2[t]; bi[2][t] = k0 + t; }
-                        if (a3[t] < bv[3][t]) { bv[3][t] = a3[t]; bi[3][t] = k0 + t; }
+                        if (a0[t] < bv[0][t]) {
+                            bv[0][t] = a0[t];
+                            bi[0][t] = k0 + t;
+                        }
+                        if (a1[t] < bv[1][t]) {
+                            bv[1][t] = a1[t];
+                            bi[1][t] = k0 + t;
+                        }
+                        if (a2[t] < bv[2][t]) {
+                            bv[2][t] = a2[t];
+                            bi[2][t] = k0 + t;
+                        }
+                        if (a3[t] < bv[3][t]) {
+                            bv[3][t] = a3[t];
+                            bi[3][t] = k0 + t;
+                        }
                     }
                 }
                 for (int b = 0; b < nb; b++) {  // lane reduction; ties go to the lower index
@@ -743,8 +775,8 @@ void vq_assign(const float* c, int k, int dim, const float* x, size_t n, int32_t
     }
 }
 
-bool vq_kmeans(const float* x, const float* w, size_t n, int dim, const VqKmeansOpts& o,
-               std::vector<float>* centroids, double* sse_out, std::string* err) {
+bool vq_kmeans(const float* x, const float* w, size_t n, int dim, const VqKmeansOpts& o, std::vector<float>* centroids,
+               double* sse_out, std::string* err) {
     using namespace vq_detail;
     if (n == 0) return fail(err, "k-means: no points");
     if (dim <= 0 || o.k <= 0) return fail(err, "k-means: bad dim or k");
@@ -764,8 +796,12 @@ bool vq_kmeans(const float* x, const float* w, size_t n, int dim, const VqKmeans
     // Draw an index with probability proportional to v[i] (v = weights or weight * D^2).
     auto draw = [&](const std::vector<double>& v, double total) -> size_t {
         double r = rng.uniform() * total, acc = 0;
-        for (size_t i = 0; i < n; i++) { acc += v[i]; if (acc > r && v[i] > 0) return i; }
-        for (size_t i = n; i-- > 0;) if (v[i] > 0) return i;  // rounding fallback
+        for (size_t i = 0; i < n; i++) {
+            acc += v[i];
+            if (acc > r && v[i] > 0) return i;
+        }
+        for (size_t i = n; i-- > 0;)
+            if (v[i] > 0) return i;  // rounding fallback
         return 0;
     };
 
@@ -843,8 +879,7 @@ bool vq_kmeans(const float* x, const float* w, size_t n, int dim, const VqKmeans
         for (int j = 0; j < k; j++) {
             if (wsum[j] > 0)
                 for (int d = 0; d < dim; d++) C[(size_t)j * dim + d] = (float)(sums[(size_t)j * dim + d] / wsum[j]);
-            else
-                empty.push_back(j);
+            else empty.push_back(j);
         }
         // Empty clusters move to the points that cost the most (largest w * D^2).
         if (!empty.empty()) {
@@ -854,7 +889,8 @@ bool vq_kmeans(const float* x, const float* w, size_t n, int dim, const VqKmeans
             std::partial_sort(order.begin(), order.begin() + m, order.end(),
                               [&](int32_t a, int32_t b) { return W(a) * d2[a] > W(b) * d2[b]; });
             for (size_t e = 0; e < m; e++)
-                if (d2[order[e]] > 0) memcpy(&C[(size_t)empty[e] * dim], x + (size_t)order[e] * dim, dim * sizeof(float));
+                if (d2[order[e]] > 0)
+                    memcpy(&C[(size_t)empty[e] * dim], x + (size_t)order[e] * dim, dim * sizeof(float));
         }
         if (o.verbose) {
             double mse = sse / (wtot * dim) * 255.0 * 255.0;
@@ -876,15 +912,14 @@ void vq_patches(const uint8_t* img, int side, int p, float* out) {
     for (int py = 0; py < g; py++)
         for (int px = 0; px < g; px++)
             for (int y = 0; y < p; y++)
-                for (int x = 0; x < p; x++)
-                    *out++ = img[(size_t)(py * p + y) * side + px * p + x] * (1.f / 255.f);
+                for (int x = 0; x < p; x++) *out++ = img[(size_t)(py * p + y) * side + px * p + x] * (1.f / 255.f);
 }
 
-bool vq_train(const uint8_t* images, size_t n_images, const VqTrainOpts& o, VqModel* out,
-              std::string* err) {
+bool vq_train(const uint8_t* images, size_t n_images, const VqTrainOpts& o, VqModel* out, std::string* err) {
     using namespace vq_detail;
     if (o.side <= 0 || o.patch <= 0 || o.side % o.patch)
-        return fail(err, "train: side " + std::to_string(o.side) + " is not a multiple of patch " + std::to_string(o.patch));
+        return fail(err,
+                    "train: side " + std::to_string(o.side) + " is not a multiple of patch " + std::to_string(o.patch));
     if (o.codes <= 0) return fail(err, "train: codes must be > 0");
     if (n_images == 0) return fail(err, "train: no images");
     const int p = o.patch, dim = p * p, g = o.side / p, T = g * g;
@@ -918,7 +953,10 @@ bool vq_train(const uint8_t* images, size_t n_images, const VqTrainOpts& o, VqMo
                 counts.push_back(1);
                 break;
             }
-            if (memcmp(&uniq[(size_t)(e - 1) * dim], pb.data(), dim) == 0) { counts[e - 1]++; break; }
+            if (memcmp(&uniq[(size_t)(e - 1) * dim], pb.data(), dim) == 0) {
+                counts[e - 1]++;
+                break;
+            }
             h = (h + 1) & (cap - 1);
         }
     }
@@ -926,27 +964,35 @@ bool vq_train(const uint8_t* images, size_t n_images, const VqTrainOpts& o, VqMo
     const size_t nu = counts.size();
     std::vector<float> wts(counts.begin(), counts.end());
     std::vector<uint32_t>().swap(counts);
-    if (o.verbose) fprintf(stderr, "vq train: %zu images, %zu patches (%s), %zu distinct, K=%d P=%d\n",
-                           n_images, m, sample ? "sampled" : "all", nu, o.codes, p);
+    if (o.verbose)
+        fprintf(stderr, "vq train: %zu images, %zu patches (%s), %zu distinct, K=%d P=%d\n", n_images, m,
+                sample ? "sampled" : "all", nu, o.codes, p);
     std::vector<float> xs(nu * dim);
     for (size_t i = 0; i < xs.size(); i++) xs[i] = uniq[i] * (1.f / 255.f);
     std::vector<uint8_t>().swap(uniq);
 
     VqKmeansOpts ko;
-    ko.k = o.codes; ko.iters = o.iters; ko.seed = o.seed; ko.plusplus = o.plusplus;
-    ko.tol = o.tol; ko.verbose = o.verbose;
-    out->side = o.side; out->patch = p; out->codes = o.codes;
+    ko.k = o.codes;
+    ko.iters = o.iters;
+    ko.seed = o.seed;
+    ko.plusplus = o.plusplus;
+    ko.tol = o.tol;
+    ko.verbose = o.verbose;
+    out->side = o.side;
+    out->patch = p;
+    out->codes = o.codes;
     return vq_kmeans(xs.data(), wts.data(), nu, dim, ko, &out->centroids, nullptr, err);
 }
 
 bool vq_model_check(const VqModel& m, std::string* err) {
     using vq_detail::fail;
     if (m.side <= 0 || m.side > 4096) return fail(err, "bad image side " + std::to_string(m.side));
-    if (m.patch <= 0 || m.side % m.patch) return fail(err, "patch " + std::to_string(m.patch) + " does not divide side " + std::to_string(m.side));
+    if (m.patch <= 0 || m.side % m.patch)
+        return fail(err, "patch " + std::to_string(m.patch) + " does not divide side " + std::to_string(m.side));
     if (m.codes <= 0 || m.codes > (1 << 24)) return fail(err, "bad number of codes " + std::to_string(m.codes));
     if (m.centroids.size() != (size_t)m.codes * m.patch * m.patch)
-        return fail(err, "codebook has " + std::to_string(m.centroids.size()) + " values, expected K*P*P = " +
-                             std::to_string((size_t)m.codes * m.patch * m.patch));
+        return fail(err, "codebook has " + std::to_string(m.centroids.size()) +
+                             " values, expected K*P*P = " + std::to_string((size_t)m.codes * m.patch * m.patch));
     for (float v : m.centroids)
         if (!std::isfinite(v)) return fail(err, "codebook has a non-finite value");
     return true;
@@ -961,7 +1007,11 @@ bool vq_model_save(const VqModel& m, const char* path, std::string* err) {
     put_le32(b, (uint32_t)m.side);
     put_le32(b, (uint32_t)m.patch);
     put_le32(b, (uint32_t)m.codes);
-    for (float v : m.centroids) { uint32_t u; memcpy(&u, &v, 4); put_le32(b, u); }
+    for (float v : m.centroids) {
+        uint32_t u;
+        memcpy(&u, &v, 4);
+        put_le32(b, u);
+    }
     FILE* f = fopen(path, "wb");
     if (!f) return fail(err, std::string(path) + ": cannot create (" + strerror(errno) + ")");
     bool ok = fwrite(b.data(), 1, b.size(), f) == b.size();
@@ -980,19 +1030,29 @@ bool vq_model_parse(const uint8_t* d, size_t n, const char* name, VqModel* m, st
     if (ver != 1) return fail(err, nm + ": unsupported vq model version " + std::to_string(ver) + " (expected 1)");
     uint64_t R = le32(d + 8), P = le32(d + 12), K = le32(d + 16);
     if (R == 0 || P == 0 || K == 0 || R > 4096 || P > R || K > (1u << 24) || R % P)
-        return fail(err, nm + ": inconsistent vq model sizes R=" + std::to_string(R) + " P=" + std::to_string(P) + " K=" + std::to_string(K));
+        return fail(err, nm + ": inconsistent vq model sizes R=" + std::to_string(R) + " P=" + std::to_string(P) +
+                             " K=" + std::to_string(K));
     // Encoding an image costs R^2 x K distance terms: bound it (about a second), so a small file
     // with a large side and many 1x1 codes cannot make encoding take minutes (found by fuzzing).
     if (R * R * K > VQ_MAX_ENCODE_WORK)
         return fail(err, nm + ": vq model too costly to use: side^2 x codes = " + std::to_string(R * R * K) +
                              " (at most " + std::to_string(VQ_MAX_ENCODE_WORK) + ")");
     uint64_t need = 20 + 4 * K * P * P;
-    if (n < need) return fail(err, nm + ": truncated vq model (" + std::to_string(n) + " bytes, header implies " + std::to_string(need) + ")");
-    if (n > need) return fail(err, nm + ": vq model has " + std::to_string(n - need) + " extra bytes (header implies " + std::to_string(need) + ")");
+    if (n < need)
+        return fail(err, nm + ": truncated vq model (" + std::to_string(n) + " bytes, header implies " +
+                             std::to_string(need) + ")");
+    if (n > need)
+        return fail(err, nm + ": vq model has " + std::to_string(n - need) + " extra bytes (header implies " +
+                             std::to_string(need) + ")");
     VqModel t;
-    t.side = (int)R; t.patch = (int)P; t.codes = (int)K;
+    t.side = (int)R;
+    t.patch = (int)P;
+    t.codes = (int)K;
     t.centroids.resize(K * P * P);
-    for (size_t i = 0; i < t.centroids.size(); i++) { uint32_t u = le32(d + 20 + 4 * i); memcpy(&t.centroids[i], &u, 4); }
+    for (size_t i = 0; i < t.centroids.size(); i++) {
+        uint32_t u = le32(d + 20 + 4 * i);
+        memcpy(&t.centroids[i], &u, 4);
+    }
     std::string e;
     if (!vq_model_check(t, &e)) return fail(err, nm + ": " + e);
     *m = std::move(t);
@@ -1044,7 +1104,10 @@ bool vq_decode(const VqModel& m, const int32_t* codes, size_t n_codes, uint8_t* 
 
 double vq_psnr(const uint8_t* a, const uint8_t* b, size_t n) {
     double s = 0;
-    for (size_t i = 0; i < n; i++) { double d = (double)a[i] - b[i]; s += d * d; }
+    for (size_t i = 0; i < n; i++) {
+        double d = (double)a[i] - b[i];
+        s += d * d;
+    }
     double mse = s / (double)n;
     return mse > 0 ? std::min(100.0, 10 * std::log10(255.0 * 255.0 / mse)) : 100.0;
 }

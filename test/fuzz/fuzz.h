@@ -29,12 +29,15 @@ static inline void fuzz_check_error(const std::string& err, const std::string& p
     bool bad = err.compare(0, path.size() + 2, path + ": ") != 0 || err.size() == path.size() + 2;
     for (char c : err) bad |= (unsigned char)c < 32 || (unsigned char)c > 126;
     if (bad) {
-        fprintf(stderr, "fuzz: bad rejection message: '%s' (must be one printable line starting '%s: ')\n",
-                err.c_str(), path.c_str());
+        fprintf(stderr, "fuzz: bad rejection message: '%s' (must be one printable line starting '%s: ')\n", err.c_str(),
+                path.c_str());
         abort();
     }
 }
-#define FUZZ_REQUIRE(cond)                                                              \
-    do {                                                                                \
-        if (!(cond)) { fprintf(stderr, "fuzz: property failed: %s\n", #cond); abort(); } \
+#define FUZZ_REQUIRE(cond)                                         \
+    do {                                                           \
+        if (!(cond)) {                                             \
+            fprintf(stderr, "fuzz: property failed: %s\n", #cond); \
+            abort();                                               \
+        }                                                          \
     } while (0)

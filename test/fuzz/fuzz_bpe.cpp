@@ -10,7 +10,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* d, size_t n) {
     const std::string path = fuzz_file(d + 2, mlen, ".bpe");
     Bpe b;
     std::string err;
-    if (!bpe_load(&b, path.c_str(), &err)) { fuzz_check_error(err, path); return 0; }
+    if (!bpe_load(&b, path.c_str(), &err)) {
+        fuzz_check_error(err, path);
+        return 0;
+    }
     const uint8_t* text = d + 2 + mlen;
     const size_t tn = n - 2 - mlen;
     std::vector<int> ids;

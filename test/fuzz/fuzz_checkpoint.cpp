@@ -7,12 +7,18 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* d, size_t n) {
     const std::string path = fuzz_file(d, n, ".ckpt");
     MotConfig c;
     std::string err;
-    if (!mot_read_checkpoint_config(path, &c, &err)) { fuzz_check_error(err, path); return 0; }
+    if (!mot_read_checkpoint_config(path, &c, &err)) {
+        fuzz_check_error(err, path);
+        return 0;
+    }
     MotModel<float> m;
     mot_init(&m, c, 1);  // affordable: the header reader checked the file holds 4P bytes of it
     MotTrainState st;
     bool opt = false;
-    if (!mot_load_checkpoint(path, &m, &st, &opt, &err)) { fuzz_check_error(err, path); return 0; }
+    if (!mot_load_checkpoint(path, &m, &st, &opt, &err)) {
+        fuzz_check_error(err, path);
+        return 0;
+    }
     FUZZ_REQUIRE(st.step >= 0 && st.step <= MOT_MAX_STEP);
     MotKVCache<float> kv;
     mot_kv_init(&kv, c, 2);

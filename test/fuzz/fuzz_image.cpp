@@ -13,7 +13,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* d, size_t n) {
     const std::string path = fuzz_file(d, n, ".img");
     std::vector<uint8_t> px;
     std::string err;
-    if (!vq_load_image(path.c_str(), 28, &px, &err)) { fuzz_check_error(err, path); return 0; }
+    if (!vq_load_image(path.c_str(), 28, &px, &err)) {
+        fuzz_check_error(err, path);
+        return 0;
+    }
     FUZZ_REQUIRE(px.size() == 28 * 28);
     return 0;
 }

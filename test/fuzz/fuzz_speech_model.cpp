@@ -8,7 +8,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* d, size_t n) {
     const std::string path = fuzz_file(d, n, ".sp");
     SpeechModel m;
     std::string err;
-    if (!speech_model_load(&m, path.c_str(), &err)) { fuzz_check_error(err, path); return 0; }
+    if (!speech_model_load(&m, path.c_str(), &err)) {
+        fuzz_check_error(err, path);
+        return 0;
+    }
     std::vector<float> x(1600);
     for (size_t i = 0; i < x.size(); i++) x[i] = 0.3f * sinf(0.05f * i);
     std::vector<int> units;

@@ -12,7 +12,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* d, size_t n) {
     const std::string path = fuzz_file(d, n, ".vq");
     VqModel m;
     std::string err;
-    if (!vq_model_load(path.c_str(), &m, &err)) { fuzz_check_error(err, path); return 0; }
+    if (!vq_model_load(path.c_str(), &m, &err)) {
+        fuzz_check_error(err, path);
+        return 0;
+    }
     const int T = vq_tokens(m);
     std::vector<int32_t> codes(T);
     for (int t = 0; t < T; t++) codes[t] = t % m.codes;

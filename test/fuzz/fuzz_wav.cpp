@@ -7,6 +7,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* d, size_t n) {
     const std::string path = fuzz_file(d, n, ".wav");
     std::vector<float> x;
     std::string err;
-    if (!speech_wav_load(path.c_str(), 16000, &x, &err)) { fuzz_check_error(err, path); return 0; }
+    if (!speech_wav_load(path.c_str(), 16000, &x, &err)) {
+        fuzz_check_error(err, path);
+        return 0;
+    }
     return 0;
 }

@@ -32,10 +32,16 @@ static bool write_jpeg(const char* path, const unsigned char* px, int w, int h, 
 }
 
 int main(int argc, char** argv) {
-    if (argc != 4) { fprintf(stderr, "usage: to_jpeg IN.png BASE.jpg PROG.jpg\n"); return 2; }
+    if (argc != 4) {
+        fprintf(stderr, "usage: to_jpeg IN.png BASE.jpg PROG.jpg\n");
+        return 2;
+    }
     int w, h, ch;
     unsigned char* px = stbi_load(argv[1], &w, &h, &ch, 3);
-    if (!px) { fprintf(stderr, "%s: cannot read\n", argv[1]); return 1; }
+    if (!px) {
+        fprintf(stderr, "%s: cannot read\n", argv[1]);
+        return 1;
+    }
     bool ok = write_jpeg(argv[2], px, w, h, false) && write_jpeg(argv[3], px, w, h, true);
     stbi_image_free(px);
     return ok ? 0 : 1;
