@@ -188,12 +188,12 @@ mot_cpu_cuda_mpi: build/cuda_cpu/train.cu build/cuda_cpu/mot.cu mot.h $(TOKH) te
 
 # make check: the edit loop (README, "The edit loop"): the finite-difference gradient checks
 # (dense, MoT, ties, experts, Transfusion), one GPU-through-CPU case, the file formats' round trips
-# and refusals, and the README's links; under two minutes on 2 cores from a clean tree. Test cases
+# and refusals, the README's links and the layout of every file (test/format.sh); under two minutes on 2 cores from a clean tree. Test cases
 # named "mot ..." run the ./mot binary and are left to make test (its nvcc build alone is a minute).
 CHECK_BINS = test/test_mot test/test_experts test/test_transfusion test/test_files test/test_gpu_cpu
 CHECK_RUN  = test/test_mot "test/test_experts -tce=mot *" "test/test_transfusion -tce=mot *" \
              "test/test_files -tc=shard:*,checkpoint:*,debug state*" "test/test_gpu_cpu -tc=gpu: make check*" \
-             test/links.sh
+             test/links.sh test/format.sh
 check:
 	@start=$$(date +%s); \
 	if $(MAKE) --no-print-directory -j2 WERROR=-Werror $(CHECK_BINS); then \
@@ -203,7 +203,8 @@ check:
 TEST_DEPS = mot $(TOOLS) $(TESTBINS) $(ASANBINS) $(ASANLINKS) $(FUZZBINS) $(DEVTOOLS)
 test: WERROR = -Werror
 test: $(TEST_DEPS)
-	@FUZZ_S=$(FUZZ_CI_S) bash test/run.sh $(TESTBINS) $(ASAN_TESTS:%=$(ASAN_DIR):%) test/fuzz/run.sh
+	@FUZZ_S=$(FUZZ_CI_S) bash test/run.sh $(TESTBINS) $(ASAN_TESTS:%=$(ASAN_DIR):%) test/fuzz/run.sh test/links.sh \
+	  test/format.sh
 
 test-asan: $(ASANBINS) $(ASANLINKS)
 	@bash test/run.sh $(ASAN_TESTS:%=$(ASAN_DIR):%)
@@ -249,10 +250,8 @@ train:
 
 # One layout for every C++/CUDA file (.clang-format; clang-format 14, Debian 12's): make format
 # applies it, test/format.sh (in make check and make test) fails on a file that differs.
-FORMAT_FILES = $(wildcard *.h *.cu tokenizers/*.h tokenizers/*.cpp test/*.h test/*.cpp test/*.cu test/fuzz/*.h \
-                 test/fuzz/*.cpp dev/*.cpp dev/*.cu data/*.cpp)
 format: | setup
-	clang-format -i $(FORMAT_FILES)
+	bash test/format.sh --apply
 
 bench: dev/bench_cpu
 	./dev/bench_cpu
