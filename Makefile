@@ -39,8 +39,10 @@ TESTBINS  = test/test_mot test/test_transfusion test/test_experts test/test_file
 TOOLS     = tokenizers/bpe tokenizers/vq tokenizers/speech
 # dev/: bench_cpu (make bench), bench_gemm (the CPU matmul), bench_bpe, bench_vq, bench_speech (the
 # tokenizers on real data), diffusion_t (a Transfusion model's error per diffusion step), roofline
-# (make roofline), bench_gpu (make bench-gpu; with nvcc). make dev-tools builds them; make test too.
-DEVTOOLS  = dev/bench_cpu dev/bench_gemm dev/bench_bpe dev/bench_vq dev/bench_speech dev/diffusion_t dev/roofline
+# (make roofline), router_grad (the experts' router gradients), bench_gpu (make bench-gpu; with nvcc).
+# make dev-tools builds them; make test too.
+DEVTOOLS  = dev/bench_cpu dev/bench_gemm dev/bench_bpe dev/bench_vq dev/bench_speech dev/diffusion_t dev/roofline \
+            dev/router_grad
 
 # SETTING=transfusion: the main job in the Transfusion setting (images as pixel patches trained by
 # diffusion; README, "Transfusion"): its own dataset build (--transfusion, tf_*.bin) and run folder.
