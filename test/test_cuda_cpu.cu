@@ -15,6 +15,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <fstream>
 #include <functional>
 #include <string>
 #include <vector>
@@ -270,13 +271,31 @@ static Child in_child(const std::function<void()>& fn) {
     waitpid(pid, &c.status, 0);
     return c;
 }
-// The child must exit non-zero with one report naming `site` (file:line), and holding every `want`.
+// The line of this file that holds the first launch (<<<) or CUDA call (cudaX() at or after line
+// `from`: the site a report must name. Read from the source rather than counted from __LINE__, so
+// the layout of a call (one line or several) does not matter.
+static int call_site(int from) {
+    std::ifstream f("test/test_cuda_cpu.cu");
+    REQUIRE_MESSAGE(f, "test/test_cuda_cpu.cu: cannot open (the tests run from the repository root)");
+    std::string text;
+    for (int n = 1; std::getline(f, text); n++) {
+        if (n < from) continue;
+        if (text.find("<<<") != std::string::npos) return n;
+        for (size_t p = text.find("cuda"); p != std::string::npos; p = text.find("cuda", p + 1))
+            if (p + 4 < text.size() && isupper((unsigned char)text[p + 4]) && text.find('(', p) != std::string::npos)
+                return n;
+    }
+    FAIL("no launch or CUDA call at or after line ", from);
+    return 0;
+}
+// The child must exit non-zero with one report naming the site of the first launch or CUDA call
+// at or after `line` (file:line), and holding every `want`.
 static void expect_report(const std::function<void()>& fn, int line, std::vector<std::string> want) {
     Child c = in_child(fn);
     INFO("stderr: ", c.err);
     CHECK(WIFEXITED(c.status));
     CHECK(WEXITSTATUS(c.status) != 0);
-    CHECK(c.err.find("cuda_cpu: test/test_cuda_cpu.cu:" + std::to_string(line) + ":") != std::string::npos);
+    CHECK(c.err.find("cuda_cpu: test/test_cuda_cpu.cu:" + std::to_string(call_site(line)) + ":") != std::string::npos);
     for (const std::string& w : want) CHECK(c.err.find(w) != std::string::npos);
 }
 
