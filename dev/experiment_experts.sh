@@ -21,7 +21,9 @@
 #   load, so the wall-clock column is rougher (`make bench` measures the step-time ratios).
 #   ORDER="moma dense moe4x hybrid mot": the order to train in (default the table's order); with
 #   JOBS=2 the slowest first keeps both cores busy to the end.
-#   A finished run (its model.ckpt exists) is not trained again.
+#   A finished run (its model.ckpt exists) is not trained again; an unfinished one (killed, or the
+#   session ended) resumes from its newest checkpoint, written every SAVE_EVERY steps (default
+#   250): run the same command again, with the same flags.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/experts}; shift || true
@@ -41,6 +43,8 @@ mkdir -p "$out"
 declare -A started=()
 njobs=${JOBS:-1}
 [[ "$njobs" =~ ^[1-9][0-9]?$ ]] || { echo "experiment_experts.sh: JOBS must be 1-99, not '$njobs'" >&2; exit 2; }
+save_every=${SAVE_EVERY:-250}
+[[ "$save_every" =~ ^[1-9][0-9]{0,5}$ ]] || { echo "experiment_experts.sh: SAVE_EVERY must be 1-999999, not '$save_every'" >&2; exit 2; }
 set -f  # the shard patterns in $flags are for ./mot, not for the shell
 running=0
 fail() { echo "experiment_experts.sh: a run failed (see $out/*.out)" >&2; kill $(jobs -p) 2>/dev/null; exit 1; }
@@ -48,15 +52,16 @@ for kind in $order $kinds; do
   if [ -n "${started[$kind]:-}" ]; then continue; fi
   started[$kind]=1
   if [ -s "$out/$kind/model.ckpt" ]; then echo "$out/$kind: done already"; continue; fi
-  rm -rf "${out:?}/$kind"
-  echo "=== training $kind (${arch[$kind]})"
+  if compgen -G "$out/$kind/step_*.ckpt" >/dev/null; then echo "=== resuming $kind (${arch[$kind]})"
+  else echo "=== training $kind (${arch[$kind]})"; fi
   if [ "$njobs" = 1 ]; then
     # shellcheck disable=SC2086
-    ./mot $flags ${arch[$kind]} --out "$out/$kind" "$@"
+    ./mot $flags ${arch[$kind]} --out "$out/$kind" --resume --save-every "$save_every" "$@"
   else
     if [ "$running" -ge "$njobs" ]; then wait -n || fail; running=$((running - 1)); fi
     # shellcheck disable=SC2086
-    OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive} ./mot $flags ${arch[$kind]} --out "$out/$kind" "$@" >"$out/$kind.out" 2>&1 &
+    OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive} ./mot $flags ${arch[$kind]} --out "$out/$kind" --resume \
+      --save-every "$save_every" "$@" >>"$out/$kind.out" 2>&1 &
     running=$((running + 1))
   fi
 done
