@@ -143,7 +143,7 @@ dev/%: dev/%.cpp mot.h $(TOKH) | setup
 	$(CXX) $(CXXFLAGS) -I. $< -o $@ $(JPEGLIBS)
 dev-tools: $(DEVTOOLS)
 
-# ---- the GPU code on the CPU (README "Running the GPU code without a GPU") -----------------------
+# ---- the GPU code on the CPU (test/CUDA_CPU.md) -----------------------------------------------------
 # test/cuda_cpu.pl copies each .cu to build/cuda_cpu/ with kernel launches, __shared__ and
 # __launch_bounds__ rewritten (lines unchanged); g++ compiles the copy with test/cuda_cpu.h
 # force-included and links test/cuda_cpu.o, which stands in for libcudart, cuBLAS and NCCL.

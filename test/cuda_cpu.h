@@ -1,7 +1,7 @@
 // cuda_cpu.h — runs mot's CUDA code on the CPU: kernels, the runtime calls, cuBLAS and NCCL,
 // compiled by g++ with no nvcc and no driver. What a kernel sees is declared here; the machinery
 // (the fiber scheduler, device memory, the checks and their reports, cuBLAS, NCCL over MPI) is in
-// cuda_cpu.cpp. README "Running the GPU code without a GPU" tells the whole story.
+// cuda_cpu.cpp. test/CUDA_CPU.md tells the whole story.
 //
 // How a .cu file gets here. test/cuda_cpu.pl copies it to build/cuda_cpu/ with three rewrites
 // that keep every line where it was (so file:line in reports, warnings and gdb are the original's):

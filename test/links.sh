@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Every relative link in README.md and dev/*.md, [text](path) or ![alt](path), must name a file or
-# folder inside the repository (the part after '#' is not checked; http(s) and mailto links are
-# skipped). One test case per Markdown file, summed in doctest's format for test/run.sh.
+# Every relative link in README.md, dev/*.md and test/*.md, [text](path) or ![alt](path), must
+# name a file or folder inside the repository (the part after '#' is not checked; http(s) and
+# mailto links are skipped). One test case per Markdown file, in doctest's format for test/run.sh.
 cd "$(dirname "$0")/.."
 root=$(pwd -P)
 passed=0; failed=0
-for md in README.md dev/*.md; do
+for md in README.md dev/*.md test/*.md; do
   bad=0
   # the target of every inline link: after "](" up to the first ")" or space
   while IFS= read -r target; do

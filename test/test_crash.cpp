@@ -188,7 +188,7 @@ TEST_CASE("a truncated or corrupt newest checkpoint: --resume falls back to the 
         std::string b = read_bytes(newest);
         if (std::string(damage) == "truncate") b.resize(b.size() / 2);
         else if (std::string(damage) == "magic") b[0] = 'X';
-        else b[76] = 1;  // the reserved field of a version-3 header (README, "Checkpoint")
+        else b[76] = 1;  // the reserved field of a version-3 header (dev/FORMATS.md, "Checkpoint")
         FILE* f = fopen(newest.c_str(), "wb");
         REQUIRE(f);
         fwrite(b.data(), 1, b.size(), f);
