@@ -967,6 +967,16 @@ inline bool mot_gain_only(unsigned gain_only, int ffn_copies, const int32_t* gro
     return gain_only && ((gain_only >> mot_copy_of_row(ffn_copies, group, pos)) & 1u);
 }
 
+// One row normalised in place without a gain (each expert's own norm): y = y r, returns r = 1/rms(y).
+template <typename S>
+S rmsnorm_inplace(S* y, int C) {
+    S ss = 0;
+    for (int j = 0; j < C; j++) ss += y[j] * y[j];
+    const S r = S(1) / std::sqrt(ss / C + S(MOT_NORM_EPS));
+    for (int j = 0; j < C; j++) y[j] *= r;
+    return r;
+}
+
 template <typename S>
 void rmsnorm_forward(S* y, S* rstd, const S* x, const S* g, int copies, const int32_t* group, int rows, int C,
                      int per_pos, int ffn_copies = 1, unsigned gain_only = 0) {
@@ -1332,14 +1342,7 @@ void ffn_forward_experts(MotModel<S>* m, const MotBatch& b, int l) {
             matmul(u3 + sb * F, F, x, D, false, W3 + e * e1, F, false, ce, F, D, false);
             swiglu_forward(u + sb * F, u1 + sb * F, u3 + sb * F, (size_t)ce * F);
             matmul(ye + sb * D, D, u + sb * F, F, false, W2 + e * e2, D, false, ce, D, F, false);
-            for (int j = 0; j < ce; j++) {
-                S* yj = ye + (sb + j) * D;
-                S ss = 0;
-                for (int d = 0; d < D; d++) ss += yj[d] * yj[d];
-                const S r = S(1) / std::sqrt(ss / D + S(MOT_NORM_EPS));
-                yr[sb + j] = r;
-                for (int d = 0; d < D; d++) yj[d] *= r;
-            }
+            for (int j = 0; j < ce; j++) yr[sb + j] = rmsnorm_inplace(ye + (sb + j) * D, D);
         };
         // y2_i = sum of s_ie ye over the experts that took row i, added in expert order
         std::fill(y2 + (size_t)r0 * D, y2 + (size_t)r1 * D, S(0));
@@ -2756,10 +2759,9 @@ bool mot_decode_rows(MotModel<S>* m, MotKVCache<S>* kv, int n, int md, bool bloc
                     mot_matvec(u3.data(), hi, m->param(P_W3, l, ek), D, F);
                     swiglu_forward(u.data(), u1.data(), u3.data(), F);
                     mot_matvec(ye.data(), u.data(), m->param(P_W2, l, ek), F, D);
-                    S ss = 0;
-                    for (int d = 0; d < D; d++) ss += ye[d] * ye[d];
-                    const S gs = sg[e] / sum, r = S(1) / std::sqrt(ss / D + S(MOT_NORM_EPS));
-                    for (int d = 0; d < D; d++) yi[d] += gs * (ye[d] * r);
+                    rmsnorm_inplace(ye.data(), D);
+                    const S gs = sg[e] / sum;
+                    for (int d = 0; d < D; d++) yi[d] += gs * ye[d];
                 }
             }
         }
