@@ -45,7 +45,7 @@ DEVTOOLS  = dev/bench_cpu dev/bench_gemm dev/bench_bpe dev/bench_vq dev/bench_sp
             dev/router_grad
 
 # SETTING=transfusion: the main job in the Transfusion setting (images as pixel patches trained by
-# diffusion; README, "Transfusion"): its own dataset build (--transfusion, tf_*.bin) and run folder.
+# diffusion; dev/DESIGN.md, "Transfusion"): its own dataset build (--transfusion, tf_*.bin) and run folder.
 SETTING  ?= tokens
 ifeq ($(SETTING),transfusion)
 DATA     ?= data/default/transfusion
@@ -188,9 +188,9 @@ mot_cpu_cuda: build/cuda_cpu/train.cu build/cuda_cpu/mot.cu mot.h $(TOKH) test/c
 mot_cpu_cuda_mpi: build/cuda_cpu/train.cu build/cuda_cpu/mot.cu mot.h $(TOKH) test/cuda_cpu_mpi.o
 	$(CXX) $(CUDA_CPU_FLAGS) -DMOT_MPI $(MPI_CFLAGS) -x c++ $< -x none test/cuda_cpu_mpi.o -o $@ $(MPI_LIBS) $(JPEGLIBS)
 
-# make check: the edit loop (README, "The edit loop"): the finite-difference gradient checks
+# make check: the edit loop (README, "The edit loop: make check"): the finite-difference gradient checks
 # (dense, MoT, ties, experts, Transfusion), one GPU-through-CPU case, the file formats' round trips
-# and refusals, the README's links and the layout of every file (test/format.sh); under two minutes on 2 cores from a clean tree. Test cases
+# and refusals, the Markdown files' links and the layout of every file (test/format.sh); under two minutes on 2 cores from a clean tree. Test cases
 # named "mot ..." run the ./mot binary and are left to make test (its nvcc build alone is a minute).
 CHECK_BINS = test/test_mot test/test_experts test/test_transfusion test/test_files test/test_gpu_cpu
 CHECK_RUN  = test/test_mot "test/test_experts -tce=mot *" "test/test_transfusion -tce=mot *" \

@@ -193,7 +193,7 @@ struct MotGpu {
     int group[MOT_N_MOD + 1] = {0, 0, 0, 0};
     int n_emb = 0;  // distinct tokens in the batch
     bool have_batch = false;
-    // experts (spec "Experts"): allocated only when some FFN copy has more than one. u1, u3, u and
+    // experts (dev/MATH.md, section 5): allocated only when some FFN copy has more than one. u1, u3, u and
     // their gradients hold one row per expert slot (NS per layer; NS = N without experts).
     bool experts = false;
     int route = MOT_ROUTE_EC;      // for the next forward: expert choice, or causal (aux routers)
@@ -207,7 +207,7 @@ struct MotGpu {
     MotBuf xg, dye;                          // NS x D: gathered rows of h; gradient of ye (GEMM operands)
     float *dX = nullptr, *ds = nullptr, *dz = nullptr;  // NS x D; N x Emax router / aux-router logit gradients
     double *aux_row = nullptr, *aux_out = nullptr;      // 2N per-row BCE and agreement; 2 sums over the forward
-    // Transfusion setting (spec "Transfusion setting"): allocated only in it. The image rows are the
+    // Transfusion setting (dev/MATH.md, section 7): allocated only in it. The image rows are the
     // contiguous range [group[1], group[2]), and these arrays are indexed from its start (image row
     // i = grouped row group[1] + i). The timestep embedding is computed once per distinct step of
     // the batch (n_steps rows: every patch of an image shares its t), not once per image row.
@@ -457,7 +457,7 @@ static __global__ void mot_swiglu_backward_kernel(MotBuf du1, MotBuf du3, const 
     mot_store(du3.f, du3.b, i, mot_ld(du, i) * a * s);
 }
 
-// ---- experts (spec "Experts"; CPU twin: ffn_forward_experts / ffn_backward_experts) ---------
+// ---- experts (dev/MATH.md section 5; CPU twin: ffn_forward_experts / ffn_backward_experts) ---------
 // Per layer and FFN copy f with E > 1 experts and rows [r0, r1) (n rows, C = ceil(n / E)):
 // router and aux-router logits (fp32 GEMMs), softmax, expert choice (one block per expert),
 // gather of each expert's C rows into its slots, the expert GEMMs, and the gated sum back into

@@ -1,11 +1,11 @@
 // mot.h — Mixture-of-Transformers: the model definition shared by the CPU and GPU paths,
 // the plain C++ CPU reference (forward, backward, AdamW) and the file formats.
 //
-// Read this file top to bottom. The math is ../shared/MOT_SPEC.md; in short: every weight
+// Read this file top to bottom. The math is dev/MATH.md; in short: every weight
 // (Q/K/V/O, QK-norm gains, FFN, norm gains) has one copy per modality ("tower"), attention is
 // global over the whole interleaved sequence, and the embedding and output head are shared.
 // The dense baseline is this same code with one tower. The Transfusion setting (images as 49
-// pixel patches trained by diffusion, spec "Transfusion setting") is a config switch: its pieces
+// pixel patches trained by diffusion, dev/MATH.md section 7) is a config switch: its pieces
 // sit beside what they extend (patch input and timestep embedding beside the embedding, the
 // image-block mask in attention, the noise loss beside cross_entropy, DDIM beside the decoder).
 //
@@ -352,7 +352,7 @@ inline void mot_group(const MotConfig& c, MotBatch* b) {
         }
 }
 
-// ---- Transfusion: noise schedule and timestep embedding (spec, "Transfusion setting") ---------
+// ---- Transfusion: noise schedule and timestep embedding (dev/MATH.md, section 7) ---------
 enum { MOT_DIFF_STEPS = 1000 };
 static const double MOT_DIFF_WEIGHT = 5.0;  // the image MSE's weight in the training loss
 // Cosine schedule: f(t) = cos^2(((t/1000) + 0.008)/1.008 * pi/2), beta_t = min(1 - f(t)/f(t-1), 0.999),
@@ -2426,7 +2426,7 @@ bool mot_load_checkpoint(const std::string& path, MotModel<S>* m, MotTrainState*
     return true;
 }
 
-// Sparse upcycling (spec, "Experts"): dst, built by mot_init with the wanted config, takes every
+// Sparse upcycling (dev/MATH.md, section 5): dst, built by mot_init with the wanted config, takes every
 // tensor of src, whose config must be the same except for one expert per FFN copy. Each expert of
 // FFN copy f starts as an exact copy of src's FFN copy f; the routers and auxiliary routers keep
 // dst's fresh N(0, 0.02) draws (at 0 all gates would tie and every expert would take the same

@@ -35,7 +35,7 @@
 #include <cuda_runtime.h>
 #endif
 
-// Guidance defaults, measured on the main job's model (README "What the main job learns").
+// Guidance defaults, measured on the main job's model (dev/RESULTS.md, "What the main job learns").
 static const double CFG_IMAGE = 3.0, CFG_CAPTION = 1.0;
 static const int BEST_OF = 8;  // images sampled per caption -> image; the model's own reading picks one
 
@@ -112,7 +112,7 @@ static void usage(FILE* f) {
             "  --best-of N       images sampled per caption, the model's own caption score picks one  (8)\n"
             "  --tokenizers DIR  dataset folder with the tokenizers, classes and eval sets\n"
             "                    (default: the folder of --data); enables downstream eval and samples\n"
-            "  --debug-state F   write the debug state of the first batch (see README)\n"
+            "  --debug-state F   write the debug state of the first batch (dev/FORMATS.md)\n"
             "  --eval-only       evaluate (validation loss, downstream tasks with --eval-gen) and exit\n"
             "  --log FILE        append one CSV line per step to FILE      (DIR/log.csv with --out)\n"
             "  --log-every N     print every N steps                       (1)\n"

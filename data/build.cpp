@@ -50,7 +50,7 @@
 //   caption_image  BOS caption BOI codes EOI EOS   or   BOS BOI codes EOI caption EOS   (50/50);
 //                  --caption-drop (default 0.1) of the caption-first ones lose their caption,
 //                  BOS BOI codes EOI EOS: the unconditional examples classifier-free guidance
-//                  samples against (as the spec's Transfusion section and Chameleon do)
+//                  samples against (as the Transfusion paper's setting and Chameleon do)
 //   spoken_caption BOS BOA units EOA caption EOS   or   BOS caption BOA units EOA EOS   (50/50)
 //   image_speech   BOS BOI codes EOI BOA units EOA EOS   (the speech says a caption of the
 //                  image's class, in a random training voice)

@@ -1,6 +1,6 @@
-// dev/diffusion_t.cpp — a Transfusion model's denoising error per diffusion step t: the spec's
-// "known trap at small scale" check (../shared/MOT_SPEC.md, "Transfusion setting": look at the
-// error per t bucket, not only the loss). For the first N images of a pixel shard, each as
+// dev/diffusion_t.cpp — a Transfusion model's denoising error per diffusion step t: the
+// "known trap at small scale" check of diffusion (the model learns the low-noise end first): look
+// at the error per t bucket, not only the loss. For the first N images of a pixel shard, each as
 // `BOS BOI <49 patches> EOI` (no caption: the unconditional prefix), noised at one t for all
 // patches with fixed noise (the same for every model), it prints per t the noise MSE
 // mean (eps_hat - eps)^2 and the MSE of the x0 it implies, clip((x_t - sqrt(1 - abar) eps_hat) /

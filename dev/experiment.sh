@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # MoT against dense, as the paper compares them: the same data order, schedule, seed and FLOPs
 # per token (same D, F, L; MoT only has one copy of each weight per modality). Prints the
-# step-matching fraction per modality (../shared/MOT_SPEC.md): the first MoT step at which MoT's
+# step-matching fraction per modality (dev/MATH.md, section 10): the first MoT step at which MoT's
 # validation loss_m reaches dense's loss_m at dense's final step, divided by that final step.
 # Validation losses are evaluated every --eval-every steps on the same fixed batches for both
 # runs and smoothed the same way (trailing mean of the last 3 evaluations).

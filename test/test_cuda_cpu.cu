@@ -581,7 +581,7 @@ static std::vector<std::string> lines_with(const std::string& out, const std::st
     return v;
 }
 
-// Experts on the GPU path (spec "Experts"): MoE-4x and MoMa-style train with the CPU trainer's
+// Experts on the GPU path (dev/MATH.md, section 5): MoE-4x and MoMa-style train with the CPU trainer's
 // printed losses, aux losses and agreement, and validation with expert choice and causal routing.
 TEST_CASE("cuda_cpu trainer: experts train on the GPU path with the CPU trainer's losses (fp32)") {
     for (const char* experts : {" --dense --experts 4", " --tie-attn --experts 4,4,4"}) {

@@ -1,4 +1,4 @@
-// test_experts.cpp — experts (../shared/MOT_SPEC.md, "Experts"): gradients against finite
+// test_experts.cpp — experts (dev/MATH.md, section 5): gradients against finite
 // differences for MoE-4x, the MoT+MoE hybrid and MoMa-style with routers and auxiliary routers,
 // expert choice (capacity, ties), one expert = the plain model bit for bit, causal routing in the
 // KV-cached decoder, sparse upcycling, file versions, and the ./mot flags and their bad input.

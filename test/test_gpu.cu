@@ -386,7 +386,7 @@ static void compare_all(bool bf16) {
 TEST_CASE("gpu: fp32 forward and backward match the CPU reference") { compare_all(false); }
 TEST_CASE("gpu: bf16 forward and backward are close to the CPU reference") { compare_all(true); }
 
-// Experts (spec "Experts"): MoE-4x (dense, 4 experts), the MoT + MoE hybrid (4,1,1) and MoMa-style
+// Experts (dev/MATH.md, section 5): MoE-4x (dense, 4 experts), the MoT + MoE hybrid (4,1,1) and MoMa-style
 // (tied attention, 4,4,4); row counts that are not multiples of E (B*T odd, random modalities),
 // towers with no rows, a copy with one row, and all scores tied (zero routers).
 static MotConfig experts_config(int towers, int T, int tie_attn, std::vector<int> ne) {
@@ -414,7 +414,7 @@ TEST_CASE("gpu: experts, fp32: EC forward, backward, selection, aux loss and cau
 }
 TEST_CASE("gpu: experts, bf16: close to the CPU reference") { compare_experts_all(true); }
 
-// ---- the Transfusion setting (spec "Transfusion setting") -----------------------------------------
+// ---- the Transfusion setting (dev/MATH.md, section 7) -----------------------------------------
 static MotConfig tf_config(int d_model, int n_head, int towers, int T, int tie_attn = 0, int tie_ffn = 0,
                            int tie_norm = 0) {
     MotConfig c = small_config(d_model, n_head, towers, T, tie_attn, tie_ffn, tie_norm);

@@ -1,4 +1,4 @@
-// test_transfusion.cpp — the Transfusion setting (spec, "Transfusion setting"): gradients against
+// test_transfusion.cpp — the Transfusion setting (dev/MATH.md, section 7): gradients against
 // finite differences with the noise and t fixed, the image-block attention mask, which positions
 // the losses count, the cosine schedule, DDIM, and the KV-cached denoising step against the full
 // forward.
