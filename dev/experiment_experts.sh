@@ -4,7 +4,7 @@
 # at capacity factor 1). Prints per model and modality:
 #   - the final validation loss with expert-choice routing (EC) and with causal routing (the
 #     auxiliary routers; the same number for models without experts),
-#   - the step-matching fraction against dense (../shared/MOT_SPEC.md): the first step at which the
+#   - the step-matching fraction against dense (dev/MATH.md, section 10): the first step at which the
 #     model's validation loss_m reaches dense's at dense's final step, over that final step, with
 #     the model's EC loss and with its causal loss,
 #   - the same fraction in wall-clock time: the fraction times the model's step time over dense's
@@ -52,13 +52,14 @@ for kind in $order $kinds; do
   if [ -n "${started[$kind]:-}" ]; then continue; fi
   started[$kind]=1
   if [ -s "$out/$kind/model.ckpt" ]; then echo "$out/$kind: done already"; continue; fi
-  if compgen -G "$out/$kind/step_*.ckpt" >/dev/null; then echo "=== resuming $kind (${arch[$kind]})"
-  else echo "=== training $kind (${arch[$kind]})"; fi
+  # with JOBS > 1, wait for a free slot first, so that the line below says when the run starts
+  if [ "$njobs" -gt 1 ] && [ "$running" -ge "$njobs" ]; then wait -n || fail; running=$((running - 1)); fi
+  if compgen -G "$out/$kind/step_*.ckpt" >/dev/null; then echo "=== resuming $kind (${arch[$kind]}) at $(date +%H:%M)"
+  else echo "=== training $kind (${arch[$kind]}) at $(date +%H:%M)"; fi
   if [ "$njobs" = 1 ]; then
     # shellcheck disable=SC2086
     ./mot $flags ${arch[$kind]} --out "$out/$kind" --resume --save-every "$save_every" "$@"
   else
-    if [ "$running" -ge "$njobs" ]; then wait -n || fail; running=$((running - 1)); fi
     # shellcheck disable=SC2086
     OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive} ./mot $flags ${arch[$kind]} --out "$out/$kind" --resume \
       --save-every "$save_every" "$@" >>"$out/$kind.out" 2>&1 &
