@@ -12,6 +12,7 @@
 #   make mot_cpu_cuda    the trainer's GPU path run on the CPU by test/cuda_cpu.h (no GPU needed)
 #   make roofline    a model of one GPU training step, kernel by kernel (dev/roofline.cpp)
 #   make test-asan   the CPU tests built with AddressSanitizer + UBSan (also part of make test)
+#   make test-plain  the model tests built with -DMOT_PLAIN, mot.h's fast paths off (also part of make test)
 #   make fuzz        every libFuzzer target (clang) for FUZZ_S seconds each (make fuzz FUZZ_S=60)
 CXX      ?= g++
 # -fno-math-errno lets GCC vectorise sqrt (results are the same: it only drops errno updates)
@@ -88,6 +89,14 @@ ASANFLAGS += $(WERROR)
 ASAN_TESTS = test/test_mot test/test_transfusion test/test_files test/test_bpe test/test_vq test/test_speech test/test_data test/test_crash
 ASANBINS   = $(ASAN_TESTS:%=$(ASAN_DIR)/%) $(ASAN_DIR)/mot $(TOOLS:%=$(ASAN_DIR)/%)
 ASANLINKS  = $(ASAN_DIR)/data $(ASAN_DIR)/mot.h $(TOKH:%=$(ASAN_DIR)/%)
+# The plain path: the model tests again, built with -DMOT_PLAIN (every fast twin of mot.h's section
+# 7 off: the plain matmul, gradient norm, AdamW and router products), in build/plain. The cases
+# named "mot ..." are left out: they run the ./mot binary (the trainer's flags and files, which
+# make test checks once), not the math.
+PLAIN_DIR   = build/plain
+PLAIN_TESTS = test/test_mot test/test_experts test/test_transfusion
+PLAINBINS   = $(PLAIN_TESTS:%=$(PLAIN_DIR)/%)
+PLAIN_RUN   = $(PLAIN_TESTS:%="$(PLAIN_DIR)/% -tce=mot *")
 # Fuzzing: libFuzzer targets for every reader (test/fuzz), with ASan + UBSan. make test replays
 # their seed corpora and fuzzes each for FUZZ_CI_S seconds; make fuzz for FUZZ_S seconds.
 FUZZ_CXX   ?= clang++
@@ -97,7 +106,7 @@ FUZZ_S     ?= 60
 FUZZ_CI_S  ?= 10
 FUZZBINS    = $(patsubst %,test/fuzz/fuzz_%,shard checkpoint debug_state bpe vq_model speech_model wav image)
 
-.PHONY: all test check format test-asan fuzz train bench bench-gpu roofline test-cuda-asan clean setup dev-tools
+.PHONY: all test check format test-asan test-plain fuzz train bench bench-gpu roofline test-cuda-asan clean setup dev-tools
 all: mot $(TOOLS)
 
 # Installs what is missing (compilers, doctest, stb, gnuplot ...): the one package list is in the
@@ -202,11 +211,17 @@ check:
 	  RUN_START=$$start bash test/run.sh $(CHECK_RUN); \
 	else echo "make check: the build failed"; echo "0 passed, 1 failed, 0 skipped"; exit 1; fi
 
-TEST_DEPS = mot $(TOOLS) $(TESTBINS) $(ASANBINS) $(ASANLINKS) $(FUZZBINS) $(DEVTOOLS)
+TEST_DEPS = mot $(TOOLS) $(TESTBINS) $(ASANBINS) $(ASANLINKS) $(PLAINBINS) $(FUZZBINS) $(DEVTOOLS)
 test: WERROR = -Werror
 test: $(TEST_DEPS)
-	@FUZZ_S=$(FUZZ_CI_S) bash test/run.sh $(TESTBINS) $(ASAN_TESTS:%=$(ASAN_DIR):%) test/fuzz/run.sh test/links.sh \
-	  test/format.sh
+	@FUZZ_S=$(FUZZ_CI_S) bash test/run.sh $(TESTBINS) $(ASAN_TESTS:%=$(ASAN_DIR):%) $(PLAIN_RUN) test/fuzz/run.sh \
+	  test/links.sh test/format.sh
+
+test-plain: $(PLAINBINS)
+	@bash test/run.sh $(PLAIN_RUN)
+$(PLAIN_DIR)/test/%: test/%.cpp mot.h test/common.h $(TOKH) | setup
+	@mkdir -p $(@D)
+	$(CXX) $(CXXFLAGS) -DMOT_PLAIN -I. $< -o $@ $(JPEGLIBS)
 
 test-asan: $(ASANBINS) $(ASANLINKS)
 	@bash test/run.sh $(ASAN_TESTS:%=$(ASAN_DIR):%)

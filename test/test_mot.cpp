@@ -347,6 +347,69 @@ TEST_CASE("a small model overfits one batch: loss from ~log(V) to below 0.05 in 
     CHECK(last < 0.05);
 }
 
+// The float model against the double one on the same batch, through the path this build runs:
+// the fast twins (section 7 of mot.h), or the plain functions alone when built with -DMOT_PLAIN
+// (make test runs this file both ways). Either path must give the double model's gradients and
+// losses within fp32 rounding, so the two paths agree with each other within it. Big enough that
+// matmul_fast takes its packed paths (row blocks, edge tiles, threads).
+static void float_against_double(const MotConfig& c) {
+    MotModel<float> mf;
+    MotModel<double> md;
+    mot_init(&mf, c, 5);
+    mot_init(&md, c, 5);  // drawn in double: both start from the same values
+    const MotBatch b = random_batch(c, 4, 48, 9);
+    MotOptim o;
+    o.lr = 1e-3;
+    o.warmup = 1;
+    o.steps = 4;
+    for (int s = 0; s < o.steps; s++) {
+        const double lf = mot_forward(&mf, b), ld = mot_forward(&md, b);
+        INFO("step ", s);
+        CHECK(std::fabs(lf - ld) <= 2e-6 * ld);
+        mot_zero_grad(&mf);
+        mot_zero_grad(&md);
+        mot_backward(&mf, b);
+        mot_backward(&md, b);
+        if (s == 0) {  // the gradient before any update: the whole forward and backward
+            double num = 0, den = 0;
+            for (size_t i = 0; i < md.grads.size(); i++) {
+                const double d = double(mf.grads[i]) - md.grads[i];
+                num += d * d;
+                den += md.grads[i] * md.grads[i];
+            }
+            MESSAGE("float against double, relative gradient difference ", std::sqrt(num / den));
+            CHECK(std::sqrt(num / den) <= 1e-5);
+        }
+        mot_adamw_step(&mf, o, s);
+        mot_adamw_step(&md, o, s);
+    }
+}
+
+TEST_CASE("float against double within fp32 rounding, on this build's path (fast, or plain with -DMOT_PLAIN): MoT") {
+    MotConfig c = tiny(3);
+    c.d_model = 64;
+    c.n_head = 4;
+    c.d_ff = 192;
+    c.vocab = 48;
+    c.image_begin = 24;
+    c.speech_begin = 36;
+    c.max_seq = 48;
+    float_against_double(c);
+}
+
+TEST_CASE("float against double within fp32 rounding, on this build's path: MoMa-style (experts, routers)") {
+    MotConfig c = tiny(3, 1);
+    c.d_model = 64;
+    c.n_head = 4;
+    c.d_ff = 128;
+    c.vocab = 48;
+    c.image_begin = 24;
+    c.speech_begin = 36;
+    c.max_seq = 48;
+    for (int f = 0; f < 3; f++) c.n_expert[f] = 4;
+    float_against_double(c);
+}
+
 TEST_CASE("grouping: rows sorted by modality, stable, and the index lists invert each other") {
     MotConfig c = tiny(3);
     MotBatch b = random_batch(c, 3, 10, 77);
