@@ -1593,15 +1593,10 @@ inline bool mot_gpu_init(MotGpu* g, const MotConfig& c, int B, int T, bool bf16,
     g->maxN = B * T;
     const size_t L = c.n_layer, D = c.d_model, H = c.n_head, F = c.d_ff, V = c.vocab, N = (size_t)B * T;
     const size_t P = g->tab.total;
-    // expert slots: copy f's E_f experts take ceil(n_f / E_f) rows each, at most N + sum(E_f - 1)
-    // in all (E_f <= MOT_MAX_EXPERT, checked by mot_config_error)
+    // expert slots, sized as the CPU's (E_f <= MOT_MAX_EXPERT, checked by mot_config_error)
     g->experts = mot_has_experts(c);
-    size_t NS = N, Em = 1;
-    if (g->experts)
-        for (int f = 0; f < mot_ffn_copies(c); f++) {
-            NS += c.n_expert[f] - 1;
-            Em = std::max<size_t>(Em, c.n_expert[f]);
-        }
+    size_t NS, Em;
+    mot_expert_sizes(c, N, &NS, &Em);
     g->Emax = (int)Em;
     MOT_CUDA_CHECK(cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking));
     MOT_CUBLAS_CHECK(cublasCreate(&g->cublas));
@@ -1622,15 +1617,9 @@ inline bool mot_gpu_init(MotGpu* g, const MotConfig& c, int B, int T, bool bf16,
     MOT_CUDA_CHECK(cudaMemsetAsync(g->adam_v, 0, P * 4, g->stream));
     if (bf16) g->params_bf = mot_dev_alloc<mot_bf16>(g, P);
 
-    // RoPE tables, the same formula as mot_init
-    const int half = Dh / 2;
-    std::vector<float> cs((size_t)c.max_seq * half), sn((size_t)c.max_seq * half);
-    for (int pos = 0; pos < c.max_seq; pos++)
-        for (int j = 0; j < half; j++) {
-            double ang = pos * pow(10000.0, -2.0 * j / (2 * half));
-            cs[(size_t)pos * half + j] = float(cos(ang));
-            sn[(size_t)pos * half + j] = float(sin(ang));
-        }
+    // RoPE tables, the CPU's
+    std::vector<float> cs, sn;
+    mot_rope_tables(c, &cs, &sn);
     g->rope_cos = mot_dev_alloc<float>(g, cs.size());
     g->rope_sin = mot_dev_alloc<float>(g, sn.size());
     MOT_CUDA_CHECK(cudaMemcpyAsync(g->rope_cos, cs.data(), cs.size() * 4, cudaMemcpyHostToDevice, g->stream));
@@ -1853,22 +1842,12 @@ static inline void mot_gpu_set_batch(MotGpu* g, const MotBatch& b) {
     g->T = b.T;
     g->N = N;
     for (int m = 0; m <= MOT_N_MOD; m++) g->group[m] = b.group[m];
-    // expert slots from the row counts, as mot_expert_slots; without experts slot j of copy f is
-    // row r0 + j and NS = N
-    g->NS = N;
-    int at = 0;
-    for (int f = 0; f < MOT_N_MOD; f++) {
-        g->slot0[f] = at;
-        g->cap[f] = 0;
-        if (f >= mot_ffn_copies(c)) continue;
-        int r0, r1;
-        mot_ffn_rows(c, b.group, f, &r0, &r1);
-        const int E = g->experts ? c.n_expert[f] : 1;
-        g->cap[f] = (r1 - r0 + E - 1) / E;
-        at += E * g->cap[f];
-        g->NS += E - 1;
-    }
-    g->slot0[MOT_N_MOD] = at;
+    // expert slots from the row counts, the CPU's; without experts slot j of copy f is row r0 + j
+    // and NS = N
+    size_t NS, Em;
+    mot_expert_sizes(c, N, &NS, &Em);
+    g->NS = (int)NS;
+    mot_expert_slots(c, b.group, g->slot0, g->cap);
     int* tok_g = g->idx_host;
     int *tgt_g = tok_g + N, *pos_g = tgt_g + N, *row_of = pos_g + N, *emb_rows = row_of + N, *emb_tok = emb_rows + N,
         *emb_start = emb_tok + N, *vis = emb_start + N + 1;

@@ -520,6 +520,21 @@ struct MotModel {
     S* grad(int p, int layer = 0, int copy = 0) { return grads.data() + tab.p[p].at(layer, copy); }
 };
 
+// RoPE's tables (max_seq x Dh/2): the angle of position pos in pair j is pos 10000^(-2j/Dh). The
+// GPU path uploads the same tables.
+template <typename S>
+void mot_rope_tables(const MotConfig& c, std::vector<S>* cs, std::vector<S>* sn) {
+    const int half = c.d_model / c.n_head / 2;
+    cs->resize((size_t)c.max_seq * half);
+    sn->resize((size_t)c.max_seq * half);
+    for (int pos = 0; pos < c.max_seq; pos++)
+        for (int j = 0; j < half; j++) {
+            double ang = pos * pow(10000.0, -2.0 * j / (2 * half));
+            (*cs)[(size_t)pos * half + j] = S(cos(ang));
+            (*sn)[(size_t)pos * half + j] = S(sin(ang));
+        }
+}
+
 // Builds a model with freshly initialised parameters: matrices and embedding N(0, 0.02), gains 1.
 // The draws are made in double from one seeded stream, so float and double models start equal.
 template <typename S>
@@ -537,16 +552,20 @@ void mot_init(MotModel<S>* m, const MotConfig& c, uint64_t seed) {
         const bool bias = p == P_BIN || p == P_BOUT;  // biases start at 0, gains at 1
         for (size_t i = 0; i < info.size(); i++) w[i] = info.decay ? S(0.02 * mot_rand_normal(&rng)) : S(bias ? 0 : 1);
     }
-    const int half = c.d_model / c.n_head / 2;
-    m->rope_cos.resize((size_t)c.max_seq * half);
-    m->rope_sin.resize((size_t)c.max_seq * half);
-    for (int pos = 0; pos < c.max_seq; pos++)
-        for (int j = 0; j < half; j++) {
-            double ang = pos * pow(10000.0, -2.0 * j / (2 * half));
-            m->rope_cos[(size_t)pos * half + j] = S(cos(ang));
-            m->rope_sin[(size_t)pos * half + j] = S(sin(ang));
-        }
+    mot_rope_tables(c, &m->rope_cos, &m->rope_sin);
     m->B = m->T = 0;
+}
+
+// Expert slots: copy f's E_f experts take ceil(n_f / E_f) of its n_f rows each, so N rows need at
+// most N + sum(E_f - 1) slots in all (NS); Emax is the most experts of any copy. (Without experts:
+// NS = N, Emax = 1.) The GPU path sizes its buffers the same way.
+inline void mot_expert_sizes(const MotConfig& c, size_t N, size_t* NS, size_t* Emax) {
+    *NS = N;
+    *Emax = 1;
+    for (int f = 0; f < mot_ffn_copies(c); f++) {
+        *NS += c.n_expert[f] - 1;
+        *Emax = std::max<size_t>(*Emax, c.n_expert[f]);
+    }
 }
 
 // Sizes the activation memory for a B x T batch (only reallocates when the shape changes).
@@ -555,13 +574,9 @@ void mot_alloc_acts(MotModel<S>* m, int B, int T) {
     if (m->B == B && m->T == T) return;
     const MotConfig& c = m->cfg;
     const size_t L = c.n_layer, D = c.d_model, H = c.n_head, F = c.d_ff, V = c.vocab, N = (size_t)B * T;
-    // Expert slots: copy f's E_f experts take ceil(n_f / E_f) rows each, so at most N + sum(E_f - 1) in all.
     const bool ex = mot_has_experts(c) || m->force_expert_path, tf = mot_transfusion(c);
-    size_t NS = N, Em = 1;
-    for (int f = 0; f < mot_ffn_copies(c); f++) {
-        NS += c.n_expert[f] - 1;
-        Em = std::max<size_t>(Em, c.n_expert[f]);
-    }
+    size_t NS, Em;
+    mot_expert_sizes(c, N, &NS, &Em);
     const size_t sizes[] = {(L + 1) * N * D,
                             L * N * D,
                             L * N * D,
@@ -896,20 +911,19 @@ inline void mot_ffn_rows(const MotConfig& c, const int32_t* group, int f, int* r
 
 // The slot layout of a batch depends only on its row counts: computed on the host once per batch.
 // With one expert per copy, slot j of copy f is row r0 + j (the plain layout).
-template <typename S>
-void mot_expert_slots(MotModel<S>* m, const int32_t* group) {
+inline void mot_expert_slots(const MotConfig& c, const int32_t* group, int32_t* slot0, int32_t* cap) {
     int at = 0;
     for (int f = 0; f < MOT_N_MOD; f++) {
-        m->slot0[f] = at;
-        m->cap[f] = 0;
-        if (f >= mot_ffn_copies(m->cfg)) continue;
+        slot0[f] = at;
+        cap[f] = 0;
+        if (f >= mot_ffn_copies(c)) continue;
         int r0, r1;
-        mot_ffn_rows(m->cfg, group, f, &r0, &r1);
-        const int E = m->cfg.n_expert[f];
-        m->cap[f] = (r1 - r0 + E - 1) / E;
-        at += E * m->cap[f];
+        mot_ffn_rows(c, group, f, &r0, &r1);
+        const int E = c.n_expert[f];
+        cap[f] = (r1 - r0 + E - 1) / E;
+        at += E * cap[f];
     }
-    m->slot0[MOT_N_MOD] = at;
+    slot0[MOT_N_MOD] = at;
 }
 
 // Expert choice for expert e: the C of n rows with the largest s[i * ld + e], ties to the lower i,
@@ -1287,7 +1301,7 @@ double mot_forward(MotModel<S>* m, const MotBatch& b) {
         (b.xin.size() != (size_t)N * MOT_PATCH || b.eps.size() != (size_t)N * MOT_PATCH || b.tstep.size() != (size_t)N))
         throw std::invalid_argument("mot_forward: a Transfusion batch needs xin, eps (16 each) and tstep per position");
     m->aux_loss = m->aux_agree = 0;
-    if (experts) mot_expert_slots(m, g);
+    if (experts) mot_expert_slots(c, g, m->slot0, m->cap);
     const bool tf = mot_transfusion(c);
     const int i0 = g[MOD_IMAGE], i1 = tf ? g[MOD_IMAGE + 1] : i0;  // image rows that take patches
     for (int r = 0; r < N; r++) {                                  // embedding, gathered straight into grouped order
