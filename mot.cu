@@ -1848,11 +1848,12 @@ static inline void mot_gpu_set_batch(MotGpu* g, const MotBatch& b) {
     mot_expert_sizes(c, N, &NS, &Em);
     g->NS = (int)NS;
     mot_expert_slots(c, b.group, g->slot0, g->cap);
-    int* tok_g = g->idx_host;
-    int *tgt_g = tok_g + N, *pos_g = tgt_g + N, *row_of = pos_g + N, *emb_rows = row_of + N, *emb_tok = emb_rows + N,
-        *emb_start = emb_tok + N, *vis = emb_start + N + 1;
-    g->n_valid = 0;
-    for (int m = 0; m < MOT_N_MOD; m++) g->n_mod[m] = 0;
+    // the host copy of the index lists has the device's layout (mot_gpu_init): each list sits as far
+    // from idx_host as from idx_dev
+    auto host = [g](const int* dev) { return g->idx_host + (dev - g->idx_dev); };
+    int *tok_g = host(g->tok_g), *tgt_g = host(g->tgt_g), *pos_g = host(g->pos_g), *row_of = host(g->row_of),
+        *emb_rows = host(g->emb_rows), *emb_tok = host(g->emb_tok), *emb_start = host(g->emb_start),
+        *vis = host(g->vis);
     for (int r = 0; r < N; r++) {
         const int i = b.order[r];
         if (i < 0 || i >= N || b.row_of[i] != r) fail("order / row_of are not inverse permutations");
@@ -1865,11 +1866,8 @@ static inline void mot_gpu_set_batch(MotGpu* g, const MotBatch& b) {
         tok_g[r] = tok;
         tgt_g[r] = tgt;
         pos_g[r] = i % b.T;
-        if (tgt >= 0) {
-            g->n_valid++;
-            g->n_mod[mot_modality(c, tgt)]++;
-        }
     }
+    g->n_valid = mot_count_targets(c, b, g->n_mod);
     for (int i = 0; i < N; i++) row_of[i] = b.row_of[i];
     // the attention kernels' tile bounds rely on t <= vis[t] < T and vis non-decreasing in t
     for (int i = 0; i < N; i++) {
@@ -1898,14 +1896,13 @@ static inline void mot_gpu_set_batch(MotGpu* g, const MotBatch& b) {
     }
     emb_start[U] = NE;
     g->n_emb = U;
-    // the device lists are laid out for maxN, so upload each part to its place
+    // upload the used part of each list
     const int maxN = g->maxN;
-    int* dev = g->idx_dev;
-    const int* parts[8] = {tok_g, tgt_g, pos_g, row_of, emb_rows, emb_tok, emb_start, vis};
-    const int lens[8] = {N, N, N, N, NE, U, U + 1, N};
-    for (int p = 0; p < 8; p++)
-        MOT_CUDA_CHECK(cudaMemcpyAsync(dev + (size_t)p * maxN + (p == 7), parts[p], lens[p] * sizeof(int),
-                                       cudaMemcpyHostToDevice, g->stream));
+    const std::pair<int*, int> lists[] = {{g->tok_g, N},     {g->tgt_g, N},   {g->pos_g, N},         {g->row_of, N},
+                                          {g->emb_rows, NE}, {g->emb_tok, U}, {g->emb_start, U + 1}, {g->vis, N}};
+    for (const auto& l : lists)
+        MOT_CUDA_CHECK(
+            cudaMemcpyAsync(l.first, host(l.first), l.second * sizeof(int), cudaMemcpyHostToDevice, g->stream));
     if (g->tf) {
         // Transfusion: the image rows' patches and noise in grouped order, and the distinct steps:
         // step_t (increasing), step_of (image row -> its step's index), step_rows (the image rows
@@ -2492,12 +2489,7 @@ inline double mot_gpu_forward(MotGpu* g, const MotBatch& b) {
     // copies (over layers) whose aux routers pick exactly their EC experts (as mot_forward)
     g->aux_loss = g->aux_agree = 0;
     if (g->experts && g->route == MOT_ROUTE_EC) {
-        long rows = 0;
-        for (int f = 0; f < mot_ffn_copies(c); f++) {
-            int r0, r1;
-            mot_ffn_rows(c, g->group, f, &r0, &r1);
-            if (c.n_expert[f] > 1) rows += (long)(r1 - r0) * L;
-        }
+        const long rows = mot_expert_rows(c, g->group) * L;
         g->aux_loss = g->host_out[5];
         g->aux_agree = rows ? g->host_out[6] / rows : 0;
     }

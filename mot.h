@@ -489,6 +489,15 @@ struct MotActs {
     S *eps_hat, *deps;  // N x 16, N x 16  predicted noise, and the loss gradient wrt it
 };
 
+// The backward's scratch arrays (grouped order), carved out of one allocation like the activations.
+template <typename S>
+struct MotScratch {
+    S *dx, *dh, *dt;       // N x D: the residual stream's gradient; dL/dh; the gradient into a sublayer
+    S *dq, *dk, *dv, *dO;  // N x D: attention's gradients
+    S *du1, *du3, *du;     // NS x F: the FFN's (per expert slot)
+    S *xg, *db;            // NS x D, experts only: each slot's gathered row of h; its dye, then dX
+};
+
 template <typename S>
 struct MotModel {
     MotConfig cfg;
@@ -497,6 +506,7 @@ struct MotModel {
     int B = 0, T = 0;                              // the batch shape the activations are sized for
     std::vector<S> act_mem, scratch_mem;
     MotActs<S> act{};
+    MotScratch<S> scr{};
     std::vector<S> rope_cos, rope_sin;  // max_seq x Dh/2
     // results of the last forward
     // loss: the training objective (token setting: the CE mean; Transfusion: loss_lm + 5 loss_mod[image]).
@@ -577,53 +587,60 @@ void mot_alloc_acts(MotModel<S>* m, int B, int T) {
     const bool ex = mot_has_experts(c) || m->force_expert_path, tf = mot_transfusion(c);
     size_t NS, Em;
     mot_expert_sizes(c, N, &NS, &Em);
-    const size_t sizes[] = {(L + 1) * N * D,
-                            L * N * D,
-                            L * N * D,
-                            L * N * D,
-                            L * N * H,
-                            L * N * H,
-                            L * N * D,
-                            L * N * D,
-                            L * B * H * T * T,
-                            L * N * D,
-                            L * N * D,
-                            L * N,
-                            L * N * D,
-                            L * NS * F,
-                            L * NS * F,
-                            L * NS * F,
-                            L * N * D,
-                            L * N,
-                            ex ? L * N * Em : 0,
-                            ex ? L * N * Em : 0,
-                            ex ? L * NS * D : 0,
-                            ex ? L * NS : 0,
-                            N * D,
-                            N,
-                            N * V,
-                            N * V,
-                            tf ? N * MOT_PATCH : 0,
-                            tf ? N * D : 0,
-                            tf ? N * MOT_PATCH : 0,
-                            tf ? N * MOT_PATCH : 0};
-    S** ptrs[] = {&m->act.x,      &m->act.q,       &m->act.k,   &m->act.v,       &m->act.q_rstd,  &m->act.k_rstd,
-                  &m->act.qr,     &m->act.kr,      &m->act.att, &m->act.o,       &m->act.a,       &m->act.a_rstd,
-                  &m->act.h,      &m->act.u1,      &m->act.u3,  &m->act.u,       &m->act.y2,      &m->act.y2_rstd,
-                  &m->act.gate,   &m->act.aux,     &m->act.ye,  &m->act.ye_rstd, &m->act.z,       &m->act.z_rstd,
-                  &m->act.logits, &m->act.dlogits, &m->act.pin, &m->act.sinu,    &m->act.eps_hat, &m->act.deps};
+    // Every activation array and its size, in one table: the arrays are consecutive slices of one
+    // allocation, in this order.
+    MotActs<S>& A = m->act;
+    const std::pair<S**, size_t> acts[] = {
+        {&A.x, (L + 1) * N * D},
+        {&A.q, L * N * D},
+        {&A.k, L * N * D},
+        {&A.v, L * N * D},
+        {&A.q_rstd, L * N * H},
+        {&A.k_rstd, L * N * H},
+        {&A.qr, L * N * D},
+        {&A.kr, L * N * D},
+        {&A.att, L * B * H * T * T},
+        {&A.o, L * N * D},
+        {&A.a, L * N * D},
+        {&A.a_rstd, L * N},
+        {&A.h, L * N * D},
+        {&A.u1, L * NS * F},
+        {&A.u3, L * NS * F},
+        {&A.u, L * NS * F},
+        {&A.y2, L * N * D},
+        {&A.y2_rstd, L * N},
+        {&A.gate, ex ? L * N * Em : 0},
+        {&A.aux, ex ? L * N * Em : 0},
+        {&A.ye, ex ? L * NS * D : 0},
+        {&A.ye_rstd, ex ? L * NS : 0},
+        {&A.z, N * D},
+        {&A.z_rstd, N},
+        {&A.logits, N * V},
+        {&A.dlogits, N * V},
+        {&A.pin, tf ? N * MOT_PATCH : 0},
+        {&A.sinu, tf ? N * D : 0},
+        {&A.eps_hat, tf ? N * MOT_PATCH : 0},
+        {&A.deps, tf ? N * MOT_PATCH : 0},
+    };
+    // The backward's scratch, the same way: dx, dh, dt, dq, dk, dv, dO (N x D each), du1, du3, du
+    // (NS x F each) and, with experts, two NS x D arrays per slot (gathered rows of h, which the
+    // forward uses too; then dye and dX).
+    MotScratch<S>& Z = m->scr;
+    const std::pair<S**, size_t> scratch[] = {
+        {&Z.dx, N * D},   {&Z.dh, N * D},  {&Z.dt, N * D},           {&Z.dq, N * D},
+        {&Z.dk, N * D},   {&Z.dv, N * D},  {&Z.dO, N * D},           {&Z.du1, NS * F},
+        {&Z.du3, NS * F}, {&Z.du, NS * F}, {&Z.xg, ex ? NS * D : 0}, {&Z.db, ex ? NS * D : 0},
+    };
     size_t total = 0;
-    for (size_t s : sizes) total += s;
+    for (const auto& a : acts) total += a.second;
     m->act_mem.assign(total, S(0));
     S* p = m->act_mem.data();
-    static_assert(sizeof sizes / sizeof sizes[0] == sizeof ptrs / sizeof ptrs[0], "one size per array");
-    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
-        *ptrs[i] = p;
-        p += sizes[i];
-    }
-    // backward scratch: dx, dh, dt, dq, dk, dv, dO (N x D each) and du1, du3, du (NS x F each); with
-    // experts also two NS x D buffers for gathered rows per slot (the forward uses the first too)
-    m->scratch_mem.assign(7 * N * D + 3 * NS * F + (ex ? 2 * NS * D : 0), S(0));
+    for (const auto& a : acts) *a.first = p, p += a.second;
+    total = 0;
+    for (const auto& a : scratch) total += a.second;
+    m->scratch_mem.assign(total, S(0));
+    p = m->scratch_mem.data();
+    for (const auto& a : scratch) *a.first = p, p += a.second;
     m->sel.assign(ex ? L * NS : 0, 0);
     m->NS = (int)NS;
     m->Emax = (int)Em;
@@ -926,6 +943,18 @@ inline void mot_expert_slots(const MotConfig& c, const int32_t* group, int32_t* 
     slot0[MOT_N_MOD] = at;
 }
 
+// Rows of a batch that copies with experts route, in one layer: the denominator of the aux routers'
+// agreement (mot_forward and the GPU's forward).
+inline long mot_expert_rows(const MotConfig& c, const int32_t* group) {
+    long rows = 0;
+    for (int f = 0; f < mot_ffn_copies(c); f++) {
+        int r0, r1;
+        mot_ffn_rows(c, group, f, &r0, &r1);
+        if (c.n_expert[f] > 1) rows += r1 - r0;
+    }
+    return rows;
+}
+
 // Expert choice for expert e: the C of n rows with the largest s[i * ld + e], ties to the lower i,
 // written to out (as r0 + i) in increasing row order. A heap (partial_sort) stays in bounds even
 // if a NaN breaks the ordering.
@@ -967,7 +996,7 @@ void ffn_forward_experts(MotModel<S>* m, const MotBatch& b, int l) {
     S *y2 = A.y2 + (size_t)l * N * D, *ye = A.ye + (size_t)l * NS * D, *yr = A.ye_rstd + (size_t)l * NS;
     S *u1 = A.u1 + (size_t)l * NS * F, *u3 = A.u3 + (size_t)l * NS * F, *u = A.u + (size_t)l * NS * F;
     S *gate = A.gate + (size_t)l * N * Em, *aux = A.aux + (size_t)l * N * Em;
-    S* xg = m->scratch_mem.data() + 7 * (size_t)N * D + 3 * (size_t)NS * F;  // gathered rows of h
+    S* xg = m->scr.xg;  // gathered rows of h
     const S* P = m->params.data();
     const size_t e1 = tab.p[P_W1].each(), e2 = tab.p[P_W2].each();
     for (int f = 0; f < mot_ffn_copies(c); f++) {
@@ -1095,9 +1124,8 @@ void ffn_backward_experts(MotModel<S>* m, const MotBatch& b, int l, const S* dt,
     const S *ye = A.ye + (size_t)l * NS * D, *yr = A.ye_rstd + (size_t)l * NS;
     const S *gate = A.gate + (size_t)l * N * Em, *aux = A.aux + (size_t)l * N * Em;
     const S *u1 = A.u1 + (size_t)l * NS * F, *u3 = A.u3 + (size_t)l * NS * F, *u = A.u + (size_t)l * NS * F;
-    S* sc = m->scratch_mem.data() + 7 * (size_t)N * D;
-    S *du1 = sc, *du3 = sc + (size_t)NS * F, *du = sc + 2 * (size_t)NS * F;
-    S *xg = sc + 3 * (size_t)NS * F, *db = xg + (size_t)NS * D;  // per slot: gathered h rows; dye, then dX
+    S *du1 = m->scr.du1, *du3 = m->scr.du3, *du = m->scr.du;
+    S *xg = m->scr.xg, *db = m->scr.db;  // per slot: gathered h rows; dye, then dX
     const S* P = m->params.data();
     S* G = m->grads.data();
     const size_t e1 = tab.p[P_W1].each(), e2 = tab.p[P_W2].each();
@@ -1196,12 +1224,26 @@ inline int mot_lm_target(const MotConfig& c, const MotBatch& b, int i) {
     return tgt;
 }
 
+// The number of positions with an LM target (the loss's denominator), and of those per target
+// modality: the CPU's cross_entropy and the GPU's batch upload both count with this.
+inline int mot_count_targets(const MotConfig& c, const MotBatch& b, int n_mod[MOT_N_MOD]) {
+    int n_valid = 0;
+    for (int md = 0; md < MOT_N_MOD; md++) n_mod[md] = 0;
+    for (int i = 0; i < b.B * b.T; i++) {
+        const int tgt = mot_lm_target(c, b, i);
+        if (tgt < 0) continue;
+        n_valid++;
+        n_mod[mot_modality(c, tgt)]++;
+    }
+    return n_valid;
+}
+
 template <typename S>
 void cross_entropy(MotModel<S>* m, const MotBatch& b) {
     const int N = b.B * b.T, V = m->cfg.vocab;
     std::vector<double> row_loss(N, 0.0);
-    int n_valid = 0;
-    for (int r = 0; r < N; r++) n_valid += mot_lm_target(m->cfg, b, b.order[r]) >= 0;
+    int mod_n[MOT_N_MOD];
+    const int n_valid = mot_count_targets(m->cfg, b, mod_n);
 #pragma omp parallel for schedule(static)
     for (int r = 0; r < N; r++) {
         const int tgt = mot_lm_target(m->cfg, b, b.order[r]);
@@ -1225,14 +1267,12 @@ void cross_entropy(MotModel<S>* m, const MotBatch& b) {
     }
     // summed in row order so the loss is the same whatever the thread count
     double total = 0, mod_sum[MOT_N_MOD] = {0, 0, 0};
-    int mod_n[MOT_N_MOD] = {0, 0, 0};
     for (int r = 0; r < N; r++) {
         const int tgt = mot_lm_target(m->cfg, b, b.order[r]);
         if (tgt < 0) continue;
         const int md = mot_modality(m->cfg, tgt);
         total += row_loss[r];
         mod_sum[md] += row_loss[r];
-        mod_n[md]++;
     }
     m->pos_loss.assign(N, 0.0);
     for (int r = 0; r < N; r++) m->pos_loss[b.order[r]] = row_loss[r];
@@ -1362,12 +1402,7 @@ double mot_forward(MotModel<S>* m, const MotBatch& b) {
     cross_entropy(m, b);
     if (tf) diffusion_loss(m, b);
     if (experts && m->route == MOT_ROUTE_EC) {  // aux_agree: a count of rows so far (over layers)
-        long rows = 0;
-        for (int f = 0; f < mot_ffn_copies(c); f++) {
-            int r0, r1;
-            mot_ffn_rows(c, g, f, &r0, &r1);
-            if (c.n_expert[f] > 1) rows += (long)(r1 - r0) * c.n_layer;
-        }
+        const long rows = mot_expert_rows(c, g) * c.n_layer;
         m->aux_agree = rows ? m->aux_agree / rows : 0;
     }
     return m->loss;  // the reported loss: the training objective adds MOT_AUX_WEIGHT * aux_loss
@@ -1425,9 +1460,9 @@ void mot_backward(MotModel<S>* m, const MotBatch& b, bool accumulate = true) {
     MotActs<S>& A = m->act;
     const size_t ND = (size_t)N * D, NF = (size_t)N * F;
     const bool experts = mot_has_experts(c) || m->force_expert_path;
-    S* s = m->scratch_mem.data();
-    S *dx = s, *dh = s + ND, *dt = s + 2 * ND, *dq = s + 3 * ND, *dk = s + 4 * ND, *dv = s + 5 * ND, *dO = s + 6 * ND,
-      *du1 = s + 7 * ND, *du3 = du1 + NF, *du = du3 + NF;
+    const MotScratch<S>& Z = m->scr;
+    S *dx = Z.dx, *dh = Z.dh, *dt = Z.dt, *dq = Z.dq, *dk = Z.dk, *dv = Z.dv, *dO = Z.dO, *du1 = Z.du1, *du3 = Z.du3,
+      *du = Z.du;
     const S* P = m->params.data();
     S* G = m->grads.data();
     const bool acc = accumulate;
