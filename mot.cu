@@ -5,11 +5,28 @@
 //
 // Layout of the file:
 //   1. error checking, the MotGpu struct, small helpers
-//   2. kernels: embedding, the Transfusion image input (timestep sinusoid, patch input, their
-//      backward), RMSNorm (+residual) forward/backward, QK-norm + RoPE, SwiGLU,
-//      experts (router softmax, expert choice, gather, gated sum, their backward, aux routers),
-//      flash-style causal attention forward/backward (fp32 CUDA cores; WMMA tensor cores),
-//      cross-entropy, the Transfusion diffusion loss, reductions, AdamW
+//   2. kernels, in the order of their CPU twins in mot.h (section 5, then 6):
+//        kernels                                   CPU twin (mot.h)
+//        mot_rmsnorm_{forward,backward}_kernel,    rmsnorm_forward, rmsnorm_backward
+//          mot_gain_{partial,final}_kernel
+//        mot_qknorm_rope_{forward,backward}_kernel rmsnorm_forward over heads + rope_apply
+//        mot_attn_{forward,backward_dkv,           attention_forward, attention_backward
+//          backward_dq,delta}_kernel; on tensor
+//          cores mot_attn_tc_{forward,dkv,dq}_kernel
+//        mot_swiglu_{forward,backward}_kernel      swiglu_forward, swiglu_backward
+//        mot_router_softmax_kernel, mot_expert_*,  ffn_forward_experts, ffn_backward_experts,
+//          mot_gather_rows_kernel, mot_aux_*,        mot_expert_choice, router_logits
+//          mot_router_backward_kernel
+//        mot_ce_{forward,backward}_kernel,         cross_entropy
+//          mot_loss_reduce_kernel
+//        mot_mse_kernel, mot_sum_kernel            diffusion_loss
+//        mot_embed_{,backward_}kernel,             mot_forward's embedding gather and image
+//          mot_sinusoid_kernel,                      input (mot_sinusoid), mot_backward's
+//          mot_image_input_kernel,                   embedding and timestep gradients
+//          mot_temb_backward_kernel
+//        mot_sumsq_{partial,final}_kernel,         mot_grad_norm, mot_adamw_step
+//          mot_adamw_kernel, mot_to_bf16_kernel
+//      The linear layers (linear_forward, linear_backward on the CPU) are cuBLAS GEMMs: section 3.
 //   3. GEMMs (cuBLAS, row-major wrapper) and per-tower linear layers
 //   4. the public API: init/upload/download/forward/backward/zero_grad/adamw/logits/grads/free
 //   5. data parallel over GPUs with NCCL (only with -DMOT_MPI)
@@ -247,58 +264,6 @@ static inline Tp* mot_dev_alloc(MotGpu* g, size_t count) {
 // ============================================================================================
 // 2. Kernels
 // ============================================================================================
-// ---- embedding: x[r] = E[token of grouped row r] -------------------------------------------
-static __global__ void mot_embed_kernel(float* x, mot_bf16* xb, const float* emb, const int* tok_g, int N, int D) {
-    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (size_t)N * D) return;
-    const size_t r = i / D, j = i % D;
-    mot_store(x, xb, i, emb[(size_t)tok_g[r] * D + j]);
-}
-
-// Embedding gradient: one block per distinct token, rows summed in increasing row order.
-static __global__ void mot_embed_backward_kernel(float* dE, const float* dx, const int* rows, const int* tok,
-                                                 const int* start, int D) {
-    const int u = blockIdx.x, r0 = start[u], r1 = start[u + 1];
-    float* e = dE + (size_t)tok[u] * D;
-    for (int j = threadIdx.x; j < D; j += blockDim.x) {
-        float acc = 0;
-        for (int k = r0; k < r1; k++) acc += dx[(size_t)rows[k] * D + j];
-        e[j] += acc;
-    }
-}
-
-// ---- Transfusion: image input x_t W_in + b_in + sinusoid(t) W_t (CPU: mot_sinusoid, mot_forward)
-// The image rows take this in place of an embedding row. sinusoid(t) = [sin(t w_j) || cos(t w_j)],
-// w_j = 10000^(-2j/D), in double as mot_sinusoid; one row per distinct step of the batch.
-static __global__ void mot_sinusoid_kernel(float* s, const int* step_t, int n, int D) {
-    const int half = D / 2;
-    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (size_t)n * half) return;
-    const int k = (int)(i / half), j = (int)(i % half);
-    const double w = pow(10000.0, -2.0 * j / D);
-    s[(size_t)k * D + j] = (float)sin(step_t[k] * w);
-    s[(size_t)k * D + half + j] = (float)cos(step_t[k] * w);
-}
-// x = (x_t W_in, which the GEMM left in x) + temb[step of the row] + b_in over the n image rows,
-// into x and its bf16 copy
-static __global__ void mot_image_input_kernel(float* x, mot_bf16* xb, const float* b_in, const float* temb,
-                                              const int* step_of, int n, int D) {
-    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (size_t)n * D) return;
-    const size_t r = i / D, j = i % D;
-    mot_store(x, xb, i, x[i] + temb[(size_t)step_of[r] * D + j] + b_in[j]);
-}
-// dtemb[k] = sum of dx over the image rows of step k, in increasing row order (as the embedding)
-static __global__ void mot_temb_backward_kernel(float* dtemb, const float* dx, const int* rows, const int* start,
-                                                int D) {
-    const int k = blockIdx.x, r0 = start[k], r1 = start[k + 1];
-    for (int j = threadIdx.x; j < D; j += blockDim.x) {
-        float acc = 0;
-        for (int u = r0; u < r1; u++) acc += dx[(size_t)rows[u] * D + j];
-        dtemb[(size_t)k * D + j] = acc;
-    }
-}
-
 // ---- warp reductions (butterfly: every lane ends with the same value) -----------------------
 __device__ __forceinline__ float mot_warp_sum(float v) {
     for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
@@ -306,6 +271,7 @@ __device__ __forceinline__ float mot_warp_sum(float v) {
 }
 
 // ---- RMSNorm over rows of C (one warp per row), with per-tower gains and a residual --------
+// CPU twin: rmsnorm_forward, rmsnorm_backward (with the residual add of mot_forward)
 // out = (resid ? resid : 0) + x * rstd * g[copy],  rstd = 1 / sqrt(mean(x^2) + eps)
 // A sublayer's residual add is this kernel: one pass reads its output x (a GEMM output, bf16 in
 // bf16 mode) and the fp32 stream resid, and writes the new stream (fp32, plus the bf16 copy the
@@ -386,6 +352,7 @@ static __global__ void mot_gain_final_kernel(float* dg, const float* part, int n
 }
 
 // ---- QK-norm (per head, per-tower gains) + RoPE, one thread per (row, head) ---------------
+// CPU twin: rmsnorm_forward over the heads, then rope_apply (mot_forward; backward in mot_backward)
 // out = rope(rmsnorm(x_head) * g[copy]) at the row's sequence position; rstd is [rows][H].
 template <typename TA>
 static __global__ void mot_qknorm_rope_forward_kernel(TA* out, float* rstd, const TA* x, const float* g,
@@ -436,277 +403,8 @@ static __global__ void mot_qknorm_rope_backward_kernel(MotBuf dx, TA* dyun, cons
                   rs * gi[j] * mot_ld(dyun, base + j) - rs * rs * rs / (float)Dh * mot_ld(x, base + j) * dot);
 }
 
-// ---- SwiGLU --------------------------------------------------------------------------------
-// One elementwise pass each way; in bf16 mode u1, u3, u, du and du1, du3 are all bf16 (6 bytes
-// per element forward, 10 backward). cuBLASLt has no gated epilogue (only bias, ReLU, GELU and
-// their gradients), so the GEMMs cannot produce u directly.
-template <typename TA>
-static __global__ void mot_swiglu_forward_kernel(MotBuf u, const TA* u1, const TA* u3, size_t n) {
-    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    const float a = mot_ld(u1, i);
-    mot_store(u.f, u.b, i, a / (1.0f + expf(-a)) * mot_ld(u3, i));
-}
-template <typename TA>
-static __global__ void mot_swiglu_backward_kernel(MotBuf du1, MotBuf du3, const TA* du, const TA* u1, const TA* u3,
-                                                  size_t n) {
-    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    const float a = mot_ld(u1, i), s = 1.0f / (1.0f + expf(-a));
-    mot_store(du1.f, du1.b, i, mot_ld(du, i) * mot_ld(u3, i) * s * (1.0f + a * (1.0f - s)));
-    mot_store(du3.f, du3.b, i, mot_ld(du, i) * a * s);
-}
-
-// ---- experts (dev/MATH.md section 5; CPU twin: ffn_forward_experts / ffn_backward_experts) ---------
-// Per layer and FFN copy f with E > 1 experts and rows [r0, r1) (n rows, C = ceil(n / E)):
-// router and aux-router logits (fp32 GEMMs), softmax, expert choice (one block per expert),
-// gather of each expert's C rows into its slots, the expert GEMMs, and the gated sum back into
-// the rows. Arrays: s, a, slot_of are [row][Emax] (ld = Emax); sel is [slot]; ye is [slot][D].
-// Every row's sum runs over the experts in order in one thread: no atomics, reproducible.
-
-// gates s = softmax(router logits), one thread per row (in place; same order of operations as the CPU)
-static __global__ void mot_router_softmax_kernel(float* s, int n, int E, int ld) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float* si = s + (size_t)i * ld;
-    float mx = si[0], sum = 0;
-    for (int e = 1; e < E; e++) mx = fmaxf(mx, si[e]);
-    for (int e = 0; e < E; e++) {
-        si[e] = expf(si[e] - mx);
-        sum += si[e];
-    }
-    for (int e = 0; e < E; e++) si[e] /= sum;
-}
-
-// An unsigned key with the order of the float (larger score, larger key); -0 and +0 are one key,
-// as they compare equal on the CPU.
-__device__ __forceinline__ unsigned mot_score_key(float v) {
-    unsigned u;
-    memcpy(&u, &v, sizeof u);
-    if (v == 0.0f) u = 0;
-    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-// Expert choice for expert e = blockIdx.x: the C of n rows with the largest s[i][e], ties to the
-// lower row i (the CPU's mot_expert_choice, exactly). A radix select finds the C-th largest key in
-// 8 passes of 4-bit digits (per-thread counts over a contiguous chunk of rows, summed by a tree in
-// shared memory), then a scan in row order takes the rows above it and the first rows equal to it.
-// Writes sel[slot0 + e*C + j] = r0 + i for the j-th taken row and slot_of[i][e] = its slot or -1.
-enum { MOT_SEL_THREADS = 256, MOT_SEL_BITS = 4, MOT_SEL_BINS = 1 << MOT_SEL_BITS };
-static __global__ void __launch_bounds__(MOT_SEL_THREADS)
-    mot_expert_select_kernel(int* sel, int* slot_of, const float* s, int ld, int n, int C, int r0, int slot0) {
-    __shared__ int cnt[MOT_SEL_BINS][MOT_SEL_THREADS];
-    __shared__ int run[2][MOT_SEL_THREADS];
-    const int e = blockIdx.x, tid = threadIdx.x, per = (n + MOT_SEL_THREADS - 1) / MOT_SEL_THREADS;
-    const int a = min(n, tid * per), b = min(n, a + per);
-    unsigned prefix = 0, mask = 0;
-    int k = C;  // the k-th largest key among those that match prefix under mask
-    for (int shift = 32 - MOT_SEL_BITS; shift >= 0; shift -= MOT_SEL_BITS) {
-        int c[MOT_SEL_BINS];
-#pragma unroll
-        for (int j = 0; j < MOT_SEL_BINS; j++) c[j] = 0;
-        for (int i = a; i < b; i++) {
-            const unsigned key = mot_score_key(s[(size_t)i * ld + e]);
-            if ((key & mask) != prefix) continue;
-            const unsigned d = (key >> shift) & (MOT_SEL_BINS - 1);
-#pragma unroll
-            for (int j = 0; j < MOT_SEL_BINS; j++) c[j] += d == (unsigned)j;
-        }
-#pragma unroll
-        for (int j = 0; j < MOT_SEL_BINS; j++) cnt[j][tid] = c[j];
-        __syncthreads();
-        for (int st = MOT_SEL_THREADS / 2; st > 0; st >>= 1) {
-            if (tid < st)
-#pragma unroll
-                for (int j = 0; j < MOT_SEL_BINS; j++) cnt[j][tid] += cnt[j][tid + st];
-            __syncthreads();
-        }
-        // every thread makes the same choice: the digit whose bin holds the k-th largest
-        int above = 0, d = MOT_SEL_BINS - 1;
-        for (; d > 0; d--) {
-            if (above + cnt[d][0] >= k) break;
-            above += cnt[d][0];
-        }
-        k -= above;
-        prefix |= (unsigned)d << shift;
-        mask |= (unsigned)(MOT_SEL_BINS - 1) << shift;
-        __syncthreads();  // all have read cnt before the next pass writes it
-    }
-    const unsigned thr = prefix;  // the C-th largest key; take k of the rows equal to it
-    int gt = 0, eq = 0;
-    for (int i = a; i < b; i++) {
-        const unsigned key = mot_score_key(s[(size_t)i * ld + e]);
-        gt += key > thr;
-        eq += key == thr;
-    }
-    run[0][tid] = gt;
-    run[1][tid] = eq;
-    __syncthreads();
-    if (tid == 0) {  // exclusive prefix sums over the threads' chunks, in row order
-        int sg = 0, sq = 0;
-        for (int t = 0; t < MOT_SEL_THREADS; t++) {
-            const int x = run[0][t], y = run[1][t];
-            run[0][t] = sg;
-            run[1][t] = sq;
-            sg += x;
-            sq += y;
-        }
-    }
-    __syncthreads();
-    gt = run[0][tid];
-    eq = run[1][tid];
-    for (int i = a; i < b; i++) {
-        const unsigned key = mot_score_key(s[(size_t)i * ld + e]);
-        const int j = gt + min(eq, k);  // taken rows before row i
-        const bool take = key > thr || (key == thr && eq < k);
-        gt += key > thr;
-        eq += key == thr;
-        if (take) sel[slot0 + e * C + j] = r0 + i;
-        slot_of[(size_t)i * ld + e] = take ? slot0 + e * C + j : -1;
-    }
-}
-
-// Auxiliary routers, one thread per row: a = sigmoid(z) in place. With expert choice (ec) also the
-// row's BCE against [row in S_e] from the logits (softplus(z) - t z, in double as on the CPU) into
-// row[i], and into row[n + i] whether a > 0.5 picks exactly the EC experts.
-static __global__ void mot_aux_router_kernel(float* a, double* row, const int* slot_of, int n, int E, int ld, int ec) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    double bce = 0;
-    bool same = true;
-    for (int e = 0; e < E; e++) {
-        const float z = a[(size_t)i * ld + e];
-        if (ec) {
-            const bool t = slot_of[(size_t)i * ld + e] >= 0;
-            const double zd = z;
-            bce += fmax(zd, 0.0) + log1p(exp(-fabs(zd))) - (t ? zd : 0.0);
-            same = same && ((z > 0) == t);
-        }
-        a[(size_t)i * ld + e] = 1.0f / (1.0f + expf(-z));
-    }
-    if (ec) {
-        row[i] = bce;
-        row[n + i] = same ? 1.0 : 0.0;
-    }
-}
-// One block: out[0] += (sum of row[0 .. n)) / nE, out[1] += sum of row[n .. 2n); fixed order.
-static __global__ void __launch_bounds__(MOT_SEL_THREADS)
-    mot_aux_reduce_kernel(double* out, const double* row, int n, double nE) {
-    __shared__ double sm[2][MOT_SEL_THREADS];
-    const int tid = threadIdx.x, per = (n + MOT_SEL_THREADS - 1) / MOT_SEL_THREADS;
-    double s0 = 0, s1 = 0;
-    for (int r = tid * per; r < min(n, (tid + 1) * per); r++) {
-        s0 += row[r];
-        s1 += row[n + r];
-    }
-    sm[0][tid] = s0;
-    sm[1][tid] = s1;
-    __syncthreads();
-    for (int st = MOT_SEL_THREADS / 2; st > 0; st >>= 1) {
-        if (tid < st) {
-            sm[0][tid] += sm[0][tid + st];
-            sm[1][tid] += sm[1][tid + st];
-        }
-        __syncthreads();
-    }
-    if (tid == 0) {
-        out[0] += sm[0][0] / nE;
-        out[1] += sm[1][0];
-    }
-}
-
-// x[slot] = h[sel[slot]] for `slots` slots, D wide, in the precision of the GEMM operand x
-static __global__ void mot_gather_rows_kernel(MotBuf x, const float* hf, const mot_bf16* hb, const int* sel, int slots,
-                                              int D) {
-    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (size_t)slots * D) return;
-    const size_t src = (size_t)sel[i / D] * D + i % D;
-    if (x.f) x.f[i] = hf[src];
-    if (x.b) x.b[i] = hb[src];
-}
-// y[i] = sum over experts e (in order) that took row i of s[i][e] ye[slot_of[i][e]]  (0 if none)
-static __global__ void mot_expert_combine_kernel(float* y, const float* ye, const float* s, const int* slot_of, int n,
-                                                 int E, int ld, int D) {
-    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (size_t)n * D) return;
-    const size_t i = idx / D, d = idx % D;
-    float acc = 0;
-    for (int e = 0; e < E; e++) {
-        const int sl = slot_of[i * ld + e];
-        if (sl >= 0) acc += s[i * ld + e] * ye[(size_t)sl * D + d];
-    }
-    y[idx] = acc;
-}
-// Causal routing, expert e having run on all n rows (ye[i], row order): y[i] (+)= s[i][e] ye[i]
-// where a[i][e] > 0.5. Experts are added one launch at a time, in order (first: y = 0 + ...).
-static __global__ void mot_expert_causal_add_kernel(float* y, const float* ye, const float* s, const float* a, int n,
-                                                    int e, int ld, int D, int first) {
-    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (size_t)n * D) return;
-    const size_t i = idx / D;
-    float acc = first ? 0.0f : y[idx];
-    if (a[i * ld + e] > 0.5f) acc += s[i * ld + e] * ye[idx];
-    y[idx] = acc;
-}
-// Each expert's own norm, in place, one warp per slot: ye = ye * rstd, rstd = 1/rms(ye) (no gain).
-static __global__ void mot_expert_norm_kernel(float* ye, float* rstd, int slots, int D) {
-    const int w = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (w >= slots) return;  // the whole warp leaves together
-    float* yj = ye + (size_t)w * D;
-    float ss = 0;
-    for (int d = lane; d < D; d += 32) ss += yj[d] * yj[d];
-    ss = mot_warp_sum(ss);
-    const float r = 1.0f / sqrtf(ss / (float)D + (float)MOT_NORM_EPS);
-    if (lane == 0) rstd[w] = r;
-    for (int d = lane; d < D; d += 32) yj[d] *= r;
-}
-// Backward of the gated sum of normalised outputs n (= ye), one warp per slot of the copy (slots
-// slot0 .. slot0 + E*C): ds[row][e] = dt[row] . n[slot], and the gradient of the expert's output
-// before its norm dye[slot] = s r (dt[row] - n[slot] ds / D).
-static __global__ void mot_expert_dye_kernel(MotBuf dye, float* ds, const float* dt, const float* ye,
-                                             const float* ye_rstd, const float* s, const int* sel, int slot0, int slots,
-                                             int C, int ld, int D) {
-    const int w = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (w >= slots) return;  // the whole warp leaves together
-    const int sl = slot0 + w, e = w / C, r = sel[sl];
-    const float gs = s[(size_t)r * ld + e], rs = ye_rstd[sl];
-    const float *dti = dt + (size_t)r * D, *nj = ye + (size_t)sl * D;
-    float dot = 0;
-    for (int d = lane; d < D; d += 32) dot += dti[d] * nj[d];
-    dot = mot_warp_sum(dot);
-    for (int d = lane; d < D; d += 32)
-        mot_store(dye.f, dye.b, (size_t)sl * D + d, gs * rs * (dti[d] - nj[d] * dot / (float)D));
-    if (lane == 0) ds[(size_t)r * ld + e] = dot;
-}
-// dh[i] += sum over experts e (in order) that took row i of dX[slot_of[i][e]]
-static __global__ void mot_expert_scatter_kernel(float* dh, const float* dX, const int* slot_of, int n, int E, int ld,
-                                                 int D) {
-    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (size_t)n * D) return;
-    const size_t i = idx / D, d = idx % D;
-    float acc = dh[idx];
-    for (int e = 0; e < E; e++) {
-        const int sl = slot_of[i * ld + e];
-        if (sl >= 0) acc += dX[(size_t)sl * D + d];
-    }
-    dh[idx] = acc;
-}
-// One thread per row: the softmax backward in place, ds <- s (ds - sum_k s_k ds_k); and the aux
-// BCE gradient dz = w (a - [row in S_e]) with w = MOT_AUX_WEIGHT / (n E).
-static __global__ void mot_router_backward_kernel(float* ds, float* dz, const float* s, const float* a,
-                                                  const int* slot_of, int n, int E, int ld, float w) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    const size_t o = (size_t)i * ld;
-    float dot = 0;
-    for (int e = 0; e < E; e++) dot += s[o + e] * ds[o + e];
-    for (int e = 0; e < E; e++) {
-        ds[o + e] = s[o + e] * (ds[o + e] - dot);
-        dz[o + e] = (a[o + e] - (slot_of[o + e] >= 0 ? 1.0f : 0.0f)) * w;
-    }
-}
-
 // ---- causal attention, flash style ----------------------------------------------------------
+// CPU twin: attention_forward, attention_backward
 // Rows of q, k, v, o are in grouped order; the kernels walk sequence positions t of sequence b
 // and read row row_of[b*T + t], so the reordering costs nothing extra. Nothing T x T is stored:
 // the forward keeps the running max / sum per query row and writes only the row logsumexp
@@ -973,6 +671,7 @@ static __global__ void __launch_bounds__(BQ*(DH / PER))
 }
 
 // ---- causal attention on tensor cores (bf16 mode, head dims 64 and 128) --------------------
+// CPU twin: attention_forward, attention_backward
 // The same math as the kernels above, with the three products of each tile (S = Q K^T, O += P V;
 // in the backward also dP = dO V^T, dV += P^T dO, dK += dS^T Q, dQ += dS K) done by WMMA:
 // bf16 operands, fp32 accumulation. Q/K/V/dO are bf16 in global memory in bf16 mode (fp32 ones,
@@ -1298,7 +997,279 @@ static __global__ void __launch_bounds__(MOT_TC_THREADS)
     mot_tc_write<DH>(dq.f, dq.b, dqa, Sw, nullptr, scale, rows, q0 + w * 16, T, D, h, lane);
 }
 
+// ---- SwiGLU --------------------------------------------------------------------------------
+// CPU twin: swiglu_forward, swiglu_backward
+// One elementwise pass each way; in bf16 mode u1, u3, u, du and du1, du3 are all bf16 (6 bytes
+// per element forward, 10 backward). cuBLASLt has no gated epilogue (only bias, ReLU, GELU and
+// their gradients), so the GEMMs cannot produce u directly.
+template <typename TA>
+static __global__ void mot_swiglu_forward_kernel(MotBuf u, const TA* u1, const TA* u3, size_t n) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float a = mot_ld(u1, i);
+    mot_store(u.f, u.b, i, a / (1.0f + expf(-a)) * mot_ld(u3, i));
+}
+template <typename TA>
+static __global__ void mot_swiglu_backward_kernel(MotBuf du1, MotBuf du3, const TA* du, const TA* u1, const TA* u3,
+                                                  size_t n) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float a = mot_ld(u1, i), s = 1.0f / (1.0f + expf(-a));
+    mot_store(du1.f, du1.b, i, mot_ld(du, i) * mot_ld(u3, i) * s * (1.0f + a * (1.0f - s)));
+    mot_store(du3.f, du3.b, i, mot_ld(du, i) * a * s);
+}
+
+// ---- experts (dev/MATH.md section 5; CPU twin: ffn_forward_experts / ffn_backward_experts) ---------
+// Per layer and FFN copy f with E > 1 experts and rows [r0, r1) (n rows, C = ceil(n / E)):
+// router and aux-router logits (fp32 GEMMs), softmax, expert choice (one block per expert),
+// gather of each expert's C rows into its slots, the expert GEMMs, and the gated sum back into
+// the rows. Arrays: s, a, slot_of are [row][Emax] (ld = Emax); sel is [slot]; ye is [slot][D].
+// Every row's sum runs over the experts in order in one thread: no atomics, reproducible.
+
+// gates s = softmax(router logits), one thread per row (in place; same order of operations as the CPU)
+static __global__ void mot_router_softmax_kernel(float* s, int n, int E, int ld) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float* si = s + (size_t)i * ld;
+    float mx = si[0], sum = 0;
+    for (int e = 1; e < E; e++) mx = fmaxf(mx, si[e]);
+    for (int e = 0; e < E; e++) {
+        si[e] = expf(si[e] - mx);
+        sum += si[e];
+    }
+    for (int e = 0; e < E; e++) si[e] /= sum;
+}
+
+// An unsigned key with the order of the float (larger score, larger key); -0 and +0 are one key,
+// as they compare equal on the CPU.
+__device__ __forceinline__ unsigned mot_score_key(float v) {
+    unsigned u;
+    memcpy(&u, &v, sizeof u);
+    if (v == 0.0f) u = 0;
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Expert choice for expert e = blockIdx.x: the C of n rows with the largest s[i][e], ties to the
+// lower row i (the CPU's mot_expert_choice, exactly). A radix select finds the C-th largest key in
+// 8 passes of 4-bit digits (per-thread counts over a contiguous chunk of rows, summed by a tree in
+// shared memory), then a scan in row order takes the rows above it and the first rows equal to it.
+// Writes sel[slot0 + e*C + j] = r0 + i for the j-th taken row and slot_of[i][e] = its slot or -1.
+enum { MOT_SEL_THREADS = 256, MOT_SEL_BITS = 4, MOT_SEL_BINS = 1 << MOT_SEL_BITS };
+static __global__ void __launch_bounds__(MOT_SEL_THREADS)
+    mot_expert_select_kernel(int* sel, int* slot_of, const float* s, int ld, int n, int C, int r0, int slot0) {
+    __shared__ int cnt[MOT_SEL_BINS][MOT_SEL_THREADS];
+    __shared__ int run[2][MOT_SEL_THREADS];
+    const int e = blockIdx.x, tid = threadIdx.x, per = (n + MOT_SEL_THREADS - 1) / MOT_SEL_THREADS;
+    const int a = min(n, tid * per), b = min(n, a + per);
+    unsigned prefix = 0, mask = 0;
+    int k = C;  // the k-th largest key among those that match prefix under mask
+    for (int shift = 32 - MOT_SEL_BITS; shift >= 0; shift -= MOT_SEL_BITS) {
+        int c[MOT_SEL_BINS];
+#pragma unroll
+        for (int j = 0; j < MOT_SEL_BINS; j++) c[j] = 0;
+        for (int i = a; i < b; i++) {
+            const unsigned key = mot_score_key(s[(size_t)i * ld + e]);
+            if ((key & mask) != prefix) continue;
+            const unsigned d = (key >> shift) & (MOT_SEL_BINS - 1);
+#pragma unroll
+            for (int j = 0; j < MOT_SEL_BINS; j++) c[j] += d == (unsigned)j;
+        }
+#pragma unroll
+        for (int j = 0; j < MOT_SEL_BINS; j++) cnt[j][tid] = c[j];
+        __syncthreads();
+        for (int st = MOT_SEL_THREADS / 2; st > 0; st >>= 1) {
+            if (tid < st)
+#pragma unroll
+                for (int j = 0; j < MOT_SEL_BINS; j++) cnt[j][tid] += cnt[j][tid + st];
+            __syncthreads();
+        }
+        // every thread makes the same choice: the digit whose bin holds the k-th largest
+        int above = 0, d = MOT_SEL_BINS - 1;
+        for (; d > 0; d--) {
+            if (above + cnt[d][0] >= k) break;
+            above += cnt[d][0];
+        }
+        k -= above;
+        prefix |= (unsigned)d << shift;
+        mask |= (unsigned)(MOT_SEL_BINS - 1) << shift;
+        __syncthreads();  // all have read cnt before the next pass writes it
+    }
+    const unsigned thr = prefix;  // the C-th largest key; take k of the rows equal to it
+    int gt = 0, eq = 0;
+    for (int i = a; i < b; i++) {
+        const unsigned key = mot_score_key(s[(size_t)i * ld + e]);
+        gt += key > thr;
+        eq += key == thr;
+    }
+    run[0][tid] = gt;
+    run[1][tid] = eq;
+    __syncthreads();
+    if (tid == 0) {  // exclusive prefix sums over the threads' chunks, in row order
+        int sg = 0, sq = 0;
+        for (int t = 0; t < MOT_SEL_THREADS; t++) {
+            const int x = run[0][t], y = run[1][t];
+            run[0][t] = sg;
+            run[1][t] = sq;
+            sg += x;
+            sq += y;
+        }
+    }
+    __syncthreads();
+    gt = run[0][tid];
+    eq = run[1][tid];
+    for (int i = a; i < b; i++) {
+        const unsigned key = mot_score_key(s[(size_t)i * ld + e]);
+        const int j = gt + min(eq, k);  // taken rows before row i
+        const bool take = key > thr || (key == thr && eq < k);
+        gt += key > thr;
+        eq += key == thr;
+        if (take) sel[slot0 + e * C + j] = r0 + i;
+        slot_of[(size_t)i * ld + e] = take ? slot0 + e * C + j : -1;
+    }
+}
+
+// Auxiliary routers, one thread per row: a = sigmoid(z) in place. With expert choice (ec) also the
+// row's BCE against [row in S_e] from the logits (softplus(z) - t z, in double as on the CPU) into
+// row[i], and into row[n + i] whether a > 0.5 picks exactly the EC experts.
+static __global__ void mot_aux_router_kernel(float* a, double* row, const int* slot_of, int n, int E, int ld, int ec) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    double bce = 0;
+    bool same = true;
+    for (int e = 0; e < E; e++) {
+        const float z = a[(size_t)i * ld + e];
+        if (ec) {
+            const bool t = slot_of[(size_t)i * ld + e] >= 0;
+            const double zd = z;
+            bce += fmax(zd, 0.0) + log1p(exp(-fabs(zd))) - (t ? zd : 0.0);
+            same = same && ((z > 0) == t);
+        }
+        a[(size_t)i * ld + e] = 1.0f / (1.0f + expf(-z));
+    }
+    if (ec) {
+        row[i] = bce;
+        row[n + i] = same ? 1.0 : 0.0;
+    }
+}
+// One block: out[0] += (sum of row[0 .. n)) / nE, out[1] += sum of row[n .. 2n); fixed order.
+static __global__ void __launch_bounds__(MOT_SEL_THREADS)
+    mot_aux_reduce_kernel(double* out, const double* row, int n, double nE) {
+    __shared__ double sm[2][MOT_SEL_THREADS];
+    const int tid = threadIdx.x, per = (n + MOT_SEL_THREADS - 1) / MOT_SEL_THREADS;
+    double s0 = 0, s1 = 0;
+    for (int r = tid * per; r < min(n, (tid + 1) * per); r++) {
+        s0 += row[r];
+        s1 += row[n + r];
+    }
+    sm[0][tid] = s0;
+    sm[1][tid] = s1;
+    __syncthreads();
+    for (int st = MOT_SEL_THREADS / 2; st > 0; st >>= 1) {
+        if (tid < st) {
+            sm[0][tid] += sm[0][tid + st];
+            sm[1][tid] += sm[1][tid + st];
+        }
+        __syncthreads();
+    }
+    if (tid == 0) {
+        out[0] += sm[0][0] / nE;
+        out[1] += sm[1][0];
+    }
+}
+
+// x[slot] = h[sel[slot]] for `slots` slots, D wide, in the precision of the GEMM operand x
+static __global__ void mot_gather_rows_kernel(MotBuf x, const float* hf, const mot_bf16* hb, const int* sel, int slots,
+                                              int D) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)slots * D) return;
+    const size_t src = (size_t)sel[i / D] * D + i % D;
+    if (x.f) x.f[i] = hf[src];
+    if (x.b) x.b[i] = hb[src];
+}
+// y[i] = sum over experts e (in order) that took row i of s[i][e] ye[slot_of[i][e]]  (0 if none)
+static __global__ void mot_expert_combine_kernel(float* y, const float* ye, const float* s, const int* slot_of, int n,
+                                                 int E, int ld, int D) {
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)n * D) return;
+    const size_t i = idx / D, d = idx % D;
+    float acc = 0;
+    for (int e = 0; e < E; e++) {
+        const int sl = slot_of[i * ld + e];
+        if (sl >= 0) acc += s[i * ld + e] * ye[(size_t)sl * D + d];
+    }
+    y[idx] = acc;
+}
+// Causal routing, expert e having run on all n rows (ye[i], row order): y[i] (+)= s[i][e] ye[i]
+// where a[i][e] > 0.5. Experts are added one launch at a time, in order (first: y = 0 + ...).
+static __global__ void mot_expert_causal_add_kernel(float* y, const float* ye, const float* s, const float* a, int n,
+                                                    int e, int ld, int D, int first) {
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)n * D) return;
+    const size_t i = idx / D;
+    float acc = first ? 0.0f : y[idx];
+    if (a[i * ld + e] > 0.5f) acc += s[i * ld + e] * ye[idx];
+    y[idx] = acc;
+}
+// Each expert's own norm, in place, one warp per slot: ye = ye * rstd, rstd = 1/rms(ye) (no gain).
+static __global__ void mot_expert_norm_kernel(float* ye, float* rstd, int slots, int D) {
+    const int w = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (w >= slots) return;  // the whole warp leaves together
+    float* yj = ye + (size_t)w * D;
+    float ss = 0;
+    for (int d = lane; d < D; d += 32) ss += yj[d] * yj[d];
+    ss = mot_warp_sum(ss);
+    const float r = 1.0f / sqrtf(ss / (float)D + (float)MOT_NORM_EPS);
+    if (lane == 0) rstd[w] = r;
+    for (int d = lane; d < D; d += 32) yj[d] *= r;
+}
+// Backward of the gated sum of normalised outputs n (= ye), one warp per slot of the copy (slots
+// slot0 .. slot0 + E*C): ds[row][e] = dt[row] . n[slot], and the gradient of the expert's output
+// before its norm dye[slot] = s r (dt[row] - n[slot] ds / D).
+static __global__ void mot_expert_dye_kernel(MotBuf dye, float* ds, const float* dt, const float* ye,
+                                             const float* ye_rstd, const float* s, const int* sel, int slot0, int slots,
+                                             int C, int ld, int D) {
+    const int w = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (w >= slots) return;  // the whole warp leaves together
+    const int sl = slot0 + w, e = w / C, r = sel[sl];
+    const float gs = s[(size_t)r * ld + e], rs = ye_rstd[sl];
+    const float *dti = dt + (size_t)r * D, *nj = ye + (size_t)sl * D;
+    float dot = 0;
+    for (int d = lane; d < D; d += 32) dot += dti[d] * nj[d];
+    dot = mot_warp_sum(dot);
+    for (int d = lane; d < D; d += 32)
+        mot_store(dye.f, dye.b, (size_t)sl * D + d, gs * rs * (dti[d] - nj[d] * dot / (float)D));
+    if (lane == 0) ds[(size_t)r * ld + e] = dot;
+}
+// dh[i] += sum over experts e (in order) that took row i of dX[slot_of[i][e]]
+static __global__ void mot_expert_scatter_kernel(float* dh, const float* dX, const int* slot_of, int n, int E, int ld,
+                                                 int D) {
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)n * D) return;
+    const size_t i = idx / D, d = idx % D;
+    float acc = dh[idx];
+    for (int e = 0; e < E; e++) {
+        const int sl = slot_of[i * ld + e];
+        if (sl >= 0) acc += dX[(size_t)sl * D + d];
+    }
+    dh[idx] = acc;
+}
+// One thread per row: the softmax backward in place, ds <- s (ds - sum_k s_k ds_k); and the aux
+// BCE gradient dz = w (a - [row in S_e]) with w = MOT_AUX_WEIGHT / (n E).
+static __global__ void mot_router_backward_kernel(float* ds, float* dz, const float* s, const float* a,
+                                                  const int* slot_of, int n, int E, int ld, float w) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const size_t o = (size_t)i * ld;
+    float dot = 0;
+    for (int e = 0; e < E; e++) dot += s[o + e] * ds[o + e];
+    for (int e = 0; e < E; e++) {
+        ds[o + e] = s[o + e] * (ds[o + e] - dot);
+        dz[o + e] = (a[o + e] - (slot_of[o + e] >= 0 ? 1.0f : 0.0f)) * w;
+    }
+}
+
 // ---- cross-entropy over one chunk of rows (block per row, two passes over the row) ---------
+// CPU twin: cross_entropy
 enum { MOT_CE_THREADS = 256 };
 static __global__ void __launch_bounds__(MOT_CE_THREADS)
     mot_ce_forward_kernel(float* lse, float* row_loss, const float* logits, const int* tgt, int V) {
@@ -1407,7 +1378,61 @@ static __global__ void __launch_bounds__(MOT_RED_THREADS) mot_sum_kernel(double*
     if (tid == 0) out[0] = sm[0];
 }
 
+// ---- embedding: x[r] = E[token of grouped row r] -------------------------------------------
+// CPU twin: the embedding gather of mot_forward and the embedding gradient of mot_backward
+static __global__ void mot_embed_kernel(float* x, mot_bf16* xb, const float* emb, const int* tok_g, int N, int D) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)N * D) return;
+    const size_t r = i / D, j = i % D;
+    mot_store(x, xb, i, emb[(size_t)tok_g[r] * D + j]);
+}
+
+// Embedding gradient: one block per distinct token, rows summed in increasing row order.
+static __global__ void mot_embed_backward_kernel(float* dE, const float* dx, const int* rows, const int* tok,
+                                                 const int* start, int D) {
+    const int u = blockIdx.x, r0 = start[u], r1 = start[u + 1];
+    float* e = dE + (size_t)tok[u] * D;
+    for (int j = threadIdx.x; j < D; j += blockDim.x) {
+        float acc = 0;
+        for (int k = r0; k < r1; k++) acc += dx[(size_t)rows[k] * D + j];
+        e[j] += acc;
+    }
+}
+
+// ---- Transfusion: image input x_t W_in + b_in + sinusoid(t) W_t (CPU: mot_sinusoid, mot_forward)
+// The image rows take this in place of an embedding row. sinusoid(t) = [sin(t w_j) || cos(t w_j)],
+// w_j = 10000^(-2j/D), in double as mot_sinusoid; one row per distinct step of the batch.
+static __global__ void mot_sinusoid_kernel(float* s, const int* step_t, int n, int D) {
+    const int half = D / 2;
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)n * half) return;
+    const int k = (int)(i / half), j = (int)(i % half);
+    const double w = pow(10000.0, -2.0 * j / D);
+    s[(size_t)k * D + j] = (float)sin(step_t[k] * w);
+    s[(size_t)k * D + half + j] = (float)cos(step_t[k] * w);
+}
+// x = (x_t W_in, which the GEMM left in x) + temb[step of the row] + b_in over the n image rows,
+// into x and its bf16 copy
+static __global__ void mot_image_input_kernel(float* x, mot_bf16* xb, const float* b_in, const float* temb,
+                                              const int* step_of, int n, int D) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)n * D) return;
+    const size_t r = i / D, j = i % D;
+    mot_store(x, xb, i, x[i] + temb[(size_t)step_of[r] * D + j] + b_in[j]);
+}
+// dtemb[k] = sum of dx over the image rows of step k, in increasing row order (as the embedding)
+static __global__ void mot_temb_backward_kernel(float* dtemb, const float* dx, const int* rows, const int* start,
+                                                int D) {
+    const int k = blockIdx.x, r0 = start[k], r1 = start[k + 1];
+    for (int j = threadIdx.x; j < D; j += blockDim.x) {
+        float acc = 0;
+        for (int u = r0; u < r1; u++) acc += dx[(size_t)rows[u] * D + j];
+        dtemb[(size_t)k * D + j] = acc;
+    }
+}
+
 // ---- gradient norm (deterministic: fixed chunks per block, fixed trees) and AdamW ----------
+// CPU twin: mot_grad_norm, mot_adamw_step
 enum { MOT_NORM_BLOCKS = 1024 };
 static __global__ void __launch_bounds__(MOT_RED_THREADS)
     mot_sumsq_partial_kernel(double* part, const float* x, size_t n, float scale) {
