@@ -385,27 +385,24 @@ static void float_against_double(const MotConfig& c) {
     }
 }
 
-TEST_CASE("float against double within fp32 rounding, on this build's path (fast, or plain with -DMOT_PLAIN): MoT") {
-    MotConfig c = tiny(3);
+// tiny()'s layout at D = 64, vocabulary 48 (text [0,24), image [24,36), speech [36,48)), T <= 48.
+static MotConfig wider(MotConfig c, int d_ff) {
     c.d_model = 64;
     c.n_head = 4;
-    c.d_ff = 192;
+    c.d_ff = d_ff;
     c.vocab = 48;
     c.image_begin = 24;
     c.speech_begin = 36;
     c.max_seq = 48;
-    float_against_double(c);
+    return c;
+}
+
+TEST_CASE("float against double within fp32 rounding, on this build's path (fast, or plain with -DMOT_PLAIN): MoT") {
+    float_against_double(wider(tiny(3), 192));
 }
 
 TEST_CASE("float against double within fp32 rounding, on this build's path: MoMa-style (experts, routers)") {
-    MotConfig c = tiny(3, 1);
-    c.d_model = 64;
-    c.n_head = 4;
-    c.d_ff = 128;
-    c.vocab = 48;
-    c.image_begin = 24;
-    c.speech_begin = 36;
-    c.max_seq = 48;
+    MotConfig c = wider(tiny(3, 1), 128);
     for (int f = 0; f < 3; f++) c.n_expert[f] = 4;
     float_against_double(c);
 }
