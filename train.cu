@@ -6,6 +6,11 @@
 //   ./mot --help                        all flags with their defaults
 //   ./mot sample --help               generation from a checkpoint (text, image, speech)
 //   ./mot --data 'data/x/train_*.bin' --steps 200 --save run/model.ckpt
+//
+// Sections, in order: flags; run folders and timing; the engine (CPU reference or GPU) and the
+// validation loss; the dataset folder; scoring and generation (downstream evaluation, samples);
+// ./mot sample; memory check and log trimming; the run (setup, one training step, evaluation,
+// logs, checkpoints) and main, which reads as the training loop.
 #include "mot.h"
 #define STB_IMAGE_IMPLEMENTATION
 #define STBI_ONLY_PNG  // JPEG goes to libjpeg-turbo (see tokenizers/vq.h); no other stb decoder is reachable
@@ -39,6 +44,9 @@
 static const double CFG_IMAGE = 3.0, CFG_CAPTION = 1.0;
 static const int BEST_OF = 8;  // images sampled per caption -> image; the model's own reading picks one
 
+// ============================================================================================
+// Flags
+// ============================================================================================
 struct Args {
     MotConfig cfg;
     MotOptim opt;
@@ -269,6 +277,9 @@ static Args parse_args(int argc, char** argv) {
     return a;
 }
 
+// ============================================================================================
+// Run folders and timing
+// ============================================================================================
 // mkdir -p: creates the folder and its missing parents.
 static bool mkdir_p(const std::string& dir) {
     for (size_t p = dir.find('/', 1);; p = dir.find('/', p + 1)) {
@@ -317,6 +328,26 @@ static std::vector<std::string> run_files(const std::string& dir) {
     }
     return out;
 }
+
+// ============================================================================================
+// The engine (CPU reference or GPU) and the validation loss
+// ============================================================================================
+// Data parallel over GPUs (mot_mpi build, under mpirun): NCCL set up, the gradients averaged
+// before each update, NCCL and MPI torn down. Any other build has one rank: nothing to do.
+#if defined(MOT_MPI)
+static bool start_data_parallel(int rank, int world, std::string* err) { return mot_gpu_dp_init(rank, world, err); }
+static void average_grads(MotGpu* g) { mot_gpu_allreduce_grads(g); }
+static void stop_data_parallel(bool on_gpu) {
+    if (on_gpu) mot_gpu_dp_free();
+    MPI_Finalize();
+}
+#elif defined(MOT_GPU)
+static bool start_data_parallel(int, int, std::string*) { return true; }
+static void average_grads(MotGpu*) {}
+static void stop_data_parallel(bool) {}
+#else
+static void stop_data_parallel(bool) {}
+#endif
 
 // What trains: the CPU reference, or its GPU copy (nvcc build on a machine with a GPU). The CPU
 // model holds the weights as of the last to_host(): checkpoints, downstream evaluation and
@@ -383,9 +414,7 @@ struct Engine {
     double update(const MotOptim& o, int step, int accum) {
 #ifdef MOT_GPU
         if (on_gpu) {
-#ifdef MOT_MPI
-            mot_gpu_allreduce_grads(&gpu);  // average over the data-parallel ranks
-#endif
+            average_grads(&gpu);  // data parallel: the mean over the ranks
             return mot_gpu_adamw_step(&gpu, o, step, 1.0 / accum);
         }
 #endif
@@ -396,6 +425,15 @@ struct Engine {
     void to_host() {
 #ifdef MOT_GPU
         if (on_gpu) mot_gpu_download(&gpu, cpu);
+#endif
+    }
+    // Which attention kernel the GPU runs at this head size (the CPU reference: none).
+    std::string attn_kernel_note(bool bf16) const {
+#ifdef MOT_GPU
+        return mot_attn_kernel_note(bf16, cpu->cfg.d_model / cpu->cfg.n_head);
+#else
+        (void)bf16;
+        return "";
 #endif
     }
 
@@ -1139,11 +1177,16 @@ static void sample_usage(FILE* f) {
             "  --seed N           sampling seed                              (1)\n");
 }
 
-static int sample_main(int argc, char** argv) {
+struct SampleArgs {
     std::string ckpt, task, prompt, input, output, tokdir = "data/default";
-    double temp = -1, cfg = -1;
+    double temp = -1, cfg = -1;  // -1: the task's default
     int top_k = 0, max_tokens = 100, best_of = BEST_OF, steps = 50;
     uint64_t seed = 1;
+    bool text_in() const { return task == "text" || task == "image" || task == "speech"; }
+};
+
+static SampleArgs parse_sample_args(int argc, char** argv) {
+    SampleArgs s;
     for (int i = 2; i < argc; i++) {
         const std::string f = argv[i];
         auto val = [&]() -> const char* {
@@ -1152,147 +1195,183 @@ static int sample_main(int argc, char** argv) {
         };
         if (f == "--help" || f == "-h") {
             sample_usage(stdout);
-            return 0;
-        } else if (f == "--ckpt") ckpt = val();
-        else if (f == "--task") task = val();
-        else if (f == "--prompt") prompt = val();
-        else if (f == "--input") input = val();
-        else if (f == "--output") output = val();
-        else if (f == "--tokenizers") tokdir = val();
-        else if (f == "--temp") temp = parse_float("--temp", val(), 0, 100);
-        else if (f == "--cfg") cfg = parse_float("--cfg", val(), 0, 100);
-        else if (f == "--best-of") best_of = parse_int("--best-of", val(), 1, 1024);
-        else if (f == "--steps") steps = parse_int("--steps", val(), 1, 1000);
-        else if (f == "--top-k") top_k = parse_int("--top-k", val(), 0, 1 << 20);
-        else if (f == "--max-tokens") max_tokens = parse_int("--max-tokens", val(), 1, 1 << 20);
-        else if (f == "--seed") seed = parse_int("--seed", val(), 0, 0x7fffffffffffffffL);
+            exit(0);
+        } else if (f == "--ckpt") s.ckpt = val();
+        else if (f == "--task") s.task = val();
+        else if (f == "--prompt") s.prompt = val();
+        else if (f == "--input") s.input = val();
+        else if (f == "--output") s.output = val();
+        else if (f == "--tokenizers") s.tokdir = val();
+        else if (f == "--temp") s.temp = parse_float("--temp", val(), 0, 100);
+        else if (f == "--cfg") s.cfg = parse_float("--cfg", val(), 0, 100);
+        else if (f == "--best-of") s.best_of = parse_int("--best-of", val(), 1, 1024);
+        else if (f == "--steps") s.steps = parse_int("--steps", val(), 1, 1000);
+        else if (f == "--top-k") s.top_k = parse_int("--top-k", val(), 0, 1 << 20);
+        else if (f == "--max-tokens") s.max_tokens = parse_int("--max-tokens", val(), 1, 1 << 20);
+        else if (f == "--seed") s.seed = parse_int("--seed", val(), 0, 0x7fffffffffffffffL);
         else die("unknown flag '" + f + "' (see mot sample --help)", 2);
     }
-    const bool text_in = task == "text" || task == "image" || task == "speech";
+    const std::string& task = s.task;
     if (task.empty()) die("mot sample needs --task (text, image, speech, caption or transcript)", 2);
-    if (!text_in && task != "caption" && task != "transcript")
+    if (!s.text_in() && task != "caption" && task != "transcript")
         die("bad value for --task: '" + task + "' (expected text, image, speech, caption or transcript)", 2);
-    if (task == "text" && cfg >= 0)
+    if (task == "text" && s.cfg >= 0)
         die("--cfg needs a conditioned task (image, speech, caption, transcript), not text", 2);
-    if (cfg < 0) cfg = task == "image" ? CFG_IMAGE : task == "text" ? 1.0 : CFG_CAPTION;
-    if (ckpt.empty()) die("mot sample needs --ckpt FILE", 2);
-    if (text_in && prompt.empty()) die("--task " + task + " needs --prompt TEXT", 2);
-    if (!text_in && input.empty()) die("--task " + task + " needs --input FILE", 2);
-    if ((task == "image" || task == "speech") && output.empty()) die("--task " + task + " needs --output FILE", 2);
-    if (temp < 0) temp = task == "image" || task == "speech" ? 1.0 : 0.0;
+    if (s.cfg < 0) s.cfg = task == "image" ? CFG_IMAGE : task == "text" ? 1.0 : CFG_CAPTION;
+    if (s.ckpt.empty()) die("mot sample needs --ckpt FILE", 2);
+    if (s.text_in() && s.prompt.empty()) die("--task " + task + " needs --prompt TEXT", 2);
+    if (!s.text_in() && s.input.empty()) die("--task " + task + " needs --input FILE", 2);
+    if ((task == "image" || task == "speech") && s.output.empty()) die("--task " + task + " needs --output FILE", 2);
+    if (s.temp < 0) s.temp = task == "image" || task == "speech" ? 1.0 : 0.0;
+    return s;
+}
+
+// The prompt first, then the classes' captions (classes.txt, when the folder has them): the
+// candidates of --best-of are read back against these.
+static std::vector<std::vector<uint16_t>> captions_to_rank(DataDir* d, const MotConfig& c, const std::string& prompt) {
+    std::string err;
+    if (!load_eval_sets(d, c, &err)) die(err);
+    std::vector<std::vector<uint16_t>> caps = {encode_text(d, prompt)};
+    for (const std::string& k : d->class_caption)
+        if (k != prompt) caps.push_back(encode_text(d, k));
+    return caps;
+}
+
+// --task image, Transfusion setting: DDIM over the 49 patches, the best of --best-of.
+static void sample_image_ddim(MotModel<float>* m, DataDir* d, const SampleArgs& s, uint64_t* rng) {
+    const MotConfig& c = m->cfg;
+    std::string err;
+    const std::vector<uint16_t> pr = prompt_for(d, s.prompt, MOT_BOI);
+    if ((int)pr.size() + MOT_IMAGE_POS + 1 > c.max_seq)
+        die("the model's context is too short for a whole image after this prompt");
+    std::vector<std::vector<uint8_t>> cand;
+    const double t0 = now_s();
+    for (int i = 0; i < s.best_of; i++) cand.push_back(generate_image_ddim(m, pr, s.cfg, s.steps, rng));
+    const double secs = now_s() - t0;
+    size_t pick = 0;
+    if (s.best_of > 1) {
+        const auto caps = captions_to_rank(d, c, s.prompt);
+        pick = rerank_pixels(m, cand, caps, score_candidates(m, {MOT_BOS}, caps), 0);
+    }
+    if (cand[pick].size() != MOT_IMAGE_PIXELS) die("image generation failed");
+    if (!vq_write_png(s.output.c_str(), cand[pick].data(), MOT_IMAGE_SIDE, MOT_IMAGE_SIDE, &err)) die(err);
+    printf("wrote %s (DDIM %d steps, guidance %g, %.3f s per image)\n", s.output.c_str(), s.steps, s.cfg,
+           secs / s.best_of);
+}
+
+// --task image, tokens setting: image tokens up to EOI, the best of --best-of, decoded by the VQ.
+static void sample_image_tokens(MotModel<float>* m, DataDir* d, const SampleArgs& s, GenSpec g, uint64_t* rng) {
+    const MotConfig& c = m->cfg;
+    std::string err;
+    g.stop = MOT_EOI;
+    g.max_new = g.image_tokens + 1;
+    g.uncond = {MOT_BOS, MOT_BOI};
+    std::vector<std::vector<int>> cand;
+    for (int i = 0; i < s.best_of; i++) cand.push_back(generate(m, prompt_for(d, s.prompt, MOT_BOI), g, rng));
+    size_t pick = 0;
+    if (s.best_of > 1) {
+        const auto caps = captions_to_rank(d, c, s.prompt);
+        pick = rerank_images(m, cand, caps, score_candidates(m, {MOT_BOS}, caps), 0);
+    }
+    std::vector<uint8_t> px;
+    if (!image_pixels(d, c, cand[pick], &px))
+        die("the model's context is too short for a whole image after this prompt");
+    if (!vq_write_png(s.output.c_str(), px.data(), d->vq.side, d->vq.side, &err)) die(err);
+    printf("wrote %s\n", s.output.c_str());
+}
+
+// --task speech: speech units up to EOA, decoded to a WAV.
+static void sample_speech(MotModel<float>* m, DataDir* d, const SampleArgs& s, GenSpec g, uint64_t* rng) {
+    const MotConfig& c = m->cfg;
+    std::string err;
+    g.stop = MOT_EOA;
+    g.max_new = s.max_tokens + 1;
+    g.uncond = {MOT_BOS, MOT_BOA};
+    std::vector<int> units = segment(generate(m, prompt_for(d, s.prompt, MOT_BOA), g, rng), c.speech_begin, c.vocab);
+    std::vector<float> wav;
+    if (units.empty()) die("the model ended the speech at once (no units generated)");
+    if (!speech_decode(d->sp, units.data(), units.size(), SpeechDecodeOptions(), &wav, &err) ||
+        !speech_wav_write(s.output.c_str(), wav.data(), wav.size(), d->sp.s.sample_rate, &err))
+        die(err);
+    printf("wrote %s (%zu units, %.2f s)\n", s.output.c_str(), units.size(), wav.size() / double(d->sp.s.sample_rate));
+}
+
+// --task caption (an image file) or transcript (a WAV): the input as the prompt, text generated after it.
+static void sample_caption(MotModel<float>* m, DataDir* d, const SampleArgs& s, GenSpec g, uint64_t* rng) {
+    const MotConfig& c = m->cfg;
+    std::string err;
+    std::vector<uint16_t> p = {MOT_BOS};
+    std::vector<uint8_t> px;
+    if (s.task == "caption" && mot_transfusion(c)) {  // the clean image (t = 0) as 49 patches
+        if (!vq_load_image(s.input.c_str(), MOT_IMAGE_SIDE, &px, &err)) die(err);
+        push_image_markers(c, &p);
+        g.image_px = px.data();
+    } else if (s.task == "caption") {
+        if (!vq_load_image(s.input.c_str(), d->vq.side, &px, &err)) die(err);
+        std::vector<int32_t> codes(vq_tokens(d->vq));
+        vq_encode(d->vq, px.data(), codes.data());
+        p.push_back(MOT_BOI);
+        for (int32_t k : codes) p.push_back((uint16_t)(c.image_begin + k));
+        p.push_back(MOT_EOI);
+    } else {
+        std::vector<float> wav;
+        std::vector<int> units;
+        if (!speech_wav_load(s.input.c_str(), d->sp.s.sample_rate, &wav, &err) ||
+            !speech_encode(d->sp, wav.data(), wav.size(), d->sp.s.sample_rate, &units, &err))
+            die(err);
+        p.push_back(MOT_BOA);
+        for (int u : units) p.push_back((uint16_t)(c.speech_begin + u));
+        p.push_back(MOT_EOA);
+    }
+    if ((int)p.size() >= c.max_seq)
+        die(s.input + ": too long for the model's context (" + std::to_string(p.size()) + " tokens, max_seq " +
+            std::to_string(c.max_seq) + ")");
+    // After EOI/EOA the grammar allows a caption, BOA (image then speech) or EOS; greedy picks
+    // EOS, so captions are text only with at least one token, guided against BOS alone.
+    g.caption = true;
+    g.uncond = {MOT_BOS};
+    std::vector<int> ids = generate(m, p, g, rng);
+    printf("%s\n", decode_text(d, ids).c_str());
+}
+
+static int sample_main(int argc, char** argv) {
+    const SampleArgs s = parse_sample_args(argc, argv);
     std::string err;
     MotConfig c;
-    if (!mot_read_checkpoint_config(ckpt, &c, &err)) die(err);
+    if (!mot_read_checkpoint_config(s.ckpt, &c, &err)) die(err);
     MotModel<float> m;
     mot_init(&m, c, 1);
-    if (!mot_load_checkpoint(ckpt, &m, nullptr, nullptr, &err)) die(err);
+    if (!mot_load_checkpoint(s.ckpt, &m, nullptr, nullptr, &err)) die(err);
     DataDir d;
-    if (!load_tokenizers(tokdir, c, &d, &err)) die(err);
-    uint64_t rng = seed;
+    if (!load_tokenizers(s.tokdir, c, &d, &err)) die(err);
+    uint64_t rng = s.seed;
     GenSpec g;
-    g.max_new = max_tokens;
-    g.max_speech = max_tokens;
-    g.temperature = temp;
-    g.top_k = top_k;
+    g.max_new = s.max_tokens;
+    g.max_speech = s.max_tokens;
+    g.temperature = s.temp;
+    g.top_k = s.top_k;
     g.image_tokens = vq_tokens(d.vq);
-    g.cfg = cfg;
-    if (text_in) {  // a prompt that fills the context would generate nothing, silently
-        const size_t n = prompt_for(&d, prompt, task == "text" ? -1 : MOT_BOI).size();
+    g.cfg = s.cfg;
+    if (s.text_in()) {  // a prompt that fills the context would generate nothing, silently
+        const size_t n = prompt_for(&d, s.prompt, s.task == "text" ? -1 : MOT_BOI).size();
         if ((int)n >= c.max_seq)
             die("--prompt is " + std::to_string(n) + " tokens, too long for the model's context (max_seq " +
                     std::to_string(c.max_seq) + ")",
                 2);
     }
-    if (task == "text") {
-        std::vector<int> ids = generate(&m, prompt_for(&d, prompt, -1), g, &rng);
-        printf("%s%s\n", prompt.c_str(), decode_text(&d, ids).c_str());
-    } else if (task == "image" && mot_transfusion(c)) {  // DDIM over the 49 patches
-        const std::vector<uint16_t> pr = prompt_for(&d, prompt, MOT_BOI);
-        if ((int)pr.size() + MOT_IMAGE_POS + 1 > c.max_seq)
-            die("the model's context is too short for a whole image after this prompt");
-        std::vector<std::vector<uint8_t>> cand;
-        const double t0 = now_s();
-        for (int i = 0; i < best_of; i++) cand.push_back(generate_image_ddim(&m, pr, cfg, steps, &rng));
-        const double secs = now_s() - t0;
-        size_t pick = 0;
-        if (best_of > 1) {
-            if (!load_eval_sets(&d, c, &err)) die(err);
-            std::vector<std::vector<uint16_t>> caps = {encode_text(&d, prompt)};
-            for (const std::string& k : d.class_caption)
-                if (k != prompt) caps.push_back(encode_text(&d, k));
-            pick = rerank_pixels(&m, cand, caps, score_candidates(&m, {MOT_BOS}, caps), 0);
-        }
-        if (cand[pick].size() != MOT_IMAGE_PIXELS) die("image generation failed");
-        if (!vq_write_png(output.c_str(), cand[pick].data(), MOT_IMAGE_SIDE, MOT_IMAGE_SIDE, &err)) die(err);
-        printf("wrote %s (DDIM %d steps, guidance %g, %.3f s per image)\n", output.c_str(), steps, cfg, secs / best_of);
-    } else if (task == "image") {
-        g.stop = MOT_EOI;
-        g.max_new = g.image_tokens + 1;
-        g.uncond = {MOT_BOS, MOT_BOI};
-        std::vector<std::vector<int>> cand;
-        for (int i = 0; i < best_of; i++) cand.push_back(generate(&m, prompt_for(&d, prompt, MOT_BOI), g, &rng));
-        size_t pick = 0;
-        if (best_of > 1) {  // the prompt against the classes' captions (classes.txt), when the folder has them
-            if (!load_eval_sets(&d, c, &err)) die(err);
-            std::vector<std::vector<uint16_t>> caps = {encode_text(&d, prompt)};
-            for (const std::string& k : d.class_caption)
-                if (k != prompt) caps.push_back(encode_text(&d, k));
-            pick = rerank_images(&m, cand, caps, score_candidates(&m, {MOT_BOS}, caps), 0);
-        }
-        const std::vector<int>& ids = cand[pick];
-        std::vector<uint8_t> px;
-        if (!image_pixels(&d, c, ids, &px)) die("the model's context is too short for a whole image after this prompt");
-        if (!vq_write_png(output.c_str(), px.data(), d.vq.side, d.vq.side, &err)) die(err);
-        printf("wrote %s\n", output.c_str());
-    } else if (task == "speech") {
-        g.stop = MOT_EOA;
-        g.max_new = max_tokens + 1;
-        g.uncond = {MOT_BOS, MOT_BOA};
-        std::vector<int> units =
-            segment(generate(&m, prompt_for(&d, prompt, MOT_BOA), g, &rng), c.speech_begin, c.vocab);
-        std::vector<float> wav;
-        if (units.empty()) die("the model ended the speech at once (no units generated)");
-        if (!speech_decode(d.sp, units.data(), units.size(), SpeechDecodeOptions(), &wav, &err) ||
-            !speech_wav_write(output.c_str(), wav.data(), wav.size(), d.sp.s.sample_rate, &err))
-            die(err);
-        printf("wrote %s (%zu units, %.2f s)\n", output.c_str(), units.size(), wav.size() / double(d.sp.s.sample_rate));
-    } else {
-        std::vector<uint16_t> p = {MOT_BOS};
-        std::vector<uint8_t> px;
-        if (task == "caption" && mot_transfusion(c)) {  // the clean image (t = 0) as 49 patches
-            if (!vq_load_image(input.c_str(), MOT_IMAGE_SIDE, &px, &err)) die(err);
-            push_image_markers(c, &p);
-            g.image_px = px.data();
-        } else if (task == "caption") {
-            if (!vq_load_image(input.c_str(), d.vq.side, &px, &err)) die(err);
-            std::vector<int32_t> codes(vq_tokens(d.vq));
-            vq_encode(d.vq, px.data(), codes.data());
-            p.push_back(MOT_BOI);
-            for (int32_t k : codes) p.push_back((uint16_t)(c.image_begin + k));
-            p.push_back(MOT_EOI);
-        } else {
-            std::vector<float> wav;
-            std::vector<int> units;
-            if (!speech_wav_load(input.c_str(), d.sp.s.sample_rate, &wav, &err) ||
-                !speech_encode(d.sp, wav.data(), wav.size(), d.sp.s.sample_rate, &units, &err))
-                die(err);
-            p.push_back(MOT_BOA);
-            for (int u : units) p.push_back((uint16_t)(c.speech_begin + u));
-            p.push_back(MOT_EOA);
-        }
-        if ((int)p.size() >= c.max_seq)
-            die(input + ": too long for the model's context (" + std::to_string(p.size()) + " tokens, max_seq " +
-                std::to_string(c.max_seq) + ")");
-        // After EOI/EOA the grammar allows a caption, BOA (image then speech) or EOS; greedy picks
-        // EOS, so captions are text only with at least one token, guided against BOS alone.
-        g.caption = true;
-        g.uncond = {MOT_BOS};
-        std::vector<int> ids = generate(&m, p, g, &rng);
-        printf("%s\n", decode_text(&d, ids).c_str());
-    }
+    if (s.task == "text") {
+        std::vector<int> ids = generate(&m, prompt_for(&d, s.prompt, -1), g, &rng);
+        printf("%s%s\n", s.prompt.c_str(), decode_text(&d, ids).c_str());
+    } else if (s.task == "image" && mot_transfusion(c)) sample_image_ddim(&m, &d, s, &rng);
+    else if (s.task == "image") sample_image_tokens(&m, &d, s, g, &rng);
+    else if (s.task == "speech") sample_speech(&m, &d, s, g, &rng);
+    else sample_caption(&m, &d, s, g, &rng);
     return 0;
 }
 
+// ============================================================================================
+// Memory check and log trimming
+// ============================================================================================
 // Refuses (one line) a model, batch or sequence whose memory exceeds this machine's RAM, before
 // allocating it: with activations (CPU training) or only parameters, gradients and Adam moments.
 static void check_memory(const Args& a, bool activations) {
@@ -1344,21 +1423,36 @@ static bool trim_csv(const std::string& path, int64_t step, std::string* err) {
     return mot_write_atomic(path, err, [&](FILE* o) { return mot_put(o, keep.data(), keep.size()); });
 }
 
-int main(int argc, char** argv) {
-    setvbuf(stdout, nullptr, _IOLBF, 0);
-    // Any allocation that fails ends the program with one line, not std::bad_alloc's abort.
-    std::set_new_handler([] { die("out of memory (an allocation failed; try a smaller model, batch or input)"); });
-    if (argc > 1 && std::string(argv[1]) == "sample") return sample_main(argc, argv);
-    Args a = parse_args(argc, argv);
-    // Data parallel (mot_mpi build, launched by mpirun): every rank trains on its own batches, the
-    // gradients are averaged with NCCL, and rank 0 alone prints, evaluates and writes files.
-    int rank = 0, world = 1;
+// ============================================================================================
+// The run: what main sets up once (in this order), then the pieces of one training step
+// ============================================================================================
+struct Run {
+    Args a;
+    int rank = 0, world = 1;  // data parallel (mot_mpi build under mpirun): this process, of how many
+    MotConfig fc;             // the config of --init-from's checkpoint
+    bool upcycle = false;     // --experts on a checkpoint without experts: sparse upcycling
+    MotLoader loader;
+    MotModel<float> model;
+    MotTrainState st;  // the step and data order the run starts from
+    Engine eng;
+    DataDir dd;  // tokenizers and eval sets, where the dataset folder has them
+    bool have_tok = false;
+    Decoding dec;
+    FILE* logf = nullptr;   // --log (DIR/log.csv): one row per step
+    FILE* evalf = nullptr;  // DIR/eval.csv: one row per downstream evaluation
+    bool downstream() const { return have_tok && !dd.class_caption.empty(); }
+};
+
+// Data parallel (mot_mpi build, launched by mpirun): every rank trains on its own batches, the
+// gradients are averaged with NCCL, and rank 0 alone prints, evaluates and writes files.
+static void start_ranks(int* argc, char*** argv, Run* r) {
 #ifdef MOT_MPI
-    MPI_Init(&argc, &argv);
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &world);
-    if (rank != 0) {
-        if (!freopen("/dev/null", "w", stdout)) die("cannot silence stdout of rank " + std::to_string(rank));
+    MPI_Init(argc, argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &r->rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &r->world);
+    if (r->rank != 0) {
+        if (!freopen("/dev/null", "w", stdout)) die("cannot silence stdout of rank " + std::to_string(r->rank));
+        Args& a = r->a;
         a.out.clear();
         a.save.clear();
         a.log.clear();
@@ -1367,70 +1461,97 @@ int main(int argc, char** argv) {
         a.resume = false;
         a.eval_items = 0;
     }
+#else
+    (void)argc, (void)argv, (void)r;
 #endif
+}
+
+static void set_threads(int threads) {
 #ifdef _OPENMP
-    if (a.threads) omp_set_num_threads(a.threads);
+    if (threads) omp_set_num_threads(threads);
+#else
+    (void)threads;
 #endif
+}
+
+static void print_threads() {
+#ifdef _OPENMP
+    printf("threads: %d\n", omp_get_max_threads());
+#endif
+}
+
+// --out DIR: created, refused if it holds a run (unless --resume or --overwrite), cleared with
+// --overwrite; --resume picks the newest intact checkpoint. An unwritable --save is found now.
+static void prepare_run_folder(Args* a) {
     std::string err;
-    if (!a.out.empty()) {
-        if (!mkdir_p(a.out)) die(a.out + ": cannot create the run folder: " + strerror(errno));
+    if (!a->out.empty()) {
+        if (!mkdir_p(a->out)) die(a->out + ": cannot create the run folder: " + strerror(errno));
         // A folder holding a run is continued or cleared, never silently mixed with a new one.
-        const std::vector<std::string> held = run_files(a.out);
-        if (!held.empty() && !a.resume && !a.overwrite && !a.eval_only)
-            die(a.out + " already holds a run (" + held[0] + (held.size() > 1 ? ", ..." : "") +
+        const std::vector<std::string> held = run_files(a->out);
+        if (!held.empty() && !a->resume && !a->overwrite && !a->eval_only)
+            die(a->out + " already holds a run (" + held[0] + (held.size() > 1 ? ", ..." : "") +
                     "): add --resume to continue it or --overwrite to start over",
                 2);
-        if (a.overwrite && !a.eval_only)
+        if (a->overwrite && !a->eval_only)
             for (const std::string& f : held)
-                if (remove((a.out + "/" + f).c_str()) != 0 && errno != ENOENT)
-                    die(a.out + "/" + f + ": cannot delete: " + strerror(errno));
-        if (a.log.empty()) a.log = a.out + "/log.csv";
-        if (a.save.empty()) a.save = a.out + "/model.ckpt";
-        if (a.resume) {
+                if (remove((a->out + "/" + f).c_str()) != 0 && errno != ENOENT)
+                    die(a->out + "/" + f + ": cannot delete: " + strerror(errno));
+        if (a->log.empty()) a->log = a->out + "/log.csv";
+        if (a->save.empty()) a->save = a->out + "/model.ckpt";
+        if (a->resume) {
             // Newest first; one whose header or size is wrong (a truncated or damaged file) is
             // skipped, saying so, for the previous one that --keep left.
-            std::vector<std::string> ck = periodic_checkpoints(a.out);
-            for (size_t i = ck.size(); i-- > 0 && a.init_from.empty();) {
-                if (mot_read_checkpoint_config(ck[i], nullptr, &err)) a.init_from = ck[i];
+            std::vector<std::string> ck = periodic_checkpoints(a->out);
+            for (size_t i = ck.size(); i-- > 0 && a->init_from.empty();) {
+                if (mot_read_checkpoint_config(ck[i], nullptr, &err)) a->init_from = ck[i];
                 else printf("resume: skipping %s\n", err.c_str());
             }
-            if (a.init_from.empty())
-                printf("resume: no %scheckpoint in %s, starting fresh\n", ck.empty() ? "" : "intact ", a.out.c_str());
-            else if (a.init_from != ck.back()) printf("resume: falling back to %s\n", a.init_from.c_str());
+            if (a->init_from.empty())
+                printf("resume: no %scheckpoint in %s, starting fresh\n", ck.empty() ? "" : "intact ", a->out.c_str());
+            else if (a->init_from != ck.back()) printf("resume: falling back to %s\n", a->init_from.c_str());
         }
     }
-    if (!a.save.empty()) {  // find an unwritable --save now, not after hours of training
-        FILE* f = fopen((a.save + ".tmp").c_str(), "wb");
-        if (!f) die(a.save + ".tmp: cannot open for writing: " + strerror(errno));
+    if (!a->save.empty()) {  // find an unwritable --save now, not after hours of training
+        FILE* f = fopen((a->save + ".tmp").c_str(), "wb");
+        if (!f) die(a->save + ".tmp: cannot open for writing: " + strerror(errno));
         fclose(f);
-        remove((a.save + ".tmp").c_str());
+        remove((a->save + ".tmp").c_str());
     }
-    // With --init-from the checkpoint decides the model shape; flags the user set must agree.
-    MotConfig fc;
+}
+
+// The training shards (their vocabulary layout goes into the config), --val checked against them,
+// and the checkpoint's config (its sequence length unless --seq was given).
+static void open_data(Run* r) {
+    Args& a = r->a;
+    std::string err;
     const bool seq_set = std::find(a.set.begin(), a.set.end(), "max_seq") != a.set.end();
     if (!a.init_from.empty()) {
-        if (!mot_read_checkpoint_config(a.init_from, &fc, &err)) die(err);
-        if (!seq_set) a.seq = a.cfg.max_seq = fc.max_seq;
+        if (!mot_read_checkpoint_config(a.init_from, &r->fc, &err)) die(err);
+        if (!seq_set) a.seq = a.cfg.max_seq = r->fc.max_seq;
     }
-    MotLoader loader;
-    // Every rank reads the same stream of batches and trains on its share of each step (see the
-    // training loop), so a data-parallel run equals one process with --accum = the number of ranks.
-    if (!mot_loader_open(&loader, a.data, a.seq, a.seed ^ 0xDA7A, &err)) die(err);
-    a.cfg.vocab = loader.vocab.vocab;
-    a.cfg.image_begin = loader.vocab.image_begin;
-    a.cfg.speech_begin = loader.vocab.speech_begin;
+    // Every rank reads the same stream of batches and trains on its share of each step (see
+    // train_step), so a data-parallel run equals one process with --accum = the number of ranks.
+    if (!mot_loader_open(&r->loader, a.data, a.seq, a.seed ^ 0xDA7A, &err)) die(err);
+    a.cfg.vocab = r->loader.vocab.vocab;
+    a.cfg.image_begin = r->loader.vocab.image_begin;
+    a.cfg.speech_begin = r->loader.vocab.speech_begin;
     if (!a.val.empty()) {  // a bad --val found now, not after the last training step
         MotLoader vl;
         if (!mot_loader_open(&vl, a.val, a.seq, 0, &err)) die(err);
-        if (memcmp(&vl.vocab, &loader.vocab, sizeof(MotVocab)) != 0)
-            die(vl.shards[0].path + ": vocabulary layout differs from the training data's (" + loader.shards[0].path +
-                ")");
+        if (memcmp(&vl.vocab, &r->loader.vocab, sizeof(MotVocab)) != 0)
+            die(vl.shards[0].path + ": vocabulary layout differs from the training data's (" +
+                r->loader.shards[0].path + ")");
     }
+}
 
-    MotTrainState st;
+// The model's config: the flags', or with --init-from the checkpoint's (flags the user set must
+// agree with it), with --experts applied; checked, and refused where it cannot fit in memory.
+static void settle_config(Run* r) {
+    Args& a = r->a;
+    const MotConfig& fc = r->fc;
+    std::string err;
     // --experts counts the model's FFN copies: the flags' towers, or the checkpoint's where the flags
     // leave them open. A checkpoint without experts and a model with them: sparse upcycling.
-    bool upcycle = false;
     if (!a.experts.empty()) {
         auto given = [&](const char* n) { return std::find(a.set.begin(), a.set.end(), n) != a.set.end(); };
         MotConfig towers = a.cfg;
@@ -1443,7 +1564,7 @@ int main(int argc, char** argv) {
                 2);
         for (int f = 0; f < MOT_N_MOD; f++)
             a.cfg.n_expert[f] = f >= kf ? 1 : a.experts.size() == 1 ? a.experts[0] : a.experts[f];
-        upcycle = !a.init_from.empty() && !mot_has_experts(fc) && mot_has_experts(a.cfg);
+        r->upcycle = !a.init_from.empty() && !mot_has_experts(fc) && mot_has_experts(a.cfg);
     }
     const MotConfig wanted = a.cfg;
     if (!a.init_from.empty()) {
@@ -1454,21 +1575,21 @@ int main(int argc, char** argv) {
             std::string name = MOT_CONFIG_NAMES[i];
             bool from_data = name == "vocab" || name == "image_begin" || name == "speech_begin";
             bool user_set = std::find(a.set.begin(), a.set.end(), name) != a.set.end();
-            if (upcycle && i >= MOT_CONFIG_INTS_V1) continue;  // the experts are what upcycling changes
+            if (r->upcycle && i >= MOT_CONFIG_INTS_V1) continue;  // the experts are what upcycling changes
             if ((from_data || user_set) && fv[i] != av[i])
                 die(a.init_from + ": config does not match: " + name + " is " + std::to_string(fv[i]) +
                     " in the checkpoint but " + std::to_string(av[i]) + " from the " +
                     (from_data ? "data (" + a.data + ")" : std::string("flags")));
         }
         a.cfg = fc;
-        if (upcycle)
+        if (r->upcycle)
             for (int f = 0; f < MOT_N_MOD; f++) a.cfg.n_expert[f] = wanted.n_expert[f];
     }
     std::string bad = mot_config_error(a.cfg);
     if (!bad.empty()) die("bad model config: " + bad, 2);
     if (a.diff_loss != MOT_DIFF_MSE && !mot_transfusion(a.cfg))
         die("--diffusion-loss min-snr needs the Transfusion setting (--setting transfusion)", 2);
-    bad = mot_loader_setting_error(loader, a.cfg);  // the shards' form must match the setting
+    bad = mot_loader_setting_error(r->loader, a.cfg);  // the shards' form must match the setting
     if (!bad.empty()) die(bad + (mot_transfusion(a.cfg) ? "" : " (add --setting transfusion)"), 2);
     if (!a.val.empty()) {
         MotLoader vl;
@@ -1477,14 +1598,19 @@ int main(int argc, char** argv) {
         if (!bad.empty()) die(bad, 2);
     }
     check_memory(a, false);
+}
 
-    MotModel<float> model;
-    mot_init(&model, a.cfg, a.seed);
-    if (upcycle) {  // a new run from the checkpoint's weights: step 0, fresh optimizer, this seed's data order
+// The weights: fresh (seeded), resumed from --init-from with its optimizer state and data order,
+// or upcycled from a checkpoint without experts.
+static void load_weights(Run* r) {
+    const Args& a = r->a;
+    std::string err;
+    mot_init(&r->model, a.cfg, a.seed);
+    if (r->upcycle) {  // a new run from the checkpoint's weights: step 0, fresh optimizer, this seed's data order
         MotModel<float> src;
-        mot_init(&src, fc, a.seed);
+        mot_init(&src, r->fc, a.seed);
         if (!mot_load_checkpoint(a.init_from, &src, nullptr, nullptr, &err)) die(err);
-        const std::string why = mot_upcycle(&model, src);
+        const std::string why = mot_upcycle(&r->model, src);
         if (!why.empty()) die(a.init_from + ": cannot upcycle: " + why);
         printf(
             "upcycled from %s: each FFN copied into its %s experts, routers and aux routers fresh N(0, 0.02); "
@@ -1492,187 +1618,280 @@ int main(int argc, char** argv) {
             a.init_from.c_str(), a.experts_text.c_str());
     } else if (!a.init_from.empty()) {
         bool has_opt = false;
-        if (!mot_load_checkpoint(a.init_from, &model, &st, &has_opt, &err)) die(err);
-        if (has_opt) loader.rng = st.data_rng;  // resume the data order where it stopped
-        printf("resumed from %s at step %lld%s\n", a.init_from.c_str(), (long long)st.step,
+        if (!mot_load_checkpoint(a.init_from, &r->model, &r->st, &has_opt, &err)) die(err);
+        if (has_opt) r->loader.rng = r->st.data_rng;  // resume the data order where it stopped
+        printf("resumed from %s at step %lld%s\n", a.init_from.c_str(), (long long)r->st.step,
                has_opt ? "" : " (no optimizer state: moments start at zero)");
     }
-    Engine eng;
-    eng.cpu = &model;
-    {
-        std::string why = "CPU-only build (no nvcc)";
-#ifdef MOT_GPU
-        if (a.cpu) why = "--cpu given";
-        else if (mot_gpu_available(&why)) {
-#ifdef MOT_MPI
-            if (!mot_gpu_dp_init(rank, world, &err)) die("data parallel setup: " + err);
-#endif
-            if (!mot_gpu_init(&eng.gpu, a.cfg, a.batch, a.seq, !a.fp32, &err)) die(err);
-            mot_gpu_upload(&eng.gpu, model);
-            eng.on_gpu = true;
-        }
-#endif
-        if (world > 1 && !eng.gpu_active()) die("data parallel runs need a GPU per rank (" + why + ")");
+}
+
 #ifdef CUDA_CPU
-        const char* gpu_kind = "the GPU code on the CPU (test/cuda_cpu.h)";
+static const char* GPU_KIND = "the GPU code on the CPU (test/cuda_cpu.h)";
 #else
-        const char* gpu_kind = "GPU";
+static const char* GPU_KIND = "GPU";
 #endif
-        if (!eng.gpu_active()) check_memory(a, true);
-        if (eng.gpu_active()) {
-            printf("device: %s x %d, %s\n", gpu_kind, world, a.fp32 ? "fp32" : "bf16 with fp32 master weights");
+
+// The GPU when the build has one and it is there (and --cpu is not given), else the CPU reference.
+static void start_engine(Run* r) {
+    const Args& a = r->a;
+    Engine& eng = r->eng;
+    eng.cpu = &r->model;
+    std::string why = "CPU-only build (no nvcc)";
 #ifdef MOT_GPU
-            printf("attention: %s\n", mot_attn_kernel_note(!a.fp32, a.cfg.d_model / a.cfg.n_head).c_str());
-#endif
-        } else printf("device: CPU reference (%s)\n", why.c_str());
+    std::string err;
+    if (a.cpu) why = "--cpu given";
+    else if (mot_gpu_available(&why)) {
+        if (!start_data_parallel(r->rank, r->world, &err)) die("data parallel setup: " + err);
+        if (!mot_gpu_init(&eng.gpu, a.cfg, a.batch, a.seq, !a.fp32, &err)) die(err);
+        mot_gpu_upload(&eng.gpu, r->model);
+        eng.on_gpu = true;
     }
+#endif
+    if (r->world > 1 && !eng.gpu_active()) die("data parallel runs need a GPU per rank (" + why + ")");
+    if (!eng.gpu_active()) check_memory(a, true);
+    if (eng.gpu_active()) {
+        printf("device: %s x %d, %s\n", GPU_KIND, r->world, a.fp32 ? "fp32" : "bf16 with fp32 master weights");
+        printf("attention: %s\n", eng.attn_kernel_note(!a.fp32).c_str());
+    } else printf("device: CPU reference (%s)\n", why.c_str());
     eng.set_diff_loss(a.diff_loss);
     if (a.diff_loss == MOT_DIFF_MIN_SNR)
         printf("diffusion loss: min-SNR weighted, gamma %g (validation image loss: the plain MSE)\n",
                MOT_MIN_SNR_GAMMA);
-    const MotParamTable& tab = model.tab;
+}
+
+static void print_model_and_data(const Run& r) {
+    const MotConfig& c = r.a.cfg;
     std::string experts_note;
-    if (mot_has_experts(a.cfg)) {
+    if (mot_has_experts(c)) {
         experts_note = ", experts";
-        for (int f = 0; f < mot_ffn_copies(a.cfg); f++)
-            experts_note += (f ? "," : " ") + std::to_string(a.cfg.n_expert[f]);
+        for (int f = 0; f < mot_ffn_copies(c); f++) experts_note += (f ? "," : " ") + std::to_string(c.n_expert[f]);
     }
     printf("model: %s%s, L=%d D=%d H=%d F=%d V=%d (text %d, image %d, speech %d), T=%d, %.2fM parameters%s%s%s%s\n",
-           a.cfg.n_tower == 1 ? "dense" : "MoT (3 towers)",
-           mot_transfusion(a.cfg) ? ", Transfusion (images by diffusion)" : "", a.cfg.n_layer, a.cfg.d_model,
-           a.cfg.n_head, a.cfg.d_ff, a.cfg.vocab, a.cfg.image_begin, a.cfg.speech_begin - a.cfg.image_begin,
-           a.cfg.vocab - a.cfg.speech_begin, a.cfg.max_seq, tab.total / 1e6, a.cfg.tie_attn ? ", attention tied" : "",
-           a.cfg.tie_ffn ? ", FFN tied" : "", a.cfg.tie_norm ? ", norms tied" : "", experts_note.c_str());
-    const bool experts = mot_has_experts(a.cfg);
+           c.n_tower == 1 ? "dense" : "MoT (3 towers)", mot_transfusion(c) ? ", Transfusion (images by diffusion)" : "",
+           c.n_layer, c.d_model, c.n_head, c.d_ff, c.vocab, c.image_begin, c.speech_begin - c.image_begin,
+           c.vocab - c.speech_begin, c.max_seq, r.model.tab.total / 1e6, c.tie_attn ? ", attention tied" : "",
+           c.tie_ffn ? ", FFN tied" : "", c.tie_norm ? ", norms tied" : "", experts_note.c_str());
     size_t ntok = 0;
-    for (auto& s : loader.shards) ntok += s.tokens.size();
-    printf("data: %zu shard(s), %zu tokens from %s\n", loader.shards.size(), ntok, a.data.c_str());
-    // Tokenizers and eval sets: optional (a bare folder of shards trains fine), but a broken file is an error.
-    DataDir dd;
-    bool have_tok = false;
-    {
-        const std::string dir = a.tokenizers.empty() ? dir_of(a.data) : a.tokenizers;
-        const bool present = access((dir + "/text.bpe").c_str(), F_OK) == 0;
-        if (!a.tokenizers.empty() || present) {
-            if (!load_tokenizers(dir, a.cfg, &dd, &err) || !load_eval_sets(&dd, a.cfg, &err)) die(err);
-            have_tok = true;
-            printf("tokenizers: %s (%zu classes, eval: %zu images, %zu speech clips)\n", dir.c_str(),
-                   dd.class_caption.size(), dd.eval_image.size(), dd.eval_speech.size());
-        }
+    for (auto& s : r.loader.shards) ntok += s.tokens.size();
+    printf("data: %zu shard(s), %zu tokens from %s\n", r.loader.shards.size(), ntok, r.a.data.c_str());
+}
+
+// Tokenizers and eval sets: optional (a bare folder of shards trains fine), but a broken file is an error.
+static void open_dataset(Run* r) {
+    const Args& a = r->a;
+    std::string err;
+    const std::string dir = a.tokenizers.empty() ? dir_of(a.data) : a.tokenizers;
+    const bool present = access((dir + "/text.bpe").c_str(), F_OK) == 0;
+    if (!a.tokenizers.empty() || present) {
+        if (!load_tokenizers(dir, a.cfg, &r->dd, &err) || !load_eval_sets(&r->dd, a.cfg, &err)) die(err);
+        r->have_tok = true;
+        printf("tokenizers: %s (%zu classes, eval: %zu images, %zu speech clips)\n", dir.c_str(),
+               r->dd.class_caption.size(), r->dd.eval_image.size(), r->dd.eval_speech.size());
     }
-    Decoding dec;
-    dec.cfg_image = a.cfg_image;
-    dec.cfg_caption = a.cfg_caption;
-    dec.best_of = a.best_of;
+    r->dec.cfg_image = a.cfg_image;
+    r->dec.cfg_caption = a.cfg_caption;
+    r->dec.best_of = a.best_of;
+}
+
+// Opens a CSV for appending, writing its header when it is new or empty.
+static FILE* open_csv(const std::string& path, const char* header) {
+    struct stat sb;
+    const bool fresh = stat(path.c_str(), &sb) != 0 || sb.st_size == 0;
+    FILE* f = fopen(path.c_str(), "a");
+    if (!f) die(path + ": cannot open for appending: " + strerror(errno));
+    if (fresh) fputs(header, f);
+    return f;
+}
+
+static void open_logs(Run* r) {
+    const Args& a = r->a;
+    std::string err;
     // Rows after the checkpoint's step were written by a run that died before its next
     // checkpoint; they are redone now, so drop them (log.csv never holds a step twice).
     // (With --resume and no checkpoint yet, everything logged before is redone from step 0.)
     if ((!a.init_from.empty() || a.resume) && !a.eval_only) {
-        if (!a.log.empty() && !trim_csv(a.log, st.step, &err)) die(err);
-        if (!a.out.empty() && !trim_csv(a.out + "/eval.csv", st.step, &err)) die(err);
+        if (!a.log.empty() && !trim_csv(a.log, r->st.step, &err)) die(err);
+        if (!a.out.empty() && !trim_csv(a.out + "/eval.csv", r->st.step, &err)) die(err);
     }
-    FILE* evalf = nullptr;
-    if (have_tok && !a.out.empty() && !dd.class_caption.empty()) {
-        const std::string p = a.out + "/eval.csv";
-        struct stat sb;
-        const bool fresh = stat(p.c_str(), &sb) != 0 || sb.st_size == 0;
-        evalf = fopen(p.c_str(), "a");
-        if (!evalf) die(p + ": cannot open for appending: " + strerror(errno));
-        if (fresh)
-            fprintf(evalf,
-                    "step,image_to_caption,speech_to_caption,caption_to_image,knn_ceiling,image_caption_generated,"
-                    "speech_caption_generated\n");
+    if (r->downstream() && !a.out.empty())
+        r->evalf = open_csv(a.out + "/eval.csv",
+                            "step,image_to_caption,speech_to_caption,caption_to_image,knn_ceiling,"
+                            "image_caption_generated,speech_caption_generated\n");
+    if (!a.log.empty())
+        r->logf = open_csv(a.log,
+                           "step,loss,loss_text,loss_image,loss_speech,lr,grad_norm,tokens_per_s,val_loss,val_text,"
+                           "val_image,val_speech,val_causal,val_causal_text,val_causal_image,val_causal_speech,"
+                           "aux_loss,aux_agree\n");
+}
+
+// ---- checkpoints ----
+static void save_checkpoint(Run* r, const std::string& path, int64_t step) {
+    std::string err;
+    r->eng.to_host();
+    MotTrainState s{step, r->loader.rng};
+    if (!mot_save_checkpoint(path, r->model, s, true, &err)) die(err);
+    printf("saved %s (step %lld)\n", path.c_str(), (long long)step);
+}
+// Periodic: DIR/step_NNNNNN.ckpt keeping the newest --keep, or overwrite --save without --out.
+static void save_periodic(Run* r, int64_t step) {
+    const Args& a = r->a;
+    if (a.out.empty()) {
+        if (!a.save.empty()) save_checkpoint(r, a.save, step);
+        return;
     }
-#ifdef _OPENMP
-    printf("threads: %d\n", omp_get_max_threads());
+    char name[64];
+    snprintf(name, sizeof name, "/step_%06lld.ckpt", (long long)step);
+    save_checkpoint(r, a.out + name, step);
+    std::vector<std::string> ck = periodic_checkpoints(a.out);
+    for (size_t i = 0; i + a.keep < ck.size(); i++) remove(ck[i].c_str());
+}
+
+// ---- evaluation ----
+struct ValLoss {                                     // NAN where not evaluated
+    double loss = NAN, mod[3] = {NAN, NAN, NAN};     // expert choice (EC) routing
+    double causal = NAN, cmod[3] = {NAN, NAN, NAN};  // the auxiliary routers (= EC without experts)
+};
+
+static void print_val(const Run& r, long long step, const ValLoss& v) {
+    printf("val  %5lld | loss %.4f | text %.3f image %.3f speech %.3f\n", step, v.loss, v.mod[0], v.mod[1], v.mod[2]);
+    if (mot_has_experts(r.a.cfg))
+        printf("val  %5lld | causal routing: loss %.4f | text %.3f image %.3f speech %.3f\n", step, v.causal, v.cmod[0],
+               v.cmod[1], v.cmod[2]);
+}
+
+// --eval-only (e.g. with --init-from): the model as it is, no training step.
+static int eval_only(Run* r) {
+    const Args& a = r->a;
+    ValLoss v;
+    if (!a.val.empty()) {
+        evaluate_both(&r->eng, a.val, a, &v.loss, v.mod, &v.causal, v.cmod);
+        print_val(*r, (long long)r->st.step, v);
+    }
+    if (r->downstream())
+        print_downstream(eval_downstream(&r->model, &r->dd, a.eval_items, a.eval_gen, a.seed, r->dec), (int)r->st.step);
+    return 0;
+}
+
+// Validation loss and the downstream evaluation after `step` steps (generation only at the last).
+static ValLoss evaluate_at(Run* r, int step, bool last) {
+    const Args& a = r->a;
+    ValLoss v;
+    if (!a.val.empty()) evaluate_both(&r->eng, a.val, a, &v.loss, v.mod, &v.causal, v.cmod);
+    if (r->downstream() && a.eval_items > 0) {
+        r->eng.to_host();
+        Downstream d = eval_downstream(&r->model, &r->dd, a.eval_items, last ? a.eval_gen : 0, a.seed, r->dec);
+        print_downstream(d, step);
+        if (r->evalf) {
+            fprintf(r->evalf, "%d,%.4f,%.4f,%.4f,%.4f,%.4f,%.4f\n", step, d.img2cap, d.sp2cap, d.cap2img, d.knn_ceiling,
+                    d.img2cap_gen, d.sp2cap_gen);
+            fflush(r->evalf);
+        }
+    }
+    return v;
+}
+
+// --debug-state FILE: the first batch of the run, computed by the CPU reference.
+static void write_debug_state(Run* r, MotBatch* batch) {
+    std::string err;
+    const uint64_t rng = r->loader.rng;  // peek: the run still starts with this batch
+    mot_loader_next(&r->loader, r->a.cfg, r->a.batch, r->a.seq, batch);
+    r->loader.rng = rng;
+    mot_zero_grad(&r->model);
+    mot_forward(&r->model, *batch);
+    mot_backward(&r->model, *batch);
+    if (!mot_write_debug_state(r->a.debug_state, mot_debug_capture(r->model, *batch), &err)) die(err);
+    printf("wrote debug state %s\n", r->a.debug_state.c_str());
+}
+
+// ---- one training step ----
+struct StepLoss {
+    double loss = 0, lmod[3] = {0, 0, 0}, aux = 0, agree = 0;  // means over the micro-batches (and ranks)
+    int nmod[3] = {0, 0, 0};                                   // targets per modality
+    double lr = 0, norm = 0, seconds = 0;
+};
+
+// The losses printed and logged: the mean over all ranks (one rank: as they are).
+static void mean_over_ranks(StepLoss* s) {
+#ifdef MOT_MPI
+    s->loss = mot_gpu_dp_mean(s->loss);
+    s->aux = mot_gpu_dp_mean(s->aux);
+    s->agree = mot_gpu_dp_mean(s->agree);
+    MPI_Allreduce(MPI_IN_PLACE, s->lmod, 3, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+    MPI_Allreduce(MPI_IN_PLACE, s->nmod, 3, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+#else
+    (void)s;
 #endif
+}
 
-    FILE* logf = nullptr;
-    if (!a.log.empty()) {
-        struct stat sb;
-        const bool fresh = stat(a.log.c_str(), &sb) != 0 || sb.st_size == 0;
-        logf = fopen(a.log.c_str(), "a");
-        if (!logf) die(a.log + ": cannot open for appending: " + strerror(errno));
-        if (fresh)
-            fprintf(logf,
-                    "step,loss,loss_text,loss_image,loss_speech,lr,grad_norm,tokens_per_s,val_loss,val_text,"
-                    "val_image,val_speech,val_causal,val_causal_text,val_causal_image,val_causal_speech,aux_loss,"
-                    "aux_agree\n");
-    }
-    auto save = [&](const std::string& path, int64_t step) {
-        eng.to_host();
-        MotTrainState s{step, loader.rng};
-        if (!mot_save_checkpoint(path, model, s, true, &err)) die(err);
-        printf("saved %s (step %lld)\n", path.c_str(), (long long)step);
-    };
-    // Periodic: DIR/step_NNNNNN.ckpt keeping the newest --keep, or overwrite --save without --out.
-    auto save_periodic = [&](int64_t step) {
-        if (a.out.empty()) {
-            if (!a.save.empty()) save(a.save, step);
-            return;
+// --accum micro-batches forward and backward, then AdamW. Rank r takes the r-th of every `world`
+// batches; the others are read past (`other`), so every rank's loader stays at the same place.
+static StepLoss train_step(Run* r, int step, MotBatch* batch, MotBatch* other) {
+    const Args& a = r->a;
+    Engine& eng = r->eng;
+    const double t0 = now_s();
+    StepLoss s;
+    for (int micro = 0; micro < a.accum; micro++) {
+        for (int k = 0; k < r->world; k++)
+            mot_loader_next(&r->loader, a.cfg, a.batch, a.seq, k == r->rank ? batch : other);
+        eng.forward(*batch);
+        eng.backward(*batch, micro > 0);
+        s.loss += eng.loss / a.accum;
+        s.aux += eng.aux_loss / a.accum;
+        s.agree += eng.aux_agree / a.accum;
+        for (int md = 0; md < 3; md++) {
+            s.lmod[md] += eng.loss_mod[md] * eng.n_mod[md];
+            s.nmod[md] += eng.n_mod[md];
         }
-        char name[64];
-        snprintf(name, sizeof name, "/step_%06lld.ckpt", (long long)step);
-        save(a.out + name, step);
-        std::vector<std::string> ck = periodic_checkpoints(a.out);
-        for (size_t i = 0; i + a.keep < ck.size(); i++) remove(ck[i].c_str());
-    };
+    }
+    mean_over_ranks(&s);
+    if (!std::isfinite(s.loss))
+        die("loss is " + std::to_string(s.loss) + " at step " + std::to_string(step + 1) +
+            ": stopping (the last saved checkpoint is kept)");
+    s.lr = mot_lr_at(a.opt, step);
+    s.norm = eng.update(a.opt, step, a.accum);
+    s.seconds = now_s() - t0;
+    return s;
+}
 
-    if (a.eval_only) {  // e.g. with --init-from: the model as it is, no training step
-        double vl = NAN, vm[3] = {NAN, NAN, NAN}, cl = NAN, cm[3] = {NAN, NAN, NAN};
-        if (!a.val.empty()) {
-            evaluate_both(&eng, a.val, a, &vl, vm, &cl, cm);
-            printf("val  %5lld | loss %.4f | text %.3f image %.3f speech %.3f\n", (long long)st.step, vl, vm[0], vm[1],
-                   vm[2]);
-            if (experts)
-                printf("val  %5lld | causal routing: loss %.4f | text %.3f image %.3f speech %.3f\n",
-                       (long long)st.step, cl, cm[0], cm[1], cm[2]);
-        }
-        if (have_tok && !dd.class_caption.empty())
-            print_downstream(eval_downstream(&model, &dd, a.eval_items, a.eval_gen, a.seed, dec), (int)st.step);
-        return 0;
-    }
-    MotBatch batch, other_rank;
-    if (!a.debug_state.empty()) {         // the first batch of the run, computed by the CPU reference
-        const uint64_t rng = loader.rng;  // peek: the run still starts with this batch
-        mot_loader_next(&loader, a.cfg, a.batch, a.seq, &batch);
-        loader.rng = rng;
-        mot_zero_grad(&model);
-        mot_forward(&model, batch);
-        mot_backward(&model, batch);
-        if (!mot_write_debug_state(a.debug_state, mot_debug_capture(model, batch), &err)) die(err);
-        printf("wrote debug state %s\n", a.debug_state.c_str());
-    }
-    if (a.save.empty() && a.log.empty() && rank == 0)
-        printf(
-            "note: no --out or --save given: nothing of this run is saved (--out DIR keeps the model, log and samples)\n");
-    const double tokens_per_step = (double)a.batch * a.seq * a.accum * world;
-    // ETA: a moving average of the last steps' time (the first few are slow: caches, page faults),
-    // plus the evaluations still to come at their measured cost, plus the final generation
-    // (caption -> image eval and samples) priced at the measured time per decode step.
+// ETA: a moving average of the last steps' time (the first few are slow: caches, page faults),
+// plus the evaluations still to come at their measured cost, plus the final generation
+// (caption -> image eval and samples) priced at the measured time per decode step.
+struct Eta {
+    int first_step = 0;
     std::vector<double> recent;  // training seconds of recent steps
-    const size_t eta_window = 50;
-    const int eta_skip = 3;
     double eval_seconds = 0;
     int evals_done = 0;
-    auto eta_text = [&](int step_done) -> std::string {
+    static const size_t WINDOW = 50;
+    static const int SKIP = 3;
+
+    void add_step(int step, double seconds) {
+        if (step - first_step < SKIP) return;
+        recent.push_back(seconds);
+        if (recent.size() > WINDOW) recent.erase(recent.begin());
+    }
+    void add_eval(double seconds) {
+        eval_seconds += seconds;
+        evals_done++;
+    }
+    std::string text(const Run& r, int step_done) const {
+        const Args& a = r.a;
         if (recent.empty()) return "?";
         double mean = 0;
         for (double x : recent) mean += x;
         mean /= recent.size();
         const int left = a.opt.steps - step_done;
         double t = mean * left;
-        const bool evals = !a.val.empty() || (have_tok && a.eval_items > 0 && !dd.class_caption.empty());
+        const bool evals = !a.val.empty() || (r.downstream() && a.eval_items > 0);
         if (!evals || left == 0) return human_secs(t);
         if (!evals_done) return ">" + human_secs(t);  // not measured yet
         const int n_eval = (a.eval_every ? a.opt.steps / a.eval_every - step_done / a.eval_every : 0) +
                            (a.eval_every == 0 || a.opt.steps % a.eval_every != 0);  // the final one
         t += n_eval * eval_seconds / evals_done;
-        if (have_tok && !a.out.empty() && g_gen_steps > 0) {
+        if (r.have_tok && !a.out.empty() && g_gen_steps > 0) {
             const double per_step = g_gen_seconds / g_gen_steps;  // thread-seconds per decode step
             const double guided = a.cfg_image != 1.0 ? 2.0 : 1.0;
-            const double img_steps = (vq_tokens(dd.vq) + 8) * guided;
-            const double C = (double)dd.class_caption.size();
+            const double img_steps = (vq_tokens(r.dd.vq) + 8) * guided;
+            const double C = (double)r.dd.class_caption.size();
             int threads = 1;
 #ifdef _OPENMP
             threads = omp_get_max_threads();
@@ -1681,93 +1900,88 @@ int main(int argc, char** argv) {
                  per_step * 300;  // + speech, text
         }
         return human_secs(t);
-    };
-    for (int step = (int)st.step; step < a.opt.steps; step++) {
-        const double t0 = now_s();
-        double loss = 0, lmod[3] = {0, 0, 0}, aux = 0, agree = 0;
-        int nmod[3] = {0, 0, 0};
-        for (int micro = 0; micro < a.accum; micro++) {
-            for (int r = 0; r < world; r++)  // rank r takes the r-th of every `world` batches
-                mot_loader_next(&loader, a.cfg, a.batch, a.seq, r == rank ? &batch : &other_rank);
-            eng.forward(batch);
-            eng.backward(batch, micro > 0);
-            loss += eng.loss / a.accum;
-            aux += eng.aux_loss / a.accum;
-            agree += eng.aux_agree / a.accum;
-            for (int md = 0; md < 3; md++) {
-                lmod[md] += eng.loss_mod[md] * eng.n_mod[md];
-                nmod[md] += eng.n_mod[md];
-            }
-        }
-#ifdef MOT_MPI
-        loss = mot_gpu_dp_mean(loss);  // what is printed and logged: the mean over all ranks
-        aux = mot_gpu_dp_mean(aux);
-        agree = mot_gpu_dp_mean(agree);
-        MPI_Allreduce(MPI_IN_PLACE, lmod, 3, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
-        MPI_Allreduce(MPI_IN_PLACE, nmod, 3, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
-#endif
-        if (!std::isfinite(loss))
-            die("loss is " + std::to_string(loss) + " at step " + std::to_string(step + 1) +
-                ": stopping (the last saved checkpoint is kept)");
-        const double lr = mot_lr_at(a.opt, step);
-        const double norm = eng.update(a.opt, step, a.accum);
-        const double dt = now_s() - t0;
-        if (step - (int)st.step >= eta_skip) {
-            recent.push_back(dt);
-            if (recent.size() > eta_window) recent.erase(recent.begin());
-        }
-        double vl = NAN, vm[3] = {NAN, NAN, NAN}, cl = NAN, cm[3] = {NAN, NAN, NAN};
-        const bool last = step + 1 == a.opt.steps;
-        const bool eval_now = (a.eval_every && (step + 1) % a.eval_every == 0) || last;
-        const double te = now_s();
-        if (!a.val.empty() && eval_now) evaluate_both(&eng, a.val, a, &vl, vm, &cl, cm);
-        if (have_tok && eval_now && a.eval_items > 0 && !dd.class_caption.empty()) {
-            eng.to_host();
-            Downstream r = eval_downstream(&model, &dd, a.eval_items, last ? a.eval_gen : 0, a.seed, dec);
-            print_downstream(r, step + 1);
-            if (evalf) {
-                fprintf(evalf, "%d,%.4f,%.4f,%.4f,%.4f,%.4f,%.4f\n", step + 1, r.img2cap, r.sp2cap, r.cap2img,
-                        r.knn_ceiling, r.img2cap_gen, r.sp2cap_gen);
-                fflush(evalf);
-            }
-        }
-        if (eval_now && !last) {
-            eval_seconds += now_s() - te;
-            evals_done++;
-        }
-        if ((step + 1) % a.log_every == 0 || last || step == (int)st.step) {
-            char mods[192] = "", *p = mods;
-            for (int md = 0; md < 3; md++)
-                p += nmod[md] ? snprintf(p, 40, " %s %.3f", MOT_MOD_NAME[md], lmod[md] / nmod[md])
-                              : snprintf(p, 40, " %s -", MOT_MOD_NAME[md]);
-            if (experts) snprintf(p, 60, " | aux %.3f agree %.2f", aux, agree);
-            printf("step %5d/%d | loss %.4f |%s | lr %.2e | norm %.3f | %.0f tok/s | %.2f s | eta %s\n", step + 1,
-                   a.opt.steps, loss, mods, lr, norm, tokens_per_step / dt, dt, eta_text(step + 1).c_str());
-            if (!std::isnan(vl))
-                printf("val  %5d | loss %.4f | text %.3f image %.3f speech %.3f\n", step + 1, vl, vm[0], vm[1], vm[2]);
-            if (!std::isnan(vl) && experts)
-                printf("val  %5d | causal routing: loss %.4f | text %.3f image %.3f speech %.3f\n", step + 1, cl, cm[0],
-                       cm[1], cm[2]);
-        }
-        if (logf) {
-            fprintf(logf, "%d,%.17g", step + 1, loss);  // exact: resumed runs are compared bit for bit
-            for (int md = 0; md < 3; md++) fprintf(logf, ",%.6f", nmod[md] ? lmod[md] / nmod[md] : NAN);
-            fprintf(logf, ",%.6e,%.6f,%.1f,%.6f,%.6f,%.6f,%.6f", lr, norm, tokens_per_step / dt, vl, vm[0], vm[1],
-                    vm[2]);
-            fprintf(logf, ",%.6f,%.6f,%.6f,%.6f,%.6f,%.6f\n", cl, cm[0], cm[1], cm[2], experts ? aux : NAN,
-                    experts ? agree : NAN);
-            fflush(logf);
-        }
-        if (a.save_every && (step + 1) % a.save_every == 0) save_periodic(step + 1);
     }
-    eng.to_host();
-    if (!a.save.empty()) save(a.save, std::max<int64_t>(st.step, a.opt.steps));
-    if (logf) fclose(logf);
-    if (evalf) fclose(evalf);
-    if (have_tok && !a.out.empty()) write_samples(&model, &dd, a.out, a.seed, dec);
-#ifdef MOT_MPI
-    if (eng.gpu_active()) mot_gpu_dp_free();
-    MPI_Finalize();
-#endif
+};
+
+static void print_step(const Run& r, int step, const StepLoss& s, const ValLoss& v, const Eta& eta) {
+    const Args& a = r.a;
+    char mods[192] = "", *p = mods;
+    for (int md = 0; md < 3; md++)
+        p += s.nmod[md] ? snprintf(p, 40, " %s %.3f", MOT_MOD_NAME[md], s.lmod[md] / s.nmod[md])
+                        : snprintf(p, 40, " %s -", MOT_MOD_NAME[md]);
+    if (mot_has_experts(a.cfg)) snprintf(p, 60, " | aux %.3f agree %.2f", s.aux, s.agree);
+    const double tokens = (double)a.batch * a.seq * a.accum * r.world;
+    printf("step %5d/%d | loss %.4f |%s | lr %.2e | norm %.3f | %.0f tok/s | %.2f s | eta %s\n", step, a.opt.steps,
+           s.loss, mods, s.lr, s.norm, tokens / s.seconds, s.seconds, eta.text(r, step).c_str());
+    if (!std::isnan(v.loss)) print_val(r, step, v);
+}
+
+static void log_step(const Run& r, int step, const StepLoss& s, const ValLoss& v) {
+    const Args& a = r.a;
+    const bool experts = mot_has_experts(a.cfg);
+    const double tokens = (double)a.batch * a.seq * a.accum * r.world;
+    FILE* f = r.logf;
+    fprintf(f, "%d,%.17g", step, s.loss);  // exact: resumed runs are compared bit for bit
+    for (int md = 0; md < 3; md++) fprintf(f, ",%.6f", s.nmod[md] ? s.lmod[md] / s.nmod[md] : NAN);
+    fprintf(f, ",%.6e,%.6f,%.1f,%.6f,%.6f,%.6f,%.6f", s.lr, s.norm, tokens / s.seconds, v.loss, v.mod[0], v.mod[1],
+            v.mod[2]);
+    fprintf(f, ",%.6f,%.6f,%.6f,%.6f,%.6f,%.6f\n", v.causal, v.cmod[0], v.cmod[1], v.cmod[2], experts ? s.aux : NAN,
+            experts ? s.agree : NAN);
+    fflush(f);
+}
+
+// After the last step: the final checkpoint, the logs closed, samples into the run folder.
+static void finish(Run* r) {
+    const Args& a = r->a;
+    r->eng.to_host();
+    if (!a.save.empty()) save_checkpoint(r, a.save, std::max<int64_t>(r->st.step, a.opt.steps));
+    if (r->logf) fclose(r->logf);
+    if (r->evalf) fclose(r->evalf);
+    if (r->have_tok && !a.out.empty()) write_samples(&r->model, &r->dd, a.out, a.seed, r->dec);
+    stop_data_parallel(r->eng.gpu_active());
+}
+
+int main(int argc, char** argv) {
+    setvbuf(stdout, nullptr, _IOLBF, 0);
+    // Any allocation that fails ends the program with one line, not std::bad_alloc's abort.
+    std::set_new_handler([] { die("out of memory (an allocation failed; try a smaller model, batch or input)"); });
+    if (argc > 1 && std::string(argv[1]) == "sample") return sample_main(argc, argv);
+    Run r;
+    r.a = parse_args(argc, argv);
+    const Args& a = r.a;
+    start_ranks(&argc, &argv, &r);
+    set_threads(a.threads);
+    prepare_run_folder(&r.a);
+    open_data(&r);
+    settle_config(&r);
+    load_weights(&r);
+    start_engine(&r);
+    print_model_and_data(r);
+    open_dataset(&r);
+    print_threads();
+    open_logs(&r);
+    if (a.eval_only) return eval_only(&r);
+    MotBatch batch, other_rank;
+    if (!a.debug_state.empty()) write_debug_state(&r, &batch);
+    if (a.save.empty() && a.log.empty() && r.rank == 0)
+        printf(
+            "note: no --out or --save given: nothing of this run is saved (--out DIR keeps the model, log and samples)\n");
+    Eta eta;
+    eta.first_step = (int)r.st.step;
+    for (int step = (int)r.st.step; step < a.opt.steps; step++) {
+        const StepLoss s = train_step(&r, step, &batch, &other_rank);
+        eta.add_step(step, s.seconds);
+        const bool last = step + 1 == a.opt.steps;
+        ValLoss v;
+        if ((a.eval_every && (step + 1) % a.eval_every == 0) || last) {
+            const double t0 = now_s();
+            v = evaluate_at(&r, step + 1, last);
+            if (!last) eta.add_eval(now_s() - t0);
+        }
+        if ((step + 1) % a.log_every == 0 || last || step == (int)r.st.step) print_step(r, step + 1, s, v, eta);
+        if (r.logf) log_step(r, step + 1, s, v);
+        if (a.save_every && (step + 1) % a.save_every == 0) save_periodic(&r, step + 1);
+    }
+    finish(&r);
     return 0;
 }
