@@ -51,9 +51,10 @@
 // on the same GPU model and software versions (cuBLAS is deterministic on one stream).
 //
 // No device-to-host synchronisation inside forward or backward: the grouping (order, row_of,
-// group ranges), the embedding-gradient index lists and the target counts are computed on the
-// host from the batch (in the Transfusion setting also the patches, the noise and the list of
-// distinct diffusion steps) and uploaded once per forward; the only reads back are the loss (end of
+// group ranges), the embedding-gradient index lists, the target counts and the distinct diffusion
+// steps are the batch's plan, computed on the host by mot.h's mot_plan (the one the CPU forward
+// uses) and uploaded once per forward with the Transfusion patches and noise (mot_gpu_set_batch);
+// the only reads back are the loss (end of
 // forward) and the gradient norm (end of the AdamW step). Experts need no more: each expert's
 // capacity C = ceil(n / E) follows from the row counts, so every size is known on the host and
 // the selection itself stays on the device.
@@ -207,16 +208,14 @@ struct MotGpu {
     int *tok_g = nullptr, *tgt_g = nullptr, *pos_g = nullptr, *row_of = nullptr;
     int *emb_rows = nullptr, *emb_tok = nullptr, *emb_start = nullptr;
     int* vis = nullptr;  // per position (b*T + t): the last position it attends to
-    int group[MOT_N_MOD + 1] = {0, 0, 0, 0};
-    int n_emb = 0;  // distinct tokens in the batch
+    MotPlan plan;        // of the last batch (mot.h, mot_plan): grouping, target counts, slots, lists
     bool have_batch = false;
     // experts (dev/MATH.md, section 5): allocated only when some FFN copy has more than one. u1, u3, u and
     // their gradients hold one row per expert slot (NS per layer; NS = N without experts).
     bool experts = false;
-    int route = MOT_ROUTE_EC;      // for the next forward: expert choice, or causal (aux routers)
-    int route_fwd = MOT_ROUTE_EC;  // the route of the last forward
-    int Emax = 1, NS = 0;          // most experts of any copy; slots per layer for this batch
-    int slot0[MOT_N_MOD + 1] = {0, 0, 0, 0}, cap[MOT_N_MOD] = {0, 0, 0};  // as MotModel's (host)
+    int route = MOT_ROUTE_EC;                // for the next forward: expert choice, or causal (aux routers)
+    int route_fwd = MOT_ROUTE_EC;            // the route of the last forward
+    int Emax = 1, NS = 0;                    // most experts of any copy; slots per layer for this batch
     float *gate = nullptr, *aux = nullptr;   // L x N x Emax: router softmax s, aux-router sigmoid a
     int *sel = nullptr, *slot_of = nullptr;  // L x NS: row of each slot; L x N x Emax: slot of (row, expert) or -1
     float* ye = nullptr;                     // L x NS x D: each slot's expert output, normalised (rmsnorm, no gain)
@@ -227,11 +226,10 @@ struct MotGpu {
     // Transfusion setting (dev/MATH.md, section 7): allocated only in it. The image rows are the
     // contiguous range [group[1], group[2]), and these arrays are indexed from its start (image row
     // i = grouped row group[1] + i). The timestep embedding is computed once per distinct step of
-    // the batch (n_steps rows: every patch of an image shares its t), not once per image row.
+    // the batch (plan.step_t: every patch of an image shares its t), not once per image row.
     bool tf = false;
-    int n_noised = 0, n_steps = 0;              // image rows with t >= 1; distinct steps among the image rows
-    float *pin = nullptr, *eps = nullptr;       // N x 16: each image row's input patch x_t, its noise
-    float *eps_hat = nullptr, *deps = nullptr;  // N x 16: predicted noise, the loss gradient wrt it
+    float *pin = nullptr, *eps = nullptr;                      // N x 16: each image row's input patch x_t, its noise
+    float *eps_hat = nullptr, *deps = nullptr;                 // N x 16: predicted noise, the loss gradient wrt it
     float *sinu = nullptr, *temb = nullptr, *dtemb = nullptr;  // n_steps x D: sinusoid(t), its W_t, dL/d(temb)
     double* row_se = nullptr;  // N: squared error of each noised image row (0 when clean)
     // the diffusion loss weighting (MotModel's diff_loss). In row_se's allocation, after its N:
@@ -1536,7 +1534,7 @@ static inline const void* mot_weight(const MotGpu* g, int p, int layer, int copy
 static inline void mot_linear_forward(MotGpu* g, const MotBuf& y, const MotBuf& x, int p, int layer) {
     const MotParamInfo& info = g->tab.p[p];
     const int in = info.rows, out = info.cols;
-    mot_for_each_copy(info.copies, g->group, [&](int c, int r0, int r1) {
+    mot_for_each_copy(info.copies, g->plan.group, [&](int c, int r0, int r1) {
         mot_gemm(g, false, false, r1 - r0, out, in, mot_op(g, x, (size_t)r0 * in), in, mot_weight(g, p, layer, c), out,
                  0.0f, y, (size_t)r0 * out, out);
     });
@@ -1547,7 +1545,7 @@ static inline void mot_linear_backward(MotGpu* g, const MotBuf& dx, float dx_bet
                                        int p, int layer, float dw_beta) {
     const MotParamInfo& info = g->tab.p[p];
     const int in = info.rows, out = info.cols;
-    mot_for_each_copy(info.copies, g->group, [&](int c, int r0, int r1) {
+    mot_for_each_copy(info.copies, g->plan.group, [&](int c, int r0, int r1) {
         const int n = r1 - r0;
         if (dx.f || dx.b)
             mot_gemm(g, false, true, n, in, out, mot_op(g, dy, (size_t)r0 * out), out, mot_weight(g, p, layer, c), out,
@@ -1854,139 +1852,79 @@ inline void mot_gpu_grads(MotGpu* g, std::vector<float>* out) {
 static inline void mot_gpu_set_batch(MotGpu* g, const MotBatch& b) {
     const MotConfig& c = g->cfg;
     const int N = b.B * b.T;
-    auto fail = [](const char* what) {
-        fprintf(stderr, "mot_gpu_forward: %s\n", what);
+    auto fail = [](const std::string& what) {
+        fprintf(stderr, "mot_gpu_forward: %s\n", what.c_str());
         exit(1);
     };
-    if (b.B < 1 || b.T < 1 || N > g->maxN || b.T > c.max_seq) fail("batch shape exceeds what mot_gpu_init was given");
-    if ((int)b.tokens.size() != N || (int)b.targets.size() != N || (int)b.order.size() != N ||
-        (int)b.row_of.size() != N || (int)b.vis.size() != N)
-        fail("batch arrays have the wrong size (call mot_group first)");
-    if (b.group[0] != 0 || b.group[MOT_N_MOD] != N) fail("batch grouping is inconsistent (call mot_group)");
+    if (N > g->maxN) fail("batch shape exceeds what mot_gpu_init was given");
+    // the batch's index lists, checked: the CPU forward builds the same plan (mot.h, mot_plan)
+    const std::string bad = mot_plan(c, b, &g->plan);
+    if (!bad.empty()) fail(bad);
+    const MotPlan& p = g->plan;
     g->B = b.B;
     g->T = b.T;
     g->N = N;
-    for (int m = 0; m <= MOT_N_MOD; m++) g->group[m] = b.group[m];
-    // expert slots from the row counts, the CPU's; without experts slot j of copy f is row r0 + j
-    // and NS = N
     size_t NS, Em;
     mot_expert_sizes(c, N, &NS, &Em);
     g->NS = (int)NS;
-    mot_expert_slots(c, b.group, g->slot0, g->cap);
-    // the host copy of the index lists has the device's layout (mot_gpu_init): each list sits as far
-    // from idx_host as from idx_dev
-    auto host = [g](const int* dev) { return g->idx_host + (dev - g->idx_dev); };
-    int *tok_g = host(g->tok_g), *tgt_g = host(g->tgt_g), *pos_g = host(g->pos_g), *row_of = host(g->row_of),
-        *emb_rows = host(g->emb_rows), *emb_tok = host(g->emb_tok), *emb_start = host(g->emb_start),
-        *vis = host(g->vis);
-    for (int r = 0; r < N; r++) {
-        const int i = b.order[r];
-        if (i < 0 || i >= N || b.row_of[i] != r) fail("order / row_of are not inverse permutations");
-        const int tok = b.tokens[i];
-        if (tok < 0 || tok >= c.vocab) fail("token id outside the vocabulary");
-        if (b.targets[i] < MOT_IGNORE || b.targets[i] >= c.vocab) fail("target id outside the vocabulary");
-        const int tgt = mot_lm_target(c, b, i);  // Transfusion: no LM target at or into an image position
-        const int m = mot_modality(c, tok);
-        if (r < b.group[m] || r >= b.group[m + 1]) fail("row is outside its modality's group range");
-        tok_g[r] = tok;
-        tgt_g[r] = tgt;
-        pos_g[r] = i % b.T;
-    }
-    g->n_valid = mot_count_targets(c, b, g->n_mod);
-    for (int i = 0; i < N; i++) row_of[i] = b.row_of[i];
-    // the attention kernels' tile bounds rely on t <= vis[t] < T and vis non-decreasing in t
-    for (int i = 0; i < N; i++) {
-        const int t = i % b.T, prev = t > 0 ? b.vis[i - 1] : 0;
-        if (b.vis[i] < t || b.vis[i] >= b.T || b.vis[i] < prev)
-            fail("vis is not a valid attention bound (call mot_group)");
-        vis[i] = b.vis[i];
-    }
-    // embedding gradient lists: rows sorted by token, then by row (stable sort); in the Transfusion
-    // setting without the image rows [i0, i1), which take patches instead of embedding rows
-    const int i0 = b.group[MOD_IMAGE], i1 = g->tf ? b.group[MOD_IMAGE + 1] : i0;
-    std::vector<int> rows;
-    rows.reserve(N);
-    for (int r = 0; r < N; r++)
-        if (r < i0 || r >= i1) rows.push_back(r);
-    std::stable_sort(rows.begin(), rows.end(), [&](int x, int y) { return tok_g[x] < tok_g[y]; });
-    const int NE = (int)rows.size();
-    int U = 0;
-    for (int k = 0; k < NE; k++) {
-        emb_rows[k] = rows[k];
-        if (k == 0 || tok_g[rows[k]] != tok_g[rows[k - 1]]) {
-            emb_tok[U] = tok_g[rows[k]];
-            emb_start[U] = k;
-            U++;
-        }
-    }
-    emb_start[U] = NE;
-    g->n_emb = U;
-    // upload the used part of each list
-    const int maxN = g->maxN;
-    const std::pair<int*, int> lists[] = {{g->tok_g, N},     {g->tgt_g, N},   {g->pos_g, N},         {g->row_of, N},
-                                          {g->emb_rows, NE}, {g->emb_tok, U}, {g->emb_start, U + 1}, {g->vis, N}};
-    for (const auto& l : lists)
-        MOT_CUDA_CHECK(
-            cudaMemcpyAsync(l.first, host(l.first), l.second * sizeof(int), cudaMemcpyHostToDevice, g->stream));
+    g->n_valid = p.n_valid;
+    for (int m = 0; m < MOT_N_MOD; m++) g->n_mod[m] = p.n_mod[m];
+    // upload the plan's lists and the grouping's, through the pinned host copy (idx_host has the
+    // device's layout: each list sits as far from idx_host as from idx_dev)
+    auto up = [g](int* dev, const int32_t* src, size_t n) {
+        if (n == 0) return;
+        int* host = g->idx_host + (dev - g->idx_dev);
+        std::copy(src, src + n, host);
+        MOT_CUDA_CHECK(cudaMemcpyAsync(dev, host, n * sizeof(int), cudaMemcpyHostToDevice, g->stream));
+    };
+    up(g->tok_g, p.tok.data(), N);
+    up(g->tgt_g, p.tgt.data(), N);
+    up(g->pos_g, p.pos.data(), N);
+    up(g->row_of, b.row_of.data(), N);
+    up(g->vis, b.vis.data(), N);
+    up(g->emb_rows, p.emb_rows.data(), p.emb_rows.size());
+    up(g->emb_tok, p.emb_tok.data(), p.emb_tok.size());
+    up(g->emb_start, p.emb_start.data(), p.emb_start.size());
     if (g->tf) {
-        // Transfusion: the image rows' patches and noise in grouped order, and the distinct steps:
-        // step_t (increasing), step_of (image row -> its step's index), step_rows (the image rows
-        // of each step in increasing order, from step_start)
-        if (b.xin.size() != (size_t)N * MOT_PATCH || b.eps.size() != (size_t)N * MOT_PATCH || (int)b.tstep.size() != N)
-            fail("a Transfusion batch needs xin, eps (16 each) and tstep per position");
-        const int ni = i1 - i0;
+        // Transfusion: the image rows' patches and noise in grouped order, and the plan's step lists
+        // (tf_idx_host has the device lists' layout from step_of)
+        const int ni = p.i1 - p.i0;
         float *pin = g->tf_host, *eps = pin + (size_t)ni * MOT_PATCH;
-        int *step_of = g->tf_idx_host, *step_t = step_of + maxN, *step_rows = step_t + maxN,
-            *step_start = step_rows + maxN;
-        std::vector<int> count(MOT_DIFF_STEPS + 1, 0), index(MOT_DIFF_STEPS + 1, -1);
         for (int r = 0; r < ni; r++) {
-            const int i = b.order[i0 + r], t = b.tstep[i];
-            if (t < 0 || t > MOT_DIFF_STEPS) fail("diffusion step outside [0, 1000]");
-            count[t]++;
+            const int i = b.order[p.i0 + r];
             std::copy(b.xin.begin() + (size_t)i * MOT_PATCH, b.xin.begin() + (size_t)(i + 1) * MOT_PATCH,
                       pin + (size_t)r * MOT_PATCH);
             std::copy(b.eps.begin() + (size_t)i * MOT_PATCH, b.eps.begin() + (size_t)(i + 1) * MOT_PATCH,
                       eps + (size_t)r * MOT_PATCH);
         }
-        int S = 0, at = 0;
-        for (int t = 0; t <= MOT_DIFF_STEPS; t++) {
-            if (!count[t]) continue;
-            step_t[S] = t;
-            step_start[S] = at;
-            index[t] = S++;
-            at += count[t];
-        }
-        step_start[S] = ni;
-        std::vector<int> next(step_start, step_start + S);
-        for (int r = 0; r < ni; r++) {
-            const int k = index[b.tstep[b.order[i0 + r]]];
-            step_of[r] = k;
-            step_rows[next[k]++] = r;
-        }
-        g->n_steps = S;
-        g->n_noised = ni - count[0];
+        auto up_tf = [g](int* dev, const std::vector<int32_t>& src) {
+            if (src.empty()) return;
+            int* host = g->tf_idx_host + (dev - g->step_of);
+            std::copy(src.begin(), src.end(), host);
+            MOT_CUDA_CHECK(cudaMemcpyAsync(dev, host, src.size() * sizeof(int), cudaMemcpyHostToDevice, g->stream));
+        };
         const size_t bytes = (size_t)ni * MOT_PATCH * sizeof(float);
         if (ni > 0) {
             MOT_CUDA_CHECK(cudaMemcpyAsync(g->pin, pin, bytes, cudaMemcpyHostToDevice, g->stream));
             MOT_CUDA_CHECK(cudaMemcpyAsync(g->eps, eps, bytes, cudaMemcpyHostToDevice, g->stream));
-            MOT_CUDA_CHECK(cudaMemcpyAsync(g->step_of, step_of, ni * sizeof(int), cudaMemcpyHostToDevice, g->stream));
-            MOT_CUDA_CHECK(cudaMemcpyAsync(g->step_t, step_t, S * sizeof(int), cudaMemcpyHostToDevice, g->stream));
-            MOT_CUDA_CHECK(
-                cudaMemcpyAsync(g->step_rows, step_rows, ni * sizeof(int), cudaMemcpyHostToDevice, g->stream));
         }
-        MOT_CUDA_CHECK(
-            cudaMemcpyAsync(g->step_start, step_start, (S + 1) * sizeof(int), cudaMemcpyHostToDevice, g->stream));
+        up_tf(g->step_of, p.step_of);
+        up_tf(g->step_t, p.step_t);
+        up_tf(g->step_rows, p.step_rows);
+        up_tf(g->step_start, p.step_start);
     }
     g->have_batch = true;
 }
 
-static inline MotRows mot_gpu_rows(const MotGpu* g, int copies) { return MotRows{copies, g->group[1], g->group[2]}; }
+static inline MotRows mot_gpu_rows(const MotGpu* g, int copies) {
+    return MotRows{copies, g->plan.group[1], g->plan.group[2]};
+}
 
 // dg[copy] += column sums of dy * x * rstd over each copy's rows (per_pos rows per position)
 static inline void mot_gpu_gain_grad(MotGpu* g, int p, int layer, const MotBuf& dy, const MotBuf& x, const float* rstd,
                                      int C, int per_pos) {
     const MotParamInfo& info = g->tab.p[p];
-    mot_for_each_copy(info.copies, g->group, [&](int c, int r0, int r1) {
+    mot_for_each_copy(info.copies, g->plan.group, [&](int c, int r0, int r1) {
         const int a = r0 * per_pos, b = r1 * per_pos, nchunk = (b - a + MOT_GAIN_ROWS - 1) / MOT_GAIN_ROWS;
         mot_by_type(dy, [&](auto ty) {
             mot_by_type(x, [&](auto tx) {
@@ -2244,8 +2182,8 @@ static inline void mot_gpu_ffn_forward_experts(MotGpu* g, int l, const MotBuf& h
     const MotGpuExpertLayer X = mot_gpu_expert_layer(g, l);
     for (int f = 0; f < mot_ffn_copies(c); f++) {
         int r0, r1;
-        mot_ffn_rows(c, g->group, f, &r0, &r1);
-        const int n = r1 - r0, E = c.n_expert[f], k = mot_expert_copy(c, f, 0), s0 = g->slot0[f];
+        mot_ffn_rows(c, g->plan.group, f, &r0, &r1);
+        const int n = r1 - r0, E = c.n_expert[f], k = mot_expert_copy(c, f, 0), s0 = g->plan.slot0[f];
         if (n == 0) continue;
         // expert e on `rows` rows of operand x: u1, u3, u in slots sb.., the output into out
         auto ffn = [&](int e, const void* x, int rows, size_t sb, float* out) {
@@ -2261,7 +2199,7 @@ static inline void mot_gpu_ffn_forward_experts(MotGpu* g, int l, const MotBuf& h
             continue;
         }
         // router and aux-router logits in fp32 in both modes (the selection compares them exactly)
-        const int kr = mot_router_copy(c, f, 0), C = g->cap[f];
+        const int kr = mot_router_copy(c, f, 0), C = g->plan.cap[f];
         float *sg = X.gate + (size_t)r0 * Em, *sa = X.aux + (size_t)r0 * Em;
         int* so = X.slot_of + (size_t)r0 * Em;
         const float* hr = h.f + (size_t)r0 * D;
@@ -2317,8 +2255,8 @@ static inline void mot_gpu_ffn_backward_experts(MotGpu* g, int l, const MotBuf& 
     float* G = g->grads;
     for (int f = 0; f < mot_ffn_copies(c); f++) {
         int r0, r1;
-        mot_ffn_rows(c, g->group, f, &r0, &r1);
-        const int n = r1 - r0, E = c.n_expert[f], k = mot_expert_copy(c, f, 0), s0 = g->slot0[f];
+        mot_ffn_rows(c, g->plan.group, f, &r0, &r1);
+        const int n = r1 - r0, E = c.n_expert[f], k = mot_expert_copy(c, f, 0), s0 = g->plan.slot0[f];
         if (n == 0) continue;
         float* dh = g->dx + (size_t)r0 * D;  // dL/dh: the residual gradient, added to in place
         if (E == 1) {                        // the plain FFN, as mot_linear_backward does it
@@ -2339,7 +2277,7 @@ static inline void mot_gpu_ffn_backward_experts(MotGpu* g, int l, const MotBuf& 
             }
             continue;
         }
-        const int kr = mot_router_copy(c, f, 0), C = g->cap[f];
+        const int kr = mot_router_copy(c, f, 0), C = g->plan.cap[f];
         const size_t slots = (size_t)E * C;
         float *sg = X.gate + (size_t)r0 * Em, *sa = X.aux + (size_t)r0 * Em;
         const int* so = X.slot_of + (size_t)r0 * Em;
@@ -2403,7 +2341,8 @@ inline double mot_gpu_forward(MotGpu* g, const MotBatch& b) {
     g->route_fwd = g->route;
     if (g->experts) MOT_CUDA_CHECK(cudaMemsetAsync(g->aux_out, 0, 2 * sizeof(double), st));
     // embedding rows, except (Transfusion) the image rows [i0, i1): x_t W_in + b_in + sinusoid(t) W_t
-    const int i0 = g->group[MOD_IMAGE], i1 = g->tf ? g->group[MOD_IMAGE + 1] : i0, ni = i1 - i0, PT = MOT_PATCH;
+    const int i0 = g->plan.group[MOD_IMAGE], i1 = g->tf ? g->plan.group[MOD_IMAGE + 1] : i0, ni = i1 - i0,
+              PT = MOT_PATCH;
     auto embed = [&](int r0, int r1) {
         if (r1 <= r0) return;
         mot_embed_kernel<<<mot_blocks((size_t)(r1 - r0) * D, 256), 256, 0, st>>>(
@@ -2414,7 +2353,7 @@ inline double mot_gpu_forward(MotGpu* g, const MotBatch& b) {
     if (ni > 0) {
         embed(0, i0);
         embed(i1, N);
-        const int S = g->n_steps;
+        const int S = (int)g->plan.step_t.size();
         mot_sinusoid_kernel<<<mot_blocks((size_t)S * (D / 2), 256), 256, 0, st>>>(g->sinu, g->step_t, S, D);
         MOT_LAUNCH_CHECK();
         mot_gemm_as(g, false, false, false, S, D, D, g->sinu, D, g->params + tab.p[P_WT].offset, D, 0.0f, g->temb, D);
@@ -2478,7 +2417,7 @@ inline double mot_gpu_forward(MotGpu* g, const MotBatch& b) {
         if (ni > 0) {
             mot_gemm_as(g, false, false, false, ni, PT, D, g->z_f + (size_t)i0 * D, D, g->params + tab.p[P_WOUT].offset,
                         PT, 0.0f, g->eps_hat, PT);
-            const double scale = MOT_DIFF_WEIGHT * 2 / ((double)std::max(1, g->n_noised) * PT);
+            const double scale = MOT_DIFF_WEIGHT * 2 / ((double)std::max(1, g->plan.n_noised) * PT);
             const bool weighted = g->diff_loss == MOT_DIFF_MIN_SNR;
             mot_mse_kernel<<<mot_blocks(ni, 128), 128, 0, st>>>(g->eps_hat, g->deps, g->row_se, g->row_wse,
                                                                 g->params + tab.p[P_BOUT].offset, g->eps, g->step_of,
@@ -2503,18 +2442,18 @@ inline double mot_gpu_forward(MotGpu* g, const MotBatch& b) {
     g->loss = g->loss_lm = g->n_valid ? g->host_out[0] / g->n_valid : 0.0;
     for (int m = 0; m < MOT_N_MOD; m++) g->loss_mod[m] = g->n_mod[m] ? g->host_out[1 + m] / g->n_mod[m] : 0.0;
     if (g->tf) {  // as diffusion_loss: the image entry is the MSE over the noised rows' 16 values
-        g->n_mod[MOD_IMAGE] = g->n_noised;
-        g->loss_mod[MOD_IMAGE] = g->n_noised ? g->host_out[4] / ((double)g->n_noised * PT) : 0.0;
+        g->n_mod[MOD_IMAGE] = g->plan.n_noised;
+        g->loss_mod[MOD_IMAGE] = g->plan.n_noised ? g->host_out[4] / ((double)g->plan.n_noised * PT) : 0.0;
         const bool weighted = g->diff_loss == MOT_DIFF_MIN_SNR;  // as diffusion_loss: the WMSE, the same count
-        g->loss = g->loss_lm + MOT_DIFF_WEIGHT * (!weighted     ? g->loss_mod[MOD_IMAGE]
-                                                  : g->n_noised ? g->wse_host / ((double)g->n_noised * PT)
-                                                                : 0.0);
+        g->loss = g->loss_lm + MOT_DIFF_WEIGHT * (!weighted          ? g->loss_mod[MOD_IMAGE]
+                                                  : g->plan.n_noised ? g->wse_host / ((double)g->plan.n_noised * PT)
+                                                                     : 0.0);
     }
     // experts, EC: the aux BCE summed over layers and copies, and the fraction of rows of expert
     // copies (over layers) whose aux routers pick exactly their EC experts (as mot_forward)
     g->aux_loss = g->aux_agree = 0;
     if (g->experts && g->route == MOT_ROUTE_EC) {
-        const long rows = mot_expert_rows(c, g->group) * L;
+        const long rows = g->plan.expert_rows * L;
         g->aux_loss = g->host_out[5];
         g->aux_agree = rows ? g->host_out[6] / rows : 0;
     }
@@ -2542,7 +2481,7 @@ inline void mot_gpu_backward(MotGpu* g, bool accumulate = true) {
     const MotBuf z = mot_gpu_z(g);
     const float wb = accumulate ? 1.0f : 0.0f;  // beta of the weight-gradient GEMMs
     if (!accumulate)
-        for (const auto& r : mot_grad_unwritten(c, tab, g->group))
+        for (const auto& r : mot_grad_unwritten(c, tab, g->plan.group))
             MOT_CUDA_CHECK(cudaMemsetAsync(g->grads + r.first, 0, (r.second - r.first) * 4, st));
 
     // output head, chunk by chunk: recompute the logits, dlogits from the stored logsumexp,
@@ -2563,7 +2502,8 @@ inline void mot_gpu_backward(MotGpu* g, bool accumulate = true) {
         mot_gemm(g, true, false, D, V, n, mot_op(g, z, (size_t)r0 * D), D, mot_op(g, dl, 0), V, r0 == 0 ? wb : 1.0f,
                  g->grads + tab.p[P_HEAD].offset, V);
     }
-    const int i0 = g->group[MOD_IMAGE], i1 = g->tf ? g->group[MOD_IMAGE + 1] : i0, ni = i1 - i0, PT = MOT_PATCH;
+    const int i0 = g->plan.group[MOD_IMAGE], i1 = g->tf ? g->plan.group[MOD_IMAGE + 1] : i0, ni = i1 - i0,
+              PT = MOT_PATCH;
     if (ni > 0) {  // Transfusion, eps_hat = z W_out + b_out on the image rows (fp32): dz += deps W_out^T
         mot_gemm_as(g, false, false, true, ni, D, PT, g->deps, PT, g->params + tab.p[P_WOUT].offset, PT, 1.0f,
                     g->dt + (size_t)i0 * D, D);
@@ -2620,15 +2560,17 @@ inline void mot_gpu_backward(MotGpu* g, bool accumulate = true) {
         const float* dxi = g->dx + (size_t)i0 * D;
         mot_gemm_as(g, false, true, false, PT, D, ni, g->pin, PT, dxi, D, 1.0f, g->grads + tab.p[P_WIN].offset, D);
         mot_gpu_colsum(g, g->grads + tab.p[P_BIN].offset, dxi, ni, D);
-        mot_temb_backward_kernel<<<g->n_steps, 128, 0, st>>>(g->dtemb, dxi, g->step_rows, g->step_start, D);
+        const int n_steps = (int)g->plan.step_t.size();
+        mot_temb_backward_kernel<<<n_steps, 128, 0, st>>>(g->dtemb, dxi, g->step_rows, g->step_start, D);
         MOT_LAUNCH_CHECK();
-        mot_gemm_as(g, false, true, false, D, D, g->n_steps, g->sinu, D, g->dtemb, D, 1.0f,
-                    g->grads + tab.p[P_WT].offset, D);
+        mot_gemm_as(g, false, true, false, D, D, n_steps, g->sinu, D, g->dtemb, D, 1.0f, g->grads + tab.p[P_WT].offset,
+                    D);
     }
     // embedding: one block per distinct token, rows in order
-    if (g->n_emb > 0) {
-        mot_embed_backward_kernel<<<g->n_emb, 128, 0, st>>>(g->grads + tab.p[P_EMB].offset, g->dx, g->emb_rows,
-                                                            g->emb_tok, g->emb_start, D);
+    const int n_emb = (int)g->plan.emb_tok.size();  // distinct tokens in the batch
+    if (n_emb > 0) {
+        mot_embed_backward_kernel<<<n_emb, 128, 0, st>>>(g->grads + tab.p[P_EMB].offset, g->dx, g->emb_rows, g->emb_tok,
+                                                         g->emb_start, D);
         MOT_LAUNCH_CHECK();
     }
 }

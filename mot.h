@@ -12,7 +12,7 @@
 // Layout of the file (sections 1-6 are the reading path: plain loops, no processor-specific code):
 //   1. vocabulary and config          6. AdamW and the learning-rate schedule
 //   2. parameter table                7. fast paths: the fast twin of each plain function that has
-//   3. batches and modality grouping     one (matmul_fast, ...); -DMOT_PLAIN switches them all off
+//   3. batches, grouping, batch plan     one (matmul_fast, ...); -DMOT_PLAIN switches them all off
 //   4. matmul, plain                  8. files: token shards and loader, checkpoint, debug state
 //   5. the CPU reference: layers,     9. generation: one token at a time with a KV cache
 //      forward and backward side by side
@@ -302,7 +302,7 @@ inline double mot_rand_normal(uint64_t* s) {  // Box-Muller; one draw per call k
 }
 
 // ============================================================================================
-// 3. Batches and grouping by modality
+// 3. Batches, grouping by modality and the batch plan
 // ============================================================================================
 // A batch is B rows of T tokens with their next-token targets, in original order (index b*T+t).
 // All model activations are kept in GROUPED order: rows sorted by modality (stable), so each
@@ -417,6 +417,182 @@ inline void mot_for_each_copy(int copies, const int32_t* group, Fn fn) {
         if (group[m + 1] > group[m]) fn(m, group[m], group[m + 1]);
 }
 
+// ---- the batch plan ----------------------------------------------------------------------------
+// The rows of an FFN copy: all rows when the FFN is shared (dense, tied), else its modality's.
+inline void mot_ffn_rows(const MotConfig& c, const int32_t* group, int f, int* r0, int* r1) {
+    *r0 = mot_ffn_copies(c) == 1 ? 0 : group[f];
+    *r1 = mot_ffn_copies(c) == 1 ? group[MOT_N_MOD] : group[f + 1];
+}
+
+// The slot layout of a batch depends only on its row counts: computed on the host once per batch.
+// With one expert per copy, slot j of copy f is row r0 + j (the plain layout).
+inline void mot_expert_slots(const MotConfig& c, const int32_t* group, int32_t* slot0, int32_t* cap) {
+    int at = 0;
+    for (int f = 0; f < MOT_N_MOD; f++) {
+        slot0[f] = at;
+        cap[f] = 0;
+        if (f >= mot_ffn_copies(c)) continue;
+        int r0, r1;
+        mot_ffn_rows(c, group, f, &r0, &r1);
+        const int E = c.n_expert[f];
+        cap[f] = (r1 - r0 + E - 1) / E;
+        at += E * cap[f];
+    }
+    slot0[MOT_N_MOD] = at;
+}
+
+// Rows of a batch that copies with experts route, in one layer: the denominator of the aux routers'
+// agreement (the plan's expert_rows).
+inline long mot_expert_rows(const MotConfig& c, const int32_t* group) {
+    long rows = 0;
+    for (int f = 0; f < mot_ffn_copies(c); f++) {
+        int r0, r1;
+        mot_ffn_rows(c, group, f, &r0, &r1);
+        if (c.n_expert[f] > 1) rows += r1 - r0;
+    }
+    return rows;
+}
+
+// The LM target of original position i, or MOT_IGNORE. In the Transfusion setting only positions
+// whose input and target are both discrete tokens count: not an image position, not BOI (whose
+// target is a patch).
+inline int mot_lm_target(const MotConfig& c, const MotBatch& b, int i) {
+    const int tgt = b.targets[i];
+    if (tgt < 0) return MOT_IGNORE;
+    if (mot_transfusion(c) && (mot_modality(c, b.tokens[i]) == MOD_IMAGE || mot_modality(c, tgt) == MOD_IMAGE))
+        return MOT_IGNORE;
+    return tgt;
+}
+
+// The number of positions with an LM target (the loss's denominator), and of those per target
+// modality (the plan's n_valid and n_mod).
+inline int mot_count_targets(const MotConfig& c, const MotBatch& b, int n_mod[MOT_N_MOD]) {
+    int n_valid = 0;
+    for (int md = 0; md < MOT_N_MOD; md++) n_mod[md] = 0;
+    for (int i = 0; i < b.B * b.T; i++) {
+        const int tgt = mot_lm_target(c, b, i);
+        if (tgt < 0) continue;
+        n_valid++;
+        n_mod[mot_modality(c, tgt)]++;
+    }
+    return n_valid;
+}
+
+// Everything the host derives from a grouped batch, computed once per forward by mot_plan and
+// read by the CPU forward and backward and by the GPU's upload alike, so the two cannot drift
+// apart: per-row lists in grouped order, the target counts, the expert slots, the embedding
+// gradient's lists and the Transfusion steps. (RoPE's tables depend on the config alone:
+// mot_rope_tables, built once per model.)
+struct MotPlan {
+    int N = 0, group[MOT_N_MOD + 1] = {0, 0, 0, 0};  // as the batch's
+    std::vector<int32_t> tok, tgt, pos;              // per grouped row: token, LM target (mot_lm_target), position t
+    int n_valid = 0, n_mod[MOT_N_MOD] = {0, 0, 0};   // LM targets, in all and per target modality
+    // experts: expert e of FFN copy f keeps cap[f] rows, in slots slot0[f] + e cap[f] ..;
+    // expert_rows: rows routed by copies with experts in one layer (the aux agreement's denominator)
+    int32_t slot0[MOT_N_MOD + 1] = {0, 0, 0, 0}, cap[MOT_N_MOD] = {0, 0, 0};
+    long expert_rows = 0;
+    // The rows that take an embedding row: all but the Transfusion image rows [i0, i1), which take
+    // patches. Sorted by token, then row: token emb_tok[u] sits in rows emb_rows[emb_start[u] ..
+    // emb_start[u+1]), so the embedding gradient adds each token's rows in row order.
+    int i0 = 0, i1 = 0;
+    std::vector<int32_t> emb_rows, emb_tok, emb_start;
+    // Transfusion: the distinct diffusion steps of the image rows, increasing (step_t); image row
+    // i0 + k has step step_t[step_of[k]], and the image rows of step s are i0 + step_rows[step_start[s]
+    // .. step_start[s+1]), increasing. n_noised: image rows with t >= 1 (the MSE's count).
+    std::vector<int32_t> step_t, step_of, step_rows, step_start;
+    int n_noised = 0;
+};
+
+// Builds the plan of batch b (grouped by mot_group) for config c, checking the batch as it goes:
+// returns "" or what is wrong with it (a batch the model cannot run must not index out of bounds).
+inline std::string mot_plan(const MotConfig& c, const MotBatch& b, MotPlan* p) {
+    const int N = b.B * b.T;
+    if (b.B < 1 || b.T < 1 || b.T > c.max_seq)
+        return "batch shape " + std::to_string(b.B) + " x " + std::to_string(b.T) + " (max_seq " +
+               std::to_string(c.max_seq) + ")";
+    if ((int)b.tokens.size() != N || (int)b.targets.size() != N || (int)b.order.size() != N ||
+        (int)b.row_of.size() != N || (int)b.vis.size() != N)
+        return "batch arrays have the wrong size (call mot_group first)";
+    if (b.group[0] != 0 || b.group[MOT_N_MOD] != N) return "batch grouping is inconsistent (call mot_group)";
+    const bool tf = mot_transfusion(c);
+    if (tf &&
+        (b.xin.size() != (size_t)N * MOT_PATCH || b.eps.size() != (size_t)N * MOT_PATCH || (int)b.tstep.size() != N))
+        return "a Transfusion batch needs xin, eps (16 each) and tstep per position";
+    p->N = N;
+    for (int m = 0; m <= MOT_N_MOD; m++) p->group[m] = b.group[m];
+    p->tok.resize(N);
+    p->tgt.resize(N);
+    p->pos.resize(N);
+    for (int r = 0; r < N; r++) {
+        const int i = b.order[r];
+        if (i < 0 || i >= N || b.row_of[i] != r) return "order / row_of are not inverse permutations";
+        const int tok = b.tokens[i];
+        if (tok < 0 || tok >= c.vocab) return "token id outside the vocabulary";
+        if (b.targets[i] < MOT_IGNORE || b.targets[i] >= c.vocab) return "target id outside the vocabulary";
+        const int m = mot_modality(c, tok);
+        if (r < b.group[m] || r >= b.group[m + 1]) return "row is outside its modality's group range";
+        p->tok[r] = tok;
+        p->tgt[r] = mot_lm_target(c, b, i);
+        p->pos[r] = i % b.T;
+    }
+    // the attention (CPU loops, GPU tile bounds) relies on t <= vis[t] < T, vis non-decreasing in t
+    for (int i = 0; i < N; i++) {
+        const int t = i % b.T, prev = t > 0 ? b.vis[i - 1] : 0;
+        if (b.vis[i] < t || b.vis[i] >= b.T || b.vis[i] < prev)
+            return "vis is not a valid attention bound (call mot_group)";
+    }
+    p->n_valid = mot_count_targets(c, b, p->n_mod);
+    mot_expert_slots(c, b.group, p->slot0, p->cap);
+    p->expert_rows = mot_expert_rows(c, b.group);
+    // embedding gradient lists
+    p->i0 = b.group[MOD_IMAGE];
+    p->i1 = tf ? b.group[MOD_IMAGE + 1] : p->i0;
+    p->emb_rows.clear();
+    for (int r = 0; r < N; r++)
+        if (r < p->i0 || r >= p->i1) p->emb_rows.push_back(r);
+    std::stable_sort(p->emb_rows.begin(), p->emb_rows.end(), [&](int x, int y) { return p->tok[x] < p->tok[y]; });
+    p->emb_tok.clear();
+    p->emb_start.clear();
+    for (size_t k = 0; k < p->emb_rows.size(); k++)
+        if (k == 0 || p->tok[p->emb_rows[k]] != p->tok[p->emb_rows[k - 1]]) {
+            p->emb_tok.push_back(p->tok[p->emb_rows[k]]);
+            p->emb_start.push_back((int32_t)k);
+        }
+    p->emb_start.push_back((int32_t)p->emb_rows.size());
+    // Transfusion steps: a counting sort of the image rows by step
+    p->step_t.clear();
+    p->step_of.clear();
+    p->step_rows.clear();
+    p->step_start.clear();
+    p->n_noised = 0;
+    if (!tf) return "";
+    const int ni = p->i1 - p->i0;
+    std::vector<int> count(MOT_DIFF_STEPS + 1, 0), index(MOT_DIFF_STEPS + 1, -1);
+    for (int k = 0; k < ni; k++) {
+        const int t = b.tstep[b.order[p->i0 + k]];
+        if (t < 0 || t > MOT_DIFF_STEPS) return "diffusion step outside [0, 1000]";
+        count[t]++;
+    }
+    for (int t = 0, at = 0; t <= MOT_DIFF_STEPS; t++) {
+        if (!count[t]) continue;
+        index[t] = (int)p->step_t.size();
+        p->step_t.push_back(t);
+        p->step_start.push_back(at);
+        at += count[t];
+    }
+    p->step_start.push_back(ni);
+    p->step_of.resize(ni);
+    p->step_rows.resize(ni);
+    std::vector<int> next(p->step_start.begin(), p->step_start.end() - 1);
+    for (int k = 0; k < ni; k++) {
+        const int s = index[b.tstep[b.order[p->i0 + k]]];
+        p->step_of[k] = s;
+        p->step_rows[next[s]++] = k;
+    }
+    p->n_noised = ni - count[0];
+    return "";
+}
+
 // ============================================================================================
 // 4. matmul: the one matrix product every layer uses
 // ============================================================================================
@@ -515,6 +691,7 @@ struct MotModel {
     double loss = 0, loss_lm = 0, loss_mod[MOT_N_MOD] = {0, 0, 0};
     int n_valid = 0, n_mod[MOT_N_MOD] = {0, 0, 0};
     std::vector<double> pos_loss;  // -log p(target) per position, original order (0 where ignored)
+    MotPlan plan;                  // of the last forward's batch (mot_plan); the backward reads it too
     // experts (section 5, "Experts"); none of this is used by a model without them
     int route = MOT_ROUTE_EC;            // MOT_ROUTE_EC (training, "EC" eval) or MOT_ROUTE_CAUSAL (aux routers)
     int diff_loss = MOT_DIFF_MSE;        // Transfusion: the weighting of the diffusion term of `loss` (MotDiffLoss)
@@ -524,7 +701,6 @@ struct MotModel {
                                          // whose aux routers pick exactly their EC experts
     int Emax = 1, NS = 0;                // most experts of any copy; expert slots allocated per layer
     std::vector<int32_t> sel;            // L x NS: the grouped row each expert slot holds (EC)
-    int32_t slot0[MOT_N_MOD + 1] = {0, 0, 0, 0}, cap[MOT_N_MOD] = {0, 0, 0};  // slots of copy f; capacity C_f
 
     S* param(int p, int layer = 0, int copy = 0) { return params.data() + tab.p[p].at(layer, copy); }
     S* grad(int p, int layer = 0, int copy = 0) { return grads.data() + tab.p[p].at(layer, copy); }
@@ -757,7 +933,7 @@ void rope_apply(S* x, const MotModel<S>& m, const MotBatch& b, int sign) {
     const int N = b.B * b.T, D = m.cfg.d_model, H = m.cfg.n_head, half = D / H / 2;
 #pragma omp parallel for schedule(static)
     for (int r = 0; r < N; r++) {
-        const int pos = b.order[r] % b.T;
+        const int pos = m.plan.pos[r];
         const S *cs = m.rope_cos.data() + (size_t)pos * half, *sn = m.rope_sin.data() + (size_t)pos * half;
         for (int h = 0; h < H; h++) {
             S* xh = x + (size_t)r * D + h * 2 * half;
@@ -921,40 +1097,6 @@ void swiglu_backward(S* du1, S* du3, const S* du, const S* u1, const S* u3, size
 // is the lower grouped row. Expert e of copy f keeps its C rows in the slots slot0[f] + e*C ..: u1,
 // u3, u, ye (normalised) and ye_rstd are stored per slot for the backward, and sel maps each slot
 // to its row.
-inline void mot_ffn_rows(const MotConfig& c, const int32_t* group, int f, int* r0, int* r1) {
-    *r0 = mot_ffn_copies(c) == 1 ? 0 : group[f];
-    *r1 = mot_ffn_copies(c) == 1 ? group[MOT_N_MOD] : group[f + 1];
-}
-
-// The slot layout of a batch depends only on its row counts: computed on the host once per batch.
-// With one expert per copy, slot j of copy f is row r0 + j (the plain layout).
-inline void mot_expert_slots(const MotConfig& c, const int32_t* group, int32_t* slot0, int32_t* cap) {
-    int at = 0;
-    for (int f = 0; f < MOT_N_MOD; f++) {
-        slot0[f] = at;
-        cap[f] = 0;
-        if (f >= mot_ffn_copies(c)) continue;
-        int r0, r1;
-        mot_ffn_rows(c, group, f, &r0, &r1);
-        const int E = c.n_expert[f];
-        cap[f] = (r1 - r0 + E - 1) / E;
-        at += E * cap[f];
-    }
-    slot0[MOT_N_MOD] = at;
-}
-
-// Rows of a batch that copies with experts route, in one layer: the denominator of the aux routers'
-// agreement (mot_forward and the GPU's forward).
-inline long mot_expert_rows(const MotConfig& c, const int32_t* group) {
-    long rows = 0;
-    for (int f = 0; f < mot_ffn_copies(c); f++) {
-        int r0, r1;
-        mot_ffn_rows(c, group, f, &r0, &r1);
-        if (c.n_expert[f] > 1) rows += r1 - r0;
-    }
-    return rows;
-}
-
 // Expert choice for expert e: the C of n rows with the largest s[i * ld + e], ties to the lower i,
 // written to out (as r0 + i) in increasing row order. A heap (partial_sort) stays in bounds even
 // if a NaN breaks the ordering.
@@ -1007,7 +1149,7 @@ void ffn_forward_experts(MotModel<S>* m, const MotBatch& b, int l) {
         const int k = mot_expert_copy(c, f, 0);
         const S *W1 = P + tab.p[P_W1].at(l, k), *W3 = P + tab.p[P_W3].at(l, k), *W2 = P + tab.p[P_W2].at(l, k);
         if (E == 1) {  // the plain FFN on this copy's rows, exactly as linear_forward does it
-            const size_t s0 = m->slot0[f];
+            const size_t s0 = m->plan.slot0[f];
             matmul(u1 + s0 * F, F, h + (size_t)r0 * D, D, false, W1, F, false, n, F, D, false);
             matmul(u3 + s0 * F, F, h + (size_t)r0 * D, D, false, W3, F, false, n, F, D, false);
             swiglu_forward(u + s0 * F, u1 + s0 * F, u3 + s0 * F, (size_t)n * F);
@@ -1033,8 +1175,8 @@ void ffn_forward_experts(MotModel<S>* m, const MotBatch& b, int l) {
             for (int e = 0; e < E; e++) si[e] /= sum;
         }
         const bool ec = m->route == MOT_ROUTE_EC;
-        const int C = m->cap[f];
-        int32_t* sel = m->sel.data() + (size_t)l * NS + m->slot0[f];
+        const int C = m->plan.cap[f];
+        int32_t* sel = m->sel.data() + (size_t)l * NS + m->plan.slot0[f];
         std::vector<char> chosen(ec ? (size_t)n * E : 0, 0);
         std::vector<double> bce(ec ? (size_t)n * E : 0);
         if (ec) {
@@ -1094,8 +1236,8 @@ void ffn_forward_experts(MotModel<S>* m, const MotBatch& b, int l) {
             // one thread per expert (each matmul then runs on one thread: the same bits as threaded),
             // each into its own slots; few large parallel regions instead of many small ones
 #pragma omp parallel for schedule(dynamic)
-            for (int e = 0; e < E; e++) run_expert(e, sel + (size_t)e * C, C, m->slot0[f] + (size_t)e * C);
-            for (int e = 0; e < E; e++) add_expert(e, sel + (size_t)e * C, C, m->slot0[f] + (size_t)e * C);
+            for (int e = 0; e < E; e++) run_expert(e, sel + (size_t)e * C, C, m->plan.slot0[f] + (size_t)e * C);
+            for (int e = 0; e < E; e++) add_expert(e, sel + (size_t)e * C, C, m->plan.slot0[f] + (size_t)e * C);
         } else {
             // causal (forward only): the rows each aux router takes, one expert at a time in the
             // copy's first slots, used at once
@@ -1105,8 +1247,8 @@ void ffn_forward_experts(MotModel<S>* m, const MotBatch& b, int l) {
                 for (int i = 0; i < n; i++)
                     if (sa[(size_t)i * Em + e] > S(0.5)) rows.push_back(r0 + i);
                 if (rows.empty()) continue;
-                run_expert(e, rows.data(), (int)rows.size(), m->slot0[f]);
-                add_expert(e, rows.data(), (int)rows.size(), m->slot0[f]);
+                run_expert(e, rows.data(), (int)rows.size(), m->plan.slot0[f]);
+                add_expert(e, rows.data(), (int)rows.size(), m->plan.slot0[f]);
             }
         }
     }
@@ -1138,7 +1280,7 @@ void ffn_backward_experts(MotModel<S>* m, const MotBatch& b, int l, const S* dt,
         const size_t o1 = tab.p[P_W1].at(l, k), o3 = tab.p[P_W3].at(l, k), o2 = tab.p[P_W2].at(l, k);
         const S* hr = h + (size_t)r0 * D;
         if (E == 1) {  // the plain FFN, exactly as linear_backward does it
-            const size_t s0 = m->slot0[f];
+            const size_t s0 = m->plan.slot0[f];
             matmul(du + s0 * F, F, dt + (size_t)r0 * D, D, false, P + o2, D, true, n, F, D, false);
             matmul(G + o2, D, u + s0 * F, F, true, dt + (size_t)r0 * D, D, false, F, D, n, acc);
             swiglu_backward(du1 + s0 * F, du3 + s0 * F, du + s0 * F, u1 + s0 * F, u3 + s0 * F, (size_t)n * F);
@@ -1148,15 +1290,15 @@ void ffn_backward_experts(MotModel<S>* m, const MotBatch& b, int l, const S* dt,
             matmul(G + o3, F, hr, D, true, du3 + s0 * F, F, false, D, F, n, acc);
             continue;
         }
-        const int C = m->cap[f];
-        const int32_t* sel = m->sel.data() + (size_t)l * NS + m->slot0[f];
+        const int C = m->plan.cap[f];
+        const int32_t* sel = m->sel.data() + (size_t)l * NS + m->plan.slot0[f];
         std::vector<S> ds((size_t)n * E, S(0));  // dL/ds, then dL/d(router logits)
         // one thread per expert, as in the forward; each writes only its own slots, its own
         // weight gradients and its own column of ds
 #pragma omp parallel for schedule(dynamic)
         for (int e = 0; e < E; e++) {
             const int32_t* re = sel + (size_t)e * C;
-            const size_t sb = m->slot0[f] + (size_t)e * C;
+            const size_t sb = m->plan.slot0[f] + (size_t)e * C;
             S *x = xg + sb * D, *dy = db + sb * D;
             // y2_i += s_ie n_j with n_j = r_j w_j the normalised expert output (w_j = u_j W2, stored
             // as n_j): dL/ds_ie = dt_i . n_j, and through the norm (rmsnorm_backward without a gain,
@@ -1183,7 +1325,7 @@ void ffn_backward_experts(MotModel<S>* m, const MotBatch& b, int l, const S* dt,
         }
         for (int e = 0; e < E; e++)  // dh += dX, in expert order (experts may share a row)
             for (int j = 0; j < C; j++) {
-                const S* src = db + (m->slot0[f] + (size_t)e * C + j) * D;
+                const S* src = db + (m->plan.slot0[f] + (size_t)e * C + j) * D;
                 S* dst = dh + (size_t)sel[(size_t)e * C + j] * D;
                 for (int d = 0; d < D; d++) dst[d] += src[d];
             }
@@ -1213,40 +1355,15 @@ void ffn_backward_experts(MotModel<S>* m, const MotBatch& b, int l, const S* dt,
 // ---- output head and cross-entropy ---------------------------------------------------------
 // loss = mean over valid targets of logsumexp(logits) - logits[target]; loss_m restricts the
 // mean to positions whose TARGET has modality m. Writes dlogits = (softmax - onehot) / n_valid.
-// The LM target of original position i, or MOT_IGNORE. In the Transfusion setting only positions
-// whose input and target are both discrete tokens count: not an image position, not BOI (whose
-// target is a patch).
-inline int mot_lm_target(const MotConfig& c, const MotBatch& b, int i) {
-    const int tgt = b.targets[i];
-    if (tgt < 0) return MOT_IGNORE;
-    if (mot_transfusion(c) && (mot_modality(c, b.tokens[i]) == MOD_IMAGE || mot_modality(c, tgt) == MOD_IMAGE))
-        return MOT_IGNORE;
-    return tgt;
-}
-
-// The number of positions with an LM target (the loss's denominator), and of those per target
-// modality: the CPU's cross_entropy and the GPU's batch upload both count with this.
-inline int mot_count_targets(const MotConfig& c, const MotBatch& b, int n_mod[MOT_N_MOD]) {
-    int n_valid = 0;
-    for (int md = 0; md < MOT_N_MOD; md++) n_mod[md] = 0;
-    for (int i = 0; i < b.B * b.T; i++) {
-        const int tgt = mot_lm_target(c, b, i);
-        if (tgt < 0) continue;
-        n_valid++;
-        n_mod[mot_modality(c, tgt)]++;
-    }
-    return n_valid;
-}
-
 template <typename S>
 void cross_entropy(MotModel<S>* m, const MotBatch& b) {
     const int N = b.B * b.T, V = m->cfg.vocab;
     std::vector<double> row_loss(N, 0.0);
-    int mod_n[MOT_N_MOD];
-    const int n_valid = mot_count_targets(m->cfg, b, mod_n);
+    const MotPlan& p = m->plan;
+    const int n_valid = p.n_valid;
 #pragma omp parallel for schedule(static)
     for (int r = 0; r < N; r++) {
-        const int tgt = mot_lm_target(m->cfg, b, b.order[r]);
+        const int tgt = p.tgt[r];
         const S* lg = m->act.logits + (size_t)r * V;
         S* dl = m->act.dlogits + (size_t)r * V;
         if (tgt < 0) {
@@ -1268,7 +1385,7 @@ void cross_entropy(MotModel<S>* m, const MotBatch& b) {
     // summed in row order so the loss is the same whatever the thread count
     double total = 0, mod_sum[MOT_N_MOD] = {0, 0, 0};
     for (int r = 0; r < N; r++) {
-        const int tgt = mot_lm_target(m->cfg, b, b.order[r]);
+        const int tgt = p.tgt[r];
         if (tgt < 0) continue;
         const int md = mot_modality(m->cfg, tgt);
         total += row_loss[r];
@@ -1279,8 +1396,8 @@ void cross_entropy(MotModel<S>* m, const MotBatch& b) {
     m->n_valid = n_valid;
     m->loss = n_valid ? total / n_valid : 0.0;
     for (int md = 0; md < MOT_N_MOD; md++) {
-        m->n_mod[md] = mod_n[md];
-        m->loss_mod[md] = mod_n[md] ? mod_sum[md] / mod_n[md] : 0.0;
+        m->n_mod[md] = p.n_mod[md];
+        m->loss_mod[md] = p.n_mod[md] ? mod_sum[md] / p.n_mod[md] : 0.0;
     }
     m->loss_lm = m->loss;
 }
@@ -1299,8 +1416,7 @@ void diffusion_loss(MotModel<S>* m, const MotBatch& b) {
     MotActs<S>& A = m->act;
     matmul(A.eps_hat + (size_t)r0 * P, P, A.z + (size_t)r0 * D, D, false, m->param(P_WOUT), P, false, r1 - r0, P, D,
            false);
-    int n = 0;
-    for (int r = r0; r < r1; r++) n += b.tstep[b.order[r]] > 0;
+    const int n = m->plan.n_noised;
     double sum = 0, wsum = 0;
     for (int r = r0; r < r1; r++) {
         const int i = b.order[r];
@@ -1337,16 +1453,15 @@ double mot_forward(MotModel<S>* m, const MotBatch& b) {
     const size_t ND = (size_t)N * D, NF = (size_t)N * F;
 
     const bool experts = mot_has_experts(c) || m->force_expert_path;
-    if (mot_transfusion(c) &&
-        (b.xin.size() != (size_t)N * MOT_PATCH || b.eps.size() != (size_t)N * MOT_PATCH || b.tstep.size() != (size_t)N))
-        throw std::invalid_argument("mot_forward: a Transfusion batch needs xin, eps (16 each) and tstep per position");
+    const std::string bad = mot_plan(c, b, &m->plan);  // the batch's index lists, once
+    if (!bad.empty()) throw std::invalid_argument("mot_forward: " + bad);
+    const MotPlan& p = m->plan;
     m->aux_loss = m->aux_agree = 0;
-    if (experts) mot_expert_slots(c, g, m->slot0, m->cap);
     const bool tf = mot_transfusion(c);
-    const int i0 = g[MOD_IMAGE], i1 = tf ? g[MOD_IMAGE + 1] : i0;  // image rows that take patches
-    for (int r = 0; r < N; r++) {                                  // embedding, gathered straight into grouped order
+    const int i0 = p.i0, i1 = p.i1;  // image rows that take patches (Transfusion)
+    for (int r = 0; r < N; r++) {    // embedding, gathered straight into grouped order
         if (r >= i0 && r < i1) continue;
-        const S* e = m->param(P_EMB) + (size_t)b.tokens[b.order[r]] * D;
+        const S* e = m->param(P_EMB) + (size_t)p.tok[r] * D;
         std::copy(e, e + D, A.x + (size_t)r * D);
     }
     if (i1 > i0) {  // Transfusion image rows: x_t W_in + b_in + sinusoid(t) W_t
@@ -1402,7 +1517,7 @@ double mot_forward(MotModel<S>* m, const MotBatch& b) {
     cross_entropy(m, b);
     if (tf) diffusion_loss(m, b);
     if (experts && m->route == MOT_ROUTE_EC) {  // aux_agree: a count of rows so far (over layers)
-        const long rows = mot_expert_rows(c, g) * c.n_layer;
+        const long rows = p.expert_rows * c.n_layer;
         m->aux_agree = rows ? m->aux_agree / rows : 0;
     }
     return m->loss;  // the reported loss: the training objective adds MOT_AUX_WEIGHT * aux_loss
@@ -1521,7 +1636,6 @@ void mot_backward(MotModel<S>* m, const MotBatch& b, bool accumulate = true) {
         linear_backward(dx, true, G + tab.p[P_WK].offset, acc, dk, x, P + tab.p[P_WK].offset, tab.p[P_WK], l, g);
         linear_backward(dx, true, G + tab.p[P_WV].offset, acc, dv, x, P + tab.p[P_WV].offset, tab.p[P_WV], l, g);
     }
-    // embedding: rows in order, since two rows may share a token
     S* dE = m->grad(P_EMB);
     if (ni > 0) {  // image rows: x_t W_in + b_in + sinusoid(t) W_t
         const S* dxi = dx + (size_t)i0 * D;
@@ -1530,10 +1644,13 @@ void mot_backward(MotModel<S>* m, const MotBatch& b, bool accumulate = true) {
         for (int r = 0; r < ni; r++)
             for (int j = 0; j < D; j++) m->grad(P_BIN)[j] += dxi[(size_t)r * D + j];
     }
-    for (int r = 0; r < N; r++) {
-        if (r >= i0 && r < i1) continue;
-        S* e = dE + (size_t)b.tokens[b.order[r]] * D;
-        for (int j = 0; j < D; j++) e[j] += dx[(size_t)r * D + j];
+    // embedding: each token's rows added in row order (the same sums however many threads)
+    const MotPlan& p = m->plan;
+#pragma omp parallel for schedule(dynamic, 16)
+    for (int u = 0; u < (int)p.emb_tok.size(); u++) {
+        S* e = dE + (size_t)p.emb_tok[u] * D;
+        for (int k = p.emb_start[u]; k < p.emb_start[u + 1]; k++)
+            for (int j = 0; j < D; j++) e[j] += dx[(size_t)p.emb_rows[k] * D + j];
     }
 }
 

@@ -130,7 +130,7 @@ TEST_CASE("router gradient: a row taken by one expert teaches its router (the si
     randomize(&m, 21);
     MotBatch b = random_batch(c, 1, 8, 5);
     mot_forward(&m, b);
-    const int N = b.B * b.T, D = c.d_model, E = 4, C = m.cap[0], Em = m.Emax;
+    const int N = b.B * b.T, D = c.d_model, E = 4, C = m.plan.cap[0], Em = m.Emax;
     REQUIRE(C == 2);
     // a row that exactly one expert took
     int row = -1, ex = -1;
@@ -245,9 +245,9 @@ TEST_CASE("expert choice in the model: every expert takes exactly C = ceil(n/E) 
                 const int n = r1 - r0, E = c.n_expert[f];
                 if (E == 1) continue;
                 const int C = (n + E - 1) / E;
-                CHECK(m.cap[f] == C);
+                CHECK(m.plan.cap[f] == C);
                 for (int e = 0; e < E; e++) {
-                    const int32_t* s = m.sel.data() + (size_t)l * m.NS + m.slot0[f] + e * C;
+                    const int32_t* s = m.sel.data() + (size_t)l * m.NS + m.plan.slot0[f] + e * C;
                     // C distinct rows of this copy, in increasing order, and no unchosen row of the
                     // copy has a larger gate (nor an equal gate at a lower row) than a chosen one
                     double worst_in = 1e9;
@@ -285,7 +285,8 @@ TEST_CASE("expert choice: with a zero router every gate ties and each expert tak
         for (int f = 0; f < 3; f++) {
             const int n = b.group[f + 1] - b.group[f], C = (n + 3) / 4;
             for (int e = 0; e < 4; e++)
-                for (int j = 0; j < C; j++) CHECK(m.sel[(size_t)l * m.NS + m.slot0[f] + e * C + j] == b.group[f] + j);
+                for (int j = 0; j < C; j++)
+                    CHECK(m.sel[(size_t)l * m.NS + m.plan.slot0[f] + e * C + j] == b.group[f] + j);
         }
 }
 
@@ -611,13 +612,13 @@ TEST_CASE("training: MoE-4x learns one batch and its aux routers learn to route 
     CHECK(last < 0.1);
     // a constant predictor of [i in S_e] does no better than the entropy of the base rate C/n
     // (about 1/4) per layer; "no expert" for every row is right for the rows no expert took
-    const double p = double(m.cap[0]) / (b.B * b.T), H = -(p * std::log(p) + (1 - p) * std::log(1 - p));
+    const double p = double(m.plan.cap[0]) / (b.B * b.T), H = -(p * std::log(p) + (1 - p) * std::log(1 - p));
     CHECK(m.aux_loss < 0.75 * c.n_layer * H);
     long untaken = 0;
     for (int l = 0; l < c.n_layer; l++)
         for (int r = 0; r < b.B * b.T; r++) {
             bool taken = false;
-            for (int j = 0; j < 4 * m.cap[0]; j++) taken |= m.sel[(size_t)l * m.NS + j] == r;
+            for (int j = 0; j < 4 * m.plan.cap[0]; j++) taken |= m.sel[(size_t)l * m.NS + j] == r;
             untaken += !taken;
         }
     const double baseline = double(untaken) / (c.n_layer * b.B * b.T);

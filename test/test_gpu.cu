@@ -171,19 +171,19 @@ static void selection_diff(const MotModel<float>& cpu, const MotGpu& g, long* di
     const int NS = g.NS;
     REQUIRE(NS == cpu.NS);
     for (int f = 0; f < MOT_N_MOD; f++) {
-        CHECK(g.slot0[f] == cpu.slot0[f]);
-        CHECK(g.cap[f] == cpu.cap[f]);
+        CHECK(g.plan.slot0[f] == cpu.plan.slot0[f]);
+        CHECK(g.plan.cap[f] == cpu.plan.cap[f]);
     }
     std::vector<int> sel((size_t)c.n_layer * NS);  // only the slots of copies with experts hold rows
     *differ = *used = 0;
     for (int l = 0; l < c.n_layer; l++)
         for (int f = 0; f < mot_ffn_copies(c); f++) {
             if (c.n_expert[f] == 1) continue;
-            const size_t a = (size_t)l * NS + g.slot0[f], z = a + (size_t)c.n_expert[f] * g.cap[f];
+            const size_t a = (size_t)l * NS + g.plan.slot0[f], z = a + (size_t)c.n_expert[f] * g.plan.cap[f];
             if (z > a)
                 MOT_CUDA_CHECK(cudaMemcpy(sel.data() + a, g.sel + a, (z - a) * sizeof(int), cudaMemcpyDeviceToHost));
             for (int e = 0; e < c.n_expert[f]; e++) {
-                const size_t e0 = a + (size_t)e * g.cap[f], e1 = e0 + g.cap[f];
+                const size_t e0 = a + (size_t)e * g.plan.cap[f], e1 = e0 + g.plan.cap[f];
                 std::vector<int> mine(sel.begin() + e0, sel.begin() + e1),
                     ref(cpu.sel.begin() + e0, cpu.sel.begin() + e1);
                 std::sort(mine.begin(), mine.end());
@@ -191,7 +191,7 @@ static void selection_diff(const MotModel<float>& cpu, const MotGpu& g, long* di
                 std::vector<int> only;
                 std::set_difference(mine.begin(), mine.end(), ref.begin(), ref.end(), std::back_inserter(only));
                 *differ += (long)only.size();
-                *used += (long)g.cap[f];
+                *used += (long)g.plan.cap[f];
             }
         }
 }
@@ -315,7 +315,7 @@ static void compare_once(const char* name, const MotConfig& c, int B, int T, std
         printf(
             "  loss_lm gpu %.7f cpu %.7f (rel %.2e); image MSE gpu %.7f cpu %.7f; %d image rows, %d noised, %d steps\n",
             g.loss_lm, cpu.loss_lm, rel1(g.loss_lm, cpu.loss_lm), g.loss_mod[MOD_IMAGE], cpu.loss_mod[MOD_IMAGE], ni,
-            g.n_noised, g.n_steps);
+            g.plan.n_noised, (int)g.plan.step_t.size());
         CHECK(rel1(g.loss_lm, cpu.loss_lm) <= tl);
         if (ni > 0) {
             std::vector<float> eh((size_t)ni * MOT_PATCH);
