@@ -419,6 +419,73 @@ TEST_CASE("grouping: rows sorted by modality, stable, and the index lists invert
     }
 }
 
+TEST_CASE("batch plan: its lists match the batch, the embedding lists cover each row once, bad batches refused") {
+    for (int towers : {3, 1}) {
+        MotConfig c = tiny(towers);
+        for (int f = 0; f < 3; f++) c.n_expert[f] = towers == 3 ? 2 : 1;
+        const MotBatch b = random_batch(c, 3, 10, 91);
+        MotPlan p;
+        REQUIRE(mot_plan(c, b, &p) == "");
+        int n_valid = 0, n_mod[3] = {0, 0, 0};
+        for (int r = 0; r < 30; r++) {
+            const int i = b.order[r];
+            CHECK(p.tok[r] == b.tokens[i]);
+            CHECK(p.tgt[r] == b.targets[i]);  // token setting: every target counts
+            CHECK(p.pos[r] == i % b.T);
+            if (b.targets[i] >= 0) n_valid++, n_mod[mot_modality(c, b.targets[i])]++;
+        }
+        CHECK(p.n_valid == n_valid);
+        for (int m = 0; m < 3; m++) CHECK(p.n_mod[m] == n_mod[m]);
+        // each row once; tokens increasing, rows increasing within a token
+        std::vector<int> seen(30, 0);
+        REQUIRE(p.emb_start.size() == p.emb_tok.size() + 1);
+        CHECK(p.emb_start.back() == 30);
+        for (size_t u = 0; u < p.emb_tok.size(); u++) {
+            if (u > 0) CHECK(p.emb_tok[u - 1] < p.emb_tok[u]);
+            for (int k = p.emb_start[u]; k < p.emb_start[u + 1]; k++) {
+                seen[p.emb_rows[k]]++;
+                CHECK(p.tok[p.emb_rows[k]] == p.emb_tok[u]);
+                if (k > p.emb_start[u]) CHECK(p.emb_rows[k - 1] < p.emb_rows[k]);
+            }
+        }
+        for (int r = 0; r < 30; r++) CHECK(seen[r] == 1);
+        // two experts per tower: each copy's capacity is half its rows, rounded up, slots back to back
+        for (int f = 0; f < mot_ffn_copies(c); f++) {
+            int r0, r1;
+            mot_ffn_rows(c, b.group, f, &r0, &r1);
+            CHECK(p.cap[f] == (r1 - r0 + c.n_expert[f] - 1) / c.n_expert[f]);
+            CHECK(p.slot0[f + 1] == p.slot0[f] + c.n_expert[f] * p.cap[f]);
+        }
+        CHECK(p.expert_rows == (towers == 3 ? 30 : 0));
+        // broken batches: a one-line reason, and mot_forward refuses them instead of reading out of bounds
+        auto refused = [&](MotBatch bad, const char* why) {
+            MotPlan q;
+            CHECK(mot_plan(c, bad, &q).find(why) != std::string::npos);
+            MotModel<float> m;
+            mot_init(&m, c, 1);
+            CHECK_THROWS_AS(mot_forward(&m, bad), std::invalid_argument);
+        };
+        MotBatch bad = b;
+        bad.tokens[b.order[0]] = c.vocab;
+        refused(bad, "token id outside the vocabulary");
+        bad = b;
+        bad.targets[4] = c.vocab + 3;
+        refused(bad, "target id outside the vocabulary");
+        bad = b;
+        std::swap(bad.order[0], bad.order[1]);
+        refused(bad, "order / row_of are not inverse permutations");
+        bad = b;
+        bad.vis[5] = 2;  // position 5 seeing only up to 2
+        refused(bad, "vis is not a valid attention bound");
+        bad = b;
+        bad.targets.pop_back();
+        refused(bad, "wrong size");
+        bad = b;
+        bad.T = c.max_seq + 1;
+        refused(bad, "max_seq");
+    }
+}
+
 TEST_CASE("generation: the KV-cache decode gives the logits of the full forward, position by position") {
     for (int towers : {3, 1}) {
         MotConfig c = tiny(towers);

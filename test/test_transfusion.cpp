@@ -226,6 +226,46 @@ TEST_CASE("losses: LM over token->token positions only, 5x the MSE over noised i
     CHECK(mot_forward(&m, b2) == l1);
 }
 
+TEST_CASE("batch plan: image rows take no embedding, the step lists group them by distinct step") {
+    const MotConfig c = tiny_tf(3);
+    const MotBatch b = tf_batch(c, 2, 20, 5, {300, 0, 300, 7});
+    MotPlan p;
+    REQUIRE(mot_plan(c, b, &p) == "");
+    CHECK(p.i0 == b.group[MOD_IMAGE]);
+    CHECK(p.i1 == b.group[MOD_IMAGE + 1]);
+    const int ni = p.i1 - p.i0;
+    REQUIRE(ni > 0);
+    CHECK((int)p.emb_rows.size() == 40 - ni);
+    for (int r : p.emb_rows) CHECK((r < p.i0 || r >= p.i1));
+    for (int k = 0; k < 40; k++) CHECK(p.tgt[k] == mot_lm_target(c, b, b.order[k]));
+    // steps: distinct and increasing; every image row under its own step, each step's rows increasing
+    int noised = 0;
+    std::vector<int> seen(ni, 0);
+    REQUIRE(p.step_start.size() == p.step_t.size() + 1);
+    for (size_t s = 0; s < p.step_t.size(); s++) {
+        if (s > 0) CHECK(p.step_t[s - 1] < p.step_t[s]);
+        for (int j = p.step_start[s]; j < p.step_start[s + 1]; j++) {
+            const int k = p.step_rows[j];
+            seen[k]++;
+            CHECK(p.step_of[k] == (int)s);
+            CHECK(b.tstep[b.order[p.i0 + k]] == p.step_t[s]);
+            if (j > p.step_start[s]) CHECK(p.step_rows[j - 1] < k);
+        }
+    }
+    for (int k = 0; k < ni; k++) {
+        CHECK(seen[k] == 1);
+        noised += b.tstep[b.order[p.i0 + k]] > 0;
+    }
+    CHECK(p.n_noised == noised);
+    CHECK(p.step_t == std::vector<int32_t>{0, 7, 300});
+    MotBatch bad = b;
+    bad.tstep[b.order[p.i0]] = 1001;
+    CHECK(mot_plan(c, bad, &p).find("diffusion step outside") != std::string::npos);
+    bad = b;
+    bad.eps.pop_back();
+    CHECK(mot_plan(c, bad, &p).find("a Transfusion batch needs xin, eps") != std::string::npos);
+}
+
 TEST_CASE("mask: a patch sees every patch of its own image and nothing later outside it") {
     MotConfig c = tiny_tf(3);
     MotModel<double> m;
