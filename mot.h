@@ -34,6 +34,12 @@
 #include <cerrno>
 #include <fcntl.h>
 #include <unistd.h>
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MOT_BF16_X86 1  // the bf16 engines of section 7 (AMX, AVX512-BF16), chosen at run time
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #else
@@ -634,6 +640,55 @@ inline void matmul(T* C, int ldc, const T* A, int lda, bool transA, const T* B, 
     matmul_plain(C, ldc, A, lda, transA, B, ldb, transB, M, N, K, accumulate);
 #else
     matmul_fast(C, ldc, A, lda, transA, B, ldb, transB, M, N, K, accumulate);
+#endif
+}
+
+// ---- bf16: the same product with its operands in bf16, summed in fp32 --------------------------
+// bf16 is the top half of an fp32 (its 8 exponent bits and 8 significant bits). In a bf16 mode
+// the matrix products take operands rounded once to bf16 (to nearest, ties to even) and sum their
+// products in fp32. A product of two bf16 values is exact in fp32 (8 x 8 significant bits fit in
+// 24), so the only rounding past the operands' is the fp32 sum's.
+inline uint16_t mot_bf16_round(float x) {
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // a NaN stays a (quiet) NaN
+    u += 0x7fffu + ((u >> 16) & 1);                                          // to nearest, ties to even
+    return uint16_t(u >> 16);
+}
+inline float mot_bf16_float(uint16_t h) {
+    const uint32_t u = uint32_t(h) << 16;
+    float x;
+    std::memcpy(&x, &u, 4);
+    return x;
+}
+
+// C[M x N] (fp32) = (accumulate ? C : 0) + op(A) op(B), A and B bf16 bit patterns in matmul's
+// layouts; each element of C summed in fp32 over k in order, as matmul_plain does.
+inline void matmul_bf16_plain(float* C, int ldc, const uint16_t* A, int lda, bool transA, const uint16_t* B, int ldb,
+                              bool transB, int M, int N, int K, bool accumulate) {
+    if (M <= 0 || N <= 0) return;
+#pragma omp parallel for schedule(static) if (omp_get_level() == 0 && 2.0 * M * N * K >= 2e6)
+    for (int i = 0; i < M; i++) {
+        float* c = C + (size_t)i * ldc;
+        if (!accumulate) std::fill(c, c + N, 0.0f);
+        for (int k = 0; k < K; k++) {
+            const float a = mot_bf16_float(transA ? A[(size_t)k * lda + i] : A[(size_t)i * lda + k]);
+            for (int j = 0; j < N; j++)
+                c[j] += a * mot_bf16_float(transB ? B[(size_t)j * ldb + k] : B[(size_t)k * ldb + j]);
+        }
+    }
+}
+
+// The bf16 product the model calls: the fast twin (section 7) runs it on the machine's matrix
+// engine (AMX tiles, AVX512-BF16) where it has one; -DMOT_PLAIN runs the loop above.
+inline void matmul_bf16_fast(float* C, int ldc, const uint16_t* A, int lda, bool transA, const uint16_t* B, int ldb,
+                             bool transB, int M, int N, int K, bool accumulate);
+inline void matmul_bf16(float* C, int ldc, const uint16_t* A, int lda, bool transA, const uint16_t* B, int ldb,
+                        bool transB, int M, int N, int K, bool accumulate) {
+#ifdef MOT_PLAIN
+    matmul_bf16_plain(C, ldc, A, lda, transA, B, ldb, transB, M, N, K, accumulate);
+#else
+    matmul_bf16_fast(C, ldc, A, lda, transA, B, ldb, transB, M, N, K, accumulate);
 #endif
 }
 
@@ -2192,6 +2247,164 @@ void router_logits_fast(S* s, S* a, int ld, const S* h, const S* Wr, const S* U,
             s[(size_t)i * ld + e] = lt[(size_t)e * n + i];
             a[(size_t)i * ld + e] = lt[(size_t)(E + e) * n + i];
         }
+}
+
+// ---- matmul_bf16_fast: the bf16 product on the machine's matrix engine (twin of matmul_bf16_plain)
+// Three engines behind one interface, picked at run time by what the processor and the kernel
+// allow: AMX tiles (tdpbf16ps: a 16 x 16 fp32 tile += 16 x 32 bf16 times 32 x 16 bf16), AVX512-BF16
+// (vdpbf16ps: 16 fp32 lanes += pairs of bf16 products), or the plain loop. Compiled for any x86-64
+// (each engine's functions carry their own target attribute); used only where CPUID says the
+// instructions exist and, for AMX, Linux grants the tile data (arch_prctl ARCH_REQ_XCOMP_PERM).
+// Default: the first usable of AMX, AVX512-BF16, plain. (On Intel, AVX512-BF16 runs at half the
+// fp32 FMA rate, so AMX is the engine there; on AMD, which has no AMX, vdpbf16ps runs at twice it.)
+// Both operands are packed first, zero-padded to 32 x 32 blocks: op(A) row-major with K a
+// multiple of 32, op(B) with k in pairs (element (k, j) at ((k/2) Np + j) 2 + k%2), the layout
+// both instructions read. Each 32 x 32 block of C is summed from zero over all of K and then
+// added to C: other sums than the plain loop's, equal within fp32 rounding (the tests bound it).
+// Both engines flush denormal inputs and outputs to zero (as the GPU's tensor cores do).
+enum MotBf16Engine { MOT_BF16_PLAIN = 0, MOT_BF16_AVX512 = 1, MOT_BF16_AMX = 2, MOT_BF16_ENGINES = 3 };
+static const char* const MOT_BF16_ENGINE_NAME[MOT_BF16_ENGINES] = {"plain loop", "AVX512-BF16", "AMX tiles"};
+
+// Whether this machine can run engine e (asked once; for AMX this is where the tile data is requested).
+inline bool mot_bf16_usable(int e) {
+#ifdef MOT_BF16_X86
+    static const bool avx512 = [] {
+        unsigned a = 0, b = 0, c = 0, d = 0;
+        return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5)) && __builtin_cpu_supports("avx512f");
+    }();
+    static const bool amx = [] {
+        unsigned a = 0, b = 0, c = 0, d = 0;
+        if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 22))) return false;
+        return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+    }();
+    if (e == MOT_BF16_AVX512) return avx512;
+    if (e == MOT_BF16_AMX) return amx;
+#endif
+    return e == MOT_BF16_PLAIN;
+}
+inline int& mot_bf16_engine_slot() {
+    static int e = mot_bf16_usable(MOT_BF16_AMX)      ? MOT_BF16_AMX
+                   : mot_bf16_usable(MOT_BF16_AVX512) ? MOT_BF16_AVX512
+                                                      : MOT_BF16_PLAIN;
+    return e;
+}
+// The engine matmul_bf16_fast runs (process-wide).
+inline int mot_bf16_engine() { return mot_bf16_engine_slot(); }
+// Forces engine e (tests, benchmarks); false, changing nothing, where this machine cannot run it.
+inline bool mot_bf16_set_engine(int e) {
+    if (e < 0 || e >= MOT_BF16_ENGINES || !mot_bf16_usable(e)) return false;
+    mot_bf16_engine_slot() = e;
+    return true;
+}
+
+namespace bf16_detail {
+constexpr int BLK = 32;  // rows and columns of one block of C; K is padded to a multiple of it too
+inline int round_up(int n) { return (n + BLK - 1) / BLK * BLK; }
+
+#ifdef MOT_BF16_X86
+// out[32 x 32] = A[32 x Kp] B[Kp x 32]: 2 x 2 tiles of C (tiles 0-3), two of A (4, 5), two of B
+// (6, 7), each 16 rows of 64 bytes; the caller has loaded the tile configuration.
+__attribute__((target("amx-tile,amx-bf16"))) inline void block_amx(float* out, const uint16_t* A, int Kp,
+                                                                   const uint16_t* B, int Np) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int k = 0; k < Kp; k += BLK) {
+        const uint16_t* b = B + (size_t)(k / 2) * Np * 2;
+        _tile_loadd(4, A + k, Kp * 2);
+        _tile_loadd(5, A + (size_t)16 * Kp + k, Kp * 2);
+        _tile_loadd(6, b, Np * 4);
+        _tile_loadd(7, b + 32, Np * 4);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, out, BLK * 4);
+    _tile_stored(1, out + 16, BLK * 4);
+    _tile_stored(2, out + 16 * BLK, BLK * 4);
+    _tile_stored(3, out + 16 * BLK + 16, BLK * 4);
+}
+struct alignas(64) TileConfig {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+    uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
+__attribute__((target("amx-tile"))) inline void tiles_on() {
+    static const TileConfig cfg;
+    _tile_loadconfig(&cfg);
+}
+__attribute__((target("amx-tile"))) inline void tiles_off() { _tile_release(); }
+
+// The same block with vdpbf16ps: 8 rows at a time, 8 x 2 registers of 16 fp32 sums.
+__attribute__((target("avx512f,avx512bf16"))) inline void block_avx512(float* out, const uint16_t* A, int Kp,
+                                                                       const uint16_t* B, int Np) {
+    for (int r0 = 0; r0 < BLK; r0 += 8) {
+        __m512 acc[8][2];
+        for (int r = 0; r < 8; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+        for (int p = 0; p < Kp / 2; p++) {
+            const uint16_t* b = B + (size_t)p * Np * 2;
+            const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b), b1 = (__m512bh)_mm512_loadu_si512(b + 32);
+            for (int r = 0; r < 8; r++) {
+                uint32_t pair;
+                std::memcpy(&pair, A + (size_t)(r0 + r) * Kp + 2 * p, 4);
+                const __m512bh a = (__m512bh)_mm512_set1_epi32((int)pair);
+                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
+                acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+            }
+        }
+        for (int r = 0; r < 8; r++) {
+            _mm512_storeu_ps(out + (size_t)(r0 + r) * BLK, acc[r][0]);
+            _mm512_storeu_ps(out + (size_t)(r0 + r) * BLK + 16, acc[r][1]);
+        }
+    }
+}
+#endif
+}  // namespace bf16_detail
+
+inline void matmul_bf16_fast(float* C, int ldc, const uint16_t* A, int lda, bool transA, const uint16_t* B, int ldb,
+                             bool transB, int M, int N, int K, bool accumulate) {
+    using namespace bf16_detail;
+    const int engine = mot_bf16_engine();
+    if (M <= 0 || N <= 0) return;
+#ifdef MOT_BF16_X86
+    if (engine != MOT_BF16_PLAIN && K > 0) {
+        const int Mp = round_up(M), Np = round_up(N), Kp = round_up(K);
+        thread_local std::vector<uint16_t> Ap, Bp;
+        Ap.assign((size_t)Mp * Kp, 0);
+        Bp.assign((size_t)Kp * Np, 0);
+        for (int i = 0; i < M; i++)
+            for (int k = 0; k < K; k++)
+                Ap[(size_t)i * Kp + k] = transA ? A[(size_t)k * lda + i] : A[(size_t)i * lda + k];
+        for (int k = 0; k < K; k++)
+            for (int j = 0; j < N; j++)
+                Bp[((size_t)(k / 2) * Np + j) * 2 + (k & 1)] = transB ? B[(size_t)j * ldb + k] : B[(size_t)k * ldb + j];
+        const uint16_t *ap = Ap.data(), *bp = Bp.data();
+        const int nbi = Mp / BLK, nbj = Np / BLK;
+#pragma omp parallel if (omp_get_level() == 0 && 2.0 * M * N * K >= 2e6)
+        {
+            alignas(64) float out[BLK * BLK];
+            if (engine == MOT_BF16_AMX) tiles_on();
+#pragma omp for schedule(static)
+            for (int bi = 0; bi < nbi; bi++)
+                for (int bj = 0; bj < nbj; bj++) {
+                    const uint16_t *a = ap + (size_t)bi * BLK * Kp, *b = bp + (size_t)bj * BLK * 2;
+                    if (engine == MOT_BF16_AMX) block_amx(out, a, Kp, b, Np);
+                    else block_avx512(out, a, Kp, b, Np);
+                    const int i0 = bi * BLK, j0 = bj * BLK, mi = std::min(BLK, M - i0), nj = std::min(BLK, N - j0);
+                    for (int i = 0; i < mi; i++) {
+                        float* c = C + (size_t)(i0 + i) * ldc + j0;
+                        for (int j = 0; j < nj; j++) c[j] = (accumulate ? c[j] : 0.0f) + out[i * BLK + j];
+                    }
+                }
+            if (engine == MOT_BF16_AMX) tiles_off();
+        }
+        return;
+    }
+#endif
+    (void)engine;
+    matmul_bf16_plain(C, ldc, A, lda, transA, B, ldb, transB, M, N, K, accumulate);
 }
 
 // ============================================================================================
