@@ -138,7 +138,8 @@ __attribute__((target("avx512f"))) static double peak_fp32_fma(long iters) {
     for (auto& a : acc) a = _mm512_setzero_ps();
     auto t0 = std::chrono::steady_clock::now();
     for (long i = 0; i < iters; i++)
-        for (auto& a : acc) a = _mm512_fmadd_ps(x, y, a);
+#pragma GCC unroll 24
+        for (int j = 0; j < 24; j++) acc[j] = _mm512_fmadd_ps(x, y, acc[j]);  // unrolled: acc stays in registers
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     float sink = 0;
     alignas(64) float lane[16];
@@ -155,7 +156,8 @@ __attribute__((target("avx512f,avx512bf16"))) static double peak_avx512_bf16(lon
     for (auto& a : acc) a = _mm512_setzero_ps();
     auto t0 = std::chrono::steady_clock::now();
     for (long i = 0; i < iters; i++)
-        for (auto& a : acc) a = _mm512_dpbf16_ps(a, x, y);
+#pragma GCC unroll 24
+        for (int j = 0; j < 24; j++) acc[j] = _mm512_dpbf16_ps(acc[j], x, y);
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     float sink = 0;
     alignas(64) float lane[16];
