@@ -2257,8 +2257,9 @@ void router_logits_fast(S* s, S* a, int ld, const S* h, const S* Wr, const S* U,
 // instructions exist and, for AMX, Linux grants the tile data (arch_prctl ARCH_REQ_XCOMP_PERM).
 // Default: AMX where usable; else AVX512-BF16 on AMD, whose vdpbf16ps runs at twice the fp32 FMA
 // rate (Intel's runs at half, so AMX is Intel's engine); else the plain loop.
-// Both operands are packed first into 1 KiB tiles (pack_a, pack_b: zero-padded to 32 x 32 blocks,
-// B with k in pairs, the layout both instructions read), so every tile load is contiguous. Each
+// Both operands are packed first, by all threads, into 1 KiB tiles (pack_a, pack_b: zero-padded to
+// 32 x 32 blocks, B with k in pairs, the layout both instructions read), so every tile load is
+// contiguous. Each
 // 32 x 32 block of C starts from C (accumulate) or zero and adds the products over K: in another
 // order than the plain loop, so equal within fp32 rounding (the tests bound it).
 // Both engines flush denormal inputs and outputs to zero (as the GPU's tensor cores do).
@@ -2313,39 +2314,39 @@ constexpr int BLK = 32;    // rows and columns of one block of C; K is padded to
 constexpr int TILE = 512;  // bf16 values in one packed tile: 16 rows of 64 bytes
 inline int round_up(int n) { return (n + BLK - 1) / BLK * BLK; }
 
-// op(A) (M x K) as 16 x 32 tiles, each 1 KiB contiguous: tile (g, kb) holds rows 16g .. 16g+15,
-// columns 32kb .. 32kb+31, at Ap + (g nk + kb) TILE (nk = Kp / 32). Zero beyond M and K.
-inline void pack_a(uint16_t* Ap, const uint16_t* A, int lda, bool transA, int M, int K, int Mp, int Kp) {
-    const int nk = Kp / BLK;
-    std::fill(Ap, Ap + (size_t)Mp * Kp, uint16_t(0));
+// Rows 16g .. 16g+15 of op(A) (M x K) as nk = Kp / 32 tiles of 16 x 32, each 1 KiB contiguous:
+// tile kb, at Ap + (g nk + kb) TILE, holds columns 32kb .. 32kb+31. Zero beyond M and K.
+inline void pack_a(uint16_t* Ap, const uint16_t* A, int lda, bool transA, int M, int K, int nk, int g) {
+    uint16_t* t = Ap + (size_t)g * nk * TILE;
+    std::fill(t, t + (size_t)nk * TILE, uint16_t(0));
+    const int i0 = 16 * g, i1 = std::min(M, i0 + 16);
     if (!transA) {
-        for (int i = 0; i < M; i++)
-            for (int kb = 0; kb < nk && kb * BLK < K; kb++)
-                std::memcpy(Ap + ((size_t)(i / 16) * nk + kb) * TILE + (i % 16) * BLK, A + (size_t)i * lda + kb * BLK,
+        for (int i = i0; i < i1; i++)
+            for (int kb = 0; kb * BLK < K; kb++)
+                std::memcpy(t + (size_t)kb * TILE + (i - i0) * BLK, A + (size_t)i * lda + kb * BLK,
                             std::min(BLK, K - kb * BLK) * sizeof(uint16_t));
-    } else {
+    } else {  // op(A)(i, k) = A[k lda + i]
         for (int k = 0; k < K; k++) {
             const uint16_t* src = A + (size_t)k * lda;
-            uint16_t* dst = Ap + (size_t)(k / BLK) * TILE + k % BLK;
-            for (int i = 0; i < M; i++) dst[(size_t)(i / 16) * nk * TILE + (i % 16) * BLK] = src[i];
+            uint16_t* d = t + (size_t)(k / BLK) * TILE + k % BLK;
+            for (int i = i0; i < i1; i++) d[(i - i0) * BLK] = src[i];
         }
     }
 }
-// op(B) (K x N) as tiles of 16 pairs of k x 16 columns, k in pairs (the layout tdpbf16ps and
-// vdpbf16ps read): tile (h, kb) holds columns 16h .. 16h+15 and k in 32kb .. 32kb+31, element
-// (k, j) at (((k % 32) / 2) 16 + j % 16) 2 + k % 2 within it, at Bp + (h nk + kb) TILE.
-inline void pack_b(uint16_t* Bp, const uint16_t* B, int ldb, bool transB, int N, int K, int Np, int Kp) {
-    const int nk = Kp / BLK;
-    std::fill(Bp, Bp + (size_t)Np * Kp, uint16_t(0));
-    auto at = [nk](int k, int j) {
-        return ((size_t)(j / 16) * nk + k / BLK) * TILE + ((k % BLK) / 2 * 16 + j % 16) * 2 + (k & 1);
-    };
+// Columns 16h .. 16h+15 of op(B) (K x N) as nk tiles of 16 pairs of k x 16 columns, k in pairs
+// (the layout tdpbf16ps and vdpbf16ps read): in tile kb, at Bp + (h nk + kb) TILE, element (k, j)
+// sits at (((k % 32) / 2) 16 + j % 16) 2 + k % 2. Zero beyond N and K.
+inline void pack_b(uint16_t* Bp, const uint16_t* B, int ldb, bool transB, int N, int K, int nk, int h) {
+    uint16_t* t = Bp + (size_t)h * nk * TILE;
+    std::fill(t, t + (size_t)nk * TILE, uint16_t(0));
+    const int j0 = 16 * h, j1 = std::min(N, j0 + 16);
+    auto at = [](int k, int j) { return (size_t)(k / BLK) * TILE + ((k % BLK) / 2 * 16 + j) * 2 + (k & 1); };
     if (transB) {  // op(B)(k, j) = B[j ldb + k]: read along k
-        for (int j = 0; j < N; j++)
-            for (int k = 0; k < K; k++) Bp[at(k, j)] = B[(size_t)j * ldb + k];
+        for (int j = j0; j < j1; j++)
+            for (int k = 0; k < K; k++) t[at(k, j - j0)] = B[(size_t)j * ldb + k];
     } else {
         for (int k = 0; k < K; k++)
-            for (int j = 0; j < N; j++) Bp[at(k, j)] = B[(size_t)k * ldb + j];
+            for (int j = j0; j < j1; j++) t[at(k, j - j0)] = B[(size_t)k * ldb + j];
     }
 }
 
@@ -2445,13 +2446,16 @@ inline void matmul_bf16_fast(float* C, int ldc, const uint16_t* A, int lda, bool
         thread_local std::vector<uint16_t> Ap, Bp;
         Ap.resize((size_t)Mp * Kp);
         Bp.resize((size_t)Kp * Np);
-        pack_a(Ap.data(), A, lda, transA, M, K, Mp, Kp);
-        pack_b(Bp.data(), B, ldb, transB, N, K, Np, Kp);
-        const uint16_t *ap = Ap.data(), *bp = Bp.data();
+        uint16_t *ap = Ap.data(), *bp = Bp.data();
         const int nbi = Mp / BLK, nbj = Np / BLK;
         // B's 32-column panel outermost: it stays in L1 while A's row blocks stream past
 #pragma omp parallel if (omp_get_level() == 0 && 2.0 * M * N * K >= 2e6)
         {
+            // each thread packs a share of the tile rows of A and columns of B (a barrier after each)
+#pragma omp for schedule(static)
+            for (int g = 0; g < Mp / 16; g++) pack_a(ap, A, lda, transA, M, K, nk, g);
+#pragma omp for schedule(static)
+            for (int h = 0; h < Np / 16; h++) pack_b(bp, B, ldb, transB, N, K, nk, h);
             alignas(64) float out[BLK * BLK];
             if (engine == MOT_BF16_AMX) tiles_on();
 #pragma omp for collapse(2) schedule(static)

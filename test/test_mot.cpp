@@ -160,11 +160,11 @@ TEST_CASE("bf16: rounding to nearest even, and the round trip") {
 }
 
 TEST_CASE("bf16 matmul: every engine this machine has, against the plain bf16 loop, on odd shapes") {
-    // The plain loop sums op(A)_ik op(B)_kj over k in order in fp32; an engine sums the same exact
-    // products (a product of two bf16 values is exact in fp32) in another order, from zero, and then
-    // adds C0. Each fp32 sum of n terms is within (n - 1) u sum |terms| of the exact sum (u = 2^-24),
-    // so the two differ by at most 2 (K + 1) u (sum_k |op(A)_ik op(B)_kj| + |C0_ij|). Inputs are
-    // normal numbers (no denormals: the engines flush them, the loop does not).
+    // The plain loop adds op(A)_ik op(B)_kj to C0 (or zero) over k in order in fp32; an engine adds
+    // the same exact products (a product of two bf16 values is exact in fp32) in another order. Each
+    // fp32 sum of n terms is within (n - 1) u sum |terms| of the exact sum (u = 2^-24), so the two
+    // differ by at most 2 (K + 1) u (sum_k |op(A)_ik op(B)_kj| + |C0_ij|). Inputs are normal numbers
+    // (no denormals: the engines flush them, the loop does not).
     const int saved = mot_bf16_engine();
     int ran = 0;
     for (int e = 0; e < MOT_BF16_ENGINES; e++) {
@@ -177,38 +177,44 @@ TEST_CASE("bf16 matmul: every engine this machine has, against the plain bf16 lo
 #endif
         ran++;
         uint64_t rng = 11 + e;
+        struct Shape {
+            int M, N, K;
+        };
+        std::vector<Shape> shapes = {{130, 97, 161}};  // over 2 MFLOP: packed and computed by all threads
         for (int M : {1, 17, 40, 100})
             for (int N : {1, 15, 33, 64})
-                for (int K : {1, 2, 31, 33, 100})
-                    for (int ta = 0; ta < 2; ta++)
-                        for (int tb = 0; tb < 2; tb++)
-                            for (int acc = 0; acc < 2; acc++) {
-                                const int lda = (ta ? M : K) + 3, ldb = (tb ? K : N) + 1, ldc = N + 2;
-                                std::vector<uint16_t> A((size_t)(ta ? K : M) * lda), B((size_t)(tb ? N : K) * ldb);
-                                std::vector<float> C((size_t)M * ldc);
-                                for (auto& v : A) v = mot_bf16_round(float(mot_rand_normal(&rng)));
-                                for (auto& v : B) v = mot_bf16_round(float(mot_rand_normal(&rng)));
-                                for (auto& v : C) v = float(mot_rand_normal(&rng));
-                                std::vector<float> R = C;
-                                matmul_bf16(C.data(), ldc, A.data(), lda, ta, B.data(), ldb, tb, M, N, K, acc);
-                                matmul_bf16_plain(R.data(), ldc, A.data(), lda, ta, B.data(), ldb, tb, M, N, K, acc);
-                                double worst = 0;
-                                for (int i = 0; i < M; i++)
-                                    for (int j = 0; j < N; j++) {
-                                        double mag = acc ? std::fabs(R[(size_t)i * ldc + j]) : 0;
-                                        for (int k = 0; k < K; k++)
-                                            mag += std::fabs(
-                                                double(mot_bf16_float(ta ? A[(size_t)k * lda + i]
-                                                                         : A[(size_t)i * lda + k])) *
-                                                mot_bf16_float(tb ? B[(size_t)j * ldb + k] : B[(size_t)k * ldb + j]));
-                                        const double bound = 2.0 * (K + 1) * 0x1p-24 * mag;
-                                        worst = std::max(
-                                            worst, std::fabs(C[(size_t)i * ldc + j] - R[(size_t)i * ldc + j]) / bound);
-                                    }
-                                INFO(MOT_BF16_ENGINE_NAME[e], " ", M, "x", N, "x", K, " transA ", ta, " transB ", tb,
-                                     " accumulate ", acc);
-                                CHECK(worst <= 1.0);
+                for (int K : {1, 2, 31, 33, 100}) shapes.push_back({M, N, K});
+        for (const Shape& sh : shapes) {
+            const int M = sh.M, N = sh.N, K = sh.K;
+            for (int ta = 0; ta < 2; ta++)
+                for (int tb = 0; tb < 2; tb++)
+                    for (int acc = 0; acc < 2; acc++) {
+                        const int lda = (ta ? M : K) + 3, ldb = (tb ? K : N) + 1, ldc = N + 2;
+                        std::vector<uint16_t> A((size_t)(ta ? K : M) * lda), B((size_t)(tb ? N : K) * ldb);
+                        std::vector<float> C((size_t)M * ldc);
+                        for (auto& v : A) v = mot_bf16_round(float(mot_rand_normal(&rng)));
+                        for (auto& v : B) v = mot_bf16_round(float(mot_rand_normal(&rng)));
+                        for (auto& v : C) v = float(mot_rand_normal(&rng));
+                        std::vector<float> R = C;
+                        matmul_bf16(C.data(), ldc, A.data(), lda, ta, B.data(), ldb, tb, M, N, K, acc);
+                        matmul_bf16_plain(R.data(), ldc, A.data(), lda, ta, B.data(), ldb, tb, M, N, K, acc);
+                        double worst = 0;
+                        for (int i = 0; i < M; i++)
+                            for (int j = 0; j < N; j++) {
+                                double mag = acc ? std::fabs(R[(size_t)i * ldc + j]) : 0;
+                                for (int k = 0; k < K; k++)
+                                    mag += std::fabs(
+                                        double(mot_bf16_float(ta ? A[(size_t)k * lda + i] : A[(size_t)i * lda + k])) *
+                                        mot_bf16_float(tb ? B[(size_t)j * ldb + k] : B[(size_t)k * ldb + j]));
+                                const double bound = 2.0 * (K + 1) * 0x1p-24 * mag;
+                                worst =
+                                    std::max(worst, std::fabs(C[(size_t)i * ldc + j] - R[(size_t)i * ldc + j]) / bound);
                             }
+                        INFO(MOT_BF16_ENGINE_NAME[e], " ", M, "x", N, "x", K, " transA ", ta, " transB ", tb,
+                             " accumulate ", acc);
+                        CHECK(worst <= 1.0);
+                    }
+        }
         // the padding columns of C (between N and ldc) are never written
         std::vector<uint16_t> A(40 * 33, mot_bf16_round(1.0f)), B(33 * 15, mot_bf16_round(0.5f));
         std::vector<float> C(40 * 20, -7.0f);
