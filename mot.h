@@ -2266,9 +2266,10 @@ void router_logits_fast(S* s, S* a, int ld, const S* h, const S* Wr, const S* U,
 enum MotBf16Engine { MOT_BF16_PLAIN = 0, MOT_BF16_AVX512 = 1, MOT_BF16_AMX = 2, MOT_BF16_ENGINES = 3 };
 static const char* const MOT_BF16_ENGINE_NAME[MOT_BF16_ENGINES] = {"plain loop", "AVX512-BF16", "AMX tiles"};
 
-// Whether this machine can run engine e (asked once; for AMX this is where the tile data is requested).
+// Whether this machine can run engine e (asked once; for AMX this is where the tile data is
+// requested). A -DMOT_PLAIN build runs the plain loop only.
 inline bool mot_bf16_usable(int e) {
-#ifdef MOT_BF16_X86
+#if defined(MOT_BF16_X86) && !defined(MOT_PLAIN)
     static const bool avx512 = [] {
         unsigned a = 0, b = 0, c = 0, d = 0;
         return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5)) && __builtin_cpu_supports("avx512f");
@@ -2435,56 +2436,112 @@ __attribute__((target("avx512f,avx512bf16"))) inline void block_avx512(float* c,
 #endif
 }  // namespace bf16_detail
 
-inline void matmul_bf16_fast(float* C, int ldc, const uint16_t* A, int lda, bool transA, const uint16_t* B, int ldb,
-                             bool transB, int M, int N, int K, bool accumulate) {
-    using namespace bf16_detail;
-    const int engine = mot_bf16_engine();
-    if (M <= 0 || N <= 0) return;
-#ifdef MOT_BF16_X86
-    if (engine != MOT_BF16_PLAIN && K > 0) {
-        const int Mp = round_up(M), Np = round_up(N), Kp = round_up(K), nk = Kp / BLK;
-        thread_local std::vector<uint16_t> Ap, Bp;
-        Ap.resize((size_t)Mp * Kp);
-        Bp.resize((size_t)Kp * Np);
-        uint16_t *ap = Ap.data(), *bp = Bp.data();
-        const int nbi = Mp / BLK, nbj = Np / BLK;
-        // B's 32-column panel outermost: it stays in L1 while A's row blocks stream past
+namespace bf16_detail {
+// C = (accumulate ? C : 0) + op(A) op(B) on the AMX or AVX512-BF16 engine, op(B) packed here from B
+// or, when Bt is given, already packed (Bt: nk tiles per 16-column group, as pack_b writes them).
+inline void run(int engine, float* C, int ldc, const uint16_t* A, int lda, bool transA, const uint16_t* Bt,
+                const uint16_t* B, int ldb, bool transB, int M, int N, int K, bool accumulate) {
+    const int Mp = round_up(M), Np = round_up(N), Kp = round_up(K), nk = Kp / BLK;
+    thread_local std::vector<uint16_t> Ap, Bp;
+    Ap.resize((size_t)Mp * Kp);
+    if (!Bt) Bp.resize((size_t)Kp * Np);
+    uint16_t *ap = Ap.data(), *bp = Bt ? nullptr : Bp.data();
+    const uint16_t* bt = Bt ? Bt : bp;
+    const int nbi = Mp / BLK, nbj = Np / BLK;
 #pragma omp parallel if (omp_get_level() == 0 && 2.0 * M * N * K >= 2e6)
-        {
-            // each thread packs a share of the tile rows of A and columns of B (a barrier after each)
+    {
+        // each thread packs a share of the tile rows of A and columns of B (a barrier after each)
 #pragma omp for schedule(static)
-            for (int g = 0; g < Mp / 16; g++) pack_a(ap, A, lda, transA, M, K, nk, g);
+        for (int g = 0; g < Mp / 16; g++) pack_a(ap, A, lda, transA, M, K, nk, g);
+        if (bp) {
 #pragma omp for schedule(static)
             for (int h = 0; h < Np / 16; h++) pack_b(bp, B, ldb, transB, N, K, nk, h);
-            alignas(64) float out[BLK * BLK];
-            if (engine == MOT_BF16_AMX) tiles_on();
-#pragma omp for collapse(2) schedule(static)
-            for (int bj = 0; bj < nbj; bj++)
-                for (int bi = 0; bi < nbi; bi++) {
-                    const uint16_t *a0 = ap + (size_t)(2 * bi) * nk * TILE, *a1 = a0 + (size_t)nk * TILE;
-                    const uint16_t *b0 = bp + (size_t)(2 * bj) * nk * TILE, *b1 = b0 + (size_t)nk * TILE;
-                    const int i0 = bi * BLK, j0 = bj * BLK, mi = std::min(BLK, M - i0), nj = std::min(BLK, N - j0);
-                    // a whole block works on C in place; an edge block on a zero-padded copy
-                    const bool whole = mi == BLK && nj == BLK;
-                    float* c = whole ? C + (size_t)i0 * ldc + j0 : out;
-                    const int ld = whole ? ldc : BLK;
-                    if (!whole && accumulate)
-                        for (int i = 0; i < BLK; i++)
-                            for (int j = 0; j < BLK; j++)
-                                out[i * BLK + j] = i < mi && j < nj ? C[(size_t)(i0 + i) * ldc + j0 + j] : 0.0f;
-                    if (engine == MOT_BF16_AMX) block_amx(c, ld, accumulate, a0, a1, b0, b1, nk);
-                    else block_avx512(c, ld, accumulate, a0, a1, b0, b1, nk);
-                    if (!whole)
-                        for (int i = 0; i < mi; i++)
-                            std::memcpy(C + (size_t)(i0 + i) * ldc + j0, out + i * BLK, nj * sizeof(float));
-                }
-            if (engine == MOT_BF16_AMX) tiles_off();
         }
+#ifdef MOT_BF16_X86
+        alignas(64) float out[BLK * BLK];
+        if (engine == MOT_BF16_AMX) tiles_on();
+            // B's 32-column panel outermost: it stays in L1 while A's row blocks stream past
+#pragma omp for collapse(2) schedule(static)
+        for (int bj = 0; bj < nbj; bj++)
+            for (int bi = 0; bi < nbi; bi++) {
+                const uint16_t *a0 = ap + (size_t)(2 * bi) * nk * TILE, *a1 = a0 + (size_t)nk * TILE;
+                const uint16_t *b0 = bt + (size_t)(2 * bj) * nk * TILE, *b1 = b0 + (size_t)nk * TILE;
+                const int i0 = bi * BLK, j0 = bj * BLK, mi = std::min(BLK, M - i0), nj = std::min(BLK, N - j0);
+                // a whole block works on C in place; an edge block on a zero-padded copy
+                const bool whole = mi == BLK && nj == BLK;
+                float* c = whole ? C + (size_t)i0 * ldc + j0 : out;
+                const int ld = whole ? ldc : BLK;
+                if (!whole && accumulate)
+                    for (int i = 0; i < BLK; i++)
+                        for (int j = 0; j < BLK; j++)
+                            out[i * BLK + j] = i < mi && j < nj ? C[(size_t)(i0 + i) * ldc + j0 + j] : 0.0f;
+                if (engine == MOT_BF16_AMX) block_amx(c, ld, accumulate, a0, a1, b0, b1, nk);
+                else block_avx512(c, ld, accumulate, a0, a1, b0, b1, nk);
+                if (!whole)
+                    for (int i = 0; i < mi; i++)
+                        std::memcpy(C + (size_t)(i0 + i) * ldc + j0, out + i * BLK, nj * sizeof(float));
+            }
+        if (engine == MOT_BF16_AMX) tiles_off();
+#else
+        (void)engine, (void)nbi, (void)nbj, (void)bt;
+#endif
+    }
+}
+}  // namespace bf16_detail
+
+inline void matmul_bf16_fast(float* C, int ldc, const uint16_t* A, int lda, bool transA, const uint16_t* B, int ldb,
+                             bool transB, int M, int N, int K, bool accumulate) {
+    const int engine = mot_bf16_engine();
+    if (M <= 0 || N <= 0) return;
+    if (engine != MOT_BF16_PLAIN && K > 0)
+        bf16_detail::run(engine, C, ldc, A, lda, transA, nullptr, B, ldb, transB, M, N, K, accumulate);
+    else matmul_bf16_plain(C, ldc, A, lda, transA, B, ldb, transB, M, N, K, accumulate);
+}
+
+// ---- a bf16 operand packed once for many products -------------------------------------------
+// A weight is read by several products between two optimizer steps (the forward and the
+// backward's dX); packed once into the engines' tile layout (pack_b), each product skips packing it.
+struct MotBf16Packed {
+    int K = 0, N = 0, nk = 0;
+    std::vector<uint16_t> tiles;       // nk tiles per 16-column group of op(B)
+    uint16_t at(int k, int j) const {  // op(B)(k, j)
+        using namespace bf16_detail;
+        return tiles[((size_t)(j / 16) * nk + k / BLK) * TILE + ((k % BLK) / 2 * 16 + j % 16) * 2 + (k & 1)];
+    }
+};
+// Packs op(B) (K x N, matmul's layouts) into p.
+inline void mot_bf16_pack(MotBf16Packed* p, const uint16_t* B, int ldb, bool transB, int K, int N) {
+    using namespace bf16_detail;
+    p->K = K;
+    p->N = N;
+    p->nk = round_up(std::max(K, 1)) / BLK;
+    const int groups = round_up(std::max(N, 1)) / 16;
+    p->tiles.resize((size_t)groups * p->nk * TILE);
+#pragma omp parallel for schedule(static) if (omp_get_level() == 0 && (double)K * N >= 1e5)
+    for (int h = 0; h < groups; h++) pack_b(p->tiles.data(), B, ldb, transB, N, K, p->nk, h);
+}
+// matmul_bf16 with op(B) packed: the same result, bit for bit, as matmul_bf16 on the B it was
+// packed from (the same engine, the same sums); the plain engine reads the tiles in k order.
+inline void matmul_bf16_packed(float* C, int ldc, const uint16_t* A, int lda, bool transA, const MotBf16Packed& B,
+                               int M, bool accumulate) {
+    const int N = B.N, K = B.K, engine = mot_bf16_engine();
+    if (M <= 0 || N <= 0) return;
+#ifndef MOT_PLAIN
+    if (engine != MOT_BF16_PLAIN && K > 0) {
+        bf16_detail::run(engine, C, ldc, A, lda, transA, B.tiles.data(), nullptr, 0, false, M, N, K, accumulate);
         return;
     }
 #endif
     (void)engine;
-    matmul_bf16_plain(C, ldc, A, lda, transA, B, ldb, transB, M, N, K, accumulate);
+#pragma omp parallel for schedule(static) if (omp_get_level() == 0 && 2.0 * M * N * K >= 2e6)
+    for (int i = 0; i < M; i++) {  // matmul_bf16_plain's loop
+        float* c = C + (size_t)i * ldc;
+        if (!accumulate) std::fill(c, c + N, 0.0f);
+        for (int k = 0; k < K; k++) {
+            const float a = mot_bf16_float(transA ? A[(size_t)k * lda + i] : A[(size_t)i * lda + k]);
+            for (int j = 0; j < N; j++) c[j] += a * mot_bf16_float(B.at(k, j));
+        }
+    }
 }
 
 // ============================================================================================

@@ -2,6 +2,7 @@
 // dense equivalence, tower isolation, AdamW and the schedule, and overfitting one batch.
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
+#include <array>
 
 #include "mot.h"
 #include "test/common.h"
@@ -159,6 +160,18 @@ TEST_CASE("bf16: rounding to nearest even, and the round trip") {
     }
 }
 
+// Random operands of a bf16 product in matmul's layouts: op(A) M x K and op(B) K x N (bf16, from
+// normals), C M x ldc (fp32).
+static void bf16_operands(int M, int N, int K, bool ta, bool tb, int lda, int ldb, int ldc, uint64_t* rng,
+                          std::vector<uint16_t>* A, std::vector<uint16_t>* B, std::vector<float>* C) {
+    A->resize((size_t)(ta ? K : M) * lda);
+    B->resize((size_t)(tb ? N : K) * ldb);
+    C->resize((size_t)M * ldc);
+    for (auto& v : *A) v = mot_bf16_round(float(mot_rand_normal(rng)));
+    for (auto& v : *B) v = mot_bf16_round(float(mot_rand_normal(rng)));
+    for (auto& v : *C) v = float(mot_rand_normal(rng));
+}
+
 TEST_CASE("bf16 matmul: every engine this machine has, against the plain bf16 loop, on odd shapes") {
     // The plain loop adds op(A)_ik op(B)_kj to C0 (or zero) over k in order in fp32; an engine adds
     // the same exact products (a product of two bf16 values is exact in fp32) in another order. Each
@@ -169,12 +182,11 @@ TEST_CASE("bf16 matmul: every engine this machine has, against the plain bf16 lo
     int ran = 0;
     for (int e = 0; e < MOT_BF16_ENGINES; e++) {
         if (!mot_bf16_set_engine(e)) {
-            MESSAGE("bf16 engine skipped (this machine cannot run it): ", MOT_BF16_ENGINE_NAME[e]);
+            const std::string why = std::string("bf16 engine skipped (not on this machine, or a -DMOT_PLAIN build): ") +
+                                    MOT_BF16_ENGINE_NAME[e];
+            MESSAGE(why);
             continue;
         }
-#ifdef MOT_PLAIN
-        if (e != MOT_BF16_PLAIN) MESSAGE("-DMOT_PLAIN: matmul_bf16 runs the plain loop whatever the engine");
-#endif
         ran++;
         uint64_t rng = 11 + e;
         struct Shape {
@@ -190,11 +202,9 @@ TEST_CASE("bf16 matmul: every engine this machine has, against the plain bf16 lo
                 for (int tb = 0; tb < 2; tb++)
                     for (int acc = 0; acc < 2; acc++) {
                         const int lda = (ta ? M : K) + 3, ldb = (tb ? K : N) + 1, ldc = N + 2;
-                        std::vector<uint16_t> A((size_t)(ta ? K : M) * lda), B((size_t)(tb ? N : K) * ldb);
-                        std::vector<float> C((size_t)M * ldc);
-                        for (auto& v : A) v = mot_bf16_round(float(mot_rand_normal(&rng)));
-                        for (auto& v : B) v = mot_bf16_round(float(mot_rand_normal(&rng)));
-                        for (auto& v : C) v = float(mot_rand_normal(&rng));
+                        std::vector<uint16_t> A, B;
+                        std::vector<float> C;
+                        bf16_operands(M, N, K, ta, tb, lda, ldb, ldc, &rng, &A, &B, &C);
                         std::vector<float> R = C;
                         matmul_bf16(C.data(), ldc, A.data(), lda, ta, B.data(), ldb, tb, M, N, K, acc);
                         matmul_bf16_plain(R.data(), ldc, A.data(), lda, ta, B.data(), ldb, tb, M, N, K, acc);
@@ -223,6 +233,37 @@ TEST_CASE("bf16 matmul: every engine this machine has, against the plain bf16 lo
             for (int j = 0; j < 20; j++) CHECK(C[(size_t)i * 20 + j] == (j < 15 ? 16.5f : -7.0f));
     }
     CHECK(ran >= 1);
+    mot_bf16_set_engine(saved);
+}
+
+TEST_CASE("bf16 matmul with B packed once: bit for bit the product of the unpacked B, on every engine") {
+    const int saved = mot_bf16_engine();
+    for (int e = 0; e < MOT_BF16_ENGINES; e++) {
+        if (!mot_bf16_set_engine(e)) continue;  // the case above says which it skips
+        uint64_t rng = 29 + e;
+        for (auto [M, N, K] : std::vector<std::array<int, 3>>{{1, 1, 1}, {17, 33, 31}, {40, 64, 100}, {130, 97, 161}})
+            for (int ta = 0; ta < 2; ta++)
+                for (int tb = 0; tb < 2; tb++)
+                    for (int acc = 0; acc < 2; acc++) {
+                        const int lda = (ta ? M : K) + 1, ldb = (tb ? K : N) + 3, ldc = N;
+                        std::vector<uint16_t> A, B;
+                        std::vector<float> C;
+                        bf16_operands(M, N, K, ta, tb, lda, ldb, ldc, &rng, &A, &B, &C);
+                        std::vector<float> R = C;
+                        MotBf16Packed P;
+                        mot_bf16_pack(&P, B.data(), ldb, tb, K, N);
+                        bool holds = true;  // the packed layout holds op(B)
+                        for (int k = 0; k < K; k++)
+                            for (int j = 0; j < N; j++)
+                                holds = holds && P.at(k, j) == (tb ? B[(size_t)j * ldb + k] : B[(size_t)k * ldb + j]);
+                        CHECK(holds);
+                        matmul_bf16_packed(C.data(), ldc, A.data(), lda, ta, P, M, acc);
+                        matmul_bf16(R.data(), ldc, A.data(), lda, ta, B.data(), ldb, tb, M, N, K, acc);
+                        INFO(MOT_BF16_ENGINE_NAME[e], " ", M, "x", N, "x", K, " transA ", ta, " transB ", tb,
+                             " accumulate ", acc);
+                        CHECK(std::memcmp(C.data(), R.data(), C.size() * sizeof(float)) == 0);
+                    }
+    }
     mot_bf16_set_engine(saved);
 }
 
