@@ -470,20 +470,6 @@ inline int mot_lm_target(const MotConfig& c, const MotBatch& b, int i) {
     return tgt;
 }
 
-// The number of positions with an LM target (the loss's denominator), and of those per target
-// modality (the plan's n_valid and n_mod).
-inline int mot_count_targets(const MotConfig& c, const MotBatch& b, int n_mod[MOT_N_MOD]) {
-    int n_valid = 0;
-    for (int md = 0; md < MOT_N_MOD; md++) n_mod[md] = 0;
-    for (int i = 0; i < b.B * b.T; i++) {
-        const int tgt = mot_lm_target(c, b, i);
-        if (tgt < 0) continue;
-        n_valid++;
-        n_mod[mot_modality(c, tgt)]++;
-    }
-    return n_valid;
-}
-
 // Everything the host derives from a grouped batch, computed once per forward by mot_plan and
 // read by the CPU forward and backward and by the GPU's upload alike, so the two cannot drift
 // apart: per-row lists in grouped order, the target counts, the expert slots, the embedding
@@ -529,6 +515,8 @@ inline std::string mot_plan(const MotConfig& c, const MotBatch& b, MotPlan* p) {
     p->tok.resize(N);
     p->tgt.resize(N);
     p->pos.resize(N);
+    p->n_valid = 0;
+    for (int m = 0; m < MOT_N_MOD; m++) p->n_mod[m] = 0;
     for (int r = 0; r < N; r++) {
         const int i = b.order[r];
         if (i < 0 || i >= N || b.row_of[i] != r) return "order / row_of are not inverse permutations";
@@ -540,6 +528,7 @@ inline std::string mot_plan(const MotConfig& c, const MotBatch& b, MotPlan* p) {
         p->tok[r] = tok;
         p->tgt[r] = mot_lm_target(c, b, i);
         p->pos[r] = i % b.T;
+        if (p->tgt[r] >= 0) p->n_valid++, p->n_mod[mot_modality(c, p->tgt[r])]++;  // the loss's denominators
     }
     // the attention (CPU loops, GPU tile bounds) relies on t <= vis[t] < T, vis non-decreasing in t
     for (int i = 0; i < N; i++) {
@@ -547,7 +536,6 @@ inline std::string mot_plan(const MotConfig& c, const MotBatch& b, MotPlan* p) {
         if (b.vis[i] < t || b.vis[i] >= b.T || b.vis[i] < prev)
             return "vis is not a valid attention bound (call mot_group)";
     }
-    p->n_valid = mot_count_targets(c, b, p->n_mod);
     mot_expert_slots(c, b.group, p->slot0, p->cap);
     p->expert_rows = mot_expert_rows(c, b.group);
     // embedding gradient lists
@@ -2521,27 +2509,19 @@ inline void mot_bf16_pack(MotBf16Packed* p, const uint16_t* B, int ldb, bool tra
     for (int h = 0; h < groups; h++) pack_b(p->tiles.data(), B, ldb, transB, N, K, p->nk, h);
 }
 // matmul_bf16 with op(B) packed: the same result, bit for bit, as matmul_bf16 on the B it was
-// packed from (the same engine, the same sums); the plain engine reads the tiles in k order.
+// packed from (the same engine, the same sums; the plain engine unpacks it for its loop).
 inline void matmul_bf16_packed(float* C, int ldc, const uint16_t* A, int lda, bool transA, const MotBf16Packed& B,
                                int M, bool accumulate) {
     const int N = B.N, K = B.K, engine = mot_bf16_engine();
     if (M <= 0 || N <= 0) return;
-#ifndef MOT_PLAIN
     if (engine != MOT_BF16_PLAIN && K > 0) {
         bf16_detail::run(engine, C, ldc, A, lda, transA, B.tiles.data(), nullptr, 0, false, M, N, K, accumulate);
         return;
     }
-#endif
-    (void)engine;
-#pragma omp parallel for schedule(static) if (omp_get_level() == 0 && 2.0 * M * N * K >= 2e6)
-    for (int i = 0; i < M; i++) {  // matmul_bf16_plain's loop
-        float* c = C + (size_t)i * ldc;
-        if (!accumulate) std::fill(c, c + N, 0.0f);
-        for (int k = 0; k < K; k++) {
-            const float a = mot_bf16_float(transA ? A[(size_t)k * lda + i] : A[(size_t)i * lda + k]);
-            for (int j = 0; j < N; j++) c[j] += a * mot_bf16_float(B.at(k, j));
-        }
-    }
+    std::vector<uint16_t> Bu((size_t)K * N);  // the plain loop on op(B) unpacked: its sums, bit for bit
+    for (int k = 0; k < K; k++)
+        for (int j = 0; j < N; j++) Bu[(size_t)k * N + j] = B.at(k, j);
+    matmul_bf16_plain(C, ldc, A, lda, transA, Bu.data(), N, false, M, N, K, accumulate);
 }
 
 // ============================================================================================

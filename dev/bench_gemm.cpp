@@ -133,6 +133,16 @@ static void bench(const std::string& label, int M, int N, int K, bool tA, bool t
 // ---- bf16 (matmul_bf16, mot.h section 7): each engine's register-resident peak, then its GEMM ----
 #ifdef MOT_BF16_X86
 // One core's peak of each instruction, the operands never leaving registers (or tiles): FLOP/s.
+// Reads the accumulators after a timed loop, so the compiler cannot drop the loop as unused.
+__attribute__((target("avx512f"))) static void keep(const __m512* acc, int n) {
+    float sink = 0;
+    alignas(64) float lane[16];
+    for (int i = 0; i < n; i++) {
+        _mm512_store_ps(lane, acc[i]);
+        sink += lane[0];
+    }
+    if (sink == 12345) std::printf(" ");
+}
 __attribute__((target("avx512f"))) static double peak_fp32_fma(long iters) {
     __m512 acc[24], x = _mm512_set1_ps(1.0f), y = _mm512_set1_ps(1e-9f);
     for (auto& a : acc) a = _mm512_setzero_ps();
@@ -141,13 +151,7 @@ __attribute__((target("avx512f"))) static double peak_fp32_fma(long iters) {
 #pragma GCC unroll 24
         for (int j = 0; j < 24; j++) acc[j] = _mm512_fmadd_ps(x, y, acc[j]);  // unrolled: acc stays in registers
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    float sink = 0;
-    alignas(64) float lane[16];
-    for (auto& a : acc) {
-        _mm512_store_ps(lane, a);
-        sink += lane[0];
-    }
-    if (sink == 12345) std::printf(" ");
+    keep(acc, 24);
     return iters * 24.0 * 16 * 2 / s;
 }
 __attribute__((target("avx512f,avx512bf16"))) static double peak_avx512_bf16(long iters) {
@@ -159,13 +163,7 @@ __attribute__((target("avx512f,avx512bf16"))) static double peak_avx512_bf16(lon
 #pragma GCC unroll 24
         for (int j = 0; j < 24; j++) acc[j] = _mm512_dpbf16_ps(acc[j], x, y);
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    float sink = 0;
-    alignas(64) float lane[16];
-    for (auto& a : acc) {
-        _mm512_store_ps(lane, a);
-        sink += lane[0];
-    }
-    if (sink == 12345) std::printf(" ");
+    keep(acc, 24);
     return iters * 24.0 * 32 * 2 / s;
 }
 __attribute__((target("amx-tile,amx-bf16"))) static double peak_amx(long iters) {
