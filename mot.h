@@ -26,6 +26,7 @@
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 #include <glob.h>
 #include <cstdlib>
@@ -744,6 +745,10 @@ struct MotModel {
                                          // whose aux routers pick exactly their EC experts
     int Emax = 1, NS = 0;                // most experts of any copy; expert slots allocated per layer
     std::vector<int32_t> sel;            // L x NS: the grouped row each expert slot holds (EC)
+    // bf16 mode (float models only; "bf16 mode" below): the forward and backward round where the
+    // GPU's bf16 mode does. params_bf: the parameters rounded to bf16, refreshed by each forward.
+    bool bf16 = false;
+    std::vector<uint16_t> params_bf;
 
     S* param(int p, int layer = 0, int copy = 0) { return params.data() + tab.p[p].at(layer, copy); }
     S* grad(int p, int layer = 0, int copy = 0) { return grads.data() + tab.p[p].at(layer, copy); }
@@ -867,29 +872,110 @@ void mot_alloc_acts(MotModel<S>* m, int B, int T) {
     m->T = T;
 }
 
-// ---- linear layer with per-tower weights ---------------------------------------------------
-// y[rows] = x[rows] W[copy]: one matmul per contiguous row range (section 3).
+// ---- bf16 mode: where values are rounded (the one definition, for the CPU and the GPU) ---------
+// The GPU trains in bf16 by default (mot.cu), the CPU with --bf16; both round at the same points,
+// each value once, to nearest even (mot_bf16_round):
+//  1. the operands of the model's matrix products: weights, activations, gradients (mot_matmul),
+//     summed in fp32. Three kinds of product stay fp32: the routers' (the expert selection
+//     compares their logits exactly), the Transfusion projections W_in, W_t, W_out (one side 16,
+//     or one row per distinct step: a negligible share of a step, and the predicted noise whose
+//     error is the loss stays free of rounding), and so the matmul calls of those.
+//  2. the activations stored in bf16 (mot_bf16_keep; the GPU's bf16 MotBuf arrays): q, k, v; qr, kr
+//     (after QK-norm and RoPE); o (attention's output); a; u1, u3; u (SwiGLU's output); y2 (without
+//     experts: with them y2 is the fp32 sum of the gated experts); in the backward du, dO, dq, dk,
+//     dv (attention's gradients) and dq, dk again after the inverse RoPE.
+//  3. everything else stays fp32: the residual stream x, h and its gradient (each sublayer adds an
+//     update far smaller than the stream: bf16 would drop the part below 2^-9 of it), norms and
+//     their statistics, softmax, attention's probabilities, logits, cross-entropy, the gradients,
+//     the master weights and AdamW. The bf16 weight copy is the master weights rounded.
+// The GPU's tensor-core attention (head dims 64 and 128, mot.cu) also rounds the probabilities to
+// bf16 before P V; its CUDA-core kernels and the CPU do not.
+inline float mot_bf16_rounded(float x) { return mot_bf16_float(mot_bf16_round(x)); }
+
+// Point 2: an activation rounded in place (bf16 mode of a float model; nothing otherwise).
 template <typename S>
-void linear_forward(S* y, const S* x, const S* W, const MotParamInfo& info, int layer, const int32_t* group) {
+void mot_bf16_keep(const MotModel<S>& m, S* x, size_t n) {
+    if constexpr (std::is_same<S, float>::value) {
+        if (!m.bf16) return;
+#pragma omp parallel for schedule(static) if (omp_get_level() == 0 && n >= (1 << 15))
+        for (size_t i = 0; i < n; i++) x[i] = mot_bf16_rounded(x[i]);
+    } else {
+        (void)m, (void)x, (void)n;
+    }
+}
+// The bf16 form of an operand that reads an r x c block at p (leading dimension ld): inside the
+// parameters, the weight copy; else the block rounded into *buf (leading dimension c).
+inline const uint16_t* mot_bf16_operand(const MotModel<float>& m, const float* p, int ld, int r, int c,
+                                        std::vector<uint16_t>* buf, int* ld_out) {
+    const float* w = m.params.data();
+    if (p >= w && p < w + m.params.size()) {
+        *ld_out = ld;
+        return m.params_bf.data() + (p - w);
+    }
+    buf->resize((size_t)r * c);
+    uint16_t* o = buf->data();
+#pragma omp parallel for schedule(static) if (omp_get_level() == 0 && (size_t)r * c >= (1 << 15))
+    for (int i = 0; i < r; i++)
+        for (int j = 0; j < c; j++) o[(size_t)i * c + j] = mot_bf16_round(p[(size_t)i * ld + j]);
+    *ld_out = c;
+    return o;
+}
+// Point 1: the model's matrix product, matmul's arguments; in bf16 mode on operands rounded to bf16.
+template <typename S>
+void mot_matmul(const MotModel<S>& m, S* C, int ldc, const S* A, int lda, bool transA, const S* B, int ldb, bool transB,
+                int M, int N, int K, bool accumulate) {
+    if constexpr (std::is_same<S, float>::value) {
+        if (m.bf16) {
+            thread_local std::vector<uint16_t> ab, bb;  // (the experts' products run on several threads)
+            int la = 0, lb = 0;
+            const uint16_t* a = mot_bf16_operand(m, A, lda, transA ? K : M, transA ? M : K, &ab, &la);
+            const uint16_t* bm = mot_bf16_operand(m, B, ldb, transB ? N : K, transB ? K : N, &bb, &lb);
+            matmul_bf16(C, ldc, a, la, transA, bm, lb, transB, M, N, K, accumulate);
+            return;
+        }
+    }
+    matmul(C, ldc, A, lda, transA, B, ldb, transB, M, N, K, accumulate);
+}
+// Each forward refreshes the bf16 weight copy: whatever wrote the parameters (AdamW, a checkpoint,
+// a test), the products read them rounded. One pass over the parameters.
+template <typename S>
+void mot_bf16_refresh(MotModel<S>* m) {
+    if constexpr (std::is_same<S, float>::value) {
+        if (!m->bf16) return;
+        const size_t n = m->params.size();
+        m->params_bf.resize(n);
+        const float* w = m->params.data();
+        uint16_t* o = m->params_bf.data();
+#pragma omp parallel for schedule(static) if (n >= (1 << 15))
+        for (size_t i = 0; i < n; i++) o[i] = mot_bf16_round(w[i]);
+    } else {
+        (void)m;
+    }
+}
+
+// ---- linear layer with per-tower weights ---------------------------------------------------
+// y[rows] = x[rows] W[copy] for parameter p: one product per contiguous row range (section 3).
+template <typename S>
+void linear_forward(const MotModel<S>& m, S* y, const S* x, int p, int layer, const int32_t* group) {
+    const MotParamInfo& info = m.tab.p[p];
     const int in = info.rows, out = info.cols;
-    const S* Wl = W + ((size_t)layer * info.copies) * info.each();
     mot_for_each_copy(info.copies, group, [&](int c, int r0, int r1) {
-        matmul(y + (size_t)r0 * out, out, x + (size_t)r0 * in, in, false, Wl + c * info.each(), out, false, r1 - r0,
-               out, in, false);
+        mot_matmul(m, y + (size_t)r0 * out, out, x + (size_t)r0 * in, in, false, m.params.data() + info.at(layer, c),
+                   out, false, r1 - r0, out, in, false);
     });
 }
 // dx[rows] (+)= dy[rows] W[copy]^T,  dW[copy] (+)= x[rows]^T dy[rows]
 template <typename S>
-void linear_backward(S* dx, bool dx_accumulate, S* dW, bool dW_accumulate, const S* dy, const S* x, const S* W,
-                     const MotParamInfo& info, int layer, const int32_t* group) {
+void linear_backward(MotModel<S>* m, S* dx, bool dx_accumulate, bool dW_accumulate, const S* dy, const S* x, int p,
+                     int layer, const int32_t* group) {
+    const MotParamInfo& info = m->tab.p[p];
     const int in = info.rows, out = info.cols;
-    const size_t base = ((size_t)layer * info.copies) * info.each();
     mot_for_each_copy(info.copies, group, [&](int c, int r0, int r1) {
-        const size_t w = base + c * info.each();
-        matmul(dx + (size_t)r0 * in, in, dy + (size_t)r0 * out, out, false, W + w, out, true, r1 - r0, in, out,
-               dx_accumulate);
-        matmul(dW + w, out, x + (size_t)r0 * in, in, true, dy + (size_t)r0 * out, out, false, in, out, r1 - r0,
-               dW_accumulate);
+        const size_t w = info.at(layer, c);
+        mot_matmul(*m, dx + (size_t)r0 * in, in, dy + (size_t)r0 * out, out, false, m->params.data() + w, out, true,
+                   r1 - r0, in, out, dx_accumulate);
+        mot_matmul(*m, m->grads.data() + w, out, x + (size_t)r0 * in, in, true, dy + (size_t)r0 * out, out, false, in,
+                   out, r1 - r0, dW_accumulate);
     });
 }
 
@@ -1193,10 +1279,12 @@ void ffn_forward_experts(MotModel<S>* m, const MotBatch& b, int l) {
         const S *W1 = P + tab.p[P_W1].at(l, k), *W3 = P + tab.p[P_W3].at(l, k), *W2 = P + tab.p[P_W2].at(l, k);
         if (E == 1) {  // the plain FFN on this copy's rows, exactly as linear_forward does it
             const size_t s0 = m->plan.slot0[f];
-            matmul(u1 + s0 * F, F, h + (size_t)r0 * D, D, false, W1, F, false, n, F, D, false);
-            matmul(u3 + s0 * F, F, h + (size_t)r0 * D, D, false, W3, F, false, n, F, D, false);
+            mot_matmul(*m, u1 + s0 * F, F, h + (size_t)r0 * D, D, false, W1, F, false, n, F, D, false);
+            mot_matmul(*m, u3 + s0 * F, F, h + (size_t)r0 * D, D, false, W3, F, false, n, F, D, false);
+            for (S* t : {u1, u3}) mot_bf16_keep(*m, t + s0 * F, (size_t)n * F);
             swiglu_forward(u + s0 * F, u1 + s0 * F, u3 + s0 * F, (size_t)n * F);
-            matmul(y2 + (size_t)r0 * D, D, u + s0 * F, F, false, W2, D, false, n, D, F, false);
+            mot_bf16_keep(*m, u + s0 * F, (size_t)n * F);
+            mot_matmul(*m, y2 + (size_t)r0 * D, D, u + s0 * F, F, false, W2, D, false, n, D, F, false);
             continue;
         }
         // router logits and gates s = softmax(h Wr^T); aux logits h U^T (made sigmoids below)
@@ -1259,10 +1347,12 @@ void ffn_forward_experts(MotModel<S>* m, const MotBatch& b, int l) {
             S* x = xg + sb * D;
             for (int j = 0; j < ce; j++)
                 std::copy(h + (size_t)re[j] * D, h + (size_t)(re[j] + 1) * D, x + (size_t)j * D);
-            matmul(u1 + sb * F, F, x, D, false, W1 + e * e1, F, false, ce, F, D, false);
-            matmul(u3 + sb * F, F, x, D, false, W3 + e * e1, F, false, ce, F, D, false);
+            mot_matmul(*m, u1 + sb * F, F, x, D, false, W1 + e * e1, F, false, ce, F, D, false);
+            mot_matmul(*m, u3 + sb * F, F, x, D, false, W3 + e * e1, F, false, ce, F, D, false);
+            for (S* t : {u1, u3}) mot_bf16_keep(*m, t + sb * F, (size_t)ce * F);
             swiglu_forward(u + sb * F, u1 + sb * F, u3 + sb * F, (size_t)ce * F);
-            matmul(ye + sb * D, D, u + sb * F, F, false, W2 + e * e2, D, false, ce, D, F, false);
+            mot_bf16_keep(*m, u + sb * F, (size_t)ce * F);
+            mot_matmul(*m, ye + sb * D, D, u + sb * F, F, false, W2 + e * e2, D, false, ce, D, F, false);
             for (int j = 0; j < ce; j++) yr[sb + j] = rmsnorm_inplace(ye + (sb + j) * D, D);
         };
         // y2_i = sum of s_ie ye over the experts that took row i, added in expert order
@@ -1324,13 +1414,14 @@ void ffn_backward_experts(MotModel<S>* m, const MotBatch& b, int l, const S* dt,
         const S* hr = h + (size_t)r0 * D;
         if (E == 1) {  // the plain FFN, exactly as linear_backward does it
             const size_t s0 = m->plan.slot0[f];
-            matmul(du + s0 * F, F, dt + (size_t)r0 * D, D, false, P + o2, D, true, n, F, D, false);
-            matmul(G + o2, D, u + s0 * F, F, true, dt + (size_t)r0 * D, D, false, F, D, n, acc);
+            mot_matmul(*m, du + s0 * F, F, dt + (size_t)r0 * D, D, false, P + o2, D, true, n, F, D, false);
+            mot_bf16_keep(*m, du + s0 * F, (size_t)n * F);
+            mot_matmul(*m, G + o2, D, u + s0 * F, F, true, dt + (size_t)r0 * D, D, false, F, D, n, acc);
             swiglu_backward(du1 + s0 * F, du3 + s0 * F, du + s0 * F, u1 + s0 * F, u3 + s0 * F, (size_t)n * F);
-            matmul(dh + (size_t)r0 * D, D, du1 + s0 * F, F, false, P + o1, F, true, n, D, F, true);
-            matmul(G + o1, F, hr, D, true, du1 + s0 * F, F, false, D, F, n, acc);
-            matmul(dh + (size_t)r0 * D, D, du3 + s0 * F, F, false, P + o3, F, true, n, D, F, true);
-            matmul(G + o3, F, hr, D, true, du3 + s0 * F, F, false, D, F, n, acc);
+            mot_matmul(*m, dh + (size_t)r0 * D, D, du1 + s0 * F, F, false, P + o1, F, true, n, D, F, true);
+            mot_matmul(*m, G + o1, F, hr, D, true, du1 + s0 * F, F, false, D, F, n, acc);
+            mot_matmul(*m, dh + (size_t)r0 * D, D, du3 + s0 * F, F, false, P + o3, F, true, n, D, F, true);
+            mot_matmul(*m, G + o3, F, hr, D, true, du3 + s0 * F, F, false, D, F, n, acc);
             continue;
         }
         const int C = m->plan.cap[f];
@@ -1356,15 +1447,16 @@ void ffn_backward_experts(MotModel<S>* m, const MotBatch& b, int l, const S* dt,
                 ds[(size_t)(re[j] - r0) * E + e] = dot;
             }
             // the expert's SwiGLU FFN on its gathered rows X: w = swiglu(X W1, X W3) W2
-            matmul(du + sb * F, F, dy, D, false, P + o2 + e * e2, D, true, C, F, D, false);
-            matmul(G + o2 + e * e2, D, u + sb * F, F, true, dy, D, false, F, D, C, acc);
+            mot_matmul(*m, du + sb * F, F, dy, D, false, P + o2 + e * e2, D, true, C, F, D, false);
+            mot_bf16_keep(*m, du + sb * F, (size_t)C * F);
+            mot_matmul(*m, G + o2 + e * e2, D, u + sb * F, F, true, dy, D, false, F, D, C, acc);
             swiglu_backward(du1 + sb * F, du3 + sb * F, du + sb * F, u1 + sb * F, u3 + sb * F, (size_t)C * F);
             for (int j = 0; j < C; j++)
                 std::copy(h + (size_t)re[j] * D, h + (size_t)(re[j] + 1) * D, x + (size_t)j * D);
-            matmul(G + o1 + e * e1, F, x, D, true, du1 + sb * F, F, false, D, F, C, acc);
-            matmul(G + o3 + e * e1, F, x, D, true, du3 + sb * F, F, false, D, F, C, acc);
-            matmul(dy, D, du1 + sb * F, F, false, P + o1 + e * e1, F, true, C, D, F, false);  // dX, over dye
-            matmul(dy, D, du3 + sb * F, F, false, P + o3 + e * e1, F, true, C, D, F, true);
+            mot_matmul(*m, G + o1 + e * e1, F, x, D, true, du1 + sb * F, F, false, D, F, C, acc);
+            mot_matmul(*m, G + o3 + e * e1, F, x, D, true, du3 + sb * F, F, false, D, F, C, acc);
+            mot_matmul(*m, dy, D, du1 + sb * F, F, false, P + o1 + e * e1, F, true, C, D, F, false);  // dX, over dye
+            mot_matmul(*m, dy, D, du3 + sb * F, F, false, P + o3 + e * e1, F, true, C, D, F, true);
         }
         for (int e = 0; e < E; e++)  // dh += dX, in expert order (experts may share a row)
             for (int j = 0; j < C; j++) {
@@ -1500,6 +1592,7 @@ double mot_forward(MotModel<S>* m, const MotBatch& b) {
     if (!bad.empty()) throw std::invalid_argument("mot_forward: " + bad);
     const MotPlan& p = m->plan;
     m->aux_loss = m->aux_agree = 0;
+    mot_bf16_refresh(m);
     const bool tf = mot_transfusion(c);
     const int i0 = p.i0, i1 = p.i1;  // image rows that take patches (Transfusion)
     for (int r = 0; r < N; r++) {    // embedding, gathered straight into grouped order
@@ -1528,15 +1621,19 @@ double mot_forward(MotModel<S>* m, const MotBatch& b) {
         S* y = A.x + (l + 1) * ND;
         const int ka = tab.p[P_GQ].copies, kn = tab.p[P_GATTN].copies;
         // attention sublayer: h = x + rmsnorm(attn(x) Wo) * g_attn
-        linear_forward(q, x, m->params.data() + tab.p[P_WQ].offset, tab.p[P_WQ], l, g);
-        linear_forward(k, x, m->params.data() + tab.p[P_WK].offset, tab.p[P_WK], l, g);
-        linear_forward(v, x, m->params.data() + tab.p[P_WV].offset, tab.p[P_WV], l, g);
+        linear_forward(*m, q, x, P_WQ, l, g);
+        linear_forward(*m, k, x, P_WK, l, g);
+        linear_forward(*m, v, x, P_WV, l, g);
+        for (S* t : {q, k, v}) mot_bf16_keep(*m, t, ND);
         rmsnorm_forward(qr, A.q_rstd + (size_t)l * N * H, q, m->param(P_GQ, l), ka, g, N * H, Dh, H);
         rmsnorm_forward(kr, A.k_rstd + (size_t)l * N * H, k, m->param(P_GK, l), ka, g, N * H, Dh, H);
         rope_apply(qr, *m, b, +1);
         rope_apply(kr, *m, b, +1);
+        for (S* t : {qr, kr}) mot_bf16_keep(*m, t, ND);
         attention_forward(o, A.att + (size_t)l * b.B * H * b.T * b.T, qr, kr, v, b, D, H);
-        linear_forward(a, o, m->params.data() + tab.p[P_WO].offset, tab.p[P_WO], l, g);
+        mot_bf16_keep(*m, o, ND);
+        linear_forward(*m, a, o, P_WO, l, g);
+        mot_bf16_keep(*m, a, ND);
         rmsnorm_forward(h, A.a_rstd + (size_t)l * N, a, m->param(P_GATTN, l), kn, g, N, D, 1);
 #pragma omp parallel for schedule(static)
         for (size_t i = 0; i < ND; i++) h[i] += x[i];
@@ -1545,10 +1642,13 @@ double mot_forward(MotModel<S>* m, const MotBatch& b) {
         if (experts) {
             ffn_forward_experts(m, b, l);
         } else {
-            linear_forward(u1, h, m->params.data() + tab.p[P_W1].offset, tab.p[P_W1], l, g);
-            linear_forward(u3, h, m->params.data() + tab.p[P_W3].offset, tab.p[P_W3], l, g);
+            linear_forward(*m, u1, h, P_W1, l, g);
+            linear_forward(*m, u3, h, P_W3, l, g);
+            for (S* t : {u1, u3}) mot_bf16_keep(*m, t, NF);
             swiglu_forward(u, u1, u3, NF);
-            linear_forward(y2, u, m->params.data() + tab.p[P_W2].offset, tab.p[P_W2], l, g);
+            mot_bf16_keep(*m, u, NF);
+            linear_forward(*m, y2, u, P_W2, l, g);
+            mot_bf16_keep(*m, y2, ND);
         }
         rmsnorm_forward(y, A.y2_rstd + (size_t)l * N, y2, m->param(P_GFFN, l), kn, g, N, D, 1, mot_ffn_copies(c),
                         mot_gain_only_copies(c));
@@ -1556,7 +1656,7 @@ double mot_forward(MotModel<S>* m, const MotBatch& b) {
         for (size_t i = 0; i < ND; i++) y[i] += h[i];
     }
     rmsnorm_forward(A.z, A.z_rstd, A.x + c.n_layer * ND, m->param(P_GOUT), tab.p[P_GOUT].copies, g, N, D, 1);
-    matmul(A.logits, V, A.z, D, false, m->param(P_HEAD), V, false, N, V, D, false);
+    mot_matmul(*m, A.logits, V, A.z, D, false, m->param(P_HEAD), V, false, N, V, D, false);
     cross_entropy(m, b);
     if (tf) diffusion_loss(m, b);
     if (experts && m->route == MOT_ROUTE_EC) {  // aux_agree: a count of rows so far (over layers)
@@ -1621,15 +1721,14 @@ void mot_backward(MotModel<S>* m, const MotBatch& b, bool accumulate = true) {
     const MotScratch<S>& Z = m->scr;
     S *dx = Z.dx, *dh = Z.dh, *dt = Z.dt, *dq = Z.dq, *dk = Z.dk, *dv = Z.dv, *dO = Z.dO, *du1 = Z.du1, *du3 = Z.du3,
       *du = Z.du;
-    const S* P = m->params.data();
     S* G = m->grads.data();
     const bool acc = accumulate;
     if (!acc)
         for (const auto& r : mot_grad_unwritten(c, tab, g)) std::fill(G + r.first, G + r.second, S(0));
 
     // head and final norm
-    matmul(m->grad(P_HEAD), V, A.z, D, true, A.dlogits, V, false, D, V, N, acc);
-    matmul(dt, D, A.dlogits, V, false, m->param(P_HEAD), V, true, N, D, V, false);
+    mot_matmul(*m, m->grad(P_HEAD), V, A.z, D, true, A.dlogits, V, false, D, V, N, acc);
+    mot_matmul(*m, dt, D, A.dlogits, V, false, m->param(P_HEAD), V, true, N, D, V, false);
     const bool tf = mot_transfusion(c);
     const int i0 = g[MOD_IMAGE], i1 = tf ? g[MOD_IMAGE + 1] : i0, ni = i1 - i0, PT = MOT_PATCH;
     if (ni > 0) {  // eps_hat = z W_out + b_out on the image rows
@@ -1654,19 +1753,23 @@ void mot_backward(MotModel<S>* m, const MotBatch& b, bool accumulate = true) {
             std::copy(dx, dx + ND, dh);
             ffn_backward_experts(m, b, l, dt, dh, acc);
         } else {
-            linear_backward(du, false, G + tab.p[P_W2].offset, acc, dt, u, P + tab.p[P_W2].offset, tab.p[P_W2], l, g);
+            linear_backward(m, du, false, acc, dt, u, P_W2, l, g);
+            mot_bf16_keep(*m, du, NF);
             swiglu_backward(du1, du3, du, u1, u3, NF);
             std::copy(dx, dx + ND, dh);
-            linear_backward(dh, true, G + tab.p[P_W1].offset, acc, du1, h, P + tab.p[P_W1].offset, tab.p[P_W1], l, g);
-            linear_backward(dh, true, G + tab.p[P_W3].offset, acc, du3, h, P + tab.p[P_W3].offset, tab.p[P_W3], l, g);
+            linear_backward(m, dh, true, acc, du1, h, P_W1, l, g);
+            linear_backward(m, dh, true, acc, du3, h, P_W3, l, g);
         }
         // attention sublayer; dh holds dL/dh. The residual passes dh straight to dx.
         rmsnorm_backward(dt, false, m->grad(P_GATTN, l), dh, a, A.a_rstd + (size_t)l * N, m->param(P_GATTN, l), kn, g,
                          N, D, 1);  // dt = dL/da
-        linear_backward(dO, false, G + tab.p[P_WO].offset, acc, dt, o, P + tab.p[P_WO].offset, tab.p[P_WO], l, g);
+        linear_backward(m, dO, false, acc, dt, o, P_WO, l, g);
+        mot_bf16_keep(*m, dO, ND);
         attention_backward(dq, dk, dv, dO, A.att + (size_t)l * b.B * H * b.T * b.T, qr, kr, v, b, D, H);
+        for (S* t : {dq, dk, dv}) mot_bf16_keep(*m, t, ND);
         rope_apply(dq, *m, b, -1);
         rope_apply(dk, *m, b, -1);
+        for (S* t : {dq, dk}) mot_bf16_keep(*m, t, ND);
         // QK-norm backward, in place through dt: dq <- dL/dq_raw
         rmsnorm_backward(dt, false, m->grad(P_GQ, l), dq, q, A.q_rstd + (size_t)l * N * H, m->param(P_GQ, l), ka, g,
                          N * H, Dh, H);
@@ -1675,9 +1778,9 @@ void mot_backward(MotModel<S>* m, const MotBatch& b, bool accumulate = true) {
                          N * H, Dh, H);
         std::copy(dt, dt + ND, dk);
         std::copy(dh, dh + ND, dx);
-        linear_backward(dx, true, G + tab.p[P_WQ].offset, acc, dq, x, P + tab.p[P_WQ].offset, tab.p[P_WQ], l, g);
-        linear_backward(dx, true, G + tab.p[P_WK].offset, acc, dk, x, P + tab.p[P_WK].offset, tab.p[P_WK], l, g);
-        linear_backward(dx, true, G + tab.p[P_WV].offset, acc, dv, x, P + tab.p[P_WV].offset, tab.p[P_WV], l, g);
+        linear_backward(m, dx, true, acc, dq, x, P_WQ, l, g);
+        linear_backward(m, dx, true, acc, dk, x, P_WK, l, g);
+        linear_backward(m, dx, true, acc, dv, x, P_WV, l, g);
     }
     S* dE = m->grad(P_EMB);
     if (ni > 0) {  // image rows: x_t W_in + b_in + sinusoid(t) W_t
@@ -2254,6 +2357,15 @@ void router_logits_fast(S* s, S* a, int ld, const S* h, const S* Wr, const S* U,
 enum MotBf16Engine { MOT_BF16_PLAIN = 0, MOT_BF16_AVX512 = 1, MOT_BF16_AMX = 2, MOT_BF16_ENGINES = 3 };
 static const char* const MOT_BF16_ENGINE_NAME[MOT_BF16_ENGINES] = {"plain loop", "AVX512-BF16", "AMX tiles"};
 
+// Whether the processor has AMX tiles with bf16 (CPUID leaf 7: AMX-TILE and AMX-BF16).
+inline bool mot_bf16_amx_cpuid() {
+#ifdef MOT_BF16_X86
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d & (1u << 24)) && (d & (1u << 22));
+#else
+    return false;
+#endif
+}
 // Whether this machine can run engine e (asked once; for AMX this is where the tile data is
 // requested). A -DMOT_PLAIN build runs the plain loop only.
 inline bool mot_bf16_usable(int e) {
@@ -2262,11 +2374,8 @@ inline bool mot_bf16_usable(int e) {
         unsigned a = 0, b = 0, c = 0, d = 0;
         return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5)) && __builtin_cpu_supports("avx512f");
     }();
-    static const bool amx = [] {
-        unsigned a = 0, b = 0, c = 0, d = 0;
-        if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 22))) return false;
-        return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
-    }();
+    static const bool amx = mot_bf16_amx_cpuid() &&
+                            syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
     if (e == MOT_BF16_AVX512) return avx512;
     if (e == MOT_BF16_AMX) return amx;
 #endif
@@ -2291,6 +2400,21 @@ inline int& mot_bf16_engine_slot() {
 }
 // The engine matmul_bf16_fast runs (process-wide).
 inline int mot_bf16_engine() { return mot_bf16_engine_slot(); }
+// The engine in use and, where it is not the fastest kind, why (the trainer prints it once).
+inline std::string mot_bf16_engine_note() {
+    const int e = mot_bf16_engine();
+    std::string s = MOT_BF16_ENGINE_NAME[e];
+#ifdef MOT_PLAIN
+    return s + " (a -DMOT_PLAIN build)";
+#endif
+    if (e != MOT_BF16_AMX && mot_bf16_amx_cpuid())
+        s += " (the processor has AMX tiles, but the kernel refused their state: arch_prctl XTILEDATA)";
+    else if (e == MOT_BF16_PLAIN)
+        s += mot_bf16_usable(MOT_BF16_AVX512)
+                 ? " (no AMX tiles; this processor's AVX512-BF16 is slower than its fp32 FMA)"
+                 : " (no AMX tiles or AVX512-BF16 here)";
+    return s;
+}
 // Forces engine e (tests, benchmarks); false, changing nothing, where this machine cannot run it.
 inline bool mot_bf16_set_engine(int e) {
     if (e < 0 || e >= MOT_BF16_ENGINES || !mot_bf16_usable(e)) return false;

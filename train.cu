@@ -56,7 +56,7 @@ struct Args {
     int save_every = 0, keep = 3, eval_every = 0, eval_batches = 4, log_every = 1, threads = 0;
     int eval_items = 100, eval_gen = 2;
     std::string tokenizers;  // dataset folder with text.bpe, image.vq, speech.sp (default: --data's folder)
-    bool resume = false, overwrite = false, cpu = false, fp32 = false, eval_only = false;
+    bool resume = false, overwrite = false, cpu = false, fp32 = false, bf16 = false, eval_only = false;
     double cfg_image = CFG_IMAGE, cfg_caption = CFG_CAPTION;
     int best_of = BEST_OF;
     int diff_loss = MOT_DIFF_MSE;  // --diffusion-loss: a training option, not stored (mot.h, MotDiffLoss)
@@ -127,7 +127,10 @@ static void usage(FILE* f) {
             "  --threads N       OpenMP threads                            (all cores)\n"
             "device (the GPU is used when the build has CUDA and a GPU is present):\n"
             "  --cpu             train with the CPU reference even if there is a GPU\n"
-            "  --fp32            GPU in fp32 instead of bf16 with fp32 master weights\n");
+            "  --fp32            GPU in fp32 instead of bf16 with fp32 master weights\n"
+            "  --bf16            the CPU in bf16 as the GPU (products on bf16 operands, summed in fp32;\n"
+            "                    fp32 master weights), on AMX tiles, AVX512-BF16 or a plain loop\n"
+            "                    (the GPU's default)                       (CPU: fp32)\n");
 }
 
 [[noreturn]] static void die(const std::string& msg, int code = 1) {
@@ -252,6 +255,7 @@ static Args parse_args(int argc, char** argv) {
         else if (f == "--cpu") a.cpu = true;
         else if (f == "--eval-only") a.eval_only = true;
         else if (f == "--fp32") a.fp32 = true;
+        else if (f == "--bf16") a.bf16 = true;
         else if (f == "--keep") a.keep = parse_int("--keep", val(), 1, 1 << 20);
         else if (f == "--save-every") a.save_every = parse_int("--save-every", val(), 0, 1 << 30);
         else if (f == "--eval-every") a.eval_every = parse_int("--eval-every", val(), 0, 1 << 30);
@@ -270,6 +274,7 @@ static Args parse_args(int argc, char** argv) {
     if (a.resume && !a.init_from.empty()) die("give either --resume or --init-from, not both", 2);
     if (a.overwrite && a.out.empty()) die("--overwrite needs --out DIR (the run folder to start over)", 2);
     if (a.overwrite && a.resume) die("give either --resume or --overwrite, not both", 2);
+    if (a.bf16 && a.fp32) die("give either --bf16 or --fp32, not both", 2);
     // the debug state's loss and gradient are the paper's objective, and its format has no field for another
     if (a.diff_loss != MOT_DIFF_MSE && !a.debug_state.empty())
         die("--debug-state records the plain-MSE objective: give it without --diffusion-loss min-snr", 2);
@@ -1652,6 +1657,9 @@ static void start_engine(Run* r) {
     if (eng.gpu_active()) {
         printf("device: %s x %d, %s\n", GPU_KIND, r->world, a.fp32 ? "fp32" : "bf16 with fp32 master weights");
         printf("attention: %s\n", eng.attn_kernel_note(!a.fp32).c_str());
+    } else if (a.bf16) {
+        r->model.bf16 = true;
+        printf("device: CPU reference (%s), bf16 on %s\n", why.c_str(), mot_bf16_engine_note().c_str());
     } else printf("device: CPU reference (%s)\n", why.c_str());
     eng.set_diff_loss(a.diff_loss);
     if (a.diff_loss == MOT_DIFF_MIN_SNR)
@@ -1796,9 +1804,13 @@ static void write_debug_state(Run* r, MotBatch* batch) {
     const uint64_t rng = r->loader.rng;  // peek: the run still starts with this batch
     mot_loader_next(&r->loader, r->a.cfg, r->a.batch, r->a.seq, batch);
     r->loader.rng = rng;
+    // the fp32 reference, in every mode (as a GPU run writes it)
+    const bool bf16 = r->model.bf16;
+    r->model.bf16 = false;
     mot_zero_grad(&r->model);
     mot_forward(&r->model, *batch);
     mot_backward(&r->model, *batch);
+    r->model.bf16 = bf16;
     if (!mot_write_debug_state(r->a.debug_state, mot_debug_capture(r->model, *batch), &err)) die(err);
     printf("wrote debug state %s\n", r->a.debug_state.c_str());
 }

@@ -376,6 +376,7 @@ TEST_CASE("mot: bad flags, bad values, missing and broken files") {
     CHECK(access(tmp("runV/log.csv").c_str(), F_OK) != 0);
     expect_error(data + " --dense --mot", "give either --mot or --dense, not both", 2);
     expect_error(data + " --mot --dense", "give either --mot or --dense, not both", 2);
+    expect_error(data + " --bf16 --fp32", "give either --bf16 or --fp32, not both", 2);
 }
 
 // The loss column of a log.csv, as exact text, by step.
@@ -426,6 +427,56 @@ TEST_CASE("mot: a resumed run's losses are bitwise identical to an uninterrupted
     REQUIRE(mot_load_checkpoint(tmp("deep/er/runA/model.ckpt"), &ma, nullptr, nullptr, &err));
     REQUIRE(mot_load_checkpoint(tmp("runD/model.ckpt"), &md, nullptr, nullptr, &err));
     CHECK(ma.params == md.params);  // and so are the final weights
+}
+
+TEST_CASE("mot --bf16: the engine is named, a resume is bitwise, checkpoints pass between bf16 and fp32 runs") {
+    auto toks = make_tokens(20000, 9);
+    std::string err, out, outc;
+    REQUIRE(mot_write_shard(tmp("b16_0.bin"), VOC, toks.data(), toks.size(), &err));
+    const std::string base =
+        "./mot --data " + tmp("b16_0.bin") + " --layers 2 --dim 64 --heads 4 --seq 32 --batch 4 --warmup 4 --steps 12";
+    REQUIRE(run("rm -rf " + tmp("b16A") + " " + tmp("b16B") + " " + tmp("b16C") + " " + tmp("f32A"), &outc) == 0);
+    REQUIRE(run(base + " --bf16 --threads 2 --out " + tmp("b16A"), &out) == 0);
+    INFO(out);
+    CHECK(out.find(", bf16 on ") != std::string::npos);  // the engine, once
+    CHECK(out.find("bf16 on", out.find("bf16 on") + 1) == std::string::npos);
+    REQUIRE(run(base + " --threads 2 --out " + tmp("f32A"), &out) == 0);
+    CHECK(out.find("bf16") == std::string::npos);
+    // bf16 changes the numbers, a little (the step test in test_mot bounds by how much)
+    auto a = losses(read_bytes(tmp("b16A/log.csv"))), f = losses(read_bytes(tmp("f32A/log.csv")));
+    REQUIRE(a.size() == 12);
+    CHECK(a[12] != f[12]);
+    CHECK(std::fabs(atof(a[12].c_str()) - atof(f[12].c_str())) < 0.05);
+    // resume: from run B's step-6 checkpoint, on one thread, steps 7..12 and the weights as run A's
+    REQUIRE(run(base + " --bf16 --threads 2 --save-every 6 --out " + tmp("b16B"), &out) == 0);
+    REQUIRE(run("mkdir " + tmp("b16C") + " && cp " + tmp("b16B") + "/step_000006.ckpt " + tmp("b16C") + "/", &outc) ==
+            0);
+    REQUIRE(run(base + " --bf16 --threads 1 --out " + tmp("b16C") + " --resume", &out) == 0);
+    auto c = losses(read_bytes(tmp("b16C/log.csv")));
+    REQUIRE(c.size() == 6);
+    for (int s = 7; s <= 12; s++) {
+        INFO("step ", s);
+        CHECK(c[s] == a[s]);
+    }
+    MotConfig cfg;
+    REQUIRE(mot_read_checkpoint_config(tmp("b16A/model.ckpt"), &cfg, &err));
+    MotModel<float> ma, mc;
+    mot_init(&ma, cfg, 1);
+    mot_init(&mc, cfg, 1);
+    REQUIRE(mot_load_checkpoint(tmp("b16A/model.ckpt"), &ma, nullptr, nullptr, &err));
+    REQUIRE(mot_load_checkpoint(tmp("b16C/model.ckpt"), &mc, nullptr, nullptr, &err));
+    CHECK(ma.params == mc.params);
+    // a bf16 run's checkpoint continues in fp32, and that one in bf16 again
+    REQUIRE(run(base + " --steps 14 --init-from " + tmp("b16A/model.ckpt") + " --save " + tmp("b16_to_f32.ckpt"),
+                &out) == 0);
+    CHECK(out.find("resumed from") != std::string::npos);
+    CHECK(out.find("step    14/14") != std::string::npos);
+    REQUIRE(run(base + " --bf16 --steps 16 --init-from " + tmp("b16_to_f32.ckpt") + " --save " + tmp("back.ckpt"),
+                &out) == 0);
+    CHECK(out.find("step    16/16") != std::string::npos);
+    MotTrainState st;
+    REQUIRE(mot_load_checkpoint(tmp("back.ckpt"), &ma, &st, nullptr, &err));
+    CHECK(st.step == 16);
 }
 
 TEST_CASE("mot: a NaN or Inf loss stops the run with a message and keeps the last good checkpoint") {

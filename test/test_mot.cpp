@@ -534,6 +534,121 @@ TEST_CASE("float against double within fp32 rounding, on this build's path: MoMa
     float_against_double(c);
 }
 
+// ---- bf16 mode (--bf16 on the CPU): a whole step against fp32 -------------------------------
+// ||a - ref|| / ||ref|| over n values (0 when both are zero).
+static double rel_norm(const float* a, const float* ref, size_t n) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        const double d = double(a[i]) - double(ref[i]);
+        num += d * d;
+        den += double(ref[i]) * double(ref[i]);
+    }
+    return den == 0 ? (num == 0 ? 0 : INFINITY) : std::sqrt(num / den);
+}
+
+// The same model and batch in fp32 and in bf16 mode (mot.h, "bf16 mode"): loss, logits and every
+// gradient tensor (each layer and tower copy). The bounds are test_gpu.cu's for the GPU's bf16
+// mode against the fp32 CPU, and justified the same way: each rounding to bf16 (8 significant bits)
+// errs by at most 2^-9 relative, ~1.7e-3 rms; a path through these 2-layer models meets ~20 of them
+// forward (x, W, q/k/v, qr/kr, o, a, h, u1/u3, u, y2 per layer; z and W_head at the head), which
+// add in quadrature to ~8e-3 on the logits, and ~38 more backward (~1e-2 on a typical gradient; a
+// gradient that is a sum which cancels, as the QK-norm gains', magnifies it). Bounds: logits 3e-2,
+// gradients 5e-2, loss 2e-2, while a misplaced rounding or a wrong operand gives errors of order 1.
+// The experts' routers compare logits computed from h, which bf16 moves by ~1e-2: a row near a tie
+// can change experts, so at most a tenth of the (row, expert) choices may differ, and a router's
+// gradient, a sum over rows that can cancel, is judged against its whole parameter's norm (as
+// test_gpu.cu judges the GPU's). Returns the worst gradient error.
+static double bf16_against_fp32(const MotConfig& c, const MotBatch& b, const std::string& what) {
+    MotModel<float> mf;
+    mot_init(&mf, c, 5);
+    uint64_t seed = 17;
+    for (int p = 0; p < P_COUNT; p++) {  // std 0.1 matrices, gains near 1: every gradient matters
+        const MotParamInfo& in = mf.tab.p[p];
+        for (size_t i = 0; i < in.size(); i++)
+            mf.params[in.offset + i] =
+                float(in.decay ? 0.1 * mot_rand_normal(&seed) : 1.0 + 0.2 * mot_rand_normal(&seed));
+    }
+    MotModel<float> mb = mf;
+    mb.bf16 = true;
+    const double lf = mot_forward(&mf, b), lb = mot_forward(&mb, b);
+    mot_backward(&mf, b, false);
+    mot_backward(&mb, b, false);
+    const size_t NV = (size_t)b.B * b.T * c.vocab;
+    const double el = rel_norm(mb.act.logits, mf.act.logits, NV), eloss = std::fabs(lb - lf) / lf;
+    INFO(what);
+    CHECK(std::isfinite(lb));
+    CHECK(eloss <= 2e-2);
+    CHECK(el >= 1e-4);         // bf16 mode did round: fp32 rounding alone stays near 1e-7
+    if (mot_has_experts(c)) {  // (row, expert) choices of the EC selection that differ
+        long differ = 0, used = 0;
+        for (int l = 0; l < c.n_layer; l++)
+            for (int f = 0; f < mot_ffn_copies(c); f++)
+                for (int e = 0; e < (c.n_expert[f] > 1 ? c.n_expert[f] : 0); e++) {
+                    const size_t e0 = (size_t)l * mf.NS + mf.plan.slot0[f] + (size_t)e * mf.plan.cap[f];
+                    std::vector<int32_t> x(mf.sel.begin() + e0, mf.sel.begin() + e0 + mf.plan.cap[f]),
+                        y(mb.sel.begin() + e0, mb.sel.begin() + e0 + mf.plan.cap[f]);
+                    std::sort(x.begin(), x.end());
+                    std::sort(y.begin(), y.end());
+                    for (int32_t r : y) differ += !std::binary_search(x.begin(), x.end(), r);
+                    used += mf.plan.cap[f];
+                }
+        MESSAGE(what, ": ", differ, " of ", used, " expert choices differ from fp32's");
+        CHECK(differ * 10 <= used);
+        if (differ) {  // another function of the parameters: only the loss compares
+            MESSAGE(what, ": another selection, logits and gradients not compared");
+            return 0;
+        }
+    }
+    CHECK(el <= 3e-2);
+    double worst = 0, all = 0;
+    for (float g : mf.grads) all += double(g) * g;
+    all = std::sqrt(all);
+    std::string worst_name;
+    for (int p = 0; p < P_COUNT; p++) {
+        const MotParamInfo& info = mf.tab.p[p];
+        double whole = 0;
+        for (size_t i = 0; i < info.size(); i++) whole += double(mf.grads[info.offset + i]) * mf.grads[info.offset + i];
+        for (int l = 0; l < info.layers; l++)
+            for (int k = 0; k < info.copies; k++) {
+                const size_t at = info.at(l, k);
+                const float *gb = mb.grads.data() + at, *gf = mf.grads.data() + at;
+                const std::string name =
+                    std::string(info.name) + " layer " + std::to_string(l) + " copy " + std::to_string(k);
+                double d = 0, nf = 0, nb = 0;  // ||gb - gf||^2, ||gf||^2, ||gb||^2
+                for (size_t i = 0; i < info.each(); i++) {
+                    d += (double(gb[i]) - gf[i]) * (double(gb[i]) - gf[i]);
+                    nf += double(gf[i]) * gf[i];
+                    nb += double(gb[i]) * gb[i];
+                }
+                // routers: against the whole router parameter; a tensor whose fp32 gradient is zero
+                // (a copy with no rows): zero up to rounding, against all gradients
+                const double e = (p == P_WR || p == P_U) ? std::sqrt(d / whole)
+                                 : nf == 0               ? std::sqrt(nb) / (1e-2 * all)
+                                                         : std::sqrt(d / nf);
+                INFO(what, ": gradient of ", name, " rel err ", e);
+                CHECK(e <= 5e-2);
+                if (e > worst) worst = e, worst_name = name;
+            }
+    }
+    MESSAGE(what, ": bf16 against fp32: loss ", eloss, ", logits ", el, ", worst gradient ", worst, " (", worst_name,
+            ")");
+    return worst;
+}
+
+TEST_CASE("bf16 mode: a training step against fp32 (MoT, dense, MoMa-style experts, Transfusion)") {
+    MotConfig mot = wider(tiny(3), 96);
+    bf16_against_fp32(mot, random_batch(mot, 2, 48, 9), "MoT");
+    MotConfig dense = wider(tiny(1), 96);
+    bf16_against_fp32(dense, random_batch(dense, 2, 48, 9), "dense");
+    MotConfig moma = wider(tiny(3, 1), 96);
+    for (int f = 0; f < 3; f++) moma.n_expert[f] = 4;
+    for (int seed : {2, 5})  // batches on which no row is near an expert's threshold
+        bf16_against_fp32(moma, random_batch(moma, 2, 48, seed), "MoMa-style, batch " + std::to_string(seed));
+    MotConfig tf = wider(tiny(3), 96);
+    tf.setting = MOT_SETTING_TRANSFUSION;
+    bf16_against_fp32(tf, tf_batch(tf, 2, 48, 9, {0, 300, 999}), "Transfusion");
+}
+
 TEST_CASE("grouping: rows sorted by modality, stable, and the index lists invert each other") {
     MotConfig c = tiny(3);
     MotBatch b = random_batch(c, 3, 10, 77);
