@@ -33,18 +33,15 @@
 //
 // Precision. bf16 = false: everything fp32 (cuBLAS with CUBLAS_COMPUTE_32F_PEDANTIC, so no TF32),
 // for tight comparisons with the CPU; the kernels are the same code as on plain float arrays
-// (the ones that compute on activations are templates on the element type). bf16 = true: GEMM
-// operands (weights, activations) are bf16 and GEMMs accumulate in fp32; the activations between
-// kernels are stored in bf16 too (MotBuf), each rounded once to nearest even: GEMM outputs whose
-// consumers only need bf16 (q, k, v, a, u1, u3, y2; du, dO in the backward) are written in bf16
-// by cuBLAS, and QK-norm + RoPE, attention and SwiGLU read and write bf16. All arithmetic inside a
-// kernel stays fp32 (norms, softmax, online-softmax state, reductions, cross-entropy, AdamW on fp32
-// master weights). fp32 stays where many small contributions are summed: the residual stream x, h
-// (each sublayer adds an update far smaller than the stream; bf16 would drop the part below 2^-9
-// of it) with a bf16 copy for the GEMMs, its gradient dx (the dx GEMMs add into it), logits,
-// gradients, the experts' gated sum (y2 with experts). Attention at head dims 64 and 128 runs on
-// tensor cores (bf16 operands, fp32 accumulation and softmax; mot_attn_tensor_cores has the rule).
-// The bf16 weight copy is refreshed by the AdamW kernel (and on upload).
+// (the ones that compute on activations are templates on the element type). bf16 = true rounds
+// where mot.h's "bf16 mode" says (the one definition, which the CPU's --bf16 follows too). Here:
+// the stored activations are MotBuf arrays in bf16, written so by the GEMMs (cuBLAS, fp32
+// accumulation) and by the kernels (QK-norm + RoPE, attention, SwiGLU), which compute in fp32
+// inside; the fp32 residual stream x, h has a bf16 copy (x_b, h_b) that the GEMMs read, z one
+// too (z_b), and the backward's GEMM operands (gdy, gqk, du1, du3, dlogits) are bf16 arrays.
+// Attention at head dims 64 and 128 runs on tensor cores (bf16 operands, fp32 accumulation and
+// softmax; mot_attn_tensor_cores has the rule). The bf16 weight copy is refreshed by the AdamW
+// kernel (and on upload).
 //
 // Determinism: no atomics anywhere. Every reduction (norm gains, embedding, loss, gradient norm)
 // is summed in a fixed order that depends only on the shapes, so a run is bitwise reproducible

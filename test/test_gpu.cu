@@ -386,6 +386,71 @@ static void compare_all(bool bf16) {
 TEST_CASE("gpu: fp32 forward and backward match the CPU reference") { compare_all(false); }
 TEST_CASE("gpu: bf16 forward and backward are close to the CPU reference") { compare_all(true); }
 
+// The GPU's bf16 mode against the CPU's (mot.h, "bf16 mode": the same rounding points): logits
+// and the whole gradient. Both round the same values the same way, so what remains between them is
+// fp32 summation order, the bf16 roundings that order flips (each flip moves a value by up to 2^-8,
+// and moves later values more), and, with tensor-core attention (head dims 64 and 128), the
+// probabilities the GPU rounds before P V and the CPU does not. Each must be closer to the other
+// than either is to fp32. Measured (2026-12-08, through the CPU layer; CPU on AMX tiles): head dim
+// 16, logits 5.4e-4 / 8.3e-5 (MoT / dense) against 1.1e-2 / 9.6e-3 from fp32, gradient 4.2e-3 /
+// 3.7e-3 against 1.7e-2 / 1.5e-2; Transfusion 9.7e-4 and 9.2e-4 against 5.9e-3 and 4.5e-3; head
+// dim 64, 7.1e-3 and 1.1e-2 against 1.0e-2 and 1.5e-2 (the rounded probabilities). The floor is the
+// CPU's own: its AMX and plain-loop engines differ by 5.9e-5 (logits) and 2.2e-3 (gradient) on the
+// dense case, from summation order alone.
+static void bf16_twins(const char* name, const MotConfig& c, int B, int T, const MotBatch* given = nullptr) {
+    INFO("case ", name);
+    MotModel<float> f32;
+    mot_init(&f32, c, 5);
+    randomize(&f32, 9);
+    const MotBatch b = given ? *given : random_batch(c, B, T, 13);
+    MotModel<float> b16 = f32;
+    b16.bf16 = true;
+    for (MotModel<float>* m : {&f32, &b16}) {
+        mot_forward(m, b);
+        mot_backward(m, b, false);
+    }
+    MotGpu g;
+    std::string err;
+    REQUIRE_MESSAGE(mot_gpu_init(&g, c, B, T, true, &err), err);
+    mot_gpu_upload(&g, f32);
+    mot_gpu_zero_grad(&g);
+    mot_gpu_forward(&g, b);
+    mot_gpu_backward(&g);
+    std::vector<float> grads, logits;
+    mot_gpu_grads(&g, &grads);
+    mot_gpu_logits(&g, b, &logits);
+    mot_gpu_free(&g);
+    const int N = B * T, V = c.vocab;
+    std::vector<float> l32((size_t)N * V), l16((size_t)N * V);
+    for (int i = 0; i < N; i++)
+        for (int j = 0; j < V; j++) {
+            l32[(size_t)i * V + j] = mot_logit(f32, b, i, j);
+            l16[(size_t)i * V + j] = mot_logit(b16, b, i, j);
+        }
+    const double lt = rel_err(logits.data(), l16.data(), l16.size()),
+                 lg = rel_err(logits.data(), l32.data(), l32.size()), lc = rel_err(l16.data(), l32.data(), l32.size());
+    const size_t P = grads.size();
+    const double gt = rel_err(grads.data(), b16.grads.data(), P), gg = rel_err(grads.data(), f32.grads.data(), P),
+                 gc = rel_err(b16.grads.data(), f32.grads.data(), P);
+    printf(
+        "%s: GPU bf16 vs CPU bf16: logits %.2e, gradient %.2e | GPU bf16 vs fp32: %.2e, %.2e | CPU bf16 vs fp32: "
+        "%.2e, %.2e\n",
+        name, lt, gt, lg, gg, lc, gc);
+    CHECK(all_finite(grads));
+    CHECK(lt < std::min(lg, lc));
+    CHECK(gt < std::min(gg, gc));
+}
+
+TEST_CASE("gpu: the GPU's bf16 mode and the CPU's (--bf16) agree more closely than either does with fp32") {
+    bf16_twins("mot dh16 (CUDA-core attention)", small_config(64, 4, 3, 77), 3, 77);
+    bf16_twins("dense dh16", small_config(64, 4, 1, 40), 2, 40);
+    bf16_twins("mot dh64 (tensor-core attention)", small_config(128, 2, 3, 130), 2, 130);
+    MotConfig tf = small_config(64, 4, 3, 48);
+    tf.setting = MOT_SETTING_TRANSFUSION;
+    const MotBatch tb = tf_batch(tf, 2, 48, 9, {700, 0, 35}, MOT_IMAGE_POS);
+    bf16_twins("transfusion dh16", tf, 2, 48, &tb);
+}
+
 // Experts (dev/MATH.md, section 5): MoE-4x (dense, 4 experts), the MoT + MoE hybrid (4,1,1) and MoMa-style
 // (tied attention, 4,4,4); row counts that are not multiples of E (B*T odd, random modalities),
 // towers with no rows, a copy with one row, and all scores tied (zero routers).
