@@ -1,6 +1,6 @@
-// bench_cpu.cpp — CPU reference speed: one training step (forward + backward + AdamW) in fp32,
-// dense, MoT, MoE-4x, MoMa-style (4t4i4s) and the MoT+MoE hybrid side by side on the same shape
-// and the same tokens; then the Transfusion setting (images as pixel patches, diffusion loss) on
+// bench_cpu.cpp — CPU reference speed: one training step (forward + backward + AdamW) in fp32 and
+// in bf16 mode (--bf16, on the machine's bf16 engine), dense, MoT, MoE-4x, MoMa-style (4t4i4s) and
+// the MoT+MoE hybrid side by side on the same shape and the same tokens; then the Transfusion setting (images as pixel patches, diffusion loss) on
 // the same shape against the token setting, and the time to sample one image with 50 DDIM steps
 // on the CPU main job's model.
 //
@@ -25,8 +25,9 @@ int main(int argc, char** argv) {
     int D = 256, L = 4, H = 8, F = 768, T = 256, B = 4, V = 4096, steps = 10;
     int* vals[] = {&D, &L, &H, &F, &T, &B, &V, &steps};
     for (int i = 1; i < argc && i <= 8; i++) *vals[i - 1] = atoi(argv[i]);
-    printf("shape: D=%d L=%d H=%d F=%d T=%d B=%d V=%d, fp32, %d threads, best of %d steps after 1 warmup\n", D, L, H, F,
-           T, B, V, omp_get_max_threads(), steps);
+    printf("shape: D=%d L=%d H=%d F=%d T=%d B=%d V=%d, %d threads, best of %d steps after 1 warmup\n", D, L, H, F, T, B,
+           V, omp_get_max_threads(), steps);
+    printf("bf16 engine: %s\n", mot_bf16_engine_note().c_str());
     const double N = (double)B * T;
     const double fwd = 2 * N * L * (4.0 * D * D + 3.0 * D * F) + 2 * N * D * V + L * 2.0 * B * T * (T + 1.0) * D;
     const double flops = 3 * fwd;
@@ -46,9 +47,10 @@ int main(int argc, char** argv) {
                           {"hybrid-4t", 3, 0, {4, 1, 1}, 0}, {"dense-tf", 1, 0, {1, 1, 1}, 1},
                           {"MoT-tf", 3, 0, {1, 1, 1}, 1}};
     const int K = sizeof archs / sizeof archs[0];
-    std::vector<MotModel<float>> models(K);
+    // model a in fp32, model K + a the same in bf16 mode
+    std::vector<MotModel<float>> models(2 * K);
     std::vector<MotBatch> batches(K);
-    std::vector<double> best(K, 1e30);
+    std::vector<double> best(2 * K, 1e30);
     for (int a = 0; a < K; a++) {
         MotConfig c;
         c.n_layer = L;
@@ -64,6 +66,8 @@ int main(int argc, char** argv) {
         for (int f = 0; f < 3; f++) c.n_expert[f] = archs[a].experts[f];
         c.setting = archs[a].setting;
         mot_init(&models[a], c, 1);
+        models[K + a] = models[a];
+        models[K + a].bf16 = true;
         MotBatch& b = batches[a];  // a realistic mix: 35% text, 40% image, 25% speech, in runs like documents
         b.B = B;
         b.T = T;
@@ -90,19 +94,25 @@ int main(int argc, char** argv) {
     }
     MotOptim o;
     for (int s = 0; s <= steps; s++)
-        for (int a = 0; a < K; a++) {
+        for (int a = 0; a < 2 * K; a++) {
             MotModel<float>& m = models[a];
             const double t0 = now_s();
-            mot_forward(&m, batches[a]);
-            mot_backward(&m, batches[a], false);  // as the trainer: no zeroing pass
+            mot_forward(&m, batches[a % K]);
+            mot_backward(&m, batches[a % K], false);  // as the trainer: no zeroing pass
             mot_adamw_step(&m, o, s);
             const double dt = now_s() - t0;
             if (s > 0) best[a] = std::min(best[a], dt);
         }
-    for (int a = 0; a < K; a++)
-        printf("%-12s %6.1fM params | step %7.1f ms | %7.0f tokens/s | %6.1f GFLOP/s | / dense %.3f\n", archs[a].name,
-               models[a].tab.total / 1e6, best[a] * 1e3, N / best[a], flops / best[a] / 1e9, best[a] / best[0]);
-    printf("MoT / dense step time: %.3f\n", best[1] / best[0]);
+    for (int a = 0; a < 2 * K; a++) {
+        const int base = a < K ? 0 : K;  // dense in the same precision
+        printf(
+            "%-12s %s %6.1fM params | step %7.1f ms | %7.0f tokens/s | %6.1f GFLOP/s | / dense %.3f | fp32 / bf16 %s\n",
+            archs[a % K].name, a < K ? "fp32" : "bf16", models[a].tab.total / 1e6, best[a] * 1e3, N / best[a],
+            flops / best[a] / 1e9, best[a] / best[base],
+            a < K ? "  -  " : std::to_string(best[a - K] / best[a]).substr(0, 5).c_str());
+    }
+    printf("MoT / dense step time: fp32 %.3f, bf16 %.3f\n", best[1] / best[0], best[K + 1] / best[K]);
+    printf("bf16 speed-up (fp32 / bf16 step time): dense %.3f, MoT %.3f\n", best[0] / best[K], best[1] / best[K + 1]);
     printf("Transfusion / token setting step time: MoT %.3f, dense %.3f (target <= 1.1)\n", best[6] / best[1],
            best[5] / best[0]);
 
