@@ -640,9 +640,9 @@ inline void matmul(T* C, int ldc, const T* A, int lda, bool transA, const T* B, 
 inline uint16_t mot_bf16_round(float x) {
     uint32_t u;
     std::memcpy(&u, &x, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // a NaN stays a (quiet) NaN
-    u += 0x7fffu + ((u >> 16) & 1);                                          // to nearest, ties to even
-    return uint16_t(u >> 16);
+    const uint32_t nearest = (u + 0x7fffu + ((u >> 16) & 1)) >> 16;    // to nearest, ties to even
+    const uint32_t nan = (u >> 16) | 0x40;                             // a NaN stays a (quiet) NaN
+    return uint16_t((u & 0x7fffffffu) > 0x7f800000u ? nan : nearest);  // (no branch: loops vectorise)
 }
 inline float mot_bf16_float(uint16_t h) {
     const uint32_t u = uint32_t(h) << 16;
@@ -650,30 +650,38 @@ inline float mot_bf16_float(uint16_t h) {
     std::memcpy(&x, &u, 4);
     return x;
 }
+// An operand element as bf16 bits: given so (uint16_t), or an fp32 value rounded as it is read.
+inline uint16_t mot_bf16_bits(uint16_t h) { return h; }
+inline uint16_t mot_bf16_bits(float x) { return mot_bf16_round(x); }
 
-// C[M x N] (fp32) = (accumulate ? C : 0) + op(A) op(B), A and B bf16 bit patterns in matmul's
-// layouts; each element of C summed in fp32 over k in order, as matmul_plain does.
-inline void matmul_bf16_plain(float* C, int ldc, const uint16_t* A, int lda, bool transA, const uint16_t* B, int ldb,
-                              bool transB, int M, int N, int K, bool accumulate) {
+// C[M x N] (fp32) = (accumulate ? C : 0) + op(A) op(B) in matmul's layouts, each operand either bf16
+// bit patterns (TA, TB = uint16_t) or fp32 values that are rounded to bf16 as they are read (float):
+// the same product as rounding them first. Each element of C summed in fp32 over k in order, as
+// matmul_plain does.
+template <typename TA, typename TB>
+void matmul_bf16_plain(float* C, int ldc, const TA* A, int lda, bool transA, const TB* B, int ldb, bool transB, int M,
+                       int N, int K, bool accumulate) {
     if (M <= 0 || N <= 0) return;
 #pragma omp parallel for schedule(static) if (omp_get_level() == 0 && 2.0 * M * N * K >= 2e6)
     for (int i = 0; i < M; i++) {
         float* c = C + (size_t)i * ldc;
         if (!accumulate) std::fill(c, c + N, 0.0f);
         for (int k = 0; k < K; k++) {
-            const float a = mot_bf16_float(transA ? A[(size_t)k * lda + i] : A[(size_t)i * lda + k]);
+            const float a = mot_bf16_float(mot_bf16_bits(transA ? A[(size_t)k * lda + i] : A[(size_t)i * lda + k]));
             for (int j = 0; j < N; j++)
-                c[j] += a * mot_bf16_float(transB ? B[(size_t)j * ldb + k] : B[(size_t)k * ldb + j]);
+                c[j] += a * mot_bf16_float(mot_bf16_bits(transB ? B[(size_t)j * ldb + k] : B[(size_t)k * ldb + j]));
         }
     }
 }
 
 // The bf16 product the model calls: the fast twin (section 7) runs it on the machine's matrix
 // engine (AMX tiles, AVX512-BF16) where it has one; -DMOT_PLAIN runs the loop above.
-inline void matmul_bf16_fast(float* C, int ldc, const uint16_t* A, int lda, bool transA, const uint16_t* B, int ldb,
-                             bool transB, int M, int N, int K, bool accumulate);
-inline void matmul_bf16(float* C, int ldc, const uint16_t* A, int lda, bool transA, const uint16_t* B, int ldb,
-                        bool transB, int M, int N, int K, bool accumulate) {
+template <typename TA, typename TB>
+void matmul_bf16_fast(float* C, int ldc, const TA* A, int lda, bool transA, const TB* B, int ldb, bool transB, int M,
+                      int N, int K, bool accumulate);
+template <typename TA, typename TB>
+void matmul_bf16(float* C, int ldc, const TA* A, int lda, bool transA, const TB* B, int ldb, bool transB, int M, int N,
+                 int K, bool accumulate) {
 #ifdef MOT_PLAIN
     matmul_bf16_plain(C, ldc, A, lda, transA, B, ldb, transB, M, N, K, accumulate);
 #else
@@ -903,34 +911,21 @@ void mot_bf16_keep(const MotModel<S>& m, S* x, size_t n) {
         (void)m, (void)x, (void)n;
     }
 }
-// The bf16 form of an operand that reads an r x c block at p (leading dimension ld): inside the
-// parameters, the weight copy; else the block rounded into *buf (leading dimension c).
-inline const uint16_t* mot_bf16_operand(const MotModel<float>& m, const float* p, int ld, int r, int c,
-                                        std::vector<uint16_t>* buf, int* ld_out) {
-    const float* w = m.params.data();
-    if (p >= w && p < w + m.params.size()) {
-        *ld_out = ld;
-        return m.params_bf.data() + (p - w);
-    }
-    buf->resize((size_t)r * c);
-    uint16_t* o = buf->data();
-#pragma omp parallel for schedule(static) if (omp_get_level() == 0 && (size_t)r * c >= (1 << 15))
-    for (int i = 0; i < r; i++)
-        for (int j = 0; j < c; j++) o[(size_t)i * c + j] = mot_bf16_round(p[(size_t)i * ld + j]);
-    *ld_out = c;
-    return o;
-}
 // Point 1: the model's matrix product, matmul's arguments; in bf16 mode on operands rounded to bf16.
 template <typename S>
 void mot_matmul(const MotModel<S>& m, S* C, int ldc, const S* A, int lda, bool transA, const S* B, int ldb, bool transB,
                 int M, int N, int K, bool accumulate) {
     if constexpr (std::is_same<S, float>::value) {
         if (m.bf16) {
-            thread_local std::vector<uint16_t> ab, bb;  // (the experts' products run on several threads)
-            int la = 0, lb = 0;
-            const uint16_t* a = mot_bf16_operand(m, A, lda, transA ? K : M, transA ? M : K, &ab, &la);
-            const uint16_t* bm = mot_bf16_operand(m, B, ldb, transB ? N : K, transB ? K : N, &bb, &lb);
-            matmul_bf16(C, ldc, a, la, transA, bm, lb, transB, M, N, K, accumulate);
+            // an operand in the parameters is read from the rounded copy, any other rounded as it is read
+            const float* w = m.params.data();
+            const uint16_t* wb = m.params_bf.data();
+            const bool aw = A >= w && A < w + m.params.size(), bw = B >= w && B < w + m.params.size();
+            if (aw && bw)
+                matmul_bf16(C, ldc, wb + (A - w), lda, transA, wb + (B - w), ldb, transB, M, N, K, accumulate);
+            else if (aw) matmul_bf16(C, ldc, wb + (A - w), lda, transA, B, ldb, transB, M, N, K, accumulate);
+            else if (bw) matmul_bf16(C, ldc, A, lda, transA, wb + (B - w), ldb, transB, M, N, K, accumulate);
+            else matmul_bf16(C, ldc, A, lda, transA, B, ldb, transB, M, N, K, accumulate);
             return;
         }
     }
@@ -2429,37 +2424,61 @@ inline int round_up(int n) { return (n + BLK - 1) / BLK * BLK; }
 
 // Rows 16g .. 16g+15 of op(A) (M x K) as nk = Kp / 32 tiles of 16 x 32, each 1 KiB contiguous:
 // tile kb, at Ap + (g nk + kb) TILE, holds columns 32kb .. 32kb+31. Zero beyond M and K.
-inline void pack_a(uint16_t* Ap, const uint16_t* A, int lda, bool transA, int M, int K, int nk, int g) {
+// Two k-neighbours as one 32-bit word of a packed tile: k even in the low half (both tile layouts
+// keep k and k + 1 side by side). Operands are bf16 bits, or fp32 values rounded here.
+template <typename T>
+inline uint32_t pair_bits(T lo, T hi) {
+    return uint32_t(mot_bf16_bits(lo)) | uint32_t(mot_bf16_bits(hi)) << 16;
+}
+inline void put_word(uint16_t* t, size_t word, uint32_t v) { std::memcpy(t + 2 * word, &v, 4); }
+
+// Rows 16g .. 16g+15 of op(A) (M x K) as nk = Kp / 32 tiles of 16 x 32, each 1 KiB contiguous:
+// tile kb, at Ap + (g nk + kb) TILE, holds columns 32kb .. 32kb+31. Zero beyond M and K.
+template <typename TA>
+void pack_a(uint16_t* Ap, const TA* A, int lda, bool transA, int M, int K, int nk, int g) {
     uint16_t* t = Ap + (size_t)g * nk * TILE;
     std::fill(t, t + (size_t)nk * TILE, uint16_t(0));
-    const int i0 = 16 * g, i1 = std::min(M, i0 + 16);
+    const int i0 = 16 * g, n = std::max(0, std::min(M, i0 + 16) - i0);  // (0 in the padding beyond M)
     if (!transA) {
-        for (int i = i0; i < i1; i++)
-            for (int kb = 0; kb * BLK < K; kb++)
-                std::memcpy(t + (size_t)kb * TILE + (i - i0) * BLK, A + (size_t)i * lda + kb * BLK,
-                            std::min(BLK, K - kb * BLK) * sizeof(uint16_t));
-    } else {  // op(A)(i, k) = A[k lda + i]
-        for (int k = 0; k < K; k++) {
-            const uint16_t* src = A + (size_t)k * lda;
-            uint16_t* d = t + (size_t)(k / BLK) * TILE + k % BLK;
-            for (int i = i0; i < i1; i++) d[(i - i0) * BLK] = src[i];
+        for (int i = 0; i < n; i++)
+            for (int kb = 0; kb * BLK < K; kb++) {
+                const TA* src = A + (size_t)(i0 + i) * lda + kb * BLK;
+                uint16_t* d = t + (size_t)kb * TILE + i * BLK;
+                const int m = std::min(BLK, K - kb * BLK);
+                for (int k = 0; k < m; k++) d[k] = mot_bf16_bits(src[k]);
+            }
+    } else {  // op(A)(i, k) = A[k lda + i]: rows k, k + 1 give the 16 words of column pair k / 2
+        uint32_t w[16];
+        for (int k = 0; k < K; k += 2) {
+            const TA *r0 = A + (size_t)k * lda + i0, *r1 = k + 1 < K ? r0 + lda : nullptr;
+            for (int i = 0; i < n; i++) w[i] = pair_bits(r0[i], r1 ? r1[i] : TA(0));
+            const size_t base = (size_t)(k / BLK) * (TILE / 2) + (k % BLK) / 2;
+            for (int i = 0; i < n; i++) put_word(t, base + (size_t)i * (BLK / 2), w[i]);
         }
     }
 }
 // Columns 16h .. 16h+15 of op(B) (K x N) as nk tiles of 16 pairs of k x 16 columns, k in pairs
 // (the layout tdpbf16ps and vdpbf16ps read): in tile kb, at Bp + (h nk + kb) TILE, element (k, j)
-// sits at (((k % 32) / 2) 16 + j % 16) 2 + k % 2. Zero beyond N and K.
-inline void pack_b(uint16_t* Bp, const uint16_t* B, int ldb, bool transB, int N, int K, int nk, int h) {
+// sits at (((k % 32) / 2) 16 + j % 16) 2 + k % 2, i.e. word ((k % 32) / 2) 16 + j holds k and k + 1
+// of column j. Zero beyond N and K.
+template <typename TB>
+void pack_b(uint16_t* Bp, const TB* B, int ldb, bool transB, int N, int K, int nk, int h) {
     uint16_t* t = Bp + (size_t)h * nk * TILE;
     std::fill(t, t + (size_t)nk * TILE, uint16_t(0));
-    const int j0 = 16 * h, j1 = std::min(N, j0 + 16);
-    auto at = [](int k, int j) { return (size_t)(k / BLK) * TILE + ((k % BLK) / 2 * 16 + j) * 2 + (k & 1); };
-    if (transB) {  // op(B)(k, j) = B[j ldb + k]: read along k
-        for (int j = j0; j < j1; j++)
-            for (int k = 0; k < K; k++) t[at(k, j - j0)] = B[(size_t)j * ldb + k];
-    } else {
-        for (int k = 0; k < K; k++)
-            for (int j = j0; j < j1; j++) t[at(k, j - j0)] = B[(size_t)k * ldb + j];
+    const int j0 = 16 * h, n = std::max(0, std::min(N, j0 + 16) - j0);
+    auto word = [](int k, int j) { return (size_t)(k / BLK) * (TILE / 2) + (k % BLK) / 2 * 16 + j; };
+    if (transB) {  // op(B)(k, j) = B[j ldb + k]: k and k + 1 are neighbours in row j
+        for (int j = 0; j < n; j++) {
+            const TB* r = B + (size_t)(j0 + j) * ldb;
+            for (int k = 0; k < K; k += 2) put_word(t, word(k, j), pair_bits(r[k], k + 1 < K ? r[k + 1] : TB(0)));
+        }
+    } else {  // rows k, k + 1 give one 64-byte row of words
+        uint32_t w[16];
+        for (int k = 0; k < K; k += 2) {
+            const TB *r0 = B + (size_t)k * ldb + j0, *r1 = k + 1 < K ? r0 + ldb : nullptr;
+            for (int j = 0; j < n; j++) w[j] = pair_bits(r0[j], r1 ? r1[j] : TB(0));
+            std::memcpy(t + 2 * word(k, 0), w, (size_t)n * 4);
+        }
     }
 }
 
@@ -2551,8 +2570,9 @@ __attribute__((target("avx512f,avx512bf16"))) inline void block_avx512(float* c,
 namespace bf16_detail {
 // C = (accumulate ? C : 0) + op(A) op(B) on the AMX or AVX512-BF16 engine, op(B) packed here from B
 // or, when Bt is given, already packed (Bt: nk tiles per 16-column group, as pack_b writes them).
-inline void run(int engine, float* C, int ldc, const uint16_t* A, int lda, bool transA, const uint16_t* Bt,
-                const uint16_t* B, int ldb, bool transB, int M, int N, int K, bool accumulate) {
+template <typename TA, typename TB>
+void run(int engine, float* C, int ldc, const TA* A, int lda, bool transA, const uint16_t* Bt, const TB* B, int ldb,
+         bool transB, int M, int N, int K, bool accumulate) {
     const int Mp = round_up(M), Np = round_up(N), Kp = round_up(K), nk = Kp / BLK;
     thread_local std::vector<uint16_t> Ap, Bp;
     Ap.resize((size_t)Mp * Kp);
@@ -2601,8 +2621,9 @@ inline void run(int engine, float* C, int ldc, const uint16_t* A, int lda, bool 
 }
 }  // namespace bf16_detail
 
-inline void matmul_bf16_fast(float* C, int ldc, const uint16_t* A, int lda, bool transA, const uint16_t* B, int ldb,
-                             bool transB, int M, int N, int K, bool accumulate) {
+template <typename TA, typename TB>
+void matmul_bf16_fast(float* C, int ldc, const TA* A, int lda, bool transA, const TB* B, int ldb, bool transB, int M,
+                      int N, int K, bool accumulate) {
     const int engine = mot_bf16_engine();
     if (M <= 0 || N <= 0) return;
     if (engine != MOT_BF16_PLAIN && K > 0)
@@ -2621,8 +2642,9 @@ struct MotBf16Packed {
         return tiles[((size_t)(j / 16) * nk + k / BLK) * TILE + ((k % BLK) / 2 * 16 + j % 16) * 2 + (k & 1)];
     }
 };
-// Packs op(B) (K x N, matmul's layouts) into p.
-inline void mot_bf16_pack(MotBf16Packed* p, const uint16_t* B, int ldb, bool transB, int K, int N) {
+// Packs op(B) (K x N, matmul's layouts; bf16 bits or fp32 values to round) into p.
+template <typename TB>
+void mot_bf16_pack(MotBf16Packed* p, const TB* B, int ldb, bool transB, int K, int N) {
     using namespace bf16_detail;
     p->K = K;
     p->N = N;
@@ -2634,12 +2656,14 @@ inline void mot_bf16_pack(MotBf16Packed* p, const uint16_t* B, int ldb, bool tra
 }
 // matmul_bf16 with op(B) packed: the same result, bit for bit, as matmul_bf16 on the B it was
 // packed from (the same engine, the same sums; the plain engine unpacks it for its loop).
-inline void matmul_bf16_packed(float* C, int ldc, const uint16_t* A, int lda, bool transA, const MotBf16Packed& B,
-                               int M, bool accumulate) {
+template <typename TA>
+void matmul_bf16_packed(float* C, int ldc, const TA* A, int lda, bool transA, const MotBf16Packed& B, int M,
+                        bool accumulate) {
     const int N = B.N, K = B.K, engine = mot_bf16_engine();
     if (M <= 0 || N <= 0) return;
     if (engine != MOT_BF16_PLAIN && K > 0) {
-        bf16_detail::run(engine, C, ldc, A, lda, transA, B.tiles.data(), nullptr, 0, false, M, N, K, accumulate);
+        bf16_detail::run(engine, C, ldc, A, lda, transA, B.tiles.data(), (const uint16_t*)nullptr, 0, false, M, N, K,
+                         accumulate);
         return;
     }
     std::vector<uint16_t> Bu((size_t)K * N);  // the plain loop on op(B) unpacked: its sums, bit for bit
