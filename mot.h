@@ -679,6 +679,13 @@ void matmul_bf16_plain(float* C, int ldc, const TA* A, int lda, bool transA, con
 template <typename TA, typename TB>
 void matmul_bf16_fast(float* C, int ldc, const TA* A, int lda, bool transA, const TB* B, int ldb, bool transB, int M,
                       int N, int K, bool accumulate);
+// A product's op(B) (K x N) rounded to bf16 and packed once into the engines' tile layout, for
+// several products (section 7: mot_bf16_pack, matmul_bf16_packed).
+struct MotBf16Packed {
+    int K = 0, N = 0, nk = 0;
+    std::vector<uint16_t> tiles;      // nk tiles per 16-column group of op(B)
+    uint16_t at(int k, int j) const;  // op(B)(k, j)
+};
 template <typename TA, typename TB>
 void matmul_bf16(float* C, int ldc, const TA* A, int lda, bool transA, const TB* B, int ldb, bool transB, int M, int N,
                  int K, bool accumulate) {
@@ -754,9 +761,12 @@ struct MotModel {
     int Emax = 1, NS = 0;                // most experts of any copy; expert slots allocated per layer
     std::vector<int32_t> sel;            // L x NS: the grouped row each expert slot holds (EC)
     // bf16 mode (float models only; "bf16 mode" below): the forward and backward round where the
-    // GPU's bf16 mode does. params_bf: the parameters rounded to bf16, refreshed by each forward.
+    // GPU's bf16 mode does. Each weight matrix of the products, rounded and packed as a product's
+    // op(B) both ways (packed[2i] = W, packed[2i + 1] = W^T; packed_at[i] its offset, ascending),
+    // refreshed by each forward (mot_bf16_refresh).
     bool bf16 = false;
-    std::vector<uint16_t> params_bf;
+    std::vector<MotBf16Packed> packed;
+    std::vector<size_t> packed_at;
 
     S* param(int p, int layer = 0, int copy = 0) { return params.data() + tab.p[p].at(layer, copy); }
     S* grad(int p, int layer = 0, int copy = 0) { return grads.data() + tab.p[p].at(layer, copy); }
@@ -783,6 +793,8 @@ template <typename S>
 void mot_init(MotModel<S>* m, const MotConfig& c, uint64_t seed) {
     m->cfg = c;
     m->tab = mot_param_table(c);
+    m->packed.clear();  // (bf16 mode: packed for the next forward, in this table's layout)
+    m->packed_at.clear();
     m->params.assign(m->tab.total, S(0));
     m->grads.assign(m->tab.total, S(0));
     m->adam_m.assign(m->tab.total, S(0));
@@ -917,32 +929,50 @@ void mot_matmul(const MotModel<S>& m, S* C, int ldc, const S* A, int lda, bool t
                 int M, int N, int K, bool accumulate) {
     if constexpr (std::is_same<S, float>::value) {
         if (m.bf16) {
-            // an operand in the parameters is read from the rounded copy, any other rounded as it is read
+            // a weight matrix as op(B) (W or W^T) comes packed; every other operand is rounded as read
             const float* w = m.params.data();
-            const uint16_t* wb = m.params_bf.data();
-            const bool aw = A >= w && A < w + m.params.size(), bw = B >= w && B < w + m.params.size();
-            if (aw && bw)
-                matmul_bf16(C, ldc, wb + (A - w), lda, transA, wb + (B - w), ldb, transB, M, N, K, accumulate);
-            else if (aw) matmul_bf16(C, ldc, wb + (A - w), lda, transA, B, ldb, transB, M, N, K, accumulate);
-            else if (bw) matmul_bf16(C, ldc, A, lda, transA, wb + (B - w), ldb, transB, M, N, K, accumulate);
-            else matmul_bf16(C, ldc, A, lda, transA, B, ldb, transB, M, N, K, accumulate);
+            if (B >= w && B < w + m.params.size() && ldb == (transB ? K : N)) {
+                const auto at = std::lower_bound(m.packed_at.begin(), m.packed_at.end(), size_t(B - w));
+                if (at != m.packed_at.end() && *at == size_t(B - w)) {
+                    const MotBf16Packed& p = m.packed[2 * (at - m.packed_at.begin()) + transB];
+                    if (p.K == K && p.N == N) {
+                        matmul_bf16_packed(C, ldc, A, lda, transA, p, M, accumulate);
+                        return;
+                    }
+                }
+            }
+            matmul_bf16(C, ldc, A, lda, transA, B, ldb, transB, M, N, K, accumulate);
             return;
         }
     }
     matmul(C, ldc, A, lda, transA, B, ldb, transB, M, N, K, accumulate);
 }
-// Each forward refreshes the bf16 weight copy: whatever wrote the parameters (AdamW, a checkpoint,
-// a test), the products read them rounded. One pass over the parameters.
+// Each forward packs the weight matrices anew (W and W^T of each copy of each layer's projections
+// and of the head), so whatever wrote the parameters (AdamW, a checkpoint, a test), the products
+// read them rounded; each packed weight then serves every product of the step that reads it.
 template <typename S>
 void mot_bf16_refresh(MotModel<S>* m) {
     if constexpr (std::is_same<S, float>::value) {
         if (!m->bf16) return;
-        const size_t n = m->params.size();
-        m->params_bf.resize(n);
-        const float* w = m->params.data();
-        uint16_t* o = m->params_bf.data();
-#pragma omp parallel for schedule(static) if (n >= (1 << 15))
-        for (size_t i = 0; i < n; i++) o[i] = mot_bf16_round(w[i]);
+        if (m->packed_at.empty()) {
+            for (int p : {P_WQ, P_WK, P_WV, P_WO, P_W1, P_W3, P_W2, P_HEAD})
+                for (int l = 0; l < m->tab.p[p].layers; l++)
+                    for (int k = 0; k < m->tab.p[p].copies; k++) m->packed_at.push_back(m->tab.p[p].at(l, k));
+            std::sort(m->packed_at.begin(), m->packed_at.end());
+            m->packed.resize(2 * m->packed_at.size());
+        }
+        std::vector<const MotParamInfo*> info(m->packed_at.size());  // the tensor of each packed copy
+        for (int p = 0; p < P_COUNT; p++)
+            for (size_t i = 0; i < info.size(); i++)
+                if (m->packed_at[i] >= m->tab.p[p].offset && m->packed_at[i] < m->tab.p[p].offset + m->tab.p[p].size())
+                    info[i] = &m->tab.p[p];
+#pragma omp parallel for schedule(dynamic)
+        for (size_t j = 0; j < m->packed.size(); j++) {
+            const MotParamInfo& in = *info[j / 2];
+            const float* W = m->params.data() + m->packed_at[j / 2];
+            if (j % 2 == 0) mot_bf16_pack(&m->packed[j], W, in.cols, false, in.rows, in.cols);  // W: rows x cols
+            else mot_bf16_pack(&m->packed[j], W, in.cols, true, in.cols, in.rows);              // W^T
+        }
     } else {
         (void)m;
     }
@@ -2634,14 +2664,10 @@ void matmul_bf16_fast(float* C, int ldc, const TA* A, int lda, bool transA, cons
 // ---- a bf16 operand packed once for many products -------------------------------------------
 // A weight is read by several products between two optimizer steps (the forward and the
 // backward's dX); packed once into the engines' tile layout (pack_b), each product skips packing it.
-struct MotBf16Packed {
-    int K = 0, N = 0, nk = 0;
-    std::vector<uint16_t> tiles;       // nk tiles per 16-column group of op(B)
-    uint16_t at(int k, int j) const {  // op(B)(k, j)
-        using namespace bf16_detail;
-        return tiles[((size_t)(j / 16) * nk + k / BLK) * TILE + ((k % BLK) / 2 * 16 + j % 16) * 2 + (k & 1)];
-    }
-};
+inline uint16_t MotBf16Packed::at(int k, int j) const {
+    using namespace bf16_detail;
+    return tiles[((size_t)(j / 16) * nk + k / BLK) * TILE + ((k % BLK) / 2 * 16 + j % 16) * 2 + (k & 1)];
+}
 // Packs op(B) (K x N, matmul's layouts; bf16 bits or fp32 values to round) into p.
 template <typename TB>
 void mot_bf16_pack(MotBf16Packed* p, const TB* B, int ldb, bool transB, int K, int N) {

@@ -996,8 +996,18 @@ static size_t rerank_images(MotModel<float>* m, const std::vector<std::vector<in
 // whatever the image. Generated captions (with captions.txt): the class whose training caption the
 // generated one is, exactly; any other text counts as wrong. Caption -> image: generate images for
 // each class's caption and classify them with a k-NN on held-out real images.
+// Scoring, generation and the debug state run the fp32 reference whatever the training precision
+// (--bf16), as they do after a GPU run: for as long as this lives, m is in fp32.
+struct Fp32Scope {
+    MotModel<float>* m;
+    bool was;
+    explicit Fp32Scope(MotModel<float>* model) : m(model), was(model->bf16) { m->bf16 = false; }
+    ~Fp32Scope() { m->bf16 = was; }
+};
+
 static Downstream eval_downstream(MotModel<float>* m, DataDir* d, int max_items, int gen_per_class, uint64_t seed,
                                   const Decoding& dec = Decoding()) {
+    const Fp32Scope fp32(m);
     Downstream r;
     const int C = (int)d->class_caption.size();
     if (C == 0) return r;
@@ -1096,6 +1106,7 @@ static void print_downstream(const Downstream& r, int step) {
 
 // ---- samples for the run folder: an image per class, a spoken caption, a text continuation ----
 static void write_samples(MotModel<float>* m, DataDir* d, const std::string& out, uint64_t seed, const Decoding& dec) {
+    const Fp32Scope fp32(m);
     const std::string dir = out + "/samples";
     if (!mkdir_p(dir)) die(dir + ": cannot create: " + strerror(errno));
     uint64_t rng = seed ^ 0x5A5A;
@@ -1804,13 +1815,10 @@ static void write_debug_state(Run* r, MotBatch* batch) {
     const uint64_t rng = r->loader.rng;  // peek: the run still starts with this batch
     mot_loader_next(&r->loader, r->a.cfg, r->a.batch, r->a.seq, batch);
     r->loader.rng = rng;
-    // the fp32 reference, in every mode (as a GPU run writes it)
-    const bool bf16 = r->model.bf16;
-    r->model.bf16 = false;
+    const Fp32Scope fp32(&r->model);  // the fp32 reference, in every mode (as a GPU run writes it)
     mot_zero_grad(&r->model);
     mot_forward(&r->model, *batch);
     mot_backward(&r->model, *batch);
-    r->model.bf16 = bf16;
     if (!mot_write_debug_state(r->a.debug_state, mot_debug_capture(r->model, *batch), &err)) die(err);
     printf("wrote debug state %s\n", r->a.debug_state.c_str());
 }
