@@ -1066,16 +1066,23 @@ void rmsnorm_backward(S* dx, bool dx_accumulate, S* dg, const S* dy, const S* x,
             dxi[j] = dx_accumulate ? dxi[j] + v : v;
         }
     }
-    // gain gradients: columns in parallel, rows in order, so the sums are deterministic
+    // gain gradients: each thread a block of columns, each column summed over the rows in order, so
+    // the sums are deterministic; the rows are read in order (a column at a time strode through them)
     for (int c = 0; c < copies; c++) {
         int p0 = copies == 1 ? 0 : group[c], p1 = copies == 1 ? group[MOT_N_MOD] : group[c + 1];
         S* dgc = dg + (size_t)c * C;
-#pragma omp parallel for schedule(static)
-        for (int j = 0; j < C; j++) {
-            S acc = 0;
-            for (int i = p0 * per_pos; i < p1 * per_pos; i++)
-                acc += dy[(size_t)i * C + j] * x[(size_t)i * C + j] * rstd[i];
-            dgc[j] += acc;
+#pragma omp parallel
+        {
+            const int nt = omp_get_num_threads(), t = omp_get_thread_num(), j0 = C * t / nt, j1 = C * (t + 1) / nt;
+            std::vector<S> acc(j1 - j0, S(0)), term(j1 - j0);
+            for (int i = p0 * per_pos; i < p1 * per_pos; i++) {
+                const S *dyi = dy + (size_t)i * C, *xi = x + (size_t)i * C;
+                const S r = rstd[i];
+                // (two loops: each product rounded before it is added, never fused into an FMA)
+                for (int j = j0; j < j1; j++) term[j - j0] = dyi[j] * xi[j] * r;
+                for (int j = j0; j < j1; j++) acc[j - j0] += term[j - j0];
+            }
+            for (int j = j0; j < j1; j++) dgc[j] += acc[j - j0];
         }
     }
 }
