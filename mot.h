@@ -679,13 +679,6 @@ void matmul_bf16_plain(float* C, int ldc, const TA* A, int lda, bool transA, con
 template <typename TA, typename TB>
 void matmul_bf16_fast(float* C, int ldc, const TA* A, int lda, bool transA, const TB* B, int ldb, bool transB, int M,
                       int N, int K, bool accumulate);
-// A product's op(B) (K x N) rounded to bf16 and packed once into the engines' tile layout, for
-// several products (section 7: mot_bf16_pack, matmul_bf16_packed).
-struct MotBf16Packed {
-    int K = 0, N = 0, nk = 0;
-    std::vector<uint16_t> tiles;      // nk tiles per 16-column group of op(B)
-    uint16_t at(int k, int j) const;  // op(B)(k, j)
-};
 template <typename TA, typename TB>
 void matmul_bf16(float* C, int ldc, const TA* A, int lda, bool transA, const TB* B, int ldb, bool transB, int M, int N,
                  int K, bool accumulate) {
@@ -695,6 +688,13 @@ void matmul_bf16(float* C, int ldc, const TA* A, int lda, bool transA, const TB*
     matmul_bf16_fast(C, ldc, A, lda, transA, B, ldb, transB, M, N, K, accumulate);
 #endif
 }
+// A product's op(B) (K x N) rounded to bf16 and packed once into the engines' tile layout, for
+// several products (section 7: mot_bf16_pack, matmul_bf16_packed).
+struct MotBf16Packed {
+    int K = 0, N = 0, nk = 0;
+    std::vector<uint16_t> tiles;      // nk tiles per 16-column group of op(B)
+    uint16_t at(int k, int j) const;  // op(B)(k, j)
+};
 
 // ============================================================================================
 // 5. The CPU reference
@@ -793,8 +793,6 @@ template <typename S>
 void mot_init(MotModel<S>* m, const MotConfig& c, uint64_t seed) {
     m->cfg = c;
     m->tab = mot_param_table(c);
-    m->packed.clear();  // (bf16 mode: packed for the next forward, in this table's layout)
-    m->packed_at.clear();
     m->params.assign(m->tab.total, S(0));
     m->grads.assign(m->tab.total, S(0));
     m->adam_m.assign(m->tab.total, S(0));
@@ -954,22 +952,18 @@ template <typename S>
 void mot_bf16_refresh(MotModel<S>* m) {
     if constexpr (std::is_same<S, float>::value) {
         if (!m->bf16) return;
-        if (m->packed_at.empty()) {
-            for (int p : {P_WQ, P_WK, P_WV, P_WO, P_W1, P_W3, P_W2, P_HEAD})
-                for (int l = 0; l < m->tab.p[p].layers; l++)
-                    for (int k = 0; k < m->tab.p[p].copies; k++) m->packed_at.push_back(m->tab.p[p].at(l, k));
-            std::sort(m->packed_at.begin(), m->packed_at.end());
-            m->packed.resize(2 * m->packed_at.size());
-        }
-        std::vector<const MotParamInfo*> info(m->packed_at.size());  // the tensor of each packed copy
-        for (int p = 0; p < P_COUNT; p++)
-            for (size_t i = 0; i < info.size(); i++)
-                if (m->packed_at[i] >= m->tab.p[p].offset && m->packed_at[i] < m->tab.p[p].offset + m->tab.p[p].size())
-                    info[i] = &m->tab.p[p];
+        std::vector<std::pair<size_t, int>> w;  // offset and parameter of each weight copy, ascending
+        for (int p : {P_WQ, P_WK, P_WV, P_WO, P_W1, P_W3, P_W2, P_HEAD})
+            for (int l = 0; l < m->tab.p[p].layers; l++)
+                for (int k = 0; k < m->tab.p[p].copies; k++) w.push_back({m->tab.p[p].at(l, k), p});
+        std::sort(w.begin(), w.end());
+        m->packed_at.resize(w.size());
+        for (size_t i = 0; i < w.size(); i++) m->packed_at[i] = w[i].first;
+        m->packed.resize(2 * w.size());
 #pragma omp parallel for schedule(dynamic)
         for (size_t j = 0; j < m->packed.size(); j++) {
-            const MotParamInfo& in = *info[j / 2];
-            const float* W = m->params.data() + m->packed_at[j / 2];
+            const MotParamInfo& in = m->tab.p[w[j / 2].second];
+            const float* W = m->params.data() + w[j / 2].first;
             if (j % 2 == 0) mot_bf16_pack(&m->packed[j], W, in.cols, false, in.rows, in.cols);  // W: rows x cols
             else mot_bf16_pack(&m->packed[j], W, in.cols, true, in.cols, in.rows);              // W^T
         }

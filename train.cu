@@ -990,12 +990,6 @@ static size_t rerank_images(MotModel<float>* m, const std::vector<std::vector<in
     return best;
 }
 
-// Image -> caption and speech -> caption: pick the class whose caption gains the most likelihood
-// from the image (or the speech): log p(caption | image) - log p(caption), the second term being
-// the caption at the start of a document. Without it, short or very predictable captions win
-// whatever the image. Generated captions (with captions.txt): the class whose training caption the
-// generated one is, exactly; any other text counts as wrong. Caption -> image: generate images for
-// each class's caption and classify them with a k-NN on held-out real images.
 // Scoring, generation and the debug state run the fp32 reference whatever the training precision
 // (--bf16), as they do after a GPU run: for as long as this lives, m is in fp32.
 struct Fp32Scope {
@@ -1005,6 +999,12 @@ struct Fp32Scope {
     ~Fp32Scope() { m->bf16 = was; }
 };
 
+// Image -> caption and speech -> caption: pick the class whose caption gains the most likelihood
+// from the image (or the speech): log p(caption | image) - log p(caption), the second term being
+// the caption at the start of a document. Without it, short or very predictable captions win
+// whatever the image. Generated captions (with captions.txt): the class whose training caption the
+// generated one is, exactly; any other text counts as wrong. Caption -> image: generate images for
+// each class's caption and classify them with a k-NN on held-out real images.
 static Downstream eval_downstream(MotModel<float>* m, DataDir* d, int max_items, int gen_per_class, uint64_t seed,
                                   const Decoding& dec = Decoding()) {
     const Fp32Scope fp32(m);

@@ -1,8 +1,8 @@
 // bench_cpu.cpp — CPU reference speed: one training step (forward + backward + AdamW) in fp32 and
 // in bf16 mode (--bf16, on the machine's bf16 engine), dense, MoT, MoE-4x, MoMa-style (4t4i4s) and
-// the MoT+MoE hybrid side by side on the same shape and the same tokens; then the Transfusion setting (images as pixel patches, diffusion loss) on
-// the same shape against the token setting, and the time to sample one image with 50 DDIM steps
-// on the CPU main job's model.
+// the MoT+MoE hybrid side by side on the same shape and the same tokens; then the Transfusion
+// setting (images as pixel patches, diffusion loss) on the same shape against the token setting,
+// and the time to sample one image with 50 DDIM steps on the CPU main job's model.
 //
 //   make bench          (or: ./dev/bench_cpu [D L H F T B V steps])
 //
